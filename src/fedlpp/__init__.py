@@ -1,0 +1,1 @@
+"""fedlpp: federated LoRA fine-tuning that protects both the data and the model."""

@@ -1,0 +1,55 @@
+"""FedAvg+LoRA (DESIGN 2.1): full-precision broadcast, example-weighted mean of deltas."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fedlpp.models.lora import Adapter
+
+
+def full_precision_payload(adapter: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The tensors a full-precision broadcast carries: float32 copies of ``names``."""
+    return {n: adapter[n].detach().to(torch.float32) for n in names}
+
+
+def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Adapter:
+    """sum_k (w_k / sum w) * delta_k, tensor by tensor (weights = example counts)."""
+    if not deltas:
+        raise ValueError("weighted_mean needs at least one delta")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"weights must sum to > 0, got {list(weights)}")
+    out: Adapter = {}
+    for name in deltas[0]:
+        acc = torch.zeros_like(deltas[0][name], dtype=torch.float64)
+        for delta, w in zip(deltas, weights):
+            acc += delta[name].to(torch.float64) * (w / total)
+        out[name] = acc.to(torch.float32)
+    return out
+
+
+def server_step(
+    adapter: Mapping[str, torch.Tensor],
+    proxy: Mapping[str, torch.Tensor],
+    mean_delta: Mapping[str, torch.Tensor],
+    rule: str,
+    lr: float,
+) -> Adapter:
+    """theta_{t+1} from theta_t, the broadcast point and the clients' mean delta.
+
+    "delta": theta + lr * mean_delta  (FedAvg; FedLPP's "accurate gradient estimation").
+    "mean":  theta + lr * (proxy + mean_delta - theta), i.e. towards the clients' mean
+             adapter (DESIGN 2.2). Where proxy == theta the two rules are the same.
+    Tensors absent from ``mean_delta`` (a frozen A) are kept as they are.
+    """
+    new = {n: t.clone() for n, t in adapter.items()}
+    for name, d in mean_delta.items():
+        if rule == "delta":
+            new[name] = adapter[name] + lr * d
+        elif rule == "mean":
+            new[name] = adapter[name] + lr * (proxy[name] + d - adapter[name])
+        else:
+            raise ValueError(f"unknown server rule {rule!r}")
+    return new

@@ -1,0 +1,89 @@
+"""The command line: ``fedlpp run [--config FILE] [--out DIR | --resume DIR] [section.key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fedlpp.config import ConfigError, ExperimentConfig, changed_keys, load_config
+
+# Keys that may change when a run is resumed: everything else would make the continued
+# run differ from one configured that way from the start.
+RESUMABLE_KEYS = ("fl.rounds",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedlpp", description="Federated LoRA fine-tuning that protects data and model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) a federated fine-tuning experiment")
+    run.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config key, e.g. fl.rounds=3")
+    run.add_argument("--config", type=Path, help="TOML experiment file (see configs/)")
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, help="run directory to create (default: runs/<algorithm>-<time>)")
+    where.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR (also: extend it with fl.rounds=N)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def resolve_resume(directory: Path, config: Path | None, overrides: list[str]) -> ExperimentConfig:
+    from fedlpp.engine.rundir import load_run_config
+
+    if config is not None:
+        raise ConfigError("--resume takes its configuration from the run directory; drop --config")
+    old = load_run_config(directory, [])
+    new = load_run_config(directory, overrides)
+    bad = [k for k in changed_keys(old, new) if k not in RESUMABLE_KEYS]
+    if bad:
+        raise ConfigError(f"{bad[0]}: cannot change when resuming (only {', '.join(RESUMABLE_KEYS)} can)")
+    return new
+
+
+def default_out(cfg: ExperimentConfig) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.algorithm.name}-{cfg.model.name.replace('/', '_')}-{stamp}"
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for our own progress and results."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def command_run(args: argparse.Namespace) -> int:
+    if args.resume is not None:
+        cfg, out, resume = resolve_resume(args.resume, args.config, args.overrides), args.resume, True
+    else:
+        cfg = load_config(args.config, args.overrides)
+        out, resume = args.out or default_out(cfg), False
+    quiet_libraries()
+    from fedlpp.engine.local import run_experiment
+    from fedlpp.evaluation.report import format_summary
+
+    summary = run_experiment(cfg, out, resume=resume, progress=not args.quiet)
+    print(format_summary(summary))
+    print(f"\nrun directory: {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return command_run(args)
+    except ConfigError as e:
+        print(f"fedlpp: configuration error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"fedlpp: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Typed, frozen experiment configuration: one dataclass per component.
+
+A TOML experiment file maps 1:1 onto these dataclasses (``[fl] rounds = 5`` is
+``FLConfig.rounds``); the command line overrides any field with a dotted key
+(``fl.rounds=5``; the top-level ``seed=0`` has no section). Everything is validated
+here, before any model or dataset is loaded, and every error names the key and the
+valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+ALGORITHMS = ("fedavg_lora", "fedlpp", "ffa_lora", "fedlpp_ffa")
+SERVER_RULES = ("mean", "delta")
+GRANULARITIES = ("block", "row", "tensor")
+QUANT_BITS = (1, 2, 3, 4, 8)
+TASKS = ("weather", "e2e", "sst2")
+PARTITIONS = ("iid", "dirichlet", "quantity_skew")
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value is wrong; the message names it."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _choice(value: object, key: str, choices: tuple[Any, ...]) -> None:
+    _require(value in choices, key, f"got {value!r}; valid choices are {', '.join(map(repr, choices))}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m"  # short name (smollm2-135m, minilm-l6, tiny-llama, tiny-bert), HF id or local path
+    max_length: int = 96  # tokens per training sequence (prompt + completion)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "model.name", "must not be empty")
+        _require(self.max_length >= 8, "model.max_length", f"must be >= 8, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8  # LoRA rank
+    alpha: float = 16.0  # scaling numerator: delta W = (alpha / r) * B A
+    dropout: float = 0.0  # off by default: keeps client steps deterministic and DP-friendly
+    target_modules: tuple[str, ...] = ()  # empty = the model family's default (q_proj,v_proj / query,value)
+
+    def __post_init__(self) -> None:
+        _require(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}")
+        _require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    name: str = "fedlpp"  # fedavg_lora | fedlpp | ffa_lora | fedlpp_ffa
+    server_lr: float = 1.0  # eta_s in DESIGN 2.1/2.2; 1.0 is plain FedAvg
+    server_rule: str = "mean"  # FedLPP only: "mean" = move to the clients' mean adapter, "delta" = add mean delta to theta
+
+    def __post_init__(self) -> None:
+        _choice(self.name, "algorithm.name", ALGORITHMS)
+        _choice(self.server_rule, "algorithm.server_rule", SERVER_RULES)
+        _require(self.server_lr > 0, "algorithm.server_lr", f"must be > 0, got {self.server_lr}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    bits: int = 2  # w: bits per value of the broadcast adapter (FedLPP)
+    granularity: str = "tensor"  # one absmax scale per block / row / tensor: the model-privacy knob (README)
+    block_size: int = 64  # values per scale when granularity = "block"
+
+    def __post_init__(self) -> None:
+        _choice(self.bits, "quant.bits", QUANT_BITS)
+        _choice(self.granularity, "quant.granularity", GRANULARITIES)
+        _require(self.block_size >= 1, "quant.block_size", f"must be >= 1, got {self.block_size}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: str = "weather"  # weather (built in, generated) | e2e | sst2
+    path: str = ""  # local dataset directory (e.g. ../shared/data/e2e); empty = built in / hub
+    hf_id: str = ""  # Hugging Face dataset id, downloaded only when given
+    num_train: int = 0  # 0 = all (weather: 2000)
+    num_eval: int = 0  # 0 = the task's default held-out size
+    partition: str = "iid"  # iid | dirichlet | quantity_skew
+    alpha: float = 0.5  # Dirichlet concentration for dirichlet / quantity_skew
+
+    def __post_init__(self) -> None:
+        _choice(self.task, "data.task", TASKS)
+        _choice(self.partition, "data.partition", PARTITIONS)
+        _require(self.alpha > 0, "data.alpha", f"must be > 0, got {self.alpha}")
+        _require(self.num_train >= 0, "data.num_train", "must be >= 0")
+        _require(self.num_eval >= 0, "data.num_eval", "must be >= 0")
+        _require(not (self.path and self.hf_id), "data.path", "set data.path or data.hf_id, not both")
+
+
+@dataclass(frozen=True)
+class FLConfig:
+    rounds: int = 6  # communication rounds
+    num_clients: int = 4  # N: clients holding data
+    clients_per_round: int = 2  # K: clients sampled each round (without replacement)
+    local_steps: int = 8  # E: optimizer steps per sampled client per round
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, "fl.rounds", f"must be >= 1, got {self.rounds}")
+        _require(self.num_clients >= 1, "fl.num_clients", f"must be >= 1, got {self.num_clients}")
+        _require(
+            1 <= self.clients_per_round <= self.num_clients,
+            "fl.clients_per_round",
+            f"must be in [1, fl.num_clients={self.num_clients}], got {self.clients_per_round}",
+        )
+        _require(self.local_steps >= 1, "fl.local_steps", f"must be >= 1, got {self.local_steps}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 8  # examples per local step
+    lr: float = 1e-3  # client AdamW learning rate (fresh optimizer every round, DESIGN 2.2)
+    weight_decay: float = 0.01
+    max_grad_norm: float = 0.0  # 0 = no gradient clipping
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 1  # evaluate every k rounds; the last round is always evaluated
+    num_examples: int = 0  # 0 = the whole held-out split
+    batch_size: int = 16
+    max_new_tokens: int = 48  # greedy decoding stops at the first newline or this many tokens
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 1, "eval.every", f"must be >= 1, got {self.every}")
+        _require(self.num_examples >= 0, "eval.num_examples", "must be >= 0")
+        _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _require(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    seed: int = 0  # every random choice of the run derives from this
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    fl: FLConfig = field(default_factory=FLConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+
+
+SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(ExperimentConfig)[f.name]
+    for f in dataclasses.fields(ExperimentConfig)
+    if f.name != "seed"
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, target: Any, key: str) -> Any:
+    """Convert a TOML or command-line value to the field's declared type."""
+    if typing.get_origin(target) in (tuple, typing.Tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        _require(isinstance(value, (list, tuple)), key, f"expected a list of strings, got {value!r}")
+        return tuple(_coerce(v, str, key) for v in value)
+    if target is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        _require(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if target is int:
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        _require(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if target is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        return float(value)
+    if target is str:
+        _require(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {target}")  # pragma: no cover - programming error
+
+
+def _build_section(name: str, values: dict[str, Any]) -> Any:
+    cls = SECTIONS[name]
+    types_ = _field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ConfigError(
+            f"{name}.{unknown[0]}: unknown key; valid keys in [{name}] are {', '.join(sorted(types_))}"
+        )
+    return cls(**{k: _coerce(v, types_[k], f"{name}.{k}") for k, v in values.items()})
+
+
+def build_config(tree: dict[str, Any]) -> ExperimentConfig:
+    """Build a validated config from a nested dict (the shape of a TOML file)."""
+    unknown = sorted(set(tree) - set(SECTIONS) - {"seed"})
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]}: unknown section or key; valid ones are seed, {', '.join(SECTIONS)}"
+        )
+    kwargs: dict[str, Any] = {}
+    if "seed" in tree:
+        kwargs["seed"] = _coerce(tree["seed"], int, "seed")
+    for name in SECTIONS:
+        section = tree.get(name, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{name}: expected a table of keys, got {section!r}")
+        kwargs[name] = _build_section(name, section)
+    return ExperimentConfig(**kwargs)
+
+
+def to_tree(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config as a nested dict of plain values (TOML/JSON friendly)."""
+    tree = dataclasses.asdict(cfg)
+    for section in tree.values():
+        if isinstance(section, dict):
+            for k, v in section.items():
+                if isinstance(v, tuple):
+                    section[k] = list(v)
+    return tree
+
+
+def parse_override(text: str) -> tuple[list[str], str]:
+    """Split ``section.key=value`` into its key path and raw value."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{text!r}: overrides look like section.key=value (for example fl.rounds=3)")
+    path = key.strip().split(".")
+    if len(path) > 2 or not all(path):
+        raise ConfigError(f"{key}: overrides look like section.key=value or seed=value")
+    return path, value.strip()
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``tree`` with dotted ``key=value`` overrides applied (values stay raw)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        if len(path) == 1:
+            out[path[0]] = value
+        else:
+            section = out.setdefault(path[0], {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"{path[0]}: is not a section")
+            section[path[1]] = value
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        with p.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML ({e})") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Defaults, then the TOML file (if any), then command-line overrides; validated."""
+    tree = read_toml(path) if path else {}
+    return build_config(apply_overrides(tree, overrides or []))
+
+
+def write_toml(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(tomli_w.dumps(to_tree(cfg)))
+
+
+def changed_keys(old: ExperimentConfig, new: ExperimentConfig) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    a, b = to_tree(old), to_tree(new)
+    keys = []
+    for name, value in a.items():
+        if isinstance(value, dict):
+            keys += [f"{name}.{k}" for k in value if value[k] != b[name][k]]
+        elif value != b[name]:
+            keys.append(name)
+    return keys
+

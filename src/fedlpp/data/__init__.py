@@ -1,0 +1,36 @@
+"""Task loaders (generated, local files, Hugging Face hub), prompt formats and partitioners."""
+
+from fedlpp.data.formatting import (
+    IGNORE_INDEX,
+    collate,
+    encode_for_classification,
+    encode_for_generation,
+    encode_prompts,
+)
+from fedlpp.data.partition import (
+    PARTITIONERS,
+    partition,
+    partition_dirichlet,
+    partition_iid,
+    partition_quantity_skew,
+)
+from fedlpp.data.tasks import TASKS, Example, TaskData, get_task_loader, load_task, register_task
+
+__all__ = [
+    "IGNORE_INDEX",
+    "PARTITIONERS",
+    "TASKS",
+    "Example",
+    "TaskData",
+    "collate",
+    "encode_for_classification",
+    "encode_for_generation",
+    "encode_prompts",
+    "get_task_loader",
+    "load_task",
+    "partition",
+    "partition_dirichlet",
+    "partition_iid",
+    "partition_quantity_skew",
+    "register_task",
+]

@@ -1,0 +1,39 @@
+"""Seeded subsets shared by the file and hub loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+# Distinct streams per purpose, so that asking for a different number of train
+# examples never changes which eval examples are drawn (and vice versa).
+TRAIN_STREAM = 0
+EVAL_STREAM = 1
+HOLDOUT_STREAM = 2
+
+
+def make_rng(seed: int, stream: int) -> np.random.Generator:
+    """A numpy Generator for one purpose (`stream`) of one seed."""
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return np.random.default_rng([seed, stream])
+
+
+def seeded_subset(items: Sequence[T], k: int, seed: int, stream: int, what: str) -> tuple[T, ...]:
+    """`k` items drawn without replacement, kept in their original order.
+
+    k = 0 means all items. Asking for more than there are is an error rather
+    than a silent cap, so that a run never reports a size it did not use.
+    """
+    if k < 0:
+        raise ValueError(f"{what}: the number of examples must be >= 0, got {k}")
+    if k == 0 or k == len(items):
+        return tuple(items)
+    if k > len(items):
+        raise ValueError(f"{what}: asked for {k} examples but only {len(items)} are available")
+    chosen = make_rng(seed, stream).choice(len(items), size=k, replace=False)
+    return tuple(items[int(i)] for i in np.sort(chosen))

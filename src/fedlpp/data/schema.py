@@ -1,0 +1,58 @@
+"""The plain records every task loader produces and every consumer reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GENERATION = "generation"
+CLASSIFICATION = "classification"
+TASK_KINDS = (GENERATION, CLASSIFICATION)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One input/output pair.
+
+    Attributes:
+        prompt: Text the model conditions on (classification: the sentence).
+        target: Completion text without the leading space, newline or EOS that
+            `formatting` adds; "" for classification.
+        label: Class id (classification only).
+        group: Attribute the Dirichlet partitioner splits on (the label as a
+            string for classification, an attribute value for generation).
+        references: All references for this input; filled for generation eval
+            examples (multi-reference BLEU), empty for training rows.
+    """
+
+    prompt: str
+    target: str
+    label: int | None = None
+    group: str = ""
+    references: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A task's train and eval examples.
+
+    Generation eval holds ONE example per distinct input carrying all of its
+    references, because the E2E scorer scores one output per MR.
+    """
+
+    name: str
+    kind: str
+    train: tuple[Example, ...]
+    eval: tuple[Example, ...]
+    num_labels: int = 0
+    label_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"TaskData.kind must be one of {TASK_KINDS}, got {self.kind!r}")
+        if self.kind == CLASSIFICATION and self.num_labels < 2:
+            raise ValueError(f"classification task {self.name!r} needs num_labels >= 2")
+        if self.label_names and len(self.label_names) != self.num_labels:
+            raise ValueError(
+                f"task {self.name!r}: {len(self.label_names)} label_names for "
+                f"{self.num_labels} labels"
+            )

@@ -1,0 +1,80 @@
+"""The task registry: a name maps to a loader that returns a `TaskData`.
+
+Loaders take keyword arguments only (path, hf_id, num_train, num_eval, seed);
+see `load_task` for their meaning. New tasks join with `register_task`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from fedlpp.data.e2e import load_e2e
+from fedlpp.data.schema import Example, TaskData
+from fedlpp.data.sst2 import load_sst2
+from fedlpp.data.weather import load_weather
+
+__all__ = ["TASKS", "Example", "TaskData", "TaskLoader", "get_task_loader", "load_task",
+           "register_task"]
+
+
+class TaskLoader(Protocol):
+    """Builds a task from local files (`path`), the hub (`hf_id`) or nothing."""
+
+    def __call__(self, *, path: str, hf_id: str, num_train: int, num_eval: int,
+                 seed: int) -> TaskData: ...
+
+
+TASKS: dict[str, TaskLoader] = {}
+
+
+def register_task(name: str, fn: TaskLoader) -> None:
+    """Add a loader under `name`; a name is registered once (no silent override)."""
+    if not name:
+        raise ValueError("a task name must be non-empty")
+    if name in TASKS:
+        raise ValueError(f"task {name!r} is already registered")
+    TASKS[name] = fn
+
+
+def get_task_loader(name: str) -> TaskLoader:
+    """The loader for `name`; the error lists the registered tasks."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {sorted(TASKS)}") from None
+
+
+def load_task(
+    name: str,
+    *,
+    path: str = "",
+    hf_id: str = "",
+    num_train: int = 0,
+    num_eval: int = 0,
+    seed: int = 0,
+) -> TaskData:
+    """Load task `name`.
+
+    Args:
+        name: A registered task ("weather", "e2e", "sst2", ...).
+        path: Folder holding the task's files (file-based tasks).
+        hf_id: Hugging Face hub id, optionally "repo:config" (needs `datasets`).
+        num_train: Train examples; 0 = all (or the task's default). Otherwise a
+            seeded random subset, kept in file order.
+        num_eval: Eval examples (distinct inputs for generation); 0 = all/default.
+        seed: Drives every random choice; the same seed gives the same data.
+    """
+    if path and hf_id:
+        raise ValueError(f"task {name!r}: give path or hf_id, not both (got {path!r}, {hf_id!r})")
+    if min(num_train, num_eval, seed) < 0:
+        raise ValueError(
+            f"task {name!r}: num_train, num_eval and seed must be >= 0, "
+            f"got {num_train}, {num_eval}, {seed}"
+        )
+    loader = get_task_loader(name)
+    return loader(path=path, hf_id=hf_id, num_train=num_train, num_eval=num_eval, seed=seed)
+
+
+register_task("weather", load_weather)
+register_task("e2e", load_e2e)
+register_task("sst2", load_sst2)

@@ -1,0 +1,108 @@
+"""The run directory contract: config, metrics.jsonl, checkpoint, summary, final adapter.
+
+    DIR/config.toml          the resolved configuration
+    DIR/metrics.jsonl        one JSON object per round
+    DIR/checkpoint.safetensors   the server adapter after the latest finished round
+    DIR/summary.json         the final result
+    DIR/adapter/             the final global adapter in peft format
+
+Every file is written atomically (temporary file + rename), so a killed run leaves the
+previous good version, never half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedlpp.config import ExperimentConfig, load_config, write_toml
+
+CONFIG, METRICS, CHECKPOINT, SUMMARY, ADAPTER = (
+    "config.toml",
+    "metrics.jsonl",
+    "checkpoint.safetensors",
+    "summary.json",
+    "adapter",
+)
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked (e.g. resuming a directory with no run)."""
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def prepare_new(out: Path, cfg: ExperimentConfig) -> None:
+    """Create a fresh run directory; refuse one that already holds a run (nothing is overwritten)."""
+    if (out / CONFIG).exists() or (out / CHECKPOINT).exists():
+        raise RunDirError(f"{out} already holds a run; use --resume {out} to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / CONFIG, lambda p: write_toml(cfg, p))
+
+
+def load_run_config(out: Path, overrides: list[str]) -> ExperimentConfig:
+    if not (out / CONFIG).is_file():
+        raise RunDirError(f"{out} holds no run to resume (no {CONFIG})")
+    return load_config(out / CONFIG, overrides)
+
+
+def save_config(out: Path, cfg: ExperimentConfig) -> None:
+    _atomic_write(out / CONFIG, lambda p: write_toml(cfg, p))
+
+
+def save_checkpoint(out: Path, adapter: Mapping[str, torch.Tensor], round_: int) -> None:
+    tensors = {n: t.contiguous() for n, t in adapter.items()}
+    _atomic_write(out / CHECKPOINT, lambda p: save_file(tensors, str(p), metadata={"round": str(round_)}))
+
+
+def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], int] | None:
+    """(adapter, last finished round), or None when no round has finished yet."""
+    path = out / CHECKPOINT
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        round_ = int((f.metadata() or {})["round"])
+    return load_file(str(path)), round_
+
+
+def append_metrics(out: Path, row: Mapping[str, Any]) -> None:
+    with (out / METRICS).open("a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    path = out / METRICS
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            break
+    return rows
+
+
+def truncate_metrics(out: Path, last_round: int) -> list[dict[str, Any]]:
+    """Keep only rows up to the checkpointed round (a kill may leave later or partial rows)."""
+    rows = [r for r in read_metrics(out) if r.get("round", 0) <= last_round]
+    _atomic_write(out / METRICS, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    return rows
+
+
+def write_summary(out: Path, summary: Mapping[str, Any]) -> None:
+    _atomic_write(out / SUMMARY, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))

@@ -1,0 +1,119 @@
+"""Build everything a run needs once: task data, per-client features, model, algorithm."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from peft import PeftModel
+
+from fedlpp.algorithms.ffa_lora import trained_names
+from fedlpp.algorithms.spec import AlgorithmSpec, get_algorithm
+from fedlpp.config import ExperimentConfig
+from fedlpp.data import TaskData, collate, encode_for_classification, encode_for_generation, encode_prompts, load_task, partition
+from fedlpp.evaluation.evaluate import Decoding, EvalSet
+from fedlpp.models.backbone import Backbone, load_backbone
+from fedlpp.models.lora import Adapter, adapter_shapes, attach_lora, initial_adapter
+from fedlpp.quant import QuantSpec
+from fedlpp.seeding import derive_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """The shared, read-only state of a run: one backbone in memory for all clients."""
+
+    cfg: ExperimentConfig
+    task: TaskData
+    backbone: Backbone
+    model: PeftModel
+    spec: AlgorithmSpec
+    shapes: dict[str, tuple[int, ...]]
+    trained: list[str]  # adapter tensors clients train and send
+    client_features: list[list[dict]]  # tokenised training examples of each client
+    evalset: EvalSet
+    decoding: Decoding
+    a_seed: int  # seed of the LoRA A matrices (sent to clients by FFA variants)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.backbone.tokenizer.pad_token_id)
+
+    def initial_adapter(self) -> Adapter:
+        return initial_adapter(self.shapes, self.a_seed)
+
+
+def algorithm_spec(cfg: ExperimentConfig) -> AlgorithmSpec:
+    quant = QuantSpec(bits=cfg.quant.bits, granularity=cfg.quant.granularity, block_size=cfg.quant.block_size)
+    return get_algorithm(cfg.algorithm.name, quant, cfg.algorithm.server_rule, cfg.algorithm.server_lr)
+
+
+def load_task_data(cfg: ExperimentConfig) -> TaskData:
+    d = cfg.data
+    return load_task(d.task, path=d.path, hf_id=d.hf_id, num_train=d.num_train, num_eval=d.num_eval, seed=cfg.seed)
+
+
+def encode_train(task: TaskData, backbone: Backbone, max_length: int) -> list[dict]:
+    if task.kind == "classification":
+        return encode_for_classification(backbone.tokenizer, task.train, max_length)
+    return encode_for_generation(backbone.tokenizer, task.train, max_length)
+
+
+def build_evalset(task: TaskData, backbone: Backbone, max_length: int) -> EvalSet:
+    tok = backbone.tokenizer
+    if task.kind == "classification":
+        return EvalSet("classification", tuple(encode_for_classification(tok, task.eval, max_length)))
+    # The loss is measured against the first reference; BLEU/ROUGE-L use all of them.
+    first_ref = [e if e.target else dataclasses.replace(e, target=e.references[0]) for e in task.eval]
+    features = encode_for_generation(tok, first_ref, max_length)
+    prompts = encode_prompts(tok, task.eval, max_length)
+    references = tuple(e.references or (e.target,) for e in task.eval)
+    return EvalSet("generation", tuple(features), tuple(prompts), references)
+
+
+def build_run(cfg: ExperimentConfig) -> RunContext:
+    """Data, then model, then algorithm — in that order, so data errors come before a model load."""
+    task = load_task_data(cfg)
+    parts = partition(cfg.data.partition, task.train, cfg.fl.num_clients, alpha=cfg.data.alpha, seed=cfg.seed)
+    backbone = load_backbone(cfg.model.name, task.kind, task.num_labels)
+    model = attach_lora(backbone, task.kind, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    features = encode_train(task, backbone, cfg.model.max_length)
+    spec = algorithm_spec(cfg)
+    shapes = adapter_shapes(model)
+    return RunContext(
+        cfg=cfg,
+        task=task,
+        backbone=backbone,
+        model=model,
+        spec=spec,
+        shapes=shapes,
+        trained=trained_names(shapes, spec.freeze_a),
+        client_features=[[features[i] for i in part] for part in parts],
+        evalset=build_evalset(task, backbone, cfg.model.max_length),
+        decoding=Decoding(cfg.eval.batch_size, cfg.eval.max_new_tokens),
+        a_seed=derive_seed(cfg.seed, "lora_a") % (2**31),
+    )
+
+
+def sample_clients(seed: int, round_: int, num_clients: int, k: int) -> list[int]:
+    """The K clients of a round, without replacement; a pure function of (seed, round)."""
+    rng = np.random.default_rng(derive_seed(seed, "clients", round_))
+    return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
+
+
+def client_batches(
+    features: Sequence[dict], steps: int, batch_size: int, pad_id: int, seed: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """``steps`` batches drawn by reshuffled passes over the client's data (seeded)."""
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        while len(order) < batch_size:
+            order += rng.permutation(len(features)).tolist()
+        chosen, order = order[:batch_size], order[batch_size:]
+        yield collate([features[i] for i in chosen], pad_id)

@@ -1,0 +1,101 @@
+"""Score one adapter on the held-out split: loss always, then accuracy or BLEU/ROUGE-L."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from fedlpp.data.formatting import collate
+from fedlpp.evaluation.metrics import accuracy, bleu, rouge_l
+from fedlpp.models.lora import set_adapter
+from fedlpp.models.objective import forward_logits, losses_from_logits
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """A held-out split, tokenised once."""
+
+    kind: str  # generation | classification
+    features: tuple[dict, ...]  # training-format features (loss; labels for classification)
+    prompts: tuple[list[int], ...] = ()  # generation: prompt ids
+    references: tuple[tuple[str, ...], ...] = ()  # generation: all references per prompt
+
+
+@dataclass(frozen=True)
+class Decoding:
+    batch_size: int
+    max_new_tokens: int
+
+
+def _batches(items: Sequence, size: int) -> list[Sequence]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, evalset: EvalSet, pad_id: int, batch_size: int) -> tuple[float, list[int]]:
+    """Mean per-example loss, and for classifiers the predicted labels."""
+    total, count, predictions = 0.0, 0, []
+    for chunk in _batches(evalset.features, batch_size):
+        batch = collate(chunk, pad_id)
+        logits, labels = forward_logits(model, batch, evalset.kind)
+        total += float(losses_from_logits(logits, labels, evalset.kind).sum())
+        count += len(chunk)
+        if evalset.kind == "classification":
+            predictions += logits.argmax(-1).tolist()
+    return total / max(count, 1), predictions
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """EOS plus the newline token: outputs are cut at the first line (DESIGN 6)."""
+    ids = [tokenizer.eos_token_id]
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    if len(newline) == 1:
+        ids.append(newline[0])
+    return [i for i in ids if i is not None]
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]], decoding: Decoding) -> list[str]:
+    """Batched greedy decoding; returns the first line of each continuation, stripped."""
+    outputs: list[str] = []
+    stops = stop_token_ids(tokenizer)
+    for chunk in _batches(prompts, decoding.batch_size):
+        batch = collate([{"input_ids": p} for p in chunk], tokenizer.pad_token_id, padding_side="left")
+        generated = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=decoding.max_new_tokens,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new_tokens = generated[:, batch["input_ids"].shape[1] :]
+        for row in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
+            outputs.append(row.strip().split("\n", 1)[0].strip())
+    return outputs
+
+
+def evaluate_adapter(
+    model: nn.Module,
+    adapter: Mapping[str, torch.Tensor],
+    evalset: EvalSet,
+    tokenizer: PreTrainedTokenizerBase,
+    decoding: Decoding,
+) -> dict[str, float]:
+    """Metrics of backbone + ``adapter`` on ``evalset``."""
+    set_adapter(model, adapter)
+    model.eval()
+    loss, predictions = mean_loss(model, evalset, tokenizer.pad_token_id, decoding.batch_size)
+    if evalset.kind == "classification":
+        labels = [int(f["label"]) for f in evalset.features]
+        return {"loss": loss, "accuracy": accuracy(predictions, labels)}
+    hypotheses = generate(model, tokenizer, evalset.prompts, decoding)
+    return {
+        "loss": loss,
+        "bleu": bleu(hypotheses, evalset.references),
+        "rouge_l": rouge_l(hypotheses, evalset.references),
+    }

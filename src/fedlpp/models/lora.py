@@ -1,0 +1,136 @@
+"""LoRA on a frozen backbone: attach with peft, read and write the adapter as plain tensors.
+
+An *adapter* is a ``dict[str, Tensor]`` of every LoRA tensor (A and B of each wrapped layer)
+plus, for classifiers, the new classification head. Names are canonical and short
+(``model.layers.0.self_attn.q_proj.lora_A.weight``): they are what travels on the wire.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, TaskType, get_peft_model
+from torch import nn
+
+from fedlpp.models.backbone import Backbone
+
+Adapter = dict[str, torch.Tensor]
+
+_PREFIX = "base_model.model."
+
+
+def canonical_name(param_name: str) -> str:
+    """peft parameter name -> wire name (drops the wrapper prefix and the adapter name)."""
+    name = param_name.removeprefix(_PREFIX)
+    return name.replace(".default.", ".")
+
+
+def is_lora_a(name: str) -> bool:
+    return ".lora_A." in name
+
+
+def is_lora_b(name: str) -> bool:
+    return ".lora_B." in name
+
+
+def attach_lora(
+    backbone: Backbone, kind: str, r: int, alpha: float, dropout: float, targets: Iterable[str] = ()
+) -> PeftModel:
+    """Wrap the frozen backbone with a LoRA adapter (and a trainable head for classifiers)."""
+    task_type = TaskType.CAUSAL_LM if kind == "generation" else TaskType.SEQ_CLS
+    config = PeftLoraConfig(
+        task_type=task_type,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(targets) or list(backbone.default_targets),
+        bias="none",
+    )
+    model = get_peft_model(backbone.model, config)
+    model.eval()
+    return model
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Canonical name -> the live parameter, for every adapter tensor, in a fixed (sorted) order."""
+    params = {
+        canonical_name(n): p
+        for n, p in model.named_parameters()
+        if ".lora_" in n or ".modules_to_save." in n
+    }
+    if not params:
+        raise ValueError("the model has no LoRA parameters: call attach_lora first")
+    return dict(sorted(params.items()))
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    return {n: p.detach().clone() for n, p in adapter_parameters(model).items()}
+
+
+def set_adapter(model: nn.Module, adapter: Mapping[str, torch.Tensor]) -> None:
+    """Copy tensors into the live adapter; every adapter tensor must be given, with its shape."""
+    params = adapter_parameters(model)
+    if set(adapter) != set(params):
+        missing, extra = sorted(set(params) - set(adapter)), sorted(set(adapter) - set(params))
+        raise KeyError(f"adapter names do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(adapter[name])
+
+
+def set_trainable(model: nn.Module, trainable: Iterable[str]) -> None:
+    """Only the named adapter tensors receive gradients (FFA-LoRA freezes every lora_A)."""
+    wanted = set(trainable)
+    for name, param in adapter_parameters(model).items():
+        param.requires_grad_(name in wanted)
+
+
+def lora_a_from_seed(shapes: Mapping[str, tuple[int, ...]], seed: int) -> Adapter:
+    """Every lora_A drawn from one seed, as peft initialises it: U(-1/sqrt(in), 1/sqrt(in)).
+
+    This is kaiming_uniform(a=sqrt(5)) on an (r, in) matrix. FFA-LoRA sends only this seed so
+    that every party holds a bit-identical A (DESIGN 2.3).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out: Adapter = {}
+    for name in sorted(shapes):
+        if is_lora_a(name):
+            shape = tuple(shapes[name])  # [r, in_features]
+            bound = 1.0 / math.sqrt(shape[1])
+            out[name] = (torch.rand(shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
+    return out
+
+
+def initial_adapter(shapes: Mapping[str, tuple[int, ...]], seed: int) -> Adapter:
+    """The server's round-0 adapter: A from the seed, B = 0, a classifier head ~ N(0, 0.02²)."""
+    adapter = lora_a_from_seed(shapes, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for name in sorted(shapes):
+        if name in adapter:
+            continue
+        shape = tuple(shapes[name])
+        if is_lora_b(name) or name.endswith("bias"):
+            adapter[name] = torch.zeros(shape)
+        else:  # classification head weight (BERT's initializer_range)
+            adapter[name] = torch.randn(shape, generator=gen) * 0.02
+    return dict(sorted(adapter.items()))
+
+
+def adapter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in adapter_parameters(model).items()}
+
+
+def save_peft_adapter(model: PeftModel, adapter: Mapping[str, torch.Tensor], out_dir: Path, base: str) -> None:
+    """Write the adapter in peft's format: ``PeftModel.from_pretrained(base_model, out_dir)`` loads it."""
+    set_adapter(model, adapter)
+    model.peft_config["default"].base_model_name_or_path = base
+    # save_embedding_layers=False: peft would otherwise look the base model up on the hub.
+    model.save_pretrained(str(out_dir), save_embedding_layers=False)
+
+
+def num_values(adapter: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in adapter.values())

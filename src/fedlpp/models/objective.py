@@ -1,0 +1,64 @@
+"""Per-example losses: one number per sequence, so one example's weight never depends on the others.
+
+Generation: mean token cross-entropy over the completion tokens of each sequence (labels
+are -100 on prompt and padding). Classification: cross-entropy of each example. Summing
+or averaging these per-example values is what DP-SGD needs too (DESIGN 3.1).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+
+
+def example_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """[B] losses for a collated batch (input_ids, attention_mask, labels)."""
+    logits, labels = forward_logits(model, batch, kind)
+    return losses_from_logits(logits, labels, kind)
+
+
+def forward_logits(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the labels aligned with them.
+
+    For causal LMs only the positions from the earliest completion token on are projected
+    onto the vocabulary (``logits_to_keep``): prompt positions carry no loss, and the LM
+    head over a 49k vocabulary is most of a small model's cost.
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    labels = batch["labels"]
+    keep = _positions_to_keep(labels) if kind == "generation" and _accepts_logits_to_keep(model) else 0
+    if keep:
+        inputs["logits_to_keep"] = keep
+        labels = labels[:, -keep:]
+    return model(**inputs).logits, labels
+
+
+def _positions_to_keep(labels: torch.Tensor) -> int:
+    scored = (labels != IGNORE).any(0).nonzero()
+    if len(scored) == 0:
+        return 0
+    # Position t predicts label t+1, so keep one position before the first scored label.
+    return int(labels.shape[1] - max(int(scored[0]) - 1, 0))
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def losses_from_logits(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """[B] losses from logits ([B, C] or [B, T, V]) and labels ([B] or [B, T])."""
+    if kind == "classification":
+        return F.cross_entropy(logits.float(), labels, reduction="none")  # logits [B, C]
+    # Causal LM: position t predicts token t+1.
+    shifted_logits = logits[:, :-1].float()  # [B, T-1, V]
+    targets = labels[:, 1:]  # [B, T-1]
+    token_loss = F.cross_entropy(shifted_logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+    mask = (targets != IGNORE).float()
+    return (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1.0)

@@ -7,9 +7,11 @@ import datetime
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from fedlpp.config import ConfigError, ExperimentConfig, changed_keys, load_config
+from fedlpp.engine.rundir import RunDirError, load_run_config
 
 # Keys that may change when a run is resumed: everything else would make the continued
 # run differ from one configured that way from the start.
@@ -30,8 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_resume(directory: Path, config: Path | None, overrides: list[str]) -> ExperimentConfig:
-    from fedlpp.engine.rundir import load_run_config
-
     if config is not None:
         raise ConfigError("--resume takes its configuration from the run directory; drop --config")
     old = load_run_config(directory, [])
@@ -54,6 +54,8 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score announces its tokenizer
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -79,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         return command_run(args)
     except ConfigError as e:
         print(f"fedlpp: configuration error: {e}", file=sys.stderr)
+        return 2
+    except RunDirError as e:
+        print(f"fedlpp: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"fedlpp: error: {e}", file=sys.stderr)

@@ -13,19 +13,20 @@ import pytest
 from fedlpp.data import TASKS, TaskData, get_task_loader, load_task, register_task
 
 E2E_TRAIN = (
-    'mr,ref\r\n'
+    "mr,ref\r\n"
     '"name[The Vaults], eatType[pub], priceRange[more than £30], near[Café Adriatic]",'
-    'The Vaults pub near Café Adriatic has prices over £30.\r\n'
+    "The Vaults pub near Café Adriatic has prices over £30.\r\n"
     '"name[The Vaults], eatType[pub], priceRange[more than £30], near[Café Adriatic]",'
     '"Near Café Adriatic, The Vaults is a pub, costing more than £30."\r\n'
     '"name[Aromi], food[Chinese], area[riverside]",  Aromi serves Chinese food by the river.  \r\n'
     '"name[Blue Spice], eatType[coffee shop]",Blue Spice is a coffee shop.\r\n'
 )
 E2E_DEV = (
-    'mr,ref\r\n'
+    "mr,ref\r\n"
     '"name[Zizzi], eatType[restaurant], food[Italian]",Zizzi is an Italian restaurant.\r\n'
     '"name[Alimentum], area[city centre]",Alimentum is in the city centre.\r\n'
-    '"name[Zizzi], eatType[restaurant], food[Italian]","Zizzi, a restaurant, serves Italian food."\r\n'
+    '"name[Zizzi], eatType[restaurant], food[Italian]",'
+    '"Zizzi, a restaurant, serves Italian food."\r\n'
     '"name[Zizzi], eatType[restaurant], food[Italian]",Zizzi is an Italian restaurant.\r\n'
     '"name[Café Rouge], eatType[pub]",Café Rouge is a pub with prices around £20.\r\n'
 )
@@ -71,7 +72,9 @@ def test_e2e_train_rows_keep_crlf_and_non_ascii(e2e_dir: Path) -> None:
 def test_e2e_eval_groups_references_by_mr_in_first_seen_order(e2e_dir: Path) -> None:
     task = load_task("e2e", path=str(e2e_dir))
     assert [e.prompt.split("Data: ")[1].split(",")[0] for e in task.eval] == [
-        "name[Zizzi]", "name[Alimentum]", "name[Café Rouge]",
+        "name[Zizzi]",
+        "name[Alimentum]",
+        "name[Café Rouge]",
     ]
     zizzi = task.eval[0]
     # Duplicated references are kept, as the official scorer keeps them.
@@ -107,18 +110,25 @@ def test_e2e_missing_file_names_it(tmp_path: Path) -> None:
 
 def test_e2e_wrong_columns_are_named(e2e_dir: Path) -> None:
     _write(e2e_dir / "devset.csv", "meaning,text\r\na,b\r\n")
-    with pytest.raises(ValueError, match=r"devset\.csv: expected columns \['mr', 'ref'\], found \['meaning', 'text'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"devset\.csv: expected columns \['mr', 'ref'\], found \['meaning', 'text'\]",
+    ):
         load_task("e2e", path=str(e2e_dir))
 
 
 def test_e2e_without_source_says_what_to_pass() -> None:
-    with pytest.raises(ValueError, match="path=.*hf_id="):
+    with pytest.raises(ValueError, match=r"path=.*hf_id="):
         load_task("e2e")
 
 
 def test_sst2_holds_out_a_seeded_eval_split(sst2_dir: Path) -> None:
     task = load_task("sst2", path=str(sst2_dir), num_eval=10, seed=2)
-    assert (task.kind, task.num_labels, task.label_names) == ("classification", 2, ("negative", "positive"))
+    assert (task.kind, task.num_labels, task.label_names) == (
+        "classification",
+        2,
+        ("negative", "positive"),
+    )
     assert (len(task.train), len(task.eval)) == (30, 10)
     assert not set(task.train) & set(task.eval)
     every = sorted(e.prompt for e in task.train + task.eval)
@@ -168,8 +178,11 @@ def test_e2e_shared_files_when_present(shared_data: Path) -> None:
 # --- the hub, through a fake `datasets` module -------------------------------------
 
 
-def _install_fake_datasets(monkeypatch: pytest.MonkeyPatch, splits: Mapping[str, list[dict[str, Any]]],
-                           calls: list[tuple[str, str | None]]) -> None:
+def _install_fake_datasets(
+    monkeypatch: pytest.MonkeyPatch,
+    splits: Mapping[str, list[dict[str, Any]]],
+    calls: list[tuple[str, str | None]],
+) -> None:
     def load_dataset(repo: str, config: str | None = None) -> Mapping[str, list[dict[str, Any]]]:
         calls.append((repo, config))
         return splits
@@ -182,10 +195,18 @@ def _install_fake_datasets(monkeypatch: pytest.MonkeyPatch, splits: Mapping[str,
 def test_e2e_hub_gem_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     refs = ["Zizzi is a pub.", "Zizzi, a pub.", "A pub called Zizzi."]
     splits = {
-        "train": [{"meaning_representation": "name[Zizzi], eatType[pub]", "target": r, "references": [r]}
-                  for r in refs],
-        "validation": [{"meaning_representation": "name[Aromi], eatType[restaurant]", "target": "Aromi.",
-                        "references": ["Aromi.", "The Aromi."]}] * 2,
+        "train": [
+            {"meaning_representation": "name[Zizzi], eatType[pub]", "target": r, "references": [r]}
+            for r in refs
+        ],
+        "validation": [
+            {
+                "meaning_representation": "name[Aromi], eatType[restaurant]",
+                "target": "Aromi.",
+                "references": ["Aromi.", "The Aromi."],
+            }
+        ]
+        * 2,
     }
     calls: list[tuple[str, str | None]] = []
     _install_fake_datasets(monkeypatch, splits, calls)
@@ -195,13 +216,18 @@ def test_e2e_hub_gem_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [e.group for e in task.train] == ["pub"] * 3
     assert len(task.eval) == 1
     assert task.eval[0].references == ("Aromi.", "The Aromi.")
-    assert task.eval[0].prompt == "Describe the restaurant.\nData: name[Aromi], eatType[restaurant]\nText:"
+    assert (
+        task.eval[0].prompt
+        == "Describe the restaurant.\nData: name[Aromi], eatType[restaurant]\nText:"
+    )
 
 
 def test_e2e_hub_tuetschek_fields(monkeypatch: pytest.MonkeyPatch) -> None:
-    rows = [{"meaning_representation": "name[A]", "human_reference": "A one."},
-            {"meaning_representation": "name[A]", "human_reference": "A two."},
-            {"meaning_representation": "name[B]", "human_reference": "B."}]
+    rows = [
+        {"meaning_representation": "name[A]", "human_reference": "A one."},
+        {"meaning_representation": "name[A]", "human_reference": "A two."},
+        {"meaning_representation": "name[B]", "human_reference": "B."},
+    ]
     _install_fake_datasets(monkeypatch, {"train": rows, "validation": rows, "test": []}, [])
     task = load_task("e2e", hf_id="tuetschek/e2e_nlg")
     assert len(task.train) == 3
@@ -209,7 +235,9 @@ def test_e2e_hub_tuetschek_fields(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_hub_unknown_fields_and_splits_are_explained(monkeypatch: pytest.MonkeyPatch) -> None:
-    _install_fake_datasets(monkeypatch, {"train": [{"input": "x", "output": "y"}], "validation": []}, [])
+    _install_fake_datasets(
+        monkeypatch, {"train": [{"input": "x", "output": "y"}], "validation": []}, []
+    )
     with pytest.raises(ValueError, match=r"meaning_representation.*found \['input', 'output'\]"):
         load_task("e2e", hf_id="someone/e2e")
     _install_fake_datasets(monkeypatch, {"training": []}, [])
@@ -218,9 +246,14 @@ def test_hub_unknown_fields_and_splits_are_explained(monkeypatch: pytest.MonkeyP
 
 
 def test_sst2_hub_glue_config_and_fields(monkeypatch: pytest.MonkeyPatch) -> None:
-    splits = {"train": [{"sentence": "good ", "label": 1, "idx": 0}, {"sentence": "bad", "label": 0, "idx": 1}],
-              "validation": [{"sentence": "fine", "label": 1, "idx": 0}],
-              "test": [{"sentence": "?", "label": -1, "idx": 0}]}
+    splits = {
+        "train": [
+            {"sentence": "good ", "label": 1, "idx": 0},
+            {"sentence": "bad", "label": 0, "idx": 1},
+        ],
+        "validation": [{"sentence": "fine", "label": 1, "idx": 0}],
+        "test": [{"sentence": "?", "label": -1, "idx": 0}],
+    }
     calls: list[tuple[str, str | None]] = []
     _install_fake_datasets(monkeypatch, splits, calls)
     task = load_task("sst2", hf_id="glue")
@@ -242,7 +275,9 @@ def test_hub_without_datasets_says_how_to_install(monkeypatch: pytest.MonkeyPatc
 
 def test_registry_lists_valid_names_and_refuses_duplicates(monkeypatch: pytest.MonkeyPatch) -> None:
     assert {"weather", "e2e", "sst2"} <= set(TASKS)
-    with pytest.raises(ValueError, match=r"unknown task 'nope'; valid tasks: \[.*'e2e'.*'sst2'.*'weather'"):
+    with pytest.raises(
+        ValueError, match=r"unknown task 'nope'; valid tasks: \[.*'e2e'.*'sst2'.*'weather'"
+    ):
         get_task_loader("nope")
     with pytest.raises(ValueError, match="already registered"):
         register_task("e2e", TASKS["e2e"])

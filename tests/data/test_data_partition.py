@@ -70,7 +70,9 @@ def test_impossible_min_size_is_a_clear_error() -> None:
 
 def test_small_alpha_gives_more_label_skew_than_iid() -> None:
     iid = np.mean([_mean_max_share(partition_iid(2000, 10, seed=s), LABELS) for s in range(5)])
-    skewed = np.mean([_mean_max_share(partition_dirichlet(LABELS, 10, 0.1, seed=s), LABELS) for s in range(5)])
+    skewed = np.mean(
+        [_mean_max_share(partition_dirichlet(LABELS, 10, 0.1, seed=s), LABELS) for s in range(5)]
+    )
     assert iid < 0.32  # four balanced labels: ~0.25 plus sampling noise
     assert skewed > 0.7
     assert skewed > iid + 0.3
@@ -78,7 +80,9 @@ def test_small_alpha_gives_more_label_skew_than_iid() -> None:
 
 def test_large_alpha_is_close_to_iid() -> None:
     iid = np.mean([_mean_max_share(partition_iid(2000, 10, seed=s), LABELS) for s in range(5)])
-    flat = np.mean([_mean_max_share(partition_dirichlet(LABELS, 10, 1000.0, seed=s), LABELS) for s in range(5)])
+    flat = np.mean(
+        [_mean_max_share(partition_dirichlet(LABELS, 10, 1000.0, seed=s), LABELS) for s in range(5)]
+    )
     assert abs(flat - iid) < 0.03
     sizes = [len(p) for p in partition_dirichlet(LABELS, 10, 1000.0, seed=0)]
     assert max(sizes) - min(sizes) < 40
@@ -99,5 +103,8 @@ def test_dirichlet_dispatch_uses_the_example_groups() -> None:
 
 
 def test_unknown_scheme_lists_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown partition scheme 'pathological'.*'iid', 'dirichlet', 'quantity_skew'"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown partition scheme 'pathological'.*'iid', 'dirichlet', 'quantity_skew'",
+    ):
         partition("pathological", EXAMPLES, 4, alpha=1.0, seed=0)

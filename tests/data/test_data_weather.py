@@ -77,7 +77,11 @@ def test_group_is_the_sky_value() -> None:
 
 def _shape(text: str) -> str:
     """The sentence shape of a rendering of the Oslo record: value phrases abstracted away."""
-    text = re.sub(r"(temperatures around|a high of|a temperature of|highs near) 12(°C| degrees)", "<TEMP>", text)
+    text = re.sub(
+        r"(temperatures around|a high of|a temperature of|highs near) 12(°C| degrees)",
+        "<TEMP>",
+        text,
+    )
     text = re.sub(r"a 60(%| percent) chance of (rain|precipitation)", "<RAIN>", text)
     text = re.sub(r"strong winds|gusty winds", "<WIND>", text)
     return re.sub(r"mostly cloudy|cloudy skies|cloudy|clouds", "<SKY>", text)

@@ -6,12 +6,15 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from fedlpp.algorithms.layout import Layout, flatten
 from fedlpp.models.lora import Adapter
 
+VALUES = "values"
 
-def full_precision_payload(adapter: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The tensors a full-precision broadcast carries: float32 copies of ``names``."""
-    return {n: adapter[n].detach().to(torch.float32) for n in names}
+
+def full_precision_payload(adapter: Mapping[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+    """The tensors of a full-precision message: all of ``layout`` as one float32 vector."""
+    return {VALUES: flatten(adapter, layout)}
 
 
 def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Adapter:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fedlpp.algorithms import fedavg_lora, fedlpp, ffa_lora, wire
+from fedlpp.algorithms.layout import Layout, fingerprint, layout_of, unflatten
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.models.lora import Adapter, lora_a_from_seed
 
@@ -39,21 +40,30 @@ class AggregateResult:
     rejected: dict[int, str]  # client id -> why its update was refused
 
 
+def trained_layout(shapes: Mapping[str, Sequence[int]], freeze_a: bool) -> Layout:
+    """The tensors that travel, in wire order."""
+    return layout_of(shapes, ffa_lora.trained_names(shapes, freeze_a))
+
+
+def _shapes(adapter: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(t.shape) for n, t in adapter.items()}
+
+
 def make_broadcast(spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor], a_seed: int, round_: int) -> bytes:
     """What the server sends every sampled client this round.
 
     FFA variants send the seed of A instead of A. FedLPP variants send codes and scales
     only: the full-precision adapter never appears in the message.
     """
-    shapes = {n: tuple(t.shape) for n, t in adapter.items()}
-    names = ffa_lora.trained_names(shapes, spec.freeze_a)
-    meta: dict[str, object] = {"algorithm": spec.name, "round": round_, "names": names}
+    layout = trained_layout(_shapes(adapter), spec.freeze_a)
+    meta: dict[str, object] = {"algorithm": spec.name, "round": round_, "layout": fingerprint(layout)}
     if spec.freeze_a:
         meta["a_seed"] = a_seed
     if spec.quant is None:
-        tensors = fedavg_lora.full_precision_payload(adapter, names)
+        tensors = fedavg_lora.full_precision_payload(adapter, layout)
     else:
-        tensors, meta["quant"] = fedlpp.quantized_payload(adapter, names, spec.quant)
+        tensors = fedlpp.quantized_payload(adapter, layout, spec.quant)
+        meta["quant"] = fedlpp.spec_meta(spec.quant)
     return wire.encode(BROADCAST, tensors, meta)
 
 
@@ -64,51 +74,51 @@ def read_broadcast(payload: bytes, shapes: Mapping[str, tuple[int, ...]]) -> tup
     are regenerated from the seed.
     """
     tensors, meta = wire.decode(payload, BROADCAST)
+    frozen_a = "a_seed" in meta
+    layout = trained_layout(shapes, frozen_a)
+    if meta.get("layout") != fingerprint(layout):
+        raise wire.WireError("broadcast layout does not match this client's adapter (model or LoRA config differ)")
     if "quant" in meta:
-        start = fedlpp.dequantized_adapter(tensors, meta["quant"])  # type: ignore[arg-type]
+        start = fedlpp.dequantized_adapter(tensors, layout, fedlpp.spec_from_meta(meta["quant"]))  # type: ignore[arg-type]
     else:
-        start = {n: t.to(torch.float32) for n, t in tensors.items()}
-    if "a_seed" in meta:
+        start = unflatten(tensors[fedavg_lora.VALUES], layout)
+    if frozen_a:
         start.update(lora_a_from_seed(shapes, int(meta["a_seed"])))  # type: ignore[call-overload]
-    missing = sorted(set(shapes) - set(start))
-    if missing:
-        raise wire.WireError(f"broadcast lacks adapter tensors {missing[:3]}")
     return start, int(meta["round"])  # type: ignore[call-overload]
 
 
 def make_update(delta: Mapping[str, torch.Tensor], num_examples: int, round_: int) -> bytes:
-    return wire.encode(UPDATE, dict(delta), {"num_examples": num_examples, "round": round_})
+    """A client's update: its delta as one float32 vector in wire order."""
+    layout = layout_of(_shapes(delta), sorted(delta))
+    meta = {"num_examples": num_examples, "round": round_, "layout": fingerprint(layout)}
+    return wire.encode(UPDATE, fedavg_lora.full_precision_payload(delta, layout), meta)
 
 
 def proxy_point(spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor]) -> Adapter:
     """The adapter clients actually start from: Q_w(theta) for FedLPP, theta otherwise."""
     if spec.quant is None:
         return dict(adapter)
-    names = ffa_lora.trained_names({n: tuple(t.shape) for n, t in adapter.items()}, spec.freeze_a)
-    return fedlpp.proxy_of(adapter, names, spec.quant)
+    return fedlpp.proxy_of(adapter, trained_layout(_shapes(adapter), spec.freeze_a), spec.quant)
 
 
-def validate_update(
-    payload: bytes, client_id: int, expected: Mapping[str, tuple[int, ...]], round_: int
-) -> ClientUpdate:
-    """Decode one update and check names, shapes, dtype, finiteness, round and example count."""
+def validate_update(payload: bytes, client_id: int, layout: Layout, round_: int) -> ClientUpdate:
+    """Decode one update and check layout (names, shapes), dtype, size, finiteness, round, count."""
     tensors, meta = wire.decode(payload, UPDATE)
-    if set(tensors) != set(expected):
-        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        raise ValueError(f"wrong tensor names (missing {missing[:3]}, unexpected {extra[:3]})")
-    for name, t in tensors.items():
-        if tuple(t.shape) != tuple(expected[name]):
-            raise ValueError(f"{name}: shape {tuple(t.shape)}, expected {tuple(expected[name])}")
-        if t.dtype != torch.float32:
-            raise ValueError(f"{name}: dtype {t.dtype}, expected torch.float32")
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{name}: contains NaN or Inf")
+    if meta.get("layout") != fingerprint(layout):
+        raise ValueError("tensor layout (names or shapes) differs from the server's adapter")
+    values = tensors.get(fedavg_lora.VALUES)
+    if values is None or set(tensors) != {fedavg_lora.VALUES}:
+        raise ValueError(f"expected one {fedavg_lora.VALUES!r} tensor, got {sorted(tensors)}")
+    if values.dtype != torch.float32:
+        raise ValueError(f"dtype {values.dtype}, expected torch.float32")
+    if not torch.isfinite(values).all():
+        raise ValueError("contains NaN or Inf")
     if meta.get("round") != round_:
         raise ValueError(f"update is for round {meta.get('round')}, expected {round_}")
     n = meta.get("num_examples")
-    if not isinstance(n, int) or n <= 0:
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise ValueError(f"num_examples must be a positive integer, got {n!r}")
-    return ClientUpdate(client_id, tensors, n)
+    return ClientUpdate(client_id, unflatten(values, layout), n)
 
 
 def aggregate(
@@ -122,12 +132,11 @@ def aggregate(
     Invalid updates are logged with the client and the reason and left out; with no
     valid update the adapter is returned unchanged.
     """
-    shapes = {n: tuple(t.shape) for n, t in adapter.items()}
-    expected = {n: shapes[n] for n in ffa_lora.trained_names(shapes, spec.freeze_a)}
+    layout = trained_layout(_shapes(adapter), spec.freeze_a)
     updates, rejected = [], {}
     for client_id, payload in payloads:
         try:
-            updates.append(validate_update(payload, client_id, expected, round_))
+            updates.append(validate_update(payload, client_id, layout, round_))
         except (ValueError, wire.WireError) as e:
             rejected[client_id] = str(e)
             log.warning("round %d: rejected the update of client %d: %s", round_, client_id, e)

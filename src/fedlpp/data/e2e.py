@@ -51,14 +51,16 @@ def group_references(pairs: Iterable[tuple[str, str]]) -> tuple[Example, ...]:
     for mr, ref in pairs:
         refs_by_mr.setdefault(mr.strip(), []).append(ref.strip())
     return tuple(
-        Example(prompt=PROMPT.format(mr=mr), target=refs[0], group=eat_type(mr),
-                references=tuple(refs))
+        Example(
+            prompt=PROMPT.format(mr=mr), target=refs[0], group=eat_type(mr), references=tuple(refs)
+        )
         for mr, refs in refs_by_mr.items()
     )
 
 
-def _task(train: Sequence[Example], eval_: Sequence[Example], num_train: int, num_eval: int,
-          seed: int) -> TaskData:
+def _task(
+    train: Sequence[Example], eval_: Sequence[Example], num_train: int, num_eval: int, seed: int
+) -> TaskData:
     return TaskData(
         name=NAME,
         kind=GENERATION,
@@ -81,8 +83,10 @@ def _hub_fields(rows: Sequence[Row], hf_id: str) -> tuple[str, str]:
     """Names of the MR and reference fields in this hub copy."""
     if not rows:
         raise ValueError(f"{hf_id}: a split needed by task 'e2e' is empty")
-    return (pick_field(rows[0], HUB_MR_FIELDS, hf_id, "meaning representation"),
-            pick_field(rows[0], HUB_REF_FIELDS, hf_id, "reference text"))
+    return (
+        pick_field(rows[0], HUB_MR_FIELDS, hf_id, "meaning representation"),
+        pick_field(rows[0], HUB_REF_FIELDS, hf_id, "reference text"),
+    )
 
 
 def _hub_train_pairs(rows: Sequence[Row], hf_id: str) -> list[tuple[str, str]]:

@@ -22,17 +22,24 @@ def read_table(
     columns: Sequence[str],
     *,
     delimiter: str = ",",
-    quoting: int = csv.QUOTE_MINIMAL,
+    quote_none: bool = False,
 ) -> list[dict[str, str]]:
     """Rows of a headed CSV/TSV file as dicts, checking that `columns` are present.
 
     newline="" lets the csv module handle CRLF line ends and newlines inside
     quoted fields; utf-8-sig also accepts a file saved with a byte-order mark.
+    quote_none reads quote characters as text (SST-2 sentences contain them).
     """
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: file not found; expected a file with columns {list(columns)}")
+        raise FileNotFoundError(
+            f"{file}: file not found; expected a file with columns {list(columns)}"
+        )
     with file.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
+        reader = (
+            csv.DictReader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE)
+            if quote_none
+            else csv.DictReader(handle, delimiter=delimiter)
+        )
         found = list(reader.fieldnames or [])
         missing = [c for c in columns if c not in found]
         if missing:

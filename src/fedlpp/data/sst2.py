@@ -7,7 +7,6 @@ the GLUE dev set. A dev.tsv next to it is used as eval instead.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,16 +42,20 @@ def to_example(sentence: str, label: Any, where: str) -> Example:
 
 
 def read_examples(file_rows: Iterable[tuple[str, Any]], where: str) -> list[Example]:
-    return [to_example(text, label, f"{where} row {i}") for i, (text, label) in enumerate(file_rows, 1)]
+    return [
+        to_example(text, label, f"{where} row {i}") for i, (text, label) in enumerate(file_rows, 1)
+    ]
 
 
 def read_tsv(file: Path) -> list[Example]:
     # SST-2 sentences contain quote characters that are not CSV quoting.
-    rows = read_table(file, COLUMNS, delimiter="\t", quoting=csv.QUOTE_NONE)
+    rows = read_table(file, COLUMNS, delimiter="\t", quote_none=True)
     return read_examples(((r["sentence"], r["label"]) for r in rows), str(file))
 
 
-def hold_out(examples: Sequence[Example], num_eval: int, seed: int) -> tuple[list[Example], list[Example]]:
+def hold_out(
+    examples: Sequence[Example], num_eval: int, seed: int
+) -> tuple[list[Example], list[Example]]:
     """(train, eval): a seeded held-out eval part; both keep the file order."""
     n = len(examples)
     k = num_eval or min(DEFAULT_NUM_EVAL, max(1, n // MAX_HOLDOUT_FRACTION))
@@ -61,14 +64,15 @@ def hold_out(examples: Sequence[Example], num_eval: int, seed: int) -> tuple[lis
             f"sst2: cannot hold out {k} eval examples from {n} rows and keep some for training"
         )
     order = make_rng(seed, HOLDOUT_STREAM).permutation(n)
-    held = set(int(i) for i in order[:k])
+    held = {int(i) for i in order[:k]}
     train = [e for i, e in enumerate(examples) if i not in held]
     eval_ = [e for i, e in enumerate(examples) if i in held]
     return train, eval_
 
 
-def _task(train: Sequence[Example], eval_: Sequence[Example], num_train: int, num_eval: int,
-          seed: int) -> TaskData:
+def _task(
+    train: Sequence[Example], eval_: Sequence[Example], num_train: int, num_eval: int, seed: int
+) -> TaskData:
     return TaskData(
         name=NAME,
         kind=CLASSIFICATION,

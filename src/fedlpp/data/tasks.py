@@ -13,15 +13,23 @@ from fedlpp.data.schema import Example, TaskData
 from fedlpp.data.sst2 import load_sst2
 from fedlpp.data.weather import load_weather
 
-__all__ = ["TASKS", "Example", "TaskData", "TaskLoader", "get_task_loader", "load_task",
-           "register_task"]
+__all__ = [
+    "TASKS",
+    "Example",
+    "TaskData",
+    "TaskLoader",
+    "get_task_loader",
+    "load_task",
+    "register_task",
+]
 
 
 class TaskLoader(Protocol):
     """Builds a task from local files (`path`), the hub (`hf_id`) or nothing."""
 
-    def __call__(self, *, path: str, hf_id: str, num_train: int, num_eval: int,
-                 seed: int) -> TaskData: ...
+    def __call__(
+        self, *, path: str, hf_id: str, num_train: int, num_eval: int, seed: int
+    ) -> TaskData: ...
 
 
 TASKS: dict[str, TaskLoader] = {}

@@ -22,8 +22,21 @@ DEFAULT_NUM_EVAL = 50
 PROMPT = "Write the weather report.\nData: {record}\nText:"
 
 CITIES = (
-    "Oslo", "Paris", "Berlin", "Madrid", "Rome", "Vienna", "Lisbon", "Dublin",
-    "Prague", "Warsaw", "Athens", "Helsinki", "Zurich", "Edinburgh", "Copenhagen",
+    "Oslo",
+    "Paris",
+    "Berlin",
+    "Madrid",
+    "Rome",
+    "Vienna",
+    "Lisbon",
+    "Dublin",
+    "Prague",
+    "Warsaw",
+    "Athens",
+    "Helsinki",
+    "Zurich",
+    "Edinburgh",
+    "Copenhagen",
 )
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 SKIES = ("sunny", "cloudy", "overcast", "rainy", "snowy", "foggy", "stormy")
@@ -35,12 +48,22 @@ OPTIONAL_PRESENT = 0.6
 # Temperature (°C) and rain-chance (%) ranges per sky keep records plausible:
 # no snow at 30 degrees, no 90% rain under a clear sky.
 TEMP_RANGE = {
-    "sunny": (5, 35), "cloudy": (-5, 25), "overcast": (-5, 22), "rainy": (2, 24),
-    "snowy": (-12, 2), "foggy": (-4, 16), "stormy": (5, 30),
+    "sunny": (5, 35),
+    "cloudy": (-5, 25),
+    "overcast": (-5, 22),
+    "rainy": (2, 24),
+    "snowy": (-12, 2),
+    "foggy": (-4, 16),
+    "stormy": (5, 30),
 }
 RAIN_RANGE = {
-    "sunny": (0, 2), "cloudy": (1, 5), "overcast": (2, 6), "rainy": (6, 10),
-    "snowy": (5, 10), "foggy": (1, 4), "stormy": (7, 10),
+    "sunny": (0, 2),
+    "cloudy": (1, 5),
+    "overcast": (2, 6),
+    "rainy": (6, 10),
+    "snowy": (5, 10),
+    "foggy": (1, 4),
+    "stormy": (7, 10),
 }  # in tens of percent
 
 SKY_ADJ = {
@@ -96,8 +119,14 @@ class Record:
 
     def linearize(self) -> str:
         """E2E-style `attr[value]` list in a fixed attribute order."""
-        fields = [("city", self.city), ("day", self.day), ("sky", self.sky),
-                  ("temp", self.temp), ("wind", self.wind), ("rain", self.rain)]
+        fields = [
+            ("city", self.city),
+            ("day", self.day),
+            ("sky", self.sky),
+            ("temp", self.temp),
+            ("wind", self.wind),
+            ("rain", self.rain),
+        ]
         return ", ".join(f"{k}[{v}]" for k, v in fields if v is not None)
 
 
@@ -122,8 +151,14 @@ def _degrees(temp: int, rng: random.Random) -> str:
 
 def _temp_phrase(temp: int, rng: random.Random) -> str:
     degrees = _degrees(temp, rng)
-    return rng.choice((f"temperatures around {degrees}", f"a high of {degrees}",
-                       f"a temperature of {degrees}", f"highs near {degrees}"))
+    return rng.choice(
+        (
+            f"temperatures around {degrees}",
+            f"a high of {degrees}",
+            f"a temperature of {degrees}",
+            f"highs near {degrees}",
+        )
+    )
 
 
 def _rain_phrase(rain: int, rng: random.Random) -> str:
@@ -138,8 +173,11 @@ def _wind_phrase(wind: str, rng: random.Random) -> str:
 def _opening(record: Record, rng: random.Random) -> str:
     when = f" on {record.day}" if record.day else ""
     return rng.choice(OPENINGS).format(
-        city=record.city, when=when, when_lead=f"on {record.day}, " if record.day else "",
-        adj=rng.choice(SKY_ADJ[record.sky]), noun=rng.choice(SKY_NOUN[record.sky]),
+        city=record.city,
+        when=when,
+        when_lead=f"on {record.day}, " if record.day else "",
+        adj=rng.choice(SKY_ADJ[record.sky]),
+        noun=rng.choice(SKY_NOUN[record.sky]),
     )
 
 
@@ -231,4 +269,3 @@ def load_weather(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: 
             f"(got path={path!r}, hf_id={hf_id!r})"
         )
     return make_weather(num_train, num_eval, seed)
-

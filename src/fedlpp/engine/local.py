@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.client import LocalTraining, train_client
-from fedlpp.algorithms.spec import AlgorithmSpec, get_algorithm
+from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.config import ExperimentConfig
 from fedlpp.engine import rundir
 from fedlpp.engine.setup import RunContext, build_run, client_batches, sample_clients
@@ -102,16 +102,10 @@ def run_round(ctx: RunContext, adapter: Adapter, round_: int, on_send: OnSend | 
 
 def fedavg_reference_bytes(ctx: RunContext, adapter: Adapter) -> dict[str, int]:
     """Bytes per client per round that FedAvg+LoRA (float32) would send for this adapter."""
-    spec = get_algorithm("fedavg_lora", ctx.spec.quant) if ctx.spec.quant else get_algorithm("fedavg_lora", _any_quant())
-    down = len(rnd.make_broadcast(spec, adapter, ctx.a_seed, 1))
+    fedavg = AlgorithmSpec("fedavg_lora", quant=None, freeze_a=False)
+    down = len(rnd.make_broadcast(fedavg, adapter, ctx.a_seed, 1))
     up = len(rnd.make_update({n: torch.zeros(s) for n, s in ctx.shapes.items()}, 1, 1))
     return {"down": down, "up": up}
-
-
-def _any_quant() -> Any:
-    from fedlpp.quant import QuantSpec
-
-    return QuantSpec(bits=2)
 
 
 def start_or_resume(ctx: RunContext, out: Path, resume: bool) -> tuple[Adapter, int, list[dict[str, Any]]]:

@@ -56,6 +56,7 @@ def _tiny_llama(kind: str, num_labels: int) -> tuple[PreTrainedModel, PreTrained
         num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=True,
+        initializer_range=0.1,  # wide enough that an adapter can move the logits (tests check learning)
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

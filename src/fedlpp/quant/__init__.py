@@ -9,6 +9,7 @@ from fedlpp.quant.quantizer import (
     dequantize,
     fake_quantize,
     max_abs_error_bound,
+    num_scales,
     quantize,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "fake_quantize",
     "max_abs_error_bound",
     "nf_codebook",
+    "num_scales",
     "pack_codes",
     "packed_nbytes",
     "quantize",

@@ -143,6 +143,11 @@ def max_abs_error_bound(q: QuantizedTensor) -> torch.Tensor:
     return half_gap * q.scales.float()
 
 
+def num_scales(shape: tuple[int, ...], spec: QuantSpec) -> int:
+    """How many float16 scales ``quantize`` produces for a tensor of this shape."""
+    return _group_layout(shape, spec)[0]
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     count = 1
     for size in shape:

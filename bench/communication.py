@@ -1,0 +1,215 @@
+"""Bytes per client per round, down and up, for every algorithm, from real serialized payloads.
+
+Usage:
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/communication.py                  # SmolLM2-135M, r=8
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/communication.py --model tiny-llama   # seconds
+    ... --out bench/results/communication.json (the default)
+
+Every number is ``len()`` of a message built by ``fedlpp.algorithms.round``: ``make_broadcast``
+for the downlink and ``make_update`` (over the tensors a client trains) for the uplink, on the
+model's real q_proj/v_proj LoRA adapter with A from its seed and B ~ N(0, 0.01²) (sizes do not
+depend on values, but nothing here is computed from a formula). Ratios are against
+FedAvg+LoRA in float32 ("down x": whole message; "data x": tensor bytes only, header left out
+on both sides). The theory column is the payload alone, w + 16/group bits per value (w=1
+ternary is packed 5 trits per byte, i.e. 1.6 bits: the "packed" column); the difference to the
+measured bits/value is the safetensors header (tensor index + message metadata JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from fedlpp.algorithms.ffa_lora import trained_names  # noqa: E402
+from fedlpp.algorithms.round import make_broadcast, make_update  # noqa: E402
+from fedlpp.algorithms.spec import AlgorithmSpec, get_algorithm  # noqa: E402
+from fedlpp.config import QuantConfig  # noqa: E402
+from fedlpp.models.backbone import load_backbone  # noqa: E402
+from fedlpp.models.lora import Adapter, adapter_shapes, attach_lora, initial_adapter  # noqa: E402
+from fedlpp.quant import QuantSpec, storage_bits  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).parent / "results" / "communication.json"
+SEED = 0
+ROUND = 3
+NUM_EXAMPLES = 250
+BITS = (1, 2, 3, 4, 8)
+GRANULARITIES = (("block", 64), ("row", 64), ("tensor", 64))
+TARGETS = {"fedlpp": 0.075, "fedlpp_ffa": 0.04}  # downlink / FedAvg+LoRA at w=2, block 64
+
+
+@dataclass(frozen=True)
+class Row:
+    algorithm: str
+    bits: int | None  # None = float32 broadcast
+    granularity: str | None
+    block_size: int | None
+    values_down: int  # adapter values represented in the broadcast
+    values_up: int
+    down_bytes: int
+    up_bytes: int
+    down_header_bytes: int  # safetensors header incl. metadata JSON
+    down_ratio: float  # to FedAvg+LoRA float32
+    down_payload_ratio: float  # tensor data only (header left out on both sides)
+    up_ratio: float
+    bits_per_value_measured: float  # 8 * down_bytes / values_down
+    bits_per_value_theory: float | None  # w + 16/block (block granularity)
+    bits_per_value_packed: float | None  # storage bits (1.6 for ternary) + scale bits, no header
+
+
+def realistic_adapter(shapes: Mapping[str, tuple[int, ...]], seed: int) -> Adapter:
+    """A from the seed (as every run starts), B small and non-zero as after some training."""
+    adapter = initial_adapter(shapes, seed)
+    gen = torch.Generator().manual_seed(seed + 2)
+    for name, t in adapter.items():
+        if ".lora_B." in name:
+            adapter[name] = torch.randn(t.shape, generator=gen) * 0.01
+    return adapter
+
+
+def client_delta(adapter: Mapping[str, torch.Tensor], names: list[str], seed: int) -> Adapter:
+    """theta_k - start for the trained tensors: small random values, float32."""
+    gen = torch.Generator().manual_seed(seed + 3)
+    return {n: torch.randn(adapter[n].shape, generator=gen) * 1e-3 for n in names}
+
+
+def header_bytes(payload: bytes) -> int:
+    return 8 + int.from_bytes(payload[:8], "little")
+
+
+def measure(spec: AlgorithmSpec, adapter: Adapter, a_seed: int) -> tuple[int, int, int, int, int]:
+    """(down bytes, down header bytes, up bytes, values down, values up) for one spec."""
+    shapes = {n: tuple(t.shape) for n, t in adapter.items()}
+    names = trained_names(shapes, spec.freeze_a)
+    down = make_broadcast(spec, adapter, a_seed, ROUND)
+    up = make_update(client_delta(adapter, names, SEED), NUM_EXAMPLES, ROUND)
+    values = sum(adapter[n].numel() for n in names)
+    return len(down), header_bytes(down), len(up), values, values
+
+
+def theory_bits(quant: QuantSpec | None, values: int, tensors: int, rows: int) -> tuple[float | None, float | None]:
+    """Nominal w + 16/group and the packed equivalent, per value, without any header."""
+    if quant is None:
+        return None, None
+    groups_per_value = {"block": 1 / quant.block_size, "row": rows / values, "tensor": tensors / values}
+    scale_bits = 16 * groups_per_value[quant.granularity]
+    return quant.bits + scale_bits, storage_bits(quant.bits) + scale_bits
+
+
+def row_for(spec: AlgorithmSpec, adapter: Adapter, a_seed: int, reference: tuple[int, int, int]) -> Row:
+    """One table row; ``reference`` is FedAvg+LoRA's (down bytes, down header bytes, up bytes)."""
+    down, head, up, v_down, v_up = measure(spec, adapter, a_seed)
+    shapes = {n: tuple(t.shape) for n, t in adapter.items()}
+    names = trained_names(shapes, spec.freeze_a)
+    rows = sum(shapes[n][0] for n in names)
+    theory, packed = theory_bits(spec.quant, v_down, len(names), rows)
+    q = spec.quant
+    return Row(
+        algorithm=spec.name,
+        bits=q.bits if q else None,
+        granularity=q.granularity if q else None,
+        block_size=q.block_size if q and q.granularity == "block" else None,
+        values_down=v_down,
+        values_up=v_up,
+        down_bytes=down,
+        up_bytes=up,
+        down_header_bytes=head,
+        down_ratio=down / reference[0],
+        down_payload_ratio=(down - head) / (reference[0] - reference[1]),
+        up_ratio=up / reference[2],
+        bits_per_value_measured=8 * down / v_down,
+        bits_per_value_theory=theory,
+        bits_per_value_packed=packed,
+    )
+
+
+def all_specs() -> list[AlgorithmSpec]:
+    any_quant = QuantSpec(bits=2)
+    specs = [get_algorithm("fedavg_lora", any_quant, "mean", 1.0), get_algorithm("ffa_lora", any_quant, "mean", 1.0)]
+    for name in ("fedlpp", "fedlpp_ffa"):
+        for granularity, block in GRANULARITIES:
+            for bits in BITS:
+                specs.append(get_algorithm(name, QuantSpec(bits, granularity, block), "mean", 1.0))
+    return specs
+
+
+def format_row(r: Row) -> str:
+    quant = "float32" if r.bits is None else f"w={r.bits} {r.granularity}{r.block_size or ''}"
+    theory = "" if r.bits_per_value_theory is None else f"{r.bits_per_value_theory:7.3f} {r.bits_per_value_packed:7.3f}"
+    return (
+        f"{r.algorithm:<11} {quant:<16} {r.down_bytes:>10,} {r.down_ratio:>8.4f} {r.up_bytes:>10,} {r.up_ratio:>7.4f}"
+        f" {r.down_header_bytes:>7,} {r.down_payload_ratio:>7.4f} {r.bits_per_value_measured:>8.3f} {theory}"
+    )
+
+
+def print_table(rows: list[Row]) -> None:
+    print(
+        f"{'algorithm':<11} {'broadcast':<16} {'down B':>10} {'down x':>8} {'up B':>10} {'up x':>7}"
+        f" {'header':>7} {'data x':>7} {'bits/val':>8} {'theory':>7} {'packed':>7}"
+    )
+    for r in rows:
+        print(format_row(r))
+
+
+def find(rows: list[Row], algorithm: str, bits: int, granularity: str) -> Row:
+    return next(r for r in rows if r.algorithm == algorithm and r.bits == bits and r.granularity == granularity)
+
+
+def check_targets(rows: list[Row]) -> dict[str, dict[str, object]]:
+    """The downlink targets at w=2 block 64, and what the configured default granularity gives."""
+    default = QuantConfig()
+    checks: dict[str, dict[str, object]] = {}
+    for algorithm, limit in TARGETS.items():
+        for label, granularity in (("block64", "block"), (f"config default ({default.granularity})", default.granularity)):
+            r = find(rows, algorithm, 2 if label == "block64" else default.bits, granularity)
+            key = f"{algorithm} w={r.bits} {label}"
+            checks[key] = {"down_ratio": r.down_ratio, "limit": limit, "holds": r.down_ratio <= limit}
+            print(f"target {key:<40} down {r.down_ratio:.4f}x <= {limit}x: {'HOLDS' if r.down_ratio <= limit else 'FAILS'}")
+    return checks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="short name, e.g. smollm2-135m or tiny-llama")
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+
+    backbone = load_backbone(args.model, "generation")
+    model = attach_lora(backbone, "generation", args.r, 16, 0.0)
+    shapes = adapter_shapes(model)
+    adapter = realistic_adapter(shapes, SEED)
+    a_seed = 12345
+    total = sum(t.numel() for t in adapter.values())
+    print(f"model {args.model}, LoRA r={args.r} on {backbone.default_targets}: {len(shapes)} tensors, {total:,} values")
+
+    specs = all_specs()
+    down_ref, head_ref, up_ref, _, _ = measure(specs[0], adapter, a_seed)
+    rows = [row_for(s, adapter, a_seed, (down_ref, head_ref, up_ref)) for s in specs]
+    print_table(rows)
+    checks = check_targets(rows)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "model": args.model,
+        "lora_r": args.r,
+        "adapter_values": total,
+        "adapter_tensors": len(shapes),
+        "reference": {"algorithm": "fedavg_lora float32", "down_bytes": down_ref, "down_header_bytes": head_ref, "up_bytes": up_ref},
+        "config_default_quant": asdict(QuantConfig()),
+        "rows": [asdict(r) for r in rows],
+        "targets": checks,
+    }
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

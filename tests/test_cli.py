@@ -1,0 +1,48 @@
+"""The command line as a user types it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedlpp.cli import main
+from fedlpp.engine import rundir
+
+SMOKE = "model.name=tiny-llama algorithm.name=fedlpp quant.bits=2 fl.rounds=2 fl.num_clients=4 fl.clients_per_round=2 seed=0"
+
+
+def test_bad_config_is_refused_before_anything_loads(tmp_path: Path, capsys):
+    code = main(["run", "algorithm.name=fedprox", "--out", str(tmp_path / "r"), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "algorithm.name: got 'fedprox'; valid choices are" in err
+    assert not (tmp_path / "r").exists(), "nothing is written for a refused config"
+
+
+def test_missing_data_path_is_a_clear_error(tmp_path: Path, capsys):
+    code = main(["run", "model.name=tiny-llama", "data.task=e2e", f"data.path={tmp_path / 'nope'}", "--out", str(tmp_path / "r"), "--quiet"])
+    assert code == 1
+    assert "nope" in capsys.readouterr().err
+
+
+def test_resume_needs_a_run_directory(tmp_path: Path, capsys):
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert "holds no run to resume" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_the_issue_smoke_command_works_as_written(tmp_path: Path, capsys):
+    out = tmp_path / "smoke"
+    assert main(["run", *SMOKE.split(), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "global" in printed and "proxy" in printed and "FedAvg+LoRA" in printed
+    rows = [json.loads(line) for line in (out / rundir.METRICS).read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert {"round", "bytes_down", "bytes_up", "wall_s", "global", "proxy"} <= set(rows[-1])
+    assert (out / rundir.ADAPTER / "adapter_config.json").is_file()
+    assert (out / rundir.SUMMARY).is_file() and (out / rundir.CHECKPOINT).is_file()
+    # Only fl.rounds may change on resume; anything else would break "same result".
+    assert main(["run", "--resume", str(out), "train.lr=0.5"]) == 2
+    assert "train.lr: cannot change when resuming" in capsys.readouterr().err

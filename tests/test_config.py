@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+
+from fedlpp.config import ConfigError, ExperimentConfig, build_config, changed_keys, load_config, read_toml, to_tree, write_toml
+
+SMOKE = "model.name=tiny-llama algorithm.name=fedlpp quant.bits=2 fl.rounds=2 fl.num_clients=4 fl.clients_per_round=2 seed=0"
+
+
+def test_smoke_overrides_from_the_issue_parse_to_typed_fields():
+    cfg = load_config(None, SMOKE.split())
+    assert cfg.model.name == "tiny-llama"
+    assert cfg.quant.bits == 2 and isinstance(cfg.quant.bits, int)
+    assert (cfg.fl.rounds, cfg.fl.num_clients, cfg.fl.clients_per_round, cfg.seed) == (2, 4, 2, 0)
+
+
+def test_toml_file_then_overrides(tmp_path: Path):
+    path = tmp_path / "exp.toml"
+    path.write_text('seed = 3\n[fl]\nrounds = 7\n[lora]\ntarget_modules = ["q_proj"]\n[train]\nlr = 0.01\n')
+    cfg = load_config(path, ["fl.rounds=9"])
+    assert cfg.seed == 3 and cfg.fl.rounds == 9 and cfg.train.lr == 0.01
+    assert cfg.lora.target_modules == ("q_proj",)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        (["fl.roundz=2"], "fl.roundz: unknown key; valid keys in [fl] are clients_per_round, local_steps, num_clients, rounds"),
+        (["algorithm.name=fedprox"], "algorithm.name: got 'fedprox'; valid choices are 'fedavg_lora', 'fedlpp', 'ffa_lora', 'fedlpp_ffa'"),
+        (["quant.bits=5"], "quant.bits: got 5; valid choices are 1, 2, 3, 4, 8"),
+        (["quant.granularity=channel"], "quant.granularity: got 'channel'"),
+        (["fl.rounds=two"], "fl.rounds: expected an integer, got 'two'"),
+        (["train.lr=fast"], "train.lr: expected a number"),
+        (["nosuch.key=1"], "nosuch: unknown section or key"),
+        (["fl.clients_per_round=5"], "fl.clients_per_round: must be in [1, fl.num_clients=4]"),
+        (["fl.rounds"], "overrides look like section.key=value"),
+        (["data.partition=skewed"], "data.partition: got 'skewed'; valid choices are 'iid', 'dirichlet', 'quantity_skew'"),
+    ],
+)
+def test_bad_keys_types_and_values_are_named(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, override)
+    assert fragment in str(e.value)
+
+
+def test_bad_toml_and_missing_file_are_clear(tmp_path: Path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[fl\nrounds=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        read_toml(bad)
+    wrong_type = tmp_path / "wrong.toml"
+    wrong_type.write_text("[fl]\nrounds = 2.5\n")
+    with pytest.raises(ConfigError, match="fl.rounds: expected an integer"):
+        load_config(wrong_type)
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path: Path):
+    cfg = load_config(None, SMOKE.split() + ["lora.target_modules=q_proj,v_proj"])
+    write_toml(cfg, tmp_path / "c.toml")
+    assert load_config(tmp_path / "c.toml") == cfg
+    assert build_config(to_tree(cfg)) == cfg
+
+
+def test_changed_keys_lists_dotted_differences():
+    a = ExperimentConfig()
+    b = load_config(None, ["fl.rounds=9", "seed=4"])
+    assert changed_keys(a, b) == ["seed", "fl.rounds"]
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path: Path):
+    cfg = load_config(path)
+    assert cfg.data.path == "", "shipped configs leave data.path empty; users set it with an override"

@@ -77,7 +77,7 @@ class AlgorithmConfig:
 @dataclass(frozen=True)
 class QuantConfig:
     bits: int = 2  # w: bits per value of the broadcast adapter (FedLPP)
-    granularity: str = "tensor"  # one absmax scale per block / row / tensor: the model-privacy knob (README)
+    granularity: str = "block"  # one absmax scale per block / row / tensor: the model-privacy knob (README, measured)
     block_size: int = 64  # values per scale when granularity = "block"
 
     def __post_init__(self) -> None:
@@ -139,14 +139,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every: int = 1  # evaluate every k rounds; the last round is always evaluated
-    num_examples: int = 0  # 0 = the whole held-out split
+    every: int = 3  # evaluate every k rounds; the last round is always evaluated (generation is the slow part)
     batch_size: int = 16
     max_new_tokens: int = 48  # greedy decoding stops at the first newline or this many tokens
 
     def __post_init__(self) -> None:
         _require(self.every >= 1, "eval.every", f"must be >= 1, got {self.every}")
-        _require(self.num_examples >= 0, "eval.num_examples", "must be >= 0")
         _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         _require(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
 
@@ -190,22 +188,16 @@ def _coerce(value: Any, target: Any, key: str) -> Any:
             return value.lower() in ("true", "1")
         _require(isinstance(value, bool), key, f"expected true or false, got {value!r}")
         return value
-    if target is int:
+    if target in (int, float):
+        what = "an integer" if target is int else "a number"
         if isinstance(value, str):
             try:
-                return int(value)
+                return target(value)
             except ValueError:
-                raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        _require(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
-        return value
-    if target is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
-        return float(value)
+                raise ConfigError(f"{key}: expected {what}, got {value!r}") from None
+        ok = isinstance(value, int) if target is int else isinstance(value, (int, float))
+        _require(ok and not isinstance(value, bool), key, f"expected {what}, got {value!r}")
+        return target(value)
     if target is str:
         _require(isinstance(value, str), key, f"expected a string, got {value!r}")
         return value

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-SMOL_TOKENIZER_DIR = Path("/tmp/smoltok")
+from fedlpp.models.shipped import smollm2_tokenizer_dir
+
 # ../shared/data next to the repository (.parent never raises, wherever the tests live).
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent.parent / "shared" / "data"
 
@@ -24,11 +25,9 @@ def bert_tokenizer() -> PreTrainedTokenizerBase:
 
 
 @pytest.fixture(scope="session")
-def causal_tokenizer(bert_tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """SmolLM2's byte-level tokenizer when cached, else the BERT one (mechanics still hold)."""
-    if (SMOL_TOKENIZER_DIR / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(str(SMOL_TOKENIZER_DIR))
-    return bert_tokenizer
+def causal_tokenizer() -> PreTrainedTokenizerBase:
+    """SmolLM2's byte-level tokenizer (converted from the shipped GGUF once, then cached)."""
+    return AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir()))
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ def train_one_client(ctx: RunContext, payload: bytes, client: int, round_: int, 
     return update, sum(result.losses) / len(result.losses)
 
 
-def _ticking(batches: Any, bar: tqdm) -> Any:
+def _ticking(batches: Iterator[dict[str, torch.Tensor]], bar: tqdm) -> Iterator[dict[str, torch.Tensor]]:
     for batch in batches:
         yield batch
         bar.update(1)

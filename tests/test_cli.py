@@ -25,6 +25,13 @@ def test_missing_data_path_is_a_clear_error(tmp_path: Path, capsys):
     code = main(["run", "model.name=tiny-llama", "data.task=e2e", f"data.path={tmp_path / 'nope'}", "--out", str(tmp_path / "r"), "--quiet"])
     assert code == 1
     assert "nope" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "config.toml").exists(), "a failed start leaves nothing that blocks --out"
+
+
+def test_out_that_is_a_file_is_refused(tmp_path: Path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["run", "model.name=tiny-llama", "--out", str(tmp_path / "f"), "--quiet"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
 
 
 def test_resume_needs_a_run_directory(tmp_path: Path, capsys):
@@ -46,3 +53,5 @@ def test_the_issue_smoke_command_works_as_written(tmp_path: Path, capsys):
     # Only fl.rounds may change on resume; anything else would break "same result".
     assert main(["run", "--resume", str(out), "train.lr=0.5"]) == 2
     assert "train.lr: cannot change when resuming" in capsys.readouterr().err
+    assert main(["run", "--resume", str(out), "fl.rounds=1", "--quiet"]) == 2
+    assert "cannot shrink it" in capsys.readouterr().err

@@ -35,12 +35,21 @@ def test_toml_file_then_overrides(tmp_path: Path):
         (["fl.clients_per_round=5"], "fl.clients_per_round: must be in [1, fl.num_clients=4]"),
         (["fl.rounds"], "overrides look like section.key=value"),
         (["data.partition=skewed"], "data.partition: got 'skewed'; valid choices are 'iid', 'dirichlet', 'quantity_skew'"),
+        (["quant.block_size=8"], "quant.block_size: must be >= 16"),
+        (["quant.granularity=row"], "quant.granularity: 'row' gives each lora_B row its own scale over only lora.r=8"),
+        (["fl.clients_per_round=1"], "fl.clients_per_round: must be >= 2 with algorithm.server_rule='mean'"),
     ],
 )
 def test_bad_keys_types_and_values_are_named(override, fragment):
     with pytest.raises(ConfigError) as e:
         load_config(None, override)
     assert fragment in str(e.value)
+
+
+def test_privacy_guards_apply_only_where_they_matter():
+    assert load_config(None, ["algorithm.name=fedavg_lora", "fl.clients_per_round=1"]).fl.clients_per_round == 1
+    assert load_config(None, ["algorithm.server_rule=delta", "fl.clients_per_round=1"]).fl.clients_per_round == 1
+    assert load_config(None, ["quant.granularity=row", "lora.r=16"]).quant.granularity == "row"
 
 
 def test_bad_toml_and_missing_file_are_clear(tmp_path: Path):

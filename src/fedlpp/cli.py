@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunDirError as e:
         print(f"fedlpp: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (OSError, ImportError, ValueError, RuntimeError) as e:  # OSError: missing files, offline hub
         print(f"fedlpp: error: {e}", file=sys.stderr)
         return 1
 

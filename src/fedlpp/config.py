@@ -24,6 +24,8 @@ GRANULARITIES = ("block", "row", "tensor")
 QUANT_BITS = (1, 2, 3, 4, 8)
 TASKS = ("weather", "e2e", "sst2")
 PARTITIONS = ("iid", "dirichlet", "quantity_skew")
+QUANTIZED = ("fedlpp", "fedlpp_ffa")
+MIN_GROUP = 16  # fewest values per quantization scale (model privacy, see QuantConfig)
 
 
 class ConfigError(ValueError):
@@ -83,7 +85,12 @@ class QuantConfig:
     def __post_init__(self) -> None:
         _choice(self.bits, "quant.bits", QUANT_BITS)
         _choice(self.granularity, "quant.granularity", GRANULARITIES)
-        _require(self.block_size >= 1, "quant.block_size", f"must be >= 1, got {self.block_size}")
+        _require(
+            self.block_size >= MIN_GROUP,
+            "quant.block_size",
+            f"must be >= {MIN_GROUP}, got {self.block_size}: with tiny blocks the float16 scales are "
+            "themselves a copy of the adapter, and the broadcast protects nothing",
+        )
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,20 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        if self.algorithm.name not in QUANTIZED:
+            return
+        _require(
+            not (self.quant.granularity == "row" and self.lora.r < MIN_GROUP),
+            "quant.granularity",
+            f"'row' gives each lora_B row its own scale over only lora.r={self.lora.r} values "
+            f"(fewer than {MIN_GROUP}): the scales would nearly copy B; use 'block' or 'tensor'",
+        )
+        _require(
+            not (self.algorithm.server_rule == "mean" and self.fl.clients_per_round < 2),
+            "fl.clients_per_round",
+            "must be >= 2 with algorithm.server_rule='mean': with one client per round the server's "
+            "adapter would be exactly that client's adapter",
+        )
 
 
 SECTIONS: dict[str, type] = {

@@ -65,7 +65,7 @@ def test_fedavg_round_matches_hand_computation():
 def test_fedlpp_mean_rule_moves_to_the_clients_mean_adapter():
     theta = adapter()
     d = {A: torch.full((2, 4), 0.01), B: torch.full((3, 2), 0.02)}
-    out = rnd.aggregate(spec("fedlpp", "mean"), theta, [(0, update_bytes(d))], 1)
+    out = rnd.aggregate(spec("fedlpp", "mean"), theta, [(0, update_bytes(d)), (1, update_bytes(d))], 1)
     expected_b = fake_quantize(theta[B], Q2) + 0.02
     assert torch.allclose(out.adapter[B], expected_b, atol=1e-6)
     delta_rule = rnd.aggregate(spec("fedlpp", "delta"), theta, [(0, update_bytes(d))], 1)
@@ -137,6 +137,55 @@ def test_wrong_dtype_or_size_at_the_wire_level_is_rejected():
     out = rnd.aggregate(spec("fedavg_lora"), theta, [(1, as_float64), (2, too_short)], 1)
     assert "dtype torch.float64" in out.rejected[1]
     assert "expected 14 values" in out.rejected[2]
+
+
+def test_the_mean_rule_never_hands_one_client_the_server_adapter(caplog):
+    theta = adapter()
+    d = {A: torch.full((2, 4), 0.01), B: torch.full((3, 2), 0.02)}
+    out = rnd.aggregate(spec("fedlpp", "mean"), theta, [(0, update_bytes(d)), (1, update_bytes({B: torch.ones(3, 2)}))], 1)
+    assert out.accepted == () and 1 in out.rejected
+    assert all(torch.equal(out.adapter[n], theta[n]) for n in theta)
+    assert "one valid update" in caplog.text
+
+
+def test_values_beyond_the_broadcast_range_are_rejected():
+    theta = adapter()
+    huge = {A: torch.ones(2, 4), B: torch.full((3, 2), 1e6)}
+    out = rnd.aggregate(spec("fedavg_lora"), theta, [(3, update_bytes(huge))], 1)
+    assert "exceeds" in out.rejected[3]
+    # Individually valid updates whose aggregate leaves the range leave the adapter unchanged.
+    big = {A: torch.ones(2, 4), B: torch.full((3, 2), 60000.0)}
+    near = {n: t.clone() for n, t in theta.items()}
+    near[B] = torch.full((3, 2), 60000.0)
+    out = rnd.aggregate(spec("fedavg_lora"), near, [(0, update_bytes(big))], 1)
+    assert out.accepted == () and torch.equal(out.adapter[B], near[B])
+
+
+@pytest.mark.parametrize(
+    "tensors, meta, reason",
+    [
+        ({"values": torch.ones(7, 2)}, "LAYOUT", "flat vector"),
+        ({"values": torch.ones(14)}, ["not", "a", "dict"], "not a JSON object"),
+    ],
+)
+def test_malformed_updates_are_rejected_not_raised(tensors, meta, reason):
+    theta = adapter()
+    layout = layout_of({A: (2, 4), B: (3, 2)}, [A, B])
+    if meta == "LAYOUT":
+        meta = {"num_examples": 3, "round": 1, "layout": fingerprint(layout)}
+    bad = wire.encode(rnd.UPDATE, tensors, meta)
+    good = update_bytes({A: torch.ones(2, 4), B: torch.ones(3, 2)})
+    out = rnd.aggregate(spec("fedavg_lora"), theta, [(1, bad), (2, good)], 1)
+    assert reason in out.rejected[1]
+    assert out.accepted == (2,)
+
+
+def test_a_message_without_metadata_is_rejected():
+    from safetensors.torch import save
+
+    bare = save({"values": torch.ones(14)}, metadata={"format": "fedlpp", "version": "1", "kind": "update"})
+    with pytest.raises(wire.WireError, match="metadata is missing"):
+        wire.decode(bare, rnd.UPDATE)
 
 
 def test_garbage_bytes_are_rejected_not_raised():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,9 @@ def test_no_full_precision_adapter_tensor_is_ever_sent(runs, name):
         # Codes are packed 2-bit: a quarter of a byte per adapter value sent, nothing more.
         sent_values = sum(ckpt[n].numel() for n, _ in rnd.trained_layout({k: v.shape for k, v in ckpt.items()}, name == "fedlpp_ffa"))
         assert tensors["codes"].numel() == sent_values // 4
+        # One float16 scale per 64 values (block granularity), not one per handful of values.
+        sent_layout = rnd.trained_layout({k: v.shape for k, v in ckpt.items()}, name == "fedlpp_ffa")
+        assert tensors["scales"].numel() == sum(-(-math.prod(s) // 64) for _, s in sent_layout)
         assert set(meta) <= {"algorithm", "round", "layout", "quant", "a_seed"}
 
 

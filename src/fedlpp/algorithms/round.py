@@ -22,6 +22,12 @@ from fedlpp.models.lora import Adapter, lora_a_from_seed
 log = logging.getLogger(__name__)
 
 BROADCAST, UPDATE = "broadcast", "update"
+# Largest adapter magnitude accepted: the broadcast's float16 scales cannot carry more, so a
+# larger value from one client would stop every later FedLPP round.
+MAX_ABS_VALUE = 65504.0
+# With the "mean" rule and a single accepted update, theta_{t+1} would be exactly that
+# client's own adapter: the client would hold the server's model.
+MIN_UPDATES_FOR_MEAN = 2
 
 
 @dataclass(frozen=True)
@@ -111,8 +117,12 @@ def validate_update(payload: bytes, client_id: int, layout: Layout, round_: int)
         raise ValueError(f"expected one {fedavg_lora.VALUES!r} tensor, got {sorted(tensors)}")
     if values.dtype != torch.float32:
         raise ValueError(f"dtype {values.dtype}, expected torch.float32")
+    if values.ndim != 1:
+        raise ValueError(f"values must be a flat vector, got shape {tuple(values.shape)}")
     if not torch.isfinite(values).all():
         raise ValueError("contains NaN or Inf")
+    if values.numel() and float(values.abs().max()) > MAX_ABS_VALUE:
+        raise ValueError(f"a value exceeds {MAX_ABS_VALUE:g} in magnitude")
     if meta.get("round") != round_:
         raise ValueError(f"update is for round {meta.get('round')}, expected {round_}")
     n = meta.get("num_examples")
@@ -140,10 +150,18 @@ def aggregate(
         except (ValueError, wire.WireError) as e:
             rejected[client_id] = str(e)
             log.warning("round %d: rejected the update of client %d: %s", round_, client_id, e)
+    unchanged = AggregateResult({n: t.clone() for n, t in adapter.items()}, (), rejected)
     if not updates:
         log.warning("round %d: no valid update; the global adapter is unchanged", round_)
-        return AggregateResult({n: t.clone() for n, t in adapter.items()}, (), rejected)
+        return unchanged
+    if spec.quant is not None and spec.server_rule == "mean" and len(updates) < MIN_UPDATES_FOR_MEAN:
+        log.warning("round %d: one valid update; the mean rule would hand that client the server's adapter, "
+                    "so the global adapter is unchanged", round_)
+        return unchanged
     mean_delta = fedavg_lora.weighted_mean([u.delta for u in updates], [u.num_examples for u in updates])
     proxy = proxy_point(spec, adapter) if spec.server_rule == "mean" else dict(adapter)
     new = fedavg_lora.server_step(adapter, proxy, mean_delta, spec.server_rule, spec.server_lr)
+    if any(float(t.abs().max()) > MAX_ABS_VALUE for t in new.values() if t.numel()):
+        log.warning("round %d: the aggregate exceeds %g in magnitude; the global adapter is unchanged", round_, MAX_ABS_VALUE)
+        return unchanged
     return AggregateResult(new, tuple(u.client_id for u in updates), rejected)

@@ -11,7 +11,6 @@ import json
 from collections.abc import Mapping
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -34,13 +33,19 @@ def decode(data: bytes, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, o
     try:
         tensors = st_load(bytes(data))
         header = _header(data)
-    except (SafetensorError, ValueError, json.JSONDecodeError) as e:
+    except Exception as e:  # untrusted bytes: whatever the parser raises means "not a message"
         raise WireError(f"not a fedlpp message: {e}") from None
     if header.get("format") != FORMAT or header.get("version") != VERSION:
         raise WireError(f"unsupported message format {header.get('format')!r} version {header.get('version')!r}")
     if header.get("kind") != kind:
         raise WireError(f"expected a {kind!r} message, got {header.get('kind')!r}")
-    return tensors, json.loads(header["meta"])
+    try:
+        meta = json.loads(header.get("meta", ""))
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise WireError("message metadata is missing or not a JSON object")
+    return tensors, meta
 
 
 def _header(data: bytes) -> dict[str, str]:

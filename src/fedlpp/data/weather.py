@@ -261,11 +261,21 @@ def make_weather(num_train: int, num_eval: int, seed: int) -> TaskData:
     return TaskData(name=NAME, kind=GENERATION, train=train_examples, eval=eval_examples)
 
 
+# Well below the ~10^6 distinct records the attribute space holds, so that drawing
+# distinct records by rejection always finishes quickly.
+MAX_RECORDS = 200_000
+
+
 def load_weather(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: int) -> TaskData:
     """Task loader: the weather task is generated, so it takes no path or hub id."""
     if path or hf_id:
         raise ValueError(
             f"task 'weather' is generated in memory and takes no path or hf_id "
             f"(got path={path!r}, hf_id={hf_id!r})"
+        )
+    if num_train + num_eval > MAX_RECORDS:
+        raise ValueError(
+            f"task 'weather' can generate at most {MAX_RECORDS:,} distinct records; "
+            f"asked for num_train={num_train} + num_eval={num_eval}"
         )
     return make_weather(num_train, num_eval, seed)

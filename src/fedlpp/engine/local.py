@@ -123,10 +123,13 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run (or continue) an experiment into ``out`` and return its summary."""
     if not resume:
-        rundir.prepare_new(out, cfg)
-    else:
+        rundir.check_new(out)
+    ctx = build_run(cfg)  # data and model errors surface before anything is written
+    if resume:
+        rundir.check_extends(out, cfg.fl.rounds)
         rundir.save_config(out, cfg)
-    ctx = build_run(cfg)
+    else:
+        rundir.prepare_new(out, cfg)
     adapter, last, rows = start_or_resume(ctx, out, resume)
     steps_per_round = cfg.fl.clients_per_round * cfg.fl.local_steps
     rounds_bar = tqdm(range(last + 1, cfg.fl.rounds + 1), desc="rounds", initial=last, total=cfg.fl.rounds, disable=not progress, position=0)

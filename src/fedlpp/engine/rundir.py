@@ -6,8 +6,10 @@
     DIR/summary.json         the final result
     DIR/adapter/             the final global adapter in peft format
 
-Every file is written atomically (temporary file + rename), so a killed run leaves the
-previous good version, never half a file.
+config.toml, checkpoint.safetensors and summary.json are replaced atomically (temporary
+file + rename); metrics.jsonl is appended to, and a line cut short by a kill is dropped on
+resume; adapter/ is written by peft once, at the end. A kill therefore never costs a
+finished round.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fedlpp.config import ExperimentConfig, load_config, write_toml
@@ -42,12 +45,26 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
-def prepare_new(out: Path, cfg: ExperimentConfig) -> None:
-    """Create a fresh run directory; refuse one that already holds a run (nothing is overwritten)."""
+def check_new(out: Path) -> None:
+    """Refuse an --out that already holds a run (nothing is overwritten) or is not a folder."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} exists and is not a directory")
     if (out / CONFIG).exists() or (out / CHECKPOINT).exists():
         raise RunDirError(f"{out} already holds a run; use --resume {out} to continue it, or choose another --out")
+
+
+def prepare_new(out: Path, cfg: ExperimentConfig) -> None:
+    """Create a fresh run directory holding the resolved config."""
+    check_new(out)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / CONFIG, lambda p: write_toml(cfg, p))
+
+
+def check_extends(out: Path, rounds: int) -> None:
+    """A resumed run may keep or raise fl.rounds, never drop below the rounds already done."""
+    ckpt = load_checkpoint(out)
+    if ckpt is not None and ckpt[1] > rounds:
+        raise RunDirError(f"{out} has already finished {ckpt[1]} rounds; fl.rounds={rounds} cannot shrink it")
 
 
 def load_run_config(out: Path, overrides: list[str]) -> ExperimentConfig:
@@ -70,8 +87,6 @@ def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], int] | None:
     path = out / CHECKPOINT
     if not path.exists():
         return None
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         round_ = int((f.metadata() or {})["round"])
     return load_file(str(path)), round_

@@ -1,0 +1,302 @@
+"""The client side of one SecAgg round: bytes in, bytes out, secrets kept inside.
+
+Message flow for client u (Bonawitz et al. 2017, Fig. 4; neighbours from SecAgg+):
+    advertise()                          -> ADVERTISE            (round 0: AdvertiseKeys)
+    share_keys(KEY_LIST)                 -> SHARES               (round 1: ShareKeys)
+    masked_input(ROUTED_SHARES, values)  -> MASKED_INPUT         (round 2: MaskedInputCollection)
+    sign_survivors(SURVIVORS)            -> SURVIVORS_SIGNATURE  (round 3: ConsistencyCheck)
+    unmask(UNMASK_REQUEST)               -> UNMASK_RESPONSE      (round 4: Unmasking)
+A session is used for one round only; each step may be called once, in this order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedlpp.secagg import shamir, wire
+from fedlpp.secagg.crypto import (
+    KEY_BYTES,
+    decrypt,
+    encrypt,
+    generate_key_pair,
+    load_verify_key,
+    random_bytes,
+    sign,
+    verify,
+)
+from fedlpp.secagg.errors import SERVER_ID, SecAggAbort, SecAggError
+from fedlpp.secagg.fixedpoint import encode
+from fedlpp.secagg.graph import NeighbourGraph, build_graph
+from fedlpp.secagg.masking import (
+    add_pairwise,
+    pairwise_mask,
+    seed_commitment,
+    self_mask,
+    share_associated_data,
+    share_key,
+)
+from fedlpp.secagg.params import SecAggParams
+from fedlpp.secagg.wire import MessageType, ShareKind, ShareReveal, SignedKeys, Survivors
+
+SHARE_PLAINTEXT_BYTES = 2 * shamir.SHARE_BYTES  # share of b_u || share of s_sk_u
+_STEPS = ("advertise", "share_keys", "masked_input", "sign_survivors", "unmask", "done")
+
+
+class ClientSession:
+    """Client u's secrets and view of one round.
+
+    Args:
+        client_id: This client's id (< 2^32 - 1).
+        signing_key: Its long-term Ed25519 identity key.
+        registry: Every client's 32-byte Ed25519 verify key, by id (a PKI, as SecAgg assumes).
+        params: Protocol parameters, identical to the server's.
+        round_: The round number, bound into every message and key.
+    """
+
+    def __init__(
+        self,
+        client_id: int,
+        signing_key: Ed25519PrivateKey,
+        registry: Mapping[int, bytes],
+        params: SecAggParams,
+        round_: int,
+    ) -> None:
+        self.client_id = client_id
+        self.round = round_
+        self.params = params
+        self._signing_key = signing_key
+        self._registry = registry
+        # Fresh per round, all from the OS CSPRNG: c for share boxes, s for pairwise masks,
+        # b for the self mask (Bonawitz et al. 2017, sec. 4, round 0 and 1).
+        self._c = generate_key_pair()
+        self._s = generate_key_pair()
+        self._b = random_bytes(KEY_BYTES)
+        self._step = 0
+        self._graph: NeighbourGraph | None = None
+        self._peers: dict[int, SignedKeys] = {}  # neighbours' advertised keys
+        self._held: dict[int, tuple[int, int]] = {}  # v -> (share of b_v, share of s_sk_v)
+        self._view: Survivors | None = None
+
+    @property
+    def graph(self) -> NeighbourGraph | None:
+        """The round's neighbour graph as this client derived it (after ``share_keys``)."""
+        return self._graph
+
+    # ------------------------------------------------------------ steps
+
+    def advertise(self) -> bytes:
+        """Step 0: the signed public keys (c_pk, s_pk) of this round."""
+        self._advance("advertise")
+        commitment = seed_commitment(self._b, self.round, self.client_id)
+        unsigned = SignedKeys(self.client_id, self._c.public, self._s.public, commitment, b"")
+        signature = sign(self._signing_key, wire.advert_signed_bytes(unsigned, self.round))
+        keys = dataclasses.replace(unsigned, signature=signature)
+        return self._pack(MessageType.ADVERTISE, wire.encode_advertise(keys))
+
+    def share_keys(self, key_list: bytes) -> bytes:
+        """Step 1: check the neighbours' signed keys, then Shamir-share b_u and s_sk_u to them.
+
+        Raises:
+            SecAggError: Bad framing, parameter mismatch, wrong neighbour set or a bad signature.
+            SecAggAbort: Fewer neighbours than the threshold.
+        """
+        self._advance("share_keys")
+        reader = self._unpack(key_list, MessageType.KEY_LIST)
+        keys = wire.decode_key_list(reader)
+        graph = self._check_key_list(keys)
+        self._graph = graph
+        self._peers = {a.client: a for a in keys.adverts}
+        boxes = self._share_boxes(sorted(self._peers), graph.thresholds[self.client_id])
+        return self._pack(MessageType.SHARES, wire.encode_ciphertexts(boxes))
+
+    def masked_input(self, routed_shares: bytes, values: npt.ArrayLike) -> bytes:
+        """Step 2: keep the neighbours' shares, then send y_u = x_u + masks (mod 2^32).
+
+        Args:
+            routed_shares: The server's ROUTED_SHARES message.
+            values: This client's (weighted) vector, shape (d,), each |x| <= clip_range.
+
+        Returns:
+            MASKED_INPUT: the 22-byte header and 4 d bytes.
+
+        Raises:
+            SecAggRangeError: A value is out of the declared range (nothing is sent).
+            SecAggError: Bad framing or a share box that fails authentication.
+            SecAggAbort: Fewer neighbours left than the threshold.
+        """
+        self._advance("masked_input")
+        boxes = wire.decode_ciphertexts(self._unpack(routed_shares, MessageType.ROUTED_SHARES))
+        encoded = encode(values, self.params, self.client_id)  # range error before any share is used
+        self._held = self._open_boxes(boxes)
+        return self._pack(MessageType.MASKED_INPUT, wire.encode_masked(self._mask(encoded)))
+
+    def sign_survivors(self, survivors: bytes) -> bytes:
+        """Step 3: check and sign the server's survivor/dropped view (consistency check).
+
+        Raises:
+            SecAggError: The view lists a client as both survived and dropped (the server
+                would get both shares and unmask it), omits a neighbour, or drops us.
+            SecAggAbort: Fewer survivors than the threshold.
+        """
+        self._advance("sign_survivors")
+        view = wire.decode_survivors(self._unpack(survivors, MessageType.SURVIVORS))
+        self._check_view(view)
+        self._view = view
+        signature = sign(self._signing_key, wire.survivors_signed_bytes(self.round, view))
+        return self._pack(MessageType.SURVIVORS_SIGNATURE, signature)
+
+    def unmask(self, request: bytes) -> bytes:
+        """Step 4: after checking that enough clients signed the same view, reveal one share per neighbour.
+
+        For a surviving neighbour the share of b_v, for a dropped one the share of s_sk_v,
+        never both (the view was checked to be a partition in ``sign_survivors``).
+
+        Raises:
+            SecAggError: A forwarded signature does not verify (server equivocation).
+            SecAggAbort: Fewer signers than the threshold.
+        """
+        self._advance("unmask")
+        signatures = wire.decode_signatures(self._unpack(request, MessageType.UNMASK_REQUEST))
+        self._check_signatures(signatures)
+        assert self._view is not None
+        survivors = set(self._view.survivors)
+        reveals = [self._reveal(v, v in survivors) for v in sorted(self._held)]
+        return self._pack(MessageType.UNMASK_RESPONSE, wire.encode_reveals(reveals))
+
+    # ------------------------------------------------------------ checks
+
+    def _advance(self, step: str) -> None:
+        # Each step once, in order: in particular a second unmask request is refused, so a
+        # server cannot collect b_v and s_sk_v shares in two passes.
+        expected = _STEPS[self._step]
+        if step != expected:
+            raise SecAggError(SERVER_ID, f"out-of-order request for {step}; client is at {expected}")
+        self._step += 1
+
+    def _unpack(self, data: bytes, kind: MessageType) -> wire.Reader:
+        _, reader = wire.unpack(data, kind, self.round, self.client_id, origin=SERVER_ID)
+        return reader
+
+    def _pack(self, kind: MessageType, body: bytes) -> bytes:
+        return wire.pack(kind, self.round, self.client_id, SERVER_ID, body)
+
+    def _check_key_list(self, keys: wire.KeyList) -> NeighbourGraph:
+        if keys.params_fingerprint != self.params.fingerprint():
+            raise SecAggError(SERVER_ID, "protocol parameters differ between server and client")
+        if self.client_id not in keys.participants or len(keys.participants) > self.params.max_clients:
+            raise SecAggError(SERVER_ID, f"participant list has {len(keys.participants)} clients, "
+                              f"must include this one and not exceed max_clients={self.params.max_clients}")
+        graph = build_graph(keys.participants, keys.graph_seed, self.params)
+        mine = graph.neighbours[self.client_id]
+        if tuple(a.client for a in keys.adverts) != tuple(sorted(mine)):
+            raise SecAggError(SERVER_ID, "advertised keys do not match this client's neighbours in the graph")
+        for advert in keys.adverts:
+            self._verify_advert(advert)
+        self._check_distinct_keys(keys.adverts)
+        threshold = graph.thresholds[self.client_id]
+        if len(mine) < threshold:
+            raise SecAggAbort("ShareKeys", f"neighbours of client {self.client_id}", len(mine), threshold)
+        return graph
+
+    def _verify_advert(self, advert: SignedKeys) -> None:
+        if advert.client not in self._registry:
+            raise SecAggError(advert.client, "not in the client registry (forwarded by the server)")
+        signed = wire.advert_signed_bytes(advert, self.round)
+        if not verify(load_verify_key(self._registry[advert.client]), advert.signature, signed):
+            raise SecAggError(advert.client, "advertisement signature does not verify (forwarded by the server)")
+
+    def _check_distinct_keys(self, adverts: tuple[SignedKeys, ...]) -> None:
+        # Bonawitz et al. 2017, round 1: a repeated key would mean a replayed advertisement.
+        publics = [self._c.public, self._s.public] + [k for a in adverts for k in (a.c_public, a.s_public)]
+        if len(set(publics)) != len(publics):
+            raise SecAggError(SERVER_ID, "key list repeats a public key")
+
+    def _check_view(self, view: Survivors) -> None:
+        both = set(view.survivors) & set(view.dropped)
+        if both:
+            raise SecAggError(SERVER_ID, f"lists client(s) {sorted(both)} as both survived and dropped: revealing "
+                              "both shares would unmask an individual input; refused")
+        if self.client_id not in view.survivors:
+            raise SecAggError(SERVER_ID, f"omits client {self.client_id} from the survivors although it sent its input")
+        listed = set(view.survivors) | set(view.dropped)
+        missing = sorted(set(self._held) - listed)
+        if missing:
+            raise SecAggError(SERVER_ID, f"says neither survived nor dropped for neighbour(s) {missing}")
+        threshold = self._own_threshold()
+        if len(view.survivors) < threshold:
+            raise SecAggAbort("ConsistencyCheck", "survivors", len(view.survivors), threshold)
+
+    def _check_signatures(self, signatures: dict[int, bytes]) -> None:
+        assert self._view is not None
+        signed = wire.survivors_signed_bytes(self.round, self._view)
+        for signer, signature in signatures.items():
+            if signer not in self._view.survivors or signer not in self._registry:
+                raise SecAggError(SERVER_ID, f"forwards a signature of client {signer}, which is not a survivor")
+            if not verify(load_verify_key(self._registry[signer]), signature, signed):
+                raise SecAggError(signer, "signature of the survivor list does not verify (forwarded by the "
+                                  "server, which may be showing clients different views)")
+        threshold = self._own_threshold()
+        if len(signatures) < threshold:
+            raise SecAggAbort("Unmasking", "clients that signed the survivor list", len(signatures), threshold)
+
+    def _own_threshold(self) -> int:
+        assert self._graph is not None
+        return self._graph.thresholds[self.client_id]
+
+    # ------------------------------------------------------------ crypto
+
+    def _share_boxes(self, holders: list[int], threshold: int) -> dict[int, bytes]:
+        b_shares = shamir.split(self._b, threshold, holders)
+        sk_shares = shamir.split(self._s.private_bytes(), threshold, holders)
+        boxes = {}
+        for v in holders:
+            plaintext = shamir.share_to_bytes(b_shares[v]) + shamir.share_to_bytes(sk_shares[v])
+            key = share_key(self._c.private, self._peers[v].c_public, self.round, self.client_id, v)
+            boxes[v] = encrypt(key, plaintext, share_associated_data(self.round, self.client_id, v))
+        return boxes
+
+    def _open_boxes(self, boxes: dict[int, bytes]) -> dict[int, tuple[int, int]]:
+        strangers = sorted(set(boxes) - set(self._peers))
+        if strangers:
+            raise SecAggError(SERVER_ID, f"routes shares from non-neighbours {strangers}")
+        threshold = self._own_threshold()
+        if len(boxes) < threshold:
+            raise SecAggAbort("MaskedInputCollection", "neighbours that shared keys", len(boxes), threshold)
+        return {v: self._open_box(v, box) for v, box in boxes.items()}
+
+    def _open_box(self, sender: int, box: bytes) -> tuple[int, int]:
+        key = share_key(self._c.private, self._peers[sender].c_public, self.round, sender, self.client_id)
+        try:
+            plaintext = decrypt(key, box, share_associated_data(self.round, sender, self.client_id))
+        except (InvalidTag, ValueError) as err:
+            raise SecAggError(sender, "share ciphertext fails authentication (routed by the server)") from err
+        try:
+            if len(plaintext) != SHARE_PLAINTEXT_BYTES:
+                raise ValueError("wrong length")
+            half = shamir.SHARE_BYTES
+            return shamir.share_from_bytes(plaintext[:half]), shamir.share_from_bytes(plaintext[half:])
+        except ValueError as err:
+            raise SecAggError(sender, f"share plaintext is malformed: {err}") from err
+
+    def _mask(self, encoded: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint32]:
+        dim = encoded.size
+        total = encoded + self_mask(self._b, self.round, self.client_id, dim, self.params.prg)
+        # Mask only with neighbours that shared keys (U2): masks with a neighbour that
+        # vanished before ShareKeys could never be removed.
+        for v in sorted(self._held):
+            mask = pairwise_mask(self._s.private, self._peers[v].s_public, self.round, self.client_id, v, dim,
+                                 self.params.prg)
+            add_pairwise(total, mask, self.client_id, v)
+        return total
+
+    def _reveal(self, v: int, survived: bool) -> ShareReveal:
+        b_share, sk_share = self._held[v]
+        if survived:
+            return ShareReveal(v, ShareKind.SELF_MASK_SEED, b_share)
+        return ShareReveal(v, ShareKind.MASKING_KEY, sk_share)

@@ -1,0 +1,105 @@
+"""Fixed-point encoding of client vectors into Z_{2^32} and decoding of their sum.
+
+A value x with |x| <= r becomes round(x * scale) mod 2^32. ``SecAggParams`` guarantees
+max_clients * ceil(r * scale) < 2^31, so the sum of up to max_clients encodings, read as
+a signed int32, is exactly the integer sum (DESIGN 3.3: headroom for n summands).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from fedlpp.secagg.errors import SecAggRangeError
+from fedlpp.secagg.params import SecAggParams
+
+Encoded = npt.NDArray[np.uint32]
+
+
+def check_range(values: npt.NDArray[np.floating], params: SecAggParams, client: int) -> None:
+    """Refuse a vector with any |x| > r (or NaN / inf): never clip silently.
+
+    Args:
+        values: The client's vector, shape (d,).
+        params: Protocol parameters (``clip_range``).
+        client: The client's id, named in the error.
+
+    Raises:
+        SecAggRangeError: Naming the client, the first bad index and its value.
+    """
+    # `not (max |x| <= r)` is also true for NaN, which a plain `> r` test would let through;
+    # the cheap max runs first and the index is only searched on failure.
+    magnitude = np.abs(values)
+    if np.max(magnitude, initial=0.0) <= params.clip_range:
+        return
+    index = int(np.flatnonzero(~(magnitude <= params.clip_range))[0])
+    raise SecAggRangeError(client, index, float(values[index]), params.clip_range)
+
+
+def encode(values: npt.ArrayLike, params: SecAggParams, client: int) -> Encoded:
+    """Encode a float vector as round(x * scale) mod 2^32.
+
+    Args:
+        values: The client's vector, shape (d,); float32 or float64.
+        params: Protocol parameters.
+        client: The client's id (for the range error).
+
+    Returns:
+        uint32 array, shape (d,).
+
+    Raises:
+        SecAggRangeError: If a value is outside [-r, r].
+    """
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    check_range(x, params, client)
+    # Headroom gives |round(x * scale)| <= ceil(r * scale) < 2^31: exact in int32, whose
+    # bits read as uint32 are the value mod 2^32.
+    return np.rint(x * params.scale).astype(np.int32).view(np.uint32)
+
+
+def decode_sum(total: Encoded, params: SecAggParams) -> npt.NDArray[np.float64]:
+    """Decode a sum of encodings: read it as signed int32 and divide by the scale.
+
+    Args:
+        total: Sum mod 2^32 of at most ``max_clients`` encodings, shape (d,).
+        params: Protocol parameters.
+
+    Returns:
+        float64 array, shape (d,): the sum of the rounded inputs, exactly.
+    """
+    return np.asarray(total, dtype=np.uint32).view(np.int32).astype(np.float64) / params.scale
+
+
+def append_weight(weighted: npt.ArrayLike, weight: int, params: SecAggParams) -> npt.NDArray[np.float64]:
+    """Append an integer weight as one more coordinate that encodes to exactly ``weight``.
+
+    For a weighted mean the caller sends n_k * delta_k (already scaled into [-r, r]) and
+    the weight n_k; the protocol sums both, so the server learns sum(n_k * delta_k) and
+    sum(n_k) and nothing per client. The weight is stored as weight / scale, whose
+    encoding round(weight / scale * scale) is the integer itself.
+
+    Args:
+        weighted: The client's weighted vector, shape (d,).
+        weight: The client's non-negative integer weight (e.g. its number of examples).
+        params: Protocol parameters; weight must be <= clip_range * scale.
+
+    Returns:
+        float64 array, shape (d + 1,).
+    """
+    if weight < 0 or weight > params.clip_range * params.scale:
+        raise ValueError(f"weight {weight} must be in [0, clip_range * scale = {params.clip_range * params.scale}]")
+    x = np.asarray(weighted, dtype=np.float64).reshape(-1)
+    return np.concatenate([x, [weight / params.scale]])
+
+
+def split_weight(total: npt.NDArray[np.float64], params: SecAggParams) -> tuple[npt.NDArray[np.float64], int]:
+    """Split a decoded sum made with ``append_weight`` into (sum of vectors, total weight).
+
+    Args:
+        total: Output of ``decode_sum`` (or ``AggregateResult.values``), shape (d + 1,).
+        params: Protocol parameters.
+
+    Returns:
+        The weighted sum, shape (d,), and the exact integer sum of the weights.
+    """
+    return total[:-1], int(np.rint(total[-1] * params.scale))

@@ -1,0 +1,75 @@
+"""Key derivations both sides must agree on: masks (Bonawitz et al. 2017, sec. 4) and share boxes.
+
+Masked input of client u (all mod 2^32):
+    y_u = x_u + PRG(b_u) + sum_{v in N(u), v > u} PRG(s_uv) - sum_{v in N(u), v < u} PRG(s_uv)
+where s_uv = HKDF(X25519(s_sk_u, s_pk_v)) = s_vu, so pairwise masks cancel in the sum of
+any set of clients that contains both ends of every edge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from fedlpp.secagg.crypto import agree, derive_key, prg_uint32
+
+_SELF_MASK = b"fedlpp-secagg/self-mask/v1"
+_PAIRWISE_MASK = b"fedlpp-secagg/pairwise-mask/v1"
+_SHARE_KEY = b"fedlpp-secagg/share-encryption/v1"
+_SHARE_AD = b"fedlpp-secagg/share/v1"
+_SEED_COMMITMENT = b"fedlpp-secagg/seed-commitment/v1"
+
+
+def context(round_: int, *parties: int) -> bytes:
+    """Round and party ids as bytes, bound into every derived key."""
+    return struct.pack(f">I{len(parties)}I", round_, *parties)
+
+
+def self_mask(seed: bytes, round_: int, client: int, dim: int, cipher: str) -> npt.NDArray[np.uint32]:
+    """PRG(b_u): the self mask that hides y_u even from a server that learns all s_uv."""
+    return prg_uint32(derive_key(seed, _SELF_MASK, context(round_, client)), dim, cipher)
+
+
+def seed_commitment(seed: bytes, round_: int, client: int) -> bytes:
+    """SHA-256 commitment to b_u, signed in the advertisement.
+
+    Not in Bonawitz et al.: it lets the server notice a corrupt share of b_u (which would
+    otherwise silently yield a wrong sum) and abort instead. b_u is 256 random bits, so
+    the hash reveals nothing usable about it.
+    """
+    return hashlib.sha256(_SEED_COMMITMENT + context(round_, client) + seed).digest()
+
+
+def pairwise_mask(
+    private: X25519PrivateKey, peer_public: bytes, round_: int, u: int, v: int, dim: int, cipher: str
+) -> npt.NDArray[np.uint32]:
+    """PRG(s_uv), identical when computed by u (with s_sk_u) or v (with s_sk_v)."""
+    key = agree(private, peer_public, _PAIRWISE_MASK, context(round_, min(u, v), max(u, v)))
+    return prg_uint32(key, dim, cipher)
+
+
+def add_pairwise(total: npt.NDArray[np.uint32], mask: npt.NDArray[np.uint32], u: int, v: int) -> None:
+    """Apply u's side of the (u, v) mask in place: + if v > u, - if v < u (wraps mod 2^32)."""
+    if v > u:
+        np.add(total, mask, out=total)
+    else:
+        np.subtract(total, mask, out=total)
+
+
+def remove_pairwise(total: npt.NDArray[np.uint32], mask: npt.NDArray[np.uint32], u: int, v: int) -> None:
+    """Undo ``add_pairwise`` (the server, for survivor u and dropped neighbour v)."""
+    add_pairwise(total, mask, v, u)
+
+
+def share_key(private: X25519PrivateKey, peer_public: bytes, round_: int, sender: int, recipient: int) -> bytes:
+    """Key of the box carrying sender's shares to recipient; one key per direction and round."""
+    return agree(private, peer_public, _SHARE_KEY, context(round_, sender, recipient))
+
+
+def share_associated_data(round_: int, sender: int, recipient: int) -> bytes:
+    """Associated data binding a share box to (round, sender, recipient)."""
+    return _SHARE_AD + context(round_, sender, recipient)

@@ -1,0 +1,295 @@
+"""The server side of one SecAgg round: it routes messages and learns only the sum.
+
+For each step the server ``receive_*``s one message per client (raising ``SecAggError``
+naming the sender for a bad one; the caller may treat that client as dropped) and then
+``finish_*``es the step, which returns {client id: message bytes} for the next step or
+raises ``SecAggAbort`` when too few clients remain (Bonawitz et al. 2017, Fig. 4):
+    receive_advertisement*    finish_advertise()      -> KEY_LIST per client
+    receive_shares*           finish_share_keys()     -> ROUTED_SHARES per client
+    receive_masked_input*     finish_masked_input()   -> SURVIVORS per client
+    receive_signature*        finish_consistency()    -> UNMASK_REQUEST per client
+    receive_unmask*           finish_unmask()         -> AggregateResult
+Masked inputs are summed on arrival; no individual vector is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from fedlpp.secagg import shamir, wire
+from fedlpp.secagg.crypto import KEY_BYTES, NONCE_BYTES, key_pair_from_private, load_verify_key, random_bytes, verify
+from fedlpp.secagg.errors import SERVER_ID, SecAggAbort, SecAggError
+from fedlpp.secagg.fixedpoint import decode_sum
+from fedlpp.secagg.graph import NeighbourGraph, build_graph
+from fedlpp.secagg.masking import pairwise_mask, remove_pairwise, seed_commitment, self_mask
+from fedlpp.secagg.params import MIN_CLIENTS, SecAggParams, SecAggParamsError
+from fedlpp.secagg.wire import MessageType, ShareKind, ShareReveal, SignedKeys, Survivors
+
+_BOX_BYTES = NONCE_BYTES + 2 * shamir.SHARE_BYTES + 16  # nonce || two shares || Poly1305 tag
+_STEPS = ("advertise", "share_keys", "masked_input", "consistency", "unmask", "done")
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """What the server learns: the sum over survivors, and who they were."""
+
+    encoded: npt.NDArray[np.uint32]  # (d,) sum of the fixed-point encodings mod 2^32
+    values: npt.NDArray[np.float64]  # (d,) the same sum decoded: sum_u round(x_u * scale) / scale
+    survivors: tuple[int, ...]  # U3: clients whose input is in the sum
+    dropped: tuple[int, ...]  # clients that shared keys but whose input is not
+
+
+class ServerSession:
+    """The server's state for one round.
+
+    Args:
+        params: Protocol parameters, identical to the clients'.
+        registry: Every client's 32-byte Ed25519 verify key, by id.
+        round_: The round number.
+        dim: Length d of the vectors being summed.
+    """
+
+    def __init__(self, params: SecAggParams, registry: Mapping[int, bytes], round_: int, dim: int) -> None:
+        self.params = params
+        self.round = round_
+        self.dim = dim
+        self._registry = registry
+        self._step = 0
+        self._adverts: dict[int, SignedKeys] = {}  # U1
+        self._graph: NeighbourGraph | None = None
+        self._boxes: dict[int, dict[int, bytes]] = {}  # U2: sender -> {recipient: box}
+        self._masked_from: dict[int, tuple[int, ...]] = {}  # u -> neighbours u masked with
+        self._total = np.zeros(dim, dtype=np.uint32)  # running sum of masked inputs
+        self._arrived: set[int] = set()  # U3
+        self._view: Survivors | None = None
+        self._signatures: dict[int, bytes] = {}  # U4
+        self._reveals: dict[int, tuple[ShareReveal, ...]] = {}  # U5
+
+    @property
+    def graph(self) -> NeighbourGraph | None:
+        """The round's neighbour graph (after ``finish_advertise``)."""
+        return self._graph
+
+    # ------------------------------------------------------------ step 0: AdvertiseKeys
+
+    def receive_advertisement(self, data: bytes, origin: int | None = None) -> None:
+        """Accept one client's signed keys; ``origin`` is the transport's sender id, if known."""
+        self._at("advertise", data, origin)
+        sender, reader = self._unpack(data, MessageType.ADVERTISE, origin, self._registry, self._adverts)
+        keys = wire.decode_advertise(reader, sender)
+        signed = wire.advert_signed_bytes(keys, self.round)
+        if not verify(load_verify_key(self._registry[sender]), keys.signature, signed):
+            raise SecAggError(sender, "advertisement signature does not verify against its registered key")
+        self._adverts[sender] = keys
+
+    def finish_advertise(self) -> dict[int, bytes]:
+        """Build the round's graph over the advertisers; send each its neighbours' keys."""
+        self._close("advertise")
+        participants = tuple(sorted(self._adverts))
+        _require(len(participants), MIN_CLIENTS, "AdvertiseKeys", "clients that advertised keys")
+        if len(participants) > self.params.max_clients:
+            raise SecAggParamsError(f"secagg.max_clients: {len(participants)} clients advertised, the fixed-point "
+                                    f"headroom allows {self.params.max_clients}")
+        # The seed is public; drawing it from the CSPRNG keeps the graph unpredictable to clients.
+        seed = random_bytes(KEY_BYTES)
+        graph = build_graph(participants, seed, self.params)
+        for u in participants:
+            _require(graph.degree(u), graph.thresholds[u], "AdvertiseKeys", f"neighbours of client {u}")
+        self._graph = graph
+        return {u: self._key_list(u, seed) for u in participants}
+
+    def _key_list(self, u: int, seed: bytes) -> bytes:
+        graph = self._require_graph()
+        adverts = tuple(self._adverts[v] for v in sorted(graph.neighbours[u]))
+        keys = wire.KeyList(self.params.fingerprint(), seed, graph.nodes, adverts)
+        return self._pack(MessageType.KEY_LIST, u, wire.encode_key_list(keys))
+
+    # ------------------------------------------------------------ step 1: ShareKeys
+
+    def receive_shares(self, data: bytes, origin: int | None = None) -> None:
+        """Accept one client's encrypted shares: exactly one box per neighbour."""
+        self._at("share_keys", data, origin)
+        sender, reader = self._unpack(data, MessageType.SHARES, origin, self._adverts, self._boxes)
+        boxes = wire.decode_ciphertexts(reader)
+        neighbours = self._require_graph().neighbours[sender]
+        if set(boxes) != neighbours:
+            raise SecAggError(sender, f"shares addressed to {sorted(boxes)}, its neighbours are {sorted(neighbours)}")
+        bad = [v for v, box in boxes.items() if len(box) != _BOX_BYTES]
+        if bad:
+            raise SecAggError(sender, f"share ciphertexts for {bad} are not {_BOX_BYTES} bytes")
+        self._boxes[sender] = boxes
+
+    def finish_share_keys(self) -> dict[int, bytes]:
+        """Route to each sharer the boxes its neighbours addressed to it."""
+        self._close("share_keys")
+        graph = self._require_graph()
+        routed = {}
+        for u in sorted(self._boxes):
+            senders = sorted(v for v in graph.neighbours[u] if v in self._boxes)
+            # u's secrets are held by these neighbours only; below t they could not be rebuilt.
+            _require(len(senders), graph.thresholds[u], "ShareKeys", f"neighbours of client {u} that shared keys")
+            self._masked_from[u] = tuple(senders)
+            routed[u] = self._pack(MessageType.ROUTED_SHARES, u, wire.encode_ciphertexts(
+                {v: self._boxes[v][u] for v in senders}))
+        return routed
+
+    # ------------------------------------------------------------ step 2: MaskedInputCollection
+
+    def receive_masked_input(self, data: bytes, origin: int | None = None) -> None:
+        """Add one client's masked vector y_u to the running sum (mod 2^32)."""
+        self._at("masked_input", data, origin)
+        sender, reader = self._unpack(data, MessageType.MASKED_INPUT, origin, self._masked_from, self._arrived)
+        np.add(self._total, wire.decode_masked(reader, self.dim), out=self._total)
+        self._arrived.add(sender)
+
+    def finish_masked_input(self) -> dict[int, bytes]:
+        """Fix survivors U3 and dropped U2 \\ U3; ask survivors to sign that view."""
+        self._close("masked_input")
+        survivors = tuple(sorted(self._arrived))
+        dropped = tuple(sorted(set(self._masked_from) - self._arrived))
+        self._view = Survivors(survivors, dropped)
+        self._check_recoverable(set(survivors), "MaskedInputCollection")
+        body = wire.encode_survivors(self._view)
+        return {u: self._pack(MessageType.SURVIVORS, u, body) for u in survivors}
+
+    def _check_recoverable(self, holders: set[int], step: str) -> None:
+        """Abort early unless every secret to rebuild has >= t live share holders."""
+        graph = self._require_graph()
+        for u in self._secrets_needed():
+            alive = len(set(self._masked_from[u]) & holders)
+            _require(alive, graph.thresholds[u], step, f"live holders of client {u}'s shares")
+
+    def _secrets_needed(self) -> list[int]:
+        # b_u of every survivor; s_sk_v of every dropped v that some survivor masked with.
+        assert self._view is not None
+        survivors = set(self._view.survivors)
+        return list(self._view.survivors) + [v for v in self._view.dropped if self._survivors_masked_with(v, survivors)]
+
+    def _survivors_masked_with(self, v: int, survivors: set[int]) -> list[int]:
+        return [u for u in sorted(survivors) if v in self._masked_from[u]]
+
+    # ------------------------------------------------------------ step 3: ConsistencyCheck
+
+    def receive_signature(self, data: bytes, origin: int | None = None) -> None:
+        """Accept one survivor's signature of the survivor/dropped view."""
+        self._at("consistency", data, origin)
+        assert self._view is not None
+        sender, reader = self._unpack(data, MessageType.SURVIVORS_SIGNATURE, origin,
+                                      self._view.survivors, self._signatures)
+        signature = reader.take(64, "signature")
+        reader.finish()
+        if not verify(load_verify_key(self._registry[sender]), signature,
+                      wire.survivors_signed_bytes(self.round, self._view)):
+            raise SecAggError(sender, "signature of the survivor list does not verify")
+        self._signatures[sender] = signature
+
+    def finish_consistency(self) -> dict[int, bytes]:
+        """Forward all signatures to every signer, who checks them before revealing shares."""
+        self._close("consistency")
+        signers = set(self._signatures)
+        graph = self._require_graph()
+        for u in signers:
+            _require(len(signers), graph.thresholds[u], "ConsistencyCheck", "clients that signed the survivor list")
+        self._check_recoverable(signers, "ConsistencyCheck")
+        body = wire.encode_signatures(self._signatures)
+        return {u: self._pack(MessageType.UNMASK_REQUEST, u, body) for u in sorted(signers)}
+
+    # ------------------------------------------------------------ step 4: Unmasking
+
+    def receive_unmask(self, data: bytes, origin: int | None = None) -> None:
+        """Accept one client's shares: b_v for surviving neighbours, s_sk_v for dropped ones."""
+        self._at("unmask", data, origin)
+        sender, reader = self._unpack(data, MessageType.UNMASK_RESPONSE, origin, self._signatures, self._reveals)
+        reveals = wire.decode_reveals(reader)
+        expected = self._expected_reveals(sender)
+        if {(r.about, r.kind) for r in reveals} != expected or len(reveals) != len(expected):
+            raise SecAggError(sender, "revealed shares do not match its neighbours' survived/dropped status")
+        if any(r.share >= shamir.PRIME for r in reveals):
+            raise SecAggError(sender, "a revealed share is not a field element")
+        self._reveals[sender] = reveals
+
+    def _expected_reveals(self, holder: int) -> set[tuple[int, ShareKind]]:
+        assert self._view is not None
+        survivors = set(self._view.survivors)
+        return {(v, ShareKind.SELF_MASK_SEED if v in survivors else ShareKind.MASKING_KEY)
+                for v in self._masked_from[holder]}
+
+    def finish_unmask(self) -> AggregateResult:
+        """Rebuild the secrets, remove the remaining masks and decode the sum.
+
+        Raises:
+            SecAggAbort: A secret has fewer than t shares, or rebuilt keys are inconsistent.
+        """
+        self._close("unmask")
+        assert self._view is not None
+        total = self._total.copy()
+        for u in self._view.survivors:
+            seed = self._rebuild(u, ShareKind.SELF_MASK_SEED)
+            if seed_commitment(seed, self.round, u) != self._adverts[u].seed_commitment:
+                raise SecAggAbort("Unmasking", f"rebuilt self-mask seed of client {u} does not match its "
+                                  "commitment: some revealed share is corrupt")
+            np.subtract(total, self_mask(seed, self.round, u, self.dim, self.params.prg), out=total)
+        survivors = set(self._view.survivors)
+        for v in self._view.dropped:
+            self._remove_dropped(total, v, self._survivors_masked_with(v, survivors))
+        return AggregateResult(total, decode_sum(total, self.params), self._view.survivors, self._view.dropped)
+
+    def _remove_dropped(self, total: npt.NDArray[np.uint32], v: int, peers: list[int]) -> None:
+        """Remove the masks survivors shared with dropped client v, via its rebuilt s_sk_v."""
+        if not peers:
+            return
+        keys = key_pair_from_private(self._rebuild(v, ShareKind.MASKING_KEY))
+        if keys.public != self._adverts[v].s_public:
+            raise SecAggAbort("Unmasking", f"rebuilt masking key of client {v} does not match its advertised "
+                              "key: some revealed share is corrupt")
+        for u in peers:
+            mask = pairwise_mask(keys.private, self._adverts[u].s_public, self.round, v, u, self.dim, self.params.prg)
+            remove_pairwise(total, mask, u, v)
+
+    def _rebuild(self, about: int, kind: ShareKind) -> bytes:
+        shares = {holder: r.share for holder, reveals in self._reveals.items()
+                  for r in reveals if r.about == about and r.kind == kind}
+        threshold = self._require_graph().thresholds[about]
+        _require(len(shares), threshold, "Unmasking", f"shares of client {about}'s {kind.name.lower()}")
+        try:
+            return shamir.reconstruct(shares, threshold)
+        except ValueError as err:
+            raise SecAggAbort("Unmasking", f"shares of client {about} are inconsistent: {err}") from err
+
+    # ------------------------------------------------------------ plumbing
+
+    def _at(self, step: str, data: bytes, origin: int | None) -> None:
+        if _STEPS[self._step] != step:
+            who = origin if origin is not None else wire.peek_sender(data)
+            raise SecAggError(who, f"{step} message arrived while the server is at {_STEPS[self._step]}")
+
+    def _close(self, step: str) -> None:
+        if _STEPS[self._step] != step:
+            raise RuntimeError(f"finish_{step} called while the server is at {_STEPS[self._step]}")
+        self._step += 1
+
+    def _unpack(
+        self, data: bytes, kind: MessageType, origin: int | None, allowed: Iterable[int], seen: Iterable[int]
+    ) -> tuple[int, wire.Reader]:
+        header, reader = wire.unpack(data, kind, self.round, SERVER_ID, origin)
+        if header.sender not in allowed:
+            raise SecAggError(header.sender, f"is not expected at this step ({kind.name})")
+        if header.sender in seen:
+            raise SecAggError(header.sender, f"sent a second {kind.name} message")
+        return header.sender, reader
+
+    def _pack(self, kind: MessageType, recipient: int, body: bytes) -> bytes:
+        return wire.pack(kind, self.round, SERVER_ID, recipient, body)
+
+    def _require_graph(self) -> NeighbourGraph:
+        assert self._graph is not None
+        return self._graph
+
+
+def _require(count: int, threshold: int, step: str, what: str) -> None:
+    if count < threshold:
+        raise SecAggAbort(step, what, count, threshold)

@@ -6,7 +6,8 @@ Message flow for client u (Bonawitz et al. 2017, Fig. 4; neighbours from SecAgg+
     masked_input(ROUTED_SHARES, values)  -> MASKED_INPUT         (round 2: MaskedInputCollection)
     sign_survivors(SURVIVORS)            -> SURVIVORS_SIGNATURE  (round 3: ConsistencyCheck)
     unmask(UNMASK_REQUEST)               -> UNMASK_RESPONSE      (round 4: Unmasking)
-A session is used for one round only; each step may be called once, in this order.
+A session is used for one round only; each step succeeds once, in this order (a step that
+raised may be retried, e.g. with values brought into range).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fedlpp.secagg.crypto import (
     decrypt,
     encrypt,
     generate_key_pair,
+    is_valid_public_key,
     load_verify_key,
     random_bytes,
     sign,
@@ -92,12 +94,12 @@ class ClientSession:
 
     def advertise(self) -> bytes:
         """Step 0: the signed public keys (c_pk, s_pk) of this round."""
-        self._advance("advertise")
+        self._expect("advertise")
         commitment = seed_commitment(self._b, self.round, self.client_id)
         unsigned = SignedKeys(self.client_id, self._c.public, self._s.public, commitment, b"")
         signature = sign(self._signing_key, wire.advert_signed_bytes(unsigned, self.round))
         keys = dataclasses.replace(unsigned, signature=signature)
-        return self._pack(MessageType.ADVERTISE, wire.encode_advertise(keys))
+        return self._done(self._pack(MessageType.ADVERTISE, wire.encode_advertise(keys)))
 
     def share_keys(self, key_list: bytes) -> bytes:
         """Step 1: check the neighbours' signed keys, then Shamir-share b_u and s_sk_u to them.
@@ -106,14 +108,14 @@ class ClientSession:
             SecAggError: Bad framing, parameter mismatch, wrong neighbour set or a bad signature.
             SecAggAbort: Fewer neighbours than the threshold.
         """
-        self._advance("share_keys")
+        self._expect("share_keys")
         reader = self._unpack(key_list, MessageType.KEY_LIST)
         keys = wire.decode_key_list(reader)
         graph = self._check_key_list(keys)
         self._graph = graph
         self._peers = {a.client: a for a in keys.adverts}
         boxes = self._share_boxes(sorted(self._peers), graph.thresholds[self.client_id])
-        return self._pack(MessageType.SHARES, wire.encode_ciphertexts(boxes))
+        return self._done(self._pack(MessageType.SHARES, wire.encode_ciphertexts(boxes)))
 
     def masked_input(self, routed_shares: bytes, values: npt.ArrayLike) -> bytes:
         """Step 2: keep the neighbours' shares, then send y_u = x_u + masks (mod 2^32).
@@ -130,11 +132,11 @@ class ClientSession:
             SecAggError: Bad framing or a share box that fails authentication.
             SecAggAbort: Fewer neighbours left than the threshold.
         """
-        self._advance("masked_input")
+        self._expect("masked_input")
         boxes = wire.decode_ciphertexts(self._unpack(routed_shares, MessageType.ROUTED_SHARES))
         encoded = encode(values, self.params, self.client_id)  # range error before any share is used
         self._held = self._open_boxes(boxes)
-        return self._pack(MessageType.MASKED_INPUT, wire.encode_masked(self._mask(encoded)))
+        return self._done(self._pack(MessageType.MASKED_INPUT, wire.encode_masked(self._mask(encoded))))
 
     def sign_survivors(self, survivors: bytes) -> bytes:
         """Step 3: check and sign the server's survivor/dropped view (consistency check).
@@ -144,12 +146,12 @@ class ClientSession:
                 would get both shares and unmask it), omits a neighbour, or drops us.
             SecAggAbort: Fewer survivors than the threshold.
         """
-        self._advance("sign_survivors")
+        self._expect("sign_survivors")
         view = wire.decode_survivors(self._unpack(survivors, MessageType.SURVIVORS))
         self._check_view(view)
         self._view = view
         signature = sign(self._signing_key, wire.survivors_signed_bytes(self.round, view))
-        return self._pack(MessageType.SURVIVORS_SIGNATURE, signature)
+        return self._done(self._pack(MessageType.SURVIVORS_SIGNATURE, signature))
 
     def unmask(self, request: bytes) -> bytes:
         """Step 4: after checking that enough clients signed the same view, reveal one share per neighbour.
@@ -161,23 +163,27 @@ class ClientSession:
             SecAggError: A forwarded signature does not verify (server equivocation).
             SecAggAbort: Fewer signers than the threshold.
         """
-        self._advance("unmask")
+        self._expect("unmask")
         signatures = wire.decode_signatures(self._unpack(request, MessageType.UNMASK_REQUEST))
         self._check_signatures(signatures)
         assert self._view is not None
         survivors = set(self._view.survivors)
         reveals = [self._reveal(v, v in survivors) for v in sorted(self._held)]
-        return self._pack(MessageType.UNMASK_RESPONSE, wire.encode_reveals(reveals))
+        return self._done(self._pack(MessageType.UNMASK_RESPONSE, wire.encode_reveals(reveals)))
 
     # ------------------------------------------------------------ checks
 
-    def _advance(self, step: str) -> None:
-        # Each step once, in order: in particular a second unmask request is refused, so a
-        # server cannot collect b_v and s_sk_v shares in two passes.
+    def _expect(self, step: str) -> None:
+        # Each step succeeds once, in order: a second unmask request is refused, so a server
+        # cannot collect b_v and s_sk_v shares in two passes. A step that raised (e.g. a
+        # range error) may be retried; nothing was sent and the state did not move.
         expected = _STEPS[self._step]
         if step != expected:
             raise SecAggError(SERVER_ID, f"out-of-order request for {step}; client is at {expected}")
+
+    def _done(self, message: bytes) -> bytes:
         self._step += 1
+        return message
 
     def _unpack(self, data: bytes, kind: MessageType) -> wire.Reader:
         _, reader = wire.unpack(data, kind, self.round, self.client_id, origin=SERVER_ID)
@@ -210,6 +216,8 @@ class ClientSession:
         signed = wire.advert_signed_bytes(advert, self.round)
         if not verify(load_verify_key(self._registry[advert.client]), advert.signature, signed):
             raise SecAggError(advert.client, "advertisement signature does not verify (forwarded by the server)")
+        if not (is_valid_public_key(advert.c_public) and is_valid_public_key(advert.s_public)):
+            raise SecAggError(advert.client, "advertises an invalid (low-order) X25519 public key")
 
     def _check_distinct_keys(self, adverts: tuple[SignedKeys, ...]) -> None:
         # Bonawitz et al. 2017, round 1: a repeated key would mean a replayed advertisement.
@@ -254,7 +262,7 @@ class ClientSession:
     def _share_boxes(self, holders: list[int], threshold: int) -> dict[int, bytes]:
         b_shares = shamir.split(self._b, threshold, holders)
         sk_shares = shamir.split(self._s.private_bytes(), threshold, holders)
-        boxes = {}
+        boxes: dict[int, bytes] = {}
         for v in holders:
             plaintext = shamir.share_to_bytes(b_shares[v]) + shamir.share_to_bytes(sk_shares[v])
             key = share_key(self._c.private, self._peers[v].c_public, self.round, self.client_id, v)

@@ -29,6 +29,7 @@ KEY_BYTES = 32  # X25519 keys, HKDF outputs, self-mask seeds
 SIGNATURE_BYTES = 64  # Ed25519
 NONCE_BYTES = 12  # ChaCha20-Poly1305
 _PRG_NONCE = bytes(16)  # each PRG key is derived for one (round, purpose, parties) only
+_PROBE = X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))  # public test key, no secret
 
 
 def random_bytes(n: int) -> bytes:
@@ -76,6 +77,19 @@ def agree(private: X25519PrivateKey, peer_public: bytes, label: bytes, context: 
     """
     shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
     return derive_key(shared, label, context)
+
+
+def is_valid_public_key(raw: bytes) -> bool:
+    """Whether ``raw`` is a usable X25519 public key (not one of the low-order points).
+
+    A low-order point makes every shared secret zero (clamped scalars are multiples of the
+    cofactor), which would turn a pairwise mask into a public constant.
+    """
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        return False
+    return True
 
 
 def derive_key(material: bytes, label: bytes, context: bytes) -> bytes:

@@ -27,13 +27,13 @@ def check_range(values: npt.NDArray[np.floating], params: SecAggParams, client: 
     Raises:
         SecAggRangeError: Naming the client, the first bad index and its value.
     """
-    # `not (max |x| <= r)` is also true for NaN, which a plain `> r` test would let through;
-    # the cheap max runs first and the index is only searched on failure.
-    magnitude = np.abs(values)
-    if np.max(magnitude, initial=0.0) <= params.clip_range:
+    r = params.clip_range
+    # min/max are NaN if any value is, and NaN fails both comparisons; the index of the
+    # first offender is only searched on failure.
+    if values.size == 0 or (values.min() >= -r and values.max() <= r):
         return
-    index = int(np.flatnonzero(~(magnitude <= params.clip_range))[0])
-    raise SecAggRangeError(client, index, float(values[index]), params.clip_range)
+    index = int(np.flatnonzero(~(np.abs(values) <= r))[0])
+    raise SecAggRangeError(client, index, float(values[index]), r)
 
 
 def encode(values: npt.ArrayLike, params: SecAggParams, client: int) -> Encoded:
@@ -50,11 +50,15 @@ def encode(values: npt.ArrayLike, params: SecAggParams, client: int) -> Encoded:
     Raises:
         SecAggRangeError: If a value is outside [-r, r].
     """
-    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    x = np.asarray(values).reshape(-1)
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float64)
     check_range(x, params, client)
+    scaled = np.multiply(x, params.scale, dtype=np.float64)  # x * scale in float64, whatever x's dtype
+    np.rint(scaled, out=scaled)
     # Headroom gives |round(x * scale)| <= ceil(r * scale) < 2^31: exact in int32, whose
     # bits read as uint32 are the value mod 2^32.
-    return np.rint(x * params.scale).astype(np.int32).view(np.uint32)
+    return scaled.astype(np.int32).view(np.uint32)
 
 
 def decode_sum(total: Encoded, params: SecAggParams) -> npt.NDArray[np.float64]:

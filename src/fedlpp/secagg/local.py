@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -57,7 +58,7 @@ def run_local_round(
         SecAggAbort, SecAggError, SecAggRangeError: As raised by the sessions.
     """
     registry = registry_of(signing_keys)
-    dim = len(next(iter(inputs.values())))  # type: ignore[arg-type]
+    dim = np.asarray(next(iter(inputs.values()))).size
     server = ServerSession(params, registry, round_, dim)
     clients = {c: ClientSession(c, k, registry, params, round_) for c, k in signing_keys.items()}
     _send(server.receive_advertisement, {c: s.advertise() for c, s in _alive(clients, dropouts.advertise).items()})

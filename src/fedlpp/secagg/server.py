@@ -21,7 +21,15 @@ import numpy as np
 import numpy.typing as npt
 
 from fedlpp.secagg import shamir, wire
-from fedlpp.secagg.crypto import KEY_BYTES, NONCE_BYTES, key_pair_from_private, load_verify_key, random_bytes, verify
+from fedlpp.secagg.crypto import (
+    KEY_BYTES,
+    NONCE_BYTES,
+    is_valid_public_key,
+    key_pair_from_private,
+    load_verify_key,
+    random_bytes,
+    verify,
+)
 from fedlpp.secagg.errors import SERVER_ID, SecAggAbort, SecAggError
 from fedlpp.secagg.fixedpoint import decode_sum
 from fedlpp.secagg.graph import NeighbourGraph, build_graph
@@ -84,6 +92,8 @@ class ServerSession:
         signed = wire.advert_signed_bytes(keys, self.round)
         if not verify(load_verify_key(self._registry[sender]), keys.signature, signed):
             raise SecAggError(sender, "advertisement signature does not verify against its registered key")
+        if not (is_valid_public_key(keys.c_public) and is_valid_public_key(keys.s_public)):
+            raise SecAggError(sender, "advertises an invalid (low-order) X25519 public key")
         self._adverts[sender] = keys
 
     def finish_advertise(self) -> dict[int, bytes]:
@@ -127,7 +137,7 @@ class ServerSession:
         """Route to each sharer the boxes its neighbours addressed to it."""
         self._close("share_keys")
         graph = self._require_graph()
-        routed = {}
+        routed: dict[int, bytes] = {}
         for u in sorted(self._boxes):
             senders = sorted(v for v in graph.neighbours[u] if v in self._boxes)
             # u's secrets are held by these neighbours only; below t they could not be rebuilt.

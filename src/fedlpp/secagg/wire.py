@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedlpp.secagg.crypto import KEY_BYTES, SIGNATURE_BYTES
-from fedlpp.secagg.errors import SERVER_ID, SecAggError, party_name
+from fedlpp.secagg.errors import SecAggError, party_name
 from fedlpp.secagg.shamir import SHARE_BYTES
 
 MAGIC = b"FLSA"

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from fedlpp.algorithms import round as rnd  # noqa: E402
 from fedlpp.config import load_config  # noqa: E402
-from fedlpp.engine.local import train_one_client  # noqa: E402
+from fedlpp.engine.local import plain_server, train_one_client  # noqa: E402
 from fedlpp.engine.setup import RunContext, build_run, client_batches  # noqa: E402
 from fedlpp.models.lora import Adapter, adapter_parameters, set_adapter, set_trainable  # noqa: E402
 from fedlpp.models.objective import example_losses  # noqa: E402
@@ -58,8 +58,8 @@ def starting_adapter(ctx: RunContext) -> Adapter:
 def engine_round(ctx: RunContext, adapter: Adapter) -> Adapter:
     """One round for one client, as run_round does it, without evaluation."""
     payload = rnd.make_broadcast(ctx.spec, adapter, ctx.a_seed, ROUND)
-    update, _ = train_one_client(ctx, payload, CLIENT, ROUND, None)
-    return rnd.aggregate(ctx.spec, adapter, [(CLIENT, update)], ROUND).adapter
+    delta, n, _ = train_one_client(ctx, payload, CLIENT, ROUND, None)
+    return plain_server(ctx, adapter, {CLIENT: (delta, n)}, ROUND)[0]  # encode, validate, aggregate
 
 
 def prepare_bare(ctx: RunContext, start: Adapter) -> None:
@@ -134,7 +134,9 @@ def main() -> None:
 
     cfg = load_config(None, [
         f"model.name={args.model}", f"algorithm.name={args.algorithm}", "fl.rounds=1",
-        "fl.clients_per_round=1", f"fl.local_steps={args.steps}", f"train.batch_size={args.batch_size}",
+        # One client per round: the "mean" rule refuses K=1 (it would hand that client the server's adapter).
+        "fl.clients_per_round=1", "algorithm.server_rule=delta",
+        f"fl.local_steps={args.steps}", f"train.batch_size={args.batch_size}",
         "eval.every=1000000", "data.num_eval=8",
     ])
     threads = torch.get_num_threads()

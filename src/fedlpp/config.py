@@ -157,6 +157,21 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    enabled: bool = False  # the server sees only the sum of the round's updates (SecAgg / SecAgg+)
+    clip_range: float = 1.0  # declared bound on every value a client sends; beyond it the client drops out (never clipped)
+    scale_bits: int = 20  # fixed-point resolution 2^-scale_bits in Z_2^32
+    threshold: float = 0.6  # fraction of a client's neighbours needed to unmask it (> 0.5)
+    graph: str = "complete"  # complete (SecAgg) | sparse (SecAgg+, O(log n) neighbours)
+
+    def __post_init__(self) -> None:
+        _require(self.clip_range > 0, "secagg.clip_range", f"must be > 0, got {self.clip_range}")
+        _require(1 <= self.scale_bits <= 28, "secagg.scale_bits", f"must be in [1, 28], got {self.scale_bits}")
+        _require(0.5 < self.threshold <= 1.0, "secagg.threshold", f"must be in (0.5, 1], got {self.threshold}")
+        _choice(self.graph, "secagg.graph", ("complete", "sparse"))
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     seed: int = 0  # every random choice of the run derives from this
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -167,9 +182,15 @@ class ExperimentConfig:
     fl: FLConfig = field(default_factory=FLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def __post_init__(self) -> None:
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        _require(
+            not (self.secagg.enabled and self.fl.clients_per_round < 3),
+            "fl.clients_per_round",
+            "must be >= 3 with secagg.enabled: with two clients the sum reveals the other's update",
+        )
         if self.algorithm.name not in QUANTIZED:
             return
         _require(

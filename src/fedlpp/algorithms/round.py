@@ -150,18 +150,30 @@ def aggregate(
         except (ValueError, wire.WireError) as e:
             rejected[client_id] = str(e)
             log.warning("round %d: rejected the update of client %d: %s", round_, client_id, e)
-    unchanged = AggregateResult({n: t.clone() for n, t in adapter.items()}, (), rejected)
     if not updates:
         log.warning("round %d: no valid update; the global adapter is unchanged", round_)
-        return unchanged
-    if spec.quant is not None and spec.server_rule == "mean" and len(updates) < MIN_UPDATES_FOR_MEAN:
+        return AggregateResult({n: t.clone() for n, t in adapter.items()}, (), rejected)
+    mean_delta = fedavg_lora.weighted_mean([u.delta for u in updates], [u.num_examples for u in updates])
+    new = apply_mean_delta(spec, adapter, mean_delta, len(updates), round_)
+    accepted = tuple(u.client_id for u in updates) if new is not None else ()
+    return AggregateResult(new if new is not None else {n: t.clone() for n, t in adapter.items()}, accepted, rejected)
+
+
+def apply_mean_delta(
+    spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor], mean_delta: Mapping[str, torch.Tensor], count: int, round_: int
+) -> Adapter | None:
+    """The server step from the clients' weighted mean delta, or None to keep the adapter.
+
+    Used by ``aggregate`` and by secure aggregation, where the server only ever learns
+    the mean over ``count`` clients, never an individual update.
+    """
+    if spec.quant is not None and spec.server_rule == "mean" and count < MIN_UPDATES_FOR_MEAN:
         log.warning("round %d: one valid update; the mean rule would hand that client the server's adapter, "
                     "so the global adapter is unchanged", round_)
-        return unchanged
-    mean_delta = fedavg_lora.weighted_mean([u.delta for u in updates], [u.num_examples for u in updates])
+        return None
     proxy = proxy_point(spec, adapter) if spec.server_rule == "mean" else dict(adapter)
     new = fedavg_lora.server_step(adapter, proxy, mean_delta, spec.server_rule, spec.server_lr)
-    if any(float(t.abs().max()) > MAX_ABS_VALUE for t in new.values() if t.numel()):
-        log.warning("round %d: the aggregate exceeds %g in magnitude; the global adapter is unchanged", round_, MAX_ABS_VALUE)
-        return unchanged
-    return AggregateResult(new, tuple(u.client_id for u in updates), rejected)
+    if any(not torch.isfinite(t).all() or (t.numel() and float(t.abs().max()) > MAX_ABS_VALUE) for t in new.values()):
+        log.warning("round %d: the aggregate is not finite or exceeds %g; the global adapter is unchanged", round_, MAX_ABS_VALUE)
+        return None
+    return new

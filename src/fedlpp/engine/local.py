@@ -23,6 +23,7 @@ from fedlpp.algorithms.client import LocalTraining, train_client
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.config import ExperimentConfig
 from fedlpp.engine import rundir
+from fedlpp.engine.secure import secure_aggregate
 from fedlpp.engine.setup import RunContext, build_run, client_batches, sample_clients
 from fedlpp.evaluation.evaluate import evaluate_adapter
 from fedlpp.models.lora import Adapter, save_peft_adapter
@@ -40,8 +41,8 @@ class RoundOutcome:
     row: dict[str, Any]
 
 
-def train_one_client(ctx: RunContext, payload: bytes, client: int, round_: int, bar: tqdm | None) -> tuple[bytes, float]:
-    """Client side of a round: decode the broadcast, train E steps, encode the update."""
+def train_one_client(ctx: RunContext, payload: bytes, client: int, round_: int, bar: tqdm | None) -> tuple[Adapter, int, float]:
+    """Client side of a round: decode the broadcast, train E steps; (delta, n_k, mean loss)."""
     start, _ = rnd.read_broadcast(payload, ctx.shapes)
     cfg = ctx.cfg
     batches = client_batches(
@@ -52,8 +53,7 @@ def train_one_client(ctx: RunContext, payload: bytes, client: int, round_: int, 
         batches = _ticking(batches, bar)
     opts = LocalTraining(cfg.train.lr, cfg.train.weight_decay, cfg.train.max_grad_norm)
     result = train_client(ctx.model, ctx.task.kind, start, ctx.trained, batches, opts, derive_seed(cfg.seed, "dropout", round_, client))
-    update = rnd.make_update(result.delta, len(ctx.client_features[client]), round_)
-    return update, sum(result.losses) / len(result.losses)
+    return result.delta, len(ctx.client_features[client]), sum(result.losses) / len(result.losses)
 
 
 def _ticking(batches: Iterator[dict[str, torch.Tensor]], bar: tqdm) -> Iterator[dict[str, torch.Tensor]]:
@@ -77,27 +77,38 @@ def run_round(ctx: RunContext, adapter: Adapter, round_: int, on_send: OnSend | 
     t0 = time.perf_counter()
     clients = sample_clients(cfg.seed, round_, cfg.fl.num_clients, cfg.fl.clients_per_round)
     payload = rnd.make_broadcast(ctx.spec, adapter, ctx.a_seed, round_)
-    updates, losses = [], []
+    deltas, losses = {}, []
     for client in clients:
         if on_send is not None:
             on_send(client, payload)
-        update, loss = train_one_client(ctx, payload, client, round_, bar)
-        updates.append((client, update))
+        delta, n, loss = train_one_client(ctx, payload, client, round_, bar)
+        deltas[client] = (delta, n)
         losses.append(loss)
+    new, row = (secure_server(ctx, adapter, deltas, round_) if ctx.secure else plain_server(ctx, adapter, deltas, round_))
+    row = {"round": round_, "clients": clients, **row, "train_loss": sum(losses) / len(losses)}
+    row["bytes_down"] += len(payload) * len(clients)
+    if round_ % cfg.eval.every == 0 or round_ == cfg.fl.rounds:
+        row.update(evaluate_round(ctx, new))
+    row["wall_s"] = round(time.perf_counter() - t0, 3)
+    return RoundOutcome(new, row)
+
+
+def plain_server(ctx: RunContext, adapter: Adapter, deltas: Mapping[int, tuple[Adapter, int]], round_: int) -> tuple[Adapter, dict[str, Any]]:
+    """Every client sends its update; the server validates each one and aggregates."""
+    updates = [(c, rnd.make_update(delta, n, round_)) for c, (delta, n) in deltas.items()]
     result = rnd.aggregate(ctx.spec, adapter, updates, round_)
-    row: dict[str, Any] = {
-        "round": round_,
-        "clients": clients,
-        "bytes_down": len(payload) * len(clients),
-        "bytes_up": sum(len(u) for _, u in updates),
-        "train_loss": sum(losses) / len(losses),
-    }
+    row: dict[str, Any] = {"bytes_down": 0, "bytes_up": sum(len(u) for _, u in updates)}
     if result.rejected:
         row["rejected"] = {str(k): v for k, v in result.rejected.items()}
-    if round_ % cfg.eval.every == 0 or round_ == cfg.fl.rounds:
-        row.update(evaluate_round(ctx, result.adapter))
-    row["wall_s"] = round(time.perf_counter() - t0, 3)
-    return RoundOutcome(result.adapter, row)
+    return result.adapter, row
+
+
+def secure_server(ctx: RunContext, adapter: Adapter, deltas: Mapping[int, tuple[Adapter, int]], round_: int) -> tuple[Adapter, dict[str, Any]]:
+    """The clients run SecAgg; the server only ever holds the sum (engine/secure.py)."""
+    assert ctx.secure is not None
+    out = secure_aggregate(ctx.secure, ctx.spec, adapter, deltas, round_)
+    row: dict[str, Any] = {"bytes_down": out.bytes_down, "bytes_up": out.bytes_up, "secagg_survivors": list(out.survivors), **out.notes}
+    return (out.adapter if out.adapter is not None else {n: t.clone() for n, t in adapter.items()}), row
 
 
 def fedavg_reference_bytes(ctx: RunContext, adapter: Adapter) -> dict[str, int]:

@@ -15,6 +15,7 @@ from fedlpp.algorithms.ffa_lora import trained_names
 from fedlpp.algorithms.spec import AlgorithmSpec, get_algorithm
 from fedlpp.config import ExperimentConfig
 from fedlpp.data import TaskData, collate, encode_for_classification, encode_for_generation, encode_prompts, load_task, partition
+from fedlpp.engine.secure import SecureAggregator, make_aggregator
 from fedlpp.evaluation.evaluate import Decoding, EvalSet
 from fedlpp.models.backbone import Backbone, load_backbone
 from fedlpp.models.lora import Adapter, adapter_shapes, attach_lora, initial_adapter
@@ -39,6 +40,7 @@ class RunContext:
     evalset: EvalSet
     decoding: Decoding
     a_seed: int  # seed of the LoRA A matrices (sent to clients by FFA variants)
+    secure: SecureAggregator | None = None  # set when secagg.enabled: the server sees only sums
 
     @property
     def pad_id(self) -> int:
@@ -85,6 +87,11 @@ def build_run(cfg: ExperimentConfig) -> RunContext:
     features = encode_train(task, backbone, cfg.model.max_length)
     spec = algorithm_spec(cfg)
     shapes = adapter_shapes(model)
+    client_features = [[features[i] for i in part] for part in parts]
+    secure = None
+    if cfg.secagg.enabled:
+        weight_bound = max(len(f) for f in client_features)
+        secure = make_aggregator(cfg.secagg, cfg.fl.num_clients, cfg.fl.clients_per_round, weight_bound)
     return RunContext(
         cfg=cfg,
         task=task,
@@ -93,10 +100,11 @@ def build_run(cfg: ExperimentConfig) -> RunContext:
         spec=spec,
         shapes=shapes,
         trained=trained_names(shapes, spec.freeze_a),
-        client_features=[[features[i] for i in part] for part in parts],
+        client_features=client_features,
         evalset=build_evalset(task, backbone, cfg.model.max_length),
         decoding=Decoding(cfg.eval.batch_size, cfg.eval.max_new_tokens),
         a_seed=derive_seed(cfg.seed, "lora_a") % (2**31),
+        secure=secure,
     )
 
 

@@ -30,6 +30,18 @@ class Dropouts:
     unmask: frozenset[int] = field(default_factory=frozenset)
 
 
+@dataclass
+class Traffic:
+    """Bytes moved by a round: client -> server (up) and server -> client (down), per client."""
+
+    up: dict[int, int] = field(default_factory=dict)
+    down: dict[int, int] = field(default_factory=dict)
+
+    def count(self, direction: dict[int, int], messages: Mapping[int, bytes]) -> None:
+        for client, message in messages.items():
+            direction[client] = direction.get(client, 0) + len(message)
+
+
 def registry_of(signing_keys: Mapping[int, Ed25519PrivateKey]) -> dict[int, bytes]:
     """The server's registry {client id: 32-byte verify key} for these identities."""
     return {c: verify_key_bytes(k) for c, k in signing_keys.items()}
@@ -41,6 +53,7 @@ def run_local_round(
     inputs: Mapping[int, npt.ArrayLike],
     round_: int,
     dropouts: Dropouts = Dropouts(),
+    traffic: Traffic | None = None,
 ) -> AggregateResult:
     """One complete SecAgg round over in-process sessions.
 
@@ -50,6 +63,7 @@ def run_local_round(
         inputs: Each client's vector, shape (d,), all of the same length.
         round_: Round number.
         dropouts: Who vanishes before which message.
+        traffic: If given, every message's length is added to it.
 
     Returns:
         The server's aggregate over the clients whose masked input arrived.
@@ -61,16 +75,26 @@ def run_local_round(
     dim = np.asarray(next(iter(inputs.values()))).size
     server = ServerSession(params, registry, round_, dim)
     clients = {c: ClientSession(c, k, registry, params, round_) for c, k in signing_keys.items()}
-    _send(server.receive_advertisement, {c: s.advertise() for c, s in _alive(clients, dropouts.advertise).items()})
-    key_lists = server.finish_advertise()
-    _send(server.receive_shares, {c: clients[c].share_keys(m) for c, m in _route(key_lists, dropouts.shares)})
-    routed = server.finish_share_keys()
-    _send(server.receive_masked_input,
-          {c: clients[c].masked_input(m, inputs[c]) for c, m in _route(routed, dropouts.masked_input)})
-    views = server.finish_masked_input()
-    _send(server.receive_signature, {c: clients[c].sign_survivors(m) for c, m in _route(views, dropouts.signature)})
-    requests = server.finish_consistency()
-    _send(server.receive_unmask, {c: clients[c].unmask(m) for c, m in _route(requests, dropouts.unmask)})
+    t = traffic if traffic is not None else Traffic()
+
+    def up(receive: Callable[[bytes, int], None], messages: Mapping[int, bytes]) -> None:
+        t.count(t.up, messages)
+        _send(receive, messages)
+
+    def down(messages: dict[int, bytes]) -> dict[int, bytes]:
+        t.count(t.down, messages)
+        return messages
+
+    up(server.receive_advertisement, {c: s.advertise() for c, s in _alive(clients, dropouts.advertise).items()})
+    key_lists = down(server.finish_advertise())
+    up(server.receive_shares, {c: clients[c].share_keys(m) for c, m in _route(key_lists, dropouts.shares)})
+    routed = down(server.finish_share_keys())
+    up(server.receive_masked_input,
+       {c: clients[c].masked_input(m, inputs[c]) for c, m in _route(routed, dropouts.masked_input)})
+    views = down(server.finish_masked_input())
+    up(server.receive_signature, {c: clients[c].sign_survivors(m) for c, m in _route(views, dropouts.signature)})
+    requests = down(server.finish_consistency())
+    up(server.receive_unmask, {c: clients[c].unmask(m) for c, m in _route(requests, dropouts.unmask)})
     return server.finish_unmask()
 
 

@@ -1,0 +1,97 @@
+"""Secure aggregation in the local engine: the server learns only the sum of the round.
+
+Each sampled client turns its delta into one vector, (n_k / n_max) * delta_k with its
+example count n_k appended as an exact integer coordinate, and runs the SecAgg protocol
+(``fedlpp.secagg``) with the others. The server side receives the protocol's sum, from
+which it derives the example-weighted mean delta — never an individual update. n_max is
+a public bound (the largest client's size) that keeps weighted values inside the range.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedlpp.algorithms import round as rnd
+from fedlpp.algorithms.layout import Layout, flatten, unflatten
+from fedlpp.algorithms.spec import AlgorithmSpec
+from fedlpp.config import SecAggConfig
+from fedlpp.models.lora import Adapter
+from fedlpp.secagg import SecAggAbort, SecAggError, SecAggParams, Traffic, append_weight, generate_signing_key, run_local_round, split_weight
+from fedlpp.secagg.params import MIN_CLIENTS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SecureAggregator:
+    params: SecAggParams
+    identities: dict[int, Ed25519PrivateKey]  # long-term signing key of every client (OS CSPRNG)
+    weight_bound: int  # n_max: public bound on any client's example count
+
+
+@dataclass(frozen=True)
+class SecureOutcome:
+    adapter: Adapter | None  # None: keep the global adapter
+    survivors: tuple[int, ...]
+    bytes_up: int
+    bytes_down: int
+    notes: dict[str, Any]  # what a metrics row should say about the round (drops, abort)
+
+
+def make_aggregator(cfg: SecAggConfig, num_clients: int, clients_per_round: int, weight_bound: int) -> SecureAggregator:
+    params = SecAggParams(
+        scale=2.0**cfg.scale_bits,
+        clip_range=cfg.clip_range,
+        max_clients=max(clients_per_round, MIN_CLIENTS),
+        threshold_fraction=cfg.threshold,
+        graph=cfg.graph,
+    )
+    return SecureAggregator(params, {c: generate_signing_key() for c in range(num_clients)}, weight_bound)
+
+
+def client_vector(agg: SecureAggregator, delta: Mapping[str, torch.Tensor], layout: Layout, num_examples: int) -> np.ndarray | None:
+    """What a client feeds the protocol, or None when it must drop out (out of range)."""
+    weighted = flatten(delta, layout).to(torch.float64).numpy() * (num_examples / agg.weight_bound)
+    if weighted.size and float(np.abs(weighted).max()) > agg.params.clip_range:
+        return None
+    return append_weight(weighted, num_examples, agg.params)
+
+
+def secure_aggregate(
+    agg: SecureAggregator,
+    spec: AlgorithmSpec,
+    adapter: Mapping[str, torch.Tensor],
+    deltas: Mapping[int, tuple[Adapter, int]],
+    round_: int,
+) -> SecureOutcome:
+    """Run the protocol over the clients' (delta, n_k) and apply the server step to the sum."""
+    layout = rnd.trained_layout({n: tuple(t.shape) for n, t in adapter.items()}, spec.freeze_a)
+    inputs, notes = {}, {}
+    for client, (delta, n) in sorted(deltas.items()):
+        vector = client_vector(agg, delta, layout, n)
+        if vector is None:
+            notes.setdefault("out_of_range", []).append(client)
+            log.warning("round %d: client %d's update exceeds secagg.clip_range=%g; it drops out of the round",
+                        round_, client, agg.params.clip_range)
+        else:
+            inputs[client] = vector
+    traffic = Traffic()
+    try:
+        if not inputs:
+            raise SecAggAbort("masked input", "no client is in range", 0, 1)
+        result = run_local_round(agg.params, {c: agg.identities[c] for c in inputs}, inputs, round_, traffic=traffic)
+    except (SecAggAbort, SecAggError) as e:
+        log.warning("round %d: secure aggregation aborted (%s); the global adapter is unchanged", round_, e)
+        notes["secagg_abort"] = str(e)
+        return SecureOutcome(None, (), sum(traffic.up.values()), sum(traffic.down.values()), notes)
+    weighted_sum, total_weight = split_weight(result.values, agg.params)
+    mean = torch.from_numpy(weighted_sum * (agg.weight_bound / total_weight)).to(torch.float32)
+    new = rnd.apply_mean_delta(spec, adapter, unflatten(mean, layout), len(result.survivors), round_)
+    return SecureOutcome(new, result.survivors, sum(traffic.up.values()), sum(traffic.down.values()), notes)

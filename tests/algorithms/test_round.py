@@ -33,7 +33,6 @@ def test_weighted_mean_by_example_count():
 
 
 def test_aggregating_identical_updates_is_the_identity():
-    theta = adapter()
     d = {A: torch.randn(2, 4), B: torch.randn(3, 2)}
     mean = weighted_mean([d, d, d], [5, 1, 9])
     assert all(torch.allclose(mean[n], d[n]) for n in d)

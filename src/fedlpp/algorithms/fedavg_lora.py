@@ -27,7 +27,7 @@ def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
     out: Adapter = {}
     for name in deltas[0]:
         acc = torch.zeros_like(deltas[0][name], dtype=torch.float64)
-        for delta, w in zip(deltas, weights):
+        for delta, w in zip(deltas, weights, strict=True):
             acc += delta[name].to(torch.float64) * (w / total)
         out[name] = acc.to(torch.float32)
     return out

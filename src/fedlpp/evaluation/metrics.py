@@ -29,7 +29,7 @@ def rouge_l(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> f
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference sets")
     if not hypotheses:
         return 0.0
-    scores = [_ROUGE.score_multi(list(refs), hyp)["rougeL"].fmeasure for hyp, refs in zip(hypotheses, references)]
+    scores = [_ROUGE.score_multi(list(refs), hyp)["rougeL"].fmeasure for hyp, refs in zip(hypotheses, references, strict=True)]
     return 100.0 * sum(scores) / len(scores)
 
 
@@ -38,4 +38,4 @@ def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
         raise ValueError(f"{len(predictions)} predictions but {len(labels)} labels")
     if not labels:
         return 0.0
-    return 100.0 * sum(int(p == y) for p, y in zip(predictions, labels)) / len(labels)
+    return 100.0 * sum(int(p == y) for p, y in zip(predictions, labels, strict=True)) / len(labels)

@@ -130,7 +130,3 @@ def save_peft_adapter(model: PeftModel, adapter: Mapping[str, torch.Tensor], out
     model.peft_config["default"].base_model_name_or_path = base
     # save_embedding_layers=False: peft would otherwise look the base model up on the hub.
     model.save_pretrained(str(out_dir), save_embedding_layers=False)
-
-
-def num_values(adapter: Mapping[str, torch.Tensor]) -> int:
-    return sum(t.numel() for t in adapter.values())

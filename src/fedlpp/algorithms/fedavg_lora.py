@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fedlpp.algorithms.layout import Layout, flatten
-from fedlpp.models.lora import Adapter
+from fedlpp.models.lora import Adapter, copy_adapter
 
 VALUES = "values"
 
@@ -47,7 +47,7 @@ def server_step(
              adapter (DESIGN 2.2). Where proxy == theta the two rules are the same.
     Tensors absent from ``mean_delta`` (a frozen A) are kept as they are.
     """
-    new = {n: t.clone() for n, t in adapter.items()}
+    new = copy_adapter(adapter)
     for name, d in mean_delta.items():
         if rule == "delta":
             new[name] = adapter[name] + lr * d

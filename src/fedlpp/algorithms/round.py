@@ -17,7 +17,7 @@ import torch
 from fedlpp.algorithms import fedavg_lora, fedlpp, ffa_lora, wire
 from fedlpp.algorithms.layout import Layout, fingerprint, layout_of, unflatten
 from fedlpp.algorithms.spec import AlgorithmSpec
-from fedlpp.models.lora import Adapter, lora_a_from_seed
+from fedlpp.models.lora import Adapter, copy_adapter, lora_a_from_seed
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +152,11 @@ def aggregate(
             log.warning("round %d: rejected the update of client %d: %s", round_, client_id, e)
     if not updates:
         log.warning("round %d: no valid update; the global adapter is unchanged", round_)
-        return AggregateResult({n: t.clone() for n, t in adapter.items()}, (), rejected)
+        return AggregateResult(copy_adapter(adapter), (), rejected)
     mean_delta = fedavg_lora.weighted_mean([u.delta for u in updates], [u.num_examples for u in updates])
     new = apply_mean_delta(spec, adapter, mean_delta, len(updates), round_)
     accepted = tuple(u.client_id for u in updates) if new is not None else ()
-    return AggregateResult(new if new is not None else {n: t.clone() for n, t in adapter.items()}, accepted, rejected)
+    return AggregateResult(new if new is not None else copy_adapter(adapter), accepted, rejected)
 
 
 def apply_mean_delta(

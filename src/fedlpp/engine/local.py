@@ -26,7 +26,7 @@ from fedlpp.engine import rundir
 from fedlpp.engine.secure import secure_aggregate
 from fedlpp.engine.setup import RunContext, build_run, client_batches, sample_clients
 from fedlpp.evaluation.evaluate import evaluate_adapter
-from fedlpp.models.lora import Adapter, save_peft_adapter
+from fedlpp.models.lora import Adapter, copy_adapter, save_peft_adapter
 from fedlpp.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def secure_server(ctx: RunContext, adapter: Adapter, deltas: Mapping[int, tuple[
     assert ctx.secure is not None
     out = secure_aggregate(ctx.secure, ctx.spec, adapter, deltas, round_)
     row: dict[str, Any] = {"bytes_down": out.bytes_down, "bytes_up": out.bytes_up, "secagg_survivors": list(out.survivors), **out.notes}
-    return (out.adapter if out.adapter is not None else {n: t.clone() for n, t in adapter.items()}), row
+    return (out.adapter if out.adapter is not None else copy_adapter(adapter)), row
 
 
 def fedavg_reference_bytes(ctx: RunContext, adapter: Adapter) -> dict[str, int]:

@@ -24,7 +24,6 @@ from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.config import SecAggConfig
 from fedlpp.models.lora import Adapter
 from fedlpp.secagg import SecAggAbort, SecAggError, SecAggParams, Traffic, append_weight, generate_signing_key, run_local_round, split_weight
-from fedlpp.secagg.params import MIN_CLIENTS
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ def make_aggregator(cfg: SecAggConfig, num_clients: int, clients_per_round: int,
     params = SecAggParams(
         scale=2.0**cfg.scale_bits,
         clip_range=cfg.clip_range,
-        max_clients=max(clients_per_round, MIN_CLIENTS),
+        max_clients=clients_per_round,  # the config requires >= 3 (secagg's MIN_CLIENTS)
         threshold_fraction=cfg.threshold,
         graph=cfg.graph,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -70,9 +69,9 @@ def build_evalset(task: TaskData, backbone: Backbone, max_length: int) -> EvalSe
     tok = backbone.tokenizer
     if task.kind == "classification":
         return EvalSet("classification", tuple(encode_for_classification(tok, task.eval, max_length)))
-    # The loss is measured against the first reference; BLEU/ROUGE-L use all of them.
-    first_ref = [e if e.target else dataclasses.replace(e, target=e.references[0]) for e in task.eval]
-    features = encode_for_generation(tok, first_ref, max_length)
+    # Loaders set an eval example's target to its first reference: the loss is measured
+    # against it, BLEU/ROUGE-L against all of them.
+    features = encode_for_generation(tok, task.eval, max_length)
     prompts = encode_prompts(tok, task.eval, max_length)
     references = tuple(e.references or (e.target,) for e in task.eval)
     return EvalSet("generation", tuple(features), tuple(prompts), references)

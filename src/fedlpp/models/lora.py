@@ -67,6 +67,10 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return dict(sorted(params.items()))
 
 
+def copy_adapter(adapter: Mapping[str, torch.Tensor]) -> Adapter:
+    return {n: t.clone() for n, t in adapter.items()}
+
+
 def get_adapter(model: nn.Module) -> Adapter:
     return {n: p.detach().clone() for n, p in adapter_parameters(model).items()}
 

@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--out", type=Path, help="run directory to create (default: runs/<algorithm>-<time>)")
     where.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR (also: extend it with fl.rounds=N)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    sweep = sub.add_parser("sweep", help="run every combination and seed of a sweep file; write a mean ± std table")
+    sweep.add_argument("config", type=Path, help="sweep file: a run config plus a [sweep] table (see configs/sst2_dp_sweep.toml)")
+    sweep.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every run, e.g. data.path=...")
+    sweep.add_argument("--out", type=Path, help="folder of the sweep's runs and tables (default: runs/sweep-<name>)")
     return parser
 
 
@@ -74,11 +78,25 @@ def command_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_sweep(args: argparse.Namespace) -> int:
+    from fedlpp.sweep import SWEEP_MD, load_sweep, run_sweep
+
+    sweep = load_sweep(args.config, args.overrides)  # every point is validated before the first run
+    out = args.out or Path("runs") / f"sweep-{args.config.stem}"
+    print(f"{len(sweep.points)} runs into {out}")
+    quiet_libraries()
+    from fedlpp.engine.local import run_experiment
+
+    run_sweep(sweep, out, lambda cfg, directory, resume: run_experiment(cfg, directory, resume=resume, progress=False))
+    print((out / SWEEP_MD).read_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return command_run(args)
+        return command_sweep(args) if args.command == "sweep" else command_run(args)
     except ConfigError as e:
         print(f"fedlpp: configuration error: {e}", file=sys.stderr)
         return 2

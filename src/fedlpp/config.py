@@ -24,6 +24,9 @@ GRANULARITIES = ("block", "row", "tensor")
 QUANT_BITS = (1, 2, 3, 4, 8)
 TASKS = ("weather", "e2e", "sst2")
 PARTITIONS = ("iid", "dirichlet", "quantity_skew")
+PRIVACY_MODES = ("none", "dp_sgd", "client_dp")
+ACCOUNTANTS = ("rdp", "prv")
+CLIENT_SAMPLING = ("fixed", "poisson")
 QUANTIZED = ("fedlpp", "fedlpp_ffa")
 MIN_GROUP = 16  # fewest values per quantization scale (model privacy, see QuantConfig)
 
@@ -172,6 +175,60 @@ class SecAggConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    mode: str = "none"  # none | dp_sgd (each client's examples, Opacus) | client_dp (each client's whole data, DP-FedAvg)
+    epsilon: float = 0.0  # target epsilon: the noise multiplier is calibrated to it before training (0 = not set)
+    noise_multiplier: float = 0.0  # sigma, explicit instead of a target epsilon (0 = not set)
+    delta: float = 1e-5
+    clip_norm: float = 1.0  # dp_sgd: per-example gradient norm C; client_dp: client delta norm S
+    accountant: str = "rdp"  # rdp | prv (prv is tighter; needs Poisson sampling)
+    budget: float = 0.0  # stop before epsilon would exceed this (0 = privacy.epsilon when set, else no limit)
+    client_sampling: str = "fixed"  # client_dp: fixed (K of N per round) | poisson (each client with prob K/N)
+    secure_noise: bool = False  # draw DP noise and Poisson samples from the OS CSPRNG (not reproducible from the seed)
+
+    def __post_init__(self) -> None:
+        _choice(self.mode, "privacy.mode", PRIVACY_MODES)
+        _choice(self.accountant, "privacy.accountant", ACCOUNTANTS)
+        _choice(self.client_sampling, "privacy.client_sampling", CLIENT_SAMPLING)
+        _require(self.epsilon >= 0, "privacy.epsilon", f"must be >= 0, got {self.epsilon}")
+        _require(self.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0, got {self.noise_multiplier}")
+        _require(0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), got {self.delta}")
+        _require(self.clip_norm > 0, "privacy.clip_norm", f"must be > 0, got {self.clip_norm}")
+        _require(self.budget >= 0, "privacy.budget", f"must be >= 0, got {self.budget}")
+        if self.mode == "none":
+            for key in ("epsilon", "noise_multiplier", "budget"):
+                _require(getattr(self, key) == 0, f"privacy.{key}", "is set but privacy.mode is 'none'; "
+                         "choose privacy.mode=dp_sgd or client_dp")
+            return
+        _require(
+            (self.epsilon > 0) != (self.noise_multiplier > 0),
+            "privacy.epsilon",
+            f"privacy.mode={self.mode!r} needs exactly one of privacy.epsilon (a target, sigma is calibrated) "
+            "or privacy.noise_multiplier (explicit sigma)",
+        )
+        _require(
+            self.client_sampling == "fixed" or self.mode == "client_dp",
+            "privacy.client_sampling",
+            "'poisson' samples clients for client-level DP; use it with privacy.mode=client_dp",
+        )
+        _require(
+            not (self.mode == "client_dp" and self.client_sampling == "fixed" and self.accountant == "prv"),
+            "privacy.accountant",
+            "'prv' assumes Poisson sampling; with fixed-size client sampling use 'rdp', "
+            "or set privacy.client_sampling=poisson",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def stop_at(self) -> float:
+        """The epsilon a run must not exceed (0 = no limit)."""
+        return self.budget or self.epsilon
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     seed: int = 0  # every random choice of the run derives from this
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -183,9 +240,22 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        _require(
+            not (self.privacy.mode == "dp_sgd" and self.train.max_grad_norm > 0),
+            "train.max_grad_norm",
+            "with privacy.mode=dp_sgd every example's gradient is clipped to privacy.clip_norm; "
+            "leave train.max_grad_norm at 0",
+        )
+        _require(
+            not (self.privacy.budget and self.privacy.epsilon and self.privacy.budget < self.privacy.epsilon),
+            "privacy.budget",
+            f"{self.privacy.budget} is below the target privacy.epsilon={self.privacy.epsilon}: "
+            "the run would stop before the rounds it was calibrated for",
+        )
         _require(
             not (self.secagg.enabled and self.fl.clients_per_round < 3),
             "fl.clients_per_round",

@@ -89,7 +89,7 @@ def test_memory_does_not_grow_with_the_number_of_clients(tmp_path):
     """One backbone for all clients: a round with N=40 creates no more modules than with N=4."""
     from fedlpp.config import load_config
     from fedlpp.engine.local import run_round
-    from fedlpp.engine.setup import build_run
+    from fedlpp.engine.setup import build_run, round_clients
 
     counts = []
     baseline = _live_modules()
@@ -99,7 +99,7 @@ def test_memory_does_not_grow_with_the_number_of_clients(tmp_path):
         ctx = build_run(cfg)
         adapter = ctx.initial_adapter()
         for round_ in (1, 2):
-            adapter = run_round(ctx, adapter, round_, None, None).adapter
+            adapter = run_round(ctx, adapter, round_, round_clients(cfg, round_), None, None).adapter
         counts.append(_live_modules() - baseline)  # building and running included
         del ctx
     assert counts[0] == counts[1] > 0, counts

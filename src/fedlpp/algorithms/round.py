@@ -18,6 +18,7 @@ from fedlpp.algorithms import fedavg_lora, fedlpp, ffa_lora, wire
 from fedlpp.algorithms.layout import Layout, fingerprint, layout_of, unflatten
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.models.lora import Adapter, copy_adapter, lora_a_from_seed
+from fedlpp.privacy.client_dp import NoisedSum, within_norm
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,20 @@ def aggregate(
     Invalid updates are logged with the client and the reason and left out; with no
     valid update the adapter is returned unchanged.
     """
+    updates, rejected = validate_all(spec, adapter, payloads, round_)
+    if not updates:
+        log.warning("round %d: no valid update; the global adapter is unchanged", round_)
+        return AggregateResult(copy_adapter(adapter), (), rejected)
+    mean_delta = fedavg_lora.weighted_mean([u.delta for u in updates], [u.num_examples for u in updates])
+    new = apply_mean_delta(spec, adapter, mean_delta, len(updates), round_)
+    accepted = tuple(u.client_id for u in updates) if new is not None else ()
+    return AggregateResult(new if new is not None else copy_adapter(adapter), accepted, rejected)
+
+
+def validate_all(
+    spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor], payloads: Sequence[tuple[int, bytes]], round_: int
+) -> tuple[list[ClientUpdate], dict[int, str]]:
+    """The valid updates, and why each other one was refused (logged)."""
     layout = trained_layout(_shapes(adapter), spec.freeze_a)
     updates, rejected = [], {}
     for client_id, payload in payloads:
@@ -150,13 +165,34 @@ def aggregate(
         except (ValueError, wire.WireError) as e:
             rejected[client_id] = str(e)
             log.warning("round %d: rejected the update of client %d: %s", round_, client_id, e)
-    if not updates:
-        log.warning("round %d: no valid update; the global adapter is unchanged", round_)
-        return AggregateResult(copy_adapter(adapter), (), rejected)
-    mean_delta = fedavg_lora.weighted_mean([u.delta for u in updates], [u.num_examples for u in updates])
-    new = apply_mean_delta(spec, adapter, mean_delta, len(updates), round_)
-    accepted = tuple(u.client_id for u in updates) if new is not None else ()
-    return AggregateResult(new if new is not None else copy_adapter(adapter), accepted, rejected)
+    return updates, rejected
+
+
+def aggregate_private(
+    spec: AlgorithmSpec,
+    adapter: Mapping[str, torch.Tensor],
+    payloads: Sequence[tuple[int, bytes]],
+    round_: int,
+    noised: NoisedSum,
+) -> AggregateResult:
+    """Client-level DP: deltas clipped to S (a longer one is refused), their sum noised, over a public count.
+
+    Every sampled client's slot counts even when its update is refused or missing: the
+    denominator is the expected number of clients, never the number that arrived.
+    """
+    updates, rejected = validate_all(spec, adapter, payloads, round_)
+    accepted = []
+    for u in updates:
+        if within_norm(u.delta, noised.clip_norm):
+            accepted.append(u)
+        else:
+            rejected[u.client_id] = f"delta norm exceeds privacy.clip_norm={noised.clip_norm:g}"
+            log.warning("round %d: rejected the update of client %d: %s", round_, u.client_id, rejected[u.client_id])
+    shapes = dict(trained_layout(_shapes(adapter), spec.freeze_a))
+    mean_delta = noised.mean([u.delta for u in accepted], shapes)
+    new = apply_mean_delta(spec, adapter, mean_delta, len(accepted), round_)
+    used = tuple(u.client_id for u in accepted) if new is not None else ()
+    return AggregateResult(new if new is not None else copy_adapter(adapter), used, rejected)
 
 
 def apply_mean_delta(

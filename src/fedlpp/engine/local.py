@@ -8,28 +8,37 @@ from (seed, round, client), so ``--resume`` reproduces an uninterrupted run exac
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
 from fedlpp.algorithms import round as rnd
-from fedlpp.algorithms.client import LocalTraining, train_client
+from fedlpp.algorithms.client import LocalResult, LocalTraining, train_client
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.config import ExperimentConfig
 from fedlpp.engine import rundir
-from fedlpp.engine.secure import secure_aggregate
-from fedlpp.engine.setup import RunContext, build_run, client_batches, sample_clients
+from fedlpp.engine.secure import NoiseShares, secure_aggregate
+from fedlpp.engine.setup import RunContext, build_run, client_batches, round_clients
 from fedlpp.evaluation.evaluate import evaluate_adapter
 from fedlpp.models.lora import Adapter, copy_adapter, save_peft_adapter
+from fedlpp.privacy.client_dp import NoisedSum, clip_delta
+from fedlpp.privacy.dp_sgd import DpSgd, poisson_batches, train_client_dp
+from fedlpp.privacy.plan import Ledger, PrivacyPlan, guarantee
+from fedlpp.privacy.randomness import randomness
 from fedlpp.seeding import derive_seed
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+LEDGER_KEY = "privacy_ledger"  # checkpoint metadata: the accountant's history, saved with the adapter
 
 # Called with (client id, bytes) for every message the server sends: tests record them.
 OnSend = Callable[[int, bytes], None]
@@ -41,25 +50,49 @@ class RoundOutcome:
     row: dict[str, Any]
 
 
-def train_one_client(ctx: RunContext, payload: bytes, client: int, round_: int, bar: tqdm | None) -> tuple[Adapter, int, float]:
+def train_one_client(ctx: RunContext, payload: bytes, client: int, round_: int, bar: tqdm | None) -> tuple[Adapter, int, float | None]:
     """Client side of a round: decode the broadcast, train E steps; (delta, n_k, mean loss)."""
     start, _ = rnd.read_broadcast(payload, ctx.shapes)
-    cfg = ctx.cfg
-    batches = client_batches(
-        ctx.client_features[client], cfg.fl.local_steps, cfg.train.batch_size, ctx.pad_id,
-        derive_seed(cfg.seed, "batches", round_, client),
-    )
-    if bar is not None:
-        batches = _ticking(batches, bar)
+    cfg, plan = ctx.cfg, ctx.privacy
     opts = LocalTraining(cfg.train.lr, cfg.train.weight_decay, cfg.train.max_grad_norm)
-    result = train_client(ctx.model, ctx.task.kind, start, ctx.trained, batches, opts, derive_seed(cfg.seed, "dropout", round_, client))
-    return result.delta, len(ctx.client_features[client]), sum(result.losses) / len(result.losses)
+    dropout_seed = derive_seed(cfg.seed, "dropout", round_, client)
+    if plan is not None and plan.mode == "dp_sgd":
+        result = train_dp_sgd(ctx, plan, start, client, round_, bar, opts, dropout_seed)
+    else:
+        batches = client_batches(
+            ctx.client_features[client], cfg.fl.local_steps, cfg.train.batch_size, ctx.pad_id,
+            derive_seed(cfg.seed, "batches", round_, client),
+        )
+        result = train_client(ctx.model, ctx.task.kind, start, ctx.trained, _ticking(batches, bar), opts, dropout_seed)
+    delta = result.delta
+    if plan is not None and plan.mode == "client_dp":
+        delta = clip_delta(delta, plan.clip_norm)  # clipped before anything leaves the client
+    return delta, len(ctx.client_features[client]), _mean(result.losses)
 
 
-def _ticking(batches: Iterator[dict[str, torch.Tensor]], bar: tqdm) -> Iterator[dict[str, torch.Tensor]]:
+def train_dp_sgd(
+    ctx: RunContext, plan: PrivacyPlan, start: Adapter, client: int, round_: int, bar: tqdm | None, opts: LocalTraining, seed: int
+) -> LocalResult:
+    cfg = ctx.cfg
+    sampler = randomness(plan.secure_noise, derive_seed(cfg.seed, "poisson", round_, client))
+    noise = randomness(plan.secure_noise, derive_seed(cfg.seed, "dp_noise", round_, client))
+    features = ctx.client_features[client]
+    batches = poisson_batches(features, cfg.fl.local_steps, plan.rates[str(client)], ctx.pad_id, sampler)
+    dp = DpSgd(plan.noise_multiplier, plan.clip_norm, cfg.train.batch_size)
+    return train_client_dp(ctx.model, ctx.task.kind, start, ctx.trained, _ticking(batches, bar), opts, dp, noise, seed)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    """Mean of the finite values (an empty DP-SGD batch has no loss), or None."""
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _ticking(batches: Iterator[T], bar: tqdm | None) -> Iterator[T]:
     for batch in batches:
         yield batch
-        bar.update(1)
+        if bar is not None:
+            bar.update(1)
 
 
 def evaluate_round(ctx: RunContext, adapter: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
@@ -72,10 +105,9 @@ def evaluate_round(ctx: RunContext, adapter: Mapping[str, torch.Tensor]) -> dict
     return {"global": global_metrics, "proxy": proxy_metrics}
 
 
-def run_round(ctx: RunContext, adapter: Adapter, round_: int, on_send: OnSend | None, bar: tqdm | None) -> RoundOutcome:
+def run_round(ctx: RunContext, adapter: Adapter, round_: int, clients: Sequence[int], on_send: OnSend | None, bar: tqdm | None) -> RoundOutcome:
     cfg = ctx.cfg
     t0 = time.perf_counter()
-    clients = sample_clients(cfg.seed, round_, cfg.fl.num_clients, cfg.fl.clients_per_round)
     payload = rnd.make_broadcast(ctx.spec, adapter, ctx.a_seed, round_)
     deltas, losses = {}, []
     for client in clients:
@@ -85,7 +117,7 @@ def run_round(ctx: RunContext, adapter: Adapter, round_: int, on_send: OnSend | 
         deltas[client] = (delta, n)
         losses.append(loss)
     new, row = (secure_server(ctx, adapter, deltas, round_) if ctx.secure else plain_server(ctx, adapter, deltas, round_))
-    row = {"round": round_, "clients": clients, **row, "train_loss": sum(losses) / len(losses)}
+    row = {"round": round_, "clients": list(clients), **row, "train_loss": _mean([v for v in losses if v is not None])}
     row["bytes_down"] += len(payload) * len(clients)
     if round_ % cfg.eval.every == 0 or round_ == cfg.fl.rounds:
         row.update(evaluate_round(ctx, new))
@@ -96,17 +128,34 @@ def run_round(ctx: RunContext, adapter: Adapter, round_: int, on_send: OnSend | 
 def plain_server(ctx: RunContext, adapter: Adapter, deltas: Mapping[int, tuple[Adapter, int]], round_: int) -> tuple[Adapter, dict[str, Any]]:
     """Every client sends its update; the server validates each one and aggregates."""
     updates = [(c, rnd.make_update(delta, n, round_)) for c, (delta, n) in deltas.items()]
-    result = rnd.aggregate(ctx.spec, adapter, updates, round_)
+    noised = noised_sum(ctx, round_)
+    if noised is None:
+        result = rnd.aggregate(ctx.spec, adapter, updates, round_)
+    else:
+        result = rnd.aggregate_private(ctx.spec, adapter, updates, round_, noised)
     row: dict[str, Any] = {"bytes_down": 0, "bytes_up": sum(len(u) for _, u in updates)}
     if result.rejected:
         row["rejected"] = {str(k): v for k, v in result.rejected.items()}
     return result.adapter, row
 
 
+def noised_sum(ctx: RunContext, round_: int) -> NoisedSum | None:
+    """Client-level DP's server step for this round, or None without it."""
+    plan = ctx.privacy
+    if plan is None or plan.mode != "client_dp":
+        return None
+    rng = randomness(plan.secure_noise, derive_seed(ctx.cfg.seed, "client_dp_noise", round_))
+    return NoisedSum(plan.clip_norm, plan.noise_multiplier, plan.expected_clients, rng)
+
+
 def secure_server(ctx: RunContext, adapter: Adapter, deltas: Mapping[int, tuple[Adapter, int]], round_: int) -> tuple[Adapter, dict[str, Any]]:
     """The clients run SecAgg; the server only ever holds the sum (engine/secure.py)."""
     assert ctx.secure is not None
-    out = secure_aggregate(ctx.secure, ctx.spec, adapter, deltas, round_)
+    plan = ctx.privacy
+    shares = None
+    if plan is not None and plan.mode == "client_dp":
+        shares = NoiseShares(plan.clip_norm, plan.noise_multiplier, plan.expected_clients)
+    out = secure_aggregate(ctx.secure, ctx.spec, adapter, deltas, round_, shares)
     row: dict[str, Any] = {"bytes_down": out.bytes_down, "bytes_up": out.bytes_up, "secagg_survivors": list(out.survivors), **out.notes}
     return (out.adapter if out.adapter is not None else copy_adapter(adapter)), row
 
@@ -129,6 +178,21 @@ def start_or_resume(ctx: RunContext, out: Path, resume: bool) -> tuple[Adapter, 
     return adapter, last, rundir.truncate_metrics(out, last)
 
 
+def start_ledger(ctx: RunContext, out: Path, resume: bool) -> Ledger | None:
+    """The privacy ledger so far: restored from the checkpoint on resume, never restarted from zero."""
+    plan = ctx.privacy
+    if plan is None:
+        return None
+    stored = rundir.load_checkpoint_metadata(out).get(LEDGER_KEY) if resume else None
+    if stored is None:
+        return Ledger(plan.noise_multiplier)
+    ledger = Ledger.from_json(stored)
+    if ledger.noise_multiplier != plan.noise_multiplier:
+        # fl.rounds grew: sigma stays what the run was calibrated with (the budget then stops it).
+        ctx.privacy = dataclasses.replace(plan, noise_multiplier=ledger.noise_multiplier)
+    return ledger
+
+
 def run_experiment(
     cfg: ExperimentConfig, out: Path, resume: bool = False, progress: bool = True, on_send: OnSend | None = None
 ) -> dict[str, Any]:
@@ -142,17 +206,41 @@ def run_experiment(
     else:
         rundir.prepare_new(out, cfg)
     adapter, last, rows = start_or_resume(ctx, out, resume)
-    steps_per_round = cfg.fl.clients_per_round * cfg.fl.local_steps
+    ledger = start_ledger(ctx, out, resume)
+    stopped = None
     rounds_bar = tqdm(range(last + 1, cfg.fl.rounds + 1), desc="rounds", initial=last, total=cfg.fl.rounds, disable=not progress, position=0)
     for round_ in rounds_bar:
-        with tqdm(total=steps_per_round, desc=f"round {round_} client steps", leave=False, disable=not progress, position=1) as bar:
-            outcome = run_round(ctx, adapter, round_, on_send, bar)
-        adapter = outcome.adapter
+        clients = round_clients(cfg, round_)
+        spent = ledger.after_round(ctx.privacy, clients) if ledger is not None else None
+        if spent is not None and spent.exceeds(ctx.privacy):
+            stopped = budget_stop(ctx.privacy, ledger, spent, round_)
+            break
+        with tqdm(total=len(clients) * cfg.fl.local_steps, desc=f"round {round_} client steps", leave=False, disable=not progress, position=1) as bar:
+            outcome = run_round(ctx, adapter, round_, clients, on_send, bar)
+        adapter, ledger = outcome.adapter, spent
+        if ledger is not None:
+            outcome.row.update(privacy_row(ctx.privacy, ledger))
         rundir.append_metrics(out, outcome.row)
-        rundir.save_checkpoint(out, adapter, round_)
+        rundir.save_checkpoint(out, adapter, round_, {LEDGER_KEY: ledger.to_json()} if ledger is not None else None)
         rows.append(outcome.row)
         rounds_bar.set_postfix(_postfix(outcome.row))
-    return finish(ctx, out, adapter, rows)
+    rounds_bar.close()
+    return finish(ctx, out, adapter, rows, ledger, stopped)
+
+
+def budget_stop(plan: PrivacyPlan, ledger: Ledger, spent: Ledger, round_: int) -> str:
+    reason = (f"privacy budget: round {round_} would raise epsilon from {ledger.epsilon:.4g} to {spent.epsilon:.4g}, "
+              f"above {plan.stop_at:g}; stopped after round {round_ - 1} with its checkpoint")
+    log.warning("%s", reason)
+    return reason
+
+
+def privacy_row(plan: PrivacyPlan, ledger: Ledger) -> dict[str, Any]:
+    """epsilon (cumulative, at delta) for the metrics row; per client under DP-SGD."""
+    row: dict[str, Any] = {"epsilon": ledger.epsilon, "delta": plan.accounting.delta}
+    if plan.mode == "dp_sgd":
+        row["epsilon_per_client"] = dict(sorted(ledger.epsilons.items(), key=lambda kv: int(kv[0])))
+    return row
 
 
 def _postfix(row: Mapping[str, Any]) -> dict[str, str]:
@@ -163,22 +251,24 @@ def _postfix(row: Mapping[str, Any]) -> dict[str, str]:
     return post
 
 
-def finish(ctx: RunContext, out: Path, adapter: Adapter, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def finish(
+    ctx: RunContext, out: Path, adapter: Adapter, rows: list[dict[str, Any]], ledger: Ledger | None = None, stopped: str | None = None
+) -> dict[str, Any]:
     """Save the final adapter in peft format and write summary.json."""
     save_peft_adapter(ctx.model, adapter, out / rundir.ADAPTER, ctx.backbone.source)
     reference = fedavg_reference_bytes(ctx, adapter)
     k = ctx.cfg.fl.clients_per_round
-    last_eval = next(r for r in reversed(rows) if "global" in r)
-    down = rows[-1]["bytes_down"] / k
-    up = rows[-1]["bytes_up"] / k
+    final_round, final_eval = final_evaluation(ctx, adapter, rows)
+    down = rows[-1]["bytes_down"] / k if rows else 0.0
+    up = rows[-1]["bytes_up"] / k if rows else 0.0
     summary = {
         "algorithm": ctx.spec.name,
         "model": ctx.cfg.model.name,
         "task": ctx.task.name,
         "rounds": len(rows),
-        "final_round": last_eval["round"],
-        "global": last_eval["global"],
-        "proxy": last_eval["proxy"],
+        "final_round": final_round,
+        "global": final_eval["global"],
+        "proxy": final_eval["proxy"],
         "bytes_per_client_per_round": {"down": down, "up": up},
         "fedavg_lora_bytes_per_client_per_round": reference,
         "ratio_to_fedavg_lora": {"down": down / reference["down"], "up": up / reference["up"]},
@@ -186,5 +276,18 @@ def finish(ctx: RunContext, out: Path, adapter: Adapter, rows: list[dict[str, An
         "wall_s": round(sum(r["wall_s"] for r in rows), 3),
         "adapter_dir": rundir.ADAPTER,
     }
+    if ledger is not None and ctx.privacy is not None:
+        summary["privacy"] = guarantee(ctx.privacy, ledger)
+    if stopped is not None:
+        summary["stopped"] = stopped
     rundir.write_summary(out, summary)
     return summary
+
+
+def final_evaluation(ctx: RunContext, adapter: Adapter, rows: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """The last evaluated round; a run stopped early (privacy budget) evaluates the adapter it stopped with."""
+    last = rows[-1]["round"] if rows else 0
+    evaluated = next((r for r in reversed(rows) if "global" in r), None)
+    if evaluated is not None and evaluated["round"] == last:
+        return last, evaluated
+    return last, evaluate_round(ctx, adapter)

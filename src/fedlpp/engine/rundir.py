@@ -77,9 +77,20 @@ def save_config(out: Path, cfg: ExperimentConfig) -> None:
     _atomic_write(out / CONFIG, lambda p: write_toml(cfg, p))
 
 
-def save_checkpoint(out: Path, adapter: Mapping[str, torch.Tensor], round_: int) -> None:
+def save_checkpoint(out: Path, adapter: Mapping[str, torch.Tensor], round_: int, extra: Mapping[str, str] | None = None) -> None:
+    """The adapter after ``round_``; ``extra`` metadata (the privacy ledger) is written in the same atomic file."""
     tensors = {n: t.contiguous() for n, t in adapter.items()}
-    _atomic_write(out / CHECKPOINT, lambda p: save_file(tensors, str(p), metadata={"round": str(round_)}))
+    metadata = {**(extra or {}), "round": str(round_)}
+    _atomic_write(out / CHECKPOINT, lambda p: save_file(tensors, str(p), metadata=metadata))
+
+
+def load_checkpoint_metadata(out: Path) -> dict[str, str]:
+    """The checkpoint's metadata ({} when no round has finished)."""
+    path = out / CHECKPOINT
+    if not path.exists():
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], int] | None:

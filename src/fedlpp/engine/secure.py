@@ -10,6 +10,7 @@ a public bound (the largest client's size) that keeps weighted values inside the
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from fedlpp.algorithms.layout import Layout, flatten, unflatten
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.config import SecAggConfig
 from fedlpp.models.lora import Adapter
+from fedlpp.privacy.randomness import SystemRandomness
 from fedlpp.secagg import SecAggAbort, SecAggError, SecAggParams, Traffic, append_weight, generate_signing_key, run_local_round, split_weight
 
 log = logging.getLogger(__name__)
@@ -58,9 +60,42 @@ def make_aggregator(cfg: SecAggConfig, num_clients: int, clients_per_round: int,
 def client_vector(agg: SecureAggregator, delta: Mapping[str, torch.Tensor], layout: Layout, num_examples: int) -> np.ndarray | None:
     """What a client feeds the protocol, or None when it must drop out (out of range)."""
     weighted = flatten(delta, layout).to(torch.float64).numpy() * (num_examples / agg.weight_bound)
-    if weighted.size and float(np.abs(weighted).max()) > agg.params.clip_range:
+    return _in_range(agg, weighted, num_examples)
+
+
+def noised_client_vector(agg: SecureAggregator, delta: Mapping[str, torch.Tensor], layout: Layout, dp: NoiseShares) -> np.ndarray | None:
+    """Client-level DP: the clipped delta plus this client's share of the noise (OS CSPRNG), weight 1."""
+    flat = flatten(delta, layout).to(torch.float64).numpy()
+    share = SystemRandomness().normal(flat.shape, dp.share_std).numpy().astype(np.float64) if flat.size else flat
+    return _in_range(agg, flat + share, 1)
+
+
+def _in_range(agg: SecureAggregator, values: np.ndarray, weight: int) -> np.ndarray | None:
+    if values.size and float(np.abs(values).max()) > agg.params.clip_range:
         return None
-    return append_weight(weighted, num_examples, agg.params)
+    return append_weight(values, weight, agg.params)
+
+
+@dataclass(frozen=True)
+class NoiseShares:
+    """Client-level DP under SecAgg: each client adds N(0, (sigma S)^2 / K) before masking.
+
+    The sum of K shares carries the full N(0, (sigma S)^2) and the server never sees a
+    less noisy value. When fewer clients survive, the server adds the missing variance
+    itself (so the released model keeps the accounted sigma) and the round says so.
+    """
+
+    clip_norm: float  # S
+    noise_multiplier: float  # sigma
+    denominator: float  # K: the expected number of clients (public)
+
+    @property
+    def share_std(self) -> float:
+        return self.noise_multiplier * self.clip_norm / math.sqrt(self.denominator)
+
+    def top_up_std(self, survivors: int) -> float:
+        missing = max(0.0, 1.0 - survivors / self.denominator)
+        return self.noise_multiplier * self.clip_norm * math.sqrt(missing)
 
 
 def secure_aggregate(
@@ -69,12 +104,17 @@ def secure_aggregate(
     adapter: Mapping[str, torch.Tensor],
     deltas: Mapping[int, tuple[Adapter, int]],
     round_: int,
+    dp: NoiseShares | None = None,
 ) -> SecureOutcome:
-    """Run the protocol over the clients' (delta, n_k) and apply the server step to the sum."""
+    """Run the protocol over the clients' (delta, n_k) and apply the server step to the sum.
+
+    Without ``dp`` the mean is weighted by example counts; with it (client-level DP) every
+    client weighs 1 and the noised sum is divided by the public expected count.
+    """
     layout = rnd.trained_layout({n: tuple(t.shape) for n, t in adapter.items()}, spec.freeze_a)
     inputs, notes = {}, {}
     for client, (delta, n) in sorted(deltas.items()):
-        vector = client_vector(agg, delta, layout, n)
+        vector = client_vector(agg, delta, layout, n) if dp is None else noised_client_vector(agg, delta, layout, dp)
         if vector is None:
             notes.setdefault("out_of_range", []).append(client)
             log.warning("round %d: client %d's update exceeds secagg.clip_range=%g; it drops out of the round",
@@ -91,6 +131,18 @@ def secure_aggregate(
         notes["secagg_abort"] = str(e)
         return SecureOutcome(None, (), sum(traffic.up.values()), sum(traffic.down.values()), notes)
     weighted_sum, total_weight = split_weight(result.values, agg.params)
-    mean = torch.from_numpy(weighted_sum * (agg.weight_bound / total_weight)).to(torch.float32)
+    if dp is None:
+        mean = torch.from_numpy(weighted_sum * (agg.weight_bound / total_weight)).to(torch.float32)
+    else:
+        mean = torch.from_numpy(_topped_up(weighted_sum, dp, len(result.survivors), notes) / dp.denominator).to(torch.float32)
     new = rnd.apply_mean_delta(spec, adapter, unflatten(mean, layout), len(result.survivors), round_)
     return SecureOutcome(new, result.survivors, sum(traffic.up.values()), sum(traffic.down.values()), notes)
+
+
+def _topped_up(noised_sum: np.ndarray, dp: NoiseShares, survivors: int, notes: dict[str, Any]) -> np.ndarray:
+    std = dp.top_up_std(survivors)
+    if std == 0:
+        return noised_sum
+    notes["dp_noise_topped_up"] = {"survivors": survivors, "expected": dp.denominator}
+    log.warning("secure aggregation: %d of %g expected clients survived; the server adds the missing noise", survivors, dp.denominator)
+    return noised_sum + SystemRandomness().normal(noised_sum.shape, std).numpy().astype(np.float64)

@@ -18,6 +18,8 @@ from fedlpp.engine.secure import SecureAggregator, make_aggregator
 from fedlpp.evaluation.evaluate import Decoding, EvalSet
 from fedlpp.models.backbone import Backbone, load_backbone
 from fedlpp.models.lora import Adapter, adapter_shapes, attach_lora, initial_adapter
+from fedlpp.privacy.plan import PrivacyPlan, make_plan
+from fedlpp.privacy.randomness import randomness
 from fedlpp.quant import QuantSpec
 from fedlpp.seeding import derive_seed
 
@@ -40,6 +42,7 @@ class RunContext:
     decoding: Decoding
     a_seed: int  # seed of the LoRA A matrices (sent to clients by FFA variants)
     secure: SecureAggregator | None = None  # set when secagg.enabled: the server sees only sums
+    privacy: PrivacyPlan | None = None  # set when privacy.mode is not none
 
     @property
     def pad_id(self) -> int:
@@ -81,6 +84,7 @@ def build_run(cfg: ExperimentConfig) -> RunContext:
     """Data, then model, then algorithm — in that order, so data errors come before a model load."""
     task = load_task_data(cfg)
     parts = partition(cfg.data.partition, task.train, cfg.fl.num_clients, alpha=cfg.data.alpha, seed=cfg.seed)
+    privacy = privacy_plan(cfg, [len(p) for p in parts]) if cfg.privacy.enabled else None  # before the slow model load
     backbone = load_backbone(cfg.model.name, task.kind, task.num_labels)
     model = attach_lora(backbone, task.kind, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     features = encode_train(task, backbone, cfg.model.max_length)
@@ -104,7 +108,27 @@ def build_run(cfg: ExperimentConfig) -> RunContext:
         decoding=Decoding(cfg.eval.batch_size, cfg.eval.max_new_tokens),
         a_seed=derive_seed(cfg.seed, "lora_a") % (2**31),
         secure=secure,
+        privacy=privacy,
     )
+
+
+def privacy_plan(cfg: ExperimentConfig, client_sizes: list[int]) -> PrivacyPlan:
+    """Sigma for the whole run, calibrated against the rounds each client will really join."""
+    fl = cfg.fl
+    participation = dict.fromkeys(range(fl.num_clients), 0)
+    for round_ in range(1, fl.rounds + 1):
+        for c in sample_clients(cfg.seed, round_, fl.num_clients, fl.clients_per_round):
+            participation[c] += 1
+    return make_plan(cfg.privacy, client_sizes, cfg.train.batch_size, fl.local_steps, participation, fl.rounds, fl.clients_per_round)
+
+
+def round_clients(cfg: ExperimentConfig, round_: int) -> list[int]:
+    """This round's clients: K of N, or each with probability K/N under Poisson client sampling."""
+    fl = cfg.fl
+    if cfg.privacy.mode == "client_dp" and cfg.privacy.client_sampling == "poisson":
+        rng = randomness(cfg.privacy.secure_noise, derive_seed(cfg.seed, "client_sampling", round_))
+        return [int(c) for c in (rng.uniform(fl.num_clients) < fl.clients_per_round / fl.num_clients).nonzero()[0]]
+    return sample_clients(cfg.seed, round_, fl.num_clients, fl.clients_per_round)
 
 
 def sample_clients(seed: int, round_: int, num_clients: int, k: int) -> list[int]:

@@ -28,4 +28,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"{'down (server->client)':<22}{_kib(b['down']):>14}{_kib(ref['down']):>14}{ratio['down']:>9.3f}x",
         f"{'up (client->server)':<22}{_kib(b['up']):>14}{_kib(ref['up']):>14}{ratio['up']:>9.3f}x",
     ]
+    if "privacy" in summary:
+        lines += ["", summary["privacy"]["statement"]]
+    if "stopped" in summary:
+        lines += ["", f"stopped early: {summary['stopped']}"]
     return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Privacy of the clients' data: DP-SGD on clients, client-level DP, and the accounting."""

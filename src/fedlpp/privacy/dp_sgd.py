@@ -1,0 +1,120 @@
+"""Sample-level DP-SGD on one client (DESIGN 3.1): Opacus per-example clipping and noise.
+
+Each step draws a Poisson batch (every example joins with probability q = batch / n_k),
+computes per-example gradients of the per-sequence loss for the trained adapter tensors
+only, clips each to norm C, sums, adds N(0, (sigma C)^2) and divides by the *expected*
+batch size. An empty batch is still a step: noise only, counted by the accountant.
+
+The model is wrapped in Opacus's ``GradSampleModule`` for one client's steps and
+unwrapped afterwards, after ``set_trainable``: hooks are always attached to the live
+parameters of this round (the peft + Opacus stale-hook failure leaves LoRA unchanged).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from torch import nn
+
+from fedlpp.algorithms.client import LocalResult, LocalTraining
+from fedlpp.data import collate
+from fedlpp.models.lora import adapter_parameters, get_adapter, set_adapter, set_trainable
+from fedlpp.models.objective import example_losses
+from fedlpp.privacy.randomness import Randomness
+
+Batch = Mapping[str, torch.Tensor] | None  # None: an empty Poisson batch
+
+
+@dataclass(frozen=True)
+class DpSgd:
+    noise_multiplier: float  # sigma
+    clip_norm: float  # C
+    expected_batch: int  # the batch size the sampling rate was derived from
+
+
+def sampling_rate(batch_size: int, num_examples: int) -> float:
+    return min(1.0, batch_size / num_examples)
+
+
+def poisson_batches(features: Sequence[dict], steps: int, rate: float, pad_id: int, rng: Randomness) -> Iterator[Batch]:
+    """``steps`` Poisson-sampled batches of ``features`` (None when no example was drawn)."""
+    for _ in range(steps):
+        chosen = (rng.uniform(len(features)) < rate).nonzero()[0]
+        yield collate([features[i] for i in chosen], pad_id) if len(chosen) else None
+
+
+class NoisyOptimizer(DPOptimizer):
+    """Opacus's DPOptimizer with the Gaussian noise drawn from our ``Randomness``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise: Randomness, **kwargs) -> None:
+        super().__init__(optimizer, **kwargs)
+        self._noise = noise
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            p.grad = (p.summed_grad + self._noise.normal(tuple(p.summed_grad.shape), std)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+def train_client_dp(
+    model: nn.Module,
+    kind: str,
+    start: Mapping[str, torch.Tensor],
+    trained: Sequence[str],
+    batches: Iterable[Batch],
+    opts: LocalTraining,
+    dp: DpSgd,
+    noise: Randomness,
+    seed: int,
+) -> LocalResult:
+    """DP-SGD steps from ``start``; the delta of the trained tensors and each step's loss (nan if empty)."""
+    set_adapter(model, start)
+    set_trainable(model, trained)
+    params = [adapter_parameters(model)[n] for n in trained]
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    optimizer = NoisyOptimizer(
+        torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay),
+        noise=noise,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.clip_norm,
+        expected_batch_size=dp.expected_batch,
+        loss_reduction="mean",
+    )
+    losses = []
+    model.train()
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # dropout, when the adapter has any
+            for batch in batches:
+                losses.append(_backward(model, kind, batch, params))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    finally:
+        wrapped.to_standard_module()  # removes every hook and per-sample attribute
+        model.eval()
+    after = get_adapter(model)
+    return LocalResult({n: after[n] - start[n] for n in trained}, tuple(losses))
+
+
+def _backward(model: nn.Module, kind: str, batch: Batch, params: Sequence[nn.Parameter]) -> float:
+    """Per-example gradients into ``p.grad_sample``; the batch's mean loss."""
+    if batch is None:
+        for p in params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+        return float("nan")
+    # The hooks sit on the wrapped modules, so calling the peft model itself records them
+    # (and keeps its logits_to_keep fast path, which the wrapper would hide).
+    loss = example_losses(model, batch, kind).mean()
+    with warnings.catch_warnings():
+        # Frozen inputs of the first LoRA layer: torch notes that the hook sees outputs only, which is all it needs.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        loss.backward()
+    return float(loss.detach())

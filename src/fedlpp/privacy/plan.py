@@ -1,0 +1,147 @@
+"""A run's privacy: the noise it uses, what one round costs, and the ledger of what was spent.
+
+``make_plan`` fixes sigma before training — calibrated from a target epsilon against the
+run's real sampling rates and step counts, or given — and ``Ledger`` accumulates every
+unit's history round by round. The ledger travels in the checkpoint, so a resumed run
+continues the same accountant instead of starting again from zero.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from fedlpp.config import PrivacyConfig
+from fedlpp.privacy.accounting import Accounting, Step, add_steps, calibrate, epsilon
+from fedlpp.privacy.dp_sgd import sampling_rate
+
+log = logging.getLogger(__name__)
+
+RUN_UNIT = "clients"  # the one ledger entry of client-level DP
+# Epsilon may exceed the stop line by this much (the accountant's own rounding).
+BUDGET_SLACK = 1e-9
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    mode: str  # dp_sgd | client_dp
+    noise_multiplier: float  # sigma
+    clip_norm: float  # C (per example) or S (per client delta)
+    accounting: Accounting
+    rates: dict[str, float]  # unit -> sampling rate of one step
+    steps_per_round: int  # steps a participating unit takes per round
+    stop_at: float  # 0 = no limit
+    calibrated_for: float  # the target epsilon sigma was calibrated to (0 = sigma given)
+    expected_clients: float = 0.0  # client_dp: the public denominator of the noised mean
+    secure_noise: bool = False
+
+    def units_of_round(self, clients: Iterable[int]) -> list[str]:
+        return [RUN_UNIT] if self.mode == "client_dp" else [str(c) for c in clients]
+
+    @property
+    def protected_unit(self) -> str:
+        if self.mode == "client_dp":
+            return "each client's whole dataset (client-level DP)"
+        return "each single training example of a client (sample-level DP)"
+
+
+def make_plan(
+    cfg: PrivacyConfig,
+    client_sizes: Sequence[int],
+    batch_size: int,
+    local_steps: int,
+    participation: Mapping[int, int],
+    rounds: int,
+    clients_per_round: int,
+) -> PrivacyPlan:
+    """Sigma and per-unit rates; ``participation`` is how many of the ``rounds`` each client joins."""
+    n = len(client_sizes)
+    if cfg.mode == "dp_sgd":
+        rates = {str(c): sampling_rate(batch_size, size) for c, size in enumerate(client_sizes)}
+        schedules = [(rates[str(c)], participation.get(c, 0) * local_steps) for c in range(n)]
+        accounting = Accounting(cfg.accountant, "poisson", cfg.delta)
+        steps_per_round = local_steps
+    else:
+        rates = {RUN_UNIT: clients_per_round / n}
+        schedules = [(rates[RUN_UNIT], rounds)]
+        accounting = Accounting(cfg.accountant, cfg.client_sampling, cfg.delta, population=n)
+        steps_per_round = 1
+    sigma = cfg.noise_multiplier
+    if cfg.epsilon > 0:
+        sigma = calibrate(cfg.epsilon, schedules, accounting)
+        log.info("privacy: noise multiplier %.4f calibrated to epsilon %g at delta %g (%s accountant)",
+                 sigma, cfg.epsilon, cfg.delta, cfg.accountant)
+    return PrivacyPlan(
+        mode=cfg.mode,
+        noise_multiplier=sigma,
+        clip_norm=cfg.clip_norm,
+        accounting=accounting,
+        rates=rates,
+        steps_per_round=steps_per_round,
+        stop_at=cfg.stop_at,
+        calibrated_for=cfg.epsilon,
+        expected_clients=float(clients_per_round),
+        secure_noise=cfg.secure_noise,
+    )
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """Every unit's history of noisy steps and its cumulative epsilon."""
+
+    noise_multiplier: float
+    histories: dict[str, list[Step]] = field(default_factory=dict)
+    epsilons: dict[str, float] = field(default_factory=dict)
+
+    def after_round(self, plan: PrivacyPlan, clients: Sequence[int]) -> Ledger:
+        """The ledger once ``clients`` have taken this round's steps (client-level DP: the round itself)."""
+        histories = dict(self.histories)
+        epsilons = dict(self.epsilons)
+        for unit in plan.units_of_round(clients):
+            histories[unit] = add_steps(histories.get(unit, []), self.noise_multiplier, plan.rates[unit], plan.steps_per_round)
+            epsilons[unit] = epsilon(histories[unit], plan.accounting)
+        return Ledger(self.noise_multiplier, histories, epsilons)
+
+    @property
+    def epsilon(self) -> float:
+        """The run's guarantee: the largest epsilon over units."""
+        return max(self.epsilons.values(), default=0.0)
+
+    def exceeds(self, plan: PrivacyPlan) -> bool:
+        return plan.stop_at > 0 and self.epsilon > plan.stop_at + BUDGET_SLACK
+
+    def to_json(self) -> str:
+        return json.dumps({"noise_multiplier": self.noise_multiplier, "histories": self.histories, "epsilons": self.epsilons})
+
+    @classmethod
+    def from_json(cls, text: str) -> Ledger:
+        data = json.loads(text)
+        histories = {u: [(float(s), float(q), int(t)) for s, q, t in h] for u, h in data["histories"].items()}
+        return cls(float(data["noise_multiplier"]), histories, {u: float(e) for u, e in data["epsilons"].items()})
+
+
+def guarantee(plan: PrivacyPlan, ledger: Ledger) -> dict[str, object]:
+    """The summary's privacy block, with one sentence a reader can quote."""
+    eps, delta = ledger.epsilon, plan.accounting.delta
+    mechanism = "DP-SGD on every client (Opacus)" if plan.mode == "dp_sgd" else "DP-FedAvg (clipped client deltas, Gaussian noise on the sum)"
+    sampling = "Poisson" if plan.accounting.sampling == "poisson" else "fixed-size (replace-one)"
+    norm = "C" if plan.mode == "dp_sgd" else "S"
+    statement = (
+        f"{plan.protected_unit[0].upper()}{plan.protected_unit[1:]} is protected by ({eps:.3g}, {delta:g})-DP: "
+        f"{mechanism}, noise multiplier {plan.noise_multiplier:.4g}, clip norm {norm}={plan.clip_norm:g}, "
+        f"{sampling} sampling, {plan.accounting.accountant.upper()} accountant."
+    )
+    return {
+        "mode": plan.mode,
+        "unit": plan.protected_unit,
+        "epsilon": eps,
+        "delta": delta,
+        "accountant": plan.accounting.accountant,
+        "sampling": plan.accounting.sampling,
+        "noise_multiplier": plan.noise_multiplier,
+        "clip_norm": plan.clip_norm,
+        "calibrated_for_epsilon": plan.calibrated_for or None,
+        "statement": statement,
+    }

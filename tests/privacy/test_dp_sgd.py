@@ -1,0 +1,117 @@
+"""DP-SGD on a client: per-example gradients, clipping, noise-only steps, the adapter really moves."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from opacus import GradSampleModule
+
+from fedlpp.algorithms.client import LocalTraining
+from fedlpp.data import collate, encode_for_classification, encode_for_generation, load_task
+from fedlpp.models.backbone import load_backbone
+from fedlpp.models.lora import adapter_parameters, attach_lora, get_adapter, is_lora_b, set_adapter, set_trainable
+from fedlpp.models.objective import example_losses
+from fedlpp.privacy.dp_sgd import DpSgd, NoisyOptimizer, poisson_batches, train_client_dp
+from fedlpp.privacy.randomness import SeededRandomness
+
+OPTS = LocalTraining(lr=0.01, weight_decay=0.0, max_grad_norm=0.0)
+
+
+def _setup(kind: str):
+    if kind == "generation":
+        task = load_task("weather", num_train=24, num_eval=2, seed=0)
+        backbone = load_backbone("tiny-llama", kind)
+        features = encode_for_generation(backbone.tokenizer, task.train, 64)
+    else:
+        backbone = load_backbone("tiny-bert", kind, 2)
+        features = encode_for_classification(backbone.tokenizer, _sentences(), 32)
+    model = attach_lora(backbone, kind, r=4, alpha=8, dropout=0.0)
+    for module in model.modules():  # dropout off (BERT has its own): gradients are compared exactly
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    start = {n: t + 0.05 * torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) for n, t in get_adapter(model).items()}
+    return model, features, start, int(backbone.tokenizer.pad_token_id)
+
+
+def _sentences():
+    from fedlpp.data.schema import Example
+
+    texts = ["a fine film", "dull and long", "the best of the year, truly moving", "no", "awful acting, worse script", "fun"]
+    return [Example(prompt=t, target="", label=i % 2, group=str(i % 2)) for i, t in enumerate(texts)]
+
+
+@pytest.mark.parametrize("kind", ["generation", "classification"])
+def test_per_example_gradients_equal_one_example_at_a_time(kind):
+    model, features, start, pad = _setup(kind)
+    set_adapter(model, start)
+    names = list(start)
+    set_trainable(model, names)
+    params = adapter_parameters(model)
+    batch = collate(features[:5], pad)
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    model.train()
+    example_losses(model, batch, kind).mean().backward()
+    per_example = {n: params[n].grad_sample.clone() for n in names}
+    wrapped.to_standard_module()
+    for n in names:
+        params[n].grad = None
+    for i in range(5):
+        example_losses(model, collate(features[i : i + 1], pad), kind).sum().backward()
+        for n in names:
+            assert torch.allclose(per_example[n][i], params[n].grad, rtol=1e-4, atol=1e-6), (n, i)
+            params[n].grad = None
+    assert not any(hasattr(p, "grad_sample") for p in params.values())  # unwrapped cleanly
+
+
+def test_each_example_is_clipped_to_c_before_summing():
+    model, features, start, pad = _setup("generation")
+    names = list(start)
+    set_adapter(model, start)
+    set_trainable(model, names)
+    params = [adapter_parameters(model)[n] for n in names]
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    optimizer = NoisyOptimizer(torch.optim.SGD(params, lr=0.0), noise=SeededRandomness(0), noise_multiplier=0.0,
+                               max_grad_norm=1e-3, expected_batch_size=4, loss_reduction="mean")
+    model.train()
+    example_losses(model, collate(features[:4], pad), "generation").mean().backward()
+    optimizer.pre_step()
+    total = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in params))
+    wrapped.to_standard_module()
+    assert 0 < total <= 4 * 1e-3 / 4 * (1 + 1e-4)  # four clipped examples over the expected batch of 4
+
+
+@pytest.mark.parametrize("freeze_a", [False, True])
+def test_a_dp_step_really_changes_the_trained_adapter(freeze_a):
+    model, features, start, pad = _setup("generation")
+    trained = [n for n in start if is_lora_b(n)] if freeze_a else list(start)
+    batches = poisson_batches(features, 2, 0.5, pad, SeededRandomness(0))
+    result = train_client_dp(model, "generation", start, trained, batches, OPTS, DpSgd(0.5, 1.0, 12), SeededRandomness(1), 0)
+    assert set(result.delta) == set(trained)
+    assert all(float(d.abs().max()) > 0 for d in result.delta.values())
+    after = get_adapter(model)
+    for n in start:
+        if n not in trained:
+            assert torch.equal(after[n], start[n])  # FFA-LoRA: A never moves
+    # A second client on the same shared model still trains (no stale hooks from the first).
+    again = train_client_dp(model, "generation", start, trained, poisson_batches(features, 1, 0.5, pad, SeededRandomness(2)),
+                            OPTS, DpSgd(0.5, 1.0, 12), SeededRandomness(3), 0)
+    assert all(float(d.abs().max()) > 0 for d in again.delta.values())
+
+
+def test_an_empty_poisson_batch_is_a_noise_only_step():
+    model, features, start, pad = _setup("generation")
+    trained = list(start)
+    result = train_client_dp(model, "generation", start, trained, iter([None]), OPTS, DpSgd(1.0, 1.0, 8), SeededRandomness(0), 0)
+    assert math.isnan(result.losses[0])
+    assert all(float(d.abs().max()) > 0 for d in result.delta.values())  # noise moved it
+
+
+def test_poisson_batches_sample_at_the_rate_and_yield_empty_batches():
+    features = [{"input_ids": [1, 2], "attention_mask": [1, 1], "labels": [1, 2]}] * 50
+    rng = SeededRandomness(0)
+    sizes = [0 if b is None else len(b["input_ids"]) for b in poisson_batches(features, 400, 0.1, 0, rng)]
+    assert sum(sizes) / len(sizes) == pytest.approx(5.0, rel=0.1)
+    tiny = list(poisson_batches(features, 200, 0.001, 0, SeededRandomness(1)))
+    assert any(b is None for b in tiny)

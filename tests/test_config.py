@@ -80,5 +80,33 @@ def test_changed_keys_lists_dotted_differences():
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path: Path):
-    cfg = load_config(path)
-    assert cfg.data.path == "", "shipped configs leave data.path empty; users set it with an override"
+    from fedlpp.sweep import load_sweep
+
+    configs = [p.config for p in load_sweep(path, []).points] if "[sweep]" in path.read_text() else [load_config(path)]
+    assert all(cfg.data.path == "" for cfg in configs), "shipped configs leave data.path empty; users set it with an override"
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["privacy.mode=dp_sgd"], "privacy.epsilon"),  # neither a target nor a sigma
+        (["privacy.mode=dp_sgd", "privacy.epsilon=3", "privacy.noise_multiplier=1"], "privacy.epsilon"),  # both
+        (["privacy.noise_multiplier=1"], "privacy.noise_multiplier"),  # set with mode none
+        (["privacy.mode=laplace"], "privacy.mode"),
+        (["privacy.mode=dp_sgd", "privacy.epsilon=3", "privacy.accountant=gdp"], "privacy.accountant"),
+        (["privacy.mode=dp_sgd", "privacy.epsilon=3", "privacy.delta=0"], "privacy.delta"),
+        (["privacy.mode=dp_sgd", "privacy.epsilon=3", "privacy.client_sampling=poisson"], "privacy.client_sampling"),
+        (["privacy.mode=client_dp", "privacy.epsilon=3", "privacy.accountant=prv"], "privacy.accountant"),
+        (["privacy.mode=dp_sgd", "privacy.epsilon=3", "privacy.budget=2"], "privacy.budget"),
+        (["privacy.mode=dp_sgd", "privacy.epsilon=3", "train.max_grad_norm=1"], "train.max_grad_norm"),
+    ],
+)
+def test_bad_privacy_settings_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_a_target_epsilon_is_also_the_budget():
+    cfg = load_config(None, ["privacy.mode=dp_sgd", "privacy.epsilon=3"])
+    assert cfg.privacy.enabled and cfg.privacy.stop_at == 3.0
+    assert load_config(None, ["privacy.mode=client_dp", "privacy.noise_multiplier=1"]).privacy.stop_at == 0.0

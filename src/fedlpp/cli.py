@@ -87,7 +87,8 @@ def command_sweep(args: argparse.Namespace) -> int:
     quiet_libraries()
     from fedlpp.engine.local import run_experiment
 
-    run_sweep(sweep, out, lambda cfg, directory, resume: run_experiment(cfg, directory, resume=resume, progress=False))
+    run_sweep(sweep, out, lambda cfg, directory, resume: run_experiment(cfg, directory, resume=resume, progress=False),
+              echo=lambda line: print(line, flush=True))
     print((out / SWEEP_MD).read_text())
     return 0
 

@@ -48,3 +48,13 @@ def test_private_aggregate_refuses_an_unclipped_update():
     for n in SHAPES:  # the refused client's slot still counts in the public denominator
         assert torch.allclose(result.adapter[n], ok[n] / 2.0)
     assert math.isfinite(delta_norm(result.adapter))
+
+
+def test_secagg_noise_shares_add_up_to_the_accounted_noise():
+    from fedlpp.engine.secure import NoiseShares
+
+    shares = NoiseShares(clip_norm=0.5, noise_multiplier=2.0, denominator=4.0)
+    assert shares.share_std**2 * 4 == pytest.approx((2.0 * 0.5) ** 2)
+    assert shares.top_up_std(4) == 0.0
+    # one of four clients missing: the server adds the missing quarter of the variance
+    assert shares.top_up_std(3) ** 2 + 3 * shares.share_std**2 == pytest.approx((2.0 * 0.5) ** 2)

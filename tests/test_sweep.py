@@ -1,0 +1,78 @@
+"""Sweep files: validated up front, crossed axes x seeds, resumable, one mean ± std table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedlpp.config import ConfigError
+from fedlpp.sweep import SWEEP_JSON, SWEEP_MD, load_sweep, run_sweep, table
+
+SWEEP = """
+[fl]
+rounds = 2
+[sweep]
+seeds = [0, 1]
+[sweep.axes.algorithm]
+"LoRA" = ["algorithm.name=fedavg_lora"]
+"FFA" = ["algorithm.name=ffa_lora", "train.lr=0.02"]
+[sweep.axes.privacy]
+"none" = []
+"eps=3" = ["privacy.mode=dp_sgd", "privacy.epsilon=3"]
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sweep.toml"
+    path.write_text(text)
+    return path
+
+
+def test_axes_are_crossed_with_seeds_and_overrides_apply_to_every_point(tmp_path):
+    sweep = load_sweep(_write(tmp_path, SWEEP), ["fl.rounds=3"])
+    assert sweep.axes == ("algorithm", "privacy")
+    assert len(sweep.points) == 8
+    ffa_private = [p for p in sweep.points if p.labels == ("FFA", "eps=3")]
+    assert [p.seed for p in ffa_private] == [0, 1]
+    assert all(p.config.train.lr == 0.02 and p.config.privacy.epsilon == 3 and p.config.fl.rounds == 3 for p in ffa_private)
+    assert ffa_private[1].directory == "FFA__eps=3/seed1"
+
+
+def test_a_bad_point_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match=r"sweep point LoRA / none, seed 0: privacy\.noise_multiplier"):
+        load_sweep(_write(tmp_path, SWEEP), ["privacy.noise_multiplier=1"])
+    with pytest.raises(ConfigError, match=r"\[sweep\]"):
+        load_sweep(_write(tmp_path, "[fl]\nrounds = 2\n"), [])
+    with pytest.raises(ConfigError, match="sweep.seeds"):
+        load_sweep(_write(tmp_path, "[sweep]\nseeds = []\n"), [])
+
+
+def test_finished_points_are_kept_and_the_table_has_mean_and_std(tmp_path):
+    sweep = load_sweep(_write(tmp_path, SWEEP), [])
+    calls = []
+
+    def fake_run(cfg, directory, resume):
+        calls.append((cfg.algorithm.name, cfg.seed, resume))
+        directory.mkdir(parents=True)
+        eps = cfg.privacy.epsilon or None
+        summary = {"rounds": 2, "global": {"accuracy": 80.0 + cfg.seed}, "proxy": {"accuracy": 80.0}, "wall_s": 1.0,
+                   **({"privacy": {"epsilon": eps, "noise_multiplier": 1.1}} if eps else {})}
+        (directory / "summary.json").write_text(json.dumps(summary))
+        return summary
+
+    out = tmp_path / "out"
+    run_sweep(sweep, out, fake_run, echo=lambda _: None)
+    assert len(calls) == 8
+    run_sweep(sweep, out, fake_run, echo=lambda _: None)
+    assert len(calls) == 8  # nothing ran twice
+    runs = json.loads((out / SWEEP_JSON).read_text())["runs"]
+    assert len(runs) == 8 and runs[0]["algorithm"] == "LoRA"
+    md = (out / SWEEP_MD).read_text()
+    assert "| LoRA | none | 80.50 ± 0.71 | ∞ (non-private) | – | 2 |" in md
+    assert "| FFA | eps=3 | 80.50 ± 0.71 | 3.00 ± 0.00 | 1.100 | 2 |" in md
+
+
+def test_table_of_no_runs_is_just_a_header():
+    assert table(("a",), []).startswith("| a | epsilon")

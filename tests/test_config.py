@@ -99,6 +99,9 @@ def test_shipped_configs_are_valid(path: Path):
         (["privacy.mode=client_dp", "privacy.epsilon=3", "privacy.accountant=prv"], "privacy.accountant"),
         (["privacy.mode=dp_sgd", "privacy.epsilon=3", "privacy.budget=2"], "privacy.budget"),
         (["privacy.mode=dp_sgd", "privacy.epsilon=3", "train.max_grad_norm=1"], "train.max_grad_norm"),
+        (["privacy.secure_noise=true"], "privacy.secure_noise"),
+        (["privacy.mode=client_dp", "privacy.epsilon=3", "privacy.client_sampling=poisson", "secagg.enabled=true",
+          "fl.num_clients=5", "fl.clients_per_round=3"], "privacy.client_sampling"),
     ],
 )
 def test_bad_privacy_settings_name_the_key(overrides, key):

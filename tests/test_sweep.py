@@ -76,3 +76,21 @@ def test_finished_points_are_kept_and_the_table_has_mean_and_std(tmp_path):
 
 def test_table_of_no_runs_is_just_a_header():
     assert table(("a",), []).startswith("| a | epsilon")
+
+
+def test_labels_that_collide_as_directories_are_refused(tmp_path):
+    text = '[sweep]\nseeds = [0]\n[sweep.axes.privacy]\n"ε=1" = []\n"σ=1" = ["train.lr=0.01"]\n'
+    with pytest.raises(ConfigError, match="same run directory"):
+        load_sweep(_write(tmp_path, text), [])
+
+
+def test_a_changed_sweep_file_does_not_mix_with_old_runs(tmp_path):
+    from fedlpp.config import write_toml
+
+    sweep = load_sweep(_write(tmp_path, SWEEP), [])
+    out = tmp_path / "out"
+    old = out / sweep.points[0].directory
+    old.mkdir(parents=True)
+    write_toml(load_sweep(_write(tmp_path, SWEEP), ["fl.rounds=5"]).points[0].config, old / "config.toml")
+    with pytest.raises(ConfigError, match="different fl.rounds"):
+        run_sweep(sweep, out, lambda *a: pytest.fail("nothing may run"), echo=lambda _: None)

@@ -81,7 +81,7 @@ def command_run(args: argparse.Namespace) -> int:
 def command_sweep(args: argparse.Namespace) -> int:
     from fedlpp.sweep import SWEEP_MD, load_sweep, run_sweep
 
-    sweep = load_sweep(args.config, args.overrides)  # every point is validated before the first run
+    sweep = load_sweep(args.config, args.overrides)  # every point's config is validated before the first run
     out = args.out or Path("runs") / f"sweep-{args.config.stem}"
     print(f"{len(sweep.points)} runs into {out}")
     quiet_libraries()

@@ -196,9 +196,10 @@ class PrivacyConfig:
         _require(self.clip_norm > 0, "privacy.clip_norm", f"must be > 0, got {self.clip_norm}")
         _require(self.budget >= 0, "privacy.budget", f"must be >= 0, got {self.budget}")
         if self.mode == "none":
-            for key in ("epsilon", "noise_multiplier", "budget"):
-                _require(getattr(self, key) == 0, f"privacy.{key}", "is set but privacy.mode is 'none'; "
-                         "choose privacy.mode=dp_sgd or client_dp")
+            unused = {"epsilon": self.epsilon, "noise_multiplier": self.noise_multiplier, "budget": self.budget,
+                      "client_sampling": self.client_sampling != "fixed", "secure_noise": self.secure_noise}
+            for key, value in unused.items():
+                _require(not value, f"privacy.{key}", "is set but privacy.mode is 'none'; choose privacy.mode=dp_sgd or client_dp")
             return
         _require(
             (self.epsilon > 0) != (self.noise_multiplier > 0),
@@ -249,6 +250,12 @@ class ExperimentConfig:
             "train.max_grad_norm",
             "with privacy.mode=dp_sgd every example's gradient is clipped to privacy.clip_norm; "
             "leave train.max_grad_norm at 0",
+        )
+        _require(
+            not (self.secagg.enabled and self.privacy.client_sampling == "poisson"),
+            "privacy.client_sampling",
+            "'poisson' gives rounds with any number of clients, but secure aggregation is set up for "
+            "fl.clients_per_round of them and aborts below 3; use 'fixed' with secagg.enabled",
         )
         _require(
             not (self.privacy.budget and self.privacy.epsilon and self.privacy.budget < self.privacy.epsilon),

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlpp.config import ConfigError, ExperimentConfig, apply_overrides, build_config, read_toml
+from fedlpp.config import ConfigError, ExperimentConfig, apply_overrides, build_config, changed_keys, load_config, read_toml
 from fedlpp.engine import rundir
 
 SWEEP_JSON, SWEEP_MD = "sweep.json", "sweep.md"
@@ -76,7 +76,27 @@ def load_sweep(path: Path, overrides: Sequence[str]) -> Sweep:
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
             points.append(SweepPoint(labels, seed, config))
+    _check_distinct(points)
     return Sweep(tuple(axes), tuple(points))
+
+
+def _check_distinct(points: Sequence[SweepPoint]) -> None:
+    seen: dict[str, tuple[str, ...]] = {}
+    for p in points:
+        if p.directory in seen and seen[p.directory] != p.labels:
+            raise ConfigError(f"sweep.axes: labels {' / '.join(p.labels)!r} and {' / '.join(seen[p.directory])!r} "
+                              f"map to the same run directory {p.directory!r}; use labels that differ in letters or digits")
+        seen[p.directory] = p.labels
+
+
+def check_same_config(point: SweepPoint, directory: Path) -> None:
+    """A run directory left by an earlier sweep must hold this point's config, or it is not this point's run."""
+    if not (directory / rundir.CONFIG).exists():
+        return
+    changed = changed_keys(load_config(directory / rundir.CONFIG), point.config)
+    if changed:
+        raise ConfigError(f"{directory} holds a run of this sweep point with a different {changed[0]}: the sweep file "
+                          "changed since; remove that directory or choose another --out")
 
 
 def _check_axes(axes: Any) -> None:
@@ -93,6 +113,8 @@ def _check_axes(axes: Any) -> None:
 def run_sweep(sweep: Sweep, out: Path, run: Callable[[ExperimentConfig, Path, bool], dict[str, Any]],
               echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run every point not finished yet (``run(config, directory, resume)``); write the tables."""
+    for point in sweep.points:  # before anything runs: a changed sweep file must not mix with old runs
+        check_same_config(point, out / point.directory)
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for i, point in enumerate(sweep.points, 1):

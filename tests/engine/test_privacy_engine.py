@@ -12,7 +12,7 @@ from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp import RdpAccountant
 
 from fedlpp.cli import main
-from fedlpp.config import load_config
+from fedlpp.config import ConfigError, load_config
 from fedlpp.engine import rundir
 from fedlpp.engine.local import LEDGER_KEY, run_experiment
 from fedlpp.engine.setup import build_run, sample_clients
@@ -90,7 +90,8 @@ def test_budget_exhaustion_stops_before_the_round_that_would_exceed_it(tmp_path)
     assert last == 1 and all(torch.isfinite(t).all() for t in adapter.values())
     assert (out / "adapter" / "adapter_config.json").exists()
     assert full["privacy"]["epsilon"] > budget
-    assert "global" in summary  # the adapter it stopped with is evaluated
+    assert summary["final_round"] == 1 and summary["global"]["loss"] > 0  # the adapter it stopped with is evaluated
+    assert "train_loss" not in rows(out)[0]  # computed from the clients' data without noise: not released
 
 
 def test_resume_keeps_the_accountant_and_reproduces_the_run(tmp_path):
@@ -149,3 +150,11 @@ def test_client_level_dp_under_secure_aggregation_matches_the_plain_mean_without
     a, b = rundir.load_checkpoint(tmp_path / "plain")[0], rundir.load_checkpoint(tmp_path / "secure")[0]
     assert all(torch.allclose(a[n], b[n], atol=1e-5) for n in a)
     assert plain["privacy"]["epsilon"] == secure["privacy"]["epsilon"]
+
+
+def test_noise_shares_that_cannot_fit_the_secagg_range_are_refused_before_training(tmp_path):
+    cfg = tiny("privacy.mode=client_dp", "privacy.noise_multiplier=1.0", "privacy.clip_norm=1.0", "fl.clients_per_round=3",
+               "secagg.enabled=true")
+    with pytest.raises(ConfigError, match="secagg.clip_range"):
+        run_experiment(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

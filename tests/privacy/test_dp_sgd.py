@@ -87,7 +87,8 @@ def test_a_dp_step_really_changes_the_trained_adapter(freeze_a):
     model, features, start, pad = _setup("generation")
     trained = [n for n in start if is_lora_b(n)] if freeze_a else list(start)
     batches = poisson_batches(features, 2, 0.5, pad, SeededRandomness(0))
-    result = train_client_dp(model, "generation", start, trained, batches, OPTS, DpSgd(0.5, 1.0, 12), SeededRandomness(1), 0)
+    # sigma = 0: only the clipped per-example gradients can move the adapter
+    result = train_client_dp(model, "generation", start, trained, batches, OPTS, DpSgd(0.0, 1.0, 12), SeededRandomness(1), 0)
     assert set(result.delta) == set(trained)
     assert all(float(d.abs().max()) > 0 for d in result.delta.values())
     after = get_adapter(model)
@@ -115,3 +116,22 @@ def test_poisson_batches_sample_at_the_rate_and_yield_empty_batches():
     assert sum(sizes) / len(sizes) == pytest.approx(5.0, rel=0.1)
     tiny = list(poisson_batches(features, 200, 0.001, 0, SeededRandomness(1)))
     assert any(b is None for b in tiny)
+
+
+def test_noise_on_the_averaged_gradient_has_std_sigma_c_over_the_expected_batch():
+    model, _, start, _ = _setup("generation")
+    names = list(start)
+    set_adapter(model, start)
+    set_trainable(model, names)
+    params = [adapter_parameters(model)[n] for n in names]
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    optimizer = NoisyOptimizer(torch.optim.SGD(params, lr=1.0), noise=SeededRandomness(0), noise_multiplier=2.0,
+                               max_grad_norm=0.5, expected_batch_size=4, loss_reduction="mean")
+    before = [p.detach().clone() for p in params]
+    for p in params:  # an empty batch: the step is noise only, so the SGD step is exactly -noise / 4
+        p.grad_sample = torch.zeros((0, *p.shape))
+    optimizer.step()
+    wrapped.to_standard_module()
+    moved = torch.cat([(b - p.detach()).reshape(-1) for b, p in zip(before, params, strict=True)])
+    assert moved.numel() > 1000
+    assert float(moved.std()) == pytest.approx(2.0 * 0.5 / 4, rel=0.08)  # 8%: about 4 standard errors

@@ -18,7 +18,7 @@ from fedlpp.algorithms import fedavg_lora, fedlpp, ffa_lora, wire
 from fedlpp.algorithms.layout import Layout, fingerprint, layout_of, unflatten
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.models.lora import Adapter, copy_adapter, lora_a_from_seed
-from fedlpp.privacy.client_dp import NoisedSum, within_norm
+from fedlpp.privacy.client_dp import NoisedSum, clip_delta, within_norm
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,8 @@ def aggregate_private(
             rejected[u.client_id] = f"delta norm exceeds privacy.clip_norm={noised.clip_norm:g}"
             log.warning("round %d: rejected the update of client %d: %s", round_, u.client_id, rejected[u.client_id])
     shapes = dict(trained_layout(_shapes(adapter), spec.freeze_a))
-    mean_delta = noised.mean([u.delta for u in accepted], shapes)
+    # Within float32 rounding of S, but never more than S: the accounted sensitivity holds exactly.
+    mean_delta = noised.mean([clip_delta(u.delta, noised.clip_norm) for u in accepted], shapes)
     new = apply_mean_delta(spec, adapter, mean_delta, len(accepted), round_)
     used = tuple(u.client_id for u in accepted) if new is not None else ()
     return AggregateResult(new if new is not None else copy_adapter(adapter), used, rejected)

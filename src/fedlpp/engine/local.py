@@ -117,7 +117,9 @@ def run_round(ctx: RunContext, adapter: Adapter, round_: int, clients: Sequence[
         deltas[client] = (delta, n)
         losses.append(loss)
     new, row = (secure_server(ctx, adapter, deltas, round_) if ctx.secure else plain_server(ctx, adapter, deltas, round_))
-    row = {"round": round_, "clients": list(clients), **row, "train_loss": _mean([v for v in losses if v is not None])}
+    row = {"round": round_, "clients": list(clients), **row}
+    if ctx.privacy is None:  # the clients' training loss is computed from their data without noise
+        row["train_loss"] = _mean([v for v in losses if v is not None])
     row["bytes_down"] += len(payload) * len(clients)
     if round_ % cfg.eval.every == 0 or round_ == cfg.fl.rounds:
         row.update(evaluate_round(ctx, new))
@@ -244,7 +246,7 @@ def privacy_row(plan: PrivacyPlan, ledger: Ledger) -> dict[str, Any]:
 
 
 def _postfix(row: Mapping[str, Any]) -> dict[str, str]:
-    post = {"train_loss": f"{row['train_loss']:.3f}"}
+    post = {} if row.get("train_loss") is None else {"train_loss": f"{row['train_loss']:.3f}"}
     if "global" in row:
         post["global_loss"] = f"{row['global']['loss']:.3f}"
         post["proxy_loss"] = f"{row['proxy']['loss']:.3f}"
@@ -257,8 +259,8 @@ def finish(
     """Save the final adapter in peft format and write summary.json."""
     save_peft_adapter(ctx.model, adapter, out / rundir.ADAPTER, ctx.backbone.source)
     reference = fedavg_reference_bytes(ctx, adapter)
-    k = ctx.cfg.fl.clients_per_round
     final_round, final_eval = final_evaluation(ctx, adapter, rows)
+    k = max(1, len(rows[-1]["clients"])) if rows else 1  # Poisson client sampling: the round's own count
     down = rows[-1]["bytes_down"] / k if rows else 0.0
     up = rows[-1]["bytes_up"] / k if rows else 0.0
     summary = {

@@ -12,7 +12,7 @@ from peft import PeftModel
 
 from fedlpp.algorithms.ffa_lora import trained_names
 from fedlpp.algorithms.spec import AlgorithmSpec, get_algorithm
-from fedlpp.config import ExperimentConfig
+from fedlpp.config import ConfigError, ExperimentConfig
 from fedlpp.data import TaskData, collate, encode_for_classification, encode_for_generation, encode_prompts, load_task, partition
 from fedlpp.engine.secure import SecureAggregator, make_aggregator
 from fedlpp.evaluation.evaluate import Decoding, EvalSet
@@ -85,6 +85,8 @@ def build_run(cfg: ExperimentConfig) -> RunContext:
     task = load_task_data(cfg)
     parts = partition(cfg.data.partition, task.train, cfg.fl.num_clients, alpha=cfg.data.alpha, seed=cfg.seed)
     privacy = privacy_plan(cfg, [len(p) for p in parts]) if cfg.privacy.enabled else None  # before the slow model load
+    if cfg.secagg.enabled and privacy is not None and privacy.mode == "client_dp":
+        check_noise_fits_range(cfg, privacy)
     backbone = load_backbone(cfg.model.name, task.kind, task.num_labels)
     model = attach_lora(backbone, task.kind, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     features = encode_train(task, backbone, cfg.model.max_length)
@@ -120,6 +122,23 @@ def privacy_plan(cfg: ExperimentConfig, client_sizes: list[int]) -> PrivacyPlan:
         for c in sample_clients(cfg.seed, round_, fl.num_clients, fl.clients_per_round):
             participation[c] += 1
     return make_plan(cfg.privacy, client_sizes, cfg.train.batch_size, fl.local_steps, participation, fl.rounds, fl.clients_per_round)
+
+
+# A client's noise share may reach this many standard deviations on some coordinate without
+# leaving the range (over ~10^6 Gaussian values the largest is about 5 sigma).
+NOISE_SHARE_TAILS = 6.0
+
+
+def check_noise_fits_range(cfg: ExperimentConfig, plan: PrivacyPlan) -> None:
+    """Under SecAgg a client sends clipped delta + noise share; out of range it would drop out every round."""
+    share_std = plan.noise_multiplier * plan.clip_norm / plan.expected_clients**0.5
+    need = plan.clip_norm + NOISE_SHARE_TAILS * share_std
+    if cfg.secagg.clip_range < need:
+        raise ConfigError(
+            f"secagg.clip_range: {cfg.secagg.clip_range:g} is too small for client-level DP: a client sends its delta "
+            f"(norm <= privacy.clip_norm={plan.clip_norm:g}) plus a noise share of std {share_std:.3g}, so values reach "
+            f"{need:.3g}; raise secagg.clip_range to at least that (and lower secagg.scale_bits if it then overflows)"
+        )
 
 
 def round_clients(cfg: ExperimentConfig, round_: int) -> list[int]:

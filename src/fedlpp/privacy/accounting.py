@@ -26,6 +26,8 @@ from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp import RdpAccountant
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from fedlpp.config import ConfigError
+
 Step = tuple[float, float, int]  # (noise multiplier, sampling rate, number of steps)
 
 # Opacus's default RDP orders plus larger ones: small noise or few steps put the optimum beyond 63.
@@ -33,7 +35,7 @@ RDP_ORDERS = RDPAccountant.DEFAULT_ALPHAS + [80, 96, 128, 160, 192, 256, 384, 51
 SIGMA_MAX = 1e4  # calibration gives up beyond this: the target cannot be met by noise
 
 
-class CalibrationError(ValueError):
+class CalibrationError(ConfigError):
     """No noise multiplier reaches the target epsilon (e.g. too many steps at rate 1)."""
 
 
@@ -100,13 +102,13 @@ def undominated(schedules: Sequence[tuple[float, int]]) -> list[tuple[float, int
 def calibrate(target: float, schedules: Sequence[tuple[float, int]], acc: Accounting, rel_tol: float = 1e-3) -> float:
     """The smallest noise multiplier (to ``rel_tol``) whose worst epsilon is <= ``target``."""
     if not undominated(schedules):
-        raise CalibrationError("no unit takes any step: there is nothing to calibrate")
+        raise CalibrationError("privacy.epsilon: no unit takes any step, so there is nothing to calibrate")
     low, high = 0.0, 1.0
     while worst_epsilon(high, schedules, acc) > target:
         low, high = high, 2 * high
         if high > SIGMA_MAX:
-            raise CalibrationError(f"epsilon {target} at delta {acc.delta} cannot be reached with any noise multiplier "
-                                   f"<= {SIGMA_MAX:g}; allow a larger epsilon or fewer steps")
+            raise CalibrationError(f"privacy.epsilon: {target} at delta {acc.delta} cannot be reached with any noise "
+                                   f"multiplier <= {SIGMA_MAX:g}; allow a larger epsilon or fewer steps (fl.rounds, fl.local_steps)")
     while high - low > rel_tol * high:
         mid = (low + high) / 2
         if worst_epsilon(mid, schedules, acc) > target:

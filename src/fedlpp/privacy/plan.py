@@ -133,6 +133,9 @@ def guarantee(plan: PrivacyPlan, ledger: Ledger) -> dict[str, object]:
         f"{mechanism}, noise multiplier {plan.noise_multiplier:.4g}, clip norm {norm}={plan.clip_norm:g}, "
         f"{sampling} sampling, {plan.accounting.accountant.upper()} accountant."
     )
+    if not plan.secure_noise:
+        statement += (" The noise was drawn from the run's seed (reproducible research mode): the guarantee holds "
+                      "only against parties who do not know it; privacy.secure_noise=true draws it from the OS CSPRNG.")
     return {
         "mode": plan.mode,
         "unit": plan.protected_unit,

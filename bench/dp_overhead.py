@@ -34,7 +34,7 @@ from fedlpp.config import load_config  # noqa: E402
 from fedlpp.engine.setup import RunContext, build_run, client_batches  # noqa: E402
 from fedlpp.models.lora import adapter_parameters, set_adapter, set_trainable  # noqa: E402
 from fedlpp.models.objective import example_losses  # noqa: E402
-from fedlpp.privacy.dp_sgd import NoisyOptimizer, _backward  # noqa: E402
+from fedlpp.privacy.dp_sgd import NoisyOptimizer, per_example_backward  # noqa: E402
 from fedlpp.privacy.randomness import SeededRandomness  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "dp_overhead.json"
@@ -77,7 +77,7 @@ def measure(ctx: RunContext, batch_size: int, steps: int, reps: int) -> dict[str
         wrap = time.perf_counter() - t0
 
         def dp_step() -> None:
-            _backward(model, kind, batch, params)
+            per_example_backward(model, kind, batch, params)
             dp_opt.step()
             dp_opt.zero_grad(set_to_none=True)
 

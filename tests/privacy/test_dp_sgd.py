@@ -65,15 +65,20 @@ def test_per_example_gradients_equal_one_example_at_a_time(kind):
     assert not any(hasattr(p, "grad_sample") for p in params.values())  # unwrapped cleanly
 
 
+def _wrapped_sgd(model, start, lr: float, sigma: float, clip: float):
+    """Every adapter tensor trained, Opacus hooks on, our DP optimizer over plain SGD (expected batch 4)."""
+    set_adapter(model, start)
+    set_trainable(model, list(start))
+    params = [adapter_parameters(model)[n] for n in start]
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    optimizer = NoisyOptimizer(torch.optim.SGD(params, lr=lr), noise=SeededRandomness(0), noise_multiplier=sigma,
+                               max_grad_norm=clip, expected_batch_size=4, loss_reduction="mean")
+    return params, wrapped, optimizer
+
+
 def test_each_example_is_clipped_to_c_before_summing():
     model, features, start, pad = _setup("generation")
-    names = list(start)
-    set_adapter(model, start)
-    set_trainable(model, names)
-    params = [adapter_parameters(model)[n] for n in names]
-    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
-    optimizer = NoisyOptimizer(torch.optim.SGD(params, lr=0.0), noise=SeededRandomness(0), noise_multiplier=0.0,
-                               max_grad_norm=1e-3, expected_batch_size=4, loss_reduction="mean")
+    params, wrapped, optimizer = _wrapped_sgd(model, start, lr=0.0, sigma=0.0, clip=1e-3)
     model.train()
     example_losses(model, collate(features[:4], pad), "generation").mean().backward()
     optimizer.pre_step()
@@ -120,13 +125,7 @@ def test_poisson_batches_sample_at_the_rate_and_yield_empty_batches():
 
 def test_noise_on_the_averaged_gradient_has_std_sigma_c_over_the_expected_batch():
     model, _, start, _ = _setup("generation")
-    names = list(start)
-    set_adapter(model, start)
-    set_trainable(model, names)
-    params = [adapter_parameters(model)[n] for n in names]
-    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
-    optimizer = NoisyOptimizer(torch.optim.SGD(params, lr=1.0), noise=SeededRandomness(0), noise_multiplier=2.0,
-                               max_grad_norm=0.5, expected_batch_size=4, loss_reduction="mean")
+    params, wrapped, optimizer = _wrapped_sgd(model, start, lr=1.0, sigma=2.0, clip=0.5)
     before = [p.detach().clone() for p in params]
     for p in params:  # an empty batch: the step is noise only, so the SGD step is exactly -noise / 4
         p.grad_sample = torch.zeros((0, *p.shape))

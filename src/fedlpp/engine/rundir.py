@@ -95,12 +95,9 @@ def load_checkpoint_metadata(out: Path) -> dict[str, str]:
 
 def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], int] | None:
     """(adapter, last finished round), or None when no round has finished yet."""
-    path = out / CHECKPOINT
-    if not path.exists():
+    if not (out / CHECKPOINT).exists():
         return None
-    with safe_open(str(path), framework="pt") as f:
-        round_ = int((f.metadata() or {})["round"])
-    return load_file(str(path)), round_
+    return load_file(str(out / CHECKPOINT)), int(load_checkpoint_metadata(out)["round"])
 
 
 def append_metrics(out: Path, row: Mapping[str, Any]) -> None:

@@ -94,7 +94,7 @@ def train_client_dp(
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # dropout, when the adapter has any
             for batch in batches:
-                losses.append(_backward(model, kind, batch, params))
+                losses.append(per_example_backward(model, kind, batch, params))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     finally:
@@ -104,7 +104,7 @@ def train_client_dp(
     return LocalResult({n: after[n] - start[n] for n in trained}, tuple(losses))
 
 
-def _backward(model: nn.Module, kind: str, batch: Batch, params: Sequence[nn.Parameter]) -> float:
+def per_example_backward(model: nn.Module, kind: str, batch: Batch, params: Sequence[nn.Parameter]) -> float:
     """Per-example gradients into ``p.grad_sample``; the batch's mean loss."""
     if batch is None:
         for p in params:

@@ -142,9 +142,10 @@ def secagg_round(
     """One full protocol round, every call timed; returns the clock and the decoded sum."""
     clock = Clock()
     registry = registry_of(keys)
-    server = ServerSession(params, registry, round_, len(next(iter(inputs.values()))))
+    dim = len(next(iter(inputs.values())))
+    server = ServerSession(params, registry, round_, dim)
     # Session creation draws the round's key pairs: client work, timed like a step.
-    clients = {c: clock.client(c, partial(ClientSession, c, keys[c], registry, params, round_)) for c in keys}
+    clients = {c: clock.client(c, partial(ClientSession, c, keys[c], registry, params, round_, dim)) for c in keys}
     clock.end_step()
     sent = clock.client_step({c: s.advertise for c, s in clients.items()}, {})
     inbox = _serve(clock, server.receive_advertisement, server.finish_advertise, sent)

@@ -80,7 +80,7 @@ def make_round(n: int, dim: int = 64, params: SecAggParams | None = None, round_
     registry = registry_of(keys)
     rng = np.random.default_rng(seed)  # test data only; the protocol's secrets come from the OS
     inputs = {c: rng.uniform(-params.clip_range / 2, params.clip_range / 2, dim) for c in range(n)}
-    clients = {c: ClientSession(c, keys[c], registry, params, round_) for c in range(n)}
+    clients = {c: ClientSession(c, keys[c], registry, params, round_, dim) for c in range(n)}
     return Round(params, ServerSession(params, registry, round_, dim), clients, inputs, keys)
 
 

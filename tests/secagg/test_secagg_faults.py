@@ -136,7 +136,7 @@ def test_trailing_bytes_are_rejected() -> None:
 def test_wrong_round_is_rejected() -> None:
     rnd = make_round(4)
     key = generate_signing_key()
-    stale = ClientSession(1, key, {1: b""}, rnd.params, round_=0).advertise()
+    stale = ClientSession(1, key, {1: b""}, rnd.params, round_=0, dim=64).advertise()
     with pytest.raises(SecAggError, match="client 1 rejected: wrong round 0, expected 1"):
         rnd.server.receive_advertisement(stale, 1)
 
@@ -144,7 +144,7 @@ def test_wrong_round_is_rejected() -> None:
 def test_wrong_message_type_is_rejected_by_server_and_client() -> None:
     rnd = make_round(4)
     key_lists = rnd.advertise()
-    advert_again = ClientSession(2, generate_signing_key(), {}, rnd.params, 1).advertise()
+    advert_again = ClientSession(2, generate_signing_key(), {}, rnd.params, 1, 64).advertise()
     with pytest.raises(SecAggError, match="client 2 rejected: wrong message type ADVERTISE, expected SHARES"):
         rnd.server.receive_shares(advert_again, 2)
     rnd.clients[0].share_keys(key_lists[0])
@@ -172,7 +172,7 @@ def test_message_for_another_client_is_rejected() -> None:
 
 def test_unknown_and_duplicate_senders_are_rejected() -> None:
     rnd = make_round(4)
-    stranger = ClientSession(9, generate_signing_key(), {}, rnd.params, 1)
+    stranger = ClientSession(9, generate_signing_key(), {}, rnd.params, 1, 64)
     with pytest.raises(SecAggError, match="client 9 rejected: is not expected"):
         rnd.server.receive_advertisement(stranger.advertise(), 9)
     message = rnd.clients[0].advertise()
@@ -184,7 +184,7 @@ def test_unknown_and_duplicate_senders_are_rejected() -> None:
 def test_parameter_mismatch_is_detected_by_the_client() -> None:
     rnd = make_round(4)
     key_lists = rnd.advertise()
-    other = ClientSession(0, generate_signing_key(), {}, SecAggParams(scale=2.0**10), 1)
+    other = ClientSession(0, generate_signing_key(), {}, SecAggParams(scale=2.0**10), 1, 64)
     other.advertise()
     with pytest.raises(SecAggError, match="server rejected: protocol parameters differ"):
         other.share_keys(key_lists[0])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import random
 import secrets
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -21,6 +20,8 @@ from fedlpp.secagg import (
     generate_signing_key,
     run_local_round,
 )
+from fedlpp.secagg import crypto
+from fedlpp.secagg.params import PRGS
 
 
 def test_no_dropout_sum_is_exact() -> None:
@@ -110,12 +111,29 @@ def test_masked_input_is_four_bytes_per_value_plus_a_fixed_header() -> None:
         assert len(rnd.clients[0].masked_input(routed[0], rnd.inputs[0])) == 4 * dim + HEADER_BYTES == 4 * dim + 22
 
 
-def test_one_million_values_mask_fast() -> None:
-    rnd = make_round(3, dim=1_000_000)
+def test_masks_are_expanded_before_the_input_is_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    # share_keys expands the self mask and one stream per neighbour; after training,
+    # masked_input only encodes and adds unless a neighbour vanished before sharing keys.
+    expanded: list[int] = []
+    real = crypto.Prg.expand
+    monkeypatch.setattr(crypto.Prg, "expand", lambda prg, key: expanded.append(1) or real(prg, key))
+    rnd = make_round(4, dim=1_000_000)
     routed = rnd.share(rnd.advertise())
-    start = time.perf_counter()
-    rnd.clients[0].masked_input(routed[0], rnd.inputs[0])
-    assert time.perf_counter() - start < 1.0  # typically ~0.03 s: 3 ChaCha20 streams + adds
+    assert len(expanded) == 4 * (1 + 3)
+    expanded.clear()
+    views = rnd.mask(routed)
+    assert expanded == []
+    result = rnd.unmask(rnd.sign(views))
+    assert np.array_equal(result.encoded, rnd.expected(range(4)))
+
+
+@pytest.mark.parametrize("prg", PRGS)
+def test_every_prg_cipher_sums_exactly_with_dropouts(prg: str) -> None:
+    rnd = make_round(6, dim=300, params=SecAggParams(prg=prg))
+    views = rnd.mask(rnd.share(rnd.advertise(), skip=[1]), skip=[4])
+    result = rnd.unmask(rnd.sign(views))
+    assert np.array_equal(result.encoded, rnd.expected([0, 2, 3, 5]))
+    assert result.dropped == (4,)
 
 
 def test_identical_inputs_give_different_masked_vectors() -> None:

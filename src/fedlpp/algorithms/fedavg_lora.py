@@ -21,16 +21,22 @@ def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
     """sum_k (w_k / sum w) * delta_k, tensor by tensor (weights = example counts)."""
     if not deltas:
         raise ValueError("weighted_mean needs at least one delta")
+    return {name: weighted_mean_tensor([d[name] for d in deltas], weights) for name in deltas[0]}
+
+
+def weighted_mean_tensor(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_k (w_k / sum w) * t_k, accumulated in float64, returned as float32.
+
+    The server averages whole update vectors with one call (one fused pass per client),
+    not tensor by tensor.
+    """
     total = float(sum(weights))
     if total <= 0:
         raise ValueError(f"weights must sum to > 0, got {list(weights)}")
-    out: Adapter = {}
-    for name in deltas[0]:
-        acc = torch.zeros_like(deltas[0][name], dtype=torch.float64)
-        for delta, w in zip(deltas, weights, strict=True):
-            acc += delta[name].to(torch.float64) * (w / total)
-        out[name] = acc.to(torch.float32)
-    return out
+    acc = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for t, w in zip(tensors, weights, strict=True):
+        acc.add_(t, alpha=w / total)  # no float64 copy of t
+    return acc.to(torch.float32)
 
 
 def server_step(

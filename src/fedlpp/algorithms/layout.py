@@ -38,11 +38,16 @@ def flatten(tensors: Mapping[str, torch.Tensor], layout: Layout) -> torch.Tensor
     return torch.cat([tensors[n].detach().to(torch.float32).reshape(-1) for n, _ in layout])
 
 
-def unflatten(flat: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
-    """Inverse of ``flatten``; the length must match the layout exactly."""
+def check_length(flat: torch.Tensor, layout: Layout) -> None:
+    """Raise ValueError unless ``flat`` has exactly the layout's number of values."""
     expected = sum(numel(s) for _, s in layout)
     if flat.numel() != expected:
         raise ValueError(f"expected {expected} values for this layout, got {flat.numel()}")
+
+
+def unflatten(flat: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+    """Inverse of ``flatten``; the length must match the layout exactly."""
+    check_length(flat, layout)
     out, offset = {}, 0
     for name, shape in layout:
         n = numel(shape)

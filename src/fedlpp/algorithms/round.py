@@ -8,6 +8,7 @@ engine and the Flower apps both call these.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from fedlpp.algorithms import fedavg_lora, fedlpp, ffa_lora, wire
-from fedlpp.algorithms.layout import Layout, fingerprint, layout_of, unflatten
+from fedlpp.algorithms.layout import Layout, check_length, fingerprint, layout_of, unflatten
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.models.lora import Adapter, copy_adapter, lora_a_from_seed
 from fedlpp.privacy.client_dp import NoisedSum, clip_delta, within_norm
@@ -36,8 +37,14 @@ class ClientUpdate:
     """A decoded, validated client update."""
 
     client_id: int
-    delta: Adapter  # theta_k - start, for the trained tensors only
+    values: torch.Tensor  # theta_k - start as one float32 vector in wire order
+    layout: Layout  # the trained tensors' names and shapes, in wire order
     num_examples: int
+
+    @functools.cached_property
+    def delta(self) -> Adapter:
+        """The update tensor by tensor (the plain mean works on ``values`` directly)."""
+        return unflatten(self.values, self.layout)
 
 
 @dataclass(frozen=True)
@@ -120,16 +127,26 @@ def validate_update(payload: bytes, client_id: int, layout: Layout, round_: int)
         raise ValueError(f"dtype {values.dtype}, expected torch.float32")
     if values.ndim != 1:
         raise ValueError(f"values must be a flat vector, got shape {tuple(values.shape)}")
-    if not torch.isfinite(values).all():
-        raise ValueError("contains NaN or Inf")
-    if values.numel() and float(values.abs().max()) > MAX_ABS_VALUE:
-        raise ValueError(f"a value exceeds {MAX_ABS_VALUE:g} in magnitude")
+    check_length(values, layout)
+    _check_magnitude(values)
     if meta.get("round") != round_:
         raise ValueError(f"update is for round {meta.get('round')}, expected {round_}")
     n = meta.get("num_examples")
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise ValueError(f"num_examples must be a positive integer, got {n!r}")
-    return ClientUpdate(client_id, unflatten(values, layout), n)
+    return ClientUpdate(client_id, values, layout, n)
+
+
+def _check_magnitude(values: torch.Tensor) -> None:
+    """Every value finite and within MAX_ABS_VALUE; one pass over the vector when it is."""
+    if not values.numel():
+        return
+    low, high = (float(x) for x in torch.aminmax(values))  # NaN anywhere makes both NaN
+    if -MAX_ABS_VALUE <= low and high <= MAX_ABS_VALUE:
+        return
+    if not torch.isfinite(values).all():
+        raise ValueError("contains NaN or Inf")
+    raise ValueError(f"a value exceeds {MAX_ABS_VALUE:g} in magnitude")
 
 
 def aggregate(
@@ -147,8 +164,8 @@ def aggregate(
     if not updates:
         log.warning("round %d: no valid update; the global adapter is unchanged", round_)
         return AggregateResult(copy_adapter(adapter), (), rejected)
-    mean_delta = fedavg_lora.weighted_mean([u.delta for u in updates], [u.num_examples for u in updates])
-    new = apply_mean_delta(spec, adapter, mean_delta, len(updates), round_)
+    mean = fedavg_lora.weighted_mean_tensor([u.values for u in updates], [u.num_examples for u in updates])
+    new = apply_mean_delta(spec, adapter, unflatten(mean, updates[0].layout), len(updates), round_)
     accepted = tuple(u.client_id for u in updates) if new is not None else ()
     return AggregateResult(new if new is not None else copy_adapter(adapter), accepted, rejected)
 

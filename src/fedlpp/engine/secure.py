@@ -13,6 +13,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,19 @@ from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.config import SecAggConfig
 from fedlpp.models.lora import Adapter
 from fedlpp.privacy.randomness import SystemRandomness
-from fedlpp.secagg import SecAggAbort, SecAggError, SecAggParams, Traffic, append_weight, generate_signing_key, run_local_round, split_weight
+from fedlpp.secagg import (
+    AggregateResult,
+    InProcess,
+    Parties,
+    SecAggAbort,
+    SecAggError,
+    SecAggParams,
+    Traffic,
+    append_weight,
+    generate_signing_key,
+    run_local_round,
+    split_weight,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,38 +118,60 @@ def secure_aggregate(
     deltas: Mapping[int, tuple[Adapter, int]],
     round_: int,
     dp: NoiseShares | None = None,
+    parties: Parties | None = None,
 ) -> SecureOutcome:
     """Run the protocol over the clients' (delta, n_k) and apply the server step to the sum.
 
     Without ``dp`` the mean is weighted by example counts; with it (client-level DP) every
-    client weighs 1 and the noised sum is divided by the public expected count.
+    client weighs 1 and the noised sum is divided by the public expected count. ``parties``
+    runs each client's and the server's share of the work (the benchmark times them).
     """
+    run = parties or InProcess()
     layout = rnd.trained_layout({n: tuple(t.shape) for n, t in adapter.items()}, spec.freeze_a)
-    inputs, notes = {}, {}
-    for client, (delta, n) in sorted(deltas.items()):
-        vector = client_vector(agg, delta, layout, n) if dp is None else noised_client_vector(agg, delta, layout, dp)
-        if vector is None:
-            notes.setdefault("out_of_range", []).append(client)
-            log.warning("round %d: client %d's update exceeds secagg.clip_range=%g; it drops out of the round",
-                        round_, client, agg.params.clip_range)
-        else:
-            inputs[client] = vector
+    vectors = {c: run.client(c, partial(_client_input, agg, layout, delta, n, dp)) for c, (delta, n) in sorted(deltas.items())}
+    run.end_step()
+    inputs, notes = {c: v for c, v in vectors.items() if v is not None}, {}
+    for client in sorted(set(vectors) - set(inputs)):
+        notes.setdefault("out_of_range", []).append(client)
+        log.warning("round %d: client %d's update exceeds secagg.clip_range=%g; it drops out of the round",
+                    round_, client, agg.params.clip_range)
     traffic = Traffic()
     try:
         if not inputs:
             raise SecAggAbort("masked input", "no client is in range", 0, 1)
-        result = run_local_round(agg.params, {c: agg.identities[c] for c in inputs}, inputs, round_, traffic=traffic)
+        result = run_local_round(agg.params, {c: agg.identities[c] for c in inputs}, inputs, round_, traffic=traffic,
+                                 parties=run)
     except (SecAggAbort, SecAggError) as e:
         log.warning("round %d: secure aggregation aborted (%s); the global adapter is unchanged", round_, e)
         notes["secagg_abort"] = str(e)
         return SecureOutcome(None, (), sum(traffic.up.values()), sum(traffic.down.values()), notes)
+    new = run.server(partial(_server_step, agg, spec, adapter, layout, result, round_, dp, notes))
+    return SecureOutcome(new, result.survivors, sum(traffic.up.values()), sum(traffic.down.values()), notes)
+
+
+def _client_input(
+    agg: SecureAggregator, layout: Layout, delta: Mapping[str, torch.Tensor], n: int, dp: NoiseShares | None
+) -> np.ndarray | None:
+    return client_vector(agg, delta, layout, n) if dp is None else noised_client_vector(agg, delta, layout, dp)
+
+
+def _server_step(
+    agg: SecureAggregator,
+    spec: AlgorithmSpec,
+    adapter: Mapping[str, torch.Tensor],
+    layout: Layout,
+    result: AggregateResult,
+    round_: int,
+    dp: NoiseShares | None,
+    notes: dict[str, Any],
+) -> Adapter | None:
+    """The next adapter from the protocol's sum: the weighted (or DP-noised) mean delta, applied."""
     weighted_sum, total_weight = split_weight(result.values, agg.params)
     if dp is None:
         mean = torch.from_numpy(weighted_sum * (agg.weight_bound / total_weight)).to(torch.float32)
     else:
         mean = torch.from_numpy(_topped_up(weighted_sum, dp, len(result.survivors), notes) / dp.denominator).to(torch.float32)
-    new = rnd.apply_mean_delta(spec, adapter, unflatten(mean, layout), len(result.survivors), round_)
-    return SecureOutcome(new, result.survivors, sum(traffic.up.values()), sum(traffic.down.values()), notes)
+    return rnd.apply_mean_delta(spec, adapter, unflatten(mean, layout), len(result.survivors), round_)
 
 
 def _topped_up(noised_sum: np.ndarray, dp: NoiseShares, survivors: int, notes: dict[str, Any]) -> np.ndarray:

@@ -10,7 +10,7 @@ from fedlpp.secagg.crypto import generate_signing_key, verify_key_bytes
 from fedlpp.secagg.errors import SERVER_ID, SecAggAbort, SecAggError, SecAggRangeError
 from fedlpp.secagg.fixedpoint import append_weight, decode_sum, encode, split_weight
 from fedlpp.secagg.graph import NeighbourGraph, build_graph, graph_degree
-from fedlpp.secagg.local import Dropouts, Traffic, registry_of, run_local_round
+from fedlpp.secagg.local import Dropouts, InProcess, Parties, Traffic, registry_of, run_local_round
 from fedlpp.secagg.params import SecAggParams, SecAggParamsError
 from fedlpp.secagg.server import AggregateResult, ServerSession
 from fedlpp.secagg.wire import HEADER_BYTES, MessageType
@@ -21,8 +21,10 @@ __all__ = [
     "AggregateResult",
     "ClientSession",
     "Dropouts",
+    "InProcess",
     "MessageType",
     "NeighbourGraph",
+    "Parties",
     "SecAggAbort",
     "SecAggError",
     "SecAggParams",

@@ -8,6 +8,11 @@ Message flow for client u (Bonawitz et al. 2017, Fig. 4; neighbours from SecAgg+
     unmask(UNMASK_REQUEST)               -> UNMASK_RESPONSE      (round 4: Unmasking)
 A session is used for one round only; each step succeeds once, in this order (a step that
 raised may be retried, e.g. with values brought into range).
+
+Everything up to ``share_keys`` is independent of the client's data, including the mask
+expansion (one PRG stream per neighbour plus the self mask), which ``share_keys`` does
+ahead of time: a runtime can run key setup before or during local training, and after
+training ``masked_input`` costs one encode and one addition.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedlpp.secagg import shamir, wire
 from fedlpp.secagg.crypto import (
     KEY_BYTES,
+    Prg,
     decrypt,
     encrypt,
+    exchange,
     generate_key_pair,
-    is_valid_public_key,
     load_verify_key,
     random_bytes,
     sign,
@@ -37,9 +43,10 @@ from fedlpp.secagg.fixedpoint import encode
 from fedlpp.secagg.graph import NeighbourGraph, build_graph
 from fedlpp.secagg.masking import (
     add_pairwise,
-    pairwise_mask,
+    pairwise_key,
+    remove_pairwise,
     seed_commitment,
-    self_mask,
+    self_mask_key,
     share_associated_data,
     share_key,
 )
@@ -59,6 +66,7 @@ class ClientSession:
         registry: Every client's 32-byte Ed25519 verify key, by id (a PKI, as SecAgg assumes).
         params: Protocol parameters, identical to the server's.
         round_: The round number, bound into every message and key.
+        dim: Length d of the vector this client will send.
     """
 
     def __init__(
@@ -68,9 +76,11 @@ class ClientSession:
         registry: Mapping[int, bytes],
         params: SecAggParams,
         round_: int,
+        dim: int,
     ) -> None:
         self.client_id = client_id
         self.round = round_
+        self.dim = dim
         self.params = params
         self._signing_key = signing_key
         self._registry = registry
@@ -82,6 +92,9 @@ class ClientSession:
         self._step = 0
         self._graph: NeighbourGraph | None = None
         self._peers: dict[int, SignedKeys] = {}  # neighbours' advertised keys
+        self._box_secrets: dict[int, bytes] = {}  # v -> X25519(c_sk_u, c_pk_v)
+        self._mask_secrets: dict[int, bytes] = {}  # v -> X25519(s_sk_u, s_pk_v)
+        self._masks: npt.NDArray[np.uint32] | None = None  # PRG(b_u) + every neighbour's pairwise mask
         self._held: dict[int, tuple[int, int]] = {}  # v -> (share of b_v, share of s_sk_v)
         self._view: Survivors | None = None
 
@@ -102,10 +115,11 @@ class ClientSession:
         return self._done(self._pack(MessageType.ADVERTISE, wire.encode_advertise(keys)))
 
     def share_keys(self, key_list: bytes) -> bytes:
-        """Step 1: check the neighbours' signed keys, then Shamir-share b_u and s_sk_u to them.
+        """Step 1: check the neighbours' signed keys, Shamir-share b_u and s_sk_u to them, expand the masks.
 
         Raises:
-            SecAggError: Bad framing, parameter mismatch, wrong neighbour set or a bad signature.
+            SecAggError: Bad framing, parameter mismatch, wrong neighbour set, a bad signature
+                or an invalid (low-order) public key.
             SecAggAbort: Fewer neighbours than the threshold.
         """
         self._expect("share_keys")
@@ -114,7 +128,9 @@ class ClientSession:
         graph = self._check_key_list(keys)
         self._graph = graph
         self._peers = {a.client: a for a in keys.adverts}
+        self._box_secrets, self._mask_secrets = self._agree(keys.adverts)
         boxes = self._share_boxes(sorted(self._peers), graph.thresholds[self.client_id])
+        self._masks = self._expand_masks()
         return self._done(self._pack(MessageType.SHARES, wire.encode_ciphertexts(boxes)))
 
     def masked_input(self, routed_shares: bytes, values: npt.ArrayLike) -> bytes:
@@ -122,7 +138,7 @@ class ClientSession:
 
         Args:
             routed_shares: The server's ROUTED_SHARES message.
-            values: This client's (weighted) vector, shape (d,), each |x| <= clip_range.
+            values: This client's (weighted) vector, shape (dim,), each |x| <= clip_range.
 
         Returns:
             MASKED_INPUT: the 22-byte header and 4 d bytes.
@@ -131,8 +147,11 @@ class ClientSession:
             SecAggRangeError: A value is out of the declared range (nothing is sent).
             SecAggError: Bad framing or a share box that fails authentication.
             SecAggAbort: Fewer neighbours left than the threshold.
+            ValueError: ``values`` does not have ``dim`` elements (nothing is sent).
         """
         self._expect("masked_input")
+        if np.size(values) != self.dim:
+            raise ValueError(f"client {self.client_id}: got {np.size(values)} values, the session was made for {self.dim}")
         boxes = wire.decode_ciphertexts(self._unpack(routed_shares, MessageType.ROUTED_SHARES))
         encoded = encode(values, self.params, self.client_id)  # range error before any share is used
         self._held = self._open_boxes(boxes)
@@ -216,8 +235,6 @@ class ClientSession:
         signed = wire.advert_signed_bytes(advert, self.round)
         if not verify(load_verify_key(self._registry[advert.client]), advert.signature, signed):
             raise SecAggError(advert.client, "advertisement signature does not verify (forwarded by the server)")
-        if not (is_valid_public_key(advert.c_public) and is_valid_public_key(advert.s_public)):
-            raise SecAggError(advert.client, "advertises an invalid (low-order) X25519 public key")
 
     def _check_distinct_keys(self, adverts: tuple[SignedKeys, ...]) -> None:
         # Bonawitz et al. 2017, round 1: a repeated key would mean a replayed advertisement.
@@ -259,13 +276,24 @@ class ClientSession:
 
     # ------------------------------------------------------------ crypto
 
+    def _agree(self, adverts: tuple[SignedKeys, ...]) -> tuple[dict[int, bytes], dict[int, bytes]]:
+        """One X25519 exchange per neighbour and key pair; every key with v is derived from these."""
+        boxes, masks = {}, {}
+        for advert in adverts:
+            try:
+                boxes[advert.client] = exchange(self._c.private, advert.c_public)
+                masks[advert.client] = exchange(self._s.private, advert.s_public)
+            except ValueError as err:
+                raise SecAggError(advert.client, "advertises an invalid (low-order) X25519 public key") from err
+        return boxes, masks
+
     def _share_boxes(self, holders: list[int], threshold: int) -> dict[int, bytes]:
         b_shares = shamir.split(self._b, threshold, holders)
         sk_shares = shamir.split(self._s.private_bytes(), threshold, holders)
         boxes: dict[int, bytes] = {}
         for v in holders:
             plaintext = shamir.share_to_bytes(b_shares[v]) + shamir.share_to_bytes(sk_shares[v])
-            key = share_key(self._c.private, self._peers[v].c_public, self.round, self.client_id, v)
+            key = share_key(self._box_secrets[v], self.round, self.client_id, v)
             boxes[v] = encrypt(key, plaintext, share_associated_data(self.round, self.client_id, v))
         return boxes
 
@@ -279,7 +307,7 @@ class ClientSession:
         return {v: self._open_box(v, box) for v, box in boxes.items()}
 
     def _open_box(self, sender: int, box: bytes) -> tuple[int, int]:
-        key = share_key(self._c.private, self._peers[sender].c_public, self.round, sender, self.client_id)
+        key = share_key(self._box_secrets[sender], self.round, sender, self.client_id)
         try:
             plaintext = decrypt(key, box, share_associated_data(self.round, sender, self.client_id))
         except (InvalidTag, ValueError) as err:
@@ -292,15 +320,27 @@ class ClientSession:
         except ValueError as err:
             raise SecAggError(sender, f"share plaintext is malformed: {err}") from err
 
+    def _expand_masks(self) -> npt.NDArray[np.uint32]:
+        """PRG(b_u) plus u's side of the mask with every neighbour: data-independent, done before the input."""
+        prg = Prg(self.dim, self.params.prg)
+        total = prg.expand(self_mask_key(self._b, self.round, self.client_id)).copy()
+        for v in sorted(self._peers):
+            add_pairwise(total, prg.expand(self._pairwise_key(v)), self.client_id, v)
+        return total
+
+    def _pairwise_key(self, v: int) -> bytes:
+        return pairwise_key(self._mask_secrets[v], self.round, self.client_id, v)
+
     def _mask(self, encoded: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint32]:
-        dim = encoded.size
-        total = encoded + self_mask(self._b, self.round, self.client_id, dim, self.params.prg)
+        assert self._masks is not None
+        total = encoded + self._masks
         # Mask only with neighbours that shared keys (U2): masks with a neighbour that
-        # vanished before ShareKeys could never be removed.
-        for v in sorted(self._held):
-            mask = pairwise_mask(self._s.private, self._peers[v].s_public, self.round, self.client_id, v, dim,
-                                 self.params.prg)
-            add_pairwise(total, mask, self.client_id, v)
+        # vanished before ShareKeys could never be removed, so take them out again.
+        gone = sorted(set(self._peers) - set(self._held))
+        if gone:
+            prg = Prg(self.dim, self.params.prg)
+            for v in gone:
+                remove_pairwise(total, prg.expand(self._pairwise_key(v)), self.client_id, v)
         return total
 
     def _reveal(self, v: int, survived: bool) -> ShareReveal:

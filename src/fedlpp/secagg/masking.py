@@ -3,7 +3,9 @@
 Masked input of client u (all mod 2^32):
     y_u = x_u + PRG(b_u) + sum_{v in N(u), v > u} PRG(s_uv) - sum_{v in N(u), v < u} PRG(s_uv)
 where s_uv = HKDF(X25519(s_sk_u, s_pk_v)) = s_vu, so pairwise masks cancel in the sum of
-any set of clients that contains both ends of every edge.
+any set of clients that contains both ends of every edge. Every key here is derived from
+a shared secret (``crypto.exchange``) or seed with its own label and the round/party
+context, so no key serves two purposes or two rounds.
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ import struct
 
 import numpy as np
 import numpy.typing as npt
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedlpp.secagg.crypto import agree, derive_key, prg_uint32
+from fedlpp.secagg.crypto import derive_key
 
 _SELF_MASK = b"fedlpp-secagg/self-mask/v1"
 _PAIRWISE_MASK = b"fedlpp-secagg/pairwise-mask/v1"
@@ -29,9 +30,9 @@ def context(round_: int, *parties: int) -> bytes:
     return struct.pack(f">I{len(parties)}I", round_, *parties)
 
 
-def self_mask(seed: bytes, round_: int, client: int, dim: int, cipher: str) -> npt.NDArray[np.uint32]:
-    """PRG(b_u): the self mask that hides y_u even from a server that learns all s_uv."""
-    return prg_uint32(derive_key(seed, _SELF_MASK, context(round_, client)), dim, cipher)
+def self_mask_key(seed: bytes, round_: int, client: int) -> bytes:
+    """PRG key of b_u's self mask, which hides y_u even from a server that learns all s_uv."""
+    return derive_key(seed, _SELF_MASK, context(round_, client))
 
 
 def seed_commitment(seed: bytes, round_: int, client: int) -> bytes:
@@ -44,12 +45,9 @@ def seed_commitment(seed: bytes, round_: int, client: int) -> bytes:
     return hashlib.sha256(_SEED_COMMITMENT + context(round_, client) + seed).digest()
 
 
-def pairwise_mask(
-    private: X25519PrivateKey, peer_public: bytes, round_: int, u: int, v: int, dim: int, cipher: str
-) -> npt.NDArray[np.uint32]:
-    """PRG(s_uv), identical when computed by u (with s_sk_u) or v (with s_sk_v)."""
-    key = agree(private, peer_public, _PAIRWISE_MASK, context(round_, min(u, v), max(u, v)))
-    return prg_uint32(key, dim, cipher)
+def pairwise_key(shared: bytes, round_: int, u: int, v: int) -> bytes:
+    """PRG key of the (u, v) mask from X25519(s_sk_u, s_pk_v); the same whichever end computes it."""
+    return derive_key(shared, _PAIRWISE_MASK, context(round_, min(u, v), max(u, v)))
 
 
 def add_pairwise(total: npt.NDArray[np.uint32], mask: npt.NDArray[np.uint32], u: int, v: int) -> None:
@@ -65,9 +63,9 @@ def remove_pairwise(total: npt.NDArray[np.uint32], mask: npt.NDArray[np.uint32],
     add_pairwise(total, mask, v, u)
 
 
-def share_key(private: X25519PrivateKey, peer_public: bytes, round_: int, sender: int, recipient: int) -> bytes:
-    """Key of the box carrying sender's shares to recipient; one key per direction and round."""
-    return agree(private, peer_public, _SHARE_KEY, context(round_, sender, recipient))
+def share_key(shared: bytes, round_: int, sender: int, recipient: int) -> bytes:
+    """Key of the box carrying sender's shares to recipient, from X25519(c_sk, c_pk); one per direction and round."""
+    return derive_key(shared, _SHARE_KEY, context(round_, sender, recipient))
 
 
 def share_associated_data(round_: int, sender: int, recipient: int) -> bytes:

@@ -24,6 +24,8 @@ from fedlpp.secagg import shamir, wire
 from fedlpp.secagg.crypto import (
     KEY_BYTES,
     NONCE_BYTES,
+    Prg,
+    exchange,
     is_valid_public_key,
     key_pair_from_private,
     load_verify_key,
@@ -33,7 +35,7 @@ from fedlpp.secagg.crypto import (
 from fedlpp.secagg.errors import SERVER_ID, SecAggAbort, SecAggError
 from fedlpp.secagg.fixedpoint import decode_sum
 from fedlpp.secagg.graph import NeighbourGraph, build_graph
-from fedlpp.secagg.masking import pairwise_mask, remove_pairwise, seed_commitment, self_mask
+from fedlpp.secagg.masking import pairwise_key, remove_pairwise, seed_commitment, self_mask_key
 from fedlpp.secagg.params import MIN_CLIENTS, SecAggParams, SecAggParamsError
 from fedlpp.secagg.wire import MessageType, ShareKind, ShareReveal, SignedKeys, Survivors
 
@@ -236,19 +238,20 @@ class ServerSession:
         """
         self._close("unmask")
         assert self._view is not None
-        total = self._total.copy()
+        total = self._total  # the session is finished: no copy needed
+        prg = Prg(self.dim, self.params.prg)
         for u in self._view.survivors:
             seed = self._rebuild(u, ShareKind.SELF_MASK_SEED)
             if seed_commitment(seed, self.round, u) != self._adverts[u].seed_commitment:
                 raise SecAggAbort("Unmasking", f"rebuilt self-mask seed of client {u} does not match its "
                                   "commitment: some revealed share is corrupt")
-            np.subtract(total, self_mask(seed, self.round, u, self.dim, self.params.prg), out=total)
+            np.subtract(total, prg.expand(self_mask_key(seed, self.round, u)), out=total)
         survivors = set(self._view.survivors)
         for v in self._view.dropped:
-            self._remove_dropped(total, v, self._survivors_masked_with(v, survivors))
+            self._remove_dropped(total, prg, v, self._survivors_masked_with(v, survivors))
         return AggregateResult(total, decode_sum(total, self.params), self._view.survivors, self._view.dropped)
 
-    def _remove_dropped(self, total: npt.NDArray[np.uint32], v: int, peers: list[int]) -> None:
+    def _remove_dropped(self, total: npt.NDArray[np.uint32], prg: Prg, v: int, peers: list[int]) -> None:
         """Remove the masks survivors shared with dropped client v, via its rebuilt s_sk_v."""
         if not peers:
             return
@@ -257,8 +260,8 @@ class ServerSession:
             raise SecAggAbort("Unmasking", f"rebuilt masking key of client {v} does not match its advertised "
                               "key: some revealed share is corrupt")
         for u in peers:
-            mask = pairwise_mask(keys.private, self._adverts[u].s_public, self.round, v, u, self.dim, self.params.prg)
-            remove_pairwise(total, mask, u, v)
+            shared = exchange(keys.private, self._adverts[u].s_public)
+            remove_pairwise(total, prg.expand(pairwise_key(shared, self.round, v, u)), u, v)
 
     def _rebuild(self, about: int, kind: ShareKind) -> bytes:
         shares = {holder: r.share for holder, reveals in self._reveals.items()

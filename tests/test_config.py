@@ -113,3 +113,12 @@ def test_a_target_epsilon_is_also_the_budget():
     cfg = load_config(None, ["privacy.mode=dp_sgd", "privacy.epsilon=3"])
     assert cfg.privacy.enabled and cfg.privacy.stop_at == 3.0
     assert load_config(None, ["privacy.mode=client_dp", "privacy.noise_multiplier=1"]).privacy.stop_at == 0.0
+
+
+def test_secagg_prg_is_a_choice_that_reaches_the_protocol():
+    from fedlpp.engine.secure import make_aggregator
+
+    with pytest.raises(ConfigError, match=r"secagg\.prg"):
+        load_config(None, ["secagg.prg=rc4"])
+    cfg = load_config(None, ["secagg.enabled=true", "secagg.prg=chacha20", "fl.clients_per_round=3"])
+    assert make_aggregator(cfg.secagg, 3, 3, weight_bound=10).params.prg == "chacha20"

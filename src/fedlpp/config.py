@@ -166,12 +166,14 @@ class SecAggConfig:
     scale_bits: int = 20  # fixed-point resolution 2^-scale_bits in Z_2^32
     threshold: float = 0.6  # fraction of a client's neighbours needed to unmask it (> 0.5)
     graph: str = "complete"  # complete (SecAgg) | sparse (SecAgg+, O(log n) neighbours)
+    prg: str = "aes256-ctr"  # mask expansion: aes256-ctr | chacha20 (faster on CPUs without AES instructions)
 
     def __post_init__(self) -> None:
         _require(self.clip_range > 0, "secagg.clip_range", f"must be > 0, got {self.clip_range}")
         _require(1 <= self.scale_bits <= 28, "secagg.scale_bits", f"must be in [1, 28], got {self.scale_bits}")
         _require(0.5 < self.threshold <= 1.0, "secagg.threshold", f"must be in (0.5, 1], got {self.threshold}")
         _choice(self.graph, "secagg.graph", ("complete", "sparse"))
+        _choice(self.prg, "secagg.prg", ("aes256-ctr", "chacha20"))
 
 
 @dataclass(frozen=True)

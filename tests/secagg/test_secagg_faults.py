@@ -17,6 +17,7 @@ from fedlpp.secagg import (
     SecAggError,
     SecAggParams,
     SecAggRangeError,
+    ServerSession,
     generate_signing_key,
 )
 from fedlpp.secagg import wire
@@ -288,3 +289,12 @@ def test_out_of_range_value_is_reported_to_that_client() -> None:
     assert (info.value.client, info.value.index, info.value.value) == (2, 13, -1.5)
     # Nothing was sent; the client may bring its values into range and retry the step.
     assert len(rnd.clients[2].masked_input(routed[2], np.clip(values, -1, 1))) == HEADER_BYTES + 4 * 20
+
+
+@pytest.mark.parametrize("round_", [-1, 2**32])
+def test_a_round_number_the_header_cannot_carry_is_refused_up_front(round_: int) -> None:
+    key = generate_signing_key()
+    with pytest.raises(ValueError, match=f"round {round_} must be in"):
+        ClientSession(0, key, {0: b""}, SecAggParams(), round_, 8)
+    with pytest.raises(ValueError, match=f"round {round_} must be in"):
+        ServerSession(SecAggParams(), {}, round_, 8)

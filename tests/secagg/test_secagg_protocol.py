@@ -181,3 +181,36 @@ def test_all_secrets_come_from_the_os_csprng(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.undo()
     assert first == second
     assert _client_zero_masked_input(monkeypatch, fake=False) != first
+
+
+class _Recorder:
+    """A Parties that runs everything and records whose work each piece was."""
+
+    def __init__(self) -> None:
+        self.client_calls: dict[int, int] = {}
+        self.steps = 0
+        self.server_calls = 0
+
+    def client(self, client: int, work: Callable[[], object]) -> object:
+        self.client_calls[client] = self.client_calls.get(client, 0) + 1
+        return work()
+
+    def end_step(self) -> None:
+        self.steps += 1
+
+    def server(self, work: Callable[[], object]) -> object:
+        self.server_calls += 1
+        return work()
+
+
+def test_parties_see_each_clients_six_steps_and_the_sum_is_unchanged() -> None:
+    params = SecAggParams()
+    keys = {c: generate_signing_key() for c in range(4)}
+    inputs = {c: np.full(50, 0.1 * c) for c in keys}
+    recorder = _Recorder()
+    result = run_local_round(params, keys, inputs, 1, parties=recorder)  # type: ignore[arg-type]
+    # session start, advertise, share keys, masked input, signature, unmask
+    assert recorder.client_calls == {c: 6 for c in keys} and recorder.steps == 6
+    # session, then per step: one receive per client and one finish
+    assert recorder.server_calls == 1 + 5 * (4 + 1)
+    assert np.allclose(result.values, sum(inputs.values()), atol=4 / params.scale)

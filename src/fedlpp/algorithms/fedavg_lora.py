@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from fedlpp.algorithms.layout import Layout, flatten
@@ -27,16 +28,19 @@ def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
 def weighted_mean_tensor(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """sum_k (w_k / sum w) * t_k, accumulated in float64, returned as float32.
 
-    The server averages whole update vectors with one call (one fused pass per client),
-    not tensor by tensor.
+    The server averages whole update vectors with one call, not tensor by tensor. numpy
+    with two preallocated buffers: torch's mixed float32/float64 add allocates per call,
+    which made the plain round's time vary 2-3x from run to run (bench/secagg.py).
     """
     total = float(sum(weights))
     if total <= 0:
         raise ValueError(f"weights must sum to > 0, got {list(weights)}")
-    acc = torch.zeros_like(tensors[0], dtype=torch.float64)
+    acc = np.zeros(tuple(tensors[0].shape), dtype=np.float64)
+    scaled = np.empty_like(acc)
     for t, w in zip(tensors, weights, strict=True):
-        acc.add_(t, alpha=w / total)  # no float64 copy of t
-    return acc.to(torch.float32)
+        np.multiply(t.detach().to(torch.float32).numpy(), w / total, out=scaled)
+        np.add(acc, scaled, out=acc)
+    return torch.from_numpy(acc.astype(np.float32))
 
 
 def server_step(

@@ -38,6 +38,7 @@ from fedlpp.secagg import (
     generate_signing_key,
     run_local_round,
     split_weight,
+    weight_coordinate,
 )
 
 log = logging.getLogger(__name__)
@@ -66,27 +67,34 @@ def make_aggregator(cfg: SecAggConfig, num_clients: int, clients_per_round: int,
         max_clients=clients_per_round,  # the config requires >= 3 (secagg's MIN_CLIENTS)
         threshold_fraction=cfg.threshold,
         graph=cfg.graph,
+        prg=cfg.prg,
     )
     return SecureAggregator(params, {c: generate_signing_key() for c in range(num_clients)}, weight_bound)
 
 
 def client_vector(agg: SecureAggregator, delta: Mapping[str, torch.Tensor], layout: Layout, num_examples: int) -> np.ndarray | None:
     """What a client feeds the protocol, or None when it must drop out (out of range)."""
-    weighted = flatten(delta, layout).to(torch.float64).numpy() * (num_examples / agg.weight_bound)
-    return _in_range(agg, weighted, num_examples)
+    flat = flatten(delta, layout).numpy()
+    vector = np.empty(flat.size + 1, dtype=np.float64)  # the weighted delta, then the weight coordinate
+    np.multiply(flat, num_examples / agg.weight_bound, out=vector[:-1])
+    if not _within(agg, vector[:-1]):
+        return None
+    vector[-1] = weight_coordinate(num_examples, agg.params)
+    return vector
 
 
 def noised_client_vector(agg: SecureAggregator, delta: Mapping[str, torch.Tensor], layout: Layout, dp: NoiseShares) -> np.ndarray | None:
     """Client-level DP: the clipped delta plus this client's share of the noise (OS CSPRNG), weight 1."""
     flat = flatten(delta, layout).to(torch.float64).numpy()
     share = SystemRandomness().normal(flat.shape, dp.share_std).numpy().astype(np.float64) if flat.size else flat
-    return _in_range(agg, flat + share, 1)
+    noised = flat + share
+    return append_weight(noised, 1, agg.params) if _within(agg, noised) else None
 
 
-def _in_range(agg: SecureAggregator, values: np.ndarray, weight: int) -> np.ndarray | None:
-    if values.size and float(np.abs(values).max()) > agg.params.clip_range:
-        return None
-    return append_weight(values, weight, agg.params)
+def _within(agg: SecureAggregator, values: np.ndarray) -> bool:
+    """Whether every value is inside the declared range (NaN is not)."""
+    r = agg.params.clip_range
+    return not values.size or bool(values.min() >= -r and values.max() <= r)
 
 
 @dataclass(frozen=True)
@@ -168,10 +176,11 @@ def _server_step(
     """The next adapter from the protocol's sum: the weighted (or DP-noised) mean delta, applied."""
     weighted_sum, total_weight = split_weight(result.values, agg.params)
     if dp is None:
-        mean = torch.from_numpy(weighted_sum * (agg.weight_bound / total_weight)).to(torch.float32)
+        total, factor = weighted_sum, agg.weight_bound / total_weight
     else:
-        mean = torch.from_numpy(_topped_up(weighted_sum, dp, len(result.survivors), notes) / dp.denominator).to(torch.float32)
-    return rnd.apply_mean_delta(spec, adapter, unflatten(mean, layout), len(result.survivors), round_)
+        total, factor = _topped_up(weighted_sum, dp, len(result.survivors), notes), 1.0 / dp.denominator
+    mean = np.multiply(total, factor, out=np.empty(total.size, dtype=np.float32), casting="same_kind")  # float64 math
+    return rnd.apply_mean_delta(spec, adapter, unflatten(torch.from_numpy(mean), layout), len(result.survivors), round_)
 
 
 def _topped_up(noised_sum: np.ndarray, dp: NoiseShares, survivors: int, notes: dict[str, Any]) -> np.ndarray:

@@ -78,6 +78,7 @@ class ClientSession:
         round_: int,
         dim: int,
     ) -> None:
+        wire.check_session(round_, dim)
         self.client_id = client_id
         self.round = round_
         self.dim = dim
@@ -333,7 +334,7 @@ class ClientSession:
 
     def _mask(self, encoded: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint32]:
         assert self._masks is not None
-        total = encoded + self._masks
+        total = np.add(encoded, self._masks, out=encoded)  # encoded is this call's own array
         # Mask only with neighbours that shared keys (U2): masks with a neighbour that
         # vanished before ShareKeys could never be removed, so take them out again.
         gone = sorted(set(self._peers) - set(self._held))

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass
 
@@ -118,7 +119,7 @@ class Prg:
         if cipher not in _PRG_CIPHERS:
             raise ValueError(f"unknown PRG cipher {cipher!r}; valid choices are {tuple(_PRG_CIPHERS)}")
         self._cipher = _PRG_CIPHERS[cipher]
-        self._zeros = bytes(4 * length)
+        self._zeros = _zeros(4 * length)
         self._out = bytearray(4 * length + _UPDATE_INTO_SLACK)
         self._values = np.frombuffer(self._out, dtype="<u4", count=length)
         self._values.flags.writeable = False
@@ -127,6 +128,12 @@ class Prg:
         """The mask of ``key``: a read-only uint32 view of shape (d,), valid until the next call."""
         self._cipher(key).update_into(self._zeros, self._out)
         return self._values
+
+
+@functools.lru_cache(maxsize=2)
+def _zeros(size: int) -> bytes:
+    """A shared read-only block of zeros for the PRG to encrypt (not reallocated every session)."""
+    return bytes(size)
 
 
 def _aes256_ctr(key: bytes) -> CipherContext:

@@ -71,7 +71,7 @@ def decode_sum(total: Encoded, params: SecAggParams) -> npt.NDArray[np.float64]:
     Returns:
         float64 array, shape (d,): the sum of the rounded inputs, exactly.
     """
-    return np.asarray(total, dtype=np.uint32).view(np.int32).astype(np.float64) / params.scale
+    return np.divide(np.asarray(total, dtype=np.uint32).view(np.int32), params.scale, dtype=np.float64)
 
 
 def append_weight(weighted: npt.ArrayLike, weight: int, params: SecAggParams) -> npt.NDArray[np.float64]:
@@ -90,10 +90,19 @@ def append_weight(weighted: npt.ArrayLike, weight: int, params: SecAggParams) ->
     Returns:
         float64 array, shape (d + 1,).
     """
+    x = np.asarray(weighted, dtype=np.float64).reshape(-1)
+    return np.concatenate([x, [weight_coordinate(weight, params)]])
+
+
+def weight_coordinate(weight: int, params: SecAggParams) -> float:
+    """The coordinate ``append_weight`` appends for ``weight``: weight / scale, which encodes to ``weight``.
+
+    Raises:
+        ValueError: If the weight is negative or beyond clip_range * scale.
+    """
     if weight < 0 or weight > params.clip_range * params.scale:
         raise ValueError(f"weight {weight} must be in [0, clip_range * scale = {params.clip_range * params.scale}]")
-    x = np.asarray(weighted, dtype=np.float64).reshape(-1)
-    return np.concatenate([x, [weight / params.scale]])
+    return weight / params.scale
 
 
 def split_weight(total: npt.NDArray[np.float64], params: SecAggParams) -> tuple[npt.NDArray[np.float64], int]:

@@ -64,6 +64,7 @@ class ServerSession:
     """
 
     def __init__(self, params: SecAggParams, registry: Mapping[int, bytes], round_: int, dim: int) -> None:
+        wire.check_session(round_, dim)
         self.params = params
         self.round = round_
         self.dim = dim

@@ -8,6 +8,7 @@ for holder v is the polynomial at x = v + 1 (x = 0 would be the secret itself).
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Sequence
 
@@ -58,18 +59,26 @@ def reconstruct(shares: dict[int, int], threshold: int, size: int = 32) -> bytes
     """
     if len(shares) < threshold:
         raise ValueError(f"{len(shares)} shares, need {threshold}")
-    points = [(share_x(h), shares[h]) for h in sorted(shares)[:threshold]]
-    secret = 0
-    for xi, yi in points:
-        num, den = 1, 1
-        for xj, _ in points:
-            if xj != xi:
-                num = num * xj % PRIME  # the basis polynomial at 0: prod (0 - xj) / (xi - xj)
-                den = den * (xj - xi) % PRIME
-        secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
+    holders = sorted(shares)[:threshold]
+    coefficients = _lagrange_at_zero(tuple(share_x(h) for h in holders))
+    secret = sum(c * shares[h] for c, h in zip(coefficients, holders, strict=True)) % PRIME
     if secret >= 256**size:
         raise ValueError("shares are inconsistent: the rebuilt value does not fit the secret size")
     return secret.to_bytes(size, "big")
+
+
+@functools.lru_cache(maxsize=256)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """The basis polynomials at 0, prod_j (0 - x_j) / (x_i - x_j): shared by every secret the same holders rebuild."""
+    out = []
+    for xi in xs:
+        num, den = 1, 1
+        for xj in xs:
+            if xj != xi:
+                num = num * xj % PRIME
+                den = den * (xj - xi) % PRIME
+        out.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(out)
 
 
 def share_to_bytes(value: int) -> bytes:

@@ -88,8 +88,16 @@ class ShareReveal:
 # ---------------------------------------------------------------- framing
 
 
-def pack(kind: MessageType, round_: int, sender: int, recipient: int, body: bytes) -> bytes:
-    """Frame a body with the versioned header."""
+def check_session(round_: int, dim: int) -> None:
+    """Refuse a round number the header cannot carry (u32) or a negative vector length."""
+    if not 0 <= round_ < 2**32:
+        raise ValueError(f"round {round_} must be in [0, 2^32): it travels as a u32 in every header")
+    if dim < 0:
+        raise ValueError(f"vector length {dim} must be >= 0")
+
+
+def pack(kind: MessageType, round_: int, sender: int, recipient: int, body: bytes | memoryview) -> bytes:
+    """Frame a body with the versioned header (one copy of the body)."""
     return _HEADER.pack(MAGIC, VERSION, int(kind), round_, sender, recipient, len(body)) + body
 
 
@@ -281,9 +289,12 @@ def _decode_ciphertext(reader: Reader) -> tuple[int, bytes]:
     return peer, reader.take(reader.u32("ciphertext length"), f"ciphertext of {party_name(peer)}")
 
 
-def encode_masked(values: npt.NDArray[np.uint32]) -> bytes:
-    """Body: the masked vector as uint32 little-endian, 4 bytes per value (1.0x float32)."""
-    return np.ascontiguousarray(values, dtype="<u4").tobytes()
+def encode_masked(values: npt.NDArray[np.uint32]) -> memoryview:
+    """Body: the masked vector as uint32 little-endian, 4 bytes per value (1.0x float32).
+
+    A view of ``values`` (no copy on little-endian machines): ``pack`` copies it once into the message.
+    """
+    return memoryview(np.ascontiguousarray(values, dtype="<u4")).cast("B")
 
 
 def decode_masked(reader: Reader, dim: int) -> npt.NDArray[np.uint32]:

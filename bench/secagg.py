@@ -59,6 +59,7 @@ from fedlpp.config import SecAggConfig
 from fedlpp.engine.secure import SecureAggregator, make_aggregator, secure_aggregate
 from fedlpp.models.lora import Adapter
 from fedlpp.secagg import graph_degree
+from fedlpp.secagg.params import PRGS
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "secagg.json"
 CLIENTS = (10, 20, 50)
@@ -268,7 +269,7 @@ def keep_freed_memory() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only 10 clients x 300k values")
-    parser.add_argument("--prg", default="aes256-ctr", choices=("aes256-ctr", "chacha20"))
+    parser.add_argument("--prg", default="aes256-ctr", choices=PRGS)
     parser.add_argument("--reps", type=int, default=0, help="repetitions (default 7 quick, else 5 / 3 / 1 as sizes grow)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--default-allocator", action="store_true", help="keep glibc's default malloc settings")

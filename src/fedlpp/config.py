@@ -18,6 +18,8 @@ from typing import Any
 
 import tomli_w
 
+from fedlpp.secagg.params import PRGS
+
 ALGORITHMS = ("fedavg_lora", "fedlpp", "ffa_lora", "fedlpp_ffa")
 SERVER_RULES = ("mean", "delta")
 GRANULARITIES = ("block", "row", "tensor")
@@ -173,7 +175,7 @@ class SecAggConfig:
         _require(1 <= self.scale_bits <= 28, "secagg.scale_bits", f"must be in [1, 28], got {self.scale_bits}")
         _require(0.5 < self.threshold <= 1.0, "secagg.threshold", f"must be in (0.5, 1], got {self.threshold}")
         _choice(self.graph, "secagg.graph", ("complete", "sparse"))
-        _choice(self.prg, "secagg.prg", ("aes256-ctr", "chacha20"))
+        _choice(self.prg, "secagg.prg", PRGS)
 
 
 @dataclass(frozen=True)

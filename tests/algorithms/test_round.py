@@ -112,6 +112,7 @@ def test_ffa_aggregation_keeps_a_and_expects_only_b():
         ({A: torch.ones(2, 4), B: torch.ones(2, 3)}, 10, 1, "tensor layout"),
         ({A: torch.ones(2, 4), B: torch.tensor([[float("nan"), 0.0]] * 3)}, 10, 1, "NaN or Inf"),
         ({A: torch.ones(2, 4), B: torch.tensor([[float("inf"), 0.0]] * 3)}, 10, 1, "NaN or Inf"),
+        ({A: torch.ones(2, 4), B: torch.full((3, 2), -7e4)}, 10, 1, "exceeds 65504"),
         ({A: torch.ones(2, 4), B: torch.ones(3, 2)}, 10, 2, "round"),
         ({A: torch.ones(2, 4), B: torch.ones(3, 2)}, 0, 1, "num_examples"),
     ],

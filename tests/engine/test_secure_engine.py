@@ -65,7 +65,7 @@ def test_out_of_range_clients_drop_out_and_a_void_round_keeps_the_adapter(tmp_pa
     row = rundir.read_metrics(out)[0]
     assert sorted(row["out_of_range"]) == row["clients"]
     assert "secagg_abort" in row
-    assert "exceeds secagg.clip_range" in caplog.text
+    assert "exceeds secagg.clip_range" in caplog.text  # "is not finite or exceeds ..."
     ckpt = final(out)
     b_names = [n for n in ckpt if ".lora_B." in n]
     assert all(torch.count_nonzero(ckpt[n]) == 0 for n in b_names), "the void round left B at its initial zeros"
@@ -74,3 +74,16 @@ def test_out_of_range_clients_drop_out_and_a_void_round_keeps_the_adapter(tmp_pa
 def test_secagg_needs_three_clients_per_round():
     with pytest.raises(ConfigError, match="must be >= 3 with secagg.enabled"):
         load_config(None, ["secagg.enabled=true", "fl.clients_per_round=2"])
+
+
+def test_a_client_with_a_non_finite_update_drops_out_instead_of_breaking_the_round():
+    from fedlpp.algorithms.layout import layout_of
+    from fedlpp.config import SecAggConfig
+    from fedlpp.engine.secure import client_vector, make_aggregator
+
+    agg = make_aggregator(SecAggConfig(enabled=True), 3, 3, weight_bound=10)
+    layout = layout_of({"b": (2, 2)}, ["b"])
+    assert client_vector(agg, {"b": torch.full((2, 2), 0.5)}, layout, 5)[-1] == 5 / agg.params.scale
+    for bad in (float("nan"), float("inf"), 3.0):  # 3.0 * 5/10 = 1.5 > clip_range 1
+        delta = {"b": torch.tensor([[0.1, bad], [0.0, 0.0]])}
+        assert client_vector(agg, delta, layout, 5) is None

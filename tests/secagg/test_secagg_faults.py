@@ -74,11 +74,13 @@ def test_share_box_replayed_to_another_recipient_fails() -> None:
         rnd.clients[1].masked_input(message, rnd.inputs[1])
 
 
-def test_low_order_public_key_is_rejected_by_server_and_client() -> None:
-    # A signed advertisement with an all-zero key would make every pairwise mask public.
+@pytest.mark.parametrize("key", ["c_public", "s_public"])
+def test_low_order_public_key_is_rejected_by_server_and_client(key: str) -> None:
+    # A signed advertisement with an all-zero key would make a share box key or every
+    # pairwise mask public.
     rnd = make_round(4)
     honest = wire.decode_advertise(wire.unpack(rnd.clients[1].advertise(), MessageType.ADVERTISE, 1, SERVER_ID)[1], 1)
-    bad = dataclasses.replace(honest, s_public=bytes(32), signature=b"")
+    bad = dataclasses.replace(honest, **{key: bytes(32)}, signature=b"")
     signed = dataclasses.replace(bad, signature=rnd.keys[1].sign(wire.advert_signed_bytes(bad, 1)))
     message = wire.pack(MessageType.ADVERTISE, 1, 1, SERVER_ID, wire.encode_advertise(signed))
     with pytest.raises(SecAggError, match="client 1 rejected: advertises an invalid"):
@@ -287,8 +289,16 @@ def test_out_of_range_value_is_reported_to_that_client() -> None:
     with pytest.raises(SecAggRangeError, match=r"client 2 value at index 13 is -1.5") as info:
         rnd.clients[2].masked_input(routed[2], values)
     assert (info.value.client, info.value.index, info.value.value) == (2, 13, -1.5)
-    # Nothing was sent; the client may bring its values into range and retry the step.
-    assert len(rnd.clients[2].masked_input(routed[2], np.clip(values, -1, 1))) == HEADER_BYTES + 4 * 20
+    # Nothing was sent; the client may bring its values into range and retry the step, and
+    # the round still sums exactly (the failed attempt left the precomputed masks intact).
+    rnd.inputs[2] = np.clip(values, -1, 1)
+    retried = rnd.clients[2].masked_input(routed[2], rnd.inputs[2])
+    assert len(retried) == HEADER_BYTES + 4 * 20
+    rnd.server.receive_masked_input(retried, 2)
+    for c in (0, 1, 3):
+        rnd.server.receive_masked_input(rnd.clients[c].masked_input(routed[c], rnd.inputs[c]), c)
+    result = rnd.unmask(rnd.sign(rnd.server.finish_masked_input()))
+    assert np.array_equal(result.encoded, rnd.expected(range(4)))
 
 
 @pytest.mark.parametrize("round_", [-1, 2**32])

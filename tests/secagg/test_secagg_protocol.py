@@ -214,3 +214,17 @@ def test_parties_see_each_clients_six_steps_and_the_sum_is_unchanged() -> None:
     # session, then per step: one receive per client and one finish
     assert recorder.server_calls == 1 + 5 * (4 + 1)
     assert np.allclose(result.values, sum(inputs.values()), atol=4 / params.scale)
+
+
+def test_prg_ciphers_differ_and_each_view_is_read_only_until_the_next_key() -> None:
+    key_a, key_b = bytes(range(32)), bytes(range(1, 33))
+    aes, chacha = crypto.Prg(1000, "aes256-ctr"), crypto.Prg(1000, "chacha20")
+    first = aes.expand(key_a).copy()
+    assert not np.array_equal(first, chacha.expand(key_a))
+    view = aes.expand(key_b)
+    assert not view.flags.writeable and not np.array_equal(view, first)
+    assert np.array_equal(aes.expand(key_a), first)  # deterministic per key, same buffer overwritten
+    # Roughly uniform over Z_2^32: mean near 2^31, both halves of the range used.
+    assert abs(float(first.mean()) / 2**31 - 1) < 0.1 and (first < 2**31).any() and (first >= 2**31).any()
+    with pytest.raises(ValueError, match="unknown PRG cipher 'rc4'"):
+        crypto.Prg(10, "rc4")

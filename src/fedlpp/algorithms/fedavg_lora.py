@@ -38,9 +38,15 @@ def weighted_mean_tensor(tensors: Sequence[torch.Tensor], weights: Sequence[floa
     acc = np.zeros(tuple(tensors[0].shape), dtype=np.float64)
     scaled = np.empty_like(acc)
     for t, w in zip(tensors, weights, strict=True):
-        np.multiply(t.detach().to(torch.float32).numpy(), w / total, out=scaled)
+        np.multiply(_as_numpy(t), w / total, out=scaled, dtype=np.float64)
         np.add(acc, scaled, out=acc)
-    return torch.from_numpy(acc.astype(np.float32))
+    return torch.from_numpy(acc.astype(np.float32)).to(tensors[0].device)
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU numpy view (float32 or float64 kept as they are; other dtypes converted to float32)."""
+    t = t.detach().cpu()
+    return (t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)).numpy()
 
 
 def server_step(

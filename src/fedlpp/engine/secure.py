@@ -76,7 +76,7 @@ def client_vector(agg: SecureAggregator, delta: Mapping[str, torch.Tensor], layo
     """What a client feeds the protocol, or None when it must drop out (out of range)."""
     flat = flatten(delta, layout).numpy()
     vector = np.empty(flat.size + 1, dtype=np.float64)  # the weighted delta, then the weight coordinate
-    np.multiply(flat, num_examples / agg.weight_bound, out=vector[:-1])
+    np.multiply(flat, num_examples / agg.weight_bound, out=vector[:-1], dtype=np.float64)
     if not _within(agg, vector[:-1]):
         return None
     vector[-1] = weight_coordinate(num_examples, agg.params)
@@ -141,7 +141,7 @@ def secure_aggregate(
     inputs, notes = {c: v for c, v in vectors.items() if v is not None}, {}
     for client in sorted(set(vectors) - set(inputs)):
         notes.setdefault("out_of_range", []).append(client)
-        log.warning("round %d: client %d's update exceeds secagg.clip_range=%g; it drops out of the round",
+        log.warning("round %d: client %d's update is not finite or exceeds secagg.clip_range=%g; it drops out of the round",
                     round_, client, agg.params.clip_range)
     traffic = Traffic()
     try:

@@ -156,7 +156,10 @@ class ClientSession:
         boxes = wire.decode_ciphertexts(self._unpack(routed_shares, MessageType.ROUTED_SHARES))
         encoded = encode(values, self.params, self.client_id)  # range error before any share is used
         self._held = self._open_boxes(boxes)
-        return self._done(self._pack(MessageType.MASKED_INPUT, wire.encode_masked(self._mask(encoded))))
+        message = self._pack(MessageType.MASKED_INPUT, wire.encode_masked(self._mask(encoded)))
+        # The masks and the secrets behind them are not needed again: free d uint32s per client.
+        self._masks, self._box_secrets, self._mask_secrets = None, {}, {}
+        return self._done(message)
 
     def sign_survivors(self, survivors: bytes) -> bytes:
         """Step 3: check and sign the server's survivor/dropped view (consistency check).

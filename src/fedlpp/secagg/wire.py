@@ -98,7 +98,7 @@ def check_session(round_: int, dim: int) -> None:
 
 def pack(kind: MessageType, round_: int, sender: int, recipient: int, body: bytes | memoryview) -> bytes:
     """Frame a body with the versioned header (one copy of the body)."""
-    return _HEADER.pack(MAGIC, VERSION, int(kind), round_, sender, recipient, len(body)) + body
+    return _HEADER.pack(MAGIC, VERSION, int(kind), round_, sender, recipient, memoryview(body).nbytes) + body
 
 
 class Reader:

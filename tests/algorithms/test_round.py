@@ -29,12 +29,12 @@ def spec(name: str, rule: str = "mean", lr: float = 1.0):
 def test_weighted_mean_by_example_count():
     d1, d2 = {B: torch.full((3, 2), 1.0)}, {B: torch.full((3, 2), 4.0)}
     # (1 * 1 + 2 * 4) / 3 = 3
-    assert torch.allclose(weighted_mean([d1, d2], [1, 2])[B], torch.full((3, 2), 3.0))
+    assert torch.allclose(weighted_mean([d1[B], d2[B]], [1, 2]), torch.full((3, 2), 3.0))
 
 
 def test_aggregating_identical_updates_is_the_identity():
     d = {A: torch.randn(2, 4), B: torch.randn(3, 2)}
-    mean = weighted_mean([d, d, d], [5, 1, 9])
+    mean = {n: weighted_mean([d[n]] * 3, [5, 1, 9]) for n in d}
     assert all(torch.allclose(mean[n], d[n]) for n in d)
 
 

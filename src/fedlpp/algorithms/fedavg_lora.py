@@ -18,20 +18,15 @@ def full_precision_payload(adapter: Mapping[str, torch.Tensor], layout: Layout) 
     return {VALUES: flatten(adapter, layout)}
 
 
-def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Adapter:
-    """sum_k (w_k / sum w) * delta_k, tensor by tensor (weights = example counts)."""
-    if not deltas:
-        raise ValueError("weighted_mean needs at least one delta")
-    return {name: weighted_mean_tensor([d[name] for d in deltas], weights) for name in deltas[0]}
-
-
-def weighted_mean_tensor(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """sum_k (w_k / sum w) * t_k, accumulated in float64, returned as float32.
+def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_k (w_k / sum w) * t_k (weights = example counts), accumulated in float64, returned as float32.
 
     The server averages whole update vectors with one call, not tensor by tensor. numpy
     with two preallocated buffers: torch's mixed float32/float64 add allocates per call,
     which made the plain round's time vary 2-3x from run to run (bench/secagg.py).
     """
+    if not tensors:
+        raise ValueError("weighted_mean needs at least one tensor")
     total = float(sum(weights))
     if total <= 0:
         raise ValueError(f"weights must sum to > 0, got {list(weights)}")

@@ -164,7 +164,7 @@ def aggregate(
     if not updates:
         log.warning("round %d: no valid update; the global adapter is unchanged", round_)
         return AggregateResult(copy_adapter(adapter), (), rejected)
-    mean = fedavg_lora.weighted_mean_tensor([u.values for u in updates], [u.num_examples for u in updates])
+    mean = fedavg_lora.weighted_mean([u.values for u in updates], [u.num_examples for u in updates])
     new = apply_mean_delta(spec, adapter, unflatten(mean, updates[0].layout), len(updates), round_)
     accepted = tuple(u.client_id for u in updates) if new is not None else ()
     return AggregateResult(new if new is not None else copy_adapter(adapter), accepted, rejected)

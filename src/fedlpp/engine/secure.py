@@ -36,6 +36,7 @@ from fedlpp.secagg import (
     Traffic,
     append_weight,
     generate_signing_key,
+    in_range,
     run_local_round,
     split_weight,
     weight_coordinate,
@@ -77,7 +78,7 @@ def client_vector(agg: SecureAggregator, delta: Mapping[str, torch.Tensor], layo
     flat = flatten(delta, layout).numpy()
     vector = np.empty(flat.size + 1, dtype=np.float64)  # the weighted delta, then the weight coordinate
     np.multiply(flat, num_examples / agg.weight_bound, out=vector[:-1], dtype=np.float64)
-    if not _within(agg, vector[:-1]):
+    if not in_range(vector[:-1], agg.params):
         return None
     vector[-1] = weight_coordinate(num_examples, agg.params)
     return vector
@@ -88,13 +89,7 @@ def noised_client_vector(agg: SecureAggregator, delta: Mapping[str, torch.Tensor
     flat = flatten(delta, layout).to(torch.float64).numpy()
     share = SystemRandomness().normal(flat.shape, dp.share_std).numpy().astype(np.float64) if flat.size else flat
     noised = flat + share
-    return append_weight(noised, 1, agg.params) if _within(agg, noised) else None
-
-
-def _within(agg: SecureAggregator, values: np.ndarray) -> bool:
-    """Whether every value is inside the declared range (NaN is not)."""
-    r = agg.params.clip_range
-    return not values.size or bool(values.min() >= -r and values.max() <= r)
+    return append_weight(noised, 1, agg.params) if in_range(noised, agg.params) else None
 
 
 @dataclass(frozen=True)

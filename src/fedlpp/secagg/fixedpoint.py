@@ -27,13 +27,19 @@ def check_range(values: npt.NDArray[np.floating], params: SecAggParams, client: 
     Raises:
         SecAggRangeError: Naming the client, the first bad index and its value.
     """
-    r = params.clip_range
-    # min/max are NaN if any value is, and NaN fails both comparisons; the index of the
-    # first offender is only searched on failure.
-    if values.size == 0 or (values.min() >= -r and values.max() <= r):
+    if in_range(values, params):
         return
+    # The index of the first offender is only searched on failure.
+    r = params.clip_range
     index = int(np.flatnonzero(~(np.abs(values) <= r))[0])
     raise SecAggRangeError(client, index, float(values[index]), r)
+
+
+def in_range(values: npt.NDArray[np.floating], params: SecAggParams) -> bool:
+    """Whether every |x| <= clip_range; NaN is not in range (min/max are NaN if any value is,
+    and NaN fails both comparisons). Two passes, no temporary array."""
+    r = params.clip_range
+    return values.size == 0 or bool(values.min() >= -r and values.max() <= r)
 
 
 def encode(values: npt.ArrayLike, params: SecAggParams, client: int) -> Encoded:

@@ -34,11 +34,18 @@ def _body(message: bytes, kind: MessageType, recipient: int) -> wire.Reader:
 # ------------------------------------------------------------------ signatures and ciphertexts
 
 
-def test_tampered_advertisement_signature_is_rejected_by_the_server() -> None:
+def test_tampered_advertisement_signature_is_rejected_by_every_neighbour() -> None:
+    # The server forwards signatures unchecked; the clients, who rely on them, name the signer.
     rnd = make_round(4)
-    with pytest.raises(SecAggError, match="message from client 2 rejected: advertisement signature") as info:
-        rnd.server.receive_advertisement(flip(rnd.clients[2].advertise(), -1), 2)
-    assert info.value.sender == "client 2"
+    for c in range(4):
+        advert = rnd.clients[c].advertise()
+        rnd.server.receive_advertisement(flip(advert, -1) if c == 2 else advert, c)
+    key_lists = rnd.server.finish_advertise()
+    for c in (0, 1, 3):
+        with pytest.raises(SecAggError, match="message from client 2 rejected: advertisement signature does not "
+                           "verify") as info:
+            rnd.clients[c].share_keys(key_lists[c])
+        assert info.value.sender == "client 2"
 
 
 def test_advertisement_altered_by_the_server_is_rejected_by_the_client() -> None:
@@ -75,24 +82,20 @@ def test_share_box_replayed_to_another_recipient_fails() -> None:
 
 
 @pytest.mark.parametrize("key", ["c_public", "s_public"])
-def test_low_order_public_key_is_rejected_by_server_and_client(key: str) -> None:
-    # A signed advertisement with an all-zero key would make a share box key or every
-    # pairwise mask public.
+def test_low_order_public_key_is_rejected_by_every_neighbour(key: str) -> None:
+    # A validly signed advertisement with an all-zero key would make a share box key or
+    # every pairwise mask public; each neighbour refuses it in its key exchange.
     rnd = make_round(4)
     honest = wire.decode_advertise(wire.unpack(rnd.clients[1].advertise(), MessageType.ADVERTISE, 1, SERVER_ID)[1], 1)
     bad = dataclasses.replace(honest, **{key: bytes(32)}, signature=b"")
     signed = dataclasses.replace(bad, signature=rnd.keys[1].sign(wire.advert_signed_bytes(bad, 1)))
-    message = wire.pack(MessageType.ADVERTISE, 1, 1, SERVER_ID, wire.encode_advertise(signed))
-    with pytest.raises(SecAggError, match="client 1 rejected: advertises an invalid"):
-        rnd.server.receive_advertisement(message, 1)
-    # A server that forwards it anyway is caught by the client.
+    rnd.server.receive_advertisement(wire.pack(MessageType.ADVERTISE, 1, 1, SERVER_ID, wire.encode_advertise(signed)), 1)
     for c in (0, 2, 3):
         rnd.server.receive_advertisement(rnd.clients[c].advertise(), c)
     key_lists = rnd.server.finish_advertise()
-    keys = wire.decode_key_list(_body(key_lists[0], MessageType.KEY_LIST, 0))
-    forged = wire.KeyList(keys.params_fingerprint, keys.graph_seed, (0, 1, 2, 3), (signed, *keys.adverts))
-    with pytest.raises(SecAggError, match="client 1 rejected: advertises an invalid"):
-        rnd.clients[0].share_keys(_server_message(MessageType.KEY_LIST, 0, wire.encode_key_list(forged)))
+    for c in (0, 2, 3):
+        with pytest.raises(SecAggError, match="client 1 rejected: advertises an invalid"):
+            rnd.clients[c].share_keys(key_lists[c])
 
 
 # ------------------------------------------------------------------ framing
@@ -241,10 +244,25 @@ def test_equivocating_server_is_caught_by_the_consistency_check() -> None:
         rnd.clients[0].unmask(request)
 
 
-def test_forged_survivor_signature_is_rejected_by_the_server() -> None:
+def test_forged_survivor_signature_is_rejected_by_every_other_survivor() -> None:
     rnd, views = _up_to_survivors()
-    with pytest.raises(SecAggError, match="client 2 rejected: signature of the survivor list does not verify"):
-        rnd.server.receive_signature(flip(rnd.clients[2].sign_survivors(views[2]), -1), 2)
+    for c in range(5):
+        signature = rnd.clients[c].sign_survivors(views[c])
+        rnd.server.receive_signature(flip(signature, -1) if c == 2 else signature, c)
+    requests = rnd.server.finish_consistency()
+    for c in (0, 1, 3, 4):
+        with pytest.raises(SecAggError, match="client 2 rejected: signature of the survivor list does not verify"):
+            rnd.clients[c].unmask(requests[c])
+
+
+def test_client_refuses_its_own_signature_altered_by_the_server() -> None:
+    rnd, views = _up_to_survivors()
+    requests = rnd.sign(views)
+    signatures = wire.decode_signatures(_body(requests[0], MessageType.UNMASK_REQUEST, 0))
+    signatures[0] = signatures[1]
+    request = _server_message(MessageType.UNMASK_REQUEST, 0, wire.encode_signatures(signatures))
+    with pytest.raises(SecAggError, match="server rejected: forwards this client's own signature altered"):
+        rnd.clients[0].unmask(request)
 
 
 def test_too_few_forwarded_signatures_abort_on_the_client() -> None:

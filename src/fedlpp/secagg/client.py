@@ -98,6 +98,7 @@ class ClientSession:
         self._masks: npt.NDArray[np.uint32] | None = None  # PRG(b_u) + every neighbour's pairwise mask
         self._held: dict[int, tuple[int, int]] = {}  # v -> (share of b_v, share of s_sk_v)
         self._view: Survivors | None = None
+        self._view_signature = b""  # what this client signed in sign_survivors
 
     @property
     def graph(self) -> NeighbourGraph | None:
@@ -173,8 +174,8 @@ class ClientSession:
         view = wire.decode_survivors(self._unpack(survivors, MessageType.SURVIVORS))
         self._check_view(view)
         self._view = view
-        signature = sign(self._signing_key, wire.survivors_signed_bytes(self.round, view))
-        return self._done(self._pack(MessageType.SURVIVORS_SIGNATURE, signature))
+        self._view_signature = sign(self._signing_key, wire.survivors_signed_bytes(self.round, view))
+        return self._done(self._pack(MessageType.SURVIVORS_SIGNATURE, self._view_signature))
 
     def unmask(self, request: bytes) -> bytes:
         """Step 4: after checking that enough clients signed the same view, reveal one share per neighbour.
@@ -183,7 +184,7 @@ class ClientSession:
         never both (the view was checked to be a partition in ``sign_survivors``).
 
         Raises:
-            SecAggError: A forwarded signature does not verify (server equivocation).
+            SecAggError: A forwarded signature does not verify (a bad signer, or server equivocation).
             SecAggAbort: Fewer signers than the threshold.
         """
         self._expect("unmask")
@@ -238,7 +239,8 @@ class ClientSession:
             raise SecAggError(advert.client, "not in the client registry (forwarded by the server)")
         signed = wire.advert_signed_bytes(advert, self.round)
         if not verify(load_verify_key(self._registry[advert.client]), advert.signature, signed):
-            raise SecAggError(advert.client, "advertisement signature does not verify (forwarded by the server)")
+            raise SecAggError(advert.client, "advertisement signature does not verify (forwarded unchecked by "
+                              "the server: the client sent a bad one, or the server altered it)")
 
     def _check_distinct_keys(self, adverts: tuple[SignedKeys, ...]) -> None:
         # Bonawitz et al. 2017, round 1: a repeated key would mean a replayed advertisement.
@@ -267,9 +269,13 @@ class ClientSession:
         for signer, signature in signatures.items():
             if signer not in self._view.survivors or signer not in self._registry:
                 raise SecAggError(SERVER_ID, f"forwards a signature of client {signer}, which is not a survivor")
-            if not verify(load_verify_key(self._registry[signer]), signature, signed):
-                raise SecAggError(signer, "signature of the survivor list does not verify (forwarded by the "
-                                  "server, which may be showing clients different views)")
+            if signer == self.client_id:  # our own: what we sent, or the server altered it
+                if signature != self._view_signature:
+                    raise SecAggError(SERVER_ID, "forwards this client's own signature altered")
+            elif not verify(load_verify_key(self._registry[signer]), signature, signed):
+                raise SecAggError(signer, "signature of the survivor list does not verify (forwarded unchecked by "
+                                  "the server: the signer sent a bad one, or the server altered it or is showing "
+                                  "clients different views)")
         threshold = self._own_threshold()
         if len(signatures) < threshold:
             raise SecAggAbort("Unmasking", "clients that signed the survivor list", len(signatures), threshold)

@@ -32,7 +32,6 @@ KEY_BYTES = 32  # X25519 keys, HKDF outputs, self-mask seeds
 SIGNATURE_BYTES = 64  # Ed25519
 NONCE_BYTES = 12  # ChaCha20-Poly1305
 _PRG_NONCE = bytes(16)  # each PRG key is derived for one (round, purpose, parties) only
-_PROBE = X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))  # public test key, no secret
 
 
 def random_bytes(n: int) -> bytes:
@@ -71,19 +70,6 @@ def exchange(private: X25519PrivateKey, peer_public: bytes) -> bytes:
             secret would be all zero, a public constant).
     """
     return private.exchange(X25519PublicKey.from_public_bytes(peer_public))
-
-
-def is_valid_public_key(raw: bytes) -> bool:
-    """Whether ``raw`` is a usable X25519 public key (not one of the low-order points).
-
-    A low-order point makes every shared secret zero (clamped scalars are multiples of the
-    cofactor), which would turn a pairwise mask into a public constant.
-    """
-    try:
-        exchange(_PROBE, raw)
-    except ValueError:
-        return False
-    return True
 
 
 def derive_key(material: bytes, label: bytes, context: bytes) -> bytes:

@@ -6,7 +6,7 @@ forge them, the way a faulty network or a malicious server would.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,35 +31,37 @@ class Round:
     clients: dict[int, ClientSession]
     inputs: dict[int, npt.NDArray[np.float64]]
     keys: dict[int, Ed25519PrivateKey]  # long-term identities, to forge signed messages in tests
+    carry: Callable[[bytes], bytes] = bytes  # the transport every message crosses, both ways
 
     def advertise(self, skip: Iterable[int] = ()) -> dict[int, bytes]:
         for c, s in self.clients.items():
             if c not in set(skip):
-                self.server.receive_advertisement(s.advertise(), c)
+                self.server.receive_advertisement(self.carry(s.advertise()), c)
         return self.server.finish_advertise()
 
     def share(self, key_lists: dict[int, bytes], skip: Iterable[int] = ()) -> dict[int, bytes]:
         for c, m in key_lists.items():
             if c not in set(skip):
-                self.server.receive_shares(self.clients[c].share_keys(m), c)
+                self.server.receive_shares(self.carry(self.clients[c].share_keys(self.carry(m))), c)
         return self.server.finish_share_keys()
 
     def mask(self, routed: dict[int, bytes], skip: Iterable[int] = ()) -> dict[int, bytes]:
         for c, m in routed.items():
             if c not in set(skip):
-                self.server.receive_masked_input(self.clients[c].masked_input(m, self.inputs[c]), c)
+                masked = self.clients[c].masked_input(self.carry(m), self.inputs[c])
+                self.server.receive_masked_input(self.carry(masked), c)
         return self.server.finish_masked_input()
 
     def sign(self, views: dict[int, bytes], skip: Iterable[int] = ()) -> dict[int, bytes]:
         for c, m in views.items():
             if c not in set(skip):
-                self.server.receive_signature(self.clients[c].sign_survivors(m), c)
+                self.server.receive_signature(self.carry(self.clients[c].sign_survivors(self.carry(m))), c)
         return self.server.finish_consistency()
 
     def unmask(self, requests: dict[int, bytes], skip: Iterable[int] = ()) -> AggregateResult:
         for c, m in requests.items():
             if c not in set(skip):
-                self.server.receive_unmask(self.clients[c].unmask(m), c)
+                self.server.receive_unmask(self.carry(self.clients[c].unmask(self.carry(m))), c)
         return self.server.finish_unmask()
 
     def run(self) -> AggregateResult:

@@ -20,6 +20,7 @@ from fedlpp.secagg import (
     ServerSession,
     generate_signing_key,
 )
+from fedlpp.secagg import client as client_module
 from fedlpp.secagg import wire
 
 
@@ -238,21 +239,12 @@ def test_equivocating_server_is_caught_by_the_consistency_check() -> None:
     lie = wire.Survivors(survivors=(0, 1, 2, 4), dropped=(3,))
     rnd.clients[0].sign_survivors(_server_message(MessageType.SURVIVORS, 0, wire.encode_survivors(lie)))
     honest = {c: rnd.clients[c].sign_survivors(views[c]) for c in (1, 2, 3, 4)}
-    signatures = {c: m[HEADER_BYTES:] for c, m in honest.items()}
+    # Enough signatures for client 0's threshold (3), none from 3 (not a survivor in 0's view):
+    # they sign the honest view, so the first one checked fails against 0's.
+    signatures = {c: honest[c][HEADER_BYTES:] for c in (1, 2, 4)}
     request = _server_message(MessageType.UNMASK_REQUEST, 0, wire.encode_signatures(signatures))
-    with pytest.raises(SecAggError, match="not a survivor|signature of the survivor list does not verify"):
+    with pytest.raises(SecAggError, match="client 1 rejected: signature of the survivor list does not verify"):
         rnd.clients[0].unmask(request)
-
-
-def test_forged_survivor_signature_is_rejected_by_every_other_survivor() -> None:
-    rnd, views = _up_to_survivors()
-    for c in range(5):
-        signature = rnd.clients[c].sign_survivors(views[c])
-        rnd.server.receive_signature(flip(signature, -1) if c == 2 else signature, c)
-    requests = rnd.server.finish_consistency()
-    for c in (0, 1, 3, 4):
-        with pytest.raises(SecAggError, match="client 2 rejected: signature of the survivor list does not verify"):
-            rnd.clients[c].unmask(requests[c])
 
 
 def test_client_refuses_its_own_signature_altered_by_the_server() -> None:
@@ -272,6 +264,44 @@ def test_too_few_forwarded_signatures_abort_on_the_client() -> None:
     with pytest.raises(SecAggAbort, match="aborted at Unmasking: 1 clients that signed"):
         rnd.clients[0].unmask(request)
 
+
+# ------------------------------------------------------------------ a misbehaving client
+
+
+def test_forged_survivor_signature_is_rejected_by_every_other_survivor() -> None:
+    rnd, views = _up_to_survivors()
+    for c in range(5):
+        signature = rnd.clients[c].sign_survivors(views[c])
+        rnd.server.receive_signature(flip(signature, -1) if c == 2 else signature, c)
+    requests = rnd.server.finish_consistency()
+    for c in (0, 1, 3, 4):
+        with pytest.raises(SecAggError, match="client 2 rejected: signature of the survivor list does not verify"):
+            rnd.clients[c].unmask(requests[c])
+
+
+
+def test_low_order_key_that_colluding_neighbours_accept_aborts_at_unmasking(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Honest neighbours refuse client 1's all-zero masking key; if all of them skipped that
+    # check, the server still cannot use the key to remove a dropped client's masks: it aborts.
+    real = client_module.exchange
+
+    def tolerant(private: object, public: bytes) -> bytes:
+        try:
+            return real(private, public)  # type: ignore[arg-type]
+        except ValueError:
+            return bytes(32)
+
+    monkeypatch.setattr(client_module, "exchange", tolerant)
+    rnd = make_round(5)
+    honest = wire.decode_advertise(wire.unpack(rnd.clients[1].advertise(), MessageType.ADVERTISE, 1, SERVER_ID)[1], 1)
+    bad = dataclasses.replace(honest, s_public=bytes(32), signature=b"")
+    signed = dataclasses.replace(bad, signature=rnd.keys[1].sign(wire.advert_signed_bytes(bad, 1)))
+    rnd.server.receive_advertisement(wire.pack(MessageType.ADVERTISE, 1, 1, SERVER_ID, wire.encode_advertise(signed)), 1)
+    for c in (0, 2, 3, 4):
+        rnd.server.receive_advertisement(rnd.clients[c].advertise(), c)
+    views = rnd.mask(rnd.share(rnd.server.finish_advertise()), skip=[3])
+    with pytest.raises(SecAggAbort, match=r"client 1 advertised an invalid \(low-order\) masking key"):
+        rnd.unmask(rnd.sign(views))
 
 # ------------------------------------------------------------------ corrupt shares, ranges
 

@@ -184,7 +184,8 @@ class ClientSession:
         never both (the view was checked to be a partition in ``sign_survivors``).
 
         Raises:
-            SecAggError: A forwarded signature does not verify (a bad signer, or server equivocation).
+            SecAggError: A forwarded signature does not verify (a bad signer, or server
+                equivocation), or this client's own signature comes back altered.
             SecAggAbort: Fewer signers than the threshold.
         """
         self._expect("unmask")

@@ -15,9 +15,13 @@ The server checks what it handles itself: framing, sizes, who may speak at each 
 the shares it uses. Signatures (on the advertised keys and on the survivor view) protect
 the clients from the server, so the clients verify them, as in Bonawitz et al.: the server
 forwards them unverified, and a bad one makes every client that receives it fail the
-round with an error naming the signer. Checking them here too would not make the round
-robust against a misbehaving client, which can fail its neighbours' rounds with a share
-box only they can open; it would put 2 n verifications on every round's critical path.
+round with an error naming the signer (or the server, which may have altered it).
+Checking them here too would not make the round robust against a misbehaving client,
+which can already fail the round in ways the server cannot check (a share box only its
+neighbour can open, a corrupt revealed share); it would put 2 n verifications on every
+round's critical path. The runtime must therefore pass the authenticated transport sender
+as ``origin``: a forged message in client X's name would otherwise be taken first, and
+the round would fail naming X.
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ class ServerSession:
 
     Args:
         params: Protocol parameters, identical to the clients'.
-        registry: Every client's 32-byte Ed25519 verify key, by id.
+        registry: Every client's 32-byte Ed25519 verify key, by id (the server uses only the ids:
+            who may take part; the keys are for the clients).
         round_: The round number.
         dim: Length d of the vectors being summed.
     """
@@ -261,7 +266,11 @@ class ServerSession:
             raise SecAggAbort("Unmasking", f"rebuilt masking key of client {v} does not match its advertised "
                               "key: some revealed share is corrupt")
         for u in peers:
-            shared = exchange(keys.private, self._adverts[u].s_public)
+            try:
+                shared = exchange(keys.private, self._adverts[u].s_public)
+            except ValueError as err:  # its neighbours, who must refuse such a key, did not
+                raise SecAggAbort("Unmasking", f"client {u} advertised an invalid (low-order) masking key and "
+                                  "its neighbours used it") from err
             remove_pairwise(total, prg.expand(pairwise_key(shared, self.round, v, u)), u, v)
 
     def _rebuild(self, about: int, kind: ShareKind) -> bytes:

@@ -21,7 +21,7 @@ from fedlpp.secagg import (
     generate_signing_key,
 )
 from fedlpp.secagg import client as client_module
-from fedlpp.secagg import wire
+from fedlpp.secagg import shamir, wire
 
 
 def _server_message(kind: MessageType, recipient: int, body: bytes, round_: int = 1) -> bytes:
@@ -326,6 +326,17 @@ def test_unmask_response_with_the_wrong_share_kind_is_rejected() -> None:
     wrong = [dataclasses.replace(reveals[0], kind=wire.ShareKind.MASKING_KEY), *reveals[1:]]
     forged = wire.pack(MessageType.UNMASK_RESPONSE, 1, 2, SERVER_ID, wire.encode_reveals(wrong))
     with pytest.raises(SecAggError, match="client 2 rejected: revealed shares do not match"):
+        rnd.server.receive_unmask(forged, 2)
+
+
+def test_revealed_share_outside_the_field_is_rejected_naming_its_sender() -> None:
+    rnd, views = _up_to_survivors()
+    requests = rnd.sign(views)
+    reveals = wire.decode_reveals(wire.unpack(rnd.clients[2].unmask(requests[2]), MessageType.UNMASK_RESPONSE, 1,
+                                              SERVER_ID)[1])
+    outside = [dataclasses.replace(reveals[0], share=shamir.PRIME), *reveals[1:]]
+    forged = wire.pack(MessageType.UNMASK_RESPONSE, 1, 2, SERVER_ID, wire.encode_reveals(outside))
+    with pytest.raises(SecAggError, match="client 2 rejected: share about client 0 is not a field element"):
         rnd.server.receive_unmask(forged, 2)
 
 

@@ -226,8 +226,6 @@ class ServerSession:
         expected = self._expected_reveals(sender)
         if {(r.about, r.kind) for r in reveals} != expected or len(reveals) != len(expected):
             raise SecAggError(sender, "revealed shares do not match its neighbours' survived/dropped status")
-        if any(r.share >= shamir.PRIME for r in reveals):
-            raise SecAggError(sender, "a revealed share is not a field element")
         self._reveals[sender] = reveals
 
     def _expected_reveals(self, holder: int) -> set[tuple[int, ShareKind]]:

@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from fedlpp.secagg.crypto import KEY_BYTES, SIGNATURE_BYTES
 from fedlpp.secagg.errors import SecAggError, party_name
-from fedlpp.secagg.shamir import SHARE_BYTES
+from fedlpp.secagg.shamir import SHARE_BYTES, share_from_bytes, share_to_bytes
 
 MAGIC = b"FLSA"
 VERSION = 1
@@ -334,7 +334,7 @@ def decode_signatures(reader: Reader) -> dict[int, bytes]:
 def encode_reveals(reveals: Sequence[ShareReveal]) -> bytes:
     """Body of UNMASK_RESPONSE: count || (about id || kind u8 || share (66))*."""
     ordered = sorted(reveals, key=lambda r: r.about)
-    parts = [_U32.pack(r.about) + bytes([r.kind]) + r.share.to_bytes(SHARE_BYTES, "big") for r in ordered]
+    parts = [_U32.pack(r.about) + bytes([r.kind]) + share_to_bytes(r.share) for r in ordered]
     return _U32.pack(len(reveals)) + b"".join(parts)
 
 
@@ -352,5 +352,9 @@ def _decode_reveal(reader: Reader) -> ShareReveal:
     kind = reader.take(1, "share kind")[0]
     if kind not in (ShareKind.SELF_MASK_SEED, ShareKind.MASKING_KEY):
         raise reader.error(f"unknown share kind {kind} for {party_name(about)}")
-    return ShareReveal(about, ShareKind(kind), int.from_bytes(reader.take(SHARE_BYTES, "share"), "big"))
+    try:
+        share = share_from_bytes(reader.take(SHARE_BYTES, "share"))
+    except ValueError as err:
+        raise reader.error(f"share about {party_name(about)} is {err}") from err
+    return ShareReveal(about, ShareKind(kind), share)
 

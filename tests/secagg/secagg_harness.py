@@ -34,35 +34,41 @@ class Round:
     carry: Callable[[bytes], bytes] = bytes  # the transport every message crosses, both ways
 
     def advertise(self, skip: Iterable[int] = ()) -> dict[int, bytes]:
-        for c, s in self.clients.items():
-            if c not in set(skip):
-                self.server.receive_advertisement(self.carry(s.advertise()), c)
+        gone = set(skip)
+        for c, session in self.clients.items():
+            if c not in gone:  # the first step: nothing comes down
+                self.server.receive_advertisement(self.carry(session.advertise()), c)
         return self.server.finish_advertise()
 
     def share(self, key_lists: dict[int, bytes], skip: Iterable[int] = ()) -> dict[int, bytes]:
-        for c, m in key_lists.items():
-            if c not in set(skip):
-                self.server.receive_shares(self.carry(self.clients[c].share_keys(self.carry(m))), c)
+        self._exchange(key_lists, lambda c, m: self.clients[c].share_keys(m), self.server.receive_shares, skip)
         return self.server.finish_share_keys()
 
     def mask(self, routed: dict[int, bytes], skip: Iterable[int] = ()) -> dict[int, bytes]:
-        for c, m in routed.items():
-            if c not in set(skip):
-                masked = self.clients[c].masked_input(self.carry(m), self.inputs[c])
-                self.server.receive_masked_input(self.carry(masked), c)
+        self._exchange(routed, lambda c, m: self.clients[c].masked_input(m, self.inputs[c]),
+                       self.server.receive_masked_input, skip)
         return self.server.finish_masked_input()
 
     def sign(self, views: dict[int, bytes], skip: Iterable[int] = ()) -> dict[int, bytes]:
-        for c, m in views.items():
-            if c not in set(skip):
-                self.server.receive_signature(self.carry(self.clients[c].sign_survivors(self.carry(m))), c)
+        self._exchange(views, lambda c, m: self.clients[c].sign_survivors(m), self.server.receive_signature, skip)
         return self.server.finish_consistency()
 
     def unmask(self, requests: dict[int, bytes], skip: Iterable[int] = ()) -> AggregateResult:
-        for c, m in requests.items():
-            if c not in set(skip):
-                self.server.receive_unmask(self.carry(self.clients[c].unmask(self.carry(m))), c)
+        self._exchange(requests, lambda c, m: self.clients[c].unmask(m), self.server.receive_unmask, skip)
         return self.server.finish_unmask()
+
+    def _exchange(
+        self,
+        inbox: dict[int, bytes],
+        answer: Callable[[int, bytes], bytes],
+        receive: Callable[[bytes, int], None],
+        skip: Iterable[int],
+    ) -> None:
+        """Each client not skipped gets its message over ``carry``, answers, and the answer crosses back."""
+        gone = set(skip)
+        for c, message in inbox.items():
+            if c not in gone:
+                receive(self.carry(answer(c, self.carry(message))), c)
 
     def run(self) -> AggregateResult:
         return self.unmask(self.sign(self.mask(self.share(self.advertise()))))

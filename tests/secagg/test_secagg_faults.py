@@ -82,15 +82,22 @@ def test_share_box_replayed_to_another_recipient_fails() -> None:
         rnd.clients[1].masked_input(message, rnd.inputs[1])
 
 
+def _advertise_low_order_key(rnd: Round, client: int, key: str) -> None:
+    """``client`` sends the server a validly signed advertisement whose ``key`` is the all-zero (low-order) point."""
+    message = rnd.clients[client].advertise()
+    honest = wire.decode_advertise(wire.unpack(message, MessageType.ADVERTISE, rnd.server.round, SERVER_ID)[1], client)
+    bad = dataclasses.replace(honest, **{key: bytes(32)}, signature=b"")
+    signed = dataclasses.replace(bad, signature=rnd.keys[client].sign(wire.advert_signed_bytes(bad, rnd.server.round)))
+    forged = wire.pack(MessageType.ADVERTISE, rnd.server.round, client, SERVER_ID, wire.encode_advertise(signed))
+    rnd.server.receive_advertisement(forged, client)
+
+
 @pytest.mark.parametrize("key", ["c_public", "s_public"])
 def test_low_order_public_key_is_rejected_by_every_neighbour(key: str) -> None:
     # A validly signed advertisement with an all-zero key would make a share box key or
     # every pairwise mask public; each neighbour refuses it in its key exchange.
     rnd = make_round(4)
-    honest = wire.decode_advertise(wire.unpack(rnd.clients[1].advertise(), MessageType.ADVERTISE, 1, SERVER_ID)[1], 1)
-    bad = dataclasses.replace(honest, **{key: bytes(32)}, signature=b"")
-    signed = dataclasses.replace(bad, signature=rnd.keys[1].sign(wire.advert_signed_bytes(bad, 1)))
-    rnd.server.receive_advertisement(wire.pack(MessageType.ADVERTISE, 1, 1, SERVER_ID, wire.encode_advertise(signed)), 1)
+    _advertise_low_order_key(rnd, 1, key)
     for c in (0, 2, 3):
         rnd.server.receive_advertisement(rnd.clients[c].advertise(), c)
     key_lists = rnd.server.finish_advertise()
@@ -279,7 +286,6 @@ def test_forged_survivor_signature_is_rejected_by_every_other_survivor() -> None
             rnd.clients[c].unmask(requests[c])
 
 
-
 def test_low_order_key_that_colluding_neighbours_accept_aborts_at_unmasking(monkeypatch: pytest.MonkeyPatch) -> None:
     # Honest neighbours refuse client 1's all-zero masking key; if all of them skipped that
     # check, the server still cannot use the key to remove a dropped client's masks: it aborts.
@@ -293,15 +299,13 @@ def test_low_order_key_that_colluding_neighbours_accept_aborts_at_unmasking(monk
 
     monkeypatch.setattr(client_module, "exchange", tolerant)
     rnd = make_round(5)
-    honest = wire.decode_advertise(wire.unpack(rnd.clients[1].advertise(), MessageType.ADVERTISE, 1, SERVER_ID)[1], 1)
-    bad = dataclasses.replace(honest, s_public=bytes(32), signature=b"")
-    signed = dataclasses.replace(bad, signature=rnd.keys[1].sign(wire.advert_signed_bytes(bad, 1)))
-    rnd.server.receive_advertisement(wire.pack(MessageType.ADVERTISE, 1, 1, SERVER_ID, wire.encode_advertise(signed)), 1)
+    _advertise_low_order_key(rnd, 1, "s_public")
     for c in (0, 2, 3, 4):
         rnd.server.receive_advertisement(rnd.clients[c].advertise(), c)
     views = rnd.mask(rnd.share(rnd.server.finish_advertise()), skip=[3])
     with pytest.raises(SecAggAbort, match=r"client 1 advertised an invalid \(low-order\) masking key"):
         rnd.unmask(rnd.sign(views))
+
 
 # ------------------------------------------------------------------ corrupt shares, ranges
 

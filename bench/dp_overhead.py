@@ -31,7 +31,8 @@ import torch  # noqa: E402
 from opacus import GradSampleModule  # noqa: E402
 
 from fedlpp.config import load_config  # noqa: E402
-from fedlpp.engine.setup import RunContext, build_run, client_batches  # noqa: E402
+from fedlpp.algorithms.client import shuffled_batches  # noqa: E402
+from fedlpp.engine.setup import LocalRun, build_run  # noqa: E402
 from fedlpp.models.lora import adapter_parameters, set_adapter, set_trainable  # noqa: E402
 from fedlpp.models.objective import example_losses  # noqa: E402
 from fedlpp.privacy.dp_sgd import NoisyOptimizer, per_example_backward  # noqa: E402
@@ -42,7 +43,7 @@ DEFAULT_SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 TARGET = 1.15
 
 
-def context(model: str, algorithm: str, batch: int, sst2: Path) -> RunContext:
+def context(model: str, algorithm: str, batch: int, sst2: Path) -> LocalRun:
     data = ["data.task=weather"] if model != "minilm-l6" else ["data.task=sst2", f"data.path={sst2}", "data.num_train=2000"]
     return build_run(load_config(None, [f"model.name={model}", f"algorithm.name={algorithm}", f"train.batch_size={batch}",
                                         "model.max_length=64", "data.num_eval=2", *data]))
@@ -55,12 +56,13 @@ def timed_block(step, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def measure(ctx: RunContext, batch_size: int, steps: int, reps: int) -> dict[str, Any]:
-    model, kind = ctx.model, ctx.task.kind
+def measure(run: LocalRun, batch_size: int, steps: int, reps: int) -> dict[str, Any]:
+    ctx, data = run.server, run.clients[0]
+    model, kind = ctx.model, ctx.side.kind
     set_adapter(model, ctx.initial_adapter())
     set_trainable(model, ctx.trained)
     params = [adapter_parameters(model)[n] for n in ctx.trained]
-    batch = next(client_batches(ctx.client_features[0], 1, batch_size, ctx.pad_id, seed=0))
+    batch = next(shuffled_batches(data.features, 1, batch_size, data.pad_id, seed=0))
     plain_opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
 

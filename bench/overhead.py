@@ -33,8 +33,9 @@ import torch  # noqa: E402
 
 from fedlpp.algorithms import round as rnd  # noqa: E402
 from fedlpp.config import load_config  # noqa: E402
-from fedlpp.engine.local import plain_server, train_one_client  # noqa: E402
-from fedlpp.engine.setup import RunContext, build_run, client_batches  # noqa: E402
+from fedlpp.algorithms.client import shuffled_batches  # noqa: E402
+from fedlpp.engine.local import LocalFederation, PlainExchange  # noqa: E402
+from fedlpp.engine.setup import LocalRun, build_run  # noqa: E402
 from fedlpp.models.lora import Adapter, adapter_parameters, set_adapter, set_trainable  # noqa: E402
 from fedlpp.models.objective import example_losses  # noqa: E402
 from fedlpp.seeding import derive_seed  # noqa: E402
@@ -45,9 +46,9 @@ CLIENT = 0
 TARGET = 1.05
 
 
-def starting_adapter(ctx: RunContext) -> Adapter:
+def starting_adapter(run: LocalRun) -> Adapter:
     """The run's initial adapter with B small and non-zero, as after a few rounds."""
-    adapter = ctx.initial_adapter()
+    adapter = run.server.initial_adapter()
     gen = torch.Generator().manual_seed(7)
     for name, t in adapter.items():
         if ".lora_B." in name:
@@ -55,28 +56,30 @@ def starting_adapter(ctx: RunContext) -> Adapter:
     return adapter
 
 
-def engine_round(ctx: RunContext, adapter: Adapter) -> Adapter:
-    """One round for one client, as run_round does it, without evaluation."""
+def engine_round(run: LocalRun, adapter: Adapter) -> Adapter:
+    """One round for one client, as the server's run_round does it, without evaluation."""
+    ctx = run.server
     payload = rnd.make_broadcast(ctx.spec, adapter, ctx.a_seed, ROUND)
-    delta, n, _ = train_one_client(ctx, payload, CLIENT, ROUND, None)
-    return plain_server(ctx, adapter, {CLIENT: (delta, n)}, ROUND)[0]  # encode, validate, aggregate
+    federation = LocalFederation(run.clients, PlainExchange())  # client_step: decode, E steps, encode; then validate, aggregate
+    return federation.round_trip(ctx, adapter, payload, [CLIENT], ROUND, None).adapter
 
 
-def prepare_bare(ctx: RunContext, start: Adapter) -> None:
+def prepare_bare(run: LocalRun, start: Adapter) -> None:
     """Untimed: load the engine's starting point and mark the trained tensors."""
-    set_adapter(ctx.model, start)
-    set_trainable(ctx.model, ctx.trained)
+    set_adapter(run.server.model, start)
+    set_trainable(run.server.model, run.server.trained)
 
 
-def bare_loop(ctx: RunContext) -> None:
+def bare_loop(run: LocalRun) -> None:
     """E plain AdamW steps on the same batches the engine's client sees."""
+    ctx, data = run.server, run.clients[CLIENT]
     cfg = ctx.cfg
     params = adapter_parameters(ctx.model)
     optimizer = torch.optim.AdamW([params[n] for n in ctx.trained], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     seed = derive_seed(cfg.seed, "batches", ROUND, CLIENT)
     ctx.model.train()
-    for batch in client_batches(ctx.client_features[CLIENT], cfg.fl.local_steps, cfg.train.batch_size, ctx.pad_id, seed):
-        loss = example_losses(ctx.model, batch, ctx.task.kind).mean()
+    for batch in shuffled_batches(data.features, cfg.fl.local_steps, cfg.train.batch_size, data.pad_id, seed):
+        loss = example_losses(ctx.model, batch, ctx.side.kind).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -89,15 +92,15 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def measure(ctx: RunContext, reps: int) -> dict[str, list[float]]:
+def measure(run: LocalRun, reps: int) -> dict[str, list[float]]:
     """Warm up each side once, then alternate engine and bare ``reps`` times."""
-    adapter = starting_adapter(ctx)
-    start = rnd.proxy_point(ctx.spec, adapter)  # what the engine's client starts from
+    adapter = starting_adapter(run)
+    start = rnd.proxy_point(run.server.spec, adapter)  # what the engine's client starts from
     times: dict[str, list[float]] = {"engine": [], "bare": []}
     for rep in range(reps + 1):
-        t_engine = timed(lambda: engine_round(ctx, adapter))
-        prepare_bare(ctx, start)
-        t_bare = timed(lambda: bare_loop(ctx))
+        t_engine = timed(lambda: engine_round(run, adapter))
+        prepare_bare(run, start)
+        t_bare = timed(lambda: bare_loop(run))
         label = "warm-up" if rep == 0 else f"rep {rep}"
         print(f"{label:<8} engine {t_engine:8.3f} s   bare {t_bare:8.3f} s   ratio {t_engine / t_bare:6.3f}", flush=True)
         if rep > 0:
@@ -141,10 +144,11 @@ def main() -> None:
     ])
     threads = torch.get_num_threads()
     print(f"torch threads: {threads} (torch's default; os.cpu_count()={os.cpu_count()})")
-    ctx = build_run(cfg)
+    run = build_run(cfg)
+    ctx = run.server
     q = ctx.spec.quant
     print(f"model {args.model}, {ctx.spec.name} ({q}), E={args.steps}, batch {args.batch_size}, reps {args.reps}")
-    summary = summarise(measure(ctx, args.reps))
+    summary = summarise(measure(run, args.reps))
     print(
         f"median engine {summary['engine_median_s']:.3f} s, bare {summary['bare_median_s']:.3f} s, "
         f"ratio {summary['ratio']:.3f} (pairwise median {summary['pairwise_ratio_median']:.3f}); "

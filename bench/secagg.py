@@ -47,6 +47,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -55,8 +56,10 @@ import torch
 
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.spec import AlgorithmSpec
-from fedlpp.config import SecAggConfig
+from fedlpp.algorithms.secure import SecureEncoding, SecureInput, SecureMean
 from fedlpp.engine.secure import SecureAggregator, make_aggregator, secure_aggregate
+from fedlpp.config import SecAggConfig
+from fedlpp.engine.setup import secagg_params
 from fedlpp.models.lora import Adapter
 from fedlpp.secagg import graph_degree
 from fedlpp.secagg.params import PRGS
@@ -162,7 +165,9 @@ def secure_round(
 ) -> tuple[Clock, Adapter, int, int]:
     """fedlpp's aggregation with SecAgg; returns the clock, the new adapter and bytes up/down per client."""
     clock = Clock()
-    outcome = secure_aggregate(agg, SPEC, adapter, deltas, round_, parties=clock)
+    encode = SecureInput(agg.encoding)
+    inputs = {c: partial(encode, d, n, round_) for c, (d, n) in deltas.items()}
+    outcome = secure_aggregate(agg, SPEC, adapter, inputs, round_, SecureMean(agg.encoding), parties=clock)
     assert outcome.adapter is not None, outcome.notes
     n = len(deltas)
     return clock, outcome.adapter, outcome.bytes_up // n, outcome.bytes_down // n
@@ -199,7 +204,8 @@ def measure(n: int, values: int, graph: str, prg: str, reps: int) -> Row:
     generator = torch.Generator().manual_seed(n * 7919 + values)  # benchmark data only
     adapter = lora_adapter(values, generator)
     deltas = client_deltas(adapter, n, generator)
-    agg = make_aggregator(SecAggConfig(enabled=True, graph=graph, prg=prg), n, n, weight_bound=100 + n)
+    params = secagg_params(SecAggConfig(enabled=True, graph=graph, prg=prg), n)
+    agg = make_aggregator(SecureEncoding(params, weight_bound=100 + n), n)
     samples: dict[str, list[float]] = {k: [] for k in ("bare", "plain", "plain_cpu", "round", "setup", "cpu")}
     error, plain_up, up, down = 0.0, 0, 0, 0
     for warm_up in range(WARM_UP):  # first calls pay for imports, caches and allocator growth
@@ -215,11 +221,11 @@ def measure(n: int, values: int, graph: str, prg: str, reps: int) -> Row:
                            ("setup", setup_s(secure)), ("cpu", secure.cpu_s)):
             samples[key].append(value)
         error = max(error, max(float((plain_adapter[k] - secure_adapter[k]).abs().max()) for k in adapter))
-    resolution = n / agg.params.scale  # the mean of n fixed-point roundings, scaled by n_max / sum n_k <= 1
+    resolution = n / agg.encoding.params.scale  # the mean of n fixed-point roundings, scaled by n_max / sum n_k <= 1
     assert error <= resolution, f"secure mean off by {error} (resolution {resolution})"
     m = {k: statistics.median(v) for k, v in samples.items()}
     online = m["round"] - m["setup"]
-    return Row(n, values, graph, graph_degree(agg.params, n), prg, m["bare"], m["plain"], m["plain_cpu"], m["round"],
+    return Row(n, values, graph, graph_degree(agg.encoding.params, n), prg, m["bare"], m["plain"], m["plain_cpu"], m["round"],
                m["setup"], online, m["cpu"], m["round"] / m["plain"], online / m["plain"], m["cpu"] / m["plain_cpu"],
                plain_up, up, down, error)
 

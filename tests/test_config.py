@@ -116,9 +116,9 @@ def test_a_target_epsilon_is_also_the_budget():
 
 
 def test_secagg_prg_is_a_choice_that_reaches_the_protocol():
-    from fedlpp.engine.secure import make_aggregator
+    from fedlpp.engine.setup import secure_encoding
 
     with pytest.raises(ConfigError, match=r"secagg\.prg"):
         load_config(None, ["secagg.prg=rc4"])
     cfg = load_config(None, ["secagg.enabled=true", "secagg.prg=chacha20", "fl.clients_per_round=3"])
-    assert make_aggregator(cfg.secagg, 3, 3, weight_bound=10).params.prg == "chacha20"
+    assert secure_encoding(cfg, [10, 3, 4]).params.prg == "chacha20"

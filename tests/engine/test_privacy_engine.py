@@ -61,7 +61,7 @@ def test_the_issue_smoke_command_reports_epsilon_every_round(tmp_path, capsys):
 def test_reported_epsilon_equals_dp_accounting_for_each_clients_real_steps(tmp_path):
     cfg = tiny("privacy.mode=dp_sgd", "privacy.noise_multiplier=0.9", rounds=4)
     run_experiment(cfg, tmp_path / "run", progress=False)
-    ctx_sizes = [len(f) for f in build_run(cfg).client_features]
+    ctx_sizes = build_run(cfg).server.client_sizes
     final = rows(tmp_path / "run")[-1]
     for client in range(3):
         joined = sum(client in sample_clients(0, r, 3, 2) for r in range(1, 5))

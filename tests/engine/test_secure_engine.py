@@ -78,10 +78,10 @@ def test_secagg_needs_three_clients_per_round():
 
 def test_a_client_with_a_non_finite_update_drops_out_instead_of_breaking_the_round():
     from fedlpp.algorithms.layout import layout_of
-    from fedlpp.config import SecAggConfig
-    from fedlpp.engine.secure import client_vector, make_aggregator
+    from fedlpp.algorithms.secure import client_vector
+    from fedlpp.engine.setup import secure_encoding
 
-    agg = make_aggregator(SecAggConfig(enabled=True), 3, 3, weight_bound=10)
+    agg = secure_encoding(load_config(None, BASE + ["secagg.enabled=true"]), client_sizes=[10, 4, 7])
     layout = layout_of({"b": (2, 2)}, ["b"])
     assert client_vector(agg, {"b": torch.full((2, 2), 0.5)}, layout, 5)[-1] == 5 / agg.params.scale
     for bad in (float("nan"), float("inf"), 3.0):  # 3.0 * 5/10 = 1.5 > clip_range 1

@@ -88,7 +88,8 @@ def _live_modules() -> int:
 def test_memory_does_not_grow_with_the_number_of_clients(tmp_path):
     """One backbone for all clients: a round with N=40 creates no more modules than with N=4."""
     from fedlpp.config import load_config
-    from fedlpp.engine.local import run_round
+    from fedlpp.engine.local import LocalFederation, make_exchange
+    from fedlpp.engine.server import run_round
     from fedlpp.engine.setup import build_run, round_clients
 
     counts = []
@@ -96,10 +97,11 @@ def test_memory_does_not_grow_with_the_number_of_clients(tmp_path):
     for n in (4, 40):
         cfg = load_config(None, ["model.name=tiny-llama", "data.num_train=400", "data.num_eval=2", f"fl.num_clients={n}",
                                  "fl.clients_per_round=2", "fl.local_steps=1", "train.batch_size=2", "eval.every=99", "fl.rounds=2"])
-        ctx = build_run(cfg)
-        adapter = ctx.initial_adapter()
+        run = build_run(cfg)
+        federation = LocalFederation(run.clients, make_exchange(run.server))
+        adapter = run.server.initial_adapter()
         for round_ in (1, 2):
-            adapter = run_round(ctx, adapter, round_, round_clients(cfg, round_), None, None).adapter
+            adapter = run_round(run.server, federation, adapter, round_, round_clients(cfg, round_), None).adapter
         counts.append(_live_modules() - baseline)  # building and running included
-        del ctx
+        del run, federation
     assert counts[0] == counts[1] > 0, counts

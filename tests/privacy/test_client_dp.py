@@ -51,7 +51,7 @@ def test_private_aggregate_refuses_an_unclipped_update():
 
 
 def test_secagg_noise_shares_add_up_to_the_accounted_noise():
-    from fedlpp.engine.secure import NoiseShares
+    from fedlpp.algorithms.secure import NoiseShares
 
     shares = NoiseShares(clip_norm=0.5, noise_multiplier=2.0, denominator=4.0)
     assert shares.share_std**2 * 4 == pytest.approx((2.0 * 0.5) ** 2)

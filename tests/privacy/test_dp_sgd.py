@@ -8,12 +8,12 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from fedlpp.algorithms.client import LocalTraining
+from fedlpp.algorithms.client import LocalTraining, train_client
 from fedlpp.data import collate, encode_for_classification, encode_for_generation, load_task
 from fedlpp.models.backbone import load_backbone
 from fedlpp.models.lora import adapter_parameters, attach_lora, get_adapter, is_lora_b, set_adapter, set_trainable
 from fedlpp.models.objective import example_losses
-from fedlpp.privacy.dp_sgd import DpSgd, NoisyOptimizer, poisson_batches, train_client_dp
+from fedlpp.privacy.dp_sgd import DpSgd, DpSgdSteps, NoisyOptimizer, poisson_batches
 from fedlpp.privacy.randomness import SeededRandomness
 
 OPTS = LocalTraining(lr=0.01, weight_decay=0.0, max_grad_norm=0.0)
@@ -93,7 +93,7 @@ def test_a_dp_step_really_changes_the_trained_adapter(freeze_a):
     trained = [n for n in start if is_lora_b(n)] if freeze_a else list(start)
     batches = poisson_batches(features, 2, 0.5, pad, SeededRandomness(0))
     # sigma = 0: only the clipped per-example gradients can move the adapter
-    result = train_client_dp(model, "generation", start, trained, batches, OPTS, DpSgd(0.0, 1.0, 12), SeededRandomness(1), 0)
+    result = train_client(model, "generation", start, trained, batches, OPTS, 0, DpSgdSteps(DpSgd(0.0, 1.0, 12), SeededRandomness(1)))
     assert set(result.delta) == set(trained)
     assert all(float(d.abs().max()) > 0 for d in result.delta.values())
     after = get_adapter(model)
@@ -101,15 +101,15 @@ def test_a_dp_step_really_changes_the_trained_adapter(freeze_a):
         if n not in trained:
             assert torch.equal(after[n], start[n])  # FFA-LoRA: A never moves
     # A second client on the same shared model still trains (no stale hooks from the first).
-    again = train_client_dp(model, "generation", start, trained, poisson_batches(features, 1, 0.5, pad, SeededRandomness(2)),
-                            OPTS, DpSgd(0.5, 1.0, 12), SeededRandomness(3), 0)
+    again = train_client(model, "generation", start, trained, poisson_batches(features, 1, 0.5, pad, SeededRandomness(2)),
+                         OPTS, 0, DpSgdSteps(DpSgd(0.5, 1.0, 12), SeededRandomness(3)))
     assert all(float(d.abs().max()) > 0 for d in again.delta.values())
 
 
 def test_an_empty_poisson_batch_is_a_noise_only_step():
     model, features, start, pad = _setup("generation")
     trained = list(start)
-    result = train_client_dp(model, "generation", start, trained, iter([None]), OPTS, DpSgd(1.0, 1.0, 8), SeededRandomness(0), 0)
+    result = train_client(model, "generation", start, trained, iter([None]), OPTS, 0, DpSgdSteps(DpSgd(1.0, 1.0, 8), SeededRandomness(0)))
     assert math.isnan(result.losses[0])
     assert all(float(d.abs().max()) > 0 for d in result.delta.values())  # noise moved it
 

@@ -1,15 +1,26 @@
-"""The client step: train the shared model's adapter for E local steps from a start point."""
+"""The local trainer: E optimizer steps on the shared model's adapter from a start point.
+
+There is one training loop. What differs between plain training and DP-SGD — how a batch
+becomes gradients and which optimizer applies them — is a ``StepRule`` the loop is given
+(``PlainSteps`` here; ``privacy.dp_sgd.DpSgdSteps`` wraps the same loop with Opacus).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ContextManager, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
+from fedlpp.data import collate
 from fedlpp.models.lora import Adapter, adapter_parameters, get_adapter, set_adapter, set_trainable
 from fedlpp.models.objective import example_losses
+
+Batch = Mapping[str, torch.Tensor] | None  # None: an empty (Poisson-sampled) batch
 
 
 @dataclass(frozen=True)
@@ -22,7 +33,36 @@ class LocalTraining:
 @dataclass(frozen=True)
 class LocalResult:
     delta: Adapter  # trained tensors only: theta_k - start
-    losses: tuple[float, ...]  # training loss of every local step
+    losses: tuple[float, ...]  # training loss of every local step (nan for an empty batch)
+
+
+class StepRule(Protocol):
+    """How a batch becomes gradients, and the optimizer that applies them."""
+
+    def attach(self, model: nn.Module, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> ContextManager[torch.optim.Optimizer]:
+        """The optimizer to step with while the context is open (hooks are removed on exit)."""
+        ...
+
+    def backward(self, model: nn.Module, kind: str, batch: Batch, params: Sequence[nn.Parameter]) -> float:
+        """Gradients of one batch into the parameters; the batch's mean loss."""
+        ...
+
+
+class PlainSteps:
+    """Mean loss over the batch, one backward pass, the optimizer as it is."""
+
+    def attach(self, model: nn.Module, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> ContextManager[torch.optim.Optimizer]:
+        return contextlib.nullcontext(optimizer)
+
+    def backward(self, model: nn.Module, kind: str, batch: Batch, params: Sequence[nn.Parameter]) -> float:
+        if batch is None:
+            raise ValueError("an empty batch has no gradient without DP-SGD's noise")
+        loss = example_losses(model, batch, kind).mean()
+        loss.backward()
+        return float(loss.detach())
+
+
+PLAIN_STEPS = PlainSteps()
 
 
 def train_client(
@@ -30,9 +70,10 @@ def train_client(
     kind: str,
     start: Mapping[str, torch.Tensor],
     trained: Sequence[str],
-    batches: Iterable[Mapping[str, torch.Tensor]],
+    batches: Iterable[Batch],
     opts: LocalTraining,
     seed: int,
+    steps: StepRule = PLAIN_STEPS,
 ) -> LocalResult:
     """Load ``start`` into the model, take one AdamW step per batch, return the delta.
 
@@ -41,20 +82,31 @@ def train_client(
     """
     set_adapter(model, start)
     set_trainable(model, trained)
-    params = adapter_parameters(model)
-    optimizer = torch.optim.AdamW([params[n] for n in trained], lr=opts.lr, weight_decay=opts.weight_decay)
+    params = [adapter_parameters(model)[n] for n in trained]
+    base = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     losses = []
     model.train()
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        for batch in batches:
-            loss = example_losses(model, batch, kind).mean()
-            loss.backward()
-            if opts.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([params[n] for n in trained], opts.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-    model.eval()
+    try:
+        with steps.attach(model, params, base) as optimizer, torch.random.fork_rng():
+            torch.manual_seed(seed)
+            for batch in batches:
+                losses.append(steps.backward(model, kind, batch, params))
+                if opts.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    finally:
+        model.eval()
     after = get_adapter(model)
     return LocalResult({n: after[n] - start[n] for n in trained}, tuple(losses))
+
+
+def shuffled_batches(features: Sequence[dict], steps: int, batch_size: int, pad_id: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """``steps`` batches drawn by reshuffled passes over the client's data (seeded)."""
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        while len(order) < batch_size:
+            order += rng.permutation(len(features)).tolist()
+        chosen, order = order[:batch_size], order[batch_size:]
+        yield collate([features[i] for i in chosen], pad_id)

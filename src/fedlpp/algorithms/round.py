@@ -1,7 +1,8 @@
 """One round of any algorithm, as plain functions over adapters and bytes.
 
-Server: ``make_broadcast`` -> bytes to every sampled client; ``aggregate`` the clients'
-update bytes into the next adapter. Client: ``read_broadcast`` -> its starting adapter,
+Server: ``make_broadcast`` -> bytes to every sampled client; ``server_step`` combines the
+round's inputs (``WeightedMean``, ``ClientDpMean``, SecAgg's ``SecureMean``) and applies the
+server rule. Client: ``read_broadcast`` -> its starting adapter,
 train (``client.py``), ``make_update`` -> bytes. No I/O and no runtime imports: the local
 engine and the Flower apps both call these.
 """
@@ -11,7 +12,8 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -22,6 +24,9 @@ from fedlpp.models.lora import Adapter, copy_adapter, lora_a_from_seed
 from fedlpp.privacy.client_dp import NoisedSum, clip_delta, within_norm
 
 log = logging.getLogger(__name__)
+
+U = TypeVar("U")
+U_contra = TypeVar("U_contra", contravariant=True)
 
 BROADCAST, UPDATE = "broadcast", "update"
 # Largest adapter magnitude accepted: the broadcast's float16 scales cannot carry more, so a
@@ -52,6 +57,7 @@ class AggregateResult:
     adapter: Adapter
     accepted: tuple[int, ...]  # client ids whose updates were used
     rejected: dict[int, str]  # client id -> why its update was refused
+    notes: dict[str, Any] = field(default_factory=dict)  # what the round's metrics row should say (SecAgg, DP top-up)
 
 
 def trained_layout(shapes: Mapping[str, Sequence[int]], freeze_a: bool) -> Layout:
@@ -149,25 +155,99 @@ def _check_magnitude(values: torch.Tensor) -> None:
     raise ValueError(f"a value exceeds {MAX_ABS_VALUE:g} in magnitude")
 
 
+@dataclass(frozen=True)
+class Combined:
+    """What a combiner makes of a round's inputs: the mean delta to apply and who contributed."""
+
+    mean_delta: Adapter | None  # None: nothing to apply (the adapter is kept)
+    contributors: tuple[int, ...]
+    rejected: dict[int, str]
+
+
+class Combiner(Protocol[U_contra]):
+    """Turns a round's inputs (update bytes, or the SecAgg protocol's sum) into a mean delta."""
+
+    def __call__(
+        self, spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor], inputs: U_contra, round_: int, notes: dict[str, Any]
+    ) -> Combined: ...
+
+
+def server_step(
+    spec: AlgorithmSpec,
+    adapter: Mapping[str, torch.Tensor],
+    inputs: U,
+    round_: int,
+    combiner: Combiner[U],
+) -> AggregateResult:
+    """The next server adapter: combine the round's inputs, then apply the algorithm's server rule.
+
+    ``combiner`` is the composable part (``WeightedMean``, ``ClientDpMean``, or SecAgg's
+    ``SecureMean``); the server rule and its guards are the same for all of them.
+    """
+    notes: dict[str, Any] = {}
+    combined = combiner(spec, adapter, inputs, round_, notes)
+    new = None
+    if combined.mean_delta is not None:
+        new = apply_mean_delta(spec, adapter, combined.mean_delta, len(combined.contributors), round_)
+    accepted = combined.contributors if new is not None else ()
+    return AggregateResult(new if new is not None else copy_adapter(adapter), accepted, combined.rejected, notes)
+
+
+class WeightedMean:
+    """Plain FedAvg: every valid update, weighted by its example count."""
+
+    def __call__(
+        self, spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor], inputs: Sequence[tuple[int, bytes]], round_: int,
+        notes: dict[str, Any],
+    ) -> Combined:
+        updates, rejected = validate_all(spec, adapter, inputs, round_)
+        if not updates:
+            log.warning("round %d: no valid update; the global adapter is unchanged", round_)
+            return Combined(None, (), rejected)
+        mean = fedavg_lora.weighted_mean([u.values for u in updates], [u.num_examples for u in updates])
+        return Combined(unflatten(mean, updates[0].layout), tuple(u.client_id for u in updates), rejected)
+
+
+@dataclass(frozen=True)
+class ClientDpMean:
+    """Client-level DP: deltas clipped to S (a longer one is refused), their sum noised, over a public count.
+
+    Every sampled client's slot counts even when its update is refused or missing: the
+    denominator is the expected number of clients, never the number that arrived.
+    """
+
+    noised: NoisedSum
+
+    def __call__(
+        self, spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor], inputs: Sequence[tuple[int, bytes]], round_: int,
+        notes: dict[str, Any],
+    ) -> Combined:
+        updates, rejected = validate_all(spec, adapter, inputs, round_)
+        accepted = []
+        for u in updates:
+            if within_norm(u.delta, self.noised.clip_norm):
+                accepted.append(u)
+            else:
+                rejected[u.client_id] = f"delta norm exceeds privacy.clip_norm={self.noised.clip_norm:g}"
+                log.warning("round %d: rejected the update of client %d: %s", round_, u.client_id, rejected[u.client_id])
+        shapes = dict(trained_layout(_shapes(adapter), spec.freeze_a))
+        # Within float32 rounding of S, but never more than S: the accounted sensitivity holds exactly.
+        mean_delta = self.noised.mean([clip_delta(u.delta, self.noised.clip_norm) for u in accepted], shapes)
+        return Combined(mean_delta, tuple(u.client_id for u in accepted), rejected)
+
+
 def aggregate(
     spec: AlgorithmSpec,
     adapter: Mapping[str, torch.Tensor],
     payloads: Sequence[tuple[int, bytes]],
     round_: int,
 ) -> AggregateResult:
-    """The next server adapter from (client id, update bytes) pairs.
+    """The next server adapter from (client id, update bytes) pairs (``server_step`` with ``WeightedMean``).
 
     Invalid updates are logged with the client and the reason and left out; with no
     valid update the adapter is returned unchanged.
     """
-    updates, rejected = validate_all(spec, adapter, payloads, round_)
-    if not updates:
-        log.warning("round %d: no valid update; the global adapter is unchanged", round_)
-        return AggregateResult(copy_adapter(adapter), (), rejected)
-    mean = fedavg_lora.weighted_mean([u.values for u in updates], [u.num_examples for u in updates])
-    new = apply_mean_delta(spec, adapter, unflatten(mean, updates[0].layout), len(updates), round_)
-    accepted = tuple(u.client_id for u in updates) if new is not None else ()
-    return AggregateResult(new if new is not None else copy_adapter(adapter), accepted, rejected)
+    return server_step(spec, adapter, payloads, round_, WeightedMean())
 
 
 def validate_all(
@@ -192,25 +272,8 @@ def aggregate_private(
     round_: int,
     noised: NoisedSum,
 ) -> AggregateResult:
-    """Client-level DP: deltas clipped to S (a longer one is refused), their sum noised, over a public count.
-
-    Every sampled client's slot counts even when its update is refused or missing: the
-    denominator is the expected number of clients, never the number that arrived.
-    """
-    updates, rejected = validate_all(spec, adapter, payloads, round_)
-    accepted = []
-    for u in updates:
-        if within_norm(u.delta, noised.clip_norm):
-            accepted.append(u)
-        else:
-            rejected[u.client_id] = f"delta norm exceeds privacy.clip_norm={noised.clip_norm:g}"
-            log.warning("round %d: rejected the update of client %d: %s", round_, u.client_id, rejected[u.client_id])
-    shapes = dict(trained_layout(_shapes(adapter), spec.freeze_a))
-    # Within float32 rounding of S, but never more than S: the accounted sensitivity holds exactly.
-    mean_delta = noised.mean([clip_delta(u.delta, noised.clip_norm) for u in accepted], shapes)
-    new = apply_mean_delta(spec, adapter, mean_delta, len(accepted), round_)
-    used = tuple(u.client_id for u in accepted) if new is not None else ()
-    return AggregateResult(new if new is not None else copy_adapter(adapter), used, rejected)
+    """Client-level DP's server step (``server_step`` with ``ClientDpMean``)."""
+    return server_step(spec, adapter, payloads, round_, ClientDpMean(noised))
 
 
 def apply_mean_delta(

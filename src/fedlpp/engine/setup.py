@@ -1,52 +1,92 @@
-"""Build everything a run needs once: task data, per-client features, model, algorithm."""
+"""Build what each party of a run holds, from the config: the server's side and each client's.
+
+The server holds the config, the model, the global adapter's shapes, the evaluation set
+and public counts (each client's number of examples) — never a client's training data. A
+client holds the model, its own partition (``ClientData``) and what the server sent. The
+local engine builds both in one process and shares one model between them; the Flower
+apps build each in its own process.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from peft import PeftModel
 
+from fedlpp.algorithms import round as rnd
+from fedlpp.algorithms.client import LocalTraining
 from fedlpp.algorithms.ffa_lora import trained_names
+from fedlpp.algorithms.secure import NoiseShares, SecureEncoding, SecureInput, SecureMean
 from fedlpp.algorithms.spec import AlgorithmSpec, get_algorithm
-from fedlpp.config import ConfigError, ExperimentConfig
-from fedlpp.data import TaskData, collate, encode_for_classification, encode_for_generation, encode_prompts, load_task, partition
-from fedlpp.engine.secure import SecureAggregator, make_aggregator
+from fedlpp.algorithms.steps import (
+    ClientData,
+    ClientRecipe,
+    ClipToNorm,
+    DeltaTransform,
+    DpSgdTraining,
+    Encoder,
+    LocalTrainingPlan,
+    SgdTraining,
+    UpdateBytes,
+)
+from fedlpp.config import ConfigError, ExperimentConfig, SecAggConfig
+from fedlpp.data import Example, TaskData, encode_for_classification, encode_for_generation, encode_prompts, load_task, partition
 from fedlpp.evaluation.evaluate import Decoding, EvalSet
 from fedlpp.models.backbone import Backbone, load_backbone
 from fedlpp.models.lora import Adapter, adapter_shapes, attach_lora, initial_adapter
+from fedlpp.privacy.client_dp import NoisedSum
 from fedlpp.privacy.plan import PrivacyPlan, make_plan
 from fedlpp.privacy.randomness import randomness
+from fedlpp.secagg import SecAggParams
 from fedlpp.quant import QuantSpec
 from fedlpp.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RunContext:
-    """The shared, read-only state of a run: one backbone in memory for all clients."""
+@dataclass(frozen=True)
+class ModelSide:
+    """The backbone with LoRA attached, as every party builds it from the config."""
 
-    cfg: ExperimentConfig
-    task: TaskData
     backbone: Backbone
     model: PeftModel
-    spec: AlgorithmSpec
+    kind: str  # generation | classification
     shapes: dict[str, tuple[int, ...]]
-    trained: list[str]  # adapter tensors clients train and send
-    client_features: list[list[dict]]  # tokenised training examples of each client
-    evalset: EvalSet
-    decoding: Decoding
-    a_seed: int  # seed of the LoRA A matrices (sent to clients by FFA variants)
-    secure: SecureAggregator | None = None  # set when secagg.enabled: the server sees only sums
-    privacy: PrivacyPlan | None = None  # set when privacy.mode is not none
 
     @property
     def pad_id(self) -> int:
         return int(self.backbone.tokenizer.pad_token_id)
+
+
+@dataclass
+class ServerContext:
+    """What the server holds: config, model, algorithm, evaluation set and public counts."""
+
+    cfg: ExperimentConfig
+    task_name: str
+    side: ModelSide
+    spec: AlgorithmSpec
+    evalset: EvalSet
+    decoding: Decoding
+    a_seed: int  # seed of the LoRA A matrices (sent to clients by FFA variants)
+    client_sizes: list[int]  # each client's number of examples (public: the DP rates and the SecAgg weight bound)
+    privacy: PrivacyPlan | None = None  # set when privacy.mode is not none
+    secure: SecureEncoding | None = None  # set when secagg.enabled: the server sees only sums
+
+    @property
+    def model(self) -> PeftModel:
+        return self.side.model
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.side.shapes
+
+    @property
+    def trained(self) -> list[str]:
+        return trained_names(self.shapes, self.spec.freeze_a)
 
     def initial_adapter(self) -> Adapter:
         return initial_adapter(self.shapes, self.a_seed)
@@ -62,10 +102,26 @@ def load_task_data(cfg: ExperimentConfig) -> TaskData:
     return load_task(d.task, path=d.path, hf_id=d.hf_id, num_train=d.num_train, num_eval=d.num_eval, seed=cfg.seed)
 
 
-def encode_train(task: TaskData, backbone: Backbone, max_length: int) -> list[dict]:
-    if task.kind == "classification":
-        return encode_for_classification(backbone.tokenizer, task.train, max_length)
-    return encode_for_generation(backbone.tokenizer, task.train, max_length)
+def client_partitions(cfg: ExperimentConfig, task: TaskData) -> list[list[Example]]:
+    """Each simulated client's training examples (the config's partition of the task)."""
+    parts = partition(cfg.data.partition, task.train, cfg.fl.num_clients, alpha=cfg.data.alpha, seed=cfg.seed)
+    return [[task.train[i] for i in part] for part in parts]
+
+
+def build_model(cfg: ExperimentConfig, kind: str, num_labels: int) -> ModelSide:
+    backbone = load_backbone(cfg.model.name, kind, num_labels)
+    model = attach_lora(backbone, kind, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    return ModelSide(backbone, model, kind, adapter_shapes(model))
+
+
+def client_data(side: ModelSide, examples: Sequence[Example], client_id: int, max_length: int) -> ClientData:
+    """A client's examples, tokenised for its model."""
+    tok = side.backbone.tokenizer
+    if side.kind == "classification":
+        features = encode_for_classification(tok, examples, max_length)
+    else:
+        features = encode_for_generation(tok, examples, max_length)
+    return ClientData(client_id, features, side.pad_id)
 
 
 def build_evalset(task: TaskData, backbone: Backbone, max_length: int) -> EvalSet:
@@ -80,38 +136,81 @@ def build_evalset(task: TaskData, backbone: Backbone, max_length: int) -> EvalSe
     return EvalSet("generation", tuple(features), tuple(prompts), references)
 
 
-def build_run(cfg: ExperimentConfig) -> RunContext:
-    """Data, then model, then algorithm — in that order, so data errors come before a model load."""
-    task = load_task_data(cfg)
-    parts = partition(cfg.data.partition, task.train, cfg.fl.num_clients, alpha=cfg.data.alpha, seed=cfg.seed)
-    privacy = privacy_plan(cfg, [len(p) for p in parts]) if cfg.privacy.enabled else None  # before the slow model load
-    if cfg.secagg.enabled and privacy is not None and privacy.mode == "client_dp":
-        check_noise_fits_range(cfg, privacy)
-    backbone = load_backbone(cfg.model.name, task.kind, task.num_labels)
-    model = attach_lora(backbone, task.kind, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
-    features = encode_train(task, backbone, cfg.model.max_length)
-    spec = algorithm_spec(cfg)
-    shapes = adapter_shapes(model)
-    client_features = [[features[i] for i in part] for part in parts]
-    secure = None
-    if cfg.secagg.enabled:
-        weight_bound = max(len(f) for f in client_features)
-        secure = make_aggregator(cfg.secagg, cfg.fl.num_clients, cfg.fl.clients_per_round, weight_bound)
-    return RunContext(
+def check_privacy(cfg: ExperimentConfig, client_sizes: list[int]) -> PrivacyPlan | None:
+    """The run's privacy plan (sigma calibrated), refused before any model loads when it cannot work."""
+    if not cfg.privacy.enabled:
+        return None
+    plan = privacy_plan(cfg, client_sizes)
+    if cfg.secagg.enabled and plan.mode == "client_dp":
+        check_noise_fits_range(cfg, plan)
+    return plan
+
+
+def build_server(cfg: ExperimentConfig, task: TaskData, side: ModelSide, client_sizes: list[int], plan: PrivacyPlan | None) -> ServerContext:
+    """The server's side of a run; ``task`` supplies only its name and evaluation examples."""
+    return ServerContext(
         cfg=cfg,
-        task=task,
-        backbone=backbone,
-        model=model,
-        spec=spec,
-        shapes=shapes,
-        trained=trained_names(shapes, spec.freeze_a),
-        client_features=client_features,
-        evalset=build_evalset(task, backbone, cfg.model.max_length),
+        task_name=task.name,
+        side=side,
+        spec=algorithm_spec(cfg),
+        evalset=build_evalset(task, side.backbone, cfg.model.max_length),
         decoding=Decoding(cfg.eval.batch_size, cfg.eval.max_new_tokens),
         a_seed=derive_seed(cfg.seed, "lora_a") % (2**31),
-        secure=secure,
-        privacy=privacy,
+        client_sizes=list(client_sizes),
+        privacy=plan,
+        secure=secure_encoding(cfg, client_sizes) if cfg.secagg.enabled else None,
     )
+
+
+def secure_encoding(cfg: ExperimentConfig, client_sizes: Sequence[int]) -> SecureEncoding:
+    # max_clients: the config requires >= 3 per round (secagg's MIN_CLIENTS)
+    return SecureEncoding(secagg_params(cfg.secagg, cfg.fl.clients_per_round), max(client_sizes))
+
+
+def secagg_params(cfg: SecAggConfig, clients_per_round: int) -> SecAggParams:
+    return SecAggParams(scale=2.0**cfg.scale_bits, clip_range=cfg.clip_range, max_clients=clients_per_round,
+                        threshold_fraction=cfg.threshold, graph=cfg.graph, prg=cfg.prg)
+
+
+# --- the round's composable steps, chosen once from the config -------------------------------
+
+
+def client_recipe(cfg: ExperimentConfig, side: ModelSide, spec: AlgorithmSpec, sigma: float, encoding: SecureEncoding | None) -> ClientRecipe:
+    """What every client does with a broadcast; ``sigma`` is the server's current noise multiplier (DP only)."""
+    mode = cfg.privacy.mode
+    opts = LocalTraining(cfg.train.lr, cfg.train.weight_decay, cfg.train.max_grad_norm)
+    training: LocalTrainingPlan = SgdTraining(cfg.fl.local_steps, cfg.train.batch_size, opts, cfg.seed)
+    if mode == "dp_sgd":
+        training = DpSgdTraining(cfg.fl.local_steps, cfg.train.batch_size, opts, cfg.seed, sigma, cfg.privacy.clip_norm,
+                                 cfg.privacy.secure_noise)
+    transforms: tuple[DeltaTransform, ...] = (ClipToNorm(cfg.privacy.clip_norm),) if mode == "client_dp" else ()
+    encode: Encoder = UpdateBytes()
+    if encoding is not None:
+        encode = SecureInput(encoding, noise_shares(cfg, sigma))
+    trained = tuple(trained_names(side.shapes, spec.freeze_a))
+    return ClientRecipe(side.kind, side.shapes, trained, training, transforms, encode)
+
+
+def noise_shares(cfg: ExperimentConfig, sigma: float) -> NoiseShares | None:
+    """Client-level DP under SecAgg: each client's share of the noise; None otherwise."""
+    if cfg.privacy.mode != "client_dp":
+        return None
+    return NoiseShares(cfg.privacy.clip_norm, sigma, float(cfg.fl.clients_per_round))
+
+
+def server_combiner(ctx: ServerContext, round_: int) -> rnd.Combiner:
+    """How the server combines this round's inputs: plain mean, client-level DP's noised sum, or SecAgg's sum."""
+    plan = ctx.privacy
+    sigma = plan.noise_multiplier if plan is not None else 0.0
+    if ctx.secure is not None:
+        return SecureMean(ctx.secure, noise_shares(ctx.cfg, sigma))
+    if plan is not None and plan.mode == "client_dp":
+        rng = randomness(plan.secure_noise, derive_seed(ctx.cfg.seed, "client_dp_noise", round_))
+        return rnd.ClientDpMean(NoisedSum(plan.clip_norm, plan.noise_multiplier, plan.expected_clients, rng))
+    return rnd.WeightedMean()
+
+
+# --- privacy and sampling --------------------------------------------------------------------
 
 
 def privacy_plan(cfg: ExperimentConfig, client_sizes: list[int]) -> PrivacyPlan:
@@ -156,14 +255,23 @@ def sample_clients(seed: int, round_: int, num_clients: int, k: int) -> list[int
     return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
 
 
-def client_batches(
-    features: Sequence[dict], steps: int, batch_size: int, pad_id: int, seed: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """``steps`` batches drawn by reshuffled passes over the client's data (seeded)."""
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
-    for _ in range(steps):
-        while len(order) < batch_size:
-            order += rng.permutation(len(features)).tolist()
-        chosen, order = order[:batch_size], order[batch_size:]
-        yield collate([features[i] for i in chosen], pad_id)
+# --- the local engine: both sides in one process ----------------------------------------------
+
+
+@dataclass
+class LocalRun:
+    """The local engine's run: the server's side and every client's data, sharing one model."""
+
+    server: ServerContext
+    clients: list[ClientData]
+
+
+def build_run(cfg: ExperimentConfig) -> LocalRun:
+    """Data, then model, then algorithm — in that order, so data errors come before a model load."""
+    task = load_task_data(cfg)
+    parts = client_partitions(cfg, task)
+    sizes = [len(p) for p in parts]
+    plan = check_privacy(cfg, sizes)  # before the slow model load
+    side = build_model(cfg, task.kind, task.num_labels)
+    clients = [client_data(side, part, k, cfg.model.max_length) for k, part in enumerate(parts)]
+    return LocalRun(build_server(cfg, task, side, sizes, plan), clients)

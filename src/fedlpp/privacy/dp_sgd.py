@@ -5,15 +5,16 @@ computes per-example gradients of the per-sequence loss for the trained adapter 
 only, clips each to norm C, sums, adds N(0, (sigma C)^2) and divides by the *expected*
 batch size. An empty batch is still a step: noise only, counted by the accountant.
 
-The model is wrapped in Opacus's ``GradSampleModule`` for one client's steps and
-unwrapped afterwards, after ``set_trainable``: hooks are always attached to the live
-parameters of this round (the peft + Opacus stale-hook failure leaves LoRA unchanged).
+``DpSgdSteps`` is a step rule for the one local trainer (``algorithms.client.train_client``):
+the loop is the same as without DP; the rule supplies per-example backward passes and the
+noisy optimizer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +23,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
-from fedlpp.algorithms.client import LocalResult, LocalTraining
 from fedlpp.data import collate
-from fedlpp.models.lora import adapter_parameters, get_adapter, set_adapter, set_trainable
 from fedlpp.models.objective import example_losses
 from fedlpp.privacy.randomness import Randomness
 
@@ -64,44 +63,35 @@ class NoisyOptimizer(DPOptimizer):
             _mark_as_processed(p.summed_grad)
 
 
-def train_client_dp(
-    model: nn.Module,
-    kind: str,
-    start: Mapping[str, torch.Tensor],
-    trained: Sequence[str],
-    batches: Iterable[Batch],
-    opts: LocalTraining,
-    dp: DpSgd,
-    noise: Randomness,
-    seed: int,
-) -> LocalResult:
-    """DP-SGD steps from ``start``; the delta of the trained tensors and each step's loss (nan if empty)."""
-    set_adapter(model, start)
-    set_trainable(model, trained)
-    params = [adapter_parameters(model)[n] for n in trained]
-    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
-    optimizer = NoisyOptimizer(
-        torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay),
-        noise=noise,
-        noise_multiplier=dp.noise_multiplier,
-        max_grad_norm=dp.clip_norm,
-        expected_batch_size=dp.expected_batch,
-        loss_reduction="mean",
-    )
-    losses = []
-    model.train()
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)  # dropout, when the adapter has any
-            for batch in batches:
-                losses.append(per_example_backward(model, kind, batch, params))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-    finally:
-        wrapped.to_standard_module()  # removes every hook and per-sample attribute
-        model.eval()
-    after = get_adapter(model)
-    return LocalResult({n: after[n] - start[n] for n in trained}, tuple(losses))
+class DpSgdSteps:
+    """The ``StepRule`` of DP-SGD for one client's steps: Opacus per-example gradients, clip, noise.
+
+    ``attach`` wraps the model in a ``GradSampleModule`` after the trainer has marked this
+    round's trainable tensors, and unwraps it on exit: the hooks always sit on the live
+    parameters (the peft + Opacus stale-hook failure leaves LoRA unchanged).
+    """
+
+    def __init__(self, dp: DpSgd, noise: Randomness) -> None:
+        self.dp = dp
+        self.noise = noise
+
+    @contextlib.contextmanager
+    def attach(self, model: nn.Module, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> Iterator[torch.optim.Optimizer]:
+        wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+        try:
+            yield NoisyOptimizer(
+                optimizer,
+                noise=self.noise,
+                noise_multiplier=self.dp.noise_multiplier,
+                max_grad_norm=self.dp.clip_norm,
+                expected_batch_size=self.dp.expected_batch,
+                loss_reduction="mean",
+            )
+        finally:
+            wrapped.to_standard_module()  # removes every hook and per-sample attribute
+
+    def backward(self, model: nn.Module, kind: str, batch: Batch, params: Sequence[nn.Parameter]) -> float:
+        return per_example_backward(model, kind, batch, params)
 
 
 def per_example_backward(model: nn.Module, kind: str, batch: Batch, params: Sequence[nn.Parameter]) -> float:

@@ -1,0 +1,123 @@
+"""Secure aggregation's two ends of a round: what a client feeds the protocol, what the server makes of the sum.
+
+A client turns its delta into one vector, (n_k / n_max) * delta_k with its example count
+n_k appended as an exact integer coordinate (``SecureInput``), which the SecAgg protocol
+masks (``fedlpp.secagg``). The server only ever receives the protocol's sum, from which
+``SecureMean`` derives the example-weighted mean delta — never an individual update.
+n_max is a public bound (the largest client's size) that keeps weighted values in range.
+
+With client-level DP each client instead adds its share of the noise to its clipped delta
+and weighs 1 (``NoiseShares``); the server divides the noised sum by the public expected
+count. These are steps composed into a round (``algorithms.steps``), not engine branches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedlpp.algorithms import round as rnd
+from fedlpp.algorithms.layout import Layout, flatten, layout_of, unflatten
+from fedlpp.algorithms.spec import AlgorithmSpec
+from fedlpp.privacy.randomness import SystemRandomness
+from fedlpp.secagg import AggregateResult, SecAggParams, append_weight, in_range, split_weight, weight_coordinate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NoiseShares:
+    """Client-level DP under SecAgg: each client adds N(0, (sigma S)^2 / K) before masking.
+
+    The sum of K shares carries the full N(0, (sigma S)^2) and the server never sees a
+    less noisy value. When fewer clients survive, the server adds the missing variance
+    itself (so the released model keeps the accounted sigma) and the round says so.
+    """
+
+    clip_norm: float  # S
+    noise_multiplier: float  # sigma
+    denominator: float  # K: the expected number of clients (public)
+
+    @property
+    def share_std(self) -> float:
+        return self.noise_multiplier * self.clip_norm / math.sqrt(self.denominator)
+
+    def top_up_std(self, survivors: int) -> float:
+        missing = max(0.0, 1.0 - survivors / self.denominator)
+        return self.noise_multiplier * self.clip_norm * math.sqrt(missing)
+
+
+@dataclass(frozen=True)
+class SecureEncoding:
+    """What both ends agree on: the protocol's parameters and the public weight bound n_max."""
+
+    params: SecAggParams
+    weight_bound: int
+
+
+def client_vector(enc: SecureEncoding, delta: Mapping[str, torch.Tensor], layout: Layout, num_examples: int) -> np.ndarray | None:
+    """What a client feeds the protocol, or None when it must drop out (out of range)."""
+    flat = flatten(delta, layout).numpy()
+    vector = np.empty(flat.size + 1, dtype=np.float64)  # the weighted delta, then the weight coordinate
+    np.multiply(flat, num_examples / enc.weight_bound, out=vector[:-1], dtype=np.float64)
+    if not in_range(vector[:-1], enc.params):
+        return None
+    vector[-1] = weight_coordinate(num_examples, enc.params)
+    return vector
+
+
+def noised_client_vector(enc: SecureEncoding, delta: Mapping[str, torch.Tensor], layout: Layout, dp: NoiseShares) -> np.ndarray | None:
+    """Client-level DP: the clipped delta plus this client's share of the noise (OS CSPRNG), weight 1."""
+    flat = flatten(delta, layout).to(torch.float64).numpy()
+    share = SystemRandomness().normal(flat.shape, dp.share_std).numpy().astype(np.float64) if flat.size else flat
+    noised = flat + share
+    return append_weight(noised, 1, enc.params) if in_range(noised, enc.params) else None
+
+
+@dataclass(frozen=True)
+class SecureInput:
+    """A client's encoder under SecAgg: its delta as the protocol's input vector (None: it drops out)."""
+
+    encoding: SecureEncoding
+    noise: NoiseShares | None = None  # client-level DP's share of the noise
+
+    def __call__(self, delta: Mapping[str, torch.Tensor], num_examples: int, round_: int) -> np.ndarray | None:
+        layout = layout_of({n: tuple(t.shape) for n, t in delta.items()}, sorted(delta))
+        if self.noise is None:
+            return client_vector(self.encoding, delta, layout, num_examples)
+        return noised_client_vector(self.encoding, delta, layout, self.noise)
+
+
+@dataclass(frozen=True)
+class SecureMean:
+    """The server's combiner under SecAgg: the weighted (or DP-noised) mean delta from the protocol's sum."""
+
+    encoding: SecureEncoding
+    noise: NoiseShares | None = None
+
+    def __call__(
+        self, spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor], result: AggregateResult, round_: int, notes: dict[str, Any]
+    ) -> rnd.Combined:
+        layout = rnd.trained_layout({n: tuple(t.shape) for n, t in adapter.items()}, spec.freeze_a)
+        weighted_sum, total_weight = split_weight(result.values, self.encoding.params)
+        if self.noise is None:
+            total, factor = weighted_sum, self.encoding.weight_bound / total_weight
+        else:
+            total, factor = _topped_up(weighted_sum, self.noise, len(result.survivors), notes), 1.0 / self.noise.denominator
+        mean = np.multiply(total, factor, out=np.empty(total.size, dtype=np.float32), casting="same_kind")  # float64 math
+        return rnd.Combined(unflatten(torch.from_numpy(mean), layout), tuple(result.survivors), {})
+
+
+def _topped_up(noised_sum: np.ndarray, dp: NoiseShares, survivors: int, notes: dict[str, Any]) -> np.ndarray:
+    std = dp.top_up_std(survivors)
+    if std == 0:
+        return noised_sum
+    notes["dp_noise_topped_up"] = {"survivors": survivors, "expected": dp.denominator}
+    log.warning("secure aggregation: %d of %g expected clients survived; the server adds the missing noise", survivors, dp.denominator)
+    return noised_sum + SystemRandomness().normal(noised_sum.shape, std).numpy().astype(np.float64)

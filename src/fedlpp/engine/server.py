@@ -1,0 +1,217 @@
+"""The server's run, whatever carries the messages: rounds, evaluation, ledger, run directory.
+
+Each round: sample the clients (seeded by the run's seed and the round), check the privacy
+budget, build the broadcast, hand it to a ``Federation`` (the local engine calls every
+client's ``client_step`` in process; the Flower engine sends messages to SuperNodes), which
+brings back the next adapter; evaluate the global and the proxy adapter, append a metrics
+row, checkpoint. All randomness derives from (seed, round, client), so ``--resume``
+reproduces an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from fedlpp.algorithms import round as rnd
+from fedlpp.algorithms.spec import AlgorithmSpec
+from fedlpp.algorithms.steps import mean_finite
+from fedlpp.engine import rundir
+from fedlpp.engine.setup import ServerContext, round_clients
+from fedlpp.evaluation.evaluate import evaluate_adapter
+from fedlpp.models.lora import Adapter, save_peft_adapter
+from fedlpp.privacy.plan import Ledger, PrivacyPlan, guarantee
+
+log = logging.getLogger(__name__)
+
+LEDGER_KEY = "privacy_ledger"  # checkpoint metadata: the accountant's history, saved with the adapter
+
+
+@dataclass
+class Exchanged:
+    """What came back from a round's clients, after the server's step."""
+
+    adapter: Adapter  # the next global adapter (the old one when the round was void)
+    row: dict[str, Any]  # bytes_up / bytes_down beyond the broadcast, rejected, failed, SecAgg notes
+    losses: list[float | None] = field(default_factory=list)  # each client's mean training loss
+    delivered: int = 0  # clients the broadcast reached
+
+
+class Federation(Protocol):
+    """Carries one round: the broadcast to the clients, their uploads back, the server's step."""
+
+    def round_trip(self, ctx: ServerContext, adapter: Adapter, payload: bytes, clients: Sequence[int], round_: int,
+                   bar: tqdm | None) -> Exchanged: ...
+
+
+@dataclass
+class RoundOutcome:
+    adapter: Adapter
+    row: dict[str, Any]
+
+
+def run_round(ctx: ServerContext, federation: Federation, adapter: Adapter, round_: int, clients: Sequence[int],
+              bar: tqdm | None) -> RoundOutcome:
+    t0 = time.perf_counter()
+    payload = rnd.make_broadcast(ctx.spec, adapter, ctx.a_seed, round_)
+    out = federation.round_trip(ctx, adapter, payload, clients, round_, bar)
+    row = {"round": round_, "clients": list(clients), **out.row}
+    if ctx.privacy is None:  # the clients' training loss is computed from their data without noise
+        row["train_loss"] = mean_finite([v for v in out.losses if v is not None])
+    row["bytes_down"] = row.get("bytes_down", 0) + len(payload) * out.delivered
+    if round_ % ctx.cfg.eval.every == 0 or round_ == ctx.cfg.fl.rounds:
+        row.update(evaluate_round(ctx, out.adapter))
+    row["wall_s"] = round(time.perf_counter() - t0, 3)
+    return RoundOutcome(out.adapter, row)
+
+
+def evaluate_round(ctx: ServerContext, adapter: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Global (server's full-precision) and proxy (what clients can build) side by side."""
+    tok = ctx.side.backbone.tokenizer
+    global_metrics = evaluate_adapter(ctx.model, adapter, ctx.evalset, tok, ctx.decoding)
+    proxy = rnd.proxy_point(ctx.spec, adapter)
+    same = all(torch.equal(proxy[n], adapter[n]) for n in adapter)
+    proxy_metrics = dict(global_metrics) if same else evaluate_adapter(ctx.model, proxy, ctx.evalset, tok, ctx.decoding)
+    return {"global": global_metrics, "proxy": proxy_metrics}
+
+
+def open_run_dir(out: Path, ctx: ServerContext, resume: bool) -> None:
+    """Write the config of a new run, or check that a resumed one may grow to fl.rounds."""
+    if resume:
+        rundir.check_extends(out, ctx.cfg.fl.rounds)
+        rundir.save_config(out, ctx.cfg)
+    else:
+        rundir.prepare_new(out, ctx.cfg)
+
+
+def serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run (or continue) the rounds into the run directory ``out`` and return the summary."""
+    cfg = ctx.cfg
+    open_run_dir(out, ctx, resume)
+    adapter, last, rows = start_or_resume(ctx, out, resume)
+    ledger = start_ledger(ctx, out, resume)
+    stopped = None
+    rounds_bar = tqdm(range(last + 1, cfg.fl.rounds + 1), desc="rounds", initial=last, total=cfg.fl.rounds, disable=not progress, position=0)
+    for round_ in rounds_bar:
+        clients = round_clients(cfg, round_)
+        spent = ledger.after_round(ctx.privacy, clients) if ledger is not None else None
+        if spent is not None and spent.exceeds(ctx.privacy):
+            stopped = budget_stop(ctx.privacy, ledger, spent, round_)
+            break
+        with tqdm(total=len(clients) * cfg.fl.local_steps, desc=f"round {round_} client steps", leave=False, disable=not progress, position=1) as bar:
+            outcome = run_round(ctx, federation, adapter, round_, clients, bar)
+        adapter, ledger = outcome.adapter, spent
+        if ledger is not None:
+            outcome.row.update(privacy_row(ctx.privacy, ledger))
+        rundir.append_metrics(out, outcome.row)
+        rundir.save_checkpoint(out, adapter, round_, {LEDGER_KEY: ledger.to_json()} if ledger is not None else None)
+        rows.append(outcome.row)
+        rounds_bar.set_postfix(_postfix(outcome.row))
+    rounds_bar.close()
+    return finish(ctx, out, adapter, rows, ledger, stopped)
+
+
+def fedavg_reference_bytes(ctx: ServerContext, adapter: Adapter) -> dict[str, int]:
+    """Bytes per client per round that FedAvg+LoRA (float32) would send for this adapter."""
+    fedavg = AlgorithmSpec("fedavg_lora", quant=None, freeze_a=False)
+    down = len(rnd.make_broadcast(fedavg, adapter, ctx.a_seed, 1))
+    up = len(rnd.make_update({n: torch.zeros(s) for n, s in ctx.shapes.items()}, 1, 1))
+    return {"down": down, "up": up}
+
+
+def start_or_resume(ctx: ServerContext, out: Path, resume: bool) -> tuple[Adapter, int, list[dict[str, Any]]]:
+    """The adapter to start from, the last finished round, and the metrics rows kept."""
+    ckpt = rundir.load_checkpoint(out) if resume else None
+    if ckpt is None:
+        return ctx.initial_adapter(), 0, (rundir.truncate_metrics(out, 0) if resume else [])
+    adapter, last = ckpt
+    log.info("resuming %s after round %d", out, last)
+    return adapter, last, rundir.truncate_metrics(out, last)
+
+
+def start_ledger(ctx: ServerContext, out: Path, resume: bool) -> Ledger | None:
+    """The privacy ledger so far: restored from the checkpoint on resume, never restarted from zero."""
+    plan = ctx.privacy
+    if plan is None:
+        return None
+    stored = rundir.load_checkpoint_metadata(out).get(LEDGER_KEY) if resume else None
+    if stored is None:
+        return Ledger(plan.noise_multiplier)
+    ledger = Ledger.from_json(stored)
+    if ledger.noise_multiplier != plan.noise_multiplier:
+        # fl.rounds grew: sigma stays what the run was calibrated with (the budget then stops it).
+        ctx.privacy = dataclasses.replace(plan, noise_multiplier=ledger.noise_multiplier)
+    return ledger
+
+
+def budget_stop(plan: PrivacyPlan, ledger: Ledger, spent: Ledger, round_: int) -> str:
+    reason = (f"privacy budget: round {round_} would raise epsilon from {ledger.epsilon:.4g} to {spent.epsilon:.4g}, "
+              f"above {plan.stop_at:g}; stopped after round {round_ - 1} with its checkpoint")
+    log.warning("%s", reason)
+    return reason
+
+
+def privacy_row(plan: PrivacyPlan, ledger: Ledger) -> dict[str, Any]:
+    """epsilon (cumulative, at delta) for the metrics row; per client under DP-SGD."""
+    row: dict[str, Any] = {"epsilon": ledger.epsilon, "delta": plan.accounting.delta}
+    if plan.mode == "dp_sgd":
+        row["epsilon_per_client"] = dict(sorted(ledger.epsilons.items(), key=lambda kv: int(kv[0])))
+    return row
+
+
+def _postfix(row: Mapping[str, Any]) -> dict[str, str]:
+    post = {} if row.get("train_loss") is None else {"train_loss": f"{row['train_loss']:.3f}"}
+    if "global" in row:
+        post["global_loss"] = f"{row['global']['loss']:.3f}"
+        post["proxy_loss"] = f"{row['proxy']['loss']:.3f}"
+    return post
+
+
+def finish(
+    ctx: ServerContext, out: Path, adapter: Adapter, rows: list[dict[str, Any]], ledger: Ledger | None = None, stopped: str | None = None
+) -> dict[str, Any]:
+    """Save the final adapter in peft format and write summary.json."""
+    save_peft_adapter(ctx.model, adapter, out / rundir.ADAPTER, ctx.side.backbone.source)
+    reference = fedavg_reference_bytes(ctx, adapter)
+    final_round, final_eval = final_evaluation(ctx, adapter, rows)
+    k = max(1, len(rows[-1]["clients"])) if rows else 1  # Poisson client sampling: the round's own count
+    down = rows[-1]["bytes_down"] / k if rows else 0.0
+    up = rows[-1]["bytes_up"] / k if rows else 0.0
+    summary = {
+        "algorithm": ctx.spec.name,
+        "model": ctx.cfg.model.name,
+        "task": ctx.task_name,
+        "rounds": len(rows),
+        "final_round": final_round,
+        "global": final_eval["global"],
+        "proxy": final_eval["proxy"],
+        "bytes_per_client_per_round": {"down": down, "up": up},
+        "fedavg_lora_bytes_per_client_per_round": reference,
+        "ratio_to_fedavg_lora": {"down": down / reference["down"], "up": up / reference["up"]},
+        "total_bytes": {"down": sum(r["bytes_down"] for r in rows), "up": sum(r["bytes_up"] for r in rows)},
+        "wall_s": round(sum(r["wall_s"] for r in rows), 3),
+        "adapter_dir": rundir.ADAPTER,
+    }
+    if ledger is not None and ctx.privacy is not None:
+        summary["privacy"] = guarantee(ctx.privacy, ledger)
+    if stopped is not None:
+        summary["stopped"] = stopped
+    rundir.write_summary(out, summary)
+    return summary
+
+
+def final_evaluation(ctx: ServerContext, adapter: Adapter, rows: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """The last evaluated round; a run stopped early (privacy budget) evaluates the adapter it stopped with."""
+    last = rows[-1]["round"] if rows else 0
+    evaluated = next((r for r in reversed(rows) if "global" in r), None)
+    if evaluated is not None and evaluated["round"] == last:
+        return last, evaluated
+    return last, evaluate_round(ctx, adapter)

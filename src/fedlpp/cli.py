@@ -8,14 +8,17 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fedlpp.config import ConfigError, ExperimentConfig, changed_keys, load_config
 from fedlpp.engine.rundir import RunDirError, load_run_config
 
 # Keys that may change when a run is resumed: everything else would make the continued
 # run differ from one configured that way from the start.
-RESUMABLE_KEYS = ("fl.rounds",)
+RESUMABLE_KEYS = ("fl.rounds", "flower.connect_timeout", "flower.round_timeout")
+ENGINES = ("local", "flower")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--out", type=Path, help="run directory to create (default: runs/<algorithm>-<time>)")
     where.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR (also: extend it with fl.rounds=N)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--engine", choices=ENGINES, default="local",
+                     help="local: every client in this process; flower: Flower's simulation runtime (Ray), one virtual SuperNode per client")
     sweep = sub.add_parser("sweep", help="run every combination and seed of a sweep file; write a mean ± std table")
     sweep.add_argument("config", type=Path, help="sweep file: a run config plus a [sweep] table (see configs/sst2_dp_sweep.toml)")
     sweep.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every run, e.g. data.path=...")
@@ -69,13 +74,23 @@ def command_run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         out, resume = args.out or default_out(cfg), False
     quiet_libraries()
-    from fedlpp.engine.local import run_experiment
     from fedlpp.evaluation.report import format_summary
 
-    summary = run_experiment(cfg, out, resume=resume, progress=not args.quiet)
+    summary = run_engine(args.engine)(cfg, out, resume=resume, progress=not args.quiet)
     print(format_summary(summary))
     print(f"\nrun directory: {out}")
     return 0
+
+
+def run_engine(name: str) -> Callable[..., dict[str, Any]]:
+    """The engine's ``run(cfg, out, resume=, progress=) -> summary`` (imported only when chosen)."""
+    if name == "flower":
+        from fedlpp.engine.flower.simulation import run_simulated
+
+        return run_simulated
+    from fedlpp.engine.local import run_experiment
+
+    return run_experiment
 
 
 def command_sweep(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ valid choices.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -179,6 +180,18 @@ class SecAggConfig:
 
 
 @dataclass(frozen=True)
+class FlowerConfig:
+    connect_timeout: float = 120.0  # seconds to wait for fl.num_clients nodes before the first round
+    round_timeout: float = 3600.0  # seconds to wait for a round's replies; a node still silent then counts as failed
+
+    def __post_init__(self) -> None:
+        _require(math.isfinite(self.connect_timeout) and self.connect_timeout > 0, "flower.connect_timeout",
+                 f"must be a finite number of seconds > 0, got {self.connect_timeout}")
+        _require(math.isfinite(self.round_timeout) and self.round_timeout > 0, "flower.round_timeout",
+                 f"must be a finite number of seconds > 0, got {self.round_timeout}")
+
+
+@dataclass(frozen=True)
 class PrivacyConfig:
     mode: str = "none"  # none | dp_sgd (each client's examples, Opacus) | client_dp (each client's whole data, DP-FedAvg)
     epsilon: float = 0.0  # target epsilon: the noise multiplier is calibrated to it before training (0 = not set)
@@ -246,6 +259,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)  # the Flower engine only (fedlpp run --engine flower, flwr run)
 
     def __post_init__(self) -> None:
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")

@@ -1,0 +1,56 @@
+"""A client's own examples as a JSONL file: what a SuperNode reads from its ``data-path``.
+
+One JSON object per line with the fields of ``Example``: ``prompt`` and ``target`` (text;
+target "" for classification), optionally ``label`` (an integer class id) and ``group``.
+``fedlpp partition`` writes one such file per client from an experiment config.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedlpp.data.schema import Example
+
+
+class ExamplesFileError(ValueError):
+    """A client's data file is missing or malformed; the message names the file and line."""
+
+
+def write_examples(path: Path, examples: Sequence[Example]) -> None:
+    lines = [json.dumps({"prompt": e.prompt, "target": e.target, "label": e.label, "group": e.group}) for e in examples]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def read_examples(path: str | Path) -> list[Example]:
+    """Every example of the file; an ExamplesFileError naming file and line for anything else."""
+    p = Path(path)
+    if not p.is_file():
+        raise ExamplesFileError(f"{p}: no such data file (a client's data-path must be a JSONL file of examples)")
+    examples = []
+    with p.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                examples.append(_example(line, p, number))
+    if not examples:
+        raise ExamplesFileError(f"{p}: holds no examples")
+    return examples
+
+
+def _example(line: str, path: Path, number: int) -> Example:
+    where = f"{path}, line {number}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ExamplesFileError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise ExamplesFileError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    prompt, target, label, group = row.get("prompt"), row.get("target", ""), row.get("label"), row.get("group", "")
+    if not isinstance(prompt, str) or not prompt:
+        raise ExamplesFileError(f"{where}: 'prompt' must be a non-empty string")
+    if not isinstance(target, str) or not isinstance(group, str):
+        raise ExamplesFileError(f"{where}: 'target' and 'group' must be strings")
+    if label is not None and (not isinstance(label, int) or isinstance(label, bool) or label < 0):
+        raise ExamplesFileError(f"{where}: 'label' must be a non-negative integer or absent, got {label!r}")
+    return Example(prompt=prompt, target=target, label=label, group=group)

@@ -1,0 +1,102 @@
+"""The ClientApp: a node answers who it is, and trains with ``client_step`` on its own data.
+
+A node's data is its own: a JSONL file named by ``data-path`` in its node config (a real
+deployment; ``client-id`` optionally fixes its index), or, on Flower's simulation runtime,
+partition ``partition-id`` of the experiment's task, cut exactly as the local engine cuts
+it. The model is built once per process and shared by the virtual clients a process
+serves (only the adapter is swapped); partitions are tokenised when first used and only
+the most recent few are kept, so memory does not grow with the number of clients.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedlpp.algorithms.steps import ClientData, client_step
+from fedlpp.config import ExperimentConfig, build_config
+from fedlpp.data import Example
+from fedlpp.data.examples_file import read_examples
+from fedlpp.engine.flower.messages import QUERY, TRAIN, MessageError, content, fields_of, require
+from fedlpp.engine.setup import ModelSide, algorithm_spec, build_model, client_data, client_partitions, client_recipe, load_task_data
+
+import tomllib
+
+DATA_PATH, CLIENT_ID = "data-path", "client-id"  # node config keys of a deployed SuperNode
+PARTITION_ID = "partition-id"  # set by Flower's simulation runtime
+UNASSIGNED = -1  # a node without client-id: the server gives it an index
+CACHED_PARTITIONS = 8  # tokenised partitions kept per process
+
+app = ClientApp()
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where this node's examples come from: its own file, or its simulated partition."""
+
+    client_id: int
+    path: str = ""  # a deployed node's JSONL file
+
+    @staticmethod
+    def of(node_config: Mapping[str, object]) -> DataSource:
+        if DATA_PATH in node_config:
+            client_id = node_config.get(CLIENT_ID, UNASSIGNED)
+            if not isinstance(client_id, int) or isinstance(client_id, bool) or client_id < UNASSIGNED:
+                raise MessageError(f"node config {CLIENT_ID}: expected a non-negative integer, got {client_id!r}")
+            return DataSource(client_id, str(node_config[DATA_PATH]))
+        if PARTITION_ID in node_config:
+            return DataSource(int(node_config[PARTITION_ID]))  # type: ignore[call-overload]
+        raise MessageError(f"this node has no {DATA_PATH!r} in its node config: start it with --node-config \"{DATA_PATH}='...'\"")
+
+    def examples(self, cfg: ExperimentConfig) -> list[Example]:
+        if self.path:
+            return read_examples(self.path)
+        return simulated_partitions(cfg)[self.client_id]
+
+
+def config_of(fields: Mapping[str, object]) -> ExperimentConfig:
+    return build_config(tomllib.loads(require(fields, "config", str)))
+
+
+@functools.lru_cache(maxsize=2)
+def simulated_partitions(cfg: ExperimentConfig) -> list[list[Example]]:
+    """Every client's examples under the config's partition (simulation only: one copy per process)."""
+    return client_partitions(cfg, load_task_data(cfg))
+
+
+@functools.lru_cache(maxsize=1)
+def model_side(cfg: ExperimentConfig, kind: str, num_labels: int) -> ModelSide:
+    return build_model(cfg, kind, num_labels)
+
+
+@functools.lru_cache(maxsize=CACHED_PARTITIONS)
+def own_data(cfg: ExperimentConfig, kind: str, num_labels: int, source: DataSource, client_id: int) -> ClientData:
+    return client_data(model_side(cfg, kind, num_labels), source.examples(cfg), client_id, cfg.model.max_length)
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    """Who this node is: its client id (or -1) and how many examples it holds."""
+    cfg = config_of(fields_of(message))
+    source = DataSource.of(context.node_config)
+    return Message(content(kind=QUERY, client_id=source.client_id, num_examples=len(source.examples(cfg))), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """One round: the broadcast in, this client's update out (``client_step``)."""
+    fields = fields_of(message)
+    cfg = config_of(fields)
+    kind, num_labels = require(fields, "kind", str), require(fields, "num_labels", int)
+    client_id, sigma = require(fields, "client_id", int), require(fields, "sigma", float)
+    side = model_side(cfg, kind, num_labels)
+    data = own_data(cfg, kind, num_labels, DataSource.of(context.node_config), client_id)
+    recipe = client_recipe(cfg, side, algorithm_spec(cfg), sigma, None)
+    out = client_step(side.model, require(fields, "payload", bytes), data, recipe)
+    loss = math.nan if out.loss is None else out.loss
+    return Message(content(kind=TRAIN, upload=out.upload, num_examples=out.num_examples, loss=loss), reply_to=message)

@@ -1,0 +1,184 @@
+"""The Flower apps: the same run as the local engine, failures per client, model privacy on the wire.
+
+The apps run here over ``LoopbackGrid`` (their logic, in process); Flower's simulation
+runtime (Ray) and a real deployment run the same apps in tests/engine/test_flower_runtime.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedlpp.algorithms import round as rnd
+from fedlpp.algorithms import wire
+from fedlpp.config import ConfigError, load_config
+from fedlpp.data.examples_file import ExamplesFileError, read_examples, write_examples
+from fedlpp.engine import rundir
+from fedlpp.engine.flower.messages import RECORD
+from fedlpp.engine.flower.server_app import FlowerRunError, assign_clients, serve_on_grid
+from fedlpp.engine.local import run_experiment
+from fedlpp.engine.setup import client_partitions, load_task_data
+from flower_harness import LoopbackGrid, simulated_nodes
+
+pytestmark = pytest.mark.integration
+
+TINY = [
+    "model.name=tiny-llama", "model.max_length=48", "data.num_train=120", "data.num_eval=3",
+    "fl.num_clients=4", "fl.clients_per_round=2", "fl.local_steps=3", "train.batch_size=4",
+    "train.lr=0.02", "eval.every=1", "eval.max_new_tokens=3", "seed=0", "flower.connect_timeout=2",
+]
+EQUIVALENT = ("fedavg_lora", "fedlpp", "fedlpp_ffa")
+
+
+def tiny(*extra: str, rounds: int = 2):
+    return load_config(None, TINY + [f"fl.rounds={rounds}", *extra])
+
+
+def adapter(directory) -> dict[str, torch.Tensor]:
+    return rundir.load_checkpoint(directory)[0]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """Each algorithm run by the local engine and by the Flower apps, same seed."""
+    out = {}
+    for name in EQUIVALENT:
+        local, flower = tmp_path_factory.mktemp(f"{name}-local"), tmp_path_factory.mktemp(f"{name}-flower")
+        run_experiment(tiny(f"algorithm.name={name}"), local, progress=False)
+        grid = LoopbackGrid(simulated_nodes(4))
+        serve_on_grid(grid, tiny(f"algorithm.name={name}"), flower)
+        out[name] = (local, flower, grid)
+    return out
+
+
+@pytest.mark.parametrize("name", EQUIVALENT)
+def test_the_flower_apps_end_with_the_local_engines_adapter(pairs, name):
+    local, flower, _ = pairs[name]
+    a, b = adapter(local), adapter(flower)
+    assert any(torch.count_nonzero(a[n]) for n in a if ".lora_B." in n), "the run trained something"
+    assert set(a) == set(b) and all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
+    rows_a, rows_b = rundir.read_metrics(local), rundir.read_metrics(flower)
+    for key in ("round", "clients", "bytes_down", "bytes_up"):
+        assert [r[key] for r in rows_a] == [r[key] for r in rows_b], key
+    assert [r["global"]["loss"] for r in rows_a] == pytest.approx([r["global"]["loss"] for r in rows_b], abs=1e-4)
+
+
+@pytest.mark.parametrize("name", EQUIVALENT)
+def test_the_run_directory_contract_is_the_same(pairs, name):
+    local, flower, _ = pairs[name]
+    assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in flower.iterdir())
+    summary = json.loads((flower / rundir.SUMMARY).read_text())
+    assert summary["rounds"] == 2 and summary["algorithm"] == name
+    assert set(summary) == set(json.loads((local / rundir.SUMMARY).read_text()))
+    assert load_config(flower / rundir.CONFIG) == tiny(f"algorithm.name={name}")
+
+
+@pytest.mark.parametrize("name", ["fedlpp", "fedlpp_ffa"])
+def test_no_message_the_server_app_sends_holds_a_full_precision_adapter_tensor(pairs, name, tmp_path):
+    _, _, grid = pairs[name]
+    run_experiment(tiny(f"algorithm.name={name}", rounds=1), tmp_path / "r1", progress=False)
+    theta_1 = adapter(tmp_path / "r1")  # the server's adapter that round 2 broadcasts
+    needles = [t.reshape(-1)[:4].numpy().tobytes() for n, t in theta_1.items() if ".lora_B." in n and torch.count_nonzero(t)]
+    assert needles, "theta has trained values to look for"
+    broadcasts = 0
+    for message in grid.sent:
+        fields = dict(message.content.config_records[RECORD])
+        raw = b"".join(v if isinstance(v, bytes) else str(v).encode() for v in fields.values())
+        assert not any(needle in raw for needle in needles), "theta's float32 values are in a message"
+        if "payload" in fields:
+            tensors, _ = wire.decode(fields["payload"], rnd.BROADCAST)
+            assert {k: t.dtype for k, t in tensors.items()} == {"codes": torch.uint8, "scales": torch.float16}
+            broadcasts += 1
+    assert broadcasts == 2 * 2  # two rounds, two clients each
+
+
+def test_a_client_that_fails_or_stays_silent_is_listed_and_the_round_goes_on(tmp_path):
+    nodes = simulated_nodes(4)
+    node_of = {cfg["partition-id"]: node for node, cfg in nodes.items()}
+    cfg = tiny("algorithm.name=fedavg_lora", "fl.clients_per_round=4", "flower.round_timeout=1", rounds=1)
+    grid = LoopbackGrid(nodes, raising=[node_of[1]], silent=[node_of[3]])
+    serve_on_grid(grid, cfg, tmp_path / "run")
+    row = rundir.read_metrics(tmp_path / "run")[0]
+    assert set(row["failed"]) == {"1", "3"}
+    assert "failed on purpose" in row["failed"]["1"] and "no reply within" in row["failed"]["3"]
+    # The round used the two others: the adapter moved, as their mean.
+    trained = adapter(tmp_path / "run")
+    assert any(torch.count_nonzero(trained[n]) for n in trained if ".lora_B." in n)
+
+
+def test_a_fedlpp_round_left_with_one_update_keeps_the_adapter(tmp_path):
+    nodes = simulated_nodes(4)
+    grid = LoopbackGrid(nodes, raising=list(nodes)[:3])  # at most one of the two sampled clients answers
+    serve_on_grid(grid, tiny("algorithm.name=fedlpp", rounds=1), tmp_path / "run")
+    row = rundir.read_metrics(tmp_path / "run")[0]
+    assert row["failed"]
+    final = adapter(tmp_path / "run")
+    assert all(torch.count_nonzero(final[n]) == 0 for n in final if ".lora_B." in n)
+
+
+def test_too_few_nodes_is_a_clear_error_naming_how_many_connected(tmp_path):
+    with pytest.raises(FlowerRunError, match="only 3 of the 4 expected nodes"):
+        serve_on_grid(LoopbackGrid(dict(list(simulated_nodes(4).items())[:3])), tiny("flower.connect_timeout=0.5"), tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_node_without_data_cannot_take_part(tmp_path):
+    nodes = simulated_nodes(4)
+    nodes[next(iter(nodes))] = {}
+    with pytest.raises(FlowerRunError, match="data-path"):
+        serve_on_grid(LoopbackGrid(nodes), tiny(), tmp_path / "r")
+
+
+def test_nodes_reading_their_own_files_give_the_simulated_run(pairs, tmp_path):
+    """A deployment's nodes: each its own JSONL file (two name their client id, two are given one)."""
+    cfg = tiny("algorithm.name=fedlpp")
+    parts = client_partitions(cfg, load_task_data(cfg))
+    nodes = {}
+    for k, part in enumerate(parts):
+        write_examples(tmp_path / f"client-{k}.jsonl", part)
+        nodes[1000 + k] = {"data-path": str(tmp_path / f"client-{k}.jsonl"), **({"client-id": k} if k >= 2 else {})}
+    serve_on_grid(LoopbackGrid(nodes), cfg, tmp_path / "run")
+    a, b = adapter(pairs["fedlpp"][0]), adapter(tmp_path / "run")
+    assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
+
+
+def test_resume_on_the_flower_apps_continues_the_run(pairs, tmp_path):
+    out = tmp_path / "run"
+    serve_on_grid(LoopbackGrid(simulated_nodes(4)), tiny("algorithm.name=fedlpp", rounds=1), out)
+    serve_on_grid(LoopbackGrid(simulated_nodes(4)), tiny("algorithm.name=fedlpp"), out, resume=True)
+    a, b = adapter(pairs["fedlpp"][0]), adapter(out)
+    assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
+    assert [r["round"] for r in rundir.read_metrics(out)] == [1, 2]
+
+
+def test_secure_aggregation_is_refused_on_the_flower_engine_for_now(tmp_path):
+    with pytest.raises(ConfigError, match="secagg.enabled"):
+        serve_on_grid(LoopbackGrid(simulated_nodes(4)), tiny("secagg.enabled=true", "fl.clients_per_round=3"), tmp_path / "r")
+
+
+def test_client_ids_are_distinct_and_unassigned_nodes_get_the_free_ones():
+    roster = assign_clients({50: (-1, 7), 10: (2, 5), 30: (-1, 9), 20: (0, 4)}, 4)
+    assert roster.node_of == {2: 10, 0: 20, 1: 30, 3: 50} and roster.sizes == [4, 9, 5, 7]
+    with pytest.raises(FlowerRunError, match="distinct"):
+        assign_clients({1: (0, 3), 2: (0, 3)}, 2)
+    with pytest.raises(FlowerRunError, match=r"in \[0, 2\)"):
+        assign_clients({1: (5, 3), 2: (-1, 3)}, 2)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"prompt": "a", "target": "b"}\n{"prompt": ', "line 2: not valid JSON"),
+    ('["a", "b"]\n', "line 1: expected a JSON object"),
+    ('{"target": "b"}\n', "line 1: 'prompt' must be a non-empty string"),
+    ('{"prompt": "a", "label": "x"}\n', "line 1: 'label' must be a non-negative integer"),
+    ("\n\n", "holds no examples"),
+])
+def test_a_malformed_data_file_is_refused_naming_file_and_line(tmp_path, text, message):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(text)
+    with pytest.raises(ExamplesFileError, match=message) as info:
+        read_examples(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(ExamplesFileError, match="no such data file"):
+        read_examples(tmp_path / "absent.jsonl")

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedlpp import deploy_cli
 from fedlpp.config import ConfigError, ExperimentConfig, changed_keys, load_config
 from fedlpp.engine.rundir import RunDirError, load_run_config
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("config", type=Path, help="sweep file: a run config plus a [sweep] table (see configs/sst2_dp_sweep.toml)")
     sweep.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every run, e.g. data.path=...")
     sweep.add_argument("--out", type=Path, help="folder of the sweep's runs and tables (default: runs/sweep-<name>)")
+    deploy_cli.add_commands(sub)
     return parser
 
 
@@ -112,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return command_sweep(args) if args.command == "sweep" else command_run(args)
+        commands = {"run": command_run, "sweep": command_sweep, "partition": deploy_cli.command_partition,
+                    "deploy": deploy_cli.command_deploy}
+        return commands[args.command](args)
     except ConfigError as e:
         print(f"fedlpp: configuration error: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ Deployed (``flwr run``), the run config names the experiment file and the run di
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -200,14 +201,35 @@ class RecordingGrid:
         return self._grid.push_messages(messages)
 
 
+class AuditLog:
+    """Writes every message the ServerApp sends into a folder, as sent: what a model owner can audit."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory, self.count = directory, 0
+
+    def __call__(self, message: Message) -> None:
+        self.count += 1
+        stem = f"{self.count:06d}-{message.metadata.message_type}-node{message.metadata.dst_node_id}"
+        plain = {}
+        for name, value in fields_of(message).items():
+            if isinstance(value, bytes):
+                (self.directory / f"{stem}.{name}.bin").write_bytes(value)
+            else:
+                plain[name] = value
+        (self.directory / f"{stem}.json").write_text(json.dumps(plain))
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Deployed: ``flwr run`` with run config ``config`` (experiment file), ``out`` and ``resume``."""
+    """Deployed: ``flwr run`` with run config ``config`` (experiment file), ``out``, ``resume`` and ``audit``."""
     run_config = context.run_config
-    path, out = run_config.get("config", ""), run_config.get("out", "")
+    path, out, audit = run_config.get("config", ""), run_config.get("out", ""), run_config.get("audit", "")
     if not isinstance(path, str) or not path or not isinstance(out, str) or not out:
         raise ConfigError("the run config needs config='<experiment TOML on the server>' and out='<run directory>'")
     resume = bool(run_config.get("resume", False))
     cfg = rundir.load_run_config(Path(out), []) if resume else load_config(path)
+    if isinstance(audit, str) and audit:
+        grid = RecordingGrid(grid, AuditLog(Path(audit)))  # type: ignore[assignment]
     summary = serve_on_grid(grid, cfg, Path(out), resume)
     log.info("fedlpp: run finished into %s: %s", out, {k: summary[k] for k in ("rounds", "global", "proxy")})

@@ -1,0 +1,230 @@
+"""A real deployment's commands: test keys, a TLS SuperLink with node authentication, SuperNodes, a run.
+
+These start Flower 1.41's own programs (``flower-superlink``, ``flower-supernode``, ``flwr``)
+with the settings fedlpp needs and nothing else: telemetry, update checks and runtime
+dependency installation off; TLS; node authentication; each node's data path validated
+before its SuperNode starts; the experiment submitted as the Flower App in ``flower-app/``
+(whose code is the installed fedlpp package) and followed to its end.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedlpp.data.examples_file import read_examples
+from fedlpp.engine.flower import FLOWER_ENV
+
+CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "server.pem", "server.key"
+CONNECTION = "fedlpp"  # the connection name in the private FLWR_HOME of a fedlpp command
+APP_DIR = Path(__file__).resolve().parents[2] / "assets" / "flower-app"  # the Flower App: a pyproject.toml naming fedlpp's apps
+DONE = "finished:"
+
+
+class DeployError(RuntimeError):
+    """A deployment step cannot go on; the message says what to fix."""
+
+
+# --- keys and certificates for a test setup -------------------------------------------------------
+
+
+def make_keys(directory: Path, nodes: int, hosts: Sequence[str] = ()) -> list[Path]:
+    """A CA, a server certificate for localhost/127.0.0.1 (and ``hosts``), and ``nodes`` ECDSA node keys.
+
+    For a test setup: a production CA keeps its key elsewhere. Returns the node key paths
+    (``node-K``; the public key is ``node-K.pub``, in OpenSSH format as Flower wants).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca = _certificate(_name("fedlpp test CA"), _name("fedlpp test CA"), ca_key.public_key(), ca_key, is_ca=True)
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server = _certificate(_name("localhost"), ca.subject, server_key.public_key(), ca_key, is_ca=False, hosts=hosts)
+    (directory / CA_CERT).write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (directory / SERVER_CERT).write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    _write_private(directory / SERVER_KEY, server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return [make_node_key(directory / f"node-{k}") for k in range(nodes)]
+
+
+def make_node_key(path: Path) -> Path:
+    """An ECDSA P-384 key pair in OpenSSH format: ``path`` (private, 0600) and ``path.pub``."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                           serialization.NoEncryption()))
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    path.with_name(path.name + ".pub").write_bytes(public + f" {path.name}\n".encode())
+    return path
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _certificate(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey, signer: ec.EllipticCurvePrivateKey,
+                 is_ca: bool, hosts: Sequence[str] = ()) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=365))
+               .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True))
+    if not is_ca:
+        names: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                         x509.IPAddress(ipaddress.ip_address("::1"))]
+        names += [_general_name(h) for h in hosts]
+        builder = (builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+    return builder.sign(signer, hashes.SHA256())
+
+
+def _general_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+# --- the programs ---------------------------------------------------------------------------------
+
+
+def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
+    """This environment with Flower's switches off and this Python's scripts first on PATH.
+
+    The SuperLink and SuperNode start helper programs (flower-superexec, flwr-serverapp,
+    flwr-clientapp) found through PATH: they must be this installation's.
+    """
+    env = {**os.environ, **FLOWER_ENV}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def program(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise DeployError(f"{name} is not installed beside {sys.executable} (install fedlpp with ./install.sh)")
+    return str(path)
+
+
+def superlink_command(keys: Path, host: str, port: int) -> list[str]:
+    for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
+        if not (keys / name).is_file():
+            raise DeployError(f"{keys / name} is missing: make the keys with `fedlpp deploy keys {keys}`")
+    return [program("flower-superlink"), "--host", host, "--port", str(port),
+            "--ssl-ca-certfile", str(keys / CA_CERT), "--ssl-certfile", str(keys / SERVER_CERT),
+            "--ssl-keyfile", str(keys / SERVER_KEY), "--enable-supernode-auth"]
+
+
+def supernode_command(superlink: str, ca: Path, key: Path, data: Path, client_id: int | None, host: str, port: int) -> list[str]:
+    """The SuperNode's command line, after checking its data file parses (a clear error, not a failed round later)."""
+    examples = read_examples(data)
+    if not key.is_file():
+        raise DeployError(f"{key}: no such node key (make one with `fedlpp deploy keys`)")
+    if not ca.is_file():
+        raise DeployError(f"{ca}: no such CA certificate")
+    node_config = f'data-path="{data.resolve()}"' + (f" client-id={client_id}" if client_id is not None else "")
+    print(f"fedlpp: {data} holds {len(examples)} examples; starting a SuperNode for {superlink}", flush=True)
+    return [program("flower-supernode"), "--superlink", superlink, "--root-certificates", str(ca.resolve()),
+            "--auth-supernode-private-key", str(key.resolve()), "--host", host, "--port", str(port),
+            "--node-config", node_config]
+
+
+def exec_program(command: list[str], flwr_home: Path | None = None) -> None:
+    """Replace this process with ``command`` (so that stopping it stops the program itself)."""
+    sys.stdout.flush()
+    os.execve(command[0], command, flower_env(flwr_home))
+
+
+# --- the flwr command line: a private connection per call -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Connection:
+    superlink: str  # host:port of the SuperLink's one endpoint
+    ca: Path  # the CA certificate that signed its TLS certificate
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        with tempfile.TemporaryDirectory(prefix="fedlpp-flwr-") as home:
+            config = (f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                      f'address = "{self.superlink}"\nroot-certificates = "{self.ca.resolve()}"\n')
+            (Path(home) / "config.toml").write_text(config)
+            return subprocess.run([program("flwr"), *args], capture_output=True, text=True, timeout=timeout,
+                                  env=flower_env(Path(home)), check=False)
+
+    def flwr_json(self, *args: str) -> dict:
+        done = self.flwr(*args, "--format", "json")
+        try:
+            out = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            raise DeployError(f"flwr {' '.join(args)} failed: {(done.stderr or done.stdout).strip()[-2000:]}") from None
+        if not out.get("success", False):
+            raise DeployError(f"flwr {' '.join(args)} failed: {out.get('error-message', out)}")
+        return out
+
+    def register(self, public_key: Path) -> int:
+        if not public_key.is_file():
+            raise DeployError(f"{public_key}: no such public key")
+        return int(self.flwr_json("supernode", "register", str(public_key), CONNECTION)["node-id"])
+
+    def submit(self, config: Path, out: Path, resume: bool, audit: Path | None = None) -> int:
+        run_config = (f"config='{config.resolve()}' out='{out.resolve()}' resume={'true' if resume else 'false'} "
+                      f"audit='{audit.resolve() if audit is not None else ''}'")
+        return int(self.flwr_json("run", str(APP_DIR), CONNECTION, "--run-config", run_config)["run-id"])
+
+    def status(self, run_id: int) -> tuple[str, str]:
+        run = self.flwr_json("ls", CONNECTION, "--run-id", str(run_id))["runs"][0]
+        return str(run["status"]), str(run.get("status-details", ""))
+
+    def log(self, run_id: int) -> str:
+        return self.flwr("log", str(run_id), CONNECTION, "--show").stdout
+
+
+def follow(connection: Connection, run_id: int, out: Path, poll: float = 1.0) -> tuple[str, str]:
+    """Print the run's status changes and each metrics row as it lands; the final (status, details)."""
+    seen, last = 0, ""
+    while True:
+        status, details = connection.status(run_id)
+        if status != last:
+            print(f"fedlpp: run {run_id}: {status}", flush=True)
+            last = status
+        seen = _print_new_rows(out / "metrics.jsonl", seen)
+        if status.startswith(DONE):
+            return status, details
+        time.sleep(poll)
+
+
+def _print_new_rows(path: Path, seen: int) -> int:
+    if not path.is_file():
+        return seen
+    lines = path.read_text().splitlines()
+    for line in lines[seen:]:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # being written
+            return seen
+        shown = {k: row[k] for k in ("round", "clients", "train_loss", "failed", "epsilon") if k in row}
+        if "global" in row:
+            shown["global_loss"], shown["proxy_loss"] = row["global"]["loss"], row["proxy"]["loss"]
+        print(f"fedlpp: {json.dumps(shown)}", flush=True)
+        seen += 1
+    return seen

@@ -182,3 +182,21 @@ def test_a_malformed_data_file_is_refused_naming_file_and_line(tmp_path, text, m
     assert str(path) in str(info.value)
     with pytest.raises(ExamplesFileError, match="no such data file"):
         read_examples(tmp_path / "absent.jsonl")
+
+
+@pytest.mark.parametrize("privacy", [
+    ("privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", "algorithm.name=ffa_lora"),
+    ("privacy.mode=client_dp", "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.5", "algorithm.name=fedavg_lora"),
+])
+def test_dp_runs_on_the_flower_apps_as_on_the_local_engine(tmp_path, privacy):
+    """The same noise (seeded research mode), the same ledger: epsilon rows and the adapter agree."""
+    cfg = tiny(*privacy)
+    run_experiment(cfg, tmp_path / "local", progress=False)
+    serve_on_grid(LoopbackGrid(simulated_nodes(4)), cfg, tmp_path / "flower")
+    rows_a, rows_b = rundir.read_metrics(tmp_path / "local"), rundir.read_metrics(tmp_path / "flower")
+    assert [r["epsilon"] for r in rows_a] == [r["epsilon"] for r in rows_b] and rows_b[-1]["epsilon"] > 0
+    assert [r.get("epsilon_per_client") for r in rows_a] == [r.get("epsilon_per_client") for r in rows_b]
+    a, b = adapter(tmp_path / "local"), adapter(tmp_path / "flower")
+    assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
+    summary = json.loads((tmp_path / "flower" / rundir.SUMMARY).read_text())
+    assert summary["privacy"]["epsilon"] == rows_a[-1]["epsilon"]

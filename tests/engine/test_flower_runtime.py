@@ -1,19 +1,13 @@
 """A real Flower deployment on 127.0.0.1: TLS SuperLink with node authentication, SuperNodes on their own data.
 
 Every process the test starts runs in its own session and is stopped, whatever happens,
-by the ``processes`` fixture; nothing listens beyond 127.0.0.1.
+when ``LocalFederation`` is left; nothing listens beyond 127.0.0.1.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import ssl
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,7 +18,7 @@ from fedlpp.algorithms import wire
 from fedlpp.config import load_config, write_toml
 from fedlpp.data.examples_file import write_examples
 from fedlpp.engine import rundir
-from fedlpp.engine.flower.deploy import Connection, make_keys
+from fedlpp.engine.flower.deploy import LocalFederation, make_keys
 from fedlpp.engine.local import run_experiment
 from fedlpp.engine.setup import client_partitions, load_task_data
 
@@ -38,85 +32,26 @@ EXPERIMENT = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def processes():
-    """Started processes (each its own session); all of them are stopped after the test, also when it fails."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
-        _signal_group(p, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    for p in started:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _signal_group(p, signal.SIGKILL)
-            p.wait(timeout=10)
-    for p in started:  # children (SuperExec, ClientApps) share the session: none may outlive the test
-        _signal_group(p, signal.SIGKILL)
-
-
-def _signal_group(p: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(p.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def start(processes: list, args: list[str], log: Path) -> subprocess.Popen:
-    p = subprocess.Popen([*FEDLPP, *args], stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    processes.append(p)
-    return p
-
-
-def wait_healthy(port: int, ca: Path, timeout: float = 30) -> None:
-    context = ssl.create_default_context(cafile=str(ca))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=context, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"the SuperLink did not answer on 127.0.0.1:{port} within {timeout} s")
-
-
-def test_a_deployed_fedlpp_run_equals_the_local_engine_and_refuses_an_unregistered_node(tmp_path, processes):
+def test_a_deployed_fedlpp_run_equals_the_local_engine_and_refuses_an_unregistered_node(tmp_path):
     cfg = load_config(None, EXPERIMENT)
     write_toml(cfg, tmp_path / "experiment.toml")
-    keys = make_keys(tmp_path / "keys", nodes=3)
-    ca = tmp_path / "keys" / "ca.crt"
     for k, part in enumerate(client_partitions(cfg, load_task_data(cfg))):
         write_examples(tmp_path / f"client-{k}.jsonl", part)
-    port = free_port()
-    superlink = f"127.0.0.1:{port}"
-    start(processes, ["deploy", "superlink", "--keys", str(tmp_path / "keys"), "--port", str(port),
-                      "--flwr-home", str(tmp_path / "home-link")], tmp_path / "superlink.log")
-    wait_healthy(port, ca)
-    connection = Connection(superlink, ca)
-    for key in keys[:2]:
-        connection.register(key.with_name(key.name + ".pub"))
-    for k, key in enumerate(keys):  # node-2's key is never registered
-        data = tmp_path / f"client-{min(k, 1)}.jsonl"
-        start(processes, ["deploy", "supernode", "--superlink", superlink, "--ca", str(ca), "--key", str(key),
-                          "--data", str(data), "--port", str(free_port()), "--flwr-home", str(tmp_path / f"home-{k}"),
-                          *(["--client-id", str(k)] if k < 2 else [])], tmp_path / f"node-{k}.log")
-    out, audit = tmp_path / "run", tmp_path / "audit"
-    submit = subprocess.run([*FEDLPP, "deploy", "run", "--superlink", superlink, "--ca", str(ca), "--config",
-                             str(tmp_path / "experiment.toml"), "--out", str(out), "--audit", str(audit)],
-                            capture_output=True, text=True, timeout=240)
-    assert submit.returncode == 0, submit.stdout + submit.stderr
-    assert "finished:completed" in submit.stdout
-
-    rogue = processes[-1]
-    assert rogue.wait(timeout=30) != 0, "the unregistered node was refused and stopped"
-    assert "Failed to activate SuperNode" in (tmp_path / "node-2.log").read_text()
+    with LocalFederation(tmp_path / "federation", nodes=3) as federation:
+        federation.start_superlink()
+        federation.start_node(0, tmp_path / "client-0.jsonl", client_id=0)
+        federation.start_node(1, tmp_path / "client-1.jsonl", client_id=1)
+        rogue = federation.start_node(2, tmp_path / "client-1.jsonl", register=False)
+        out, audit = tmp_path / "run", tmp_path / "audit"
+        submit = subprocess.run([*FEDLPP, "deploy", "run", "--superlink", federation.connection.superlink, "--ca",
+                                 str(federation.ca), "--config", str(tmp_path / "experiment.toml"), "--out", str(out),
+                                 "--audit", str(audit)], capture_output=True, text=True, timeout=240)
+        assert submit.returncode == 0, submit.stdout + submit.stderr
+        assert "finished:completed" in submit.stdout
+        assert rogue.wait(timeout=30) != 0, "the unregistered node was refused and stopped"
+        assert "Failed to activate SuperNode" in federation.log("node-2")
+        processes = list(federation.processes)
+    assert all(p.poll() is not None for p in processes), "every process the test started has stopped"
 
     run_experiment(cfg, tmp_path / "local", progress=False)
     a, b = rundir.load_checkpoint(tmp_path / "local")[0], rundir.load_checkpoint(out)[0]

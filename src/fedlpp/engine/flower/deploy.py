@@ -13,10 +13,14 @@ import datetime
 import ipaddress
 import json
 import os
+import signal
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +37,7 @@ CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "server.pem", "server.key"
 CONNECTION = "fedlpp"  # the connection name in the private FLWR_HOME of a fedlpp command
 APP_DIR = Path(__file__).resolve().parents[2] / "assets" / "flower-app"  # the Flower App: a pyproject.toml naming fedlpp's apps
 DONE = "finished:"
+LOOPBACK = "127.0.0.1"
 
 
 class DeployError(RuntimeError):
@@ -228,3 +233,86 @@ def _print_new_rows(path: Path, seen: int) -> int:
         print(f"fedlpp: {json.dumps(shown)}", flush=True)
         seen += 1
     return seen
+
+
+# --- a whole federation on this machine (tests, benchmarks, trying it out) ------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+class LocalFederation:
+    """A TLS SuperLink with node authentication and SuperNodes, all on 127.0.0.1, each in its own session.
+
+    A context manager: leaving it stops every process it started (SIGTERM to each session,
+    then SIGKILL), also when the body failed.
+    """
+
+    def __init__(self, directory: Path, nodes: int) -> None:
+        self.directory = directory
+        self.keys = make_keys(directory / "keys", nodes)
+        self.ca = directory / "keys" / CA_CERT
+        self.port = free_port()
+        self.connection = Connection(f"{LOOPBACK}:{self.port}", self.ca)
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start_superlink(self, timeout: float = 30) -> None:
+        self._start(["deploy", "superlink", "--keys", str(self.directory / "keys"), "--port", str(self.port),
+                     "--flwr-home", str(self.directory / "home-superlink")], "superlink")
+        context = ssl.create_default_context(cafile=str(self.ca))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"https://{LOOPBACK}:{self.port}/health", context=context, timeout=2)
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise DeployError(f"the SuperLink did not answer on {LOOPBACK}:{self.port} within {timeout:g} s")
+
+    def start_node(self, k: int, data: Path, client_id: int | None = None, register: bool = True) -> subprocess.Popen:
+        """SuperNode with key node-k on ``data``; ``register=False`` leaves its key unknown to the SuperLink."""
+        if register:
+            self.connection.register(self.keys[k].with_name(self.keys[k].name + ".pub"))
+        args = ["deploy", "supernode", "--superlink", self.connection.superlink, "--ca", str(self.ca), "--key", str(self.keys[k]),
+                "--data", str(data), "--port", str(free_port()), "--flwr-home", str(self.directory / f"home-node-{k}")]
+        return self._start(args + (["--client-id", str(client_id)] if client_id is not None else []), f"node-{k}")
+
+    def log(self, name: str) -> str:
+        return (self.directory / f"{name}.log").read_text(errors="replace")
+
+    def _start(self, args: list[str], name: str) -> subprocess.Popen:
+        with (self.directory / f"{name}.log").open("wb") as log:
+            p = subprocess.Popen([sys.executable, "-m", "fedlpp.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True, env=flower_env())
+        self.processes.append(p)
+        return p
+
+    def stop(self, grace: float = 10) -> None:
+        for p in self.processes:
+            _signal_session(p, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in self.processes:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.processes:  # the session's children too (SuperExec, ServerApp, ClientApps)
+            _signal_session(p, signal.SIGKILL)
+            p.wait(timeout=grace)
+        self.processes.clear()
+
+
+def _signal_session(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,8 +1,9 @@
 """A Flower Grid whose nodes run fedlpp's ClientApp in this process: the apps' logic without Ray or sockets.
 
 Each push runs the addressed node's ClientApp at once (as Flower would, with that node's
-``node_config``) and keeps its reply for the next pull. A node can be told to raise (an
-error reply, as Flower sends when a ClientApp fails) or to stay silent (a node that died).
+``node_config`` and its own ``context.state``, kept across messages) and keeps its reply
+for the next pull. A node can be told to raise at training (an error reply, as Flower sends
+when a ClientApp fails), to stay silent at training, or to vanish from a SecAgg step on.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ CLIENT_APP_RAISED = 2  # Flower's error code for an exception in a ClientApp
 
 
 class LoopbackGrid:
-    def __init__(self, node_configs: Mapping[int, dict], raising: Iterable[int] = (), silent: Iterable[int] = ()) -> None:
+    def __init__(self, node_configs: Mapping[int, dict], raising: Iterable[int] = (), silent: Iterable[int] = (),
+                 vanish_at: Mapping[int, str] | None = None) -> None:
         self.node_configs = dict(node_configs)
         self.raising, self.silent = set(raising), set(silent)
+        self.vanish_at = dict(vanish_at or {})  # node -> the SecAgg step from which it never answers again
+        self.states = {node: RecordDict() for node in node_configs}
+        self.gone: set[int] = set()
         self.sent: list[Message] = []
         self._replies: dict[str, Message] = {}
         # Who "this process" is, as Flower's runtime sets it for a ServerApp before any Message is built.
@@ -49,7 +54,11 @@ class LoopbackGrid:
         node = message.metadata.dst_node_id
         if node in self.silent and message.metadata.message_type == "train":
             return None
-        context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(), run_config={})
+        step = message.content.config_records["fedlpp"].get("step") if "fedlpp" in message.content.config_records else None
+        if node in self.gone or (step is not None and self.vanish_at.get(node) == step):
+            self.gone.add(node)
+            return None
+        context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=self.states[node], run_config={})
         try:
             if node in self.raising and message.metadata.message_type == "train":
                 raise RuntimeError(f"node {node} failed on purpose")

@@ -153,9 +153,51 @@ def test_resume_on_the_flower_apps_continues_the_run(pairs, tmp_path):
     assert [r["round"] for r in rundir.read_metrics(out)] == [1, 2]
 
 
-def test_secure_aggregation_is_refused_on_the_flower_engine_for_now(tmp_path):
-    with pytest.raises(ConfigError, match="secagg.enabled"):
-        serve_on_grid(LoopbackGrid(simulated_nodes(4)), tiny("secagg.enabled=true", "fl.clients_per_round=3"), tmp_path / "r")
+SECURE = ("secagg.enabled=true", "fl.clients_per_round=3", "flower.round_timeout=1")
+
+
+@pytest.mark.parametrize("name", ["fedavg_lora", "fedlpp"])
+def test_secure_aggregation_over_flower_messages_equals_the_local_engines_secure_run(tmp_path, name):
+    cfg = tiny(f"algorithm.name={name}", *SECURE)
+    run_experiment(cfg, tmp_path / "local", progress=False)
+    grid = LoopbackGrid(simulated_nodes(4))
+    serve_on_grid(grid, cfg, tmp_path / "flower")
+    a, b = adapter(tmp_path / "local"), adapter(tmp_path / "flower")
+    assert any(torch.count_nonzero(a[n]) for n in a if ".lora_B." in n)
+    assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
+    rows = rundir.read_metrics(tmp_path / "flower")
+    assert [sorted(r["secagg_survivors"]) for r in rows] == [r["clients"] for r in rows]
+    assert not any("upload" in dict(m.content.config_records[RECORD]) for m in grid.sent)
+    steps = {dict(m.content.config_records[RECORD]).get("step") for m in grid.sent}
+    assert steps == {None, "share_keys", "masked_input", "sign_survivors", "unmask"}
+    assert all(not grid.states[n].config_records.get("fedlpp.secagg.session") for n in grid.states), "sessions are forgotten"
+
+
+def test_a_node_that_vanishes_before_its_masked_input_is_recovered_exactly(tmp_path):
+    """Its masks come off with the others' shares: the sum is exactly the survivors' (= a round it simply missed)."""
+    nodes = simulated_nodes(4)
+    node_of = {cfg["partition-id"]: node for node, cfg in nodes.items()}
+    plain = ("algorithm.name=fedavg_lora", "fl.clients_per_round=4", "flower.round_timeout=1")
+    cfg = tiny(*plain, "secagg.enabled=true", rounds=1)  # 4 clients: each one's shares have 3 holders, 2 needed
+    clients, victim = [0, 1, 2, 3], 1
+    serve_on_grid(LoopbackGrid(nodes, vanish_at={node_of[victim]: "masked_input"}), cfg, tmp_path / "secure")
+    serve_on_grid(LoopbackGrid(nodes, raising=[node_of[victim]]), tiny(*plain, rounds=1), tmp_path / "plain")
+    row = rundir.read_metrics(tmp_path / "secure")[0]
+    assert sorted(row["secagg_survivors"]) == sorted(set(clients) - {victim})
+    assert "secagg masked_input" in row["failed"][str(victim)]
+    a, b = adapter(tmp_path / "plain"), adapter(tmp_path / "secure")
+    assert any(torch.count_nonzero(a[n]) for n in a if ".lora_B." in n)
+    assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
+
+
+def test_below_the_threshold_a_secure_round_aborts_loudly_and_keeps_the_adapter(tmp_path):
+    nodes = simulated_nodes(4)
+    grid = LoopbackGrid(nodes, vanish_at={node: "masked_input" for node in list(nodes)[:2]})
+    serve_on_grid(grid, tiny("algorithm.name=fedavg_lora", *SECURE, rounds=1), tmp_path / "run")
+    row = rundir.read_metrics(tmp_path / "run")[0]
+    assert "secagg_abort" in row and row["secagg_survivors"] == []
+    final = adapter(tmp_path / "run")
+    assert all(torch.count_nonzero(final[n]) == 0 for n in final if ".lora_B." in n), "the void round kept B at zero"
 
 
 def test_client_ids_are_distinct_and_unassigned_nodes_get_the_free_ones():

@@ -22,7 +22,16 @@ from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.secure import SecureEncoding, SecureMean
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.models.lora import Adapter
-from fedlpp.secagg import InProcess, Parties, SecAggAbort, SecAggError, Traffic, generate_signing_key, run_local_round
+from fedlpp.secagg import (
+    AggregateResult,
+    InProcess,
+    Parties,
+    SecAggAbort,
+    SecAggError,
+    Traffic,
+    generate_signing_key,
+    run_local_round,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +80,36 @@ def secure_aggregate(
         log.warning("round %d: client %d's update is not finite or exceeds secagg.clip_range=%g; it drops out of the round",
                     round_, client, agg.encoding.params.clip_range)
     traffic = Traffic()
+    if not present:
+        return void_round(SecAggAbort("masked input", "no client is in range", 0, 1), round_, notes, traffic)
+    protocol = partial(run_local_round, agg.encoding.params, {c: agg.identities[c] for c in present}, present, round_,
+                       traffic=traffic, parties=run)
+    return finish_round(protocol, spec, adapter, round_, combiner, notes, traffic, run)
+
+
+def finish_round(
+    protocol: Callable[[], AggregateResult],
+    spec: AlgorithmSpec,
+    adapter: Mapping[str, torch.Tensor],
+    round_: int,
+    combiner: SecureMean,
+    notes: dict[str, Any],
+    traffic: Traffic,
+    run: Parties | None = None,
+) -> SecureOutcome:
+    """Run the protocol (in process or over a network) and apply the server step to its sum; an abort keeps the adapter."""
+    run = run or InProcess()
     try:
-        if not present:
-            raise SecAggAbort("masked input", "no client is in range", 0, 1)
-        result = run_local_round(agg.encoding.params, {c: agg.identities[c] for c in present}, present, round_,
-                                 traffic=traffic, parties=run)
+        result = protocol()
     except (SecAggAbort, SecAggError) as e:
-        log.warning("round %d: secure aggregation aborted (%s); the global adapter is unchanged", round_, e)
-        notes["secagg_abort"] = str(e)
-        return SecureOutcome(None, (), sum(traffic.up.values()), sum(traffic.down.values()), notes)
+        return void_round(e, round_, notes, traffic)
     step = run.server(partial(rnd.server_step, spec, adapter, result, round_, combiner))
     notes.update(step.notes)
     new = step.adapter if step.accepted else None
     return SecureOutcome(new, result.survivors, sum(traffic.up.values()), sum(traffic.down.values()), notes)
+
+
+def void_round(error: Exception, round_: int, notes: dict[str, Any], traffic: Traffic) -> SecureOutcome:
+    log.warning("round %d: secure aggregation aborted (%s); the global adapter is unchanged", round_, error)
+    notes["secagg_abort"] = str(error)
+    return SecureOutcome(None, (), sum(traffic.up.values()), sum(traffic.down.values()), notes)

@@ -18,6 +18,7 @@ training ``masked_input`` costs one encode and one addition.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 
 import numpy as np
@@ -33,6 +34,7 @@ from fedlpp.secagg.crypto import (
     encrypt,
     exchange,
     generate_key_pair,
+    key_pair_from_private,
     load_verify_key,
     random_bytes,
     sign,
@@ -99,6 +101,7 @@ class ClientSession:
         self._held: dict[int, tuple[int, int]] = {}  # v -> (share of b_v, share of s_sk_v)
         self._view: Survivors | None = None
         self._view_signature = b""  # what this client signed in sign_survivors
+        self._graph_source: tuple[tuple[int, ...], bytes] = ((), b"")  # (participants, graph seed) of the key list
 
     @property
     def graph(self) -> NeighbourGraph | None:
@@ -128,7 +131,7 @@ class ClientSession:
         reader = self._unpack(key_list, MessageType.KEY_LIST)
         keys = wire.decode_key_list(reader)
         graph = self._check_key_list(keys)
-        self._graph = graph
+        self._graph, self._graph_source = graph, (keys.participants, keys.graph_seed)
         self._peers = {a.client: a for a in keys.adverts}
         self._box_secrets, self._mask_secrets = self._agree(keys.adverts)
         boxes = self._share_boxes(sorted(self._peers), graph.thresholds[self.client_id])
@@ -216,6 +219,49 @@ class ClientSession:
 
     def _pack(self, kind: MessageType, body: bytes) -> bytes:
         return wire.pack(kind, self.round, self.client_id, SERVER_ID, body)
+
+    # ------------------------------------------------------------ between messages
+
+    def export_state(self) -> bytes:
+        """This session's secrets and view, for a runtime that starts a process per message (Flower).
+
+        Holds private keys and shares: it must stay on the client (Flower keeps it in the
+        node's own ``context.state``). The expanded masks are not kept; ``masked_input``
+        expands them again from the secrets.
+        """
+        peers = [[a.client, a.c_public.hex(), a.s_public.hex(), a.seed_commitment.hex(), a.signature.hex()]
+                 for a in self._peers.values()]
+        state = {
+            "client": self.client_id, "round": self.round, "dim": self.dim, "step": self._step,
+            "c": self._c.private_bytes().hex(), "s": self._s.private_bytes().hex(), "b": self._b.hex(),
+            "participants": list(self._graph_source[0]), "graph_seed": self._graph_source[1].hex(), "peers": peers,
+            "box": {str(v): k.hex() for v, k in self._box_secrets.items()},
+            "mask": {str(v): k.hex() for v, k in self._mask_secrets.items()},
+            "held": {str(v): [str(b), str(sk)] for v, (b, sk) in self._held.items()},
+            "view": None if self._view is None else [list(self._view.survivors), list(self._view.dropped)],
+            "view_signature": self._view_signature.hex(),
+        }
+        return json.dumps(state).encode()
+
+    @classmethod
+    def restore(cls, data: bytes, signing_key: Ed25519PrivateKey, registry: Mapping[int, bytes], params: SecAggParams) -> ClientSession:
+        """The session ``export_state`` saved, ready for its next step."""
+        state = json.loads(data)
+        session = cls(state["client"], signing_key, registry, params, state["round"], state["dim"])
+        session._step = state["step"]
+        session._c, session._s = key_pair_from_private(bytes.fromhex(state["c"])), key_pair_from_private(bytes.fromhex(state["s"]))
+        session._b = bytes.fromhex(state["b"])
+        if state["participants"]:
+            session._graph_source = (tuple(state["participants"]), bytes.fromhex(state["graph_seed"]))
+            session._graph = build_graph(session._graph_source[0], session._graph_source[1], params)
+        session._peers = {int(c): SignedKeys(int(c), *(bytes.fromhex(x) for x in rest)) for c, *rest in state["peers"]}
+        session._box_secrets = {int(v): bytes.fromhex(k) for v, k in state["box"].items()}
+        session._mask_secrets = {int(v): bytes.fromhex(k) for v, k in state["mask"].items()}
+        session._held = {int(v): (int(b), int(sk)) for v, (b, sk) in state["held"].items()}
+        if state["view"] is not None:
+            session._view = Survivors(tuple(state["view"][0]), tuple(state["view"][1]))
+        session._view_signature = bytes.fromhex(state["view_signature"])
+        return session
 
     def _check_key_list(self, keys: wire.KeyList) -> NeighbourGraph:
         if keys.params_fingerprint != self.params.fingerprint():
@@ -343,7 +389,8 @@ class ClientSession:
         return pairwise_key(self._mask_secrets[v], self.round, self.client_id, v)
 
     def _mask(self, encoded: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint32]:
-        assert self._masks is not None
+        if self._masks is None:  # a restored session: expand the masks now
+            self._masks = self._expand_masks()
         total = np.add(encoded, self._masks, out=encoded)  # encoded is this call's own array
         # Mask only with neighbours that shared keys (U2): masks with a neighbour that
         # vanished before ShareKeys could never be removed, so take them out again.

@@ -8,7 +8,7 @@ default just runs it; the benchmark's times each party.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol, TypeVar
@@ -117,28 +117,54 @@ def run_local_round(
     # Each client draws its round keys when its session starts.
     clients = _step(run, {c: partial(ClientSession, c, k, registry, params, round_, dim) for c, k in signing_keys.items()})
 
-    def exchange(calls: dict[int, Callable[[], bytes]], receive: Callable[[bytes, int], None],
-                 inbox: Mapping[int, bytes]) -> None:
-        """A step: the server's messages travel down, clients answer (in parallel), the server reads each."""
+    def ask(step: str, inbox: Mapping[int, bytes]) -> dict[int, bytes]:
+        """A step: the server's messages travel down, the clients still there answer (in parallel)."""
         t.count(t.down, inbox)
-        sent = _step(run, calls)
+        gone = getattr(dropouts, DROPOUT_FIELD[step])
+        sent = _step(run, {c: partial(client_step, clients[c], step, m, inputs[c]) for c, m in sorted(inbox.items()) if c not in gone})
         t.count(t.up, sent)
-        for client, message in sent.items():
-            run.server(partial(receive, message, client))
+        return sent
 
-    exchange({c: s.advertise for c, s in _alive(clients, dropouts.advertise).items()}, server.receive_advertisement, {})
-    key_lists = run.server(server.finish_advertise)
-    exchange({c: partial(clients[c].share_keys, m) for c, m in _route(key_lists, dropouts.shares)},
-             server.receive_shares, key_lists)
-    routed = run.server(server.finish_share_keys)
-    exchange({c: partial(clients[c].masked_input, m, inputs[c]) for c, m in _route(routed, dropouts.masked_input)},
-             server.receive_masked_input, routed)
-    views = run.server(server.finish_masked_input)
-    exchange({c: partial(clients[c].sign_survivors, m) for c, m in _route(views, dropouts.signature)},
-             server.receive_signature, views)
-    requests = run.server(server.finish_consistency)
-    exchange({c: partial(clients[c].unmask, m) for c, m in _route(requests, dropouts.unmask)},
-             server.receive_unmask, requests)
+    return drive_round(server, ask, sorted(clients), run)
+
+
+# The ``Dropouts`` field of each step: who vanishes before sending that step's message.
+DROPOUT_FIELD = {"advertise": "advertise", "share_keys": "shares", "masked_input": "masked_input",
+                 "sign_survivors": "signature", "unmask": "unmask"}
+STEPS = tuple(DROPOUT_FIELD)
+Ask = Callable[[str, Mapping[int, bytes]], Mapping[int, bytes]]  # (step, {client: server's message}) -> {client: reply}
+
+
+def client_step(session: ClientSession, step: str, message: bytes, values: npt.ArrayLike) -> bytes:
+    """One client's answer to one step of the protocol (``message`` is empty for ``advertise``)."""
+    if step == "advertise":
+        return session.advertise()
+    if step == "masked_input":
+        return session.masked_input(message, values)
+    calls: dict[str, Callable[[bytes], bytes]] = {"share_keys": session.share_keys, "sign_survivors": session.sign_survivors,
+                                                  "unmask": session.unmask}
+    return calls[step](message)
+
+
+def drive_round(server: ServerSession, ask: Ask, clients: Sequence[int], run: Parties | None = None) -> AggregateResult:
+    """The server's side of one round over any transport: ``ask`` carries each step's messages to the clients.
+
+    A client that does not answer a step has dropped out from then on; the server
+    session decides whether the round can still be unmasked (``SecAggAbort`` if not).
+    """
+    run = run or InProcess()
+    receive = {"advertise": server.receive_advertisement, "share_keys": server.receive_shares,
+               "masked_input": server.receive_masked_input, "sign_survivors": server.receive_signature,
+               "unmask": server.receive_unmask}
+    finish = {"advertise": server.finish_advertise, "share_keys": server.finish_share_keys,
+              "masked_input": server.finish_masked_input, "sign_survivors": server.finish_consistency}
+    inbox: Mapping[int, bytes] = {c: b"" for c in clients}
+    for step in STEPS:
+        for client, message in ask(step, inbox).items():
+            run.server(partial(receive[step], message, client))
+        if step == "unmask":
+            break
+        inbox = run.server(finish[step])
     return run.server(server.finish_unmask)
 
 
@@ -146,11 +172,3 @@ def _step(run: Parties, calls: Mapping[int, Callable[[], T]]) -> dict[int, T]:
     out = {c: run.client(c, call) for c, call in calls.items()}
     run.end_step()
     return out
-
-
-def _alive(clients: Mapping[int, ClientSession], gone: frozenset[int]) -> dict[int, ClientSession]:
-    return {c: s for c, s in clients.items() if c not in gone}
-
-
-def _route(messages: Mapping[int, bytes], gone: frozenset[int]) -> list[tuple[int, bytes]]:
-    return [(c, m) for c, m in sorted(messages.items()) if c not in gone]

@@ -22,6 +22,7 @@ from fedlpp.algorithms.steps import ClientData, client_step
 from fedlpp.config import ExperimentConfig, build_config
 from fedlpp.data import Example
 from fedlpp.data.examples_file import read_examples
+from fedlpp.engine.flower import secure
 from fedlpp.engine.flower.messages import QUERY, TRAIN, MessageError, content, fields_of, require
 from fedlpp.engine.setup import ModelSide, algorithm_spec, build_model, client_data, client_partitions, client_recipe, load_task_data
 
@@ -81,22 +82,35 @@ def own_data(cfg: ExperimentConfig, kind: str, num_labels: int, source: DataSour
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    """Who this node is: its client id (or -1) and how many examples it holds."""
+    """Who this node is: its client id (or -1), how many examples it holds, and its SecAgg verify key."""
     cfg = config_of(fields_of(message))
     source = DataSource.of(context.node_config)
-    return Message(content(kind=QUERY, client_id=source.client_id, num_examples=len(source.examples(cfg))), reply_to=message)
+    answer = {"client_id": source.client_id, "num_examples": len(source.examples(cfg))}
+    if cfg.secagg.enabled:
+        answer["verify_key"] = secure.verify_key(context.state)
+    return Message(content(kind=QUERY, **answer), reply_to=message)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """One round: the broadcast in, this client's update out (``client_step``)."""
+    """One round: the broadcast in, this client's update out (``client_step``); under SecAgg its advertisement."""
     fields = fields_of(message)
     cfg = config_of(fields)
     kind, num_labels = require(fields, "kind", str), require(fields, "num_labels", int)
     client_id, sigma = require(fields, "client_id", int), require(fields, "sigma", float)
     side = model_side(cfg, kind, num_labels)
     data = own_data(cfg, kind, num_labels, DataSource.of(context.node_config), client_id)
-    recipe = client_recipe(cfg, side, algorithm_spec(cfg), sigma, None)
+    encoding = secure.encoding_of(cfg, fields) if cfg.secagg.enabled else None
+    recipe = client_recipe(cfg, side, algorithm_spec(cfg), sigma, encoding)
     out = client_step(side.model, require(fields, "payload", bytes), data, recipe)
     loss = math.nan if out.loss is None else out.loss
-    return Message(content(kind=TRAIN, upload=out.upload, num_examples=out.num_examples, loss=loss), reply_to=message)
+    if encoding is None:
+        return Message(content(kind=TRAIN, upload=out.upload, num_examples=out.num_examples, loss=loss), reply_to=message)
+    reply = secure.start_session(context.state, cfg, encoding, fields, client_id, out.upload)
+    return Message(content(kind=TRAIN, num_examples=out.num_examples, loss=loss, **reply), reply_to=message)
+
+
+@app.train(secure.ACTION)
+def secagg(message: Message, context: Context) -> Message:
+    """One step of the SecAgg protocol with the session this node keeps in its own state."""
+    return Message(content(kind=secure.ACTION, message=secure.next_step(context.state, fields_of(message))), reply_to=message)

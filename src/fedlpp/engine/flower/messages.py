@@ -1,5 +1,6 @@
 """fedlpp's messages inside Flower's: one ConfigRecord of plain values and bytes per message.
 
+``exchange`` sends a batch of messages and matches each reply to the message it answers.
 The broadcast and the update are the same ``algorithms/wire.py`` bytes the local engine
 moves, carried as a bytes value (Flower splits large messages into chunks itself); the
 experiment config travels as its TOML text so that a client builds exactly the server's
@@ -8,12 +9,15 @@ model and recipe.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
 
 RECORD = "fedlpp"
+POLL_S = 0.2  # how often to look for replies (Grid.send_and_receive waits 3 s between looks)
 QUERY = "query"  # the server asks a node who it is (client id, number of examples)
 TRAIN = "train"  # a broadcast in, an update out
 
@@ -41,3 +45,23 @@ def require(fields: Mapping[str, Any], name: str, kind: type | tuple[type, ...])
     if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, float, (int, float)):
         raise MessageError(f"field {name!r}: expected {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
     return value
+
+
+def exchange(grid: Grid, messages: Mapping[int, Message], timeout: float) -> dict[int, Message]:
+    """Send ``{key: message}``; the replies that came within ``timeout`` seconds, by the same keys.
+
+    Replies are matched by the message they answer: the error reply for a node that died
+    comes from the SuperLink, not from the node.
+    """
+    pushed = list(grid.push_messages(messages.values()))
+    key_of = {m.metadata.message_id: key for key, m in messages.items()}
+    waiting, replies = set(pushed), {}
+    deadline = time.monotonic() + timeout  # from the moment every message is out
+    while waiting:
+        for reply in grid.pull_messages(waiting):
+            waiting.discard(reply.metadata.reply_to_message_id)
+            replies[key_of[reply.metadata.reply_to_message_id]] = reply
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(POLL_S)
+    return replies

@@ -18,8 +18,9 @@ import json
 import logging
 import math
 import time
+from functools import partial
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +30,21 @@ from tqdm.auto import tqdm
 
 from fedlpp.config import ConfigError, ExperimentConfig, load_config, to_tree
 from fedlpp.engine import rundir
-from fedlpp.engine.flower.messages import QUERY, TRAIN, MessageError, content, fields_of, require
+from fedlpp.engine.flower.messages import POLL_S, QUERY, TRAIN, MessageError, content, exchange, fields_of, require
+from fedlpp.engine.flower.secure import ProtocolOverGrid, registry_text
 from fedlpp.engine.local import PlainExchange
 from fedlpp.engine.server import Exchanged, serve
-from fedlpp.engine.setup import ServerContext, build_model, build_server, check_privacy, load_task_data
-from fedlpp.models.lora import Adapter
+from fedlpp.engine.secure import finish_round, void_round
+from fedlpp.engine.setup import ServerContext, build_model, build_server, check_privacy, load_task_data, server_combiner
+from fedlpp.algorithms.secure import SecureMean
+from fedlpp.models.lora import Adapter, copy_adapter
+from fedlpp.secagg import SecAggAbort, Traffic
 
 import tomli_w
 
 log = logging.getLogger(__name__)
 
 UNASSIGNED = -1
-POLL_S = 0.2  # how often to look for connected nodes, or for replies (Grid.send_and_receive waits 3 s between looks)
 
 app = ServerApp()
 
@@ -55,6 +59,7 @@ class Roster:
 
     node_of: dict[int, int]  # client id -> Flower node id
     sizes: list[int]  # by client id
+    verify_keys: dict[int, bytes] = field(default_factory=dict)  # client id -> SecAgg verify key (secagg.enabled)
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
@@ -70,38 +75,23 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
         time.sleep(POLL_S)
 
 
-def exchange(grid: Grid, messages: Mapping[int, Message], timeout: float) -> dict[int, Message]:
-    """Send ``{key: message}``; the replies that came within ``timeout`` seconds, by the same keys.
-
-    Replies are matched by the message they answer: the error reply for a node that died
-    comes from the SuperLink, not from the node.
-    """
-    pushed = list(grid.push_messages(messages.values()))
-    key_of = {m.metadata.message_id: key for key, m in messages.items()}
-    waiting, replies = set(pushed), {}
-    deadline = time.monotonic() + timeout
-    while waiting and time.monotonic() < deadline:
-        for reply in grid.pull_messages(waiting):
-            waiting.discard(reply.metadata.reply_to_message_id)
-            replies[key_of[reply.metadata.reply_to_message_id]] = reply
-        if waiting:
-            time.sleep(POLL_S)
-    return replies
-
-
 def query_nodes(grid: Grid, nodes: Sequence[int], config_text: str, timeout: float) -> Roster:
     """Ask every node who it is; nodes without a client id get the free ids in node-id order."""
     asks = {n: Message(content(config=config_text), dst_node_id=n, message_type=QUERY) for n in nodes}
     answers: dict[int, tuple[int, int]] = {}
+    keys: dict[int, bytes] = {}
     for node, reply in exchange(grid, asks, timeout).items():
         if reply.has_error():
             raise FlowerRunError(f"node {node} cannot take part: {reply.error.reason}")
         fields = fields_of(reply)
         answers[node] = (require(fields, "client_id", int), require(fields, "num_examples", int))
+        if "verify_key" in fields:
+            keys[node] = require(fields, "verify_key", bytes)
     missing = sorted(set(nodes) - set(answers))
     if missing:
         raise FlowerRunError(f"nodes {missing} did not answer within {timeout:g} s")
-    return assign_clients(answers, len(nodes))
+    roster = assign_clients(answers, len(nodes))
+    return Roster(roster.node_of, roster.sizes, {c: keys[n] for c, n in roster.node_of.items() if n in keys})
 
 
 def assign_clients(answers: Mapping[int, tuple[int, int]], num_clients: int) -> Roster:
@@ -135,45 +125,88 @@ class FlowerFederation:
     def round_trip(self, ctx: ServerContext, adapter: Adapter, payload: bytes, clients: Sequence[int], round_: int,
                    bar: tqdm | None) -> Exchanged:
         sigma = float(ctx.privacy.noise_multiplier) if ctx.privacy is not None else 0.0
-        messages = {c: self._train_message(payload, c, sigma, round_) for c in clients}
+        messages = {c: self._train_message(ctx, payload, c, clients, sigma, round_) for c in clients}
         replies = exchange(self.grid, messages, self.round_timeout)
-        uploads, losses, failed = {}, [], {}
+        answers, losses, failed = {}, [], {}
         for client in clients:
             try:
-                upload, loss = self._read_reply(replies.get(client))
+                answers[client], loss = self._read_reply(replies.get(client))
             except (MessageError, FlowerRunError) as e:
                 failed[client] = str(e)
                 log.warning("round %d: client %d failed: %s", round_, client, e)
                 continue
-            uploads[client], losses = upload, [*losses, loss]
+            losses.append(loss)
             if bar is not None:
                 bar.update(ctx.cfg.fl.local_steps)
-        new, row = PlainExchange().server_side(ctx, adapter, uploads, round_)
+        combine = self._secure if ctx.secure is not None else self._plain
+        new, row = combine(ctx, adapter, answers, round_, failed)
         if failed:
-            row["failed"] = {str(c): reason for c, reason in failed.items()}
+            row["failed"] = {str(c): reason for c, reason in sorted(failed.items())}
         return Exchanged(new, row, losses, delivered=len(clients))
 
-    def _train_message(self, payload: bytes, client: int, sigma: float, round_: int) -> Message:
+    def _plain(self, ctx: ServerContext, adapter: Adapter, answers: Mapping[int, dict[str, Any]], round_: int,
+               failed: dict[int, str]) -> tuple[Adapter, dict[str, Any]]:
+        uploads = {}
+        for client, fields in answers.items():
+            try:
+                uploads[client] = require(fields, "upload", bytes)
+            except MessageError as e:
+                failed[client] = str(e)
+        return PlainExchange().server_side(ctx, adapter, uploads, round_)
+
+    def _secure(self, ctx: ServerContext, adapter: Adapter, answers: Mapping[int, dict[str, Any]], round_: int,
+                failed: dict[int, str]) -> tuple[Adapter, dict[str, Any]]:
+        """The clients' advertisements came with their training replies; the protocol's other steps follow."""
+        assert ctx.secure is not None
+        notes: dict[str, Any] = {}
+        adverts = {}
+        for client, fields in answers.items():
+            if fields.get("out_of_range"):
+                notes.setdefault("out_of_range", []).append(client)
+                continue
+            try:
+                adverts[client] = require(fields, "message", bytes)
+            except MessageError as e:
+                failed[client] = str(e)
+        traffic = Traffic()
+        protocol = ProtocolOverGrid(self.grid, self.roster.node_of, round_, self.round_timeout, adverts, traffic, failed)
+        registry = {c: self.roster.verify_keys[c] for c in adverts}
+        dim = sum(math.prod(ctx.shapes[n]) for n in ctx.trained) + 1  # the delta, then the weight coordinate
+        combiner = server_combiner(ctx, round_)
+        assert isinstance(combiner, SecureMean)
+        if not adverts:
+            out = void_round(SecAggAbort("advertise", "clients that trained and are in range", 0, 1), round_, notes, traffic)
+        else:
+            out = finish_round(partial(protocol.run, ctx.secure.params, registry, dim), ctx.spec, adapter, round_, combiner,
+                               notes, traffic)
+        row: dict[str, Any] = {"bytes_up": out.bytes_up, "bytes_down": out.bytes_down, "secagg_survivors": list(out.survivors),
+                               **out.notes}
+        return (out.adapter if out.adapter is not None else copy_adapter(adapter)), row
+
+    def _train_message(self, ctx: ServerContext, payload: bytes, client: int, clients: Sequence[int], sigma: float,
+                       round_: int) -> Message:
+        extra: dict[str, Any] = {}
+        if ctx.secure is not None:
+            extra = {"registry": registry_text({c: self.roster.verify_keys[c] for c in clients}),
+                     "weight_bound": ctx.secure.weight_bound}
         fields = content(config=self.config_text, kind=self.kind, num_labels=self.num_labels, client_id=client, sigma=sigma,
-                         payload=payload)
+                         round=round_, payload=payload, **extra)
         return Message(fields, dst_node_id=self.roster.node_of[client], message_type=TRAIN, group_id=str(round_))
 
-    def _read_reply(self, reply: Message | None) -> tuple[bytes, float | None]:
+    def _read_reply(self, reply: Message | None) -> tuple[dict[str, Any], float | None]:
         if reply is None:
             raise FlowerRunError(f"no reply within flower.round_timeout={self.round_timeout:g} s")
         if reply.has_error():
             raise FlowerRunError(f"error reply: {reply.error.reason}")
         fields = fields_of(reply)
         loss = require(fields, "loss", float)
-        return require(fields, "upload", bytes), (None if math.isnan(loss) else loss)
+        return fields, (None if math.isnan(loss) else loss)
 
 
 def serve_on_grid(grid: Grid, cfg: ExperimentConfig, out: Path, resume: bool = False, progress: bool = False) -> dict[str, Any]:
     """The whole run on a Grid: wait for the nodes, build the server's side, run the rounds into ``out``."""
     if not resume:
         rundir.check_new(out)
-    if cfg.secagg.enabled:
-        raise ConfigError("secagg.enabled: secure aggregation does not run on the Flower engine yet; use the local engine")
     task = load_task_data(cfg)  # the server keeps only the evaluation examples
     config_text = tomli_w.dumps(to_tree(cfg))
     nodes = wait_for_nodes(grid, cfg.fl.num_clients, cfg.flower.connect_timeout)

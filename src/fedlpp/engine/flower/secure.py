@@ -1,0 +1,153 @@
+"""fedlpp's own SecAgg(+) protocol over Flower messages (Flower's SecAgg+ lives only on its legacy path).
+
+A round under ``secagg.enabled``: the train message carries the broadcast plus the round's
+registry of clients' verify keys; each client trains, turns its delta into the protocol's
+input vector and answers with its signed key advertisement. The server then drives the
+protocol's remaining four steps (``secagg.drive_round``) as ``train.secagg`` messages; a
+client that fails or stays silent at a step has dropped out, and the server recovers its
+masks from the others' shares — or, below the threshold, aborts loudly and keeps the adapter.
+
+Each ClientApp call is a fresh process in a deployment, so a client keeps its session
+(round keys, shares, its input vector) between messages in its node's own
+``context.state``, which never leaves the node. Its long-term Ed25519 identity is made
+there on the first query and announced to the server, which forwards everyone's keys:
+signatures then protect against other clients, not against a server that swaps keys (the
+PKI Bonawitz et al. assume is, here, the server — honest-but-curious, as Flower's SecAgg+).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedlpp.algorithms.secure import SecureEncoding
+from fedlpp.config import ExperimentConfig
+from fedlpp.engine.flower.messages import MessageError, content, exchange, fields_of, require
+from fedlpp.engine.setup import secagg_params
+from fedlpp.secagg import ClientSession, SecAggParams, Traffic, generate_signing_key, verify_key_bytes
+from fedlpp.secagg.local import client_step, drive_round
+
+log = logging.getLogger(__name__)
+
+ACTION = "secagg"  # message type "train.secagg": one protocol step
+MESSAGE_TYPE = f"train.{ACTION}"
+IDENTITY, SESSION = "fedlpp.secagg.identity", "fedlpp.secagg.session"  # records in a node's context.state
+
+
+# --- the client's side ------------------------------------------------------------------------------
+
+
+def verify_key(state: RecordDict) -> bytes:
+    """This node's long-term verify key, made (from the OS CSPRNG) and kept in its state on first use."""
+    return verify_key_bytes(_identity(state, create=True))
+
+
+def _identity(state: RecordDict, create: bool = False) -> Ed25519PrivateKey:
+    record = state.config_records.get(IDENTITY)
+    if record is None:
+        if not create:
+            raise MessageError("this node has no SecAgg identity for the run (was it restarted after the run began?)")
+        key = generate_signing_key()
+        state[IDENTITY] = ConfigRecord({"private": key.private_bytes_raw()})
+        return key
+    return Ed25519PrivateKey.from_private_bytes(record["private"])
+
+
+def encoding_of(cfg: ExperimentConfig, fields: Mapping[str, Any]) -> SecureEncoding:
+    """The protocol's parameters (from the config) and the server's public weight bound n_max."""
+    return SecureEncoding(secagg_params(cfg.secagg, cfg.fl.clients_per_round), require(fields, "weight_bound", int))
+
+
+def start_session(state: RecordDict, cfg: ExperimentConfig, encoding: SecureEncoding, fields: Mapping[str, Any], client_id: int,
+                  vector: np.ndarray | None) -> dict[str, Any]:
+    """After training: a new session keeps the input vector; the reply is its advertisement (or out_of_range)."""
+    if vector is None:
+        return {"out_of_range": True}
+    registry_text = require(fields, "registry", str)
+    round_ = require(fields, "round", int)
+    session = ClientSession(client_id, _identity(state), registry_from_text(registry_text), encoding.params, round_, vector.size)
+    advert = session.advertise()
+    state[SESSION] = ConfigRecord({"session": session.export_state(), "input": vector.astype(np.float64).tobytes(), "round": round_,
+                                   "registry": registry_text, "params": json.dumps(dataclasses.asdict(encoding.params))})
+    return {"message": advert}
+
+
+def next_step(state: RecordDict, fields: Mapping[str, Any]) -> bytes:
+    """Restore this node's session, answer the step, keep the session for the next one (forget it after unmask)."""
+    record = state.config_records.get(SESSION)
+    step, round_ = require(fields, "step", str), require(fields, "round", int)
+    if record is None or record["round"] != round_:
+        raise MessageError(f"no SecAgg session for round {round_} on this node")
+    params = SecAggParams(**json.loads(record["params"]))
+    session = ClientSession.restore(record["session"], _identity(state), registry_from_text(record["registry"]), params)
+    reply = client_step(session, step, require(fields, "message", bytes), np.frombuffer(record["input"], dtype=np.float64))
+    if step == "unmask":
+        del state[SESSION]
+    else:
+        record["session"] = session.export_state()
+        state[SESSION] = record
+    return reply
+
+
+def registry_text(registry: Mapping[int, bytes]) -> str:
+    return json.dumps({str(c): key.hex() for c, key in sorted(registry.items())})
+
+
+def registry_from_text(text: str) -> dict[int, bytes]:
+    return {int(c): bytes.fromhex(key) for c, key in json.loads(text).items()}
+
+
+# --- the server's side ------------------------------------------------------------------------------
+
+
+@dataclass
+class ProtocolOverGrid:
+    """Carries the protocol's steps after the advertisement as ``train.secagg`` messages to the clients' nodes."""
+
+    grid: Grid
+    node_of: Mapping[int, int]  # client id -> node id
+    round_: int
+    timeout: float
+    adverts: dict[int, bytes]  # what each client answered to the train message
+    traffic: Traffic
+    failed: dict[int, str]  # client -> why it dropped out (filled as steps go)
+
+    def ask(self, step: str, inbox: Mapping[int, bytes]) -> dict[int, bytes]:
+        if step == "advertise":
+            self.traffic.count(self.traffic.up, self.adverts)
+            return dict(self.adverts)
+        self.traffic.count(self.traffic.down, inbox)
+        messages = {c: Message(content(step=step, round=self.round_, message=m), dst_node_id=self.node_of[c],
+                               message_type=MESSAGE_TYPE, group_id=str(self.round_)) for c, m in inbox.items()}
+        answers = {}
+        for client, reply in exchange(self.grid, messages, self.timeout).items():
+            if reply.has_error():
+                self._drop(client, step, f"error reply: {reply.error.reason}")
+                continue
+            try:
+                answers[client] = require(fields_of(reply), "message", bytes)
+            except MessageError as e:
+                self._drop(client, step, str(e))
+        for client in sorted(set(inbox) - set(answers) - set(self.failed)):
+            self._drop(client, step, f"no reply within flower.round_timeout={self.timeout:g} s")
+        self.traffic.count(self.traffic.up, answers)
+        return answers
+
+    def _drop(self, client: int, step: str, reason: str) -> None:
+        self.failed[client] = f"secagg {step}: {reason}"
+        log.warning("round %d: client %d dropped out of secure aggregation at %s: %s", self.round_, client, step, reason)
+
+    def run(self, params: SecAggParams, registry: Mapping[int, bytes], dim: int):  # noqa: ANN201 - secagg.AggregateResult
+        from fedlpp.secagg import ServerSession
+
+        server = ServerSession(params, registry, self.round_, dim)
+        return drive_round(server, self.ask, sorted(self.adverts))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -25,8 +26,6 @@ from fedlpp.data.examples_file import read_examples
 from fedlpp.engine.flower import secure
 from fedlpp.engine.flower.messages import QUERY, TRAIN, MessageError, content, fields_of, require
 from fedlpp.engine.setup import ModelSide, algorithm_spec, build_model, client_data, client_partitions, client_recipe, load_task_data
-
-import tomllib
 
 DATA_PATH, CLIENT_ID = "data-path", "client-id"  # node config keys of a deployed SuperNode
 PARTITION_ID = "partition-id"  # set by Flower's simulation runtime

@@ -40,10 +40,11 @@ def fields_of(message: Message) -> dict[str, Any]:
     return dict(records[RECORD])
 
 
-def require(fields: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+def require(fields: Mapping[str, Any], name: str, kind: type) -> Any:
+    """The field's value, which must be of ``kind`` (a bool is not an int here)."""
     value = fields.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, float, (int, float)):
-        raise MessageError(f"field {name!r}: expected {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise MessageError(f"field {name!r}: expected {kind.__name__}, got {type(value).__name__}")
     return value
 
 

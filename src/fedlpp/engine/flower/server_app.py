@@ -24,23 +24,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
+from fedlpp.algorithms.secure import SecureMean
 from fedlpp.config import ConfigError, ExperimentConfig, load_config, to_tree
 from fedlpp.engine import rundir
 from fedlpp.engine.flower.messages import POLL_S, QUERY, TRAIN, MessageError, content, exchange, fields_of, require
 from fedlpp.engine.flower.secure import ProtocolOverGrid, registry_text
 from fedlpp.engine.local import PlainExchange
-from fedlpp.engine.server import Exchanged, serve
 from fedlpp.engine.secure import finish_round, void_round
+from fedlpp.engine.server import Exchanged, serve
 from fedlpp.engine.setup import ServerContext, build_model, build_server, check_privacy, load_task_data, server_combiner
-from fedlpp.algorithms.secure import SecureMean
 from fedlpp.models.lora import Adapter, copy_adapter
 from fedlpp.secagg import SecAggAbort, Traffic
-
-import tomli_w
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """``fedlpp partition`` and ``fedlpp deploy ...``: the commands of a real Flower deployment.
 
     fedlpp partition --config E.toml --out parts/        each client's examples as parts/client-K.jsonl
-    fedlpp deploy keys keys/ --nodes 2                    a test CA, the SuperLink's TLS certificate, node keys
+    fedlpp deploy keys keys/                              a test CA and the SuperLink's TLS certificate and key
+    fedlpp deploy node-key my-node                        a client's own key pair (only my-node.pub travels)
     fedlpp deploy superlink --keys keys/                  the SuperLink: TLS, node authentication
     fedlpp deploy register keys/node-0.pub ...            allow one node's key
     fedlpp deploy supernode --key keys/node-0 --data parts/client-0.jsonl ...
@@ -26,10 +27,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     part.add_argument("--out", type=Path, required=True, help="folder for client-K.jsonl (must not hold any yet)")
     deploy = sub.add_parser("deploy", help="a real deployment on Flower: keys, SuperLink, SuperNodes, run")
     steps = deploy.add_subparsers(dest="step", required=True)
-    keys = steps.add_parser("keys", help="a test CA, the SuperLink's TLS certificate and key, and ECDSA node keys")
+    keys = steps.add_parser("keys", help="a test CA and the SuperLink's TLS certificate and key (and node keys for a test)")
     keys.add_argument("dir", type=Path)
-    keys.add_argument("--nodes", type=int, default=2, help="node key pairs to make (node-K, node-K.pub)")
+    keys.add_argument("--nodes", type=int, default=0, help="also make this many node key pairs here (a test on one machine)")
     keys.add_argument("--host", action="append", default=[], help="another name or IP the certificate is valid for (repeat)")
+    node_key = steps.add_parser("node-key", help="a client's own ECDSA key pair: PATH (private, 0600) and PATH.pub")
+    node_key.add_argument("path", type=Path)
     link = steps.add_parser("superlink", help="start the SuperLink (TLS, node authentication) in the foreground")
     link.add_argument("--keys", type=Path, required=True, help="folder with ca.crt, server.pem, server.key")
     link.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for remote nodes)")
@@ -80,7 +83,12 @@ def command_deploy(args: argparse.Namespace) -> int:
 
     if args.step == "keys":
         nodes = deploy.make_keys(args.dir, args.nodes, args.host)
-        print(f"{args.dir}: ca.crt, server.pem, server.key (SuperLink); " + ", ".join(f"{n.name}(.pub)" for n in nodes))
+        print(f"{args.dir}: ca.crt (give it to every client), server.pem, server.key (the SuperLink's)"
+              + "".join(f", {n.name} + {n.name}.pub" for n in nodes))
+        return 0
+    if args.step == "node-key":
+        deploy.make_node_key(args.path)
+        print(f"{args.path} (private: keep it on this machine), {args.path}.pub (send it to the model owner to register)")
         return 0
     if args.step == "superlink":
         deploy.exec_program(deploy.superlink_command(args.keys, args.host, args.port), args.flwr_home)
@@ -104,8 +112,11 @@ def command_deploy_run(deploy, connection, args: argparse.Namespace) -> int:  # 
     if status != "finished:completed":
         print(f"fedlpp: run {run_id} ended {status}: {details}\n{connection.log(run_id)[-4000:]}")
         return 1
-    summary = json.loads((args.out / "summary.json").read_text())
+    if not (args.out / "summary.json").is_file():  # submitted from another machine than the server's
+        print(f"fedlpp: run {run_id} completed; its run directory {args.out} is on the server's machine\n"
+              f"{connection.log(run_id)[-2000:]}")
+        return 0
     from fedlpp.evaluation.report import format_summary
 
-    print(format_summary(summary))
+    print(format_summary(json.loads((args.out / "summary.json").read_text())))
     return 0

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from flwr.app import ConfigRecord
 
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms import wire
@@ -17,9 +19,10 @@ from fedlpp.config import ConfigError, load_config
 from fedlpp.data.examples_file import ExamplesFileError, read_examples, write_examples
 from fedlpp.engine import rundir
 from fedlpp.engine.flower.messages import RECORD
-from fedlpp.engine.flower.server_app import FlowerRunError, assign_clients, serve_on_grid
+from fedlpp.engine.flower.roster import FlowerRunError, assign_clients
+from fedlpp.engine.flower.server_app import serve_on_grid
 from fedlpp.engine.local import run_experiment
-from fedlpp.engine.setup import client_partitions, load_task_data
+from fedlpp.engine.setup import build_run, client_partitions, load_task_data, round_clients
 from flower_harness import LoopbackGrid, simulated_nodes
 
 pytestmark = pytest.mark.integration
@@ -38,6 +41,21 @@ def tiny(*extra: str, rounds: int = 2):
 
 def adapter(directory) -> dict[str, torch.Tensor]:
     return rundir.load_checkpoint(directory)[0]
+
+
+def theta_needles(theta: dict[str, torch.Tensor]) -> list[bytes]:
+    """The float32 bytes of 4 consecutive values from every non-zero tensor, at its start and its middle."""
+    needles = []
+    for t in theta.values():
+        flat = t.reshape(-1)
+        if torch.count_nonzero(flat) and flat.numel() >= 8:
+            needles += [flat[:4].numpy().tobytes(), flat[flat.numel() // 2:][:4].numpy().tobytes()]
+    assert needles, "theta has values to look for"
+    return needles
+
+
+def run_build_initial(cfg) -> dict[str, torch.Tensor]:
+    return build_run(cfg).server.initial_adapter()
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +97,8 @@ def test_the_run_directory_contract_is_the_same(pairs, name):
 def test_no_message_the_server_app_sends_holds_a_full_precision_adapter_tensor(pairs, name, tmp_path):
     _, _, grid = pairs[name]
     run_experiment(tiny(f"algorithm.name={name}", rounds=1), tmp_path / "r1", progress=False)
-    theta_1 = adapter(tmp_path / "r1")  # the server's adapter that round 2 broadcasts
-    needles = [t.reshape(-1)[:4].numpy().tobytes() for n, t in theta_1.items() if ".lora_B." in n and torch.count_nonzero(t)]
-    assert needles, "theta has trained values to look for"
+    needles = theta_needles(adapter(tmp_path / "r1"))  # theta_1 (round 2's) and theta_0 (round 1's, built alike)
+    needles += theta_needles(run_build_initial(tiny(f"algorithm.name={name}")))
     broadcasts = 0
     for message in grid.sent:
         fields = dict(message.content.config_records[RECORD])
@@ -110,12 +127,30 @@ def test_a_client_that_fails_or_stays_silent_is_listed_and_the_round_goes_on(tmp
 
 def test_a_fedlpp_round_left_with_one_update_keeps_the_adapter(tmp_path):
     nodes = simulated_nodes(4)
-    grid = LoopbackGrid(nodes, raising=list(nodes)[:3])  # at most one of the two sampled clients answers
-    serve_on_grid(grid, tiny("algorithm.name=fedlpp", rounds=1), tmp_path / "run")
+    node_of = {cfg["partition-id"]: node for node, cfg in nodes.items()}
+    cfg = tiny("algorithm.name=fedlpp", rounds=1)
+    sampled = round_clients(cfg, 1)
+    serve_on_grid(LoopbackGrid(nodes, raising=[node_of[sampled[0]]]), cfg, tmp_path / "run")
     row = rundir.read_metrics(tmp_path / "run")[0]
-    assert row["failed"]
+    assert list(row["failed"]) == [str(sampled[0])] and "rejected" not in row  # the other one's update was valid
     final = adapter(tmp_path / "run")
     assert all(torch.count_nonzero(final[n]) == 0 for n in final if ".lora_B." in n)
+
+
+def test_more_nodes_than_clients_is_refused(tmp_path):
+    with pytest.raises(FlowerRunError, match="5 nodes are connected but fl.num_clients=4"):
+        serve_on_grid(LoopbackGrid(simulated_nodes(5)), tiny(), tmp_path / "r")
+
+
+def test_a_deployed_node_refuses_dp_whose_noise_the_server_could_know(tmp_path):
+    cfg = tiny("privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", "algorithm.name=ffa_lora", rounds=1)
+    nodes = {}
+    for k, part in enumerate(client_partitions(cfg, load_task_data(cfg))):
+        write_examples(tmp_path / f"client-{k}.jsonl", part)
+        nodes[10 + k] = {"data-path": str(tmp_path / f"client-{k}.jsonl"), "client-id": k}
+    serve_on_grid(LoopbackGrid(nodes), cfg, tmp_path / "run")
+    row = rundir.read_metrics(tmp_path / "run")[0]
+    assert len(row["failed"]) == 2 and all("privacy.secure_noise" in r for r in row["failed"].values())
 
 
 def test_too_few_nodes_is_a_clear_error_naming_how_many_connected(tmp_path):
@@ -173,21 +208,54 @@ def test_secure_aggregation_over_flower_messages_equals_the_local_engines_secure
     assert all(not grid.states[n].config_records.get("fedlpp.secagg.session") for n in grid.states), "sessions are forgotten"
 
 
-def test_a_node_that_vanishes_before_its_masked_input_is_recovered_exactly(tmp_path):
+@pytest.mark.parametrize("step", ["share_keys", "masked_input"])
+def test_a_node_that_vanishes_before_its_masked_input_is_recovered_exactly(tmp_path, step):
     """Its masks come off with the others' shares: the sum is exactly the survivors' (= a round it simply missed)."""
     nodes = simulated_nodes(4)
     node_of = {cfg["partition-id"]: node for node, cfg in nodes.items()}
     plain = ("algorithm.name=fedavg_lora", "fl.clients_per_round=4", "flower.round_timeout=1")
     cfg = tiny(*plain, "secagg.enabled=true", rounds=1)  # 4 clients: each one's shares have 3 holders, 2 needed
     clients, victim = [0, 1, 2, 3], 1
-    serve_on_grid(LoopbackGrid(nodes, vanish_at={node_of[victim]: "masked_input"}), cfg, tmp_path / "secure")
+    serve_on_grid(LoopbackGrid(nodes, vanish_at={node_of[victim]: step}), cfg, tmp_path / "secure")
     serve_on_grid(LoopbackGrid(nodes, raising=[node_of[victim]]), tiny(*plain, rounds=1), tmp_path / "plain")
     row = rundir.read_metrics(tmp_path / "secure")[0]
     assert sorted(row["secagg_survivors"]) == sorted(set(clients) - {victim})
-    assert "secagg masked_input" in row["failed"][str(victim)]
+    assert f"secagg {step}" in row["failed"][str(victim)]
     a, b = adapter(tmp_path / "plain"), adapter(tmp_path / "secure")
     assert any(torch.count_nonzero(a[n]) for n in a if ".lora_B." in n)
     assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
+
+
+@pytest.mark.parametrize("step", ["sign_survivors", "unmask"])
+def test_a_node_that_vanishes_after_its_masked_input_still_counts_in_the_sum(tmp_path, step):
+    """Its input arrived: the others' shares of its self mask unmask it, and the sum is the full round's."""
+    nodes = simulated_nodes(4)
+    node_of = {cfg["partition-id"]: node for node, cfg in nodes.items()}
+    cfg = tiny("algorithm.name=fedavg_lora", "fl.clients_per_round=4", "flower.round_timeout=1", "secagg.enabled=true", rounds=1)
+    serve_on_grid(LoopbackGrid(nodes, vanish_at={node_of[2]: step}), cfg, tmp_path / "secure")
+    serve_on_grid(LoopbackGrid(nodes), tiny("algorithm.name=fedavg_lora", "fl.clients_per_round=4", rounds=1), tmp_path / "plain")
+    row = rundir.read_metrics(tmp_path / "secure")[0]
+    assert sorted(row["secagg_survivors"]) == [0, 1, 2, 3] and f"secagg {step}" in row["failed"]["2"]
+    a, b = adapter(tmp_path / "plain"), adapter(tmp_path / "secure")
+    assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
+
+
+def test_a_node_refuses_a_second_secure_session_for_a_round_it_joined():
+    """Two sums over different clients for one round would reveal an input by subtraction."""
+    from flwr.app import RecordDict
+
+    from fedlpp.engine.flower import secure
+    from fedlpp.engine.flower.messages import MessageError
+    from fedlpp.engine.setup import secure_encoding
+
+    cfg = tiny(*SECURE)
+    state, encoding = RecordDict(), secure_encoding(cfg, [10, 10, 10, 10])
+    registry = secure.registry_text({0: secure.verify_key(state)})
+    fields = {"registry": registry, "round": 3}
+    assert "message" in secure.start_session(state, cfg, encoding, fields, 0, np.zeros(5))
+    state[secure.JOINED] = ConfigRecord({"round": 3})  # as after its masked input
+    with pytest.raises(MessageError, match="already took part"):
+        secure.start_session(state, cfg, encoding, fields, 0, np.zeros(5))
 
 
 def test_below_the_threshold_a_secure_round_aborts_loudly_and_keeps_the_adapter(tmp_path):

@@ -1,4 +1,5 @@
-"""A real Flower deployment on 127.0.0.1: TLS SuperLink with node authentication, SuperNodes on their own data.
+"""Flower for real: a deployment on 127.0.0.1 (TLS SuperLink with node authentication, SuperNodes on their own
+data) and the simulation runtime (Ray).
 
 Every process the test starts runs in its own session and is stopped, whatever happens,
 when ``LocalFederation`` is left; nothing listens beyond 127.0.0.1.
@@ -6,12 +7,15 @@ when ``LocalFederation`` is left; nothing listens beyond 127.0.0.1.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
+from test_flower_engine import theta_needles
 
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms import wire
@@ -20,7 +24,7 @@ from fedlpp.data.examples_file import write_examples
 from fedlpp.engine import rundir
 from fedlpp.engine.flower.deploy import LocalFederation, make_keys
 from fedlpp.engine.local import run_experiment
-from fedlpp.engine.setup import client_partitions, load_task_data
+from fedlpp.engine.setup import build_run, client_partitions, load_task_data
 
 pytestmark = pytest.mark.integration
 
@@ -50,8 +54,9 @@ def test_a_deployed_fedlpp_run_equals_the_local_engine_and_refuses_an_unregister
         assert "finished:completed" in submit.stdout
         assert rogue.wait(timeout=30) != 0, "the unregistered node was refused and stopped"
         assert "Failed to activate SuperNode" in federation.log("node-2")
-        processes = list(federation.processes)
-    assert all(p.poll() is not None for p in processes), "every process the test started has stopped"
+        started = federation.descendants()
+        assert len(started) > 3, "SuperLink, SuperNodes and the programs they started"
+    assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "every process has stopped"
 
     run_experiment(cfg, tmp_path / "local", progress=False)
     a, b = rundir.load_checkpoint(tmp_path / "local")[0], rundir.load_checkpoint(out)[0]
@@ -61,8 +66,7 @@ def test_a_deployed_fedlpp_run_equals_the_local_engine_and_refuses_an_unregister
     # Model privacy on the wire: every broadcast the ServerApp sent holds codes and scales only.
     payloads = sorted(audit.glob("*.payload.bin"))
     assert len(payloads) == 4
-    theta_1 = _round_one_adapter(tmp_path, cfg)
-    needles = [t.reshape(-1)[:4].numpy().tobytes() for n, t in theta_1.items() if ".lora_B." in n and torch.count_nonzero(t)]
+    needles = theta_needles(_round_one_adapter(tmp_path, cfg)) + theta_needles(build_run(cfg).server.initial_adapter())
     for path in sorted(audit.iterdir()):
         raw = path.read_bytes()
         assert not any(needle in raw for needle in needles), path.name
@@ -80,9 +84,33 @@ def _round_one_adapter(tmp_path: Path, cfg) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(("content", "message"), [(None, "no such data file"), ('{"prompt": 3}\n', "line 1")])
 def test_a_supernode_with_missing_or_malformed_data_fails_at_start(tmp_path, content, message):
     keys = make_keys(tmp_path / "keys", nodes=1)
+    assert keys[0].stat().st_mode & 0o777 == 0o600 and (tmp_path / "keys" / "server.key").stat().st_mode & 0o777 == 0o600
     data = tmp_path / "mine.jsonl"
     if content is not None:
         data.write_text(content)
     done = subprocess.run([*FEDLPP, "deploy", "supernode", "--superlink", "127.0.0.1:9", "--ca", str(tmp_path / "keys" / "ca.crt"),
                            "--key", str(keys[0]), "--data", str(data)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and message in done.stderr and str(data) in done.stderr
+
+
+def _private_network() -> list[str] | None:
+    """A command prefix that runs a program in a network namespace of its own (only loopback), or None."""
+    probe = subprocess.run(["unshare", "-rn", "ip", "link", "set", "lo", "up"], capture_output=True, timeout=30, check=False) \
+        if shutil.which("unshare") and shutil.which("ip") else None
+    return ["unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"] if probe and probe.returncode == 0 else None
+
+
+def test_the_simulation_runtime_ends_with_the_local_engines_adapter(tmp_path):
+    """`fedlpp run --engine flower` on Ray. Ray listens on every interface it sees, so it runs in a network
+    namespace of its own, where the only interface is loopback; without one (no unshare) it is not started."""
+    prefix = _private_network()
+    if prefix is None:
+        pytest.skip("no private network namespace here (unshare -rn): Ray would listen beyond 127.0.0.1")
+    overrides = [*EXPERIMENT[:-2], "fl.num_clients=3", "fl.rounds=2"]
+    done = subprocess.run([*prefix, *FEDLPP, "run", "--engine", "flower", *overrides, "--out", str(tmp_path / "sim"), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    run_experiment(load_config(None, overrides), tmp_path / "local", progress=False)
+    a, b = rundir.load_checkpoint(tmp_path / "local")[0], rundir.load_checkpoint(tmp_path / "sim")[0]
+    assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
+    assert [r["clients"] for r in rundir.read_metrics(tmp_path / "sim")] == [r["clients"] for r in rundir.read_metrics(tmp_path / "local")]

@@ -27,7 +27,7 @@ Batch = Mapping[str, torch.Tensor] | None  # None: an empty (Poisson-sampled) ba
 class LocalTraining:
     lr: float
     weight_decay: float
-    max_grad_norm: float  # 0 = off
+    max_grad_norm: float  # 0 = off (plain steps only: DP-SGD clips each example's gradient instead)
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,11 @@ class StepRule(Protocol):
         ...
 
 
+@dataclass(frozen=True)
 class PlainSteps:
-    """Mean loss over the batch, one backward pass, the optimizer as it is."""
+    """Mean loss over the batch, one backward pass (gradient clipped to ``max_grad_norm`` if > 0), the optimizer as it is."""
+
+    max_grad_norm: float = 0.0
 
     def attach(self, model: nn.Module, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> ContextManager[torch.optim.Optimizer]:
         return contextlib.nullcontext(optimizer)
@@ -59,10 +62,9 @@ class PlainSteps:
             raise ValueError("an empty batch has no gradient without DP-SGD's noise")
         loss = example_losses(model, batch, kind).mean()
         loss.backward()
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         return float(loss.detach())
-
-
-PLAIN_STEPS = PlainSteps()
 
 
 def train_client(
@@ -73,13 +75,15 @@ def train_client(
     batches: Iterable[Batch],
     opts: LocalTraining,
     seed: int,
-    steps: StepRule = PLAIN_STEPS,
+    steps: StepRule | None = None,
 ) -> LocalResult:
     """Load ``start`` into the model, take one AdamW step per batch, return the delta.
 
     A fresh optimizer every round (DESIGN 2.2) keeps clients stateless between rounds;
-    ``seed`` fixes dropout so a client step is reproducible.
+    ``seed`` fixes dropout so a client step is reproducible. ``steps`` defaults to
+    ``PlainSteps(opts.max_grad_norm)``.
     """
+    steps = steps or PlainSteps(opts.max_grad_norm)
     set_adapter(model, start)
     set_trainable(model, trained)
     params = [adapter_parameters(model)[n] for n in trained]
@@ -91,8 +95,6 @@ def train_client(
             torch.manual_seed(seed)
             for batch in batches:
                 losses.append(steps.backward(model, kind, batch, params))
-                if opts.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     finally:

@@ -14,48 +14,27 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.secure import SecureMean
 from fedlpp.algorithms.steps import ClientData, client_step
 from fedlpp.config import ExperimentConfig
 from fedlpp.engine import rundir
 from fedlpp.engine.secure import SecureAggregator, make_aggregator, secure_aggregate
-from fedlpp.engine.server import LEDGER_KEY, Exchanged, serve
+from fedlpp.engine.server import LEDGER_KEY, Exchange, Exchanged, PlainExchange, serve
 from fedlpp.engine.setup import ServerContext, build_run, client_recipe, server_combiner
 from fedlpp.models.lora import Adapter, copy_adapter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LEDGER_KEY", "LocalFederation", "run_experiment"]
+__all__ = ["LEDGER_KEY", "LocalFederation", "PlainExchange", "run_experiment"]
 
 T = TypeVar("T")
 
 # Called with (client id, bytes) for every message the server sends: tests record them.
 OnSend = Callable[[int, bytes], None]
-
-
-class Exchange(Protocol):
-    """How the round's uploads reach the server: as they are, or through the SecAgg protocol."""
-
-    def server_side(self, ctx: ServerContext, adapter: Adapter, uploads: Mapping[int, Any], round_: int) -> tuple[Adapter, dict[str, Any]]:
-        """The next adapter and what the metrics row says about the exchange (bytes up, rejections, survivors)."""
-        ...
-
-
-class PlainExchange:
-    """Every client's update bytes go to the server, which combines them (``round.server_step``)."""
-
-    def server_side(self, ctx: ServerContext, adapter: Adapter, uploads: Mapping[int, Any], round_: int) -> tuple[Adapter, dict[str, Any]]:
-        updates = list(uploads.items())
-        result = rnd.server_step(ctx.spec, adapter, updates, round_, server_combiner(ctx, round_))
-        row: dict[str, Any] = {"bytes_up": sum(len(u) for _, u in updates)}
-        if result.rejected:
-            row["rejected"] = {str(k): v for k, v in result.rejected.items()}
-        return result.adapter, row
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.algorithms.steps import mean_finite
 from fedlpp.engine import rundir
-from fedlpp.engine.setup import ServerContext, round_clients
+from fedlpp.engine.setup import ServerContext, round_clients, server_combiner
 from fedlpp.evaluation.evaluate import evaluate_adapter
 from fedlpp.models.lora import Adapter, save_peft_adapter
 from fedlpp.privacy.plan import Ledger, PrivacyPlan, guarantee
@@ -50,6 +50,26 @@ class Federation(Protocol):
 
     def round_trip(self, ctx: ServerContext, adapter: Adapter, payload: bytes, clients: Sequence[int], round_: int,
                    bar: tqdm | None) -> Exchanged: ...
+
+
+class Exchange(Protocol):
+    """How the round's uploads reach the server: as they are, or through the SecAgg protocol."""
+
+    def server_side(self, ctx: ServerContext, adapter: Adapter, uploads: Mapping[int, Any], round_: int) -> tuple[Adapter, dict[str, Any]]:
+        """The next adapter and what the metrics row says about the exchange (bytes up, rejections, survivors)."""
+        ...
+
+
+class PlainExchange:
+    """Every client's update bytes go to the server, which combines them (``round.server_step``)."""
+
+    def server_side(self, ctx: ServerContext, adapter: Adapter, uploads: Mapping[int, Any], round_: int) -> tuple[Adapter, dict[str, Any]]:
+        updates = list(uploads.items())
+        result = rnd.server_step(ctx.spec, adapter, updates, round_, server_combiner(ctx, round_))
+        row: dict[str, Any] = {"bytes_up": sum(len(u) for _, u in updates)}
+        if result.rejected:
+            row["rejected"] = {str(k): v for k, v in result.rejected.items()}
+        return result.adapter, row
 
 
 @dataclass

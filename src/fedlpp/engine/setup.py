@@ -9,6 +9,7 @@ apps build each in its own process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class ServerContext:
 
     cfg: ExperimentConfig
     task_name: str
+    num_labels: int  # classification: the head's size (clients build the same model)
     side: ModelSide
     spec: AlgorithmSpec
     evalset: EvalSet
@@ -146,11 +148,17 @@ def check_privacy(cfg: ExperimentConfig, client_sizes: list[int]) -> PrivacyPlan
     return plan
 
 
+def eval_only(task: TaskData) -> TaskData:
+    """The task without its training examples: what a server keeps of its own copy of the data."""
+    return dataclasses.replace(task, train=())
+
+
 def build_server(cfg: ExperimentConfig, task: TaskData, side: ModelSide, client_sizes: list[int], plan: PrivacyPlan | None) -> ServerContext:
     """The server's side of a run; ``task`` supplies only its name and evaluation examples."""
     return ServerContext(
         cfg=cfg,
         task_name=task.name,
+        num_labels=task.num_labels,
         side=side,
         spec=algorithm_spec(cfg),
         evalset=build_evalset(task, side.backbone, cfg.model.max_length),
@@ -274,4 +282,4 @@ def build_run(cfg: ExperimentConfig) -> LocalRun:
     plan = check_privacy(cfg, sizes)  # before the slow model load
     side = build_model(cfg, task.kind, task.num_labels)
     clients = [client_data(side, part, k, cfg.model.max_length) for k, part in enumerate(parts)]
-    return LocalRun(build_server(cfg, task, side, sizes, plan), clients)
+    return LocalRun(build_server(cfg, eval_only(task), side, sizes, plan), clients)

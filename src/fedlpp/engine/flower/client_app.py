@@ -25,11 +25,11 @@ from fedlpp.data import Example
 from fedlpp.data.examples_file import read_examples
 from fedlpp.engine.flower import secure
 from fedlpp.engine.flower.messages import QUERY, TRAIN, MessageError, content, fields_of, require
+from fedlpp.engine.flower.roster import UNASSIGNED
 from fedlpp.engine.setup import ModelSide, algorithm_spec, build_model, client_data, client_partitions, client_recipe, load_task_data
 
 DATA_PATH, CLIENT_ID = "data-path", "client-id"  # node config keys of a deployed SuperNode
 PARTITION_ID = "partition-id"  # set by Flower's simulation runtime
-UNASSIGNED = -1  # a node without client-id: the server gives it an index
 CACHED_PARTITIONS = 8  # tokenised partitions kept per process
 
 app = ClientApp()
@@ -97,8 +97,12 @@ def train(message: Message, context: Context) -> Message:
     cfg = config_of(fields)
     kind, num_labels = require(fields, "kind", str), require(fields, "num_labels", int)
     client_id, sigma = require(fields, "client_id", int), require(fields, "sigma", float)
+    source = DataSource.of(context.node_config)
+    if source.path and cfg.privacy.enabled and not cfg.privacy.secure_noise:
+        raise MessageError("privacy.secure_noise=false: this node's DP noise would follow from the server's seed, so the "
+                           "server could remove it; a deployed node trains under DP only with privacy.secure_noise=true")
     side = model_side(cfg, kind, num_labels)
-    data = own_data(cfg, kind, num_labels, DataSource.of(context.node_config), client_id)
+    data = own_data(cfg, kind, num_labels, source, client_id)
     encoding = secure.encoding_of(cfg, fields) if cfg.secagg.enabled else None
     recipe = client_recipe(cfg, side, algorithm_spec(cfg), sigma, encoding)
     out = client_step(side.model, require(fields, "payload", bytes), data, recipe)

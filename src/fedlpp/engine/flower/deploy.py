@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -54,6 +55,9 @@ def make_keys(directory: Path, nodes: int, hosts: Sequence[str] = ()) -> list[Pa
     (``node-K``; the public key is ``node-K.pub``, in OpenSSH format as Flower wants).
     """
     directory.mkdir(parents=True, exist_ok=True)
+    existing = [n for n in (CA_CERT, SERVER_CERT, SERVER_KEY) if (directory / n).exists()]
+    if existing:
+        raise DeployError(f"{directory / existing[0]} exists; keys are never overwritten (choose another folder)")
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca = _certificate(_name("fedlpp test CA"), _name("fedlpp test CA"), ca_key.public_key(), ca_key, is_ca=True)
     server_key = ec.generate_private_key(ec.SECP384R1())
@@ -66,7 +70,10 @@ def make_keys(directory: Path, nodes: int, hosts: Sequence[str] = ()) -> list[Pa
 
 
 def make_node_key(path: Path) -> Path:
-    """An ECDSA P-384 key pair in OpenSSH format: ``path`` (private, 0600) and ``path.pub``."""
+    """An ECDSA P-384 key pair in OpenSSH format: ``path`` (private, 0600) and ``path.pub`` (what travels)."""
+    if path.exists():
+        raise DeployError(f"{path} exists; keys are never overwritten")
+    path.parent.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     _write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                            serialization.NoEncryption()))
@@ -103,7 +110,8 @@ def _general_name(host: str) -> x509.GeneralName:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """A new file readable by its owner only (refused if it exists)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
 
@@ -147,11 +155,18 @@ def supernode_command(superlink: str, ca: Path, key: Path, data: Path, client_id
         raise DeployError(f"{key}: no such node key (make one with `fedlpp deploy keys`)")
     if not ca.is_file():
         raise DeployError(f"{ca}: no such CA certificate")
-    node_config = f'data-path="{data.resolve()}"' + (f" client-id={client_id}" if client_id is not None else "")
+    node_config = f'data-path="{_quotable(data.resolve())}"' + (f" client-id={client_id}" if client_id is not None else "")
     print(f"fedlpp: {data} holds {len(examples)} examples; starting a SuperNode for {superlink}", flush=True)
     return [program("flower-supernode"), "--superlink", superlink, "--root-certificates", str(ca.resolve()),
             "--auth-supernode-private-key", str(key.resolve()), "--host", host, "--port", str(port),
             "--node-config", node_config]
+
+
+def _quotable(path: Path) -> str:
+    """A path that Flower's ``key="value"`` configs can carry as it is."""
+    if any(c in str(path) for c in "\"'\\\n"):
+        raise DeployError(f"{path}: a path with quotes, backslashes or newlines cannot be passed to Flower; rename it")
+    return str(path)
 
 
 def exec_program(command: list[str], flwr_home: Path | None = None) -> None:
@@ -192,8 +207,9 @@ class Connection:
         return int(self.flwr_json("supernode", "register", str(public_key), CONNECTION)["node-id"])
 
     def submit(self, config: Path, out: Path, resume: bool, audit: Path | None = None) -> int:
-        run_config = (f"config='{config.resolve()}' out='{out.resolve()}' resume={'true' if resume else 'false'} "
-                      f"audit='{audit.resolve() if audit is not None else ''}'")
+        audit_path = _quotable(audit.resolve()) if audit is not None else ""
+        run_config = (f"config='{_quotable(config.resolve())}' out='{_quotable(out.resolve())}' "
+                      f"resume={'true' if resume else 'false'} audit='{audit_path}'")
         return int(self.flwr_json("run", str(APP_DIR), CONNECTION, "--run-config", run_config)["run-id"])
 
     def status(self, run_id: int) -> tuple[str, str]:
@@ -296,19 +312,39 @@ class LocalFederation:
         self.processes.append(p)
         return p
 
-    def stop(self, grace: float = 10) -> None:
-        for p in self.processes:
-            _signal_session(p, signal.SIGTERM)
-        deadline = time.monotonic() + grace
+    def descendants(self) -> list[psutil.Process]:
+        """Every live process started from here, children of children included (the SuperLink starts
+        its SuperExec in a session of its own, so signalling the sessions alone would miss it)."""
+        found = []
         for p in self.processes:
             try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for p in self.processes:  # the session's children too (SuperExec, ServerApp, ClientApps)
+                parent = psutil.Process(p.pid)
+                found += [parent, *parent.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+        return found
+
+    def stop(self, grace: float = 10) -> None:
+        tree = self.descendants()
+        for p in self.processes:
+            _signal_session(p, signal.SIGTERM)
+        for p in tree:
+            _signal(p, signal.SIGTERM)
+        _, alive = psutil.wait_procs(tree, timeout=grace)
+        for p in alive:
+            _signal(p, signal.SIGKILL)
+        psutil.wait_procs(alive, timeout=grace)
+        for p in self.processes:
             _signal_session(p, signal.SIGKILL)
             p.wait(timeout=grace)
         self.processes.clear()
+
+
+def _signal(p: psutil.Process, sig: int) -> None:
+    try:
+        p.send_signal(sig)
+    except psutil.NoSuchProcess:
+        pass
 
 
 def _signal_session(p: subprocess.Popen, sig: int) -> None:

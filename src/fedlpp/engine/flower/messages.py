@@ -56,7 +56,7 @@ def exchange(grid: Grid, messages: Mapping[int, Message], timeout: float) -> dic
     """
     pushed = list(grid.push_messages(messages.values()))
     key_of = {m.metadata.message_id: key for key, m in messages.items()}
-    waiting, replies = set(pushed), {}
+    waiting, replies = {i for i in pushed if i}, {}  # a message the SuperLink refused has no id: no reply to wait for
     deadline = time.monotonic() + timeout  # from the moment every message is out
     while waiting:
         for reply in grid.pull_messages(waiting):

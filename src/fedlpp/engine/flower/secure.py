@@ -20,27 +20,36 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedlpp.algorithms.secure import SecureEncoding
+from fedlpp.algorithms.secure import SecureEncoding, SecureMean
 from fedlpp.config import ExperimentConfig
 from fedlpp.engine.flower.messages import MessageError, content, exchange, fields_of, require
-from fedlpp.engine.setup import secagg_params
-from fedlpp.secagg import ClientSession, SecAggParams, Traffic, generate_signing_key, verify_key_bytes
+from fedlpp.engine.flower.roster import Roster
+from fedlpp.engine.secure import finish_round, void_round
+from fedlpp.engine.setup import ServerContext, secagg_params, server_combiner
+from fedlpp.models.lora import Adapter, copy_adapter
+from fedlpp.secagg import AggregateResult, ClientSession, SecAggAbort, SecAggParams, ServerSession, Traffic, generate_signing_key, verify_key_bytes
 from fedlpp.secagg.local import client_step, drive_round
+
+if TYPE_CHECKING:
+    from fedlpp.engine.flower.server_app import FlowerFederation
 
 log = logging.getLogger(__name__)
 
 ACTION = "secagg"  # message type "train.secagg": one protocol step
 MESSAGE_TYPE = f"train.{ACTION}"
 IDENTITY, SESSION = "fedlpp.secagg.identity", "fedlpp.secagg.session"  # records in a node's context.state
+JOINED = "fedlpp.secagg.joined"  # the last round this node sent a masked input for
 
 
 # --- the client's side ------------------------------------------------------------------------------
@@ -74,6 +83,10 @@ def start_session(state: RecordDict, cfg: ExperimentConfig, encoding: SecureEnco
         return {"out_of_range": True}
     registry_text = require(fields, "registry", str)
     round_ = require(fields, "round", int)
+    joined = state.config_records.get(JOINED)
+    if joined is not None and joined["round"] >= round_:
+        # Two sums over different sets of clients for one round would reveal one input by subtraction.
+        raise MessageError(f"this node already took part in secure aggregation for round {joined['round']}; refusing round {round_}")
     session = ClientSession(client_id, _identity(state), registry_from_text(registry_text), encoding.params, round_, vector.size)
     advert = session.advertise()
     state[SESSION] = ConfigRecord({"session": session.export_state(), "input": vector.astype(np.float64).tobytes(), "round": round_,
@@ -90,6 +103,8 @@ def next_step(state: RecordDict, fields: Mapping[str, Any]) -> bytes:
     params = SecAggParams(**json.loads(record["params"]))
     session = ClientSession.restore(record["session"], _identity(state), registry_from_text(record["registry"]), params)
     reply = client_step(session, step, require(fields, "message", bytes), np.frombuffer(record["input"], dtype=np.float64))
+    if step == "masked_input":
+        state[JOINED] = ConfigRecord({"round": round_})
     if step == "unmask":
         del state[SESSION]
     else:
@@ -127,7 +142,7 @@ class ProtocolOverGrid:
             return dict(self.adverts)
         self.traffic.count(self.traffic.down, inbox)
         messages = {c: Message(content(step=step, round=self.round_, message=m), dst_node_id=self.node_of[c],
-                               message_type=MESSAGE_TYPE, group_id=str(self.round_)) for c, m in inbox.items()}
+                               message_type=MESSAGE_TYPE, group_id=str(self.round_), ttl=self.timeout) for c, m in inbox.items()}
         answers = {}
         for client, reply in exchange(self.grid, messages, self.timeout).items():
             if reply.has_error():
@@ -146,8 +161,37 @@ class ProtocolOverGrid:
         self.failed[client] = f"secagg {step}: {reason}"
         log.warning("round %d: client %d dropped out of secure aggregation at %s: %s", self.round_, client, step, reason)
 
-    def run(self, params: SecAggParams, registry: Mapping[int, bytes], dim: int):  # noqa: ANN201 - secagg.AggregateResult
-        from fedlpp.secagg import ServerSession
-
+    def run(self, params: SecAggParams, registry: Mapping[int, bytes], dim: int) -> AggregateResult:
         server = ServerSession(params, registry, self.round_, dim)
         return drive_round(server, self.ask, sorted(self.adverts))
+
+
+class SecureAggregation:
+    """The Flower engine's aggregation under ``secagg.enabled``: the train replies carry advertisements."""
+
+    def train_fields(self, ctx: ServerContext, roster: Roster, clients: Sequence[int]) -> dict[str, Any]:
+        assert ctx.secure is not None
+        return {"registry": registry_text({c: roster.verify_keys[c] for c in clients}), "weight_bound": ctx.secure.weight_bound}
+
+    def combine(self, federation: FlowerFederation, ctx: ServerContext, adapter: Adapter, answers: Mapping[int, dict[str, Any]],
+                round_: int, failed: dict[int, str]) -> tuple[Adapter, dict[str, Any]]:
+        assert ctx.secure is not None
+        notes: dict[str, Any] = {}
+        adverts = {c: fields["message"] for c, fields in answers.items() if not fields.get("out_of_range")}
+        if len(adverts) < len(answers):
+            notes["out_of_range"] = sorted(set(answers) - set(adverts))
+        traffic = Traffic()
+        protocol = ProtocolOverGrid(federation.grid, federation.roster.node_of, round_, federation.round_timeout, adverts,
+                                    traffic, failed)
+        registry = {c: federation.roster.verify_keys[c] for c in adverts}
+        dim = sum(math.prod(ctx.shapes[n]) for n in ctx.trained) + 1  # the delta, then the weight coordinate
+        combiner = server_combiner(ctx, round_)
+        assert isinstance(combiner, SecureMean)
+        if not adverts:
+            out = void_round(SecAggAbort("advertise", "clients that trained and are in range", 0, 1), round_, notes, traffic)
+        else:
+            out = finish_round(partial(protocol.run, ctx.secure.params, registry, dim), ctx.spec, adapter, round_, combiner,
+                               notes, traffic)
+        row: dict[str, Any] = {"bytes_up": out.bytes_up, "bytes_down": out.bytes_down, "secagg_survivors": list(out.survivors),
+                               **out.notes}
+        return (out.adapter if out.adapter is not None else copy_adapter(adapter)), row

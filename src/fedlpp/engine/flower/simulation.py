@@ -21,11 +21,12 @@ from flwr.simulation import run_simulation
 
 from fedlpp.config import ExperimentConfig
 from fedlpp.engine.flower import client_app
-from fedlpp.engine.flower.server_app import RecordingGrid, serve_on_grid
+from fedlpp.engine.flower.audit import RecordingGrid
+from fedlpp.engine.flower.server_app import serve_on_grid
 
 log = logging.getLogger(__name__)
 
-LOOPBACK = "127.0.0.1"  # Ray's processes listen on loopback only
+LOOPBACK = "127.0.0.1"  # Ray's node address (some of Ray's processes still listen on all interfaces: README)
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs asked for: Ray leaves the device variables alone
 
 

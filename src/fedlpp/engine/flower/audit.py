@@ -1,0 +1,54 @@
+"""What the ServerApp sends, shown before it goes: a Grid wrapper, and an audit folder for model owners.
+
+``RecordingGrid`` passes every outgoing message to a callback (tests record them);
+``AuditLog`` writes each one into a folder as sent (``fedlpp deploy run --audit DIR``), so a
+model owner can check that no message carries full-precision adapter weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedlpp.engine.flower.messages import fields_of
+
+
+class RecordingGrid:
+    """A Grid that shows every message the ServerApp sends to ``on_message`` first (tests record them)."""
+
+    def __init__(self, grid: Grid, on_message: Callable[[Message], None]) -> None:
+        self._grid = grid
+        self._on_message = on_message
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        for message in messages:
+            self._on_message(message)
+        return self._grid.push_messages(messages)
+
+
+class AuditLog:
+    """Writes every message the ServerApp sends into a folder, as sent: what a model owner can audit."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory, self.count = directory, 0
+
+    def __call__(self, message: Message) -> None:
+        self.count += 1
+        stem = f"{self.count:06d}-{message.metadata.message_type}-node{message.metadata.dst_node_id}"
+        plain = {}
+        for name, value in fields_of(message).items():
+            if isinstance(value, bytes):
+                (self.directory / f"{stem}.{name}.bin").write_bytes(value)
+            else:
+                plain[name] = value
+        (self.directory / f"{stem}.json").write_text(json.dumps(plain))

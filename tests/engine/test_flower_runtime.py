@@ -7,14 +7,19 @@ when ``LocalFederation`` is left; nothing listens beyond 127.0.0.1.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
+from flower_harness import LoopbackGrid
 from test_flower_engine import theta_needles
 
 from fedlpp.algorithms import round as rnd
@@ -23,6 +28,7 @@ from fedlpp.config import load_config, write_toml
 from fedlpp.data.examples_file import write_examples
 from fedlpp.engine import rundir
 from fedlpp.engine.flower.deploy import LocalFederation, make_keys
+from fedlpp.engine.flower.server_app import serve_on_grid
 from fedlpp.engine.local import run_experiment
 from fedlpp.engine.setup import build_run, client_partitions, load_task_data
 
@@ -114,3 +120,34 @@ def test_the_simulation_runtime_ends_with_the_local_engines_adapter(tmp_path):
     a, b = rundir.load_checkpoint(tmp_path / "local")[0], rundir.load_checkpoint(tmp_path / "sim")[0]
     assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
     assert [r["clients"] for r in rundir.read_metrics(tmp_path / "sim")] == [r["clients"] for r in rundir.read_metrics(tmp_path / "local")]
+
+
+def test_a_supernode_killed_before_its_masked_input_leaves_the_exact_sum_of_the_survivors(tmp_path):
+    """SecAgg across real per-message ClientApp processes: each client's session lives in its node's state."""
+    secure = [*EXPERIMENT[:-2], "algorithm.name=fedavg_lora", "fl.num_clients=4", "fl.clients_per_round=4", "fl.rounds=1",
+              "eval.every=1", "flower.connect_timeout=60", "flower.round_timeout=25"]
+    cfg = load_config(None, [*secure, "secagg.enabled=true"])
+    write_toml(cfg, tmp_path / "experiment.toml")
+    for k, part in enumerate(client_partitions(cfg, load_task_data(cfg))):
+        write_examples(tmp_path / f"client-{k}.jsonl", part)
+    audit, out = tmp_path / "audit", tmp_path / "run"
+    with LocalFederation(tmp_path / "federation", nodes=4) as federation:
+        federation.start_superlink()
+        nodes = [federation.start_node(k, tmp_path / f"client-{k}.jsonl", client_id=k) for k in range(4)]
+        submit = subprocess.Popen([*FEDLPP, "deploy", "run", "--superlink", federation.connection.superlink, "--ca", str(federation.ca),
+                                   "--config", str(tmp_path / "experiment.toml"), "--out", str(out), "--audit", str(audit)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        victim = f"node{federation.node_ids[3]}"
+        while submit.poll() is None and not any(victim in p.name for p in audit.glob("*-train.secagg-*.json")
+                                                if json.loads(p.read_text()).get("step") == "masked_input"):
+            time.sleep(0.05)
+        os.killpg(nodes[3].pid, signal.SIGKILL)  # the SuperNode and its ClientApps, before it can answer
+        output, _ = submit.communicate(timeout=300)
+    assert submit.returncode == 0, output
+    row = rundir.read_metrics(out)[0]
+    assert row["secagg_survivors"] == [0, 1, 2] and "secagg masked_input" in row["failed"]["3"]
+    nodes_plain = {100 + k: {"data-path": str(tmp_path / f"client-{k}.jsonl"), "client-id": k} for k in range(4)}
+    serve_on_grid(LoopbackGrid(nodes_plain, raising=[103]), load_config(None, secure), tmp_path / "plain")
+    a, b = rundir.load_checkpoint(tmp_path / "plain")[0], rundir.load_checkpoint(out)[0]
+    assert any(torch.count_nonzero(a[n]) for n in a if ".lora_B." in n)
+    assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a), "the survivors' mean, up to fixed point"

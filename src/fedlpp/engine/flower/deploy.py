@@ -274,6 +274,7 @@ class LocalFederation:
         self.port = free_port()
         self.connection = Connection(f"{LOOPBACK}:{self.port}", self.ca)
         self.processes: list[subprocess.Popen] = []
+        self.node_ids: dict[int, int] = {}  # key index -> the node id the SuperLink gave it
 
     def __enter__(self) -> LocalFederation:
         return self
@@ -297,7 +298,7 @@ class LocalFederation:
     def start_node(self, k: int, data: Path, client_id: int | None = None, register: bool = True) -> subprocess.Popen:
         """SuperNode with key node-k on ``data``; ``register=False`` leaves its key unknown to the SuperLink."""
         if register:
-            self.connection.register(self.keys[k].with_name(self.keys[k].name + ".pub"))
+            self.node_ids[k] = self.connection.register(self.keys[k].with_name(self.keys[k].name + ".pub"))
         args = ["deploy", "supernode", "--superlink", self.connection.superlink, "--ca", str(self.ca), "--key", str(self.keys[k]),
                 "--data", str(data), "--port", str(free_port()), "--flwr-home", str(self.directory / f"home-node-{k}")]
         return self._start(args + (["--client-id", str(client_id)] if client_id is not None else []), f"node-{k}")

@@ -13,12 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from fedlpp import deploy_cli
-from fedlpp.config import ConfigError, ExperimentConfig, changed_keys, load_config
-from fedlpp.engine.rundir import RunDirError, load_run_config
+from fedlpp.config import ConfigError, ExperimentConfig, load_config
+from fedlpp.engine.rundir import RunDirError, resumed_config
 
-# Keys that may change when a run is resumed: everything else would make the continued
-# run differ from one configured that way from the start.
-RESUMABLE_KEYS = ("fl.rounds", "flower.connect_timeout", "flower.round_timeout")
 ENGINES = ("local", "flower")
 
 
@@ -45,12 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_resume(directory: Path, config: Path | None, overrides: list[str]) -> ExperimentConfig:
     if config is not None:
         raise ConfigError("--resume takes its configuration from the run directory; drop --config")
-    old = load_run_config(directory, [])
-    new = load_run_config(directory, overrides)
-    bad = [k for k in changed_keys(old, new) if k not in RESUMABLE_KEYS]
-    if bad:
-        raise ConfigError(f"{bad[0]}: cannot change when resuming (only {', '.join(RESUMABLE_KEYS)} can)")
-    return new
+    return resumed_config(directory, overrides)
 
 
 def default_out(cfg: ExperimentConfig) -> Path:

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from fedlpp.config import load_config
+from fedlpp.engine.rundir import resumed_config
 
 DEFAULT_SUPERLINK = "127.0.0.1:8000"
 
@@ -50,6 +51,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--port", type=int, default=9094, help="the node's local API port (each node on a machine needs its own)")
     node.add_argument("--flwr-home", type=Path, help="Flower's folder for this node (one per node on a machine)")
     run = steps.add_parser("run", help="submit an experiment to the SuperLink and follow it to its end")
+    run.add_argument("overrides", nargs="*", metavar="section.key=value",
+                     help="applied on the server; with --resume only the keys a resume may change (fl.rounds=N extends the run)")
     _connection_args(run)
     run.add_argument("--config", type=Path, required=True, help="the experiment TOML (read by the ServerApp on the server)")
     run.add_argument("--out", type=Path, required=True, help="the run directory the ServerApp writes")
@@ -103,8 +106,11 @@ def command_deploy(args: argparse.Namespace) -> int:
 
 
 def command_deploy_run(deploy, connection, args: argparse.Namespace) -> int:  # noqa: ANN001 - module and Connection
-    load_config(args.config)  # refuse a bad experiment file here, not in the ServerApp
-    run_id = connection.submit(args.config, args.out, args.resume, args.audit)
+    if args.resume and (args.out / "config.toml").is_file():
+        resumed_config(args.out, args.overrides)  # on the server's machine: refuse a bad resume here
+    elif not args.resume:
+        load_config(args.config, args.overrides)  # refuse a bad experiment file here, not in the ServerApp
+    run_id = connection.submit(args.config, args.out, args.resume, args.audit, args.overrides)
     print(f"fedlpp: submitted run {run_id}; the ServerApp writes {args.out.resolve()}", flush=True)
     if args.no_wait:
         return 0

@@ -310,3 +310,28 @@ def test_dp_runs_on_the_flower_apps_as_on_the_local_engine(tmp_path, privacy):
     assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
     summary = json.loads((tmp_path / "flower" / rundir.SUMMARY).read_text())
     assert summary["privacy"]["epsilon"] == rows_a[-1]["epsilon"]
+
+
+def test_the_deployed_server_app_reads_its_run_config_and_extends_a_resumed_run(pairs, tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from fedlpp.config import write_toml
+    from fedlpp.engine.flower import server_app
+
+    write_toml(tiny("algorithm.name=fedlpp", rounds=1), tmp_path / "e.toml")
+    out, audit = tmp_path / "run", tmp_path / "audit"
+
+    def deployed(**run_config):
+        settings = {"config": str(tmp_path / "e.toml"), "out": str(out), "resume": False, "overrides": "", "audit": str(audit),
+                    **run_config}
+        server_app.main(LoopbackGrid(simulated_nodes(4)), Context(1, 0, {}, RecordDict(), settings))
+
+    deployed()
+    deployed(resume=True, overrides="fl.rounds=2")
+    a, b = adapter(pairs["fedlpp"][0]), adapter(out)
+    assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
+    assert len(list(audit.glob("*.payload.bin"))) == 4
+    with pytest.raises(ConfigError, match="algorithm.name: cannot change when resuming"):
+        deployed(resume=True, overrides="fl.rounds=3 algorithm.name=fedavg_lora")
+    with pytest.raises(ConfigError, match="privacy.secure_noise"):
+        deployed(out=str(tmp_path / "dp"), overrides="privacy.mode=dp_sgd privacy.noise_multiplier=1")

@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fedlpp.config import ExperimentConfig, load_config, write_toml
+from fedlpp.config import ConfigError, ExperimentConfig, changed_keys, load_config, write_toml
 
 CONFIG, METRICS, CHECKPOINT, SUMMARY, ADAPTER = (
     "config.toml",
@@ -67,10 +67,24 @@ def check_extends(out: Path, rounds: int) -> None:
         raise RunDirError(f"{out} has already finished {ckpt[1]} rounds; fl.rounds={rounds} cannot shrink it")
 
 
+# Keys that may change when a run is resumed: everything else would make the continued
+# run differ from one configured that way from the start.
+RESUMABLE_KEYS = ("fl.rounds", "flower.connect_timeout", "flower.round_timeout")
+
+
 def load_run_config(out: Path, overrides: list[str]) -> ExperimentConfig:
     if not (out / CONFIG).is_file():
         raise RunDirError(f"{out} holds no run to resume (no {CONFIG})")
     return load_config(out / CONFIG, overrides)
+
+
+def resumed_config(out: Path, overrides: list[str]) -> ExperimentConfig:
+    """The run's stored config with ``overrides`` of the keys a resume may change (others are refused)."""
+    new = load_run_config(out, overrides)
+    bad = [k for k in changed_keys(load_run_config(out, []), new) if k not in RESUMABLE_KEYS]
+    if bad:
+        raise ConfigError(f"{bad[0]}: cannot change when resuming (only {', '.join(RESUMABLE_KEYS)} can)")
+    return new
 
 
 def save_config(out: Path, cfg: ExperimentConfig) -> None:

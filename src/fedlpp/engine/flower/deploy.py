@@ -206,10 +206,12 @@ class Connection:
             raise DeployError(f"{public_key}: no such public key")
         return int(self.flwr_json("supernode", "register", str(public_key), CONNECTION)["node-id"])
 
-    def submit(self, config: Path, out: Path, resume: bool, audit: Path | None = None) -> int:
+    def submit(self, config: Path, out: Path, resume: bool, audit: Path | None = None, overrides: Sequence[str] = ()) -> int:
         audit_path = _quotable(audit.resolve()) if audit is not None else ""
+        if any(c in o for o in overrides for c in "'\"\\ \n"):
+            raise DeployError(f"overrides {list(overrides)}: quotes, backslashes and spaces cannot travel in Flower's run config")
         run_config = (f"config='{_quotable(config.resolve())}' out='{_quotable(out.resolve())}' "
-                      f"resume={'true' if resume else 'false'} audit='{audit_path}'")
+                      f"resume={'true' if resume else 'false'} audit='{audit_path}' overrides='{' '.join(overrides)}'")
         return int(self.flwr_json("run", str(APP_DIR), CONNECTION, "--run-config", run_config)["run-id"])
 
     def status(self, run_id: int) -> tuple[str, str]:

@@ -143,13 +143,14 @@ def server_side(cfg: ExperimentConfig, roster: Roster) -> ServerContext:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Deployed: ``flwr run`` with run config ``config`` (experiment file), ``out``, ``resume`` and ``audit``."""
+    """Deployed: ``flwr run`` with run config ``config`` (experiment file), ``out``, ``resume``, ``overrides`` and ``audit``."""
     run_config = context.run_config
     path, out, audit = run_config.get("config", ""), run_config.get("out", ""), run_config.get("audit", "")
     if not isinstance(path, str) or not path or not isinstance(out, str) or not out:
         raise ConfigError("the run config needs config='<experiment TOML on the server>' and out='<run directory>'")
     resume = bool(run_config.get("resume", False))
-    cfg = rundir.load_run_config(Path(out), []) if resume else load_config(path)
+    overrides = str(run_config.get("overrides", "")).split()
+    cfg = rundir.resumed_config(Path(out), overrides) if resume else load_config(path, overrides)
     if cfg.privacy.enabled and not cfg.privacy.secure_noise:
         raise ConfigError("privacy.secure_noise: a deployment needs true — the clients' DP noise must come from their own "
                           "OS CSPRNG, not from the run's seed, which the server knows")

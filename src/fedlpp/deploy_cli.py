@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from fedlpp.config import load_config
@@ -54,8 +55,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     run.add_argument("overrides", nargs="*", metavar="section.key=value",
                      help="applied on the server; with --resume only the keys a resume may change (fl.rounds=N extends the run)")
     _connection_args(run)
-    run.add_argument("--config", type=Path, required=True, help="the experiment TOML (read by the ServerApp on the server)")
-    run.add_argument("--out", type=Path, required=True, help="the run directory the ServerApp writes")
+    run.add_argument("--config", type=Path, required=True, help="the experiment TOML, a path on the server (absolute when "
+                                                                "submitting from another machine)")
+    run.add_argument("--out", type=Path, required=True, help="the run directory the ServerApp writes (on the server)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out")
     run.add_argument("--audit", type=Path, help="also write every message the ServerApp sends into this folder")
     run.add_argument("--no-wait", action="store_true", help="submit and return the run id")
@@ -106,10 +108,12 @@ def command_deploy(args: argparse.Namespace) -> int:
 
 
 def command_deploy_run(deploy, connection, args: argparse.Namespace) -> int:  # noqa: ANN001 - module and Connection
+    # On the server's machine the files are here: refuse a bad experiment or resume now, not in the ServerApp.
     if args.resume and (args.out / "config.toml").is_file():
-        resumed_config(args.out, args.overrides)  # on the server's machine: refuse a bad resume here
-    elif not args.resume:
-        load_config(args.config, args.overrides)  # refuse a bad experiment file here, not in the ServerApp
+        resumed_config(args.out, args.overrides)
+    elif not args.resume and args.config.is_file():
+        load_config(args.config, args.overrides)
+    submitted = time.time()
     run_id = connection.submit(args.config, args.out, args.resume, args.audit, args.overrides)
     print(f"fedlpp: submitted run {run_id}; the ServerApp writes {args.out.resolve()}", flush=True)
     if args.no_wait:
@@ -118,11 +122,12 @@ def command_deploy_run(deploy, connection, args: argparse.Namespace) -> int:  # 
     if status != "finished:completed":
         print(f"fedlpp: run {run_id} ended {status}: {details}\n{connection.log(run_id)[-4000:]}")
         return 1
-    if not (args.out / "summary.json").is_file():  # submitted from another machine than the server's
+    summary_file = args.out / "summary.json"
+    if not summary_file.is_file() or summary_file.stat().st_mtime < submitted:  # submitted from another machine
         print(f"fedlpp: run {run_id} completed; its run directory {args.out} is on the server's machine\n"
               f"{connection.log(run_id)[-2000:]}")
         return 0
     from fedlpp.evaluation.report import format_summary
 
-    print(format_summary(json.loads((args.out / "summary.json").read_text())))
+    print(format_summary(json.loads(summary_file.read_text())))
     return 0

@@ -22,9 +22,10 @@ CLIENT_APP_RAISED = 2  # Flower's error code for an exception in a ClientApp
 
 class LoopbackGrid:
     def __init__(self, node_configs: Mapping[int, dict], raising: Iterable[int] = (), silent: Iterable[int] = (),
-                 vanish_at: Mapping[int, str] | None = None) -> None:
+                 vanish_at: Mapping[int, str] | None = None, refused: Iterable[int] = ()) -> None:
         self.node_configs = dict(node_configs)
         self.raising, self.silent = set(raising), set(silent)
+        self.refused = set(refused)  # messages to these nodes are refused at push (no message id, as the SuperLink does)
         self.vanish_at = dict(vanish_at or {})  # node -> the SecAgg step from which it never answers again
         self.states = {node: RecordDict() for node in node_configs}
         self.gone: set[int] = set()
@@ -39,6 +40,9 @@ class LoopbackGrid:
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         ids = []
         for message in messages:
+            if message.metadata.dst_node_id in self.refused:
+                ids.append("")
+                continue
             message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             self.sent.append(message)
             reply = self._run(message)

@@ -137,6 +137,18 @@ def test_a_fedlpp_round_left_with_one_update_keeps_the_adapter(tmp_path):
     assert all(torch.count_nonzero(final[n]) == 0 for n in final if ".lora_B." in n)
 
 
+def test_a_message_the_superlink_refuses_is_not_waited_for(monkeypatch):
+    from flwr.app import Message
+
+    from fedlpp.engine.flower import messages
+
+    nodes = simulated_nodes(2)
+    grid = LoopbackGrid(nodes, refused=list(nodes))
+    monkeypatch.setattr(messages.time, "sleep", lambda s: pytest.fail("exchange waited for a message that was never queued"))
+    asks = {n: Message(messages.content(config=""), dst_node_id=n, message_type="query") for n in nodes}
+    assert messages.exchange(grid, asks, timeout=3600) == {}
+
+
 def test_more_nodes_than_clients_is_refused(tmp_path):
     with pytest.raises(FlowerRunError, match="5 nodes are connected but fl.num_clients=4"):
         serve_on_grid(LoopbackGrid(simulated_nodes(5)), tiny(), tmp_path / "r")
@@ -148,9 +160,9 @@ def test_a_deployed_node_refuses_dp_whose_noise_the_server_could_know(tmp_path):
     for k, part in enumerate(client_partitions(cfg, load_task_data(cfg))):
         write_examples(tmp_path / f"client-{k}.jsonl", part)
         nodes[10 + k] = {"data-path": str(tmp_path / f"client-{k}.jsonl"), "client-id": k}
-    serve_on_grid(LoopbackGrid(nodes), cfg, tmp_path / "run")
-    row = rundir.read_metrics(tmp_path / "run")[0]
-    assert len(row["failed"]) == 2 and all("privacy.secure_noise" in r for r in row["failed"].values())
+    with pytest.raises(FlowerRunError, match="cannot take part.*privacy.secure_noise"):
+        serve_on_grid(LoopbackGrid(nodes), cfg, tmp_path / "run")  # at start-up, before any round
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_too_few_nodes_is_a_clear_error_naming_how_many_connected(tmp_path):
@@ -206,6 +218,25 @@ def test_secure_aggregation_over_flower_messages_equals_the_local_engines_secure
     steps = {dict(m.content.config_records[RECORD]).get("step") for m in grid.sent}
     assert steps == {None, "share_keys", "masked_input", "sign_survivors", "unmask"}
     assert all(not grid.states[n].config_records.get("fedlpp.secagg.session") for n in grid.states), "sessions are forgotten"
+    assert all(m.metadata.ttl == 1 for m in grid.sent), "no message outlives the round it belongs to"
+    replay_refused(grid)
+
+
+def replay_refused(grid: LoopbackGrid) -> None:
+    """A node refuses the same broadcast again, as its own round or relabelled as a later one."""
+    from flwr.app import Context, Message
+
+    from fedlpp.engine.flower import client_app
+    from fedlpp.engine.flower.messages import MessageError, content
+
+    old = next(m for m in grid.sent if m.metadata.message_type == "train" and dict(m.content.config_records[RECORD])["round"] == 1)
+    node = old.metadata.dst_node_id
+    for round_, reason in ((1, "already took part"), (5, "says round 5 but its broadcast is for round 1")):
+        fields = {**dict(old.content.config_records[RECORD]), "round": round_}
+        again = Message(content(**fields), dst_node_id=node, message_type="train")
+        again.metadata.__dict__["_message_id"] = "replayed"
+        with pytest.raises(MessageError, match=reason):
+            client_app.app(again, Context(1, node, grid.node_configs[node], grid.states[node], {}))
 
 
 @pytest.mark.parametrize("step", ["share_keys", "masked_input"])
@@ -321,16 +352,18 @@ def test_the_deployed_server_app_reads_its_run_config_and_extends_a_resumed_run(
     write_toml(tiny("algorithm.name=fedlpp", rounds=1), tmp_path / "e.toml")
     out, audit = tmp_path / "run", tmp_path / "audit"
 
+    runs = iter(range(1, 100))  # Flower gives every run its own id
+
     def deployed(**run_config):
         settings = {"config": str(tmp_path / "e.toml"), "out": str(out), "resume": False, "overrides": "", "audit": str(audit),
                     **run_config}
-        server_app.main(LoopbackGrid(simulated_nodes(4)), Context(1, 0, {}, RecordDict(), settings))
+        server_app.main(LoopbackGrid(simulated_nodes(4)), Context(next(runs), 0, {}, RecordDict(), settings))
 
     deployed()
     deployed(resume=True, overrides="fl.rounds=2")
     a, b = adapter(pairs["fedlpp"][0]), adapter(out)
     assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
-    assert len(list(audit.glob("*.payload.bin"))) == 4
+    assert len(list(audit.glob("*.payload.bin"))) == 4 and len(list(audit.glob("*-query-*.json"))) == 8  # both runs kept
     with pytest.raises(ConfigError, match="algorithm.name: cannot change when resuming"):
         deployed(resume=True, overrides="fl.rounds=3 algorithm.name=fedavg_lora")
     with pytest.raises(ConfigError, match="privacy.secure_noise"):

@@ -27,7 +27,7 @@ from fedlpp.algorithms import wire
 from fedlpp.config import load_config, write_toml
 from fedlpp.data.examples_file import write_examples
 from fedlpp.engine import rundir
-from fedlpp.engine.flower.deploy import LocalFederation, make_keys
+from fedlpp.engine.flower.deploy import DeployError, LocalFederation, _quotable, make_keys, make_node_key
 from fedlpp.engine.flower.server_app import serve_on_grid
 from fedlpp.engine.local import run_experiment
 from fedlpp.engine.setup import build_run, client_partitions, load_task_data
@@ -62,7 +62,7 @@ def test_a_deployed_fedlpp_run_equals_the_local_engine_and_refuses_an_unregister
         assert "Failed to activate SuperNode" in federation.log("node-2")
         started = federation.descendants()
         assert len(started) > 3, "SuperLink, SuperNodes and the programs they started"
-    assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "every process has stopped"
+    assert not [p for p in started if _alive(p)], "every process has stopped"
 
     run_experiment(cfg, tmp_path / "local", progress=False)
     a, b = rundir.load_checkpoint(tmp_path / "local")[0], rundir.load_checkpoint(out)[0]
@@ -81,6 +81,13 @@ def test_a_deployed_fedlpp_run_equals_the_local_engine_and_refuses_an_unregister
         assert {k: t.dtype for k, t in tensors.items()} == {"codes": torch.uint8, "scales": torch.float16}
 
 
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _round_one_adapter(tmp_path: Path, cfg) -> dict[str, torch.Tensor]:
     one = load_config(None, [*EXPERIMENT, "fl.rounds=1"])
     run_experiment(one, tmp_path / "round-one", progress=False)
@@ -91,6 +98,10 @@ def _round_one_adapter(tmp_path: Path, cfg) -> dict[str, torch.Tensor]:
 def test_a_supernode_with_missing_or_malformed_data_fails_at_start(tmp_path, content, message):
     keys = make_keys(tmp_path / "keys", nodes=1)
     assert keys[0].stat().st_mode & 0o777 == 0o600 and (tmp_path / "keys" / "server.key").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(DeployError, match="never overwritten"):
+        make_keys(tmp_path / "keys", nodes=1)
+    with pytest.raises(DeployError, match="never overwritten"):
+        make_node_key(keys[0])
     data = tmp_path / "mine.jsonl"
     if content is not None:
         data.write_text(content)
@@ -125,7 +136,7 @@ def test_the_simulation_runtime_ends_with_the_local_engines_adapter(tmp_path):
 def test_a_supernode_killed_before_its_masked_input_leaves_the_exact_sum_of_the_survivors(tmp_path):
     """SecAgg across real per-message ClientApp processes: each client's session lives in its node's state."""
     secure = [*EXPERIMENT[:-2], "algorithm.name=fedavg_lora", "fl.num_clients=4", "fl.clients_per_round=4", "fl.rounds=1",
-              "eval.every=1", "flower.connect_timeout=60", "flower.round_timeout=25"]
+              "eval.every=1", "flower.connect_timeout=60", "flower.round_timeout=45"]
     cfg = load_config(None, [*secure, "secagg.enabled=true"])
     write_toml(cfg, tmp_path / "experiment.toml")
     for k, part in enumerate(client_partitions(cfg, load_task_data(cfg))):
@@ -151,3 +162,9 @@ def test_a_supernode_killed_before_its_masked_input_leaves_the_exact_sum_of_the_
     a, b = rundir.load_checkpoint(tmp_path / "plain")[0], rundir.load_checkpoint(out)[0]
     assert any(torch.count_nonzero(a[n]) for n in a if ".lora_B." in n)
     assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a), "the survivors' mean, up to fixed point"
+
+
+@pytest.mark.parametrize("name", ['a"b', "a'b", "a\\b", "a\nb", "a\rb", "a\x7fb"])
+def test_a_path_flower_cannot_carry_is_refused(tmp_path, name):
+    with pytest.raises(DeployError, match="cannot be passed to Flower"):
+        _quotable(tmp_path / name)

@@ -140,6 +140,7 @@ class ClientOutput:
     upload: Any  # what ``recipe.encode`` made: update bytes, or SecAgg's input vector (None: drops out)
     num_examples: int
     loss: float | None  # mean training loss of the finite steps (None when there is none)
+    round_: int  # the round the broadcast was made for
 
 
 def client_step(
@@ -151,7 +152,7 @@ def client_step(
     delta = result.delta
     for transform in recipe.transforms:
         delta = transform(delta)
-    return ClientOutput(recipe.encode(delta, data.num_examples, round_), data.num_examples, mean_finite(result.losses))
+    return ClientOutput(recipe.encode(delta, data.num_examples, round_), data.num_examples, mean_finite(result.losses), round_)
 
 
 def mean_finite(values: Sequence[float]) -> float | None:

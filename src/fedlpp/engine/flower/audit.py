@@ -8,6 +8,7 @@ model owner can check that no message carries full-precision adapter weights.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -36,19 +37,31 @@ class RecordingGrid:
 
 
 class AuditLog:
-    """Writes every message the ServerApp sends into a folder, as sent: what a model owner can audit."""
+    """Writes every message the ServerApp sends into a folder, as sent: what a model owner can audit.
 
-    def __init__(self, directory: Path) -> None:
+    Names start with ``prefix`` (the Flower run id) and a counter, so a resumed run adds to
+    the folder and never overwrites; each file is written whole, then renamed into place.
+    """
+
+    def __init__(self, directory: Path, prefix: str = "run") -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.directory, self.count = directory, 0
+        self.directory, self.prefix, self.count = directory, prefix, 0
 
     def __call__(self, message: Message) -> None:
         self.count += 1
-        stem = f"{self.count:06d}-{message.metadata.message_type}-node{message.metadata.dst_node_id}"
+        stem = f"{self.prefix}-{self.count:06d}-{message.metadata.message_type}-node{message.metadata.dst_node_id}"
         plain = {}
         for name, value in fields_of(message).items():
             if isinstance(value, bytes):
-                (self.directory / f"{stem}.{name}.bin").write_bytes(value)
+                self._write(f"{stem}.{name}.bin", value)
             else:
                 plain[name] = value
-        (self.directory / f"{stem}.json").write_text(json.dumps(plain))
+        self._write(f"{stem}.json", json.dumps(plain).encode())
+
+    def _write(self, name: str, data: bytes) -> None:
+        target = self.directory / name
+        if target.exists():
+            raise FileExistsError(f"{target} exists: the audit folder already holds this run's messages")
+        tmp = target.with_name(f".{name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)

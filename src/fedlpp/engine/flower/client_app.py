@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlpp.algorithms.steps import ClientData, client_step
@@ -79,14 +79,38 @@ def own_data(cfg: ExperimentConfig, kind: str, num_labels: int, source: DataSour
     return client_data(model_side(cfg, kind, num_labels), source.examples(cfg), client_id, cfg.model.max_length)
 
 
+class PlainReplies:
+    """A node's side of plain aggregation: its update bytes go to the server as they are."""
+
+    def identify(self, state: RecordDict) -> dict[str, object]:
+        return {}
+
+    def encoding(self, cfg: ExperimentConfig, fields: Mapping[str, object]) -> None:
+        return None
+
+    def reply(self, state: RecordDict, cfg: ExperimentConfig, fields: Mapping[str, object], client_id: int, upload: object) -> dict[str, object]:
+        return {"upload": upload}
+
+
+def replies_for(cfg: ExperimentConfig) -> PlainReplies | secure.SecureReplies:
+    """How this node answers, chosen once from the config: plain updates, or SecAgg's advertisement and steps."""
+    return secure.SecureReplies() if cfg.secagg.enabled else PlainReplies()
+
+
+def check_own_privacy(source: DataSource, cfg: ExperimentConfig) -> None:
+    """A deployed node adds DP-SGD noise only from its own CSPRNG: the run's seed is the server's."""
+    if source.path and cfg.privacy.mode == "dp_sgd" and not cfg.privacy.secure_noise:
+        raise MessageError("privacy.secure_noise=false: this node's DP-SGD noise would follow from the server's seed, so "
+                           "the server could remove it; a deployed node trains under DP only with privacy.secure_noise=true")
+
+
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    """Who this node is: its client id (or -1), how many examples it holds, and its SecAgg verify key."""
+    """Who this node is: its client id (or -1), how many examples it holds (and its SecAgg verify key)."""
     cfg = config_of(fields_of(message))
     source = DataSource.of(context.node_config)
-    answer = {"client_id": source.client_id, "num_examples": len(source.examples(cfg))}
-    if cfg.secagg.enabled:
-        answer["verify_key"] = secure.verify_key(context.state)
+    check_own_privacy(source, cfg)
+    answer = {"client_id": source.client_id, "num_examples": len(source.examples(cfg)), **replies_for(cfg).identify(context.state)}
     return Message(content(kind=QUERY, **answer), reply_to=message)
 
 
@@ -98,19 +122,16 @@ def train(message: Message, context: Context) -> Message:
     kind, num_labels = require(fields, "kind", str), require(fields, "num_labels", int)
     client_id, sigma = require(fields, "client_id", int), require(fields, "sigma", float)
     source = DataSource.of(context.node_config)
-    if source.path and cfg.privacy.enabled and not cfg.privacy.secure_noise:
-        raise MessageError("privacy.secure_noise=false: this node's DP noise would follow from the server's seed, so the "
-                           "server could remove it; a deployed node trains under DP only with privacy.secure_noise=true")
+    check_own_privacy(source, cfg)
+    replies = replies_for(cfg)
     side = model_side(cfg, kind, num_labels)
-    data = own_data(cfg, kind, num_labels, source, client_id)
-    encoding = secure.encoding_of(cfg, fields) if cfg.secagg.enabled else None
-    recipe = client_recipe(cfg, side, algorithm_spec(cfg), sigma, encoding)
-    out = client_step(side.model, require(fields, "payload", bytes), data, recipe)
+    recipe = client_recipe(cfg, side, algorithm_spec(cfg), sigma, replies.encoding(cfg, fields))
+    out = client_step(side.model, require(fields, "payload", bytes), own_data(cfg, kind, num_labels, source, client_id), recipe)
+    if out.round_ != require(fields, "round", int):  # the round the server says must be the broadcast's own
+        raise MessageError(f"the message says round {fields['round']} but its broadcast is for round {out.round_}")
     loss = math.nan if out.loss is None else out.loss
-    if encoding is None:
-        return Message(content(kind=TRAIN, upload=out.upload, num_examples=out.num_examples, loss=loss), reply_to=message)
-    reply = secure.start_session(context.state, cfg, encoding, fields, client_id, out.upload)
-    return Message(content(kind=TRAIN, num_examples=out.num_examples, loss=loss, **reply), reply_to=message)
+    answer = replies.reply(context.state, cfg, fields, client_id, out.upload)
+    return Message(content(kind=TRAIN, num_examples=out.num_examples, loss=loss, **answer), reply_to=message)
 
 
 @app.train(secure.ACTION)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import tomli_w
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -55,7 +56,8 @@ def make_keys(directory: Path, nodes: int, hosts: Sequence[str] = ()) -> list[Pa
     (``node-K``; the public key is ``node-K.pub``, in OpenSSH format as Flower wants).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    existing = [n for n in (CA_CERT, SERVER_CERT, SERVER_KEY) if (directory / n).exists()]
+    names = [CA_CERT, SERVER_CERT, SERVER_KEY] + [f"node-{k}{ext}" for k in range(nodes) for ext in ("", ".pub")]
+    existing = [n for n in names if (directory / n).exists()]
     if existing:
         raise DeployError(f"{directory / existing[0]} exists; keys are never overwritten (choose another folder)")
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -71,14 +73,15 @@ def make_keys(directory: Path, nodes: int, hosts: Sequence[str] = ()) -> list[Pa
 
 def make_node_key(path: Path) -> Path:
     """An ECDSA P-384 key pair in OpenSSH format: ``path`` (private, 0600) and ``path.pub`` (what travels)."""
-    if path.exists():
-        raise DeployError(f"{path} exists; keys are never overwritten")
+    public = path.with_name(path.name + ".pub")
+    if path.exists() or public.exists():
+        raise DeployError(f"{path if path.exists() else public} exists; keys are never overwritten")
     path.parent.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     _write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                            serialization.NoEncryption()))
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    path.with_name(path.name + ".pub").write_bytes(public + f" {path.name}\n".encode())
+    line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    public.write_bytes(line + f" {path.name}\n".encode())
     return path
 
 
@@ -164,8 +167,8 @@ def supernode_command(superlink: str, ca: Path, key: Path, data: Path, client_id
 
 def _quotable(path: Path) -> str:
     """A path that Flower's ``key="value"`` configs can carry as it is."""
-    if any(c in str(path) for c in "\"'\\\n"):
-        raise DeployError(f"{path}: a path with quotes, backslashes or newlines cannot be passed to Flower; rename it")
+    if any(c in "\"'\\" or ord(c) < 0x20 or ord(c) == 0x7F for c in str(path)):
+        raise DeployError(f"{path}: a path with quotes, backslashes or control characters cannot be passed to Flower; rename it")
     return str(path)
 
 
@@ -185,9 +188,9 @@ class Connection:
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         with tempfile.TemporaryDirectory(prefix="fedlpp-flwr-") as home:
-            config = (f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                      f'address = "{self.superlink}"\nroot-certificates = "{self.ca.resolve()}"\n')
-            (Path(home) / "config.toml").write_text(config)
+            config = {"superlink": {"default": CONNECTION,
+                                    CONNECTION: {"address": self.superlink, "root-certificates": str(self.ca.resolve())}}}
+            (Path(home) / "config.toml").write_text(tomli_w.dumps(config))
             return subprocess.run([program("flwr"), *args], capture_output=True, text=True, timeout=timeout,
                                   env=flower_env(Path(home)), check=False)
 
@@ -276,6 +279,7 @@ class LocalFederation:
         self.port = free_port()
         self.connection = Connection(f"{LOOPBACK}:{self.port}", self.ca)
         self.processes: list[subprocess.Popen] = []
+        self._handles: list[psutil.Process] = []  # the same processes; psutil notices a reused pid
         self.node_ids: dict[int, int] = {}  # key index -> the node id the SuperLink gave it
 
     def __enter__(self) -> LocalFederation:
@@ -313,16 +317,17 @@ class LocalFederation:
             p = subprocess.Popen([sys.executable, "-m", "fedlpp.cli", *args], stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True, env=flower_env())
         self.processes.append(p)
+        self._handles.append(psutil.Process(p.pid))
         return p
 
     def descendants(self) -> list[psutil.Process]:
         """Every live process started from here, children of children included (the SuperLink starts
         its SuperExec in a session of its own, so signalling the sessions alone would miss it)."""
         found = []
-        for p in self.processes:
+        for parent in self._handles:
             try:
-                parent = psutil.Process(p.pid)
-                found += [parent, *parent.children(recursive=True)]
+                if parent.is_running():
+                    found += [parent, *parent.children(recursive=True)]
             except psutil.NoSuchProcess:
                 continue
         return found
@@ -330,7 +335,8 @@ class LocalFederation:
     def stop(self, grace: float = 10) -> None:
         tree = self.descendants()
         for p in self.processes:
-            _signal_session(p, signal.SIGTERM)
+            if p.poll() is None:  # a reaped leader's pid may belong to someone else by now
+                _signal_session(p, signal.SIGTERM)
         for p in tree:
             _signal(p, signal.SIGTERM)
         _, alive = psutil.wait_procs(tree, timeout=grace)
@@ -338,9 +344,11 @@ class LocalFederation:
             _signal(p, signal.SIGKILL)
         psutil.wait_procs(alive, timeout=grace)
         for p in self.processes:
-            _signal_session(p, signal.SIGKILL)
-            p.wait(timeout=grace)
+            if p.poll() is None:
+                _signal_session(p, signal.SIGKILL)
+                p.wait(timeout=grace)
         self.processes.clear()
+        self._handles.clear()
 
 
 def _signal(p: psutil.Process, sig: int) -> None:

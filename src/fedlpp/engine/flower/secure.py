@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 ACTION = "secagg"  # message type "train.secagg": one protocol step
 MESSAGE_TYPE = f"train.{ACTION}"
 IDENTITY, SESSION = "fedlpp.secagg.identity", "fedlpp.secagg.session"  # records in a node's context.state
-JOINED = "fedlpp.secagg.joined"  # the last round this node sent a masked input for
+JOINED = "fedlpp.secagg.joined"  # the last round this node opened a session for
 
 
 # --- the client's side ------------------------------------------------------------------------------
@@ -71,6 +71,19 @@ def _identity(state: RecordDict, create: bool = False) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(record["private"])
 
 
+class SecureReplies:
+    """A node's side of SecAgg over Flower: its verify key at the query, its advertisement after training."""
+
+    def identify(self, state: RecordDict) -> dict[str, Any]:
+        return {"verify_key": verify_key(state)}
+
+    def encoding(self, cfg: ExperimentConfig, fields: Mapping[str, Any]) -> SecureEncoding:
+        return encoding_of(cfg, fields)
+
+    def reply(self, state: RecordDict, cfg: ExperimentConfig, fields: Mapping[str, Any], client_id: int, upload: Any) -> dict[str, Any]:
+        return start_session(state, cfg, encoding_of(cfg, fields), fields, client_id, upload)
+
+
 def encoding_of(cfg: ExperimentConfig, fields: Mapping[str, Any]) -> SecureEncoding:
     """The protocol's parameters (from the config) and the server's public weight bound n_max."""
     return SecureEncoding(secagg_params(cfg.secagg, cfg.fl.clients_per_round), require(fields, "weight_bound", int))
@@ -78,15 +91,20 @@ def encoding_of(cfg: ExperimentConfig, fields: Mapping[str, Any]) -> SecureEncod
 
 def start_session(state: RecordDict, cfg: ExperimentConfig, encoding: SecureEncoding, fields: Mapping[str, Any], client_id: int,
                   vector: np.ndarray | None) -> dict[str, Any]:
-    """After training: a new session keeps the input vector; the reply is its advertisement (or out_of_range)."""
-    if vector is None:
-        return {"out_of_range": True}
-    registry_text = require(fields, "registry", str)
+    """After training: a new session keeps the input vector; the reply is its advertisement (or out_of_range).
+
+    ``fields["round"]`` has been checked against the broadcast's own round (ClientApp). A node
+    opens one session per round, ever, in a run: two sums over different sets of clients for
+    one round would reveal this input by subtraction.
+    """
     round_ = require(fields, "round", int)
     joined = state.config_records.get(JOINED)
     if joined is not None and joined["round"] >= round_:
-        # Two sums over different sets of clients for one round would reveal one input by subtraction.
         raise MessageError(f"this node already took part in secure aggregation for round {joined['round']}; refusing round {round_}")
+    state[JOINED] = ConfigRecord({"round": round_})
+    if vector is None:
+        return {"out_of_range": True}
+    registry_text = require(fields, "registry", str)
     session = ClientSession(client_id, _identity(state), registry_from_text(registry_text), encoding.params, round_, vector.size)
     advert = session.advertise()
     state[SESSION] = ConfigRecord({"session": session.export_state(), "input": vector.astype(np.float64).tobytes(), "round": round_,
@@ -103,8 +121,6 @@ def next_step(state: RecordDict, fields: Mapping[str, Any]) -> bytes:
     params = SecAggParams(**json.loads(record["params"]))
     session = ClientSession.restore(record["session"], _identity(state), registry_from_text(record["registry"]), params)
     reply = client_step(session, step, require(fields, "message", bytes), np.frombuffer(record["input"], dtype=np.float64))
-    if step == "masked_input":
-        state[JOINED] = ConfigRecord({"round": round_})
     if step == "unmask":
         del state[SESSION]
     else:
@@ -172,6 +188,10 @@ class SecureAggregation:
     def train_fields(self, ctx: ServerContext, roster: Roster, clients: Sequence[int]) -> dict[str, Any]:
         assert ctx.secure is not None
         return {"registry": registry_text({c: roster.verify_keys[c] for c in clients}), "weight_bound": ctx.secure.weight_bound}
+
+    def read(self, fields: Mapping[str, Any]) -> None:
+        if not fields.get("out_of_range"):
+            require(fields, "message", bytes)
 
     def combine(self, federation: FlowerFederation, ctx: ServerContext, adapter: Adapter, answers: Mapping[int, dict[str, Any]],
                 round_: int, failed: dict[int, str]) -> tuple[Adapter, dict[str, Any]]:

@@ -49,6 +49,10 @@ class Aggregation(Protocol):
         """What every train message of the round carries besides the broadcast."""
         ...
 
+    def read(self, fields: Mapping[str, Any]) -> None:
+        """Refuse (MessageError) a training reply that lacks what ``combine`` needs."""
+        ...
+
     def combine(self, federation: FlowerFederation, ctx: ServerContext, adapter: Adapter, answers: Mapping[int, dict[str, Any]],
                 round_: int, failed: dict[int, str]) -> tuple[Adapter, dict[str, Any]]:
         """The next adapter and the exchange's part of the metrics row; adds to ``failed``."""
@@ -60,6 +64,9 @@ class PlainAggregation:
 
     def train_fields(self, ctx: ServerContext, roster: Roster, clients: Sequence[int]) -> dict[str, Any]:
         return {}
+
+    def read(self, fields: Mapping[str, Any]) -> None:
+        require(fields, "upload", bytes)
 
     def combine(self, federation: FlowerFederation, ctx: ServerContext, adapter: Adapter, answers: Mapping[int, dict[str, Any]],
                 round_: int, failed: dict[int, str]) -> tuple[Adapter, dict[str, Any]]:
@@ -88,7 +95,7 @@ class FlowerFederation:
         answers, losses, failed = {}, [], {}
         for client in clients:
             try:
-                answers[client], loss = self._read_reply(replies.get(client), ctx.secure is not None)
+                answers[client], loss = self._read_reply(replies.get(client))
             except (MessageError, FlowerRunError) as e:
                 failed[client] = str(e)
                 log.warning("round %d: client %d failed: %s", round_, client, e)
@@ -107,17 +114,14 @@ class FlowerFederation:
         return Message(fields, dst_node_id=self.roster.node_of[client], message_type=TRAIN, group_id=str(round_),
                        ttl=self.round_timeout)  # a late node never trains a round that is over
 
-    def _read_reply(self, reply: Message | None, secure: bool) -> tuple[dict[str, Any], float | None]:
+    def _read_reply(self, reply: Message | None) -> tuple[dict[str, Any], float | None]:
         if reply is None:
             raise FlowerRunError(f"no reply within flower.round_timeout={self.round_timeout:g} s")
         if reply.has_error():
             raise FlowerRunError(f"error reply: {reply.error.reason}")
         fields = fields_of(reply)
         loss = require(fields, "loss", float)
-        if not secure:
-            require(fields, "upload", bytes)
-        elif not fields.get("out_of_range"):
-            require(fields, "message", bytes)
+        self.aggregation.read(fields)
         return fields, (None if math.isnan(loss) else loss)
 
 
@@ -125,20 +129,14 @@ def serve_on_grid(grid: Grid, cfg: ExperimentConfig, out: Path, resume: bool = F
     """The whole run on a Grid: wait for the nodes, build the server's side, run the rounds into ``out``."""
     if not resume:
         rundir.check_new(out)
+    task = eval_only(load_task_data(cfg))  # before waiting for nodes: a bad data path fails at once
     config_text = tomli_w.dumps(to_tree(cfg))
     nodes = wait_for_nodes(grid, cfg.fl.num_clients, cfg.flower.connect_timeout)
     roster = query_nodes(grid, nodes, config_text, cfg.flower.round_timeout, secure=cfg.secagg.enabled)
-    ctx = server_side(cfg, roster)
+    ctx = build_server(cfg, task, build_model(cfg, task.kind, task.num_labels), roster.sizes, check_privacy(cfg, roster.sizes))
     aggregation: Aggregation = SecureAggregation() if ctx.secure is not None else PlainAggregation()
     federation = FlowerFederation(grid, roster, config_text, ctx.side.kind, ctx.num_labels, cfg.flower.round_timeout, aggregation)
     return serve(ctx, federation, out, resume, progress)
-
-
-def server_side(cfg: ExperimentConfig, roster: Roster) -> ServerContext:
-    """The server's context from its own copy of the task: only the evaluation examples are kept."""
-    task = eval_only(load_task_data(cfg))
-    plan = check_privacy(cfg, roster.sizes)
-    return build_server(cfg, task, build_model(cfg, task.kind, task.num_labels), roster.sizes, plan)
 
 
 @app.main()
@@ -155,6 +153,6 @@ def main(grid: Grid, context: Context) -> None:
         raise ConfigError("privacy.secure_noise: a deployment needs true — the clients' DP noise must come from their own "
                           "OS CSPRNG, not from the run's seed, which the server knows")
     if isinstance(audit, str) and audit:
-        grid = RecordingGrid(grid, AuditLog(Path(audit)))  # type: ignore[assignment]
+        grid = RecordingGrid(grid, AuditLog(Path(audit), prefix=str(context.run_id)))  # type: ignore[assignment]
     summary = serve_on_grid(grid, cfg, Path(out), resume)
     log.info("fedlpp: run finished into %s: %s", out, {k: summary[k] for k in ("rounds", "global", "proxy")})

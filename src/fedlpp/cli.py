@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("config", type=Path, help="sweep file: a run config plus a [sweep] table (see configs/sst2_dp_sweep.toml)")
     sweep.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every run, e.g. data.path=...")
     sweep.add_argument("--out", type=Path, help="folder of the sweep's runs and tables (default: runs/sweep-<name>)")
+    attack = sub.add_parser("attack", help="what a client can hold (keep, fine-tune, alone, collude) scored beside theta and Q(theta)")
+    attack.add_argument("run_dir", type=Path, help="a finished run directory")
+    attack.add_argument("--client", type=int, default=0, help="the attacking client")
+    attack.add_argument("--steps", type=int, nargs="+", help="fine-tuning steps on Q(theta) (default: one and ten rounds' budget)")
+    attack.add_argument("--collude", type=int, default=2, help="clients (from --client on) averaging what they keep (1: none)")
     deploy_cli.add_commands(sub)
     return parser
 
@@ -87,6 +92,16 @@ def run_engine(name: str) -> Callable[..., dict[str, Any]]:
     return run_experiment
 
 
+def command_attack(args: argparse.Namespace) -> int:
+    quiet_libraries()
+    from fedlpp.attack import format_attack, run_attack
+
+    report = run_attack(args.run_dir, args.client, args.steps, args.collude)
+    print(format_attack(report))
+    print(f"\nwritten: {args.run_dir / f'attack-client-{args.client}.json'}")
+    return 0
+
+
 def command_sweep(args: argparse.Namespace) -> int:
     from fedlpp.sweep import SWEEP_MD, load_sweep, run_sweep
 
@@ -106,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        commands = {"run": command_run, "sweep": command_sweep, "partition": deploy_cli.command_partition,
+        commands = {"run": command_run, "sweep": command_sweep, "attack": command_attack, "partition": deploy_cli.command_partition,
                     "deploy": deploy_cli.command_deploy}
         return commands[args.command](args)
     except ConfigError as e:

@@ -5,6 +5,7 @@
     DIR/checkpoint.safetensors   the server adapter after the latest finished round
     DIR/summary.json         the final result
     DIR/adapter/             the final global adapter in peft format
+    DIR/broadcasts/          every round's broadcast as sent (round-0001.bin, ...; final.bin): what clients received
 
 config.toml, checkpoint.safetensors and summary.json are replaced atomically (temporary
 file + rename); metrics.jsonl is appended to, and a line cut short by a kill is dropped on
@@ -26,13 +27,15 @@ from safetensors.torch import load_file, save_file
 
 from fedlpp.config import ConfigError, ExperimentConfig, changed_keys, load_config, write_toml
 
-CONFIG, METRICS, CHECKPOINT, SUMMARY, ADAPTER = (
+CONFIG, METRICS, CHECKPOINT, SUMMARY, ADAPTER, BROADCASTS = (
     "config.toml",
     "metrics.jsonl",
     "checkpoint.safetensors",
     "summary.json",
     "adapter",
+    "broadcasts",
 )
+FINAL_BROADCAST = "final"  # what the round after the last would send: the clients' view of the final adapter
 
 
 class RunDirError(RuntimeError):
@@ -112,6 +115,25 @@ def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], int] | None:
     if not (out / CHECKPOINT).exists():
         return None
     return load_file(str(out / CHECKPOINT)), int(load_checkpoint_metadata(out)["round"])
+
+
+def broadcast_path(out: Path, round_: int | str) -> Path:
+    name = f"round-{round_:04d}" if isinstance(round_, int) else str(round_)
+    return out / BROADCASTS / f"{name}.bin"
+
+
+def save_broadcast(out: Path, round_: int | str, payload: bytes) -> None:
+    """The bytes every client of ``round_`` received (client-side information: ``fedlpp attack`` reads them)."""
+    path = broadcast_path(out, round_)
+    path.parent.mkdir(exist_ok=True)
+    _atomic_write(path, lambda p: p.write_bytes(payload))
+
+
+def load_broadcast(out: Path, round_: int | str) -> bytes:
+    path = broadcast_path(out, round_)
+    if not path.is_file():
+        raise RunDirError(f"{path} is missing: the run directory was written before broadcasts were kept (rerun it)")
+    return path.read_bytes()
 
 
 def append_metrics(out: Path, row: Mapping[str, Any]) -> None:

@@ -76,6 +76,7 @@ class PlainExchange:
 class RoundOutcome:
     adapter: Adapter
     row: dict[str, Any]
+    broadcast: bytes  # what the round's clients received
 
 
 def run_round(ctx: ServerContext, federation: Federation, adapter: Adapter, round_: int, clients: Sequence[int],
@@ -90,7 +91,7 @@ def run_round(ctx: ServerContext, federation: Federation, adapter: Adapter, roun
     if round_ % ctx.cfg.eval.every == 0 or round_ == ctx.cfg.fl.rounds:
         row.update(evaluate_round(ctx, out.adapter))
     row["wall_s"] = round(time.perf_counter() - t0, 3)
-    return RoundOutcome(out.adapter, row)
+    return RoundOutcome(out.adapter, row, payload)
 
 
 def evaluate_round(ctx: ServerContext, adapter: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
@@ -131,6 +132,7 @@ def serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool = 
         adapter, ledger = outcome.adapter, spent
         if ledger is not None:
             outcome.row.update(privacy_row(ctx.privacy, ledger))
+        rundir.save_broadcast(out, round_, outcome.broadcast)
         rundir.append_metrics(out, outcome.row)
         rundir.save_checkpoint(out, adapter, round_, {LEDGER_KEY: ledger.to_json()} if ledger is not None else None)
         rows.append(outcome.row)
@@ -198,8 +200,10 @@ def _postfix(row: Mapping[str, Any]) -> dict[str, str]:
 def finish(
     ctx: ServerContext, out: Path, adapter: Adapter, rows: list[dict[str, Any]], ledger: Ledger | None = None, stopped: str | None = None
 ) -> dict[str, Any]:
-    """Save the final adapter in peft format and write summary.json."""
+    """Save the final adapter in peft format and the broadcast a next round would send; write summary.json."""
     save_peft_adapter(ctx.model, adapter, out / rundir.ADAPTER, ctx.side.backbone.source)
+    last = rows[-1]["round"] if rows else 0
+    rundir.save_broadcast(out, rundir.FINAL_BROADCAST, rnd.make_broadcast(ctx.spec, adapter, ctx.a_seed, last + 1))
     reference = fedavg_reference_bytes(ctx, adapter)
     final_round, final_eval = final_evaluation(ctx, adapter, rows)
     k = max(1, len(rows[-1]["clients"])) if rows else 1  # Poisson client sampling: the round's own count

@@ -1,0 +1,156 @@
+"""``fedlpp attack RUN_DIR``: what a client can hold, scored beside the server's adapter θ and the broadcast Q(θ).
+
+Acting as one client, with only what that client has — its own data, the broadcasts it
+received (kept in ``RUN_DIR/broadcasts/``), the backbone, the run's public settings — it
+builds (DESIGN 6):
+
+- ``keep``: the adapter it held after its last local training (its last broadcast trained
+  again with the same seeds: bit for bit what it had; no client adapter is stored);
+- ``finetune-N``: the final broadcast Q(θ) trained further on its own data for N steps;
+- ``alone``: a fresh adapter trained only on its own data for the steps it spent in the
+  federation — what it could have had without joining;
+- ``collude``: the mean of several clients' ``keep`` adapters.
+
+Only ``score`` reads θ (the checkpoint), to score it. The figure that matters is the share
+of the federation's value a client takes: (attack − alone) / (θ − alone), per metric.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedlpp.algorithms import round as rnd
+from fedlpp.algorithms.client import LocalTraining, shuffled_batches, train_client
+from fedlpp.algorithms.ffa_lora import trained_names
+from fedlpp.config import ExperimentConfig
+from fedlpp.engine import rundir
+from fedlpp.engine.setup import LocalRun, build_run, client_recipe
+from fedlpp.evaluation.evaluate import evaluate_adapter
+from fedlpp.models.lora import Adapter, initial_adapter
+from fedlpp.seeding import derive_seed
+
+
+@dataclass(frozen=True)
+class AttackPlan:
+    clients: tuple[int, ...]  # the attacker first; all of them collude
+    finetune_steps: tuple[int, ...]  # steps of fine-tuning Q(theta) on the attacker's data
+
+
+def default_plan(cfg: ExperimentConfig, client: int, collude: int) -> AttackPlan:
+    """One round's and ten rounds' budget of fine-tuning; ``collude`` clients from the attacker on."""
+    n = cfg.fl.num_clients
+    return AttackPlan(tuple((client + i) % n for i in range(max(1, collude))), (cfg.fl.local_steps, 10 * cfg.fl.local_steps))
+
+
+def rounds_joined(rows: Sequence[Mapping[str, Any]], client: int) -> list[int]:
+    """The rounds the client trained in (it knows: it was sent the broadcast), failed ones left out."""
+    return [r["round"] for r in rows if client in r["clients"] and str(client) not in r.get("failed", {})]
+
+
+def keep_adapter(run: LocalRun, out: Path, client: int, rows: Sequence[Mapping[str, Any]], sigma: float) -> Adapter:
+    """The adapter the client held after its last local training (before anything it sent was clipped or masked)."""
+    joined = rounds_joined(rows, client)
+    if not joined:
+        raise ValueError(f"client {client} never trained in this run")
+    ctx = run.server
+    start, round_ = rnd.read_broadcast(rundir.load_broadcast(out, joined[-1]), ctx.shapes)
+    recipe = client_recipe(ctx.cfg, ctx.side, ctx.spec, sigma, None)
+    delta = recipe.training.train(ctx.model, ctx.side.kind, start, recipe.trained, run.clients[client], round_, None).delta
+    return {n: start[n] + delta[n] if n in delta else start[n] for n in start}
+
+
+def finetune_adapter(run: LocalRun, out: Path, client: int, steps: int) -> Adapter:
+    """The final broadcast Q(theta), trained ``steps`` more AdamW steps on the client's own data (no DP: it is its own)."""
+    ctx = run.server
+    start, _ = rnd.read_broadcast(rundir.load_broadcast(out, rundir.FINAL_BROADCAST), ctx.shapes)
+    return _trained(run, client, start, trained_names(ctx.shapes, ctx.spec.freeze_a), steps, "finetune")
+
+
+def alone_adapter(run: LocalRun, client: int, steps: int) -> Adapter:
+    """A fresh LoRA adapter (A and B trained) on the client's own data only, for ``steps`` steps."""
+    ctx = run.server
+    start = initial_adapter(ctx.shapes, derive_seed(ctx.cfg.seed, "attack-alone-a", client) % (2**31))
+    return _trained(run, client, start, trained_names(ctx.shapes, False), steps, "alone")
+
+
+def _trained(run: LocalRun, client: int, start: Adapter, trained: Sequence[str], steps: int, purpose: str) -> Adapter:
+    cfg, data = run.server.cfg, run.clients[client]
+    opts = LocalTraining(cfg.train.lr, cfg.train.weight_decay, cfg.train.max_grad_norm)
+    batches = shuffled_batches(data.features, steps, cfg.train.batch_size, data.pad_id, derive_seed(cfg.seed, f"attack-{purpose}", client, steps))
+    delta = train_client(run.server.model, run.server.side.kind, start, trained, batches, opts,
+                         derive_seed(cfg.seed, f"attack-{purpose}-dropout", client)).delta
+    return {n: start[n] + delta[n] if n in delta else start[n] for n in start}
+
+
+def mean_adapter(adapters: Sequence[Mapping[str, torch.Tensor]]) -> Adapter:
+    return {n: torch.stack([a[n] for a in adapters]).mean(dim=0) for n in adapters[0]}
+
+
+def client_side_adapters(run: LocalRun, out: Path, plan: AttackPlan, rows: Sequence[Mapping[str, Any]], sigma: float) -> dict[str, Adapter]:
+    """Every adapter the attacker (and its colluders) can build, from client-side information only."""
+    attacker = plan.clients[0]
+    held = {"keep": keep_adapter(run, out, attacker, rows, sigma)}
+    for steps in plan.finetune_steps:
+        held[f"finetune-{steps}"] = finetune_adapter(run, out, attacker, steps)
+    held["alone"] = alone_adapter(run, attacker, len(rounds_joined(rows, attacker)) * run.server.cfg.fl.local_steps)
+    if len(plan.clients) > 1:
+        held[f"collude-{len(plan.clients)}"] = mean_adapter([held["keep"]] + [keep_adapter(run, out, c, rows, sigma)
+                                                                              for c in plan.clients[1:]])
+    return held
+
+
+def value_taken(attack: float, alone: float, theta: float) -> float | None:
+    """(attack - alone) / (theta - alone): 0 = no more than alone, 1 = all the federation's value (None: no value)."""
+    return None if theta == alone else (attack - alone) / (theta - alone)
+
+
+def score(run: LocalRun, out: Path, held: Mapping[str, Adapter]) -> dict[str, Any]:
+    """Scores of theta (the checkpoint, read only here), Q(theta) and every held adapter; the value each takes."""
+    ctx = run.server
+    tok = ctx.side.backbone.tokenizer
+    checkpoint = rundir.load_checkpoint(out)
+    if checkpoint is None:
+        raise rundir.RunDirError(f"{out} has no checkpoint: no round finished, nothing to attack")
+    theta = checkpoint[0]
+    proxy, _ = rnd.read_broadcast(rundir.load_broadcast(out, rundir.FINAL_BROADCAST), ctx.shapes)
+    adapters = {"theta": theta, "proxy": proxy, **held}
+    scores = {name: evaluate_adapter(ctx.model, a, ctx.evalset, tok, ctx.decoding) for name, a in adapters.items()}
+    taken = {name: {m: value_taken(scores[name][m], scores["alone"][m], scores["theta"][m]) for m in scores["theta"]}
+             for name in adapters if name not in ("theta", "alone")}
+    return {"scores": scores, "value_taken": taken}
+
+
+def run_attack(out: Path, client: int, finetune_steps: Sequence[int] | None = None, collude: int = 1) -> dict[str, Any]:
+    """The whole check for one attacking client; written to RUN_DIR/attack-client-K.json."""
+    cfg = rundir.load_run_config(out, [])
+    if not 0 <= client < cfg.fl.num_clients:
+        raise ValueError(f"--client {client}: the run has clients 0..{cfg.fl.num_clients - 1}")
+    plan = default_plan(cfg, client, collude)
+    if finetune_steps:
+        plan = AttackPlan(plan.clients, tuple(finetune_steps))
+    rows = rundir.read_metrics(out)
+    summary = json.loads((out / rundir.SUMMARY).read_text()) if (out / rundir.SUMMARY).is_file() else {}
+    sigma = float(summary.get("privacy", {}).get("noise_multiplier", 0.0))  # sent to every client with the broadcasts
+    run = build_run(cfg)
+    report = {"client": client, "colluders": list(plan.clients), "finetune_steps": list(plan.finetune_steps),
+              "rounds_joined": rounds_joined(rows, client), **score(run, out, client_side_adapters(run, out, plan, rows, sigma))}
+    (out / f"attack-client-{client}.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_attack(report: Mapping[str, Any]) -> str:
+    scores, taken = report["scores"], report["value_taken"]
+    metrics = list(scores["theta"])
+    lines = [f"client {report['client']} (trained in rounds {report['rounds_joined']}); value taken = (attack - alone) / (theta - alone)",
+             "", f"{'adapter':<16}" + "".join(f"{m:>10}" for m in metrics) + "".join(f"{'taken ' + m:>16}" for m in metrics)]
+    for name, row in scores.items():
+        shares = taken.get(name, {})
+        cells = "".join(f"{'' if shares.get(m) is None else format(shares[m], '.2f'):>16}" for m in metrics) if shares else ""
+        lines.append(f"{name:<16}" + "".join(f"{row[m]:>10.3f}" for m in metrics) + cells)
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""fedlpp attack: what a client holds is recomputed exactly, from client-side information only, deterministically."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedlpp import attack
+from fedlpp.algorithms import round as rnd
+from fedlpp.algorithms import steps
+from fedlpp.cli import main
+from fedlpp.config import load_config
+from fedlpp.engine import local, rundir
+from fedlpp.engine.setup import build_run
+
+pytestmark = pytest.mark.integration
+
+TINY = [
+    "model.name=tiny-llama", "model.max_length=48", "data.num_train=120", "data.num_eval=3", "algorithm.name=fedlpp",
+    "fl.num_clients=4", "fl.clients_per_round=2", "fl.local_steps=3", "train.batch_size=4", "train.lr=0.02",
+    "eval.every=3", "eval.max_new_tokens=3", "fl.rounds=3", "seed=0",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, request):
+    """A FedLPP run, with every adapter a client really held after its local training recorded."""
+    out = tmp_path_factory.mktemp("run")
+    held: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    original = steps.client_step
+
+    def recording(model, payload, data, recipe, on_step=None):
+        result = original(model, payload, data, recipe, on_step)
+        start, round_ = rnd.read_broadcast(payload, recipe.shapes)
+        delta = rnd.validate_update(result.upload, data.client_id, rnd.trained_layout(recipe.shapes, False), round_).delta
+        held[(data.client_id, round_)] = {n: start[n] + delta[n] if n in delta else start[n] for n in start}
+        return result
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(local, "client_step", recording)
+    local.run_experiment(load_config(None, TINY), out, progress=False)
+    patch.undo()
+    return out, held
+
+
+def test_keep_is_exactly_the_adapter_the_client_held(run):
+    out, held = run
+    rows = rundir.read_metrics(out)
+    for client in range(4):
+        joined = attack.rounds_joined(rows, client)
+        if not joined:
+            continue
+        keep = attack.keep_adapter(build_run(load_config(out / rundir.CONFIG)), out, client, rows, 0.0)
+        real = held[(client, joined[-1])]
+        assert all(torch.equal(keep[n], real[n]) for n in real), client
+
+
+def test_the_client_side_adapters_never_read_theta(run, monkeypatch):
+    out, _ = run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an attack read the server's adapter")
+
+    monkeypatch.setattr(rundir, "load_checkpoint", refuse)
+    cfg = load_config(out / rundir.CONFIG)
+    plan = attack.AttackPlan((1, 2), (3,))
+    held = attack.client_side_adapters(build_run(cfg), out, plan, rundir.read_metrics(out), 0.0)
+    assert set(held) == {"keep", "finetune-3", "alone", "collude-2"}
+
+
+def test_the_same_run_and_arguments_give_the_same_figures(run, capsys):
+    out, _ = run
+    assert main(["attack", str(out), "--client", "1", "--steps", "2", "6"]) == 0
+    first = (out / "attack-client-1.json").read_text()
+    assert "value taken" in capsys.readouterr().out
+    again = attack.run_attack(out, 1, [2, 6], collude=2)
+    assert json.loads(first) == json.loads(json.dumps(again))
+    assert set(again["scores"]) == {"theta", "proxy", "keep", "finetune-2", "finetune-6", "alone", "collude-2"}
+    summary = json.loads((out / rundir.SUMMARY).read_text())
+    assert again["scores"]["theta"]["loss"] == pytest.approx(summary["global"]["loss"], abs=1e-6)
+    assert again["scores"]["proxy"]["loss"] == pytest.approx(summary["proxy"]["loss"], abs=1e-6)
+
+
+def test_value_taken_is_the_share_of_the_federations_gain():
+    assert attack.value_taken(attack=55.0, alone=50.0, theta=60.0) == 0.5
+    assert attack.value_taken(attack=0.9, alone=1.0, theta=0.8) == pytest.approx(0.5)  # a loss: lower is better, same share
+    assert attack.value_taken(attack=1.0, alone=2.0, theta=2.0) is None
+
+
+def test_an_attacker_that_never_trained_or_does_not_exist_is_refused(run):
+    out, _ = run
+    with pytest.raises(ValueError, match="clients 0..3"):
+        attack.run_attack(out, 7)
+    rows = [{"round": 1, "clients": [0, 1]}]
+    with pytest.raises(ValueError, match="never trained"):
+        attack.keep_adapter(build_run(load_config(out / rundir.CONFIG)), out, 3, rows, 0.0)

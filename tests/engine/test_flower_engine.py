@@ -368,3 +368,15 @@ def test_the_deployed_server_app_reads_its_run_config_and_extends_a_resumed_run(
         deployed(resume=True, overrides="fl.rounds=3 algorithm.name=fedavg_lora")
     with pytest.raises(ConfigError, match="privacy.secure_noise"):
         deployed(out=str(tmp_path / "dp"), overrides="privacy.mode=dp_sgd privacy.noise_multiplier=1")
+
+
+def test_client_level_dp_noise_shares_under_secagg_over_flower_give_the_plain_private_mean(tmp_path):
+    """Each client adds its share of the (here tiny) noise before masking; the server only sees the noised sum."""
+    common = ("privacy.mode=client_dp", "privacy.noise_multiplier=1e-9", "privacy.clip_norm=0.05", "fl.clients_per_round=3",
+              "flower.round_timeout=1")
+    run_experiment(tiny(*common, rounds=1), tmp_path / "plain", progress=False)
+    serve_on_grid(LoopbackGrid(simulated_nodes(4)), tiny(*common, "secagg.enabled=true", rounds=1), tmp_path / "secure")
+    a, b = adapter(tmp_path / "plain"), adapter(tmp_path / "secure")
+    assert any(torch.count_nonzero(a[n]) for n in a if ".lora_B." in n)
+    assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
+    assert rundir.read_metrics(tmp_path / "plain")[0]["epsilon"] == rundir.read_metrics(tmp_path / "secure")[0]["epsilon"]

@@ -10,7 +10,7 @@ after the last round) runs on:
 
 - local: ``fedlpp run`` (every client in one process, one model in memory);
 - flower simulation: ``fedlpp run --engine flower`` (Ray, one actor per core);
-- flower deployment: ``LocalFederation`` — a TLS SuperLink with node authentication and
+- flower deployment: ``LocalDeployment`` — a TLS SuperLink with node authentication and
   N SuperNodes on 127.0.0.1, each reading its own client-K.jsonl — and ``fedlpp deploy run``.
 
 Each runs in a fresh process. "start-up" is the command's wall-clock minus its rounds'
@@ -45,7 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from fedlpp.config import load_config, write_toml  # noqa: E402
 from fedlpp.data.examples_file import write_examples  # noqa: E402
 from fedlpp.engine import rundir  # noqa: E402
-from fedlpp.engine.flower.deploy import LocalFederation  # noqa: E402
+from fedlpp.engine.flower.deploy import LocalDeployment  # noqa: E402
 from fedlpp.engine.setup import client_partitions, load_task_data  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "engines.json"
@@ -91,7 +91,7 @@ def run_deployment(overrides: list[str], work: Path) -> dict[str, float]:
     for k, part in enumerate(client_partitions(cfg, load_task_data(cfg))):
         write_examples(work / f"client-{k}.jsonl", part)
     start = time.perf_counter()
-    with LocalFederation(work / "federation", nodes=cfg.fl.num_clients) as federation:
+    with LocalDeployment(work / "federation", nodes=cfg.fl.num_clients) as federation:
         federation.start_superlink()
         for k in range(cfg.fl.num_clients):
             federation.start_node(k, work / f"client-{k}.jsonl", client_id=k)

@@ -61,8 +61,7 @@ def keep_adapter(run: LocalRun, out: Path, client: int, rows: Sequence[Mapping[s
     ctx = run.server
     start, round_ = rnd.read_broadcast(rundir.load_broadcast(out, joined[-1]), ctx.shapes)
     recipe = client_recipe(ctx.cfg, ctx.side, ctx.spec, sigma, None)
-    delta = recipe.training.train(ctx.model, ctx.side.kind, start, recipe.trained, run.clients[client], round_, None).delta
-    return {n: start[n] + delta[n] if n in delta else start[n] for n in start}
+    return _moved(start, recipe.training.train(ctx.model, ctx.side.kind, start, recipe.trained, run.clients[client], round_, None).delta)
 
 
 def finetune_adapter(run: LocalRun, out: Path, client: int, steps: int) -> Adapter:
@@ -85,6 +84,11 @@ def _trained(run: LocalRun, client: int, start: Adapter, trained: Sequence[str],
     batches = shuffled_batches(data.features, steps, cfg.train.batch_size, data.pad_id, derive_seed(cfg.seed, f"attack-{purpose}", client, steps))
     delta = train_client(run.server.model, run.server.side.kind, start, trained, batches, opts,
                          derive_seed(cfg.seed, f"attack-{purpose}-dropout", client)).delta
+    return _moved(start, delta)
+
+
+def _moved(start: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> Adapter:
+    """``start`` with the trained tensors moved by ``delta`` (frozen ones as they were)."""
     return {n: start[n] + delta[n] if n in delta else start[n] for n in start}
 
 

@@ -2,7 +2,7 @@
 data) and the simulation runtime (Ray).
 
 Every process the test starts runs in its own session and is stopped, whatever happens,
-when ``LocalFederation`` is left; nothing listens beyond 127.0.0.1.
+when ``LocalDeployment`` is left; nothing listens beyond 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from fedlpp.algorithms import wire
 from fedlpp.config import load_config, write_toml
 from fedlpp.data.examples_file import write_examples
 from fedlpp.engine import rundir
-from fedlpp.engine.flower.deploy import DeployError, LocalFederation, _quotable, make_keys, make_node_key
+from fedlpp.engine.flower.deploy import DeployError, LocalDeployment, _quotable, make_keys, make_node_key
 from fedlpp.engine.flower.server_app import serve_on_grid
 from fedlpp.engine.local import run_experiment
 from fedlpp.engine.setup import build_run, client_partitions, load_task_data
@@ -47,7 +47,7 @@ def test_a_deployed_fedlpp_run_equals_the_local_engine_and_refuses_an_unregister
     write_toml(cfg, tmp_path / "experiment.toml")
     for k, part in enumerate(client_partitions(cfg, load_task_data(cfg))):
         write_examples(tmp_path / f"client-{k}.jsonl", part)
-    with LocalFederation(tmp_path / "federation", nodes=3) as federation:
+    with LocalDeployment(tmp_path / "federation", nodes=3) as federation:
         federation.start_superlink()
         federation.start_node(0, tmp_path / "client-0.jsonl", client_id=0)
         federation.start_node(1, tmp_path / "client-1.jsonl", client_id=1)
@@ -142,7 +142,7 @@ def test_a_supernode_killed_before_its_masked_input_leaves_the_exact_sum_of_the_
     for k, part in enumerate(client_partitions(cfg, load_task_data(cfg))):
         write_examples(tmp_path / f"client-{k}.jsonl", part)
     audit, out = tmp_path / "audit", tmp_path / "run"
-    with LocalFederation(tmp_path / "federation", nodes=4) as federation:
+    with LocalDeployment(tmp_path / "federation", nodes=4) as federation:
         federation.start_superlink()
         nodes = [federation.start_node(k, tmp_path / f"client-{k}.jsonl", client_id=k) for k in range(4)]
         submit = subprocess.Popen([*FEDLPP, "deploy", "run", "--superlink", federation.connection.superlink, "--ca", str(federation.ca),

@@ -18,14 +18,13 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-from fedlpp.algorithms.secure import SecureMean
 from fedlpp.algorithms.steps import ClientData, client_step
 from fedlpp.config import ExperimentConfig
 from fedlpp.engine import rundir
 from fedlpp.engine.secure import SecureAggregator, make_aggregator, secure_aggregate
 from fedlpp.engine.server import LEDGER_KEY, Exchange, Exchanged, PlainExchange, serve
-from fedlpp.engine.setup import ServerContext, build_run, client_recipe, server_combiner
-from fedlpp.models.lora import Adapter, copy_adapter
+from fedlpp.engine.setup import ServerContext, build_run, client_recipe, secure_combiner
+from fedlpp.models.lora import Adapter
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +44,8 @@ class SecAggExchange:
 
     def server_side(self, ctx: ServerContext, adapter: Adapter, uploads: Mapping[int, Any], round_: int) -> tuple[Adapter, dict[str, Any]]:
         inputs = {c: functools.partial(_given, v) for c, v in uploads.items()}
-        combiner = server_combiner(ctx, round_)
-        assert isinstance(combiner, SecureMean)
-        out = secure_aggregate(self.aggregator, ctx.spec, adapter, inputs, round_, combiner)
-        row: dict[str, Any] = {"bytes_down": out.bytes_down, "bytes_up": out.bytes_up, "secagg_survivors": list(out.survivors), **out.notes}
-        return (out.adapter if out.adapter is not None else copy_adapter(adapter)), row
+        out = secure_aggregate(self.aggregator, ctx.spec, adapter, inputs, round_, secure_combiner(ctx))
+        return out.next_adapter(adapter), out.row()
 
 
 def _given(value: T) -> T:
@@ -66,8 +62,7 @@ class LocalFederation:
 
     def round_trip(self, ctx: ServerContext, adapter: Adapter, payload: bytes, clients: Sequence[int], round_: int,
                    bar: tqdm | None) -> Exchanged:
-        sigma = ctx.privacy.noise_multiplier if ctx.privacy is not None else 0.0  # the resumed run's sigma, if it differs
-        recipe = client_recipe(ctx.cfg, ctx.side, ctx.spec, sigma, ctx.secure)
+        recipe = client_recipe(ctx.cfg, ctx.side, ctx.spec, ctx.sigma, ctx.secure)
         uploads, losses = {}, []
         for client in clients:
             if self.on_send is not None:

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.secure import SecureEncoding, SecureMean
 from fedlpp.algorithms.spec import AlgorithmSpec
-from fedlpp.models.lora import Adapter
+from fedlpp.models.lora import Adapter, copy_adapter
 from fedlpp.secagg import (
     AggregateResult,
     InProcess,
@@ -49,6 +49,14 @@ class SecureOutcome:
     bytes_up: int
     bytes_down: int
     notes: dict[str, Any]  # what a metrics row should say about the round (drops, abort)
+
+    def next_adapter(self, adapter: Mapping[str, torch.Tensor]) -> Adapter:
+        """The round's result, or a copy of ``adapter`` when the round was void."""
+        return self.adapter if self.adapter is not None else copy_adapter(adapter)
+
+    def row(self) -> dict[str, Any]:
+        """What the round's metrics row says about the exchange."""
+        return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "secagg_survivors": list(self.survivors), **self.notes}
 
 
 def make_aggregator(encoding: SecureEncoding, num_clients: int) -> SecureAggregator:

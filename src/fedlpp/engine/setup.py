@@ -93,6 +93,11 @@ class ServerContext:
     def initial_adapter(self) -> Adapter:
         return initial_adapter(self.shapes, self.a_seed)
 
+    @property
+    def sigma(self) -> float:
+        """The noise multiplier the clients are sent (the resumed run's, if it differs); 0 without DP."""
+        return self.privacy.noise_multiplier if self.privacy is not None else 0.0
+
 
 def algorithm_spec(cfg: ExperimentConfig) -> AlgorithmSpec:
     quant = QuantSpec(bits=cfg.quant.bits, granularity=cfg.quant.granularity, block_size=cfg.quant.block_size)
@@ -208,14 +213,20 @@ def noise_shares(cfg: ExperimentConfig, sigma: float) -> NoiseShares | None:
 
 def server_combiner(ctx: ServerContext, round_: int) -> rnd.Combiner:
     """How the server combines this round's inputs: plain mean, client-level DP's noised sum, or SecAgg's sum."""
-    plan = ctx.privacy
-    sigma = plan.noise_multiplier if plan is not None else 0.0
     if ctx.secure is not None:
-        return SecureMean(ctx.secure, noise_shares(ctx.cfg, sigma))
+        return secure_combiner(ctx)
+    plan = ctx.privacy
     if plan is not None and plan.mode == "client_dp":
         rng = randomness(plan.secure_noise, derive_seed(ctx.cfg.seed, "client_dp_noise", round_))
         return rnd.ClientDpMean(NoisedSum(plan.clip_norm, plan.noise_multiplier, plan.expected_clients, rng))
     return rnd.WeightedMean()
+
+
+def secure_combiner(ctx: ServerContext) -> SecureMean:
+    """SecAgg's combiner: the (DP-noised) mean from the protocol's sum."""
+    if ctx.secure is None:
+        raise ValueError("secure_combiner needs secagg.enabled")
+    return SecureMean(ctx.secure, noise_shares(ctx.cfg, ctx.sigma))
 
 
 # --- privacy and sampling --------------------------------------------------------------------

@@ -121,7 +121,7 @@ def run_local_round(
         """A step: the server's messages travel down, the clients still there answer (in parallel)."""
         t.count(t.down, inbox)
         gone = getattr(dropouts, DROPOUT_FIELD[step])
-        sent = _step(run, {c: partial(client_step, clients[c], step, m, inputs[c]) for c, m in sorted(inbox.items()) if c not in gone})
+        sent = _step(run, {c: partial(answer_step, clients[c], step, m, inputs[c]) for c, m in sorted(inbox.items()) if c not in gone})
         t.count(t.up, sent)
         return sent
 
@@ -135,7 +135,7 @@ STEPS = tuple(DROPOUT_FIELD)
 Ask = Callable[[str, Mapping[int, bytes]], Mapping[int, bytes]]  # (step, {client: server's message}) -> {client: reply}
 
 
-def client_step(session: ClientSession, step: str, message: bytes, values: npt.ArrayLike) -> bytes:
+def answer_step(session: ClientSession, step: str, message: bytes, values: npt.ArrayLike) -> bytes:
     """One client's answer to one step of the protocol (``message`` is empty for ``advertise``)."""
     if step == "advertise":
         return session.advertise()

@@ -265,7 +265,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class LocalFederation:
+class LocalDeployment:
     """A TLS SuperLink with node authentication and SuperNodes, all on 127.0.0.1, each in its own session.
 
     A context manager: leaving it stops every process it started (SIGTERM to each session,
@@ -282,7 +282,7 @@ class LocalFederation:
         self._handles: list[psutil.Process] = []  # the same processes; psutil notices a reused pid
         self.node_ids: dict[int, int] = {}  # key index -> the node id the SuperLink gave it
 
-    def __enter__(self) -> LocalFederation:
+    def __enter__(self) -> LocalDeployment:
         return self
 
     def __exit__(self, *exc: object) -> None:

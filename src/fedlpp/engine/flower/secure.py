@@ -31,15 +31,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedlpp.algorithms.secure import SecureEncoding, SecureMean
+from fedlpp.algorithms.secure import SecureEncoding
 from fedlpp.config import ExperimentConfig
 from fedlpp.engine.flower.messages import MessageError, content, exchange, fields_of, require
 from fedlpp.engine.flower.roster import Roster
 from fedlpp.engine.secure import finish_round, void_round
-from fedlpp.engine.setup import ServerContext, secagg_params, server_combiner
-from fedlpp.models.lora import Adapter, copy_adapter
+from fedlpp.engine.setup import ServerContext, secagg_params, secure_combiner
+from fedlpp.models.lora import Adapter
 from fedlpp.secagg import AggregateResult, ClientSession, SecAggAbort, SecAggParams, ServerSession, Traffic, generate_signing_key, verify_key_bytes
-from fedlpp.secagg.local import client_step, drive_round
+from fedlpp.secagg.local import answer_step, drive_round
 
 if TYPE_CHECKING:
     from fedlpp.engine.flower.server_app import FlowerFederation
@@ -120,7 +120,7 @@ def next_step(state: RecordDict, fields: Mapping[str, Any]) -> bytes:
         raise MessageError(f"no SecAgg session for round {round_} on this node")
     params = SecAggParams(**json.loads(record["params"]))
     session = ClientSession.restore(record["session"], _identity(state), registry_from_text(record["registry"]), params)
-    reply = client_step(session, step, require(fields, "message", bytes), np.frombuffer(record["input"], dtype=np.float64))
+    reply = answer_step(session, step, require(fields, "message", bytes), np.frombuffer(record["input"], dtype=np.float64))
     if step == "unmask":
         del state[SESSION]
     else:
@@ -205,13 +205,9 @@ class SecureAggregation:
                                     traffic, failed)
         registry = {c: federation.roster.verify_keys[c] for c in adverts}
         dim = sum(math.prod(ctx.shapes[n]) for n in ctx.trained) + 1  # the delta, then the weight coordinate
-        combiner = server_combiner(ctx, round_)
-        assert isinstance(combiner, SecureMean)
         if not adverts:
             out = void_round(SecAggAbort("advertise", "clients that trained and are in range", 0, 1), round_, notes, traffic)
         else:
-            out = finish_round(partial(protocol.run, ctx.secure.params, registry, dim), ctx.spec, adapter, round_, combiner,
-                               notes, traffic)
-        row: dict[str, Any] = {"bytes_up": out.bytes_up, "bytes_down": out.bytes_down, "secagg_survivors": list(out.survivors),
-                               **out.notes}
-        return (out.adapter if out.adapter is not None else copy_adapter(adapter)), row
+            out = finish_round(partial(protocol.run, ctx.secure.params, registry, dim), ctx.spec, adapter, round_,
+                               secure_combiner(ctx), notes, traffic)
+        return out.next_adapter(adapter), out.row()

@@ -88,9 +88,8 @@ class FlowerFederation:
 
     def round_trip(self, ctx: ServerContext, adapter: Adapter, payload: bytes, clients: Sequence[int], round_: int,
                    bar: tqdm | None) -> Exchanged:
-        sigma = float(ctx.privacy.noise_multiplier) if ctx.privacy is not None else 0.0
         extra = self.aggregation.train_fields(ctx, self.roster, clients)
-        messages = {c: self._train_message(payload, c, sigma, round_, extra) for c in clients}
+        messages = {c: self._train_message(payload, c, float(ctx.sigma), round_, extra) for c in clients}
         replies = exchange(self.grid, messages, self.round_timeout)
         answers, losses, failed = {}, [], {}
         for client in clients:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -78,9 +79,57 @@ def test_the_same_run_and_arguments_give_the_same_figures(run, capsys):
     again = attack.run_attack(out, 1, [2, 6], collude=2)
     assert json.loads(first) == json.loads(json.dumps(again))
     assert set(again["scores"]) == {"theta", "proxy", "keep", "finetune-2", "finetune-6", "alone", "collude-2"}
+
+
+def test_the_runs_recorded_scores_of_theta_and_the_proxy_are_what_scoring_them_gives(run, tmp_path):
+    out, _ = run
     summary = json.loads((out / rundir.SUMMARY).read_text())
-    assert again["scores"]["theta"]["loss"] == pytest.approx(summary["global"]["loss"], abs=1e-6)
-    assert again["scores"]["proxy"]["loss"] == pytest.approx(summary["proxy"]["loss"], abs=1e-6)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / rundir.SUMMARY).unlink()  # nothing recorded: the attack scores theta and Q(theta) itself
+    fresh = attack.score(build_run(load_config(copy / rundir.CONFIG)), copy, {}, alone={"loss": 1.0, "bleu": 0.0, "rouge_l": 0.0})
+    for name, key in (("theta", "global"), ("proxy", "proxy")):
+        assert fresh["scores"][name]["loss"] == pytest.approx(summary[key]["loss"], abs=1e-6)
+        assert fresh["scores"][name]["bleu"] == pytest.approx(summary[key]["bleu"], abs=1e-6)
+
+
+def test_the_whole_last_round_colluding_under_the_mean_rule_holds_theta(run):
+    """theta = the examples-weighted mean of what the last round's clients keep (server_lr 1, rule mean)."""
+    out, _ = run
+    rows = rundir.read_metrics(out)
+    cohort = rows[-1]["clients"]
+    cfg = load_config(out / rundir.CONFIG)
+    plan = attack.AttackPlan(tuple(attack.trained_clients(rows)[: len(cohort)]), ())
+    assert sorted(plan.clients) == sorted(cohort)
+    held = attack.client_side_adapters(build_run(cfg), out, plan, rows, 0.0, with_alone=False)
+    theta, _ = rundir.load_checkpoint(out)
+    colluded = held[f"collude-{len(cohort)}"]
+    assert all(torch.allclose(colluded[n], theta[n], atol=1e-6) for n in theta)
+    assert not all(torch.allclose(held["keep"][n], theta[n], atol=1e-6) for n in theta)  # one client alone does not
+
+
+def test_alone_is_scored_once_for_runs_that_differ_only_in_algorithm(run, tmp_path, monkeypatch):
+    out, _ = run
+    cfg = load_config(out / rundir.CONFIG)
+    key = attack.alone_key(cfg, 1, 6)
+    other = load_config(None, [*TINY, "algorithm.name=fedavg_lora", "quant.bits=1"])
+    assert attack.alone_key(other, 1, 6) == key
+    assert attack.alone_key(load_config(None, [*TINY, "data.num_train=100"]), 1, 6) != key
+    assert attack.alone_key(cfg, 2, 6) != key and attack.alone_key(cfg, 1, 3) != key
+    cache = tmp_path / "cache"
+    first = attack.run_attack(out, 1, [2], collude=1, cache=cache)
+    monkeypatch.setattr(attack, "alone_adapter", lambda *a: pytest.fail("alone was trained again"))
+    again = attack.run_attack(out, 1, [2], collude=1, cache=cache)
+    assert again["scores"]["alone"] == first["scores"]["alone"]
+    assert again["value_taken"] == first["value_taken"]
+
+
+def test_the_default_attacker_is_a_client_of_the_last_round(run):
+    out, _ = run
+    rows = rundir.read_metrics(out)
+    report = attack.run_attack(out, "last", [2], collude=1)
+    assert report["client"] == attack.trained_clients(rows)[0] and report["client"] in rows[-1]["clients"]
+    assert attack.trained_clients([{"round": 1, "clients": [0, 3]}, {"round": 2, "clients": [2, 3], "failed": {"3": "x"}}]) == [2, 0, 3]
 
 
 def test_value_taken_is_the_share_of_the_federations_gain():

@@ -94,3 +94,64 @@ def test_a_changed_sweep_file_does_not_mix_with_old_runs(tmp_path):
     write_toml(load_sweep(_write(tmp_path, SWEEP), ["fl.rounds=5"]).points[0].config, old / "config.toml")
     with pytest.raises(ConfigError, match="different fl.rounds"):
         run_sweep(sweep, out, lambda *a: pytest.fail("nothing may run"), echo=lambda _: None)
+
+
+ATTACKED = SWEEP.replace("[sweep.axes.privacy]", "[sweep.attack]\ncollude = 2\nsteps = [3]\n[sweep.axes.privacy]")
+
+
+def _fake_run(calls):
+    def run(cfg, directory, resume):
+        calls.append((cfg.algorithm.name, cfg.privacy.mode, cfg.seed))
+        directory.mkdir(parents=True)
+        summary = {"rounds": 2, "global": {"loss": 1.0, "bleu": 40.0 + cfg.seed}, "proxy": {"loss": 2.0, "bleu": 10.0}, "wall_s": 1.0}
+        (directory / "summary.json").write_text(json.dumps(summary))
+        (directory / "metrics.jsonl").write_text(json.dumps({"round": 2, "clients": [3, 1]}) + "\n")
+        return summary
+    return run
+
+
+def _fake_attack(attacks):
+    def attack(directory, settings):
+        attacks.append((directory, settings))
+        theta = json.loads((directory / "summary.json").read_text())["global"]["bleu"]
+        scores = {"theta": {"bleu": theta}, "proxy": {"bleu": 10.0}, "keep": {"bleu": 30.0}, "alone": {"bleu": 20.0}}
+        taken = {k: {"bleu": (v["bleu"] - 20.0) / (theta - 20.0)} for k, v in scores.items() if k not in ("theta", "alone")}
+        report = {"client": 1, "colluders": [1, 3], "finetune_steps": [3], "scores": scores, "value_taken": taken}
+        (directory / "attack-client-1.json").write_text(json.dumps(report))  # the last round's first client, lowest id first
+        return report
+    return attack
+
+
+def test_runs_go_seed_by_seed_and_only_runs_the_points_asked_for(tmp_path):
+    sweep = load_sweep(_write(tmp_path, SWEEP), [])
+    assert [p.seed for p in sweep.points] == [0, 0, 0, 0, 1, 1, 1, 1]
+    calls = []
+    out = tmp_path / "out"
+    run_sweep(sweep, out, _fake_run(calls), echo=lambda _: None, only=["FFA / none"])
+    assert calls == [("ffa_lora", "none", 0), ("ffa_lora", "none", 1)]
+    run_sweep(sweep, out, _fake_run(calls), echo=lambda _: None, only=["LoRA / none seed 1"])
+    assert calls[-1] == ("fedavg_lora", "none", 1)
+    assert len(json.loads((out / SWEEP_JSON).read_text())["runs"]) == 3  # every finished point is tabulated
+
+
+def test_every_run_is_attacked_once_and_the_attack_table_shows_the_share_taken(tmp_path):
+    sweep = load_sweep(_write(tmp_path, ATTACKED), ["fl.num_clients=4"])
+    assert sweep.attack is not None and (sweep.attack.client, sweep.attack.collude, sweep.attack.steps) == ("last", 2, (3,))
+    attacks, out = [], tmp_path / "out"
+    run_sweep(sweep, out, _fake_run([]), echo=lambda _: None, attack=_fake_attack(attacks))
+    assert len(attacks) == 8
+    run_sweep(sweep, out, _fake_run([]), echo=lambda _: None, attack=_fake_attack(attacks))
+    assert len(attacks) == 8  # kept: the reports are in the run directories
+    record = json.loads((out / SWEEP_JSON).read_text())["runs"][0]
+    assert record["attack"]["value_taken"]["keep"]["bleu"] == 0.5
+    md = (out / SWEEP_MD).read_text()
+    assert "| LoRA | none | 40.50 ± 0.71 | 10.00 ± 0.00 | 30.00 ± 0.00 | 20.00 ± 0.00 | -0.49 ± 0.02 | 0.49 ± 0.02 | 2 |" in md
+
+
+@pytest.mark.parametrize("attack, message", [
+    ("client = -1", "sweep.attack.client"), ("collude = 0", "sweep.attack.collude"), ("steps = [0]", "sweep.attack.steps"),
+    ("rounds = 2", "unknown key"), ("client = 9", "not a client of every run"),
+])
+def test_a_bad_attack_table_is_refused(tmp_path, attack, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(_write(tmp_path, SWEEP.replace("[sweep.axes.privacy]", f"[sweep.attack]\n{attack}\n[sweep.axes.privacy]")), [])

@@ -9,7 +9,8 @@ builds (DESIGN 6):
 - ``finetune-N``: the final broadcast Q(θ) trained further on its own data for N steps;
 - ``alone``: a fresh adapter trained only on its own data for the steps it spent in the
   federation — what it could have had without joining;
-- ``collude``: the mean of several clients' ``keep`` adapters.
+- ``collude-M``: the attacker and the M - 1 clients that trained most recently average what
+  they keep, weighted by their data sizes as the server weights them.
 
 Only ``score`` reads θ (the checkpoint), to score it. The figure that matters is the share
 of the federation's value a client takes: (attack − alone) / (θ − alone), per metric.
@@ -17,6 +18,7 @@ of the federation's value a client takes: (attack − alone) / (θ − alone), p
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,12 +30,15 @@ import torch
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.client import LocalTraining, shuffled_batches, train_client
 from fedlpp.algorithms.ffa_lora import trained_names
-from fedlpp.config import ExperimentConfig
+from fedlpp.config import ExperimentConfig, to_tree
 from fedlpp.engine import rundir
 from fedlpp.engine.setup import LocalRun, build_run, client_recipe
 from fedlpp.evaluation.evaluate import evaluate_adapter
 from fedlpp.models.lora import Adapter, initial_adapter
 from fedlpp.seeding import derive_seed
+
+
+LAST = "last"  # the attacker by default: a client of the last round (it holds the freshest training)
 
 
 @dataclass(frozen=True)
@@ -42,15 +47,36 @@ class AttackPlan:
     finetune_steps: tuple[int, ...]  # steps of fine-tuning Q(theta) on the attacker's data
 
 
-def default_plan(cfg: ExperimentConfig, client: int, collude: int) -> AttackPlan:
-    """One round's and ten rounds' budget of fine-tuning; ``collude`` clients from the attacker on."""
-    n = cfg.fl.num_clients
-    return AttackPlan(tuple((client + i) % n for i in range(max(1, collude))), (cfg.fl.local_steps, 10 * cfg.fl.local_steps))
-
-
 def rounds_joined(rows: Sequence[Mapping[str, Any]], client: int) -> list[int]:
     """The rounds the client trained in (it knows: it was sent the broadcast), failed ones left out."""
     return [r["round"] for r in rows if client in r["clients"] and str(client) not in r.get("failed", {})]
+
+
+def trained_clients(rows: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Every client that trained at least once, the most recent first (ties: lower id first)."""
+    last: dict[int, int] = {}
+    for row in rows:
+        for c in row["clients"]:
+            if str(c) not in row.get("failed", {}):
+                last[c] = row["round"]
+    return sorted(last, key=lambda c: (-last[c], c))
+
+
+def resolve_attacker(rows: Sequence[Mapping[str, Any]], client: int | str) -> int:
+    """``client``, or for "last" the first client of the last round that trained."""
+    if client != LAST:
+        return int(client)
+    trained = trained_clients(rows)
+    if not trained:
+        raise ValueError("no client trained in this run: nothing to attack")
+    return trained[0]
+
+
+def default_plan(cfg: ExperimentConfig, rows: Sequence[Mapping[str, Any]], client: int, collude: int) -> AttackPlan:
+    """One round's and ten rounds' budget of fine-tuning; the attacker and the ``collude`` - 1 clients that
+    trained most recently (under the ``mean`` rule the whole last round colluding holds theta itself)."""
+    others = [c for c in trained_clients(rows) if c != client]
+    return AttackPlan((client, *others[: max(1, collude) - 1]), (cfg.fl.local_steps, 10 * cfg.fl.local_steps))
 
 
 def keep_adapter(run: LocalRun, out: Path, client: int, rows: Sequence[Mapping[str, Any]], sigma: float) -> Adapter:
@@ -92,21 +118,56 @@ def _moved(start: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor])
     return {n: start[n] + delta[n] if n in delta else start[n] for n in start}
 
 
-def mean_adapter(adapters: Sequence[Mapping[str, torch.Tensor]]) -> Adapter:
-    return {n: torch.stack([a[n] for a in adapters]).mean(dim=0) for n in adapters[0]}
+def mean_adapter(adapters: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Adapter:
+    """The weighted mean (the server's weighting: each client's number of examples)."""
+    w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    return {n: sum(float(wi) * a[n].double() for wi, a in zip(w, adapters, strict=True)).to(adapters[0][n].dtype)
+            for n in adapters[0]}
 
 
-def client_side_adapters(run: LocalRun, out: Path, plan: AttackPlan, rows: Sequence[Mapping[str, Any]], sigma: float) -> dict[str, Adapter]:
+def alone_steps(cfg: ExperimentConfig, rows: Sequence[Mapping[str, Any]], client: int) -> int:
+    """The local steps the client spent in the federation: the budget of ``alone``."""
+    return len(rounds_joined(rows, client)) * cfg.fl.local_steps
+
+
+def client_side_adapters(run: LocalRun, out: Path, plan: AttackPlan, rows: Sequence[Mapping[str, Any]], sigma: float,
+                         with_alone: bool = True) -> dict[str, Adapter]:
     """Every adapter the attacker (and its colluders) can build, from client-side information only."""
     attacker = plan.clients[0]
     held = {"keep": keep_adapter(run, out, attacker, rows, sigma)}
     for steps in plan.finetune_steps:
         held[f"finetune-{steps}"] = finetune_adapter(run, out, attacker, steps)
-    held["alone"] = alone_adapter(run, attacker, len(rounds_joined(rows, attacker)) * run.server.cfg.fl.local_steps)
+    if with_alone:
+        held["alone"] = alone_adapter(run, attacker, alone_steps(run.server.cfg, rows, attacker))
     if len(plan.clients) > 1:
-        held[f"collude-{len(plan.clients)}"] = mean_adapter([held["keep"]] + [keep_adapter(run, out, c, rows, sigma)
-                                                                              for c in plan.clients[1:]])
+        kept = [held["keep"]] + [keep_adapter(run, out, c, rows, sigma) for c in plan.clients[1:]]
+        sizes = [float(len(run.clients[c].features)) for c in plan.clients]
+        held[f"collude-{len(plan.clients)}"] = mean_adapter(kept, sizes)
     return held
+
+
+# Sections that do not change ``alone`` (it trains a fresh adapter on the client's data, without DP):
+# runs that differ only in these share its score, so a grid of algorithms trains and scores it once.
+ALONE_INDEPENDENT = ("algorithm", "quant", "secagg", "privacy", "flower")
+
+
+def alone_key(cfg: ExperimentConfig, client: int, steps: int) -> str:
+    """A fingerprint of everything ``alone``'s score depends on (the client's data, the model, training, evaluation)."""
+    tree = {k: v for k, v in to_tree(cfg).items() if k not in ALONE_INDEPENDENT}
+    tree["fl"] = {k: v for k, v in tree["fl"].items() if k in ("num_clients",)}
+    text = json.dumps({"config": tree, "client": client, "steps": steps}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_alone(cache: Path | None, key: str) -> dict[str, float] | None:
+    path = None if cache is None else cache / f"alone-{key}.json"
+    return json.loads(path.read_text())["scores"] if path is not None and path.is_file() else None
+
+
+def cache_alone(cache: Path | None, key: str, scores: Mapping[str, float]) -> None:
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        rundir.write_json(cache / f"alone-{key}.json", {"key": key, "scores": dict(scores)})
 
 
 def value_taken(attack: float, alone: float, theta: float) -> float | None:
@@ -114,37 +175,62 @@ def value_taken(attack: float, alone: float, theta: float) -> float | None:
     return None if theta == alone else (attack - alone) / (theta - alone)
 
 
-def score(run: LocalRun, out: Path, held: Mapping[str, Adapter]) -> dict[str, Any]:
-    """Scores of theta (the checkpoint, read only here), Q(theta) and every held adapter; the value each takes."""
+def recorded_scores(out: Path, round_: int) -> dict[str, dict[str, float]] | None:
+    """theta's and Q(theta)'s scores as the run recorded them at ``round_`` (its final evaluation), if it did."""
+    summary = rundir.read_summary(out)
+    if summary.get("final_round") != round_ or "global" not in summary or "proxy" not in summary:
+        return None
+    return {"theta": summary["global"], "proxy": summary["proxy"]}
+
+
+def score(run: LocalRun, out: Path, held: Mapping[str, Adapter], alone: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Scores of theta (the checkpoint, read only here), Q(theta) and every held adapter; the value each takes.
+
+    theta's and Q(theta)'s scores are the run's own final evaluation when it made one (the same
+    computation); ``alone``'s are taken as given when a cached score is passed.
+    """
     ctx = run.server
     tok = ctx.side.backbone.tokenizer
     checkpoint = rundir.load_checkpoint(out)
     if checkpoint is None:
         raise rundir.RunDirError(f"{out} has no checkpoint: no round finished, nothing to attack")
-    theta = checkpoint[0]
-    proxy, _ = rnd.read_broadcast(rundir.load_broadcast(out, rundir.FINAL_BROADCAST), ctx.shapes)
-    adapters = {"theta": theta, "proxy": proxy, **held}
-    scores = {name: evaluate_adapter(ctx.model, a, ctx.evalset, tok, ctx.decoding) for name, a in adapters.items()}
+    theta, round_ = checkpoint
+    scores = recorded_scores(out, round_)
+    if scores is None:
+        proxy, _ = rnd.read_broadcast(rundir.load_broadcast(out, rundir.FINAL_BROADCAST), ctx.shapes)
+        scores = {name: evaluate_adapter(ctx.model, a, ctx.evalset, tok, ctx.decoding) for name, a in (("theta", theta), ("proxy", proxy))}
+    scores.update({name: evaluate_adapter(ctx.model, a, ctx.evalset, tok, ctx.decoding) for name, a in held.items()})
+    if alone is not None:
+        scores["alone"] = dict(alone)
     taken = {name: {m: value_taken(scores[name][m], scores["alone"][m], scores["theta"][m]) for m in scores["theta"]}
-             for name in adapters if name not in ("theta", "alone")}
+             for name in scores if name not in ("theta", "alone")}
     return {"scores": scores, "value_taken": taken}
 
 
-def run_attack(out: Path, client: int, finetune_steps: Sequence[int] | None = None, collude: int = 1) -> dict[str, Any]:
-    """The whole check for one attacking client; written to RUN_DIR/attack-client-K.json."""
+def run_attack(out: Path, client: int | str = LAST, finetune_steps: Sequence[int] | None = None, collude: int = 1,
+               cache: Path | None = None) -> dict[str, Any]:
+    """The whole check for one attacking client; written to RUN_DIR/attack-client-K.json.
+
+    ``cache``: a folder where ``alone``'s score is kept under a fingerprint of what it depends
+    on, so runs that differ only in algorithm, quantization or privacy train and score it once.
+    """
     cfg = rundir.load_run_config(out, [])
+    rows = rundir.read_metrics(out)
+    client = resolve_attacker(rows, client)
     if not 0 <= client < cfg.fl.num_clients:
         raise ValueError(f"--client {client}: the run has clients 0..{cfg.fl.num_clients - 1}")
-    plan = default_plan(cfg, client, collude)
+    plan = default_plan(cfg, rows, client, collude)
     if finetune_steps:
         plan = AttackPlan(plan.clients, tuple(finetune_steps))
-    rows = rundir.read_metrics(out)
-    summary = json.loads((out / rundir.SUMMARY).read_text()) if (out / rundir.SUMMARY).is_file() else {}
-    sigma = float(summary.get("privacy", {}).get("noise_multiplier", 0.0))  # sent to every client with the broadcasts
+    sigma = float(rundir.read_summary(out).get("privacy", {}).get("noise_multiplier", 0.0))  # sent to every client with the broadcasts
+    key = alone_key(cfg, client, alone_steps(cfg, rows, client))
+    alone = cached_alone(cache, key)
     run = build_run(cfg)
     report = {"client": client, "colluders": list(plan.clients), "finetune_steps": list(plan.finetune_steps),
-              "rounds_joined": rounds_joined(rows, client), **score(run, out, client_side_adapters(run, out, plan, rows, sigma))}
-    (out / f"attack-client-{client}.json").write_text(json.dumps(report, indent=2) + "\n")
+              "rounds_joined": rounds_joined(rows, client), "alone_steps": alone_steps(cfg, rows, client),
+              **score(run, out, client_side_adapters(run, out, plan, rows, sigma, with_alone=alone is None), alone)}
+    cache_alone(cache, key, report["scores"]["alone"])
+    rundir.write_json(out / f"attack-client-{client}.json", report)
     return report
 
 

@@ -19,6 +19,15 @@ from fedlpp.engine.rundir import RunDirError, resumed_config
 ENGINES = ("local", "flower")
 
 
+def _client_or_last(text: str) -> int | str:
+    if text == "last":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a client number or 'last', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlpp", description="Federated LoRA fine-tuning that protects data and model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,11 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("config", type=Path, help="sweep file: a run config plus a [sweep] table (see configs/sst2_dp_sweep.toml)")
     sweep.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every run, e.g. data.path=...")
     sweep.add_argument("--out", type=Path, help="folder of the sweep's runs and tables (default: runs/sweep-<name>)")
+    sweep.add_argument("--only", action="append", default=[], metavar="TEXT",
+                       help="run only the points whose name ('label / label seed N') contains TEXT (repeatable); finished ones are still tabulated")
     attack = sub.add_parser("attack", help="what a client can hold (keep, fine-tune, alone, collude) scored beside theta and Q(theta)")
     attack.add_argument("run_dir", type=Path, help="a finished run directory")
-    attack.add_argument("--client", type=int, default=0, help="the attacking client")
+    attack.add_argument("--client", type=_client_or_last, default="last",
+                        help="the attacking client (default 'last': the first client of the last round)")
     attack.add_argument("--steps", type=int, nargs="+", help="fine-tuning steps on Q(theta) (default: one and ten rounds' budget)")
-    attack.add_argument("--collude", type=int, default=2, help="clients (from --client on) averaging what they keep (1: none)")
+    attack.add_argument("--collude", type=int, default=2,
+                        help="clients averaging what they keep: the attacker and those that trained most recently (1: none)")
+    attack.add_argument("--cache", type=Path, help="a folder keeping 'alone' scores, shared by runs that differ only in algorithm/quant/privacy")
     deploy_cli.add_commands(sub)
     return parser
 
@@ -96,9 +110,10 @@ def command_attack(args: argparse.Namespace) -> int:
     quiet_libraries()
     from fedlpp.attack import format_attack, run_attack
 
-    report = run_attack(args.run_dir, args.client, args.steps, args.collude)
+    report = run_attack(args.run_dir, args.client, args.steps, args.collude, args.cache)
     print(format_attack(report))
-    print(f"\nwritten: {args.run_dir / f'attack-client-{args.client}.json'}")
+    written = args.run_dir / f"attack-client-{report['client']}.json"
+    print(f"\nwritten: {written}")
     return 0
 
 
@@ -111,8 +126,11 @@ def command_sweep(args: argparse.Namespace) -> int:
     quiet_libraries()
     from fedlpp.engine.local import run_experiment
 
+    from fedlpp.attack import run_attack
+
     run_sweep(sweep, out, lambda cfg, directory, resume: run_experiment(cfg, directory, resume=resume, progress=False),
-              echo=lambda line: print(line, flush=True))
+              echo=lambda line: print(line, flush=True),
+              attack=lambda directory, a: run_attack(directory, a.client, a.steps, a.collude, out / "attack-cache"), only=args.only)
     print((out / SWEEP_MD).read_text())
     return 0
 

@@ -23,6 +23,7 @@ from fedlpp.secagg.params import PRGS
 
 ALGORITHMS = ("fedavg_lora", "fedlpp", "ffa_lora", "fedlpp_ffa")
 SERVER_RULES = ("mean", "delta")
+SERVER_OPTIMIZERS = ("none", "momentum")
 GRANULARITIES = ("block", "row", "tensor")
 QUANT_BITS = (1, 2, 3, 4, 8)
 TASKS = ("weather", "e2e", "sst2")
@@ -75,11 +76,15 @@ class AlgorithmConfig:
     name: str = "fedlpp"  # fedavg_lora | fedlpp | ffa_lora | fedlpp_ffa
     server_lr: float = 1.0  # eta_s in DESIGN 2.1/2.2; 1.0 is plain FedAvg
     server_rule: str = "mean"  # FedLPP only: "mean" = move to the clients' mean adapter, "delta" = add mean delta to theta
+    server_optimizer: str = "none"  # "momentum" = FedAvgM on the server's step (state clients never see)
+    server_momentum: float = 0.9  # beta of server_optimizer = "momentum"
 
     def __post_init__(self) -> None:
         _choice(self.name, "algorithm.name", ALGORITHMS)
         _choice(self.server_rule, "algorithm.server_rule", SERVER_RULES)
         _require(self.server_lr > 0, "algorithm.server_lr", f"must be > 0, got {self.server_lr}")
+        _choice(self.server_optimizer, "algorithm.server_optimizer", SERVER_OPTIMIZERS)
+        _require(0.0 <= self.server_momentum < 1.0, "algorithm.server_momentum", f"must be in [0, 1), got {self.server_momentum}")
 
 
 @dataclass(frozen=True)

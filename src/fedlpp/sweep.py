@@ -7,11 +7,17 @@ A sweep file is a run config (any ``[section]`` of a TOML experiment file) plus:
     [sweep.axes.algorithm]          # axes are crossed, in file order
     "LoRA" = ["algorithm.name=fedavg_lora"]
     "FFA-LoRA" = ["algorithm.name=ffa_lora", "train.lr=0.02"]
+    [sweep.attack]                  # optional: `fedlpp attack` on every run (DESIGN 6)
+    client = 0
+    collude = 4
+    steps = [5, 50]                 # optional: fine-tuning steps (default one and ten rounds' budget)
 
 Every combination and seed is an ordinary run directory under ``--out``; a finished one
 (summary.json present) is skipped and an interrupted one resumed, so a killed sweep
 continues where it stopped. ``sweep.json`` holds every run's figures and ``sweep.md`` the
-mean ± std over seeds of each combination.
+mean ± std over seeds of each combination. With ``[sweep.attack]`` each run is also attacked
+(``attack-client-K.json`` in its directory, kept when present; ``alone`` is scored once per
+client data and shared through ``attack-cache/``) and ``sweep.md`` gets the attack table.
 """
 
 from __future__ import annotations
@@ -39,15 +45,29 @@ class SweepPoint:
     config: ExperimentConfig
 
     @property
+    def name(self) -> str:
+        return f"{' / '.join(self.labels) or 'base'} seed {self.seed}"
+
+    @property
     def directory(self) -> str:
         slug = "__".join(re.sub(r"[^A-Za-z0-9.=-]+", "_", label).strip("_") for label in self.labels)
         return f"{slug or 'base'}/seed{self.seed}"
 
 
 @dataclass(frozen=True)
+class AttackSettings:
+    """``[sweep.attack]``: which client attacks every run, how many collude, how long it fine-tunes."""
+
+    client: int | str = "last"  # a client number, or "last": the first client of the last round
+    collude: int = 2
+    steps: tuple[int, ...] = ()  # () = one and ten rounds' budget
+
+
+@dataclass(frozen=True)
 class Sweep:
     axes: tuple[str, ...]
     points: tuple[SweepPoint, ...]
+    attack: AttackSettings | None = None
 
 
 def load_sweep(path: Path, overrides: Sequence[str]) -> Sweep:
@@ -60,16 +80,18 @@ def load_sweep(path: Path, overrides: Sequence[str]) -> Sweep:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
         raise ConfigError(f"sweep.seeds: expected a non-empty list of integers >= 0, got {seeds!r}")
     axes = spec.get("axes", {})
-    unknown = sorted(set(spec) - {"seeds", "axes"})
+    unknown = sorted(set(spec) - {"seeds", "axes", "attack"})
     if unknown:
-        raise ConfigError(f"sweep.{unknown[0]}: unknown key; valid keys in [sweep] are axes, seeds")
+        raise ConfigError(f"sweep.{unknown[0]}: unknown key; valid keys in [sweep] are attack, axes, seeds")
+    attack = _attack_settings(spec["attack"]) if "attack" in spec else None
     _check_axes(axes)
     base = apply_overrides(tree, list(overrides))
     points = []
-    for combo in itertools.product(*[list(values.items()) for values in axes.values()]):
-        labels = tuple(label for label, _ in combo)
-        combo_overrides = [o for _, extra in combo for o in extra]
-        for seed in seeds:
+    combos = list(itertools.product(*[list(values.items()) for values in axes.values()]))
+    for seed in seeds:  # seed by seed: a stopped sweep has every combination of its first seeds
+        for combo in combos:
+            labels = tuple(label for label, _ in combo)
+            combo_overrides = [o for _, extra in combo for o in extra]
             where = f"sweep point {' / '.join(labels) or 'base'}, seed {seed}"
             try:
                 config = build_config(apply_overrides(base, [*combo_overrides, f"seed={seed}", *overrides]))
@@ -77,7 +99,26 @@ def load_sweep(path: Path, overrides: Sequence[str]) -> Sweep:
                 raise ConfigError(f"{where}: {e}") from None
             points.append(SweepPoint(labels, seed, config))
     _check_distinct(points)
-    return Sweep(tuple(axes), tuple(points))
+    if attack is not None and isinstance(attack.client, int) and not all(attack.client < p.config.fl.num_clients for p in points):
+        raise ConfigError(f"sweep.attack.client: {attack.client} is not a client of every run (fl.num_clients)")
+    return Sweep(tuple(axes), tuple(points), attack)
+
+
+def _attack_settings(spec: Any) -> AttackSettings:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"sweep.attack: expected a table (client, collude, steps), got {spec!r}")
+    unknown = sorted(set(spec) - {"client", "collude", "steps"})
+    if unknown:
+        raise ConfigError(f"sweep.attack.{unknown[0]}: unknown key; valid keys are client, collude, steps")
+    for key, least in (("client", 0), ("collude", 1)):
+        value = spec.get(key, getattr(AttackSettings, key))
+        if value != "last" and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            raise ConfigError(f"sweep.attack.{key}: expected an integer >= {least}" + (" or 'last'" if key == "client" else "")
+                              + f", got {value!r}")
+    steps = spec.get("steps", [])
+    if not isinstance(steps, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in steps):
+        raise ConfigError(f"sweep.attack.steps: expected a list of integers >= 1, got {steps!r}")
+    return AttackSettings(spec.get("client", "last"), spec.get("collude", 2), tuple(steps))
 
 
 def _check_distinct(points: Sequence[SweepPoint]) -> None:
@@ -110,9 +151,17 @@ def _check_axes(axes: Any) -> None:
                 raise ConfigError(f"sweep.axes.{axis}.{label}: expected a list of \"section.key=value\" strings")
 
 
+Attack = Callable[[Path, AttackSettings], dict[str, Any]]
+
+
 def run_sweep(sweep: Sweep, out: Path, run: Callable[[ExperimentConfig, Path, bool], dict[str, Any]],
-              echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run every point not finished yet (``run(config, directory, resume)``); write the tables."""
+              echo: Callable[[str], None] = print, attack: Attack | None = None,
+              only: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Run every point not finished yet (``run(config, directory, resume)``), attack it if asked; write the tables.
+
+    ``only``: run just the points whose name ("label / label seed N") contains one of these
+    texts; every finished point is still tabulated.
+    """
     for point in sweep.points:  # before anything runs: a changed sweep file must not mix with old runs
         check_same_config(point, out / point.directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,17 +169,46 @@ def run_sweep(sweep: Sweep, out: Path, run: Callable[[ExperimentConfig, Path, bo
     for i, point in enumerate(sweep.points, 1):
         directory = out / point.directory
         summary_path = directory / rundir.SUMMARY
-        name = f"[{i}/{len(sweep.points)}] {' / '.join(point.labels) or 'base'} seed {point.seed}"
+        name = f"[{i}/{len(sweep.points)}] {point.name}"
         if summary_path.exists():
             summary = json.loads(summary_path.read_text())
             echo(f"{name}: done before, kept")
+        elif only and not any(text in point.name for text in only):
+            continue
         else:
             start = time.perf_counter()
             summary = run(point.config, directory, (directory / rundir.CONFIG).exists())
             echo(f"{name}: {_brief(summary)} ({time.perf_counter() - start:.0f} s)")
-        records.append(_record(point, sweep.axes, summary))
+        record = _record(point, sweep.axes, summary)
+        if sweep.attack is not None and attack is not None:
+            record["attack"] = _attacked(directory, sweep.attack, attack, name, echo)
+        records.append(record)
         _write(out, sweep, records)
     return records
+
+
+def _attacked(directory: Path, settings: AttackSettings, attack: Attack, name: str, echo: Callable[[str], None]) -> dict[str, Any]:
+    """The run's attack report: the one it holds, or a new one."""
+    from fedlpp.attack import resolve_attacker
+
+    path = directory / f"attack-client-{resolve_attacker(rundir.read_metrics(directory), settings.client)}.json"
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if len(kept["colluders"]) == max(1, settings.collude) and (not settings.steps or tuple(kept["finetune_steps"]) == settings.steps):
+            return kept
+    start = time.perf_counter()
+    report = attack(directory, settings)
+    taken = report["value_taken"]
+    metric = _headline(report["scores"]["theta"])
+    shares = ", ".join(f"{k} {v[metric]:.2f}" for k, v in taken.items() if v[metric] is not None)
+    echo(f"{name}: attacked ({time.perf_counter() - start:.0f} s); "
+         + (f"share of the value taken ({metric}): {shares}" if shares else f"theta is no better than alone in {metric}"))
+    return report
+
+
+def _headline(metrics: Mapping[str, float]) -> str:
+    """The task metric a table shows (BLEU, accuracy), not the loss."""
+    return next((m for m in metrics if m != "loss"), "loss")
 
 
 def _brief(summary: Mapping[str, Any]) -> str:
@@ -158,7 +236,11 @@ def _record(point: SweepPoint, axes: Sequence[str], summary: Mapping[str, Any]) 
 
 def _write(out: Path, sweep: Sweep, records: list[dict[str, Any]]) -> None:
     (out / SWEEP_JSON).write_text(json.dumps({"axes": list(sweep.axes), "runs": records}, indent=2) + "\n")
-    (out / SWEEP_MD).write_text(table(sweep.axes, records) + "\n")
+    text = table(sweep.axes, records)
+    attacked = [r for r in records if "attack" in r]
+    if attacked:
+        text += "\n\n" + attack_table(sweep.axes, attacked)
+    (out / SWEEP_MD).write_text(text + "\n")
 
 
 def _mean_std(values: Sequence[float]) -> str:
@@ -181,4 +263,24 @@ def table(axes: Sequence[str], records: Sequence[Mapping[str, Any]]) -> str:
         sigma = [r["noise_multiplier"] for r in rows if r["noise_multiplier"] is not None]
         cells += [_mean_std(eps) if eps else "∞ (non-private)", f"{statistics.mean(sigma):.3f}" if sigma else "–", str(len(rows))]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def attack_table(axes: Sequence[str], records: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: per combination, the headline metric of theta, Q(theta) and what a client holds, and the share taken."""
+    groups: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(tuple(r[a] for a in axes), []).append(r)
+    metric = _headline(records[0]["attack"]["scores"]["theta"])
+    adapters = list(records[0]["attack"]["scores"])
+    takers = [a for a in adapters if a not in ("theta", "alone")]
+    header = [*axes, *adapters, *(f"taken: {a}" for a in takers), "seeds"]
+    lines = [f"{metric} of what a client can hold, and the share of the federation's value (theta - alone) it takes",
+             "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for labels, rows in groups.items():
+        cells = [*labels, *(_mean_std([r["attack"]["scores"][a][metric] for r in rows]) for a in adapters)]
+        for a in takers:
+            shares = [r["attack"]["value_taken"][a][metric] for r in rows]
+            cells.append("–" if None in shares else _mean_std(shares))
+        lines.append("| " + " | ".join([*cells, str(len(rows))]) + " |")
     return "\n".join(lines)

@@ -182,3 +182,25 @@ def test_classification_run_on_tiny_bert(tmp_path):
     rows_out = rundir.read_metrics(tmp_path / "run")
     assert set(summary["global"]) == {"loss", "accuracy"}
     assert rows_out[-1]["global"]["loss"] < rows_out[0]["global"]["loss"]
+
+
+def test_server_momentum_resumes_exactly_and_never_leaves_the_server(tmp_path):
+    momentum = ("algorithm.name=fedlpp", "algorithm.server_optimizer=momentum", "algorithm.server_momentum=0.5", "eval.every=10")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    recorder = Recorder()
+    run_experiment(tiny(*momentum), full, progress=False, on_send=recorder)
+    run_experiment(tiny(*momentum, rounds=2), killed, progress=False)
+    rundir.save_config(killed, tiny(*momentum))
+    (killed / rundir.SUMMARY).unlink()
+    run_experiment(tiny(*momentum), killed, resume=True, progress=False)
+    a, b = _final_adapter(full), _final_adapter(killed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    adapter, _ = rundir.load_checkpoint(full)
+    state = rundir.load_server_state(full)
+    assert set(state) == {f"velocity.{n}" for n in adapter}  # kept beside the adapter, not in it
+    plain, plain_sent = tmp_path / "plain", Recorder()
+    run_experiment(tiny("algorithm.name=fedlpp", "eval.every=10"), plain, progress=False, on_send=plain_sent)
+    assert not all(torch.equal(adapter[n], rundir.load_checkpoint(plain)[0][n]) for n in adapter)  # momentum moved it
+    # The same messages, byte for byte in size, as without momentum: no velocity travels; the first round's are equal.
+    assert [len(p) for _, p in recorder.sent] == [len(p) for _, p in plain_sent.sent]
+    assert recorder.sent[0] == plain_sent.sent[0]

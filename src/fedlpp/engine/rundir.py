@@ -94,9 +94,15 @@ def save_config(out: Path, cfg: ExperimentConfig) -> None:
     _atomic_write(out / CONFIG, lambda p: write_toml(cfg, p))
 
 
-def save_checkpoint(out: Path, adapter: Mapping[str, torch.Tensor], round_: int, extra: Mapping[str, str] | None = None) -> None:
-    """The adapter after ``round_``; ``extra`` metadata (the privacy ledger) is written in the same atomic file."""
+SERVER_STATE_PREFIX = "server_state."  # checkpoint tensors that are the server optimizer's, not the adapter's
+
+
+def save_checkpoint(out: Path, adapter: Mapping[str, torch.Tensor], round_: int, extra: Mapping[str, str] | None = None,
+                    server_state: Mapping[str, torch.Tensor] | None = None) -> None:
+    """The adapter after ``round_``, with ``extra`` metadata (the privacy ledger) and the server
+    optimizer's state, in one atomic file."""
     tensors = {n: t.contiguous() for n, t in adapter.items()}
+    tensors.update({SERVER_STATE_PREFIX + n: t.contiguous() for n, t in (server_state or {}).items()})
     metadata = {**(extra or {}), "round": str(round_)}
     _atomic_write(out / CHECKPOINT, lambda p: save_file(tensors, str(p), metadata=metadata))
 
@@ -110,11 +116,23 @@ def load_checkpoint_metadata(out: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def _checkpoint_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / CHECKPOINT))
+
+
 def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], int] | None:
     """(adapter, last finished round), or None when no round has finished yet."""
     if not (out / CHECKPOINT).exists():
         return None
-    return load_file(str(out / CHECKPOINT)), int(load_checkpoint_metadata(out)["round"])
+    adapter = {n: t for n, t in _checkpoint_tensors(out).items() if not n.startswith(SERVER_STATE_PREFIX)}
+    return adapter, int(load_checkpoint_metadata(out)["round"])
+
+
+def load_server_state(out: Path) -> dict[str, torch.Tensor]:
+    """The server optimizer's state saved with the checkpoint ({} when there is none)."""
+    if not (out / CHECKPOINT).exists():
+        return {}
+    return {n.removeprefix(SERVER_STATE_PREFIX): t for n, t in _checkpoint_tensors(out).items() if n.startswith(SERVER_STATE_PREFIX)}
 
 
 def broadcast_path(out: Path, round_: int | str) -> Path:
@@ -163,5 +181,16 @@ def truncate_metrics(out: Path, last_round: int) -> list[dict[str, Any]]:
     return rows
 
 
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as indented JSON, written atomically (a reader never sees half a file)."""
+    _atomic_write(path, lambda p: p.write_text(json.dumps(value, indent=2) + "\n"))
+
+
 def write_summary(out: Path, summary: Mapping[str, Any]) -> None:
-    _atomic_write(out / SUMMARY, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
+    write_json(out / SUMMARY, summary)
+
+
+def read_summary(out: Path) -> dict[str, Any]:
+    """summary.json ({} when the run has not finished)."""
+    path = out / SUMMARY
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedlpp.algorithms import round as rnd
+from fedlpp.algorithms.server_opt import ServerOptimizer, make_server_optimizer
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.algorithms.steps import mean_finite
 from fedlpp.engine import rundir
@@ -80,10 +81,12 @@ class RoundOutcome:
 
 
 def run_round(ctx: ServerContext, federation: Federation, adapter: Adapter, round_: int, clients: Sequence[int],
-              bar: tqdm | None) -> RoundOutcome:
+              bar: tqdm | None, optimizer: ServerOptimizer | None = None) -> RoundOutcome:
     t0 = time.perf_counter()
     payload = rnd.make_broadcast(ctx.spec, adapter, ctx.a_seed, round_)
     out = federation.round_trip(ctx, adapter, payload, clients, round_, bar)
+    if optimizer is not None:
+        out.adapter = optimizer.step(adapter, out.adapter)
     row = {"round": round_, "clients": list(clients), **out.row}
     if ctx.privacy is None:  # the clients' training loss is computed from their data without noise
         row["train_loss"] = mean_finite([v for v in out.losses if v is not None])
@@ -119,6 +122,7 @@ def serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool = 
     open_run_dir(out, ctx, resume)
     adapter, last, rows = start_or_resume(ctx, out, resume)
     ledger = start_ledger(ctx, out, resume)
+    optimizer = start_server_optimizer(ctx, out, resume)
     stopped = None
     rounds_bar = tqdm(range(last + 1, cfg.fl.rounds + 1), desc="rounds", initial=last, total=cfg.fl.rounds, disable=not progress, position=0)
     for round_ in rounds_bar:
@@ -128,13 +132,14 @@ def serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool = 
             stopped = budget_stop(ctx.privacy, ledger, spent, round_)
             break
         with tqdm(total=len(clients) * cfg.fl.local_steps, desc=f"round {round_} client steps", leave=False, disable=not progress, position=1) as bar:
-            outcome = run_round(ctx, federation, adapter, round_, clients, bar)
+            outcome = run_round(ctx, federation, adapter, round_, clients, bar, optimizer)
         adapter, ledger = outcome.adapter, spent
         if ledger is not None:
             outcome.row.update(privacy_row(ctx.privacy, ledger))
         rundir.save_broadcast(out, round_, outcome.broadcast)
         rundir.append_metrics(out, outcome.row)
-        rundir.save_checkpoint(out, adapter, round_, {LEDGER_KEY: ledger.to_json()} if ledger is not None else None)
+        rundir.save_checkpoint(out, adapter, round_, {LEDGER_KEY: ledger.to_json()} if ledger is not None else None,
+                               optimizer.state())
         rows.append(outcome.row)
         rounds_bar.set_postfix(_postfix(outcome.row))
     rounds_bar.close()
@@ -157,6 +162,15 @@ def start_or_resume(ctx: ServerContext, out: Path, resume: bool) -> tuple[Adapte
     adapter, last = ckpt
     log.info("resuming %s after round %d", out, last)
     return adapter, last, rundir.truncate_metrics(out, last)
+
+
+def start_server_optimizer(ctx: ServerContext, out: Path, resume: bool) -> ServerOptimizer:
+    """The server optimizer, with the state it had at the checkpoint when resuming."""
+    algorithm = ctx.cfg.algorithm
+    optimizer = make_server_optimizer(algorithm.server_optimizer, algorithm.server_momentum)
+    if resume:
+        optimizer.load(rundir.load_server_state(out))
+    return optimizer
 
 
 def start_ledger(ctx: ServerContext, out: Path, resume: bool) -> Ledger | None:

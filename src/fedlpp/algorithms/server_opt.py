@@ -1,0 +1,79 @@
+"""The server's optimizer: what it does with each round's step, with state no client ever sees.
+
+A round's combiner and server rule propose the next adapter θ' (DESIGN 2.1/2.2). The
+server optimizer turns the proposed step d = θ' − θ into the step it takes:
+
+- ``none``: θ' as proposed (FedAvg's server, the default);
+- ``momentum`` (FedAvgM, Hsu et al. 2019, arXiv:1909.06335): m ← β·m + d, θ ← θ + m.
+
+Momentum is a model-privacy candidate (issue 11): the clients only ever receive Q(θ) and
+train from it; m lives on the server and is kept in the checkpoint so that ``--resume``
+continues the same run. A void round (the adapter unchanged: every update refused, a
+SecAgg abort) takes no step, so m does not carry the adapter on without the clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from fedlpp.models.lora import Adapter
+
+SERVER_OPTIMIZERS = ("none", "momentum")
+
+
+class NoServerOptimizer:
+    """The proposed adapter, as it is."""
+
+    def step(self, adapter: Mapping[str, torch.Tensor], proposed: Adapter) -> Adapter:
+        return proposed
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"the checkpoint holds server optimizer state ({sorted(state)[0]}, ...) but the run has none")
+
+
+class ServerMomentum:
+    """FedAvgM: heavy-ball momentum on the server's proposed step."""
+
+    def __init__(self, beta: float) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"server momentum must be in [0, 1), got {beta}")
+        self.beta = beta
+        self.velocity: dict[str, torch.Tensor] = {}
+
+    def step(self, adapter: Mapping[str, torch.Tensor], proposed: Adapter) -> Adapter:
+        if all(torch.equal(proposed[n], adapter[n]) for n in adapter):
+            return proposed  # a void round: nothing was learned, so nothing moves
+        moved = {}
+        for name, value in adapter.items():
+            step = proposed[name] - value
+            if name in self.velocity:
+                step = self.beta * self.velocity[name] + step
+            self.velocity[name] = step
+            moved[name] = value + step
+        return moved
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"velocity.{n}": v for n, v in self.velocity.items()}
+
+    def load(self, state: Mapping[str, torch.Tensor]) -> None:
+        unknown = [k for k in state if not k.startswith("velocity.")]
+        if unknown:
+            raise ValueError(f"server momentum cannot restore {unknown[0]!r} from the checkpoint")
+        self.velocity = {k.removeprefix("velocity."): v.clone() for k, v in state.items()}
+
+
+ServerOptimizer = NoServerOptimizer | ServerMomentum
+
+
+def make_server_optimizer(name: str, momentum: float) -> ServerOptimizer:
+    if name == "none":
+        return NoServerOptimizer()
+    if name == "momentum":
+        return ServerMomentum(momentum)
+    raise ValueError(f"unknown server optimizer {name!r}; valid choices are {', '.join(SERVER_OPTIMIZERS)}")

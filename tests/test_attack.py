@@ -145,3 +145,30 @@ def test_an_attacker_that_never_trained_or_does_not_exist_is_refused(run):
     rows = [{"round": 1, "clients": [0, 1]}]
     with pytest.raises(ValueError, match="never trained"):
         attack.keep_adapter(build_run(load_config(out / rundir.CONFIG)), out, 3, rows, 0.0)
+
+
+VARIANTS = {
+    "fedlpp_ffa": ["algorithm.name=fedlpp_ffa"],
+    "fedlpp+secagg": ["fl.clients_per_round=3", "secagg.enabled=true"],
+    "ffa_lora+dp_sgd": ["algorithm.name=ffa_lora", "privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", "train.max_grad_norm=0"],
+    "fedavg_lora+client_dp": ["algorithm.name=fedavg_lora", "privacy.mode=client_dp", "privacy.noise_multiplier=0.5",
+                              "privacy.clip_norm=1.0"],
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_the_attack_runs_under_ffa_secagg_and_both_dp_modes(variant, tmp_path):
+    """keep is exact there too: the whole last round colluding holds theta, up to SecAgg's fixed point
+    (client-level DP adds noise the clients never see, so there theta differs by that noise)."""
+    out = tmp_path / variant
+    local.run_experiment(load_config(None, [*TINY, "fl.rounds=2", *VARIANTS[variant]]), out, progress=False)
+    report = attack.run_attack(out, "last", [2], collude=1)
+    assert set(report["scores"]) == {"theta", "proxy", "keep", "finetune-2", "alone"}
+    rows = rundir.read_metrics(out)
+    cohort = rows[-1]["clients"]
+    sigma = float(rundir.read_summary(out).get("privacy", {}).get("noise_multiplier", 0.0))
+    plan = attack.AttackPlan(tuple(attack.trained_clients(rows)[: len(cohort)]), ())
+    held = attack.client_side_adapters(build_run(load_config(out / rundir.CONFIG)), out, plan, rows, sigma, with_alone=False)
+    theta, _ = rundir.load_checkpoint(out)
+    close = all(torch.allclose(held[f"collude-{len(cohort)}"][n], theta[n], atol=1e-4) for n in theta)
+    assert close == (variant != "fedavg_lora+client_dp")

@@ -92,6 +92,8 @@ def command_run(args: argparse.Namespace) -> int:
     summary = run_engine(args.engine)(cfg, out, resume=resume, progress=not args.quiet)
     print(format_summary(summary))
     print(f"\nrun directory: {out}")
+    print(f"the proxy is what a client receives, not what it can hold: `fedlpp attack {out}` scores its last local "
+          "adapter, Q(theta) fine-tuned on its data, the same training alone and clients colluding")
     return 0
 
 

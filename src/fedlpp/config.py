@@ -44,6 +44,18 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def _require_finite(cfg: Any) -> None:
+    """Every float key is a finite number: inf passes every "> 0" check and then can only fail (NaN, a crash)."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(values):
+            continue
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if isinstance(value, float):
+                _require(math.isfinite(value), f"{section.name}.{f.name}", f"must be a finite number, got {value}")
+
+
 def _choice(value: object, key: str, choices: tuple[Any, ...]) -> None:
     _require(value in choices, key, f"got {value!r}; valid choices are {', '.join(map(repr, choices))}")
 
@@ -150,7 +162,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _require(0 < self.lr <= 1, "train.lr", f"must be in (0, 1] (AdamW's step size), got {self.lr}")
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
 
@@ -267,6 +279,7 @@ class ExperimentConfig:
     flower: FlowerConfig = field(default_factory=FlowerConfig)  # the Flower engine only (fedlpp run --engine flower, flwr run)
 
     def __post_init__(self) -> None:
+        _require_finite(self)
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         _require(
             not (self.privacy.mode == "dp_sgd" and self.train.max_grad_norm > 0),

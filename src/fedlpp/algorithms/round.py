@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -35,6 +36,9 @@ MAX_ABS_VALUE = 65504.0
 # With the "mean" rule and a single accepted update, theta_{t+1} would be exactly that
 # client's own adapter: the client would hold the server's model.
 MIN_UPDATES_FOR_MEAN = 2
+# The most examples one update may claim where the server does not know the client's size
+# (weights are examples / total in float64: a larger count could only overflow or dominate).
+MAX_NUM_EXAMPLES = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -121,8 +125,13 @@ def proxy_point(spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor]) -> Ada
     return fedlpp.proxy_of(adapter, trained_layout(_shapes(adapter), spec.freeze_a), spec.quant)
 
 
-def validate_update(payload: bytes, client_id: int, layout: Layout, round_: int) -> ClientUpdate:
-    """Decode one update and check layout (names, shapes), dtype, size, finiteness, round, count."""
+def validate_update(payload: bytes, client_id: int, layout: Layout, round_: int, declared: int | None = None) -> ClientUpdate:
+    """Decode one update and check layout (names, shapes), dtype, size, finiteness, round, count.
+
+    ``declared``: the client's number of examples as the server knows it (its partition, or
+    what the node said when it joined); an update may not claim more. Where it is unknown the
+    count is only bounded by MAX_NUM_EXAMPLES: the server cannot check a client's data.
+    """
     tensors, meta = wire.decode(payload, UPDATE)
     if meta.get("layout") != fingerprint(layout):
         raise ValueError("tensor layout (names or shapes) differs from the server's adapter")
@@ -135,12 +144,22 @@ def validate_update(payload: bytes, client_id: int, layout: Layout, round_: int)
         raise ValueError(f"values must be a flat vector, got shape {tuple(values.shape)}")
     check_length(values, layout)
     _check_magnitude(values)
-    if meta.get("round") != round_:
-        raise ValueError(f"update is for round {meta.get('round')}, expected {round_}")
+    r = meta.get("round")
+    if type(r) is not int or r != round_:  # exactly an int: true or 1.0 is not a round number
+        raise ValueError(f"update is for round {r!r}, expected {round_}")
     n = meta.get("num_examples")
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-        raise ValueError(f"num_examples must be a positive integer, got {n!r}")
+    if type(n) is not int or n <= 0:
+        raise ValueError(f"num_examples must be a positive integer, got {_brief(n)}")
+    if declared is not None and n > declared:
+        raise ValueError(f"num_examples {n} is more than the {declared} examples this client declared")
+    if n > MAX_NUM_EXAMPLES:
+        raise ValueError(f"num_examples {_brief(n)} is more than {MAX_NUM_EXAMPLES}")
     return ClientUpdate(client_id, values, layout, n)
+
+
+def _brief(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
 def _check_magnitude(values: torch.Tensor) -> None:
@@ -193,14 +212,17 @@ def server_step(
     return AggregateResult(new if new is not None else copy_adapter(adapter), accepted, combined.rejected, notes)
 
 
+@dataclass(frozen=True)
 class WeightedMean:
-    """Plain FedAvg: every valid update, weighted by its example count."""
+    """Plain FedAvg: every valid update, weighted by its example count (at most what its client declared)."""
+
+    declared: Mapping[int, int] | None = None  # client id -> number of examples, where the server knows it
 
     def __call__(
         self, spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor], inputs: Sequence[tuple[int, bytes]], round_: int,
         notes: dict[str, Any],
     ) -> Combined:
-        updates, rejected = validate_all(spec, adapter, inputs, round_)
+        updates, rejected = validate_all(spec, adapter, inputs, round_, self.declared)
         if not updates:
             log.warning("round %d: no valid update; the global adapter is unchanged", round_)
             return Combined(None, (), rejected)
@@ -217,12 +239,13 @@ class ClientDpMean:
     """
 
     noised: NoisedSum
+    declared: Mapping[int, int] | None = None
 
     def __call__(
         self, spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor], inputs: Sequence[tuple[int, bytes]], round_: int,
         notes: dict[str, Any],
     ) -> Combined:
-        updates, rejected = validate_all(spec, adapter, inputs, round_)
+        updates, rejected = validate_all(spec, adapter, inputs, round_, self.declared)
         accepted = []
         for u in updates:
             if within_norm(u.delta, self.noised.clip_norm):
@@ -251,17 +274,26 @@ def aggregate(
 
 
 def validate_all(
-    spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor], payloads: Sequence[tuple[int, bytes]], round_: int
+    spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor], payloads: Sequence[tuple[int, bytes]], round_: int,
+    declared: Mapping[int, int] | None = None,
 ) -> tuple[list[ClientUpdate], dict[int, str]]:
-    """The valid updates, and why each other one was refused (logged)."""
+    """The valid updates, and why each other one was refused (logged).
+
+    One update per client per round: a client that sent several has all of them refused
+    (which one is genuine cannot be told), so no client counts twice towards the mean.
+    """
     layout = trained_layout(_shapes(adapter), spec.freeze_a)
+    counts = Counter(client_id for client_id, _ in payloads)
     updates, rejected = [], {}
     for client_id, payload in payloads:
         try:
-            updates.append(validate_update(payload, client_id, layout, round_))
+            if counts[client_id] > 1:
+                raise ValueError(f"{counts[client_id]} updates from this client in one round; one per client per round is accepted")
+            updates.append(validate_update(payload, client_id, layout, round_, (declared or {}).get(client_id)))
         except (ValueError, wire.WireError) as e:
+            if client_id not in rejected:
+                log.warning("round %d: rejected the update of client %d: %s", round_, client_id, e)
             rejected[client_id] = str(e)
-            log.warning("round %d: rejected the update of client %d: %s", round_, client_id, e)
     return updates, rejected
 
 

@@ -16,6 +16,11 @@ from safetensors.torch import save as st_save
 
 FORMAT = "fedlpp"
 VERSION = "1"
+# Bounds on what is decoded from a peer before any of it is trusted: a message's JSON header,
+# its metadata text, and how deeply that metadata may nest (a broadcast's quant spec is one level).
+MAX_HEADER_BYTES = 1 << 20
+MAX_META_CHARS = 1 << 14
+MAX_META_DEPTH = 2
 
 
 class WireError(ValueError):
@@ -39,13 +44,30 @@ def decode(data: bytes, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, o
         raise WireError(f"unsupported message format {header.get('format')!r} version {header.get('version')!r}")
     if header.get("kind") != kind:
         raise WireError(f"expected a {kind!r} message, got {header.get('kind')!r}")
+    return tensors, _metadata(header.get("meta", ""))
+
+
+def _metadata(text: str) -> dict[str, object]:
+    """The message's metadata: a JSON object of bounded size and depth, or a WireError."""
+    if len(text) > MAX_META_CHARS:
+        raise WireError(f"message metadata is {len(text)} characters, more than {MAX_META_CHARS}")
     try:
-        meta = json.loads(header.get("meta", ""))
-    except json.JSONDecodeError:
+        meta = json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: nesting beyond what the parser can follow
         meta = None
     if not isinstance(meta, dict):
         raise WireError("message metadata is missing or not a JSON object")
-    return tensors, meta
+    if _depth(meta) > MAX_META_DEPTH:
+        raise WireError(f"message metadata nests deeper than {MAX_META_DEPTH} levels")
+    return meta
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
 
 
 def _header(data: bytes) -> dict[str, str]:
@@ -53,5 +75,7 @@ def _header(data: bytes) -> dict[str, str]:
     n = int.from_bytes(data[:8], "little")
     if n <= 0 or n > len(data) - 8:
         raise ValueError("truncated header")
+    if n > MAX_HEADER_BYTES:
+        raise ValueError(f"header of {n} bytes, more than {MAX_HEADER_BYTES}")
     header = json.loads(bytes(data[8 : 8 + n]))
     return dict(header.get("__metadata__", {}))

@@ -94,6 +94,12 @@ class ServerContext:
         return initial_adapter(self.shapes, self.a_seed)
 
     @property
+    def declared_sizes(self) -> dict[int, int]:
+        """Client id -> its number of examples (its partition, or what its node declared on joining):
+        no update may claim more. The server cannot check a client's data beyond that."""
+        return dict(enumerate(self.client_sizes))
+
+    @property
     def sigma(self) -> float:
         """The noise multiplier the clients are sent (the resumed run's, if it differs); 0 without DP."""
         return self.privacy.noise_multiplier if self.privacy is not None else 0.0
@@ -218,8 +224,8 @@ def server_combiner(ctx: ServerContext, round_: int) -> rnd.Combiner:
     plan = ctx.privacy
     if plan is not None and plan.mode == "client_dp":
         rng = randomness(plan.secure_noise, derive_seed(ctx.cfg.seed, "client_dp_noise", round_))
-        return rnd.ClientDpMean(NoisedSum(plan.clip_norm, plan.noise_multiplier, plan.expected_clients, rng))
-    return rnd.WeightedMean()
+        return rnd.ClientDpMean(NoisedSum(plan.clip_norm, plan.noise_multiplier, plan.expected_clients, rng), ctx.declared_sizes)
+    return rnd.WeightedMean(ctx.declared_sizes)
 
 
 def secure_combiner(ctx: ServerContext) -> SecureMean:

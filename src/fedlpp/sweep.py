@@ -147,6 +147,9 @@ def _check_axes(axes: Any) -> None:
         if not isinstance(values, dict) or not values:
             raise ConfigError(f"sweep.axes.{axis}: expected a table of label = [overrides], got {values!r}")
         for label, extra in values.items():
+            if not re.search(r"[A-Za-z0-9]", label):
+                raise ConfigError(f"sweep.axes.{axis}: label {label!r} is not a name (each names a run directory); "
+                                  "use letters or digits")
             if not isinstance(extra, list) or not all(isinstance(o, str) for o in extra):
                 raise ConfigError(f"sweep.axes.{axis}.{label}: expected a list of \"section.key=value\" strings")
 

@@ -10,22 +10,28 @@
 config.toml, checkpoint.safetensors and summary.json are replaced atomically (temporary
 file + rename); metrics.jsonl is appended to, and a line cut short by a kill is dropped on
 resume; adapter/ is written by peft once, at the end. A kill therefore never costs a
-finished round.
+finished round. Any other damage is refused by name, never repaired by dropping history:
+a bad metrics line before the last, a missing, unreadable or foreign checkpoint, or a
+configuration that differs from the one the checkpoint records. One process at a time
+writes a run (DIR/.lock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from fedlpp.config import ConfigError, ExperimentConfig, changed_keys, load_config, write_toml
+from fedlpp.config import ConfigError, ExperimentConfig, changed_keys, load_config, to_tree, write_toml
 
 CONFIG, METRICS, CHECKPOINT, SUMMARY, ADAPTER, BROADCASTS = (
     "config.toml",
@@ -43,17 +49,96 @@ class RunDirError(RuntimeError):
 
 
 def _atomic_write(path: Path, write: Any) -> None:
+    """Write to a temporary file, then rename it over ``path``: the old file stays whole until the new one is.
+
+    Any failure (a full disk, a read-only or immutable folder, a writer's own error) is one
+    RunDirError naming the file; the temporary file is removed.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except Exception as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise RunDirError(f"could not write {path}: {e} (the previous version, if any, is unchanged)") from e
+
+
+LOCK = ".lock"  # held by the one process writing the run: {"pid": ..., "started": ...}
+LOCK_WRITE_GRACE_S = 5.0  # a lock file still without its holder this young is being written, not abandoned
+
+
+@contextlib.contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold ``out`` for this process while the block runs; refuse while another live process holds it.
+
+    The lock file is created with O_EXCL, so two processes cannot both take it; a lock left by
+    a process that has died (kill -9) is recovered. The holder is identified by its pid and
+    start time, so a recycled pid is not mistaken for the holder.
+    """
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is None and _age(path) < LOCK_WRITE_GRACE_S:
+                raise RunDirError(f"{out} is being taken by another process (its lock file {path} is new)") from None
+            if holder is not None and _is_alive(holder):
+                raise RunDirError(f"{out} is in use by process {holder['pid']} (its lock file is {path}); "
+                                  "wait for that run to end or stop it") from None
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # the holder died without releasing it
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(_me(), f)
+        break
+    else:
+        raise RunDirError(f"could not take the lock {path}: other processes keep taking it")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
+
+
+def _me() -> dict[str, Any]:
+    return {"pid": os.getpid(), "started": psutil.Process().create_time()}
+
+
+def _lock_holder(path: Path) -> dict[str, Any] | None:
+    """The holder recorded in a lock file; None when it cannot be read (a holder killed while writing it)."""
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and type(holder.get("pid")) is int else None
+
+
+def _is_alive(holder: Mapping[str, Any]) -> bool:
+    try:
+        return abs(psutil.Process(holder["pid"]).create_time() - float(holder.get("started", 0))) < 1.0
+    except (psutil.Error, ValueError, TypeError):
+        return False
 
 
 def check_new(out: Path) -> None:
     """Refuse an --out that already holds a run (nothing is overwritten) or is not a folder."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} exists and is not a directory")
-    if (out / CONFIG).exists() or (out / CHECKPOINT).exists():
-        raise RunDirError(f"{out} already holds a run; use --resume {out} to continue it, or choose another --out")
+    left = [name for name in (CONFIG, CHECKPOINT, METRICS, SUMMARY) if (out / name).exists()]
+    if left:
+        raise RunDirError(f"{out} already holds a run ({left[0]}); use --resume {out} to continue it, or choose another --out")
 
 
 def prepare_new(out: Path, cfg: ExperimentConfig) -> None:
@@ -94,6 +179,7 @@ def save_config(out: Path, cfg: ExperimentConfig) -> None:
     _atomic_write(out / CONFIG, lambda p: write_toml(cfg, p))
 
 
+CONFIG_KEY = "config"  # checkpoint metadata: the configuration it was made with (config_record)
 SERVER_STATE_PREFIX = "server_state."  # checkpoint tensors that are the server optimizer's, not the adapter's
 
 
@@ -112,20 +198,68 @@ def load_checkpoint_metadata(out: Path) -> dict[str, str]:
     path = out / CHECKPOINT
     if not path.exists():
         return {}
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # whatever safetensors raises on a damaged file
+        raise RunDirError(f"{path} is damaged and cannot be read ({e}); the run cannot be resumed from it") from None
 
 
 def _checkpoint_tensors(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / CHECKPOINT))
+    try:
+        return load_file(str(out / CHECKPOINT))
+    except Exception as e:
+        raise RunDirError(f"{out / CHECKPOINT} is damaged and cannot be read ({e}); the run cannot be resumed from it") from None
 
 
 def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], int] | None:
     """(adapter, last finished round), or None when no round has finished yet."""
     if not (out / CHECKPOINT).exists():
         return None
+    metadata = load_checkpoint_metadata(out)
+    round_ = metadata.get("round", "")
+    if not round_.isdigit() or int(round_) < 1:
+        raise RunDirError(f"{out / CHECKPOINT} has no valid 'round' in its metadata (got {round_!r}): "
+                          "it is not a checkpoint fedlpp wrote")
     adapter = {n: t for n, t in _checkpoint_tensors(out).items() if not n.startswith(SERVER_STATE_PREFIX)}
-    return adapter, int(load_checkpoint_metadata(out)["round"])
+    return adapter, int(round_)
+
+
+def config_record(cfg: ExperimentConfig) -> str:
+    """Every key a resume must not change, as JSON: stored with each checkpoint."""
+    tree = to_tree(cfg)
+    for key in RESUMABLE_KEYS:
+        section, name = key.split(".")
+        tree[section].pop(name, None)
+    return json.dumps(tree, sort_keys=True)
+
+
+def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """{"section.key": value} (and top-level keys such as seed as they are)."""
+    flat: dict[str, Any] = {}
+    for section, values in tree.items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{k}": v for k, v in values.items()})
+        else:
+            flat[section] = values
+    return flat
+
+
+def check_checkpoint_config(out: Path, cfg: ExperimentConfig) -> None:
+    """Refuse to resume with a configuration other than the one the checkpoint was made with."""
+    stored = load_checkpoint_metadata(out).get(CONFIG_KEY)
+    if stored is None:
+        return  # a checkpoint from before configurations were recorded
+    try:
+        then = json.loads(stored)
+    except ValueError:
+        raise RunDirError(f"{out / CHECKPOINT}: its recorded configuration is damaged") from None
+    now, then = _flat(json.loads(config_record(cfg))), _flat(then)
+    defaults = _flat(json.loads(config_record(ExperimentConfig())))  # a key added since then had its default
+    changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k, defaults.get(k)))
+    if changed:
+        raise RunDirError(f"{out}: {changed[0]} differs from the configuration the checkpoint was made with "
+                          f"({CONFIG} was edited since?); only {', '.join(RESUMABLE_KEYS)} may change on resume")
 
 
 def load_server_state(out: Path) -> dict[str, torch.Tensor]:
@@ -162,16 +296,40 @@ def append_metrics(out: Path, row: Mapping[str, Any]) -> None:
 
 
 def read_metrics(out: Path) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl; only a last line cut short by a kill is dropped.
+
+    Any other damage (a bad line before the last, a row that is not an object with an
+    integer round, rounds out of order) is a RunDirError naming the file and line: the
+    history is never silently shortened.
+    """
     path = out / METRICS
     if not path.exists():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path} cannot be read: {e}") from None
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, 1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill
-            break
+            row = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                break  # a line cut short by a kill
+            raise RunDirError(f"{path}, line {number}: not valid JSON; the run's history is damaged "
+                              "(repair or remove the line, or start a new run)") from None
+        _check_row(path, number, row, rows[-1]["round"] if rows else 0)
+        rows.append(row)
     return rows
+
+
+def _check_row(path: Path, number: int, row: Any, previous: int) -> None:
+    if not isinstance(row, dict):
+        raise RunDirError(f"{path}, line {number}: expected a JSON object (one round's metrics), got {type(row).__name__}")
+    r = row.get("round")
+    if type(r) is not int or r <= previous:
+        raise RunDirError(f"{path}, line {number}: round {r!r} does not follow round {previous}; "
+                          "the file mixes runs or is damaged")
 
 
 def truncate_metrics(out: Path, last_round: int) -> list[dict[str, Any]]:

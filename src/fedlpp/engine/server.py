@@ -117,7 +117,15 @@ def open_run_dir(out: Path, ctx: ServerContext, resume: bool) -> None:
 
 
 def serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run (or continue) the rounds into the run directory ``out`` and return the summary."""
+    """Run (or continue) the rounds into the run directory ``out`` and return the summary.
+
+    The directory is held for the whole run (``rundir.exclusive``): a second process on it is refused.
+    """
+    with rundir.exclusive(out):
+        return _serve(ctx, federation, out, resume, progress)
+
+
+def _serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool, progress: bool) -> dict[str, Any]:
     cfg = ctx.cfg
     open_run_dir(out, ctx, resume)
     adapter, last, rows = start_or_resume(ctx, out, resume)
@@ -138,8 +146,8 @@ def serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool = 
             outcome.row.update(privacy_row(ctx.privacy, ledger))
         rundir.save_broadcast(out, round_, outcome.broadcast)
         rundir.append_metrics(out, outcome.row)
-        rundir.save_checkpoint(out, adapter, round_, {LEDGER_KEY: ledger.to_json()} if ledger is not None else None,
-                               optimizer.state())
+        metadata = {rundir.CONFIG_KEY: rundir.config_record(cfg), **({LEDGER_KEY: ledger.to_json()} if ledger is not None else {})}
+        rundir.save_checkpoint(out, adapter, round_, metadata, optimizer.state())
         rows.append(outcome.row)
         rounds_bar.set_postfix(_postfix(outcome.row))
     rounds_bar.close()
@@ -158,10 +166,28 @@ def start_or_resume(ctx: ServerContext, out: Path, resume: bool) -> tuple[Adapte
     """The adapter to start from, the last finished round, and the metrics rows kept."""
     ckpt = rundir.load_checkpoint(out) if resume else None
     if ckpt is None:
+        if resume and rundir.read_metrics(out):
+            raise rundir.RunDirError(f"{out / rundir.CHECKPOINT} is missing but {rundir.METRICS} records finished rounds: "
+                                     "resuming would silently restart the run (and any privacy accounting) from round 0")
         return ctx.initial_adapter(), 0, (rundir.truncate_metrics(out, 0) if resume else [])
     adapter, last = ckpt
+    rundir.check_checkpoint_config(out, ctx.cfg)
+    check_adapter_shapes(out, adapter, ctx.shapes)
     log.info("resuming %s after round %d", out, last)
     return adapter, last, rundir.truncate_metrics(out, last)
+
+
+def check_adapter_shapes(out: Path, adapter: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """The checkpoint's adapter must be this run's: the same tensor names and shapes, float32."""
+    path = out / rundir.CHECKPOINT
+    if set(adapter) != set(shapes):
+        extra, missing = sorted(set(adapter) - set(shapes)), sorted(set(shapes) - set(adapter))
+        raise rundir.RunDirError(f"{path} does not hold this run's adapter: "
+                                 + (f"unexpected tensor {extra[0]}" if extra else f"no tensor {missing[0]}"))
+    for name, tensor in adapter.items():
+        if tuple(tensor.shape) != tuple(shapes[name]) or tensor.dtype != torch.float32:
+            raise rundir.RunDirError(f"{path}: {name} is {tuple(tensor.shape)} {tensor.dtype}, this run's adapter has "
+                                     f"{tuple(shapes[name])} torch.float32")
 
 
 def start_server_optimizer(ctx: ServerContext, out: Path, resume: bool) -> ServerOptimizer:
@@ -180,8 +206,14 @@ def start_ledger(ctx: ServerContext, out: Path, resume: bool) -> Ledger | None:
         return None
     stored = rundir.load_checkpoint_metadata(out).get(LEDGER_KEY) if resume else None
     if stored is None:
+        if resume and (out / rundir.CHECKPOINT).exists():
+            raise rundir.RunDirError(f"{out / rundir.CHECKPOINT} has no privacy ledger: the rounds it finished "
+                                     "could not be accounted for, so the run cannot continue under DP")
         return Ledger(plan.noise_multiplier)
-    ledger = Ledger.from_json(stored)
+    try:
+        ledger = Ledger.from_json(stored)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise rundir.RunDirError(f"{out / rundir.CHECKPOINT}: its privacy ledger is damaged ({e})") from None
     if ledger.noise_multiplier != plan.noise_multiplier:
         # fl.rounds grew: sigma stays what the run was calibrated with (the budget then stops it).
         ctx.privacy = dataclasses.replace(plan, noise_multiplier=ledger.noise_multiplier)

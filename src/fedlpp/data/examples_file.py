@@ -11,6 +11,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedlpp.data.files import read_text
 from fedlpp.data.schema import Example
 
 
@@ -28,11 +29,11 @@ def read_examples(path: str | Path) -> list[Example]:
     p = Path(path)
     if not p.is_file():
         raise ExamplesFileError(f"{p}: no such data file (a client's data-path must be a JSONL file of examples)")
-    examples = []
-    with p.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                examples.append(_example(line, p, number))
+    try:
+        text = read_text(p)
+    except ValueError as e:
+        raise ExamplesFileError(str(e)) from None
+    examples = [_example(line, p, number) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not examples:
         raise ExamplesFileError(f"{p}: holds no examples")
     return examples
@@ -44,6 +45,8 @@ def _example(line: str, path: Path, number: int) -> Example:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise ExamplesFileError(f"{where}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ExamplesFileError(f"{where}: JSON nested too deeply") from None
     if not isinstance(row, dict):
         raise ExamplesFileError(f"{where}: expected a JSON object, got {type(row).__name__}")
     prompt, target, label, group = row.get("prompt"), row.get("target", ""), row.get("label"), row.get("group", "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,23 +30,45 @@ def read_table(
     newline="" lets the csv module handle CRLF line ends and newlines inside
     quoted fields; utf-8-sig also accepts a file saved with a byte-order mark.
     quote_none reads quote characters as text (SST-2 sentences contain them).
+    Every problem (not UTF-8, a row with more or fewer fields than the header, a field
+    beyond the csv module's size limit) is a ValueError naming the file and line.
     """
     if not file.is_file():
         raise FileNotFoundError(
             f"{file}: file not found; expected a file with columns {list(columns)}"
         )
-    with file.open(encoding="utf-8-sig", newline="") as handle:
-        reader = (
-            csv.DictReader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE)
-            if quote_none
-            else csv.DictReader(handle, delimiter=delimiter)
-        )
+    text = read_text(file)
+    reader = (
+        csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=csv.QUOTE_NONE)
+        if quote_none
+        else csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    )
+    try:
         found = list(reader.fieldnames or [])
         missing = [c for c in columns if c not in found]
         if missing:
             raise ValueError(f"{file}: expected columns {list(columns)}, found {found}")
-        rows = list(reader)
-    for number, row in enumerate(rows, start=1):
-        if any(row.get(c) is None for c in columns):
-            raise ValueError(f"{file}: data row {number} has fewer fields than the header {found}")
+        rows = []
+        for row in reader:
+            _check_fields(file, reader.line_num, row, columns, found)
+            rows.append(row)
+    except csv.Error as e:  # e.g. a field longer than csv.field_size_limit()
+        raise ValueError(f"{file}, line {reader.line_num + 1}: {e}") from None  # the line being read
     return rows
+
+
+def _check_fields(file: Path, line: int, row: dict, columns: Sequence[str], header: list[str]) -> None:
+    if None in row:  # DictReader's key for fields beyond the header
+        raise ValueError(f"{file}, line {line}: {len(header) + len(row[None])} fields, more than the header's {len(header)} {header}")
+    if any(row.get(c) is None for c in columns):
+        raise ValueError(f"{file}, line {line}: fewer fields than the header {header}")
+
+
+def read_text(file: Path) -> str:
+    """The file as UTF-8 text (a byte-order mark allowed), or an error naming the file and line of the first bad byte."""
+    data = file.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{file}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None

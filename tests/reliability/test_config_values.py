@@ -43,3 +43,14 @@ def test_a_refused_value_writes_nothing(override, tmp_path, capsys):
     assert main(args) != 0
     assert override.split("=")[0] in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_secagg_range_its_fixed_point_cannot_use_is_refused_before_anything_runs(tmp_path, capsys):
+    """Every client's input carries its weight (its examples): a range that cannot encode it aborts every round."""
+    out = tmp_path / "run"
+    args = ["run", "model.name=tiny-llama", "data.num_train=120", "fl.num_clients=4", "fl.clients_per_round=3",
+            "secagg.enabled=true", "secagg.clip_range=1e-7", "secagg.scale_bits=20", "--out", str(out), "--quiet"]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "secagg.clip_range" in err and "weight of 30" in err  # 120 examples over 4 clients
+    assert not out.exists()

@@ -182,6 +182,15 @@ def build_server(cfg: ExperimentConfig, task: TaskData, side: ModelSide, client_
 
 
 def secure_encoding(cfg: ExperimentConfig, client_sizes: Sequence[int]) -> SecureEncoding:
+    """What both ends of SecAgg agree on; refused when the fixed point cannot carry a client's weight."""
+    # Each input carries its weight (the client's number of examples; 1 under client-level DP) as a
+    # coordinate that must encode within clip_range * 2^scale_bits: beyond it every client drops out.
+    weight = 1 if cfg.privacy.mode == "client_dp" else max(client_sizes)
+    capacity = cfg.secagg.clip_range * 2.0**cfg.secagg.scale_bits
+    if weight > capacity:
+        raise ConfigError(f"secagg.clip_range: {cfg.secagg.clip_range:g} x 2^{cfg.secagg.scale_bits} (secagg.scale_bits) = "
+                          f"{capacity:g} cannot carry a client's weight of {weight} in SecAgg's fixed point, so every round "
+                          "would abort; raise secagg.clip_range or secagg.scale_bits")
     # max_clients: the config requires >= 3 per round (secagg's MIN_CLIENTS)
     return SecureEncoding(secagg_params(cfg.secagg, cfg.fl.clients_per_round), max(client_sizes))
 

@@ -70,12 +70,13 @@ def test_finished_points_are_kept_and_the_table_has_mean_and_std(tmp_path):
     runs = json.loads((out / SWEEP_JSON).read_text())["runs"]
     assert len(runs) == 8 and runs[0]["algorithm"] == "LoRA"
     md = (out / SWEEP_MD).read_text()
-    assert "| LoRA | none | 80.50 ± 0.71 | ∞ (non-private) | – | 2 |" in md
-    assert "| FFA | eps=3 | 80.50 ± 0.71 | 3.00 ± 0.00 | 1.100 | 2 |" in md
+    assert "| algorithm | privacy | accuracy | proxy accuracy | epsilon | sigma | seeds |" in md
+    assert "| LoRA | none | 80.50 ± 0.71 | 80.00 ± 0.00 | ∞ (non-private) | – | 2 |" in md
+    assert "| FFA | eps=3 | 80.50 ± 0.71 | 80.00 ± 0.00 | 3.00 ± 0.00 | 1.100 | 2 |" in md
 
 
 def test_table_of_no_runs_is_just_a_header():
-    assert table(("a",), []).startswith("| a | epsilon")
+    assert table(("a",), []).startswith("| a | proxy loss | epsilon")
 
 
 def test_labels_that_collide_as_directories_are_refused(tmp_path):

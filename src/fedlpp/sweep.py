@@ -253,15 +253,18 @@ def _mean_std(values: Sequence[float]) -> str:
 
 
 def table(axes: Sequence[str], records: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown: one row per combination, mean ± std (sample std) of every global metric over seeds."""
+    """Markdown: one row per combination, mean ± std (sample std) over seeds of every global metric and of the
+    proxy's (Q(theta): what a client receives) headline metric."""
     groups: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
     for r in records:
         groups.setdefault(tuple(r[a] for a in axes), []).append(r)
     metrics = list(records[0]["global"]) if records else []
-    header = [*axes, *metrics, "epsilon", "sigma", "seeds"]
+    headline = _headline(records[0]["global"]) if records else "loss"
+    header = [*axes, *metrics, f"proxy {headline}", "epsilon", "sigma", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for labels, rows in groups.items():
-        cells = [*labels, *(_mean_std([r["global"][m] for r in rows]) for m in metrics)]
+        cells = [*labels, *(_mean_std([r["global"][m] for r in rows]) for m in metrics),
+                 _mean_std([r["proxy"][headline] for r in rows])]
         eps = [r["epsilon"] for r in rows if r["epsilon"] is not None]
         sigma = [r["noise_multiplier"] for r in rows if r["noise_multiplier"] is not None]
         cells += [_mean_std(eps) if eps else "∞ (non-private)", f"{statistics.mean(sigma):.3f}" if sigma else "–", str(len(rows))]

@@ -145,3 +145,20 @@ def test_a_sweep_label_is_a_name_not_a_path(tmp_path):
 def test_the_checkpoint_records_the_configuration(finished):
     record = json.loads(rundir.load_checkpoint_metadata(finished)[rundir.CONFIG_KEY])
     assert record["algorithm"]["name"] == "fedlpp" and "rounds" not in record["fl"]
+
+
+def test_a_new_run_that_fails_in_its_first_round_leaves_nothing_and_the_same_out_works(tmp_path, monkeypatch, capsys):
+    from fedlpp.engine import local
+
+    out = tmp_path / "out"
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("a client failed")
+
+    monkeypatch.setattr(local, "client_step", fail)
+    with pytest.raises(RuntimeError, match="a client failed"):
+        run_experiment(load_config(None, TINY), out, progress=False)
+    assert not out.exists()
+    monkeypatch.undo()
+    run_experiment(load_config(None, [*TINY, "fl.rounds=1"]), out, progress=False)
+    assert [r["round"] for r in rundir.read_metrics(out)] == [1]

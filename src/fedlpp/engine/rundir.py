@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -78,6 +79,7 @@ def exclusive(out: Path) -> Iterator[None]:
     """
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} exists and is not a directory")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK
     for _ in range(3):
@@ -103,6 +105,20 @@ def exclusive(out: Path) -> Iterator[None]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty: a new run that wrote nothing leaves no folder either
+
+
+def discard_unstarted(out: Path) -> None:
+    """Remove what a new run wrote before its first round finished (its config, metrics, broadcasts), so that the
+    same --out can be used again; a run with a checkpoint is never touched."""
+    if (out / CHECKPOINT).exists():
+        return
+    for name in (CONFIG, METRICS):
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
+    shutil.rmtree(out / BROADCASTS, ignore_errors=True)
 
 
 def _age(path: Path) -> float:

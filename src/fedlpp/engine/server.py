@@ -122,7 +122,12 @@ def serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool = 
     The directory is held for the whole run (``rundir.exclusive``): a second process on it is refused.
     """
     with rundir.exclusive(out):
-        return _serve(ctx, federation, out, resume, progress)
+        try:
+            return _serve(ctx, federation, out, resume, progress)
+        except BaseException:
+            if not resume:
+                rundir.discard_unstarted(out)  # a new run that never finished a round leaves nothing behind
+            raise
 
 
 def _serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool, progress: bool) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedlpp.algorithms.round import MAX_NUM_EXAMPLES
 from fedlpp.engine.flower.messages import POLL_S, QUERY, content, exchange, fields_of, require
 
 UNASSIGNED = -1  # a node without a client id: it gets one of the free ids
@@ -64,8 +65,8 @@ def query_nodes(grid: Grid, nodes: Sequence[int], config_text: str, timeout: flo
             raise FlowerRunError(f"node {node} cannot take part: {reply.error.reason}")
         fields = fields_of(reply)
         answers[node] = (require(fields, "client_id", int), require(fields, "num_examples", int))
-        if answers[node][1] <= 0:
-            raise FlowerRunError(f"node {node} holds {answers[node][1]} examples")
+        if not 0 < answers[node][1] <= MAX_NUM_EXAMPLES:
+            raise FlowerRunError(f"node {node} declares {answers[node][1]} examples; expected 1 to {MAX_NUM_EXAMPLES}")
         if secure:
             keys[node] = require(fields, "verify_key", bytes)
     missing = sorted(set(nodes) - set(answers))

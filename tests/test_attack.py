@@ -172,3 +172,13 @@ def test_the_attack_runs_under_ffa_secagg_and_both_dp_modes(variant, tmp_path):
     theta, _ = rundir.load_checkpoint(out)
     close = all(torch.allclose(held[f"collude-{len(cohort)}"][n], theta[n], atol=1e-4) for n in theta)
     assert close == (variant != "fedavg_lora+client_dp")
+
+
+def test_an_unfinished_run_is_refused_rather_than_mixing_rounds(run, tmp_path):
+    out, _ = run
+    copy = tmp_path / "unfinished"
+    shutil.copytree(out, copy)
+    # A finished run extended and killed: its final broadcast is from before its last recorded round.
+    shutil.copy(rundir.broadcast_path(copy, 2), rundir.broadcast_path(copy, rundir.FINAL_BROADCAST))
+    with pytest.raises(rundir.RunDirError, match="has not finished"):
+        attack.run_attack(copy, "last", [2], collude=1)

@@ -117,7 +117,7 @@ def _fake_attack(attacks):
         theta = json.loads((directory / "summary.json").read_text())["global"]["bleu"]
         scores = {"theta": {"bleu": theta}, "proxy": {"bleu": 10.0}, "keep": {"bleu": 30.0}, "alone": {"bleu": 20.0}}
         taken = {k: {"bleu": (v["bleu"] - 20.0) / (theta - 20.0)} for k, v in scores.items() if k not in ("theta", "alone")}
-        report = {"client": 1, "colluders": [1, 3], "finetune_steps": [3], "scores": scores, "value_taken": taken}
+        report = {"client": 1, "colluders": [1, 3], "finetune_steps": [3], "requested": {"collude": 2, "steps": [3]}, "scores": scores, "value_taken": taken}
         (directory / "attack-client-1.json").write_text(json.dumps(report))  # the last round's first client, lowest id first
         return report
     return attack
@@ -156,3 +156,15 @@ def test_every_run_is_attacked_once_and_the_attack_table_shows_the_share_taken(t
 def test_a_bad_attack_table_is_refused(tmp_path, attack, message):
     with pytest.raises(ConfigError, match=message):
         load_sweep(_write(tmp_path, SWEEP.replace("[sweep.axes.privacy]", f"[sweep.attack]\n{attack}\n[sweep.axes.privacy]")), [])
+
+
+def test_the_attack_table_takes_every_runs_columns():
+    from fedlpp.sweep import attack_table
+
+    def record(variant, steps):
+        scores = {"theta": {"bleu": 50.0}, "alone": {"bleu": 30.0}, f"finetune-{steps}": {"bleu": 40.0}}
+        return {"variant": variant, "attack": {"scores": scores, "value_taken": {f"finetune-{steps}": {"bleu": 0.5}}}}
+
+    md = attack_table(("variant",), [record("E=5", 5), record("E=10", 10)])
+    assert "| E=5 | 50.00 | 30.00 | 40.00 | – | 0.50 | – | 1 |" in md
+    assert "| E=10 | 50.00 | 30.00 | – | 40.00 | – | 0.50 | 1 |" in md

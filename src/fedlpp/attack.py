@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from fedlpp.algorithms import round as rnd
+from fedlpp.algorithms import wire
 from fedlpp.algorithms.client import LocalTraining, shuffled_batches, train_client
 from fedlpp.algorithms.ffa_lora import trained_names
 from fedlpp.config import ExperimentConfig, to_tree
@@ -160,8 +161,13 @@ def alone_key(cfg: ExperimentConfig, client: int, steps: int) -> str:
 
 
 def cached_alone(cache: Path | None, key: str) -> dict[str, float] | None:
+    """The cached score, or None (also for a damaged cache file: it is simply recomputed)."""
     path = None if cache is None else cache / f"alone-{key}.json"
-    return json.loads(path.read_text())["scores"] if path is not None and path.is_file() else None
+    try:
+        scores = json.loads(path.read_text())["scores"] if path is not None and path.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return scores if isinstance(scores, dict) else None
 
 
 def cache_alone(cache: Path | None, key: str, scores: Mapping[str, float]) -> None:
@@ -173,6 +179,16 @@ def cache_alone(cache: Path | None, key: str, scores: Mapping[str, float]) -> No
 def value_taken(attack: float, alone: float, theta: float) -> float | None:
     """(attack - alone) / (theta - alone): 0 = no more than alone, 1 = all the federation's value (None: no value)."""
     return None if theta == alone else (attack - alone) / (theta - alone)
+
+
+def check_finished(out: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """The run must be finished: its final broadcast is Q of the adapter after its last recorded round."""
+    if not rows:
+        raise rundir.RunDirError(f"{out}: no round finished, nothing to attack")
+    _, meta = wire.decode(rundir.load_broadcast(out, rundir.FINAL_BROADCAST), rnd.BROADCAST)
+    if meta.get("round") != rows[-1]["round"] + 1:
+        raise rundir.RunDirError(f"{out}: the run has not finished (its final broadcast is from before round "
+                                 f"{rows[-1]['round']}); finish it with `fedlpp run --resume {out}` first")
 
 
 def recorded_scores(out: Path, round_: int) -> dict[str, dict[str, float]] | None:
@@ -214,8 +230,14 @@ def run_attack(out: Path, client: int | str = LAST, finetune_steps: Sequence[int
     ``cache``: a folder where ``alone``'s score is kept under a fingerprint of what it depends
     on, so runs that differ only in algorithm, quantization or privacy train and score it once.
     """
+    with rundir.exclusive(out):  # no run may move the checkpoint or the broadcasts meanwhile
+        return _attack(out, client, finetune_steps, collude, cache)
+
+
+def _attack(out: Path, client: int | str, finetune_steps: Sequence[int] | None, collude: int, cache: Path | None) -> dict[str, Any]:
     cfg = rundir.load_run_config(out, [])
     rows = rundir.read_metrics(out)
+    check_finished(out, rows)
     client = resolve_attacker(rows, client)
     if not 0 <= client < cfg.fl.num_clients:
         raise ValueError(f"--client {client}: the run has clients 0..{cfg.fl.num_clients - 1}")
@@ -227,6 +249,7 @@ def run_attack(out: Path, client: int | str = LAST, finetune_steps: Sequence[int
     alone = cached_alone(cache, key)
     run = build_run(cfg)
     report = {"client": client, "colluders": list(plan.clients), "finetune_steps": list(plan.finetune_steps),
+              "requested": {"collude": collude, "steps": list(finetune_steps or [])},
               "rounds_joined": rounds_joined(rows, client), "alone_steps": alone_steps(cfg, rows, client),
               **score(run, out, client_side_adapters(run, out, plan, rows, sigma, with_alone=alone is None), alone)}
     cache_alone(cache, key, report["scores"]["alone"])

@@ -197,7 +197,7 @@ def _attacked(directory: Path, settings: AttackSettings, attack: Attack, name: s
     path = directory / f"attack-client-{resolve_attacker(rundir.read_metrics(directory), settings.client)}.json"
     if path.is_file():
         kept = json.loads(path.read_text())
-        if len(kept["colluders"]) == max(1, settings.collude) and (not settings.steps or tuple(kept["finetune_steps"]) == settings.steps):
+        if kept.get("requested") == {"collude": settings.collude, "steps": list(settings.steps)}:
             return kept
     start = time.perf_counter()
     report = attack(directory, settings)
@@ -278,15 +278,18 @@ def attack_table(axes: Sequence[str], records: Sequence[Mapping[str, Any]]) -> s
     for r in records:
         groups.setdefault(tuple(r[a] for a in axes), []).append(r)
     metric = _headline(records[0]["attack"]["scores"]["theta"])
-    adapters = list(records[0]["attack"]["scores"])
+    adapters = list(dict.fromkeys(a for r in records for a in r["attack"]["scores"]))  # e.g. finetune-N differs with E
     takers = [a for a in adapters if a not in ("theta", "alone")]
     header = [*axes, *adapters, *(f"taken: {a}" for a in takers), "seeds"]
     lines = [f"{metric} of what a client can hold, and the share of the federation's value (theta - alone) it takes",
              "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for labels, rows in groups.items():
-        cells = [*labels, *(_mean_std([r["attack"]["scores"][a][metric] for r in rows]) for a in adapters)]
+        cells = [*labels]
+        for a in adapters:
+            scores = [r["attack"]["scores"][a][metric] for r in rows if a in r["attack"]["scores"]]
+            cells.append(_mean_std(scores) if scores else "–")
         for a in takers:
-            shares = [r["attack"]["value_taken"][a][metric] for r in rows]
+            shares = [r["attack"]["value_taken"].get(a, {}).get(metric) for r in rows]
             cells.append("–" if None in shares else _mean_std(shares))
         lines.append("| " + " | ".join([*cells, str(len(rows))]) + " |")
     return "\n".join(lines)

@@ -52,3 +52,13 @@ def test_state_round_trips_and_is_refused_where_it_does_not_belong():
         make_server_optimizer("momentum", 1.0)
     with pytest.raises(ValueError, match="valid choices"):
         make_server_optimizer("adam", 0.9)
+
+
+def test_momentum_that_would_leave_the_broadcast_range_is_not_taken():
+    opt = ServerMomentum(0.9)
+    theta = opt.step(_adapter(0.0), _adapter(65000.0))  # m = 65000
+    kept = dict(opt.velocity)
+    proposed = {n: t + 1.0 for n, t in theta.items()}
+    moved = opt.step(theta, proposed)  # 0.9 * 65000 + 1 beyond 65504: the plain step instead
+    assert all(torch.equal(moved[n], proposed[n]) for n in moved)
+    assert all(torch.equal(opt.velocity[n], kept[n]) for n in kept)

@@ -45,3 +45,16 @@ def test_deeply_nested_json_in_a_clients_file_is_an_error_not_a_crash(tmp_path):
     path.write_text('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
     with pytest.raises(ExamplesFileError, match=r"client\.jsonl, line 1"):
         read_examples(path)
+
+
+def test_a_line_separator_inside_a_json_string_is_text_not_a_line_break(tmp_path):
+    import json
+
+    from fedlpp.data.schema import Example
+    from fedlpp.data.examples_file import write_examples
+
+    path = tmp_path / "client.jsonl"
+    path.write_text(json.dumps({"prompt": "a\u2028b\x85c", "target": "d"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_examples(path)[0].prompt == "a\u2028b\x85c"
+    write_examples(path, [Example(prompt="p", target="t")])
+    assert len(read_examples(path)) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -98,14 +99,20 @@ def test_resuming_with_an_edited_config_is_refused(run, capsys):
 
 def test_a_second_process_on_a_run_directory_is_refused_and_a_dead_holders_lock_recovered(run, capsys):
     with rundir.exclusive(run):
-        resume_refused(run, capsys, "is in use by process")
-    assert not (run / rundir.LOCK).exists()
-    dead = subprocess.run([sys.executable, "-c", "import os, psutil, json; print(json.dumps({'pid': os.getpid(), "
-                           "'started': psutil.Process().create_time()}))"], capture_output=True, text=True, check=True)
-    (run / rundir.LOCK).write_text(dead.stdout)  # left by a process that is gone (kill -9)
+        resume_refused(run, capsys, f"is in use by process {os.getpid()}")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from fedlpp.engine import rundir\n"
+                               "with rundir.exclusive(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)", str(run)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        resume_refused(run, capsys, f"is in use by process {holder.pid}")
+    finally:
+        holder.kill()  # kill -9: the kernel drops its lock
+        holder.wait()
+    assert (run / rundir.LOCK).read_text() == str(holder.pid)  # a dead holder's pid is still written there
     assert main(["run", "--resume", str(run), "--quiet", "fl.rounds=4"]) == 0
     assert [r["round"] for r in rundir.read_metrics(run)] == [1, 2, 3, 4]
-    assert not (run / rundir.LOCK).exists()
 
 
 def test_a_new_run_refuses_a_folder_with_an_earlier_runs_metrics(tmp_path, capsys):
@@ -162,3 +169,26 @@ def test_a_new_run_that_fails_in_its_first_round_leaves_nothing_and_the_same_out
     monkeypatch.undo()
     run_experiment(load_config(None, [*TINY, "fl.rounds=1"]), out, progress=False)
     assert [r["round"] for r in rundir.read_metrics(out)] == [1]
+
+
+def test_a_refused_new_run_leaves_the_run_it_found_untouched(run, tmp_path):
+    """The refusal comes before anything is written or cleaned up, whichever engine serves."""
+    from fedlpp.engine.local import LocalFederation, make_exchange
+    from fedlpp.engine.server import serve
+    from fedlpp.engine.setup import build_run
+
+    (run / rundir.CHECKPOINT).unlink()  # a run without a checkpoint: the case cleanup would have wiped
+    before = snapshot(run)
+    local_run = build_run(load_config(None, TINY))
+    with pytest.raises(rundir.RunDirError, match="already holds a run"):
+        serve(local_run.server, LocalFederation(local_run.clients, make_exchange(local_run.server)), run, resume=False, progress=False)
+    assert snapshot(run) == before
+
+
+def test_a_kill_between_round_1s_metrics_and_its_checkpoint_resumes(run):
+    (run / rundir.CHECKPOINT).unlink()
+    (run / rundir.SUMMARY).unlink()
+    lines = (run / rundir.METRICS).read_text().splitlines()
+    (run / rundir.METRICS).write_text(lines[0] + "\n")  # round 1 recorded, its checkpoint never written
+    assert main(["run", "--resume", str(run), "--quiet"]) == 0
+    assert [r["round"] for r in rundir.read_metrics(run)] == [1, 2, 3]

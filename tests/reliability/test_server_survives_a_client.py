@@ -81,3 +81,29 @@ def test_an_update_may_not_claim_more_examples_than_its_client_declared():
                           rnd.WeightedMean({0: 40, 1: 10}))
     assert "more than the 40 examples this client declared" in out.rejected[0]
     assert out.accepted == (1,)
+
+
+def test_metadata_nested_just_past_what_a_recursive_check_survives_is_refused():
+    out = rnd.server_step(get_algorithm("fedavg_lora", QuantSpec(bits=2)), theta(), [(7, nested(400)), (1, good())], 1, rnd.WeightedMean())
+    assert "nests deeper" in out.rejected[7] and out.accepted == (1,)
+
+
+@pytest.mark.parametrize("total_weight", [0, 1, -5, 3 * 40 + 1])
+def test_under_secagg_a_total_weight_no_honest_round_can_have_is_refused(total_weight):
+    """Weights are masked, so only their sum is checked: 3 survivors weigh between 3 and 3 x the weight bound."""
+    import numpy as np
+
+    from fedlpp.algorithms.secure import SecureEncoding, SecureMean
+    from fedlpp.secagg import SecAggParams
+    from fedlpp.secagg.server import AggregateResult
+
+    params = SecAggParams(scale=2.0**20, clip_range=1.0, max_clients=3)
+    values = np.concatenate([np.full(14, 0.01), [total_weight / params.scale]])
+    result = AggregateResult(np.zeros(15, dtype=np.uint32), values, (0, 1, 2), ())
+    out = rnd.server_step(get_algorithm("fedavg_lora", QuantSpec(bits=2)), theta(), result, 1, SecureMean(SecureEncoding(params, 40)))
+    assert out.accepted == () and "outside [3, 3 x 40]" in out.notes["refused"]
+    assert all(torch.equal(out.adapter[n], theta()[n]) for n in theta())
+    ok = np.concatenate([np.full(14, 0.01), [60 / params.scale]])
+    fine = rnd.server_step(get_algorithm("fedavg_lora", QuantSpec(bits=2)), theta(), AggregateResult(np.zeros(15, dtype=np.uint32), ok, (0, 1, 2), ()),
+                           1, SecureMean(SecureEncoding(params, 40)))
+    assert fine.accepted == (0, 1, 2)

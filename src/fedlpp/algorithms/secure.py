@@ -107,6 +107,14 @@ class SecureMean:
         layout = rnd.trained_layout({n: tuple(t.shape) for n, t in adapter.items()}, spec.freeze_a)
         weighted_sum, total_weight = split_weight(result.values, self.encoding.params)
         if self.noise is None:
+            survivors = len(result.survivors)
+            if not survivors <= total_weight <= survivors * self.encoding.weight_bound:
+                # Each weight is masked, so only the sum can be checked: every honest client weighs 1..weight_bound.
+                reason = (f"the survivors' total weight {total_weight} is outside [{survivors}, {survivors} x "
+                          f"{self.encoding.weight_bound}]: a client sent a weight it does not have")
+                log.warning("round %d: secure aggregation: %s; the global adapter is unchanged", round_, reason)
+                notes["refused"] = reason
+                return rnd.Combined(None, (), {})
             total, factor = weighted_sum, self.encoding.weight_bound / total_weight
         else:
             total, factor = _topped_up(weighted_sum, self.noise, len(result.survivors), notes), 1.0 / self.noise.denominator

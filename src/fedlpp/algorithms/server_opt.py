@@ -14,11 +14,20 @@ SecAgg abort) takes no step, so m does not carry the adapter on without the clie
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
 
+from fedlpp.algorithms.round import MAX_ABS_VALUE
 from fedlpp.models.lora import Adapter
+
+log = logging.getLogger(__name__)
+
+
+def within_range(adapter: Mapping[str, torch.Tensor]) -> bool:
+    """Every value finite and within what the broadcast's float16 scales can carry."""
+    return all(bool(torch.isfinite(t).all()) and (not t.numel() or float(t.abs().max()) <= MAX_ABS_VALUE) for t in adapter.values())
 
 SERVER_OPTIMIZERS = ("none", "momentum")
 
@@ -36,6 +45,9 @@ class NoServerOptimizer:
         if state:
             raise ValueError(f"the checkpoint holds server optimizer state ({sorted(state)[0]}, ...) but the run has none")
 
+    def check(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        pass
+
 
 class ServerMomentum:
     """FedAvgM: heavy-ball momentum on the server's proposed step."""
@@ -49,13 +61,18 @@ class ServerMomentum:
     def step(self, adapter: Mapping[str, torch.Tensor], proposed: Adapter) -> Adapter:
         if all(torch.equal(proposed[n], adapter[n]) for n in adapter):
             return proposed  # a void round: nothing was learned, so nothing moves
-        moved = {}
+        velocity, moved = {}, {}
         for name, value in adapter.items():
             step = proposed[name] - value
             if name in self.velocity:
                 step = self.beta * self.velocity[name] + step
-            self.velocity[name] = step
+            velocity[name] = step
             moved[name] = value + step
+        if not within_range(moved):
+            log.warning("server momentum would take the adapter beyond %g (or to NaN); this round takes the proposed "
+                        "step without momentum and the velocity is kept", MAX_ABS_VALUE)
+            return proposed
+        self.velocity = velocity
         return moved
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -66,6 +83,12 @@ class ServerMomentum:
         if unknown:
             raise ValueError(f"server momentum cannot restore {unknown[0]!r} from the checkpoint")
         self.velocity = {k.removeprefix("velocity."): v.clone() for k, v in state.items()}
+
+    def check(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """The restored velocity must match the adapter it moves (names and shapes)."""
+        for name, v in self.velocity.items():
+            if name not in shapes or tuple(v.shape) != tuple(shapes[name]):
+                raise ValueError(f"the checkpoint's server velocity for {name!r} does not match the adapter")
 
 
 ServerOptimizer = NoServerOptimizer | ServerMomentum

@@ -36,8 +36,8 @@ def encode(kind: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, ob
 def decode(data: bytes, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """Parse a message, checking its format, version and kind."""
     try:
+        header = _header(data)  # bounded before anything else is parsed
         tensors = st_load(bytes(data))
-        header = _header(data)
     except Exception as e:  # untrusted bytes: whatever the parser raises means "not a message"
         raise WireError(f"not a fedlpp message: {e}") from None
     if header.get("format") != FORMAT or header.get("version") != VERSION:
@@ -63,11 +63,14 @@ def _metadata(text: str) -> dict[str, object]:
 
 
 def _depth(value: object) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(v) for v in value), default=0)
-    return 0
+    """How deeply ``value`` nests, counted without recursion and without looking past MAX_META_DEPTH + 1."""
+    depth, level = 0, [value]
+    while depth <= MAX_META_DEPTH:
+        inner = [v for c in level if isinstance(c, (dict, list)) for v in (c.values() if isinstance(c, dict) else c)]
+        if not any(isinstance(c, (dict, list)) for c in level):
+            return depth
+        depth, level = depth + 1, inner
+    return depth
 
 
 def _header(data: bytes) -> dict[str, str]:

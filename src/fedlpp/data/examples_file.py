@@ -33,7 +33,7 @@ def read_examples(path: str | Path) -> list[Example]:
         text = read_text(p)
     except ValueError as e:
         raise ExamplesFileError(str(e)) from None
-    examples = [_example(line, p, number) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    examples = [_example(line, p, number) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
     if not examples:
         raise ExamplesFileError(f"{p}: holds no examples")
     return examples

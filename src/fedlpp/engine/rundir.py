@@ -13,21 +13,21 @@ resume; adapter/ is written by peft once, at the end. A kill therefore never cos
 finished round. Any other damage is refused by name, never repaired by dropping history:
 a bad metrics line before the last, a missing, unreadable or foreign checkpoint, or a
 configuration that differs from the one the checkpoint records. One process at a time
-writes a run (DIR/.lock).
+writes a run (an flock on DIR/.lock).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
-import time
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -50,64 +50,74 @@ class RunDirError(RuntimeError):
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    """Write to a temporary file, then rename it over ``path``: the old file stays whole until the new one is.
+    """Write to a temporary file of its own, then rename it over ``path``: the old file stays whole until the
+    new one is, and the new one is on disk (fsync'ed, with its folder) before the rename counts.
 
     Any failure (a full disk, a read-only or immutable folder, a writer's own error) is one
     RunDirError naming the file; the temporary file is removed.
     """
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = None
     try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         write(tmp)
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except Exception as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         raise RunDirError(f"could not write {path}: {e} (the previous version, if any, is unchanged)") from e
 
 
-LOCK = ".lock"  # held by the one process writing the run: {"pid": ..., "started": ...}
-LOCK_WRITE_GRACE_S = 5.0  # a lock file still without its holder this young is being written, not abandoned
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a folder be opened for fsync
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+LOCK = ".lock"  # the run's lock file: flock'ed by the one process writing the run, which writes its pid there
 
 
 @contextlib.contextmanager
 def exclusive(out: Path) -> Iterator[None]:
-    """Hold ``out`` for this process while the block runs; refuse while another live process holds it.
+    """Hold ``out`` for this process while the block runs; refuse while another process holds it.
 
-    The lock file is created with O_EXCL, so two processes cannot both take it; a lock left by
-    a process that has died (kill -9) is recovered. The holder is identified by its pid and
-    start time, so a recycled pid is not mistaken for the holder.
+    An exclusive ``flock`` on DIR/.lock: the kernel grants it to one open file at a time and
+    drops it when its holder exits or is killed, so a dead holder's lock is recovered without
+    guessing. The holder writes its pid into the file for the message others get. (flock is
+    reliable on local file systems; on NFS use one run directory per machine.)
     """
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} exists and is not a directory")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _lock_holder(path)
-            if holder is None and _age(path) < LOCK_WRITE_GRACE_S:
-                raise RunDirError(f"{out} is being taken by another process (its lock file {path} is new)") from None
-            if holder is not None and _is_alive(holder):
-                raise RunDirError(f"{out} is in use by process {holder['pid']} (its lock file is {path}); "
-                                  "wait for that run to end or stop it") from None
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()  # the holder died without releasing it
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(_me(), f)
-        break
-    else:
-        raise RunDirError(f"could not take the lock {path}: other processes keep taking it")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise RunDirError(f"{out} is in use by process {holder} (it holds {path}); wait for that run to end "
+                              "or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            if created and {p.name for p in out.iterdir()} == {LOCK}:
+                path.unlink()  # a new run that wrote nothing leaves no folder either
+                out.rmdir()
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()  # only when empty: a new run that wrote nothing leaves no folder either
+        os.close(fd)  # releases the lock
 
 
 def discard_unstarted(out: Path) -> None:
@@ -119,33 +129,6 @@ def discard_unstarted(out: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             (out / name).unlink()
     shutil.rmtree(out / BROADCASTS, ignore_errors=True)
-
-
-def _age(path: Path) -> float:
-    try:
-        return time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-        return float("inf")
-
-
-def _me() -> dict[str, Any]:
-    return {"pid": os.getpid(), "started": psutil.Process().create_time()}
-
-
-def _lock_holder(path: Path) -> dict[str, Any] | None:
-    """The holder recorded in a lock file; None when it cannot be read (a holder killed while writing it)."""
-    try:
-        holder = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return holder if isinstance(holder, dict) and type(holder.get("pid")) is int else None
-
-
-def _is_alive(holder: Mapping[str, Any]) -> bool:
-    try:
-        return abs(psutil.Process(holder["pid"]).create_time() - float(holder.get("started", 0))) < 1.0
-    except (psutil.Error, ValueError, TypeError):
-        return False
 
 
 def check_new(out: Path) -> None:

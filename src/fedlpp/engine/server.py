@@ -122,17 +122,17 @@ def serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool = 
     The directory is held for the whole run (``rundir.exclusive``): a second process on it is refused.
     """
     with rundir.exclusive(out):
+        open_run_dir(out, ctx, resume)  # refuses a folder holding another run before anything is written
         try:
             return _serve(ctx, federation, out, resume, progress)
         except BaseException:
             if not resume:
-                rundir.discard_unstarted(out)  # a new run that never finished a round leaves nothing behind
+                rundir.discard_unstarted(out)  # this new run never finished a round: it leaves nothing behind
             raise
 
 
 def _serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool, progress: bool) -> dict[str, Any]:
     cfg = ctx.cfg
-    open_run_dir(out, ctx, resume)
     adapter, last, rows = start_or_resume(ctx, out, resume)
     ledger = start_ledger(ctx, out, resume)
     optimizer = start_server_optimizer(ctx, out, resume)
@@ -171,7 +171,9 @@ def start_or_resume(ctx: ServerContext, out: Path, resume: bool) -> tuple[Adapte
     """The adapter to start from, the last finished round, and the metrics rows kept."""
     ckpt = rundir.load_checkpoint(out) if resume else None
     if ckpt is None:
-        if resume and rundir.read_metrics(out):
+        # A kill between round 1's metrics row and its checkpoint leaves a row and no checkpoint: that run
+        # restarts. A row of a later round means a checkpoint existed and is gone.
+        if resume and any(r["round"] >= 2 for r in rundir.read_metrics(out)):
             raise rundir.RunDirError(f"{out / rundir.CHECKPOINT} is missing but {rundir.METRICS} records finished rounds: "
                                      "resuming would silently restart the run (and any privacy accounting) from round 0")
         return ctx.initial_adapter(), 0, (rundir.truncate_metrics(out, 0) if resume else [])
@@ -200,7 +202,11 @@ def start_server_optimizer(ctx: ServerContext, out: Path, resume: bool) -> Serve
     algorithm = ctx.cfg.algorithm
     optimizer = make_server_optimizer(algorithm.server_optimizer, algorithm.server_momentum)
     if resume:
-        optimizer.load(rundir.load_server_state(out))
+        try:
+            optimizer.load(rundir.load_server_state(out))
+            optimizer.check(ctx.shapes)
+        except ValueError as e:
+            raise rundir.RunDirError(f"{out / rundir.CHECKPOINT}: {e}") from None
     return optimizer
 
 

@@ -59,6 +59,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     tmp = None
     try:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; a run's files get the usual permissions
         os.close(fd)
         tmp = Path(name)
         write(tmp)
@@ -71,6 +72,12 @@ def _atomic_write(path: Path, write: Any) -> None:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
         raise RunDirError(f"could not write {path}: {e} (the previous version, if any, is unchanged)") from e
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:

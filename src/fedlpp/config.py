@@ -33,6 +33,10 @@ ACCOUNTANTS = ("rdp", "prv")
 CLIENT_SAMPLING = ("fixed", "poisson")
 QUANTIZED = ("fedlpp", "fedlpp_ffa")
 MIN_GROUP = 16  # fewest values per quantization scale (model privacy, see QuantConfig)
+# Beyond these a run can only diverge: alpha / r scales every LoRA update (8 to 64 is usual), and the
+# server's step is the clients' mean step times server_lr (FedOpt papers use up to ~3).
+MAX_LORA_ALPHA = 4096.0
+MAX_SERVER_LR = 10.0
 
 
 class ConfigError(ValueError):
@@ -79,7 +83,7 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         _require(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}")
-        _require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _require(0 < self.alpha <= MAX_LORA_ALPHA, "lora.alpha", f"must be in (0, {MAX_LORA_ALPHA:g}], got {self.alpha}")
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
 
 
@@ -94,7 +98,7 @@ class AlgorithmConfig:
     def __post_init__(self) -> None:
         _choice(self.name, "algorithm.name", ALGORITHMS)
         _choice(self.server_rule, "algorithm.server_rule", SERVER_RULES)
-        _require(self.server_lr > 0, "algorithm.server_lr", f"must be > 0, got {self.server_lr}")
+        _require(0 < self.server_lr <= MAX_SERVER_LR, "algorithm.server_lr", f"must be in (0, {MAX_SERVER_LR:g}], got {self.server_lr}")
         _choice(self.server_optimizer, "algorithm.server_optimizer", SERVER_OPTIMIZERS)
         _require(0.0 <= self.server_momentum < 1.0, "algorithm.server_momentum", f"must be in [0, 1), got {self.server_momentum}")
 

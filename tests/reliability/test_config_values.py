@@ -54,3 +54,10 @@ def test_a_secagg_range_its_fixed_point_cannot_use_is_refused_before_anything_ru
     err = capsys.readouterr().err
     assert "secagg.clip_range" in err and "weight of 30" in err  # 120 examples over 4 clients
     assert not out.exists()
+
+
+@pytest.mark.parametrize("override, message", [("lora.alpha=1e30", r"lora\.alpha: must be in \(0, 4096\]"),
+                                               ("algorithm.server_lr=1e6", r"algorithm\.server_lr: must be in \(0, 10\]")])
+def test_finite_values_that_can_only_diverge_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

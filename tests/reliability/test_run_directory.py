@@ -192,3 +192,13 @@ def test_a_kill_between_round_1s_metrics_and_its_checkpoint_resumes(run):
     (run / rundir.METRICS).write_text(lines[0] + "\n")  # round 1 recorded, its checkpoint never written
     assert main(["run", "--resume", str(run), "--quiet"]) == 0
     assert [r["round"] for r in rundir.read_metrics(run)] == [1, 2, 3]
+
+
+def test_a_dp_checkpoint_without_its_privacy_ledger_is_refused(tmp_path, capsys):
+    out = tmp_path / "dp"
+    dp = ["algorithm.name=ffa_lora", "privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", "fl.rounds=1"]
+    run_experiment(load_config(None, [*TINY, *dp]), out, progress=False)
+    tensors = load_file(str(out / rundir.CHECKPOINT))
+    metadata = {k: v for k, v in rundir.load_checkpoint_metadata(out).items() if k != "privacy_ledger"}
+    save_file(tensors, str(out / rundir.CHECKPOINT), metadata=metadata)
+    resume_refused(out, capsys, "has no privacy ledger")

@@ -29,6 +29,7 @@ import torch
 
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms import wire
+from fedlpp.algorithms.fedavg_lora import weighted_mean
 from fedlpp.algorithms.client import LocalTraining, shuffled_batches, train_client
 from fedlpp.algorithms.ffa_lora import trained_names
 from fedlpp.config import ExperimentConfig, to_tree
@@ -120,10 +121,8 @@ def _moved(start: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor])
 
 
 def mean_adapter(adapters: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Adapter:
-    """The weighted mean (the server's weighting: each client's number of examples)."""
-    w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
-    return {n: sum(float(wi) * a[n].double() for wi, a in zip(w, adapters, strict=True)).to(adapters[0][n].dtype)
-            for n in adapters[0]}
+    """The weighted mean, as the server computes it (``fedavg_lora.weighted_mean``; weights = numbers of examples)."""
+    return {n: weighted_mean([a[n] for a in adapters], weights) for n in adapters[0]}
 
 
 def alone_steps(cfg: ExperimentConfig, rows: Sequence[Mapping[str, Any]], client: int) -> int:
@@ -245,12 +244,13 @@ def _attack(out: Path, client: int | str, finetune_steps: Sequence[int] | None, 
     if finetune_steps:
         plan = AttackPlan(plan.clients, tuple(finetune_steps))
     sigma = float(rundir.read_summary(out).get("privacy", {}).get("noise_multiplier", 0.0))  # sent to every client with the broadcasts
-    key = alone_key(cfg, client, alone_steps(cfg, rows, client))
+    budget = alone_steps(cfg, rows, client)
+    key = alone_key(cfg, client, budget)
     alone = cached_alone(cache, key)
     run = build_run(cfg)
     report = {"client": client, "colluders": list(plan.clients), "finetune_steps": list(plan.finetune_steps),
               "requested": {"collude": collude, "steps": list(finetune_steps or [])},
-              "rounds_joined": rounds_joined(rows, client), "alone_steps": alone_steps(cfg, rows, client),
+              "rounds_joined": rounds_joined(rows, client), "alone_steps": budget,
               **score(run, out, client_side_adapters(run, out, plan, rows, sigma, with_alone=alone is None), alone)}
     cache_alone(cache, key, report["scores"]["alone"])
     rundir.write_json(out / f"attack-client-{client}.json", report)

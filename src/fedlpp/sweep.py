@@ -252,12 +252,18 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def table(axes: Sequence[str], records: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown: one row per combination, mean ± std (sample std) over seeds of every global metric and of the
-    proxy's (Q(theta): what a client receives) headline metric."""
+def _by_combination(axes: Sequence[str], records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, ...], list[Mapping[str, Any]]]:
+    """The records of each combination of labels, in order of first appearance (one per seed)."""
     groups: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
     for r in records:
         groups.setdefault(tuple(r[a] for a in axes), []).append(r)
+    return groups
+
+
+def table(axes: Sequence[str], records: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: one row per combination, mean ± std (sample std) over seeds of every global metric and of the
+    proxy's (Q(theta): what a client receives) headline metric."""
+    groups = _by_combination(axes, records)
     metrics = list(records[0]["global"]) if records else []
     headline = _headline(records[0]["global"]) if records else "loss"
     header = [*axes, *metrics, f"proxy {headline}", "epsilon", "sigma", "seeds"]
@@ -274,9 +280,7 @@ def table(axes: Sequence[str], records: Sequence[Mapping[str, Any]]) -> str:
 
 def attack_table(axes: Sequence[str], records: Sequence[Mapping[str, Any]]) -> str:
     """Markdown: per combination, the headline metric of theta, Q(theta) and what a client holds, and the share taken."""
-    groups: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
-    for r in records:
-        groups.setdefault(tuple(r[a] for a in axes), []).append(r)
+    groups = _by_combination(axes, records)
     metric = _headline(records[0]["attack"]["scores"]["theta"])
     adapters = list(dict.fromkeys(a for r in records for a in r["attack"]["scores"]))  # e.g. finetune-N differs with E
     takers = [a for a in adapters if a not in ("theta", "alone")]

@@ -308,6 +308,11 @@ def aggregate_private(
     return server_step(spec, adapter, payloads, round_, ClientDpMean(noised))
 
 
+def within_broadcast_range(adapter: Mapping[str, torch.Tensor]) -> bool:
+    """Every value finite and within MAX_ABS_VALUE: what the broadcast's float16 scales can carry."""
+    return all(bool(torch.isfinite(t).all()) and (not t.numel() or float(t.abs().max()) <= MAX_ABS_VALUE) for t in adapter.values())
+
+
 def apply_mean_delta(
     spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor], mean_delta: Mapping[str, torch.Tensor], count: int, round_: int
 ) -> Adapter | None:
@@ -322,7 +327,7 @@ def apply_mean_delta(
         return None
     proxy = proxy_point(spec, adapter) if spec.server_rule == "mean" else dict(adapter)
     new = fedavg_lora.server_step(adapter, proxy, mean_delta, spec.server_rule, spec.server_lr)
-    if any(not torch.isfinite(t).all() or (t.numel() and float(t.abs().max()) > MAX_ABS_VALUE) for t in new.values()):
+    if not within_broadcast_range(new):
         log.warning("round %d: the aggregate is not finite or exceeds %g; the global adapter is unchanged", round_, MAX_ABS_VALUE)
         return None
     return new

@@ -19,15 +19,10 @@ from collections.abc import Mapping
 
 import torch
 
-from fedlpp.algorithms.round import MAX_ABS_VALUE
+from fedlpp.algorithms.round import MAX_ABS_VALUE, within_broadcast_range
 from fedlpp.models.lora import Adapter
 
 log = logging.getLogger(__name__)
-
-
-def within_range(adapter: Mapping[str, torch.Tensor]) -> bool:
-    """Every value finite and within what the broadcast's float16 scales can carry."""
-    return all(bool(torch.isfinite(t).all()) and (not t.numel() or float(t.abs().max()) <= MAX_ABS_VALUE) for t in adapter.values())
 
 SERVER_OPTIMIZERS = ("none", "momentum")
 
@@ -68,7 +63,7 @@ class ServerMomentum:
                 step = self.beta * self.velocity[name] + step
             velocity[name] = step
             moved[name] = value + step
-        if not within_range(moved):
+        if not within_broadcast_range(moved):
             log.warning("server momentum would take the adapter beyond %g (or to NaN); this round takes the proposed "
                         "step without momentum and the velocity is kept", MAX_ABS_VALUE)
             return proposed

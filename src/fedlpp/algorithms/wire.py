@@ -66,10 +66,11 @@ def _depth(value: object) -> int:
     """How deeply ``value`` nests, counted without recursion and without looking past MAX_META_DEPTH + 1."""
     depth, level = 0, [value]
     while depth <= MAX_META_DEPTH:
-        inner = [v for c in level if isinstance(c, (dict, list)) for v in (c.values() if isinstance(c, dict) else c)]
-        if not any(isinstance(c, (dict, list)) for c in level):
-            return depth
-        depth, level = depth + 1, inner
+        containers = [c for c in level if isinstance(c, (dict, list))]
+        if not containers:
+            break
+        depth += 1
+        level = [v for c in containers for v in (c.values() if isinstance(c, dict) else c)]
     return depth
 
 

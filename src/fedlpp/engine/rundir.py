@@ -231,13 +231,18 @@ def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], int] | None:
     return adapter, int(round_)
 
 
-def config_record(cfg: ExperimentConfig) -> str:
-    """Every key a resume must not change, as JSON: stored with each checkpoint."""
+def _fixed_tree(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config tree without the keys a resume may change."""
     tree = to_tree(cfg)
     for key in RESUMABLE_KEYS:
         section, name = key.split(".")
         tree[section].pop(name, None)
-    return json.dumps(tree, sort_keys=True)
+    return tree
+
+
+def config_record(cfg: ExperimentConfig) -> str:
+    """Every key a resume must not change, as JSON: stored with each checkpoint."""
+    return json.dumps(_fixed_tree(cfg), sort_keys=True)
 
 
 def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -257,11 +262,10 @@ def check_checkpoint_config(out: Path, cfg: ExperimentConfig) -> None:
     if stored is None:
         return  # a checkpoint from before configurations were recorded
     try:
-        then = json.loads(stored)
-    except ValueError:
+        then = _flat(json.loads(stored))
+    except (ValueError, AttributeError):
         raise RunDirError(f"{out / CHECKPOINT}: its recorded configuration is damaged") from None
-    now, then = _flat(json.loads(config_record(cfg))), _flat(then)
-    defaults = _flat(json.loads(config_record(ExperimentConfig())))  # a key added since then had its default
+    now, defaults = _flat(_fixed_tree(cfg)), _flat(_fixed_tree(ExperimentConfig()))  # a key added since had its default
     changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k, defaults.get(k)))
     if changed:
         raise RunDirError(f"{out}: {changed[0]} differs from the configuration the checkpoint was made with "

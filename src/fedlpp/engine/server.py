@@ -136,6 +136,7 @@ def _serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool, 
     adapter, last, rows = start_or_resume(ctx, out, resume)
     ledger = start_ledger(ctx, out, resume)
     optimizer = start_server_optimizer(ctx, out, resume)
+    recorded = {rundir.CONFIG_KEY: rundir.config_record(cfg)}
     stopped = None
     rounds_bar = tqdm(range(last + 1, cfg.fl.rounds + 1), desc="rounds", initial=last, total=cfg.fl.rounds, disable=not progress, position=0)
     for round_ in rounds_bar:
@@ -151,7 +152,7 @@ def _serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool, 
             outcome.row.update(privacy_row(ctx.privacy, ledger))
         rundir.save_broadcast(out, round_, outcome.broadcast)
         rundir.append_metrics(out, outcome.row)
-        metadata = {rundir.CONFIG_KEY: rundir.config_record(cfg), **({LEDGER_KEY: ledger.to_json()} if ledger is not None else {})}
+        metadata = {**recorded, **({LEDGER_KEY: ledger.to_json()} if ledger is not None else {})}
         rundir.save_checkpoint(out, adapter, round_, metadata, optimizer.state())
         rows.append(outcome.row)
         rounds_bar.set_postfix(_postfix(outcome.row))

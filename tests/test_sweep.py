@@ -149,6 +149,18 @@ def test_every_run_is_attacked_once_and_the_attack_table_shows_the_share_taken(t
     assert "| LoRA | none | 40.50 ± 0.71 | 10.00 ± 0.00 | 30.00 ± 0.00 | 20.00 ± 0.00 | -0.49 ± 0.02 | 0.49 ± 0.02 | 2 |" in md
 
 
+def test_only_also_limits_which_runs_are_attacked_so_two_sweeps_can_share_a_folder(tmp_path):
+    sweep = load_sweep(_write(tmp_path, ATTACKED), ["fl.num_clients=4"])
+    attacks, out = [], tmp_path / "out"
+    run_sweep(sweep, out, _fake_run([]), echo=lambda _: None, only=["FFA / none seed 0"])  # trained, not attacked
+    run_sweep(sweep, out, _fake_run([]), echo=lambda _: None, attack=_fake_attack(attacks), only=["LoRA / none seed 0"])
+    assert [d.name for d, _ in attacks] == ["seed0"] and "LoRA" in str(attacks[0][0])  # the FFA run may be another's to attack
+    runs = json.loads((out / SWEEP_JSON).read_text())["runs"]
+    assert [("attack" in r) for r in runs] == [True, False]  # both tabulated; the attacked one with its report
+    run_sweep(sweep, out, _fake_run([]), echo=lambda _: None, attack=_fake_attack(attacks), only=["FFA / none seed 0"])
+    assert len(attacks) == 2  # its own sweep attacks it; the LoRA report is kept
+
+
 @pytest.mark.parametrize("attack, message", [
     ("client = -1", "sweep.attack.client"), ("collude = 0", "sweep.attack.collude"), ("steps = [0]", "sweep.attack.steps"),
     ("rounds = 2", "unknown key"), ("client = 9", "not a client of every run"),

@@ -162,8 +162,9 @@ def run_sweep(sweep: Sweep, out: Path, run: Callable[[ExperimentConfig, Path, bo
               only: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Run every point not finished yet (``run(config, directory, resume)``), attack it if asked; write the tables.
 
-    ``only``: run just the points whose name ("label / label seed N") contains one of these
-    texts; every finished point is still tabulated.
+    ``only``: run (and attack) just the points whose name ("label / label seed N") contains one of
+    these texts; every finished point is still tabulated, with the attack report it holds, so that
+    two sweeps on disjoint ``only`` sets can share one output folder.
     """
     for point in sweep.points:  # before anything runs: a changed sweep file must not mix with old runs
         check_same_config(point, out / point.directory)
@@ -173,10 +174,11 @@ def run_sweep(sweep: Sweep, out: Path, run: Callable[[ExperimentConfig, Path, bo
         directory = out / point.directory
         summary_path = directory / rundir.SUMMARY
         name = f"[{i}/{len(sweep.points)}] {point.name}"
+        chosen = not only or any(text in point.name for text in only)
         if summary_path.exists():
             summary = json.loads(summary_path.read_text())
             echo(f"{name}: done before, kept")
-        elif only and not any(text in point.name for text in only):
+        elif not chosen:
             continue
         else:
             start = time.perf_counter()
@@ -184,14 +186,17 @@ def run_sweep(sweep: Sweep, out: Path, run: Callable[[ExperimentConfig, Path, bo
             echo(f"{name}: {_brief(summary)} ({time.perf_counter() - start:.0f} s)")
         record = _record(point, sweep.axes, summary)
         if sweep.attack is not None and attack is not None:
-            record["attack"] = _attacked(directory, sweep.attack, attack, name, echo)
+            report = _attacked(directory, sweep.attack, attack if chosen else None, name, echo)
+            if report is not None:
+                record["attack"] = report
         records.append(record)
         _write(out, sweep, records)
     return records
 
 
-def _attacked(directory: Path, settings: AttackSettings, attack: Attack, name: str, echo: Callable[[str], None]) -> dict[str, Any]:
-    """The run's attack report: the one it holds, or a new one."""
+def _attacked(directory: Path, settings: AttackSettings, attack: Attack | None, name: str,
+              echo: Callable[[str], None]) -> dict[str, Any] | None:
+    """The run's attack report: the one it holds, or a new one (none when ``attack`` is None)."""
     from fedlpp.attack import resolve_attacker
 
     path = directory / f"attack-client-{resolve_attacker(rundir.read_metrics(directory), settings.client)}.json"
@@ -199,6 +204,8 @@ def _attacked(directory: Path, settings: AttackSettings, attack: Attack, name: s
         kept = json.loads(path.read_text())
         if kept.get("requested") == {"collude": settings.collude, "steps": list(settings.steps)}:
             return kept
+    if attack is None:
+        return None
     start = time.perf_counter()
     report = attack(directory, settings)
     taken = report["value_taken"]

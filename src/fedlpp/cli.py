@@ -30,6 +30,7 @@ def _client_or_last(text: str) -> int | str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlpp", description="Federated LoRA fine-tuning that protects data and model.")
+    parser.add_argument("--version", action="version", version=f"fedlpp {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) a federated fine-tuning experiment")
     run.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config key, e.g. fl.rounds=3")
@@ -55,7 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="clients averaging what they keep: the attacker and those that trained most recently (1: none)")
     attack.add_argument("--cache", type=Path, help="a folder keeping 'alone' scores, shared by runs that differ only in algorithm/quant/privacy")
     deploy_cli.add_commands(sub)
+    sub.add_parser("list", help="the models, tasks, algorithms and shipped configs, one line each")
+    config = sub.add_parser("config", help="the resolved configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print every key of the resolved configuration with its value and why (valid TOML)")
+    show.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config key, e.g. fl.rounds=3")
+    show.add_argument("--config", type=Path, help="TOML experiment file (see configs/)")
     return parser
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("fedlpp")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree not installed
+        return "unknown (not installed)"
 
 
 def resolve_resume(directory: Path, config: Path | None, overrides: list[str]) -> ExperimentConfig:
@@ -137,12 +153,44 @@ def command_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_list(args: argparse.Namespace) -> int:
+    from fedlpp import catalogue
+
+    def block(title: str, entries: dict[str, str]) -> None:
+        width = max(map(len, entries), default=0)
+        print(f"{title}:")
+        for name, line in entries.items():
+            print(f"  {name:<{width}}  {line}")
+
+    block("models (model.name)", catalogue.MODELS)
+    print(f"  ({catalogue.MODEL_NOTE})")
+    block("tasks (data.task)", catalogue.TASKS)
+    block("algorithms (algorithm.name)", catalogue.ALGORITHMS)
+    configs = {str(path): line for path, line in catalogue.shipped_configs().items()}
+    if configs:
+        block("shipped configs (--config FILE)", configs)
+    else:
+        print("shipped configs: none found here (they are in the repository's configs/ folder)")
+    return 0
+
+
+def command_config(args: argparse.Namespace) -> int:
+    from fedlpp import catalogue
+    from fedlpp.config import SECTIONS, ExperimentConfig, to_tree
+
+    cfg = load_config(args.config, args.overrides)
+    reasons = {"": catalogue.field_reasons(ExperimentConfig), **{n: catalogue.field_reasons(c) for n, c in SECTIONS.items()}}
+    print(catalogue.annotated_toml(to_tree(cfg), reasons), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         commands = {"run": command_run, "sweep": command_sweep, "attack": command_attack, "partition": deploy_cli.command_partition,
-                    "deploy": deploy_cli.command_deploy}
+                    "deploy": deploy_cli.command_deploy,
+                    "list": command_list, "config": command_config}
         return commands[args.command](args)
     except ConfigError as e:
         print(f"fedlpp: configuration error: {e}", file=sys.stderr)

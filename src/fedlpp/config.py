@@ -19,7 +19,6 @@ from typing import Any
 
 import tomli_w
 
-from fedlpp.secagg.params import PRGS
 
 ALGORITHMS = ("fedavg_lora", "fedlpp", "ffa_lora", "fedlpp_ffa")
 SERVER_RULES = ("mean", "delta")
@@ -161,7 +160,7 @@ class FLConfig:
 class TrainConfig:
     batch_size: int = 8  # examples per local step
     lr: float = 1e-3  # client AdamW learning rate (fresh optimizer every round, DESIGN 2.2)
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
     max_grad_norm: float = 0.0  # 0 = no gradient clipping
 
     def __post_init__(self) -> None:
@@ -174,7 +173,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = 3  # evaluate every k rounds; the last round is always evaluated (generation is the slow part)
-    batch_size: int = 16
+    batch_size: int = 16  # evaluation examples per forward pass / generation batch
     max_new_tokens: int = 48  # greedy decoding stops at the first newline or this many tokens
 
     def __post_init__(self) -> None:
@@ -197,6 +196,8 @@ class SecAggConfig:
         _require(1 <= self.scale_bits <= 28, "secagg.scale_bits", f"must be in [1, 28], got {self.scale_bits}")
         _require(0.5 < self.threshold <= 1.0, "secagg.threshold", f"must be in (0.5, 1], got {self.threshold}")
         _choice(self.graph, "secagg.graph", ("complete", "sparse"))
+        from fedlpp.secagg.params import PRGS  # here, not at the top: it loads the cryptography stack
+
         _choice(self.prg, "secagg.prg", PRGS)
 
 
@@ -217,7 +218,7 @@ class PrivacyConfig:
     mode: str = "none"  # none | dp_sgd (each client's examples, Opacus) | client_dp (each client's whole data, DP-FedAvg)
     epsilon: float = 0.0  # target epsilon: the noise multiplier is calibrated to it before training (0 = not set)
     noise_multiplier: float = 0.0  # sigma, explicit instead of a target epsilon (0 = not set)
-    delta: float = 1e-5
+    delta: float = 1e-5  # the delta of (epsilon, delta)-DP; below 1 / the number of examples (or clients)
     clip_norm: float = 1.0  # dp_sgd: per-example gradient norm C; client_dp: client delta norm S
     accountant: str = "rdp"  # rdp | prv (prv is tighter; needs Poisson sampling)
     budget: float = 0.0  # stop before epsilon would exceed this (0 = privacy.epsilon when set, else no limit)

@@ -131,7 +131,9 @@ def test_a_failed_checkpoint_write_is_one_error_and_the_last_good_checkpoint_sta
     def refuse(*args, **kwargs):
         raise RuntimeError("Error while serializing: I/O error: Operation not permitted (os error 1)")  # safetensors' kind
 
-    monkeypatch.setattr(rundir, "save_file", refuse)
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", refuse)  # rundir imports it where it writes
     assert main(["run", "--resume", str(run), "--quiet", "fl.rounds=4"]) != 0
     err = capsys.readouterr().err
     assert "could not write" in err and "checkpoint.safetensors" in err and "Traceback" not in err

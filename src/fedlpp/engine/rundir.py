@@ -26,13 +26,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from fedlpp.config import ConfigError, ExperimentConfig, changed_keys, load_config, to_tree, write_toml
+
+if TYPE_CHECKING:  # torch and safetensors load where checkpoints are touched: the command line's --help stays fast
+    import torch
 
 CONFIG, METRICS, CHECKPOINT, SUMMARY, ADAPTER, BROADCASTS = (
     "config.toml",
@@ -195,6 +194,8 @@ def save_checkpoint(out: Path, adapter: Mapping[str, torch.Tensor], round_: int,
     optimizer's state, in one atomic file."""
     tensors = {n: t.contiguous() for n, t in adapter.items()}
     tensors.update({SERVER_STATE_PREFIX + n: t.contiguous() for n, t in (server_state or {}).items()})
+    from safetensors.torch import save_file
+
     metadata = {**(extra or {}), "round": str(round_)}
     _atomic_write(out / CHECKPOINT, lambda p: save_file(tensors, str(p), metadata=metadata))
 
@@ -204,6 +205,8 @@ def load_checkpoint_metadata(out: Path) -> dict[str, str]:
     path = out / CHECKPOINT
     if not path.exists():
         return {}
+    from safetensors import safe_open
+
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
@@ -212,6 +215,8 @@ def load_checkpoint_metadata(out: Path) -> dict[str, str]:
 
 
 def _checkpoint_tensors(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(out / CHECKPOINT))
     except Exception as e:

@@ -1,0 +1,66 @@
+"""What a newcomer types first: --help and --version answer at once, list names what exists, config show explains every key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from fedlpp import catalogue
+from fedlpp.cli import main
+from fedlpp.config import SECTIONS, ExperimentConfig, build_config, load_config, to_tree
+
+
+def test_the_command_line_loads_without_torch():
+    """--help must not wait for torch (seconds on a cold disk): the CLI module imports none of the heavy stack."""
+    code = "import sys, fedlpp.cli; print(sorted(m for m in ('torch', 'numpy', 'transformers', 'safetensors', 'cryptography') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("fedlpp 0.")
+
+
+def test_list_names_every_registered_model_task_and_algorithm(capsys):
+    from fedlpp.algorithms.spec import algorithm_names
+    from fedlpp.data.tasks import TASKS
+    from fedlpp.models.backbone import SHORT_NAMES
+
+    assert set(catalogue.MODELS) == set(SHORT_NAMES)
+    assert set(catalogue.TASKS) == set(TASKS)
+    assert set(catalogue.ALGORITHMS) == set(algorithm_names())
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in [*catalogue.MODELS, *catalogue.TASKS, *catalogue.ALGORITHMS, "configs/e2e_fedlpp_w2.toml"]:
+        assert f"  {name} " in out
+
+
+def test_config_show_gives_every_key_its_value_and_reason_and_reads_back(capsys):
+    assert main(["config", "show", "--config", "configs/e2e_fedlpp_w2.toml", "fl.rounds=3", "lora.target_modules=q_proj,v_proj"]) == 0
+    out = capsys.readouterr().out
+    assert build_config(tomllib.loads(out)) == load_config("configs/e2e_fedlpp_w2.toml", ["fl.rounds=3", "lora.target_modules=q_proj,v_proj"])
+    assert "rounds = 3  " in out and "# communication rounds" in out
+    section, explained = "", set()
+    for line in out.splitlines():
+        if line.startswith("["):
+            section = line.strip("[]") + "."
+        elif " = " in line and "  # " in line:
+            explained.add(section + line.split(" = ")[0])
+    every_key = {f"{s}.{k}" for s, values in to_tree(ExperimentConfig()).items() if isinstance(values, dict) for k in values}
+    assert every_key | {"seed"} <= explained
+
+
+def test_every_config_key_has_a_reason_in_the_source():
+    missing = [f"{s}.{k}" for s, cls in SECTIONS.items() for k, why in catalogue.field_reasons(cls).items() if not why]
+    assert missing == []
+
+
+def test_config_show_refuses_a_bad_value(capsys):
+    assert main(["config", "show", "fl.rounds=x"]) == 2
+    assert "fl.rounds: expected an integer, got 'x'" in capsys.readouterr().err

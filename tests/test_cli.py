@@ -55,3 +55,14 @@ def test_the_issue_smoke_command_works_as_written(tmp_path: Path, capsys):
     assert "train.lr: cannot change when resuming" in capsys.readouterr().err
     assert main(["run", "--resume", str(out), "fl.rounds=1", "--quiet"]) == 2
     assert "cannot shrink it" in capsys.readouterr().err
+
+
+def test_progress_redirected_to_a_log_is_plain_lines(tmp_path: Path, capsys):
+    """stderr is not a terminal here: rounds, client steps and evaluation show as lines, no escape codes."""
+    assert main(["run", *SMOKE.split(), "--out", str(tmp_path / "r")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"run directory: {tmp_path / 'r'}\n")  # said before the run, not only at its end
+    err = captured.err
+    assert "\x1b[" not in err and "\r" not in err
+    assert "round 1 client steps: 0/" in err and "rounds: 1/2" in err and "rounds: 2/2 (" in err
+    assert "round 2 evaluation, global then proxy (examples): 0/" in err.split("rounds: 1/2")[-1]

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = run.add_mutually_exclusive_group()
     where.add_argument("--out", type=Path, help="run directory to create (default: runs/<algorithm>-<time>)")
     where.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR (also: extend it with fl.rounds=N)")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--quiet", action="store_true", help="no progress (bars on a terminal, timed lines in a log)")
     run.add_argument("--engine", choices=ENGINES, default="local",
                      help="local: every client in this process; flower: Flower's simulation runtime (Ray), one virtual SuperNode per client")
     sweep = sub.add_parser("sweep", help="run every combination and seed of a sweep file; write a mean ± std table")
@@ -102,6 +102,7 @@ def command_run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         out, resume = args.out or default_out(cfg), False
+    print(f"run directory: {out}", flush=True)
     quiet_libraries()
     from fedlpp.evaluation.report import format_summary
 

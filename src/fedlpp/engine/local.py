@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tqdm.auto import tqdm
 
 from fedlpp.algorithms.steps import ClientData, client_step
 from fedlpp.config import ExperimentConfig
@@ -25,6 +24,7 @@ from fedlpp.engine.secure import SecureAggregator, make_aggregator, secure_aggre
 from fedlpp.engine.server import LEDGER_KEY, Exchange, Exchanged, PlainExchange, serve
 from fedlpp.engine.setup import ServerContext, build_run, client_recipe, secure_combiner
 from fedlpp.models.lora import Adapter
+from fedlpp.progress import Bar
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class LocalFederation:
     on_send: OnSend | None = None
 
     def round_trip(self, ctx: ServerContext, adapter: Adapter, payload: bytes, clients: Sequence[int], round_: int,
-                   bar: tqdm | None) -> Exchanged:
+                   bar: Bar | None) -> Exchanged:
         recipe = client_recipe(ctx.cfg, ctx.side, ctx.spec, ctx.sigma, ctx.secure)
         uploads, losses = {}, []
         for client in clients:

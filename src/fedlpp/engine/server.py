@@ -10,6 +10,7 @@ reproduces an uninterrupted run exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -19,17 +20,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from tqdm.auto import tqdm
-
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.server_opt import ServerOptimizer, make_server_optimizer
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.algorithms.steps import mean_finite
 from fedlpp.engine import rundir
 from fedlpp.engine.setup import ServerContext, round_clients, server_combiner
-from fedlpp.evaluation.evaluate import evaluate_adapter
+from fedlpp.evaluation.evaluate import evaluate_adapter, evaluation_work
 from fedlpp.models.lora import Adapter, save_peft_adapter
 from fedlpp.privacy.plan import Ledger, PrivacyPlan, guarantee
+from fedlpp.progress import Bar, Show, open_bar, shower
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Federation(Protocol):
     """Carries one round: the broadcast to the clients, their uploads back, the server's step."""
 
     def round_trip(self, ctx: ServerContext, adapter: Adapter, payload: bytes, clients: Sequence[int], round_: int,
-                   bar: tqdm | None) -> Exchanged: ...
+                   bar: Bar | None) -> Exchanged: ...
 
 
 class Exchange(Protocol):
@@ -81,10 +81,12 @@ class RoundOutcome:
 
 
 def run_round(ctx: ServerContext, federation: Federation, adapter: Adapter, round_: int, clients: Sequence[int],
-              bar: tqdm | None, optimizer: ServerOptimizer | None = None) -> RoundOutcome:
+              show: Show | None = None, optimizer: ServerOptimizer | None = None) -> RoundOutcome:
+    """One round: broadcast, the clients' exchange, the server's step, evaluation when due. ``show`` draws progress."""
     t0 = time.perf_counter()
     payload = rnd.make_broadcast(ctx.spec, adapter, ctx.a_seed, round_)
-    out = federation.round_trip(ctx, adapter, payload, clients, round_, bar)
+    with contextlib.nullcontext() if show is None else show(len(clients) * ctx.cfg.fl.local_steps, f"round {round_} client steps") as bar:
+        out = federation.round_trip(ctx, adapter, payload, clients, round_, bar)
     if optimizer is not None:
         out.adapter = optimizer.step(adapter, out.adapter)
     row = {"round": round_, "clients": list(clients), **out.row}
@@ -92,18 +94,22 @@ def run_round(ctx: ServerContext, federation: Federation, adapter: Adapter, roun
         row["train_loss"] = mean_finite([v for v in out.losses if v is not None])
     row["bytes_down"] = row.get("bytes_down", 0) + len(payload) * out.delivered
     if round_ % ctx.cfg.eval.every == 0 or round_ == ctx.cfg.fl.rounds:
-        row.update(evaluate_round(ctx, out.adapter))
+        row.update(evaluate_round(ctx, out.adapter, show, f"round {round_} evaluation"))
     row["wall_s"] = round(time.perf_counter() - t0, 3)
     return RoundOutcome(out.adapter, row, payload)
 
 
-def evaluate_round(ctx: ServerContext, adapter: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+def evaluate_round(ctx: ServerContext, adapter: Mapping[str, torch.Tensor], show: Show | None = None,
+                   desc: str = "evaluation") -> dict[str, dict[str, float]]:
     """Global (server's full-precision) and proxy (what clients can build) side by side."""
     tok = ctx.side.backbone.tokenizer
-    global_metrics = evaluate_adapter(ctx.model, adapter, ctx.evalset, tok, ctx.decoding)
     proxy = rnd.proxy_point(ctx.spec, adapter)
     same = all(torch.equal(proxy[n], adapter[n]) for n in adapter)
-    proxy_metrics = dict(global_metrics) if same else evaluate_adapter(ctx.model, proxy, ctx.evalset, tok, ctx.decoding)
+    total = (1 if same else 2) * evaluation_work(ctx.evalset)
+    with contextlib.nullcontext() if show is None else show(total, f"{desc}{'' if same else ', global then proxy'} (examples)") as bar:
+        on_batch = bar.update if bar is not None else None
+        global_metrics = evaluate_adapter(ctx.model, adapter, ctx.evalset, tok, ctx.decoding, on_batch)
+        proxy_metrics = dict(global_metrics) if same else evaluate_adapter(ctx.model, proxy, ctx.evalset, tok, ctx.decoding, on_batch)
     return {"global": global_metrics, "proxy": proxy_metrics}
 
 
@@ -131,22 +137,22 @@ def serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool = 
             raise
 
 
-def _serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool, progress: bool) -> dict[str, Any]:
+def _serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool, show_progress: bool) -> dict[str, Any]:
     cfg = ctx.cfg
     adapter, last, rows = start_or_resume(ctx, out, resume)
     ledger = start_ledger(ctx, out, resume)
     optimizer = start_server_optimizer(ctx, out, resume)
     recorded = {rundir.CONFIG_KEY: rundir.config_record(cfg)}
     stopped = None
-    rounds_bar = tqdm(range(last + 1, cfg.fl.rounds + 1), desc="rounds", initial=last, total=cfg.fl.rounds, disable=not progress, position=0)
-    for round_ in rounds_bar:
+    rounds_bar = open_bar(cfg.fl.rounds, "rounds", enabled=show_progress, initial=last)
+    show = shower(show_progress)
+    for round_ in range(last + 1, cfg.fl.rounds + 1):
         clients = round_clients(cfg, round_)
         spent = ledger.after_round(ctx.privacy, clients) if ledger is not None else None
         if spent is not None and spent.exceeds(ctx.privacy):
             stopped = budget_stop(ctx.privacy, ledger, spent, round_)
             break
-        with tqdm(total=len(clients) * cfg.fl.local_steps, desc=f"round {round_} client steps", leave=False, disable=not progress, position=1) as bar:
-            outcome = run_round(ctx, federation, adapter, round_, clients, bar, optimizer)
+        outcome = run_round(ctx, federation, adapter, round_, clients, show, optimizer)
         adapter, ledger = outcome.adapter, spent
         if ledger is not None:
             outcome.row.update(privacy_row(ctx.privacy, ledger))
@@ -155,7 +161,8 @@ def _serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool, 
         metadata = {**recorded, **({LEDGER_KEY: ledger.to_json()} if ledger is not None else {})}
         rundir.save_checkpoint(out, adapter, round_, metadata, optimizer.state())
         rows.append(outcome.row)
-        rounds_bar.set_postfix(_postfix(outcome.row))
+        rounds_bar.set_postfix(_postfix(outcome.row), refresh=False)
+        rounds_bar.update(1)
     rounds_bar.close()
     return finish(ctx, out, adapter, rows, ledger, stopped)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,12 +31,21 @@ class Decoding:
     max_new_tokens: int
 
 
+OnBatch = Callable[[int], None]  # called with the number of examples a batch held
+
+
+def evaluation_work(evalset: EvalSet) -> int:
+    """Examples ``evaluate_adapter`` reports through ``on_batch``: the loss pass, then generation if any."""
+    return len(evalset.features) + len(evalset.prompts)
+
+
 def _batches(items: Sequence, size: int) -> list[Sequence]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, evalset: EvalSet, pad_id: int, batch_size: int) -> tuple[float, list[int]]:
+def mean_loss(model: nn.Module, evalset: EvalSet, pad_id: int, batch_size: int,
+              on_batch: OnBatch | None = None) -> tuple[float, list[int]]:
     """Mean per-example loss, and for classifiers the predicted labels."""
     total, count, predictions = 0.0, 0, []
     for chunk in _batches(evalset.features, batch_size):
@@ -46,6 +55,8 @@ def mean_loss(model: nn.Module, evalset: EvalSet, pad_id: int, batch_size: int) 
         count += len(chunk)
         if evalset.kind == "classification":
             predictions += logits.argmax(-1).tolist()
+        if on_batch is not None:
+            on_batch(len(chunk))
     return total / max(count, 1), predictions
 
 
@@ -59,7 +70,8 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]], decoding: Decoding) -> list[str]:
+def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]], decoding: Decoding,
+             on_batch: OnBatch | None = None) -> list[str]:
     """Batched greedy decoding; returns the first line of each continuation, stripped."""
     outputs: list[str] = []
     stops = stop_token_ids(tokenizer)
@@ -76,6 +88,8 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
         new_tokens = generated[:, batch["input_ids"].shape[1] :]
         for row in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
             outputs.append(row.strip().split("\n", 1)[0].strip())
+        if on_batch is not None:
+            on_batch(len(chunk))
     return outputs
 
 
@@ -85,15 +99,17 @@ def evaluate_adapter(
     evalset: EvalSet,
     tokenizer: PreTrainedTokenizerBase,
     decoding: Decoding,
+    on_batch: OnBatch | None = None,
 ) -> dict[str, float]:
-    """Metrics of backbone + ``adapter`` on ``evalset``."""
+    """Metrics of backbone + ``adapter`` on ``evalset``; ``on_batch(n)`` after each batch of n examples
+    (``evaluation_work`` of them in all: the loss pass, then generation)."""
     set_adapter(model, adapter)
     model.eval()
-    loss, predictions = mean_loss(model, evalset, tokenizer.pad_token_id, decoding.batch_size)
+    loss, predictions = mean_loss(model, evalset, tokenizer.pad_token_id, decoding.batch_size, on_batch)
     if evalset.kind == "classification":
         labels = [int(f["label"]) for f in evalset.features]
         return {"loss": loss, "accuracy": accuracy(predictions, labels)}
-    hypotheses = generate(model, tokenizer, evalset.prompts, decoding)
+    hypotheses = generate(model, tokenizer, evalset.prompts, decoding, on_batch)
     return {
         "loss": loss,
         "bleu": bleu(hypotheses, evalset.references),

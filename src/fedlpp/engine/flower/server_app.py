@@ -25,7 +25,6 @@ from typing import Any, Protocol
 import tomli_w
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
-from tqdm.auto import tqdm
 
 from fedlpp.config import ConfigError, ExperimentConfig, load_config, to_tree
 from fedlpp.engine import rundir
@@ -36,6 +35,7 @@ from fedlpp.engine.flower.secure import SecureAggregation
 from fedlpp.engine.server import Exchanged, PlainExchange, serve
 from fedlpp.engine.setup import ServerContext, build_model, build_server, check_privacy, eval_only, load_task_data
 from fedlpp.models.lora import Adapter
+from fedlpp.progress import Bar
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class FlowerFederation:
     aggregation: Aggregation
 
     def round_trip(self, ctx: ServerContext, adapter: Adapter, payload: bytes, clients: Sequence[int], round_: int,
-                   bar: tqdm | None) -> Exchanged:
+                   bar: Bar | None) -> Exchanged:
         extra = self.aggregation.train_fields(ctx, self.roster, clients)
         messages = {c: self._train_message(payload, c, float(ctx.sigma), round_, extra) for c in clients}
         replies = exchange(self.grid, messages, self.round_timeout)

@@ -25,6 +25,7 @@ TASKS = {
     "weather": "built-in generated weather reports -> sentence (generation, BLEU/ROUGE-L; the default, no files)",
     "e2e": "E2E NLG: restaurant meaning representation -> text (generation, BLEU/ROUGE-L; data.path or data.hf_id)",
     "sst2": "SST-2 sentence sentiment (classification, accuracy; GLUE TSV in data.path or data.hf_id)",
+    "jsonl": "your own JSON Lines file: {input, output(s)} (generation) or {text, label} (classification); data.eval_path",
 }
 
 ALGORITHMS = {

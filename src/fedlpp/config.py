@@ -25,7 +25,7 @@ SERVER_RULES = ("mean", "delta")
 SERVER_OPTIMIZERS = ("none", "momentum")
 GRANULARITIES = ("block", "row", "tensor")
 QUANT_BITS = (1, 2, 3, 4, 8)
-TASKS = ("weather", "e2e", "sst2")
+TASKS = ("weather", "e2e", "sst2", "jsonl")
 PARTITIONS = ("iid", "dirichlet", "quantity_skew")
 PRIVACY_MODES = ("none", "dp_sgd", "client_dp")
 ACCOUNTANTS = ("rdp", "prv")
@@ -121,8 +121,9 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    task: str = "weather"  # weather (built in, generated) | e2e | sst2
-    path: str = ""  # local dataset directory (e.g. ../shared/data/e2e); empty = built in / hub
+    task: str = "weather"  # weather (built in, generated) | e2e | sst2 | jsonl (your own file)
+    path: str = ""  # local dataset directory (e.g. ../shared/data/e2e), or the file for jsonl; empty = built in / hub
+    eval_path: str = ""  # jsonl only: a separate evaluation file; empty = hold out a tenth of data.path
     hf_id: str = ""  # Hugging Face dataset id, downloaded only when given
     num_train: int = 0  # 0 = all (weather: 2000)
     num_eval: int = 0  # 0 = the task's default held-out size
@@ -136,6 +137,9 @@ class DataConfig:
         _require(self.num_train >= 0, "data.num_train", "must be >= 0")
         _require(self.num_eval >= 0, "data.num_eval", "must be >= 0")
         _require(not (self.path and self.hf_id), "data.path", "set data.path or data.hf_id, not both")
+        _require(not self.eval_path or self.task == "jsonl", "data.eval_path",
+                 f"is for data.task=jsonl; task {self.task!r} takes its evaluation split from its own files")
+        _require(self.task != "jsonl" or bool(self.path), "data.path", "data.task=jsonl needs data.path=FILE.jsonl")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedlpp.data.files import read_text
+from fedlpp.data.files import read_json_lines
 from fedlpp.data.schema import Example
 
 
@@ -30,25 +30,16 @@ def read_examples(path: str | Path) -> list[Example]:
     if not p.is_file():
         raise ExamplesFileError(f"{p}: no such data file (a client's data-path must be a JSONL file of examples)")
     try:
-        text = read_text(p)
+        rows = read_json_lines(p)
     except ValueError as e:
         raise ExamplesFileError(str(e)) from None
-    examples = [_example(line, p, number) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    examples = [_example(row, f"{p}, line {number}") for number, row in rows]
     if not examples:
         raise ExamplesFileError(f"{p}: holds no examples")
     return examples
 
 
-def _example(line: str, path: Path, number: int) -> Example:
-    where = f"{path}, line {number}"
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ExamplesFileError(f"{where}: not valid JSON ({e.msg})") from None
-    except RecursionError:
-        raise ExamplesFileError(f"{where}: JSON nested too deeply") from None
-    if not isinstance(row, dict):
-        raise ExamplesFileError(f"{where}: expected a JSON object, got {type(row).__name__}")
+def _example(row: dict, where: str) -> Example:
     prompt, target, label, group = row.get("prompt"), row.get("target", ""), row.get("label"), row.get("group", "")
     if not isinstance(prompt, str) or not prompt:
         raise ExamplesFileError(f"{where}: 'prompt' must be a non-empty string")

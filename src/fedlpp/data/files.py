@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -72,3 +73,25 @@ def read_text(file: Path) -> str:
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise ValueError(f"{file}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def read_json_lines(file: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSON Lines file; a ValueError naming file and line otherwise.
+
+    Lines are split on "\n" only: JSON strings may hold other Unicode line breaks.
+    """
+    rows = []
+    for number, line in enumerate(read_text(file).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{file}, line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{where}: JSON nested too deeply") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        rows.append((number, row))
+    return rows

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from fedlpp.data.e2e import load_e2e
+from fedlpp.data.jsonl import load_jsonl
 from fedlpp.data.schema import Example, TaskData
 from fedlpp.data.sst2 import load_sst2
 from fedlpp.data.weather import load_weather
@@ -60,6 +61,7 @@ def load_task(
     num_train: int = 0,
     num_eval: int = 0,
     seed: int = 0,
+    eval_path: str = "",
 ) -> TaskData:
     """Load task `name`.
 
@@ -71,6 +73,7 @@ def load_task(
             seeded random subset, kept in file order.
         num_eval: Eval examples (distinct inputs for generation); 0 = all/default.
         seed: Drives every random choice; the same seed gives the same data.
+        eval_path: A separate evaluation file, for the tasks that read one (EVAL_FILE_TASKS).
     """
     if path and hf_id:
         raise ValueError(f"task {name!r}: give path or hf_id, not both (got {path!r}, {hf_id!r})")
@@ -80,9 +83,16 @@ def load_task(
             f"got {num_train}, {num_eval}, {seed}"
         )
     loader = get_task_loader(name)
-    return loader(path=path, hf_id=hf_id, num_train=num_train, num_eval=num_eval, seed=seed)
+    if not eval_path:
+        return loader(path=path, hf_id=hf_id, num_train=num_train, num_eval=num_eval, seed=seed)
+    if name not in EVAL_FILE_TASKS:
+        raise ValueError(f"task {name!r} takes its evaluation split from its own files; eval_path is for "
+                         f"{', '.join(EVAL_FILE_TASKS)}")
+    return loader(path=path, hf_id=hf_id, num_train=num_train, num_eval=num_eval, seed=seed, eval_path=eval_path)
 
 
 register_task("weather", load_weather)
 register_task("e2e", load_e2e)
 register_task("sst2", load_sst2)
+register_task("jsonl", load_jsonl)
+EVAL_FILE_TASKS = ("jsonl",)  # loaders that also take eval_path=

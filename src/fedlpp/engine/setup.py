@@ -112,7 +112,8 @@ def algorithm_spec(cfg: ExperimentConfig) -> AlgorithmSpec:
 
 def load_task_data(cfg: ExperimentConfig) -> TaskData:
     d = cfg.data
-    return load_task(d.task, path=d.path, hf_id=d.hf_id, num_train=d.num_train, num_eval=d.num_eval, seed=cfg.seed)
+    return load_task(d.task, path=d.path, hf_id=d.hf_id, num_train=d.num_train, num_eval=d.num_eval, seed=cfg.seed,
+                     eval_path=d.eval_path)
 
 
 def client_partitions(cfg: ExperimentConfig, task: TaskData) -> list[list[Example]]:

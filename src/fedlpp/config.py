@@ -25,7 +25,7 @@ SERVER_RULES = ("mean", "delta")
 SERVER_OPTIMIZERS = ("none", "momentum")
 GRANULARITIES = ("block", "row", "tensor")
 QUANT_BITS = (1, 2, 3, 4, 8)
-TASKS = ("weather", "e2e", "sst2", "jsonl")
+TASKS = ("weather", "e2e", "dart", "dialogsum", "gsm8k", "sst2", "rte", "jsonl")
 PARTITIONS = ("iid", "dirichlet", "quantity_skew")
 PRIVACY_MODES = ("none", "dp_sgd", "client_dp")
 ACCOUNTANTS = ("rdp", "prv")
@@ -121,7 +121,7 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    task: str = "weather"  # weather (built in, generated) | e2e | sst2 | jsonl (your own file)
+    task: str = "weather"  # weather (built in) | e2e | dart | dialogsum | gsm8k | sst2 | rte | jsonl (your own file)
     path: str = ""  # local dataset directory (e.g. ../shared/data/e2e), or the file for jsonl; empty = built in / hub
     eval_path: str = ""  # jsonl only: a separate evaluation file; empty = hold out a tenth of data.path
     hf_id: str = ""  # Hugging Face dataset id, downloaded only when given

@@ -73,7 +73,7 @@ def test_a_bad_line_is_named(tmp_path, rows, message):
 
 def test_files_that_cannot_work_are_refused(tmp_path):
     one = _write(tmp_path / "one.jsonl", [{"input": "a", "output": "b"}])
-    with pytest.raises(ValueError, match="cannot hold out 1 of 1 distinct inputs"):
+    with pytest.raises(ValueError, match="cannot hold out 1 of 1 for evaluation.*data.eval_path"):
         load_task("jsonl", path=one)
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         load_task("jsonl", path=str(tmp_path / "nope.jsonl"))

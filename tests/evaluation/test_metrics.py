@@ -24,3 +24,30 @@ def test_accuracy_and_length_checks():
         accuracy([1], [1, 0])
     with pytest.raises(ValueError):
         bleu(["a"], [])
+
+
+def test_final_number_is_what_follows_the_marker_else_the_last_number():
+    from decimal import Decimal
+
+    from fedlpp.evaluation.metrics import final_number
+
+    assert final_number("48/2 = 24 clips.\n#### 72") == Decimal(72)
+    assert final_number("so she has 1,000.50 dollars") == Decimal("1000.50")
+    assert final_number("it is -3, not 4") == Decimal(4) and final_number("no digits") is None
+
+
+def test_exact_match_compares_final_numbers_as_numbers():
+    from fedlpp.evaluation.metrics import exact_match
+
+    refs = [["... #### 72"], ["... #### 1000"], ["#### 5"], ["#### 6"]]
+    assert exact_match(["so 72", "1,000.0 in all", "#### 5.5", "nothing"], refs) == 50.0
+
+
+def test_rouge_n_and_ter_from_their_packages():
+    from fedlpp.evaluation.metrics import rouge_1, rouge_2, ter
+
+    assert rouge_1(["the cat sat"], [["the cat ran"]]) == pytest.approx(100 * 2 / 3)
+    assert rouge_2(["the cat sat"], [["the cat ran"]]) == pytest.approx(50.0)
+    assert ter(["the cat sat"], [["the cat ran"]]) == pytest.approx(100 / 3)
+    # tercom's convention: the edits to the closest reference over the references' average length (1 / 2.5)
+    assert ter(["the cat sat"], [["a dog", "the cat ran"]]) == pytest.approx(40.0)

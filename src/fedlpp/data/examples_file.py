@@ -1,7 +1,8 @@
 """A client's own examples as a JSONL file: what a SuperNode reads from its ``data-path``.
 
 One JSON object per line with the fields of ``Example``: ``prompt`` and ``target`` (text;
-target "" for classification), optionally ``label`` (an integer class id) and ``group``.
+target "" for classification), optionally ``label`` (an integer class id), ``group`` and
+``pair`` (a sentence pair's second text).
 ``fedlpp partition`` writes one such file per client from an experiment config.
 """
 
@@ -20,7 +21,8 @@ class ExamplesFileError(ValueError):
 
 
 def write_examples(path: Path, examples: Sequence[Example]) -> None:
-    lines = [json.dumps({"prompt": e.prompt, "target": e.target, "label": e.label, "group": e.group}) for e in examples]
+    lines = [json.dumps({"prompt": e.prompt, "target": e.target, "label": e.label, "group": e.group, **({"pair": e.pair} if e.pair else {})})
+             for e in examples]
     path.write_text("".join(line + "\n" for line in lines))
 
 
@@ -40,11 +42,11 @@ def read_examples(path: str | Path) -> list[Example]:
 
 
 def _example(row: dict, where: str) -> Example:
-    prompt, target, label, group = row.get("prompt"), row.get("target", ""), row.get("label"), row.get("group", "")
+    prompt, target, label, group, pair = row.get("prompt"), row.get("target", ""), row.get("label"), row.get("group", ""), row.get("pair", "")
     if not isinstance(prompt, str) or not prompt:
         raise ExamplesFileError(f"{where}: 'prompt' must be a non-empty string")
-    if not isinstance(target, str) or not isinstance(group, str):
-        raise ExamplesFileError(f"{where}: 'target' and 'group' must be strings")
+    if not isinstance(target, str) or not isinstance(group, str) or not isinstance(pair, str):
+        raise ExamplesFileError(f"{where}: 'target', 'group' and 'pair' must be strings")
     if label is not None and (not isinstance(label, int) or isinstance(label, bool) or label < 0):
         raise ExamplesFileError(f"{where}: 'label' must be a non-negative integer or absent, got {label!r}")
-    return Example(prompt=prompt, target=target, label=label, group=group)
+    return Example(prompt=prompt, target=target, label=label, group=group, pair=pair)

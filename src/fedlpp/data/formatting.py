@@ -118,7 +118,11 @@ def encode_for_classification(
         raise ValueError(f"classification examples need a label; examples {missing[:5]} have none")
     if not examples:
         return []
-    encoded = tokenizer([e.prompt for e in examples], truncation=True, max_length=max_length)
+    texts = [e.prompt for e in examples]
+    if any(e.pair for e in examples):  # sentence pairs (RTE): the tokenizer's own pair format, e.g. [CLS] a [SEP] b [SEP]
+        encoded = tokenizer(texts, [e.pair for e in examples], truncation=True, max_length=max_length)
+    else:
+        encoded = tokenizer(texts, truncation=True, max_length=max_length)
     return [
         {"input_ids": list(ids), "label": int(e.label)}  # type: ignore[arg-type]
         for ids, e in zip(encoded["input_ids"], examples, strict=True)

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from fedlpp.data.files import read_json_lines
-from fedlpp.data.sampling import EVAL_STREAM, HOLDOUT_STREAM, TRAIN_STREAM, make_rng, seeded_subset
+from fedlpp.data.sampling import EVAL_STREAM, TRAIN_STREAM, hold_out, seeded_subset
 from fedlpp.data.schema import CLASSIFICATION, GENERATION, Example, TaskData
 
 NAME = "jsonl"
-HOLDOUT_FRACTION = 10  # without data.eval_path, a tenth of the distinct inputs is held out
 
 Line = tuple[str, dict[str, Any]]  # ("FILE, line N", the object)
 
@@ -111,7 +110,7 @@ def _generation(lines: Sequence[Line], eval_lines: Sequence[Line], num_train: in
     if eval_lines:
         eval_inputs = _pairs(eval_lines)
     else:
-        held = set(_held_out(list(train_inputs), num_eval, seed))
+        held = set(_held_out(list(train_inputs), num_eval, seed)[1])
         eval_inputs = {p: v for p, v in train_inputs.items() if p in held}
         train_inputs = {p: v for p, v in train_inputs.items() if p not in held}
         num_eval = 0  # the held-out part already has the requested size
@@ -128,7 +127,7 @@ def _classification(lines: Sequence[Line], eval_lines: Sequence[Line], num_train
     if eval_lines:
         train, eval_ = examples, [_labelled(where, row, names) for where, row in eval_lines]
     else:
-        held = set(_held_out(list(range(len(examples))), num_eval, seed))
+        held = set(_held_out(list(range(len(examples))), num_eval, seed)[1])
         train = [e for i, e in enumerate(examples) if i not in held]
         eval_ = [e for i, e in enumerate(examples) if i in held]
         num_eval = 0
@@ -165,12 +164,8 @@ def _labelled(where: str, row: dict[str, Any], names: Sequence[str]) -> Example:
     return Example(prompt=_text(where, row, "text").strip(), target="", label=value, group=_group(where, row, str(value)))
 
 
-def _held_out(keys: Sequence[Any], num_eval: int, seed: int) -> list[Any]:
-    """A seeded num_eval of ``keys`` (default a tenth, at least one), leaving at least one for training."""
-    n = len(keys)
-    k = num_eval or max(1, n // HOLDOUT_FRACTION)
-    if k >= n:
-        raise ValueError(f"task 'jsonl': cannot hold out {k} of {n} distinct inputs for evaluation and keep some for "
-                         "training; give data.eval_path=EVAL.jsonl or a smaller data.num_eval")
-    order = make_rng(seed, HOLDOUT_STREAM).permutation(n)
-    return [keys[int(i)] for i in order[:k]]
+def _held_out(keys: Sequence[Any], num_eval: int, seed: int) -> tuple[list[Any], list[Any]]:
+    try:
+        return hold_out(keys, num_eval, seed, "task 'jsonl'")
+    except ValueError as e:
+        raise ValueError(f"{e}: give data.eval_path=EVAL.jsonl or a smaller data.num_eval") from None

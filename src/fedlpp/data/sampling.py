@@ -37,3 +37,14 @@ def seeded_subset(items: Sequence[T], k: int, seed: int, stream: int, what: str)
         raise ValueError(f"{what}: asked for {k} examples but only {len(items)} are available")
     chosen = make_rng(seed, stream).choice(len(items), size=k, replace=False)
     return tuple(items[int(i)] for i in np.sort(chosen))
+
+
+def hold_out(items: Sequence[T], num_eval: int, seed: int, what: str, fraction: int = 10) -> tuple[list[T], list[T]]:
+    """(train, eval): a seeded ``num_eval`` of ``items`` (0: one in ``fraction``, at least one) held out for
+    evaluation, the rest for training; both keep the original order. An error when nothing would be left to train."""
+    n = len(items)
+    k = num_eval or max(1, n // fraction)
+    if k >= n:
+        raise ValueError(f"{what}: cannot hold out {k} of {n} for evaluation and keep some for training")
+    held = {int(i) for i in make_rng(seed, HOLDOUT_STREAM).permutation(n)[:k]}
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 GENERATION = "generation"
 CLASSIFICATION = "classification"
 TASK_KINDS = (GENERATION, CLASSIFICATION)
+DEFAULT_GENERATION_METRICS = ("bleu", "rouge_l")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class Example:
             string for classification, an attribute value for generation).
         references: All references for this input; filled for generation eval
             examples (multi-reference BLEU), empty for training rows.
+        pair: The second text of a sentence-pair classification (RTE's
+            hypothesis); "" for single-text tasks.
     """
 
     prompt: str
@@ -29,6 +32,7 @@ class Example:
     label: int | None = None
     group: str = ""
     references: tuple[str, ...] = ()
+    pair: str = ""
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,10 @@ class TaskData:
     """A task's train and eval examples.
 
     Generation eval holds ONE example per distinct input carrying all of its
-    references, because the E2E scorer scores one output per MR.
+    references, because the E2E scorer scores one output per MR. ``metrics`` names
+    what generation is scored with (``evaluation.metrics``; empty: BLEU and ROUGE-L);
+    ``multiline`` outputs span lines, so decoding stops only at EOS, not at the
+    first newline.
     """
 
     name: str
@@ -45,6 +52,15 @@ class TaskData:
     eval: tuple[Example, ...]
     num_labels: int = 0
     label_names: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    multiline: bool = False
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The task metrics besides the loss (classification: accuracy)."""
+        if self.kind == CLASSIFICATION:
+            return ("accuracy",)
+        return self.metrics or DEFAULT_GENERATION_METRICS
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from fedlpp.data.dart import load_dart
+from fedlpp.data.dialogsum import load_dialogsum
 from fedlpp.data.e2e import load_e2e
+from fedlpp.data.gsm8k import load_gsm8k
 from fedlpp.data.jsonl import load_jsonl
 from fedlpp.data.schema import Example, TaskData
+from fedlpp.data.rte import load_rte
 from fedlpp.data.sst2 import load_sst2
 from fedlpp.data.weather import load_weather
 
@@ -94,5 +98,9 @@ def load_task(
 register_task("weather", load_weather)
 register_task("e2e", load_e2e)
 register_task("sst2", load_sst2)
+register_task("rte", load_rte)
+register_task("dart", load_dart)
+register_task("dialogsum", load_dialogsum)
+register_task("gsm8k", load_gsm8k)
 register_task("jsonl", load_jsonl)
 EVAL_FILE_TASKS = ("jsonl",)  # loaders that also take eval_path=

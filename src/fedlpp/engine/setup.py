@@ -147,7 +147,7 @@ def build_evalset(task: TaskData, backbone: Backbone, max_length: int) -> EvalSe
     features = encode_for_generation(tok, task.eval, max_length)
     prompts = encode_prompts(tok, task.eval, max_length)
     references = tuple(e.references or (e.target,) for e in task.eval)
-    return EvalSet("generation", tuple(features), tuple(prompts), references)
+    return EvalSet("generation", tuple(features), tuple(prompts), references, task.metric_names, task.multiline)
 
 
 def check_privacy(cfg: ExperimentConfig, client_sizes: list[int]) -> PrivacyPlan | None:

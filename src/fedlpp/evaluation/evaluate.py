@@ -10,7 +10,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedlpp.data.formatting import collate
-from fedlpp.evaluation.metrics import accuracy, bleu, rouge_l
+from fedlpp.data.schema import DEFAULT_GENERATION_METRICS
+from fedlpp.evaluation.metrics import GENERATION_METRICS, accuracy
 from fedlpp.models.lora import set_adapter
 from fedlpp.models.objective import forward_logits, losses_from_logits
 
@@ -23,6 +24,13 @@ class EvalSet:
     features: tuple[dict, ...]  # training-format features (loss; labels for classification)
     prompts: tuple[list[int], ...] = ()  # generation: prompt ids
     references: tuple[tuple[str, ...], ...] = ()  # generation: all references per prompt
+    metrics: tuple[str, ...] = DEFAULT_GENERATION_METRICS  # generation: what the outputs are scored with
+    multiline: bool = False  # generation: outputs span lines (stop at EOS only, not at the first newline)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.metrics if m not in GENERATION_METRICS]
+        if self.kind == "generation" and unknown:
+            raise ValueError(f"unknown generation metric {unknown[0]!r}; known: {', '.join(GENERATION_METRICS)}")
 
 
 @dataclass(frozen=True)
@@ -60,21 +68,21 @@ def mean_loss(model: nn.Module, evalset: EvalSet, pad_id: int, batch_size: int,
     return total / max(count, 1), predictions
 
 
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """EOS plus the newline token: outputs are cut at the first line (DESIGN 6)."""
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, multiline: bool = False) -> list[int]:
+    """EOS, plus the newline token unless outputs span lines: one-line outputs are cut at the first line (DESIGN 6)."""
     ids = [tokenizer.eos_token_id]
     newline = tokenizer.encode("\n", add_special_tokens=False)
-    if len(newline) == 1:
+    if len(newline) == 1 and not multiline:
         ids.append(newline[0])
     return [i for i in ids if i is not None]
 
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]], decoding: Decoding,
-             on_batch: OnBatch | None = None) -> list[str]:
-    """Batched greedy decoding; returns the first line of each continuation, stripped."""
+             on_batch: OnBatch | None = None, multiline: bool = False) -> list[str]:
+    """Batched greedy decoding; returns each continuation stripped (its first line unless ``multiline``)."""
     outputs: list[str] = []
-    stops = stop_token_ids(tokenizer)
+    stops = stop_token_ids(tokenizer, multiline)
     for chunk in _batches(prompts, decoding.batch_size):
         batch = collate([{"input_ids": p} for p in chunk], tokenizer.pad_token_id, padding_side="left")
         generated = model.generate(
@@ -87,7 +95,7 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
         )
         new_tokens = generated[:, batch["input_ids"].shape[1] :]
         for row in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
-            outputs.append(row.strip().split("\n", 1)[0].strip())
+            outputs.append(row.strip() if multiline else row.strip().split("\n", 1)[0].strip())
         if on_batch is not None:
             on_batch(len(chunk))
     return outputs
@@ -109,9 +117,5 @@ def evaluate_adapter(
     if evalset.kind == "classification":
         labels = [int(f["label"]) for f in evalset.features]
         return {"loss": loss, "accuracy": accuracy(predictions, labels)}
-    hypotheses = generate(model, tokenizer, evalset.prompts, decoding, on_batch)
-    return {
-        "loss": loss,
-        "bleu": bleu(hypotheses, evalset.references),
-        "rouge_l": rouge_l(hypotheses, evalset.references),
-    }
+    hypotheses = generate(model, tokenizer, evalset.prompts, decoding, on_batch, evalset.multiline)
+    return {"loss": loss, **{m: GENERATION_METRICS[m](hypotheses, evalset.references) for m in evalset.metrics}}

@@ -1,0 +1,74 @@
+"""DART (RDF triples -> text), from the release's JSON files.
+
+A folder with ``dart-v1.1.1-full-train.json`` and ``-dev.json``; with the dev file alone, a
+seeded tenth of its triple sets is held out and the rest trained on. Each triple set is
+written ``subject | predicate | object`` and joined with `` ; ``. Training keeps one example
+per (triple set, annotation); evaluation one per triple set with all its annotations as
+references. The first annotation's ``source`` (webnlg, e2e, WikiSQL_..., ...) is the
+partitioner's group. Scored with BLEU and TER (METEOR needs Java's METEOR 1.5: not computed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedlpp.data.files import read_text, require_dir
+from fedlpp.data.sampling import EVAL_STREAM, TRAIN_STREAM, hold_out, seeded_subset
+from fedlpp.data.schema import GENERATION, Example, TaskData
+
+NAME = "dart"
+PROMPT = "Describe the triples.\nData: {triples}\nText:"
+TRAIN_FILE, DEV_FILE = "dart-v1.1.1-full-train.json", "dart-v1.1.1-full-dev.json"
+METRICS = ("bleu", "ter")
+
+Entry = tuple[str, str, tuple[str, ...]]  # (prompt, group, references)
+
+
+def _entries(path: Path) -> list[Entry]:
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of triple sets")
+    return [_entry(item, f"{path}, triple set {i}") for i, item in enumerate(data, 1)]
+
+
+def _entry(item: object, where: str) -> Entry:
+    triples = item.get("tripleset") if isinstance(item, dict) else None
+    notes = item.get("annotations") if isinstance(item, dict) else None
+    if (not isinstance(triples, list) or not triples
+            or not all(isinstance(t, list) and len(t) == 3 and all(isinstance(x, str) for x in t) for t in triples)):
+        raise ValueError(f"{where}: 'tripleset' must be a list of [subject, predicate, object] strings")
+    if not isinstance(notes, list) or not notes or not all(isinstance(n, dict) and isinstance(n.get("text"), str) for n in notes):
+        raise ValueError(f"{where}: 'annotations' must be a list of objects with a 'text'")
+    prompt = PROMPT.format(triples=" ; ".join(" | ".join(x.strip() for x in t) for t in triples))
+    return prompt, str(notes[0].get("source", "")), tuple(n["text"].strip() for n in notes)
+
+
+def _train(entries: list[Entry]) -> list[Example]:
+    return [Example(prompt=p, target=ref, group=group) for p, group, refs in entries for ref in refs]
+
+
+def _eval(entries: list[Entry]) -> list[Example]:
+    return [Example(prompt=p, target=refs[0], group=group, references=refs) for p, group, refs in entries]
+
+
+def load_dart(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: int) -> TaskData:
+    if hf_id:
+        raise ValueError("task 'dart' reads the release's JSON files: give data.path=FOLDER (hub copies differ in layout)")
+    if not path:
+        raise ValueError(f"task 'dart' needs path= (a folder holding {DEV_FILE} and ideally {TRAIN_FILE})")
+    folder = require_dir(path, NAME, f"{TRAIN_FILE} and/or {DEV_FILE}")
+    if not (folder / DEV_FILE).is_file():
+        raise FileNotFoundError(f"{folder / DEV_FILE}: file not found; task 'dart' expects it")
+    dev = _entries(folder / DEV_FILE)
+    if (folder / TRAIN_FILE).is_file():
+        train, held = _entries(folder / TRAIN_FILE), dev
+    else:
+        train, held = hold_out(dev, num_eval, seed, "dart (dev only)")
+        num_eval = 0
+    return TaskData(name=NAME, kind=GENERATION, metrics=METRICS,
+                    train=seeded_subset(_train(train), num_train, seed, TRAIN_STREAM, "dart train"),
+                    eval=seeded_subset(_eval(held), num_eval, seed, EVAL_STREAM, "dart eval (triple sets)"))

@@ -1,0 +1,66 @@
+"""DialogSum (dialogue -> summary), from local files or the hub.
+
+Local: a folder with ``dialogsum.train.jsonl`` and ``dialogsum.dev.jsonl`` (``dialogue``,
+``summary`` — or ``summary1``..``summary3`` as in its test file — and ``topic``). The topic is
+the partitioner's group (``data.partition=dirichlet`` gives clients different topics). Scored
+with ROUGE-1/2/L F. Dialogues are long: raise ``model.max_length`` (~512).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedlpp.data.files import read_json_lines, require_dir
+from fedlpp.data.hub import Row, get_split, load_hub_splits
+from fedlpp.data.sampling import EVAL_STREAM, TRAIN_STREAM, seeded_subset
+from fedlpp.data.schema import GENERATION, Example, TaskData
+
+NAME = "dialogsum"
+PROMPT = "Summarize the dialogue.\n{dialogue}\nSummary:"
+TRAIN_FILE, DEV_FILE = "dialogsum.train.jsonl", "dialogsum.dev.jsonl"
+METRICS = ("rouge_1", "rouge_2", "rouge_l")
+SUMMARY_FIELDS = ("summary", "summary1", "summary2", "summary3")
+
+
+def to_example(row: Row, where: str) -> Example:
+    dialogue, topic = row.get("dialogue"), row.get("topic", "")
+    summaries = [row[f].strip() for f in SUMMARY_FIELDS if isinstance(row.get(f), str) and row[f].strip()]
+    if not isinstance(dialogue, str) or not dialogue.strip() or not summaries or not isinstance(topic, str):
+        raise ValueError(f"{where}: expected a 'dialogue', a 'summary' (or summary1..3) and a 'topic' string")
+    return Example(prompt=PROMPT.format(dialogue=dialogue.strip()), target=summaries[0], group=topic.strip(),
+                   references=tuple(summaries))
+
+
+def _task(train: Sequence[Example], eval_: Sequence[Example], num_train: int, num_eval: int, seed: int) -> TaskData:
+    return TaskData(name=NAME, kind=GENERATION, metrics=METRICS,
+                    train=seeded_subset(train, num_train, seed, TRAIN_STREAM, "dialogsum train"),
+                    eval=seeded_subset(eval_, num_eval, seed, EVAL_STREAM, "dialogsum eval"))
+
+
+def _read(path) -> list[Example]:
+    return [to_example(row, f"{path}, line {n}") for n, row in read_json_lines(path)]
+
+
+def load_dialogsum_files(path: str, num_train: int, num_eval: int, seed: int) -> TaskData:
+    folder = require_dir(path, NAME, f"{TRAIN_FILE} and {DEV_FILE}")
+    for file in (TRAIN_FILE, DEV_FILE):
+        if not (folder / file).is_file():
+            raise FileNotFoundError(f"{folder / file}: file not found; task 'dialogsum' expects {TRAIN_FILE} and {DEV_FILE}")
+    return _task(_read(folder / TRAIN_FILE), _read(folder / DEV_FILE), num_train, num_eval, seed)
+
+
+def load_dialogsum_hub(hf_id: str, num_train: int, num_eval: int, seed: int) -> TaskData:
+    """From knkarthick/dialogsum (train and validation splits)."""
+    splits = load_hub_splits(hf_id)
+    train = [to_example(r, f"{hf_id} train row {i}") for i, r in enumerate(get_split(splits, ("train",), hf_id), 1)]
+    eval_ = [to_example(r, f"{hf_id} validation row {i}") for i, r in enumerate(get_split(splits, ("validation", "dev"), hf_id), 1)]
+    return _task(train, eval_, num_train, num_eval, seed)
+
+
+def load_dialogsum(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: int) -> TaskData:
+    if path:
+        return load_dialogsum_files(path, num_train, num_eval, seed)
+    if hf_id:
+        return load_dialogsum_hub(hf_id, num_train, num_eval, seed)
+    raise ValueError("task 'dialogsum' needs path= (a folder holding dialogsum.train.jsonl and .dev.jsonl) "
+                     "or hf_id= (e.g. 'knkarthick/dialogsum')")

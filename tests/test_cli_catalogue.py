@@ -39,6 +39,8 @@ def test_list_names_every_registered_model_task_and_algorithm(capsys):
     out = capsys.readouterr().out
     for name in [*catalogue.MODELS, *catalogue.TASKS, *catalogue.ALGORITHMS, "configs/e2e_fedlpp_w2.toml"]:
         assert f"  {name} " in out
+    runs, sweeps = out.split("run configs (fedlpp run --config FILE):")[1].split("sweep files (fedlpp sweep FILE):")
+    assert "configs/sst2_dp_sweep.toml" in sweeps and "configs/sst2_dp_sweep.toml" not in runs and "e2e_fedlpp_w2" in runs
 
 
 def test_config_show_gives_every_key_its_value_and_reason_and_reads_back(capsys):

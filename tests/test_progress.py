@@ -37,3 +37,14 @@ def test_a_top_level_bar_writes_one_line_per_step_with_its_postfix_and_no_repeat
     bar.close()
     bar.close()  # closing twice writes nothing more
     assert out.getvalue().splitlines() == ["rounds: 1/3 (0 s)", "rounds: 2/3 (10 s) [loss=1.5]", "rounds: 3/3 (20 s) [loss=1.25]"]
+
+
+def test_a_bar_left_by_an_error_says_it_stopped_not_done():
+    import pytest
+
+    out, clock = io.StringIO(), Clock()
+    with pytest.raises(RuntimeError), LineBar(16, "round 2 client steps", file=out, clock=clock) as bar:
+        bar.update(3)
+        clock.now += 5
+        raise RuntimeError("a client failed")
+    assert out.getvalue().splitlines()[-1] == "round 2 client steps: 3/16 stopped after 5 s"

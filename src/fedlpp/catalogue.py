@@ -48,6 +48,16 @@ def shipped_configs() -> dict[Path, str]:
     return {}
 
 
+def is_sweep_file(path: Path) -> bool:
+    """A sweep file (for ``fedlpp sweep``) has a [sweep] table; a run config (for ``--config``) has none."""
+    import tomllib
+
+    try:
+        return "sweep" in tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+
+
 def _first_comment(path: Path) -> str:
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if line.startswith("#"):

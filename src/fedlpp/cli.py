@@ -167,11 +167,12 @@ def command_list(args: argparse.Namespace) -> int:
     print(f"  ({catalogue.MODEL_NOTE})")
     block("tasks (data.task)", catalogue.TASKS)
     block("algorithms (algorithm.name)", catalogue.ALGORITHMS)
-    configs = {str(path): line for path, line in catalogue.shipped_configs().items()}
-    if configs:
-        block("shipped configs (--config FILE)", configs)
-    else:
+    shipped = catalogue.shipped_configs()
+    if not shipped:
         print("shipped configs: none found here (they are in the repository's configs/ folder)")
+        return 0
+    block("run configs (fedlpp run --config FILE)", {str(p): line for p, line in shipped.items() if not catalogue.is_sweep_file(p)})
+    block("sweep files (fedlpp sweep FILE)", {str(p): line for p, line in shipped.items() if catalogue.is_sweep_file(p)})
     return 0
 
 

@@ -51,23 +51,24 @@ class LineBar:
         if refresh:
             self._line()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if not self.closed:
             self.closed = True
-            if self.interval > 0 or self.printed != self.n:  # a top-level bar's last step line already says it all
-                self._line(done=True)
+            if failed or self.interval > 0 or self.printed != self.n:  # a top-level bar's last step line already says it all
+                self._line(done=not failed, failed=failed)
 
-    def _line(self, done: bool = False) -> None:
+    def _line(self, done: bool = False, failed: bool = False) -> None:
         self.last, self.printed = self.clock(), self.n
         elapsed = self.last - self.start
-        text = f"{self.desc}: {self.n}/{self.total}" + (f" done in {elapsed:.0f} s" if done else f" ({elapsed:.0f} s)")
+        end = f" done in {elapsed:.0f} s" if done else f" stopped after {elapsed:.0f} s" if failed else f" ({elapsed:.0f} s)"
+        text = f"{self.desc}: {self.n}/{self.total}{end}"
         print(text + (f" [{self.postfix}]" if self.postfix else ""), file=self.file, flush=True)
 
     def __enter__(self) -> LineBar:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: object, *exc: object) -> None:
+        self.close(failed=kind is not None)
 
 
 def open_bar(total: int, desc: str, *, enabled: bool = True, nested: bool = False, initial: int = 0) -> Bar:

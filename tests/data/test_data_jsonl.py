@@ -61,6 +61,8 @@ def test_classification_with_string_or_integer_labels(tmp_path):
     ([{"text": "a", "label": 0}, {"text": "b", "label": "pos"}], "line 2: labels mix integers and strings"),
     ([{"text": "a", "label": -1}], "line 1: 'label' must be a non-negative integer or a string"),
     ([{"text": "a", "label": 1}, {"text": "b", "label": 1}], "every example has the label"),
+    ([{"text": "a", "label": 1}, {"text": "b", "label": 5}], "line 2: integer labels must be 0..K-1 with every class present; 0 never"),
+    ([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"text": "a", "label": "y"}], "line 3: this text has label 'y' but"),
     ([{"input": "a", "output": "b", "group": 3}], "line 1: 'group' must be a string"),
     ([[1, 2]], "line 1: expected a JSON object"),
 ])
@@ -69,6 +71,28 @@ def test_a_bad_line_is_named(tmp_path, rows, message):
     with pytest.raises(ValueError, match="bad.jsonl") as error:
         load_task("jsonl", path=path)
     assert message in str(error.value)
+
+
+def test_classification_holds_out_whole_texts_and_needs_two_classes_to_train(tmp_path):
+    path = _write(tmp_path / "dup.jsonl", [{"text": f"t{i % 10}", "label": i % 2} for i in range(100)])
+    task = load_task("jsonl", path=path)
+    assert len({e.prompt for e in task.eval}) == 1 and not {e.prompt for e in task.eval} & {e.prompt for e in task.train}
+    one_class = _write(tmp_path / "a.jsonl", [{"text": f"t{i}", "label": "a"} for i in range(5)])
+    with pytest.raises(ValueError, match="a.jsonl: the training examples have one class only"):
+        load_task("jsonl", path=one_class, eval_path=_write(tmp_path / "b.jsonl", [{"text": "u", "label": "b"}]))
+
+
+def test_outputs_that_span_lines_are_decoded_to_the_end(tmp_path):
+    rows = [{"input": f"q{i}", "output": f"first\nsecond {i}"} for i in range(10)]
+    assert load_task("jsonl", path=_write(tmp_path / "m.jsonl", rows)).multiline
+    assert not load_task("jsonl", path=_write(tmp_path / "s.jsonl", [{"input": f"q{i}", "output": "one"} for i in range(10)])).multiline
+
+
+def test_dirichlet_needs_groups(tmp_path):
+    from fedlpp.data.partition import partition_dirichlet
+
+    with pytest.raises(ValueError, match="every example has the group '': give the data a group"):
+        partition_dirichlet([""] * 20, 4, 0.1, seed=0)
 
 
 def test_files_that_cannot_work_are_refused(tmp_path):

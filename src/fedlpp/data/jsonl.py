@@ -35,9 +35,9 @@ def load_jsonl(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: in
         raise ValueError("task 'jsonl' reads a local file: give data.path=FILE.jsonl, not data.hf_id")
     if not path:
         raise ValueError("task 'jsonl' needs data.path=FILE.jsonl (one {\"input\", \"output\"} or {\"text\", \"label\"} object per line)")
-    lines = _lines(Path(path))
+    lines = _lines(Path(path).expanduser())
     kind = _kind(lines)
-    eval_lines = _lines(Path(eval_path)) if eval_path else []
+    eval_lines = _lines(Path(eval_path).expanduser()) if eval_path else []
     if eval_lines and _kind(eval_lines) != kind:
         raise ValueError(f"{eval_path}: holds {_kind(eval_lines)} examples but {path} holds {kind} examples")
     if kind == GENERATION:
@@ -116,25 +116,42 @@ def _generation(lines: Sequence[Line], eval_lines: Sequence[Line], num_train: in
         num_eval = 0  # the held-out part already has the requested size
     train = [Example(prompt=p, target=ref, group=group) for p, (refs, group) in train_inputs.items() for ref in refs]
     eval_ = [Example(prompt=p, target=refs[0], group=group, references=tuple(refs)) for p, (refs, group) in eval_inputs.items()]
-    return TaskData(name=NAME, kind=GENERATION,
+    multiline = any("\n" in e.target for e in train) or any("\n" in r for e in eval_ for r in e.references)
+    return TaskData(name=NAME, kind=GENERATION, multiline=multiline,
                     train=seeded_subset(train, num_train, seed, TRAIN_STREAM, "jsonl train"),
                     eval=seeded_subset(eval_, num_eval, seed, EVAL_STREAM, "jsonl eval (distinct inputs)"))
 
 
 def _classification(lines: Sequence[Line], eval_lines: Sequence[Line], num_train: int, num_eval: int, seed: int) -> TaskData:
     names = _label_names([*lines, *eval_lines])
-    examples = [_labelled(where, row, names) for where, row in lines]
+    examples = _distinct_texts(lines, names)
     if eval_lines:
-        train, eval_ = examples, [_labelled(where, row, names) for where, row in eval_lines]
-    else:
-        held = set(_held_out(list(range(len(examples))), num_eval, seed)[1])
-        train = [e for i, e in enumerate(examples) if i not in held]
-        eval_ = [e for i, e in enumerate(examples) if i in held]
+        train, eval_ = examples, _distinct_texts(eval_lines, names)
+    else:  # hold out whole texts: a repeated sentence never lands on both sides
+        texts = list(dict.fromkeys(e.prompt for e in examples))
+        held = set(_held_out(texts, num_eval, seed)[1])
+        train = [e for e in examples if e.prompt not in held]
+        eval_ = [e for e in examples if e.prompt in held]
         num_eval = 0
+    if len({e.label for e in train}) < 2:
+        raise ValueError(f"{lines[0][0].rsplit(', line', 1)[0]}: the training examples have one class only")
     return TaskData(name=NAME, kind=CLASSIFICATION,
                     train=seeded_subset(train, num_train, seed, TRAIN_STREAM, "jsonl train"),
                     eval=seeded_subset(eval_, num_eval, seed, EVAL_STREAM, "jsonl eval"),
                     num_labels=len(names), label_names=tuple(names))
+
+
+def _distinct_texts(lines: Sequence[Line], names: Sequence[str]) -> list[Example]:
+    """One example per line; a text given two different labels is an error naming both lines."""
+    seen: dict[str, tuple[str, int | None]] = {}
+    examples = []
+    for where, row in lines:
+        example = _labelled(where, row, names)
+        first = seen.setdefault(example.prompt, (where, example.label))
+        if first[1] != example.label:
+            raise ValueError(f"{where}: this text has label {names[example.label]!r} but {first[0]} gave it {names[first[1]]!r}")
+        examples.append(example)
+    return examples
 
 
 def _label_names(lines: Sequence[Line]) -> list[str]:
@@ -149,18 +166,21 @@ def _label_names(lines: Sequence[Line]) -> list[str]:
     if len(kinds) > 1:
         where = next(w for w, label in labels if type(label) is not type(labels[0][1]))
         raise ValueError(f"{where}: labels mix integers and strings; use one or the other")
-    names = ([str(i) for i in range(max(label for _, label in labels) + 1)] if kinds == {int}
-             else sorted({label for _, label in labels}))
-    present = {label for _, label in labels}
+    present = sorted({label for _, label in labels})
     if len(present) < 2:
         raise ValueError(f"{lines[0][0].rsplit(', line', 1)[0]}: every example has the label {labels[0][1]!r}; "
                          "classification needs two classes or more")
-    return names
+    if kinds == {int} and present != list(range(len(present))):
+        missing = next(i for i in range(len(present)) if i not in present)
+        where = next(w for w, label in labels if label >= len(present))
+        raise ValueError(f"{where}: integer labels must be 0..K-1 with every class present; {missing} never occurs "
+                         "(use string labels to name classes freely)")
+    return [str(label) for label in present]
 
 
 def _labelled(where: str, row: dict[str, Any], names: Sequence[str]) -> Example:
     label = row["label"]
-    value = label if isinstance(label, int) else names.index(label)
+    value = names.index(str(label))
     return Example(prompt=_text(where, row, "text").strip(), target="", label=value, group=_group(where, row, str(value)))
 
 

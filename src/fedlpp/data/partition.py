@@ -89,6 +89,10 @@ def partition_dirichlet(
     """
     _check(len(groups), num_clients, min_size)
     _check_alpha(alpha)
+    if len(set(groups)) < 2:
+        raise ValueError(f"partition 'dirichlet' splits on the examples' groups (labels, an attribute), but every example "
+                         f"has the group {groups[0]!r}: give the data a group (jsonl: a \"group\" string) or use "
+                         "data.partition=quantity_skew")
     rng = np.random.default_rng(seed)
     labels = np.asarray(groups, dtype=object)
     by_group = [np.flatnonzero(labels == g) for g in sorted(set(groups))]

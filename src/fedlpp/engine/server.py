@@ -146,24 +146,26 @@ def _serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool, 
     stopped = None
     rounds_bar = open_bar(cfg.fl.rounds, "rounds", enabled=show_progress, initial=last)
     show = shower(show_progress)
-    for round_ in range(last + 1, cfg.fl.rounds + 1):
-        clients = round_clients(cfg, round_)
-        spent = ledger.after_round(ctx.privacy, clients) if ledger is not None else None
-        if spent is not None and spent.exceeds(ctx.privacy):
-            stopped = budget_stop(ctx.privacy, ledger, spent, round_)
-            break
-        outcome = run_round(ctx, federation, adapter, round_, clients, show, optimizer)
-        adapter, ledger = outcome.adapter, spent
-        if ledger is not None:
-            outcome.row.update(privacy_row(ctx.privacy, ledger))
-        rundir.save_broadcast(out, round_, outcome.broadcast)
-        rundir.append_metrics(out, outcome.row)
-        metadata = {**recorded, **({LEDGER_KEY: ledger.to_json()} if ledger is not None else {})}
-        rundir.save_checkpoint(out, adapter, round_, metadata, optimizer.state())
-        rows.append(outcome.row)
-        rounds_bar.set_postfix(_postfix(outcome.row), refresh=False)
-        rounds_bar.update(1)
-    rounds_bar.close()
+    try:
+        for round_ in range(last + 1, cfg.fl.rounds + 1):
+            clients = round_clients(cfg, round_)
+            spent = ledger.after_round(ctx.privacy, clients) if ledger is not None else None
+            if spent is not None and spent.exceeds(ctx.privacy):
+                stopped = budget_stop(ctx.privacy, ledger, spent, round_)
+                break
+            outcome = run_round(ctx, federation, adapter, round_, clients, show, optimizer)
+            adapter, ledger = outcome.adapter, spent
+            if ledger is not None:
+                outcome.row.update(privacy_row(ctx.privacy, ledger))
+            rundir.save_broadcast(out, round_, outcome.broadcast)
+            rundir.append_metrics(out, outcome.row)
+            metadata = {**recorded, **({LEDGER_KEY: ledger.to_json()} if ledger is not None else {})}
+            rundir.save_checkpoint(out, adapter, round_, metadata, optimizer.state())
+            rows.append(outcome.row)
+            rounds_bar.set_postfix(_postfix(outcome.row), refresh=False)
+            rounds_bar.update(1)
+    finally:
+        rounds_bar.close()
     return finish(ctx, out, adapter, rows, ledger, stopped)
 
 

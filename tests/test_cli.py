@@ -66,3 +66,20 @@ def test_progress_redirected_to_a_log_is_plain_lines(tmp_path: Path, capsys):
     assert "\x1b[" not in err and "\r" not in err
     assert "round 1 client steps: 0/" in err and "rounds: 1/2" in err and "rounds: 2/2 (" in err
     assert "round 2 evaluation, global then proxy (examples): 0/" in err.split("rounds: 1/2")[-1]
+
+
+def test_eval_scores_the_saved_adapter_and_its_proxy_and_writes_predictions(tmp_path: Path, capsys):
+    out = tmp_path / "r"
+    assert main(["run", *SMOKE.split(), "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(out), "--quiet"]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["global"] == pytest.approx(summary["global"]) and report["proxy"] == pytest.approx(summary["proxy"])  # the run's own final scores
+    lines = (out / "predictions" / "global.txt").read_text().splitlines()
+    assert len(lines) == report["examples"] and (out / "predictions" / "proxy.txt").is_file()
+    assert "global" in capsys.readouterr().out
+    assert main(["eval", str(out), "data.num_eval=5", "--quiet"]) == 0
+    assert json.loads((out / "eval.json").read_text())["examples"] == 5
+    assert main(["eval", str(out), "fl.rounds=9", "--quiet"]) == 2
+    assert "fl.rounds: an evaluation cannot change it" in capsys.readouterr().err

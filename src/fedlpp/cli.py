@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--collude", type=int, default=2,
                         help="clients averaging what they keep: the attacker and those that trained most recently (1: none)")
     attack.add_argument("--cache", type=Path, help="a folder keeping 'alone' scores, shared by runs that differ only in algorithm/quant/privacy")
+    evaluate = sub.add_parser("eval", help="score a run's saved adapter theta and the proxy built from it; write predictions")
+    evaluate.add_argument("run_dir", type=Path, help="a run directory with a checkpoint")
+    evaluate.add_argument("overrides", nargs="*", metavar="section.key=value",
+                          help="other evaluation data or decoding: data.path, data.hf_id, data.eval_path, data.num_eval "
+                               "(0: the whole split), eval.batch_size, eval.max_new_tokens")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress")
     deploy_cli.add_commands(sub)
     sub.add_parser("list", help="the models, tasks, algorithms and shipped configs, one line each")
     config = sub.add_parser("config", help="the resolved configuration")
@@ -136,6 +142,16 @@ def command_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_eval(args: argparse.Namespace) -> int:
+    quiet_libraries()
+    from fedlpp.evaluation.run_eval import EVAL_JSON, evaluate_run, format_eval
+
+    report = evaluate_run(args.run_dir, args.overrides, progress=not args.quiet)
+    print(format_eval(report))
+    print(f"\nwritten: {args.run_dir / EVAL_JSON}, " + ", ".join(str(args.run_dir / p) for p in report["predictions"]))
+    return 0
+
+
 def command_sweep(args: argparse.Namespace) -> int:
     from fedlpp.sweep import SWEEP_MD, load_sweep, run_sweep
 
@@ -192,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"run": command_run, "sweep": command_sweep, "attack": command_attack, "partition": deploy_cli.command_partition,
                     "deploy": deploy_cli.command_deploy,
-                    "list": command_list, "config": command_config}
+                    "list": command_list, "config": command_config, "eval": command_eval}
         return commands[args.command](args)
     except ConfigError as e:
         print(f"fedlpp: configuration error: {e}", file=sys.stderr)

@@ -356,7 +356,12 @@ def truncate_metrics(out: Path, last_round: int) -> list[dict[str, Any]]:
 
 def write_json(path: Path, value: Any) -> None:
     """``value`` as indented JSON, written atomically (a reader never sees half a file)."""
-    _atomic_write(path, lambda p: p.write_text(json.dumps(value, indent=2) + "\n"))
+    write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """UTF-8 text, written atomically."""
+    _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def write_summary(out: Path, summary: Mapping[str, Any]) -> None:

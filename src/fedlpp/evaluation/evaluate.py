@@ -101,6 +101,33 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     return outputs
 
 
+@dataclass(frozen=True)
+class Scored:
+    metrics: dict[str, float]
+    outputs: list[str]  # generation: the decoded texts; classification: the predicted class ids as text
+
+
+def score_adapter(
+    model: nn.Module,
+    adapter: Mapping[str, torch.Tensor],
+    evalset: EvalSet,
+    tokenizer: PreTrainedTokenizerBase,
+    decoding: Decoding,
+    on_batch: OnBatch | None = None,
+) -> Scored:
+    """Metrics of backbone + ``adapter`` on ``evalset`` and what it produced; ``on_batch(n)`` after each
+    batch of n examples (``evaluation_work`` of them in all: the loss pass, then generation)."""
+    set_adapter(model, adapter)
+    model.eval()
+    loss, predictions = mean_loss(model, evalset, tokenizer.pad_token_id, decoding.batch_size, on_batch)
+    if evalset.kind == "classification":
+        labels = [int(f["label"]) for f in evalset.features]
+        return Scored({"loss": loss, "accuracy": accuracy(predictions, labels)}, [str(p) for p in predictions])
+    hypotheses = generate(model, tokenizer, evalset.prompts, decoding, on_batch, evalset.multiline)
+    metrics = {m: GENERATION_METRICS[m](hypotheses, evalset.references) for m in evalset.metrics}
+    return Scored({"loss": loss, **metrics}, hypotheses)
+
+
 def evaluate_adapter(
     model: nn.Module,
     adapter: Mapping[str, torch.Tensor],
@@ -109,13 +136,5 @@ def evaluate_adapter(
     decoding: Decoding,
     on_batch: OnBatch | None = None,
 ) -> dict[str, float]:
-    """Metrics of backbone + ``adapter`` on ``evalset``; ``on_batch(n)`` after each batch of n examples
-    (``evaluation_work`` of them in all: the loss pass, then generation)."""
-    set_adapter(model, adapter)
-    model.eval()
-    loss, predictions = mean_loss(model, evalset, tokenizer.pad_token_id, decoding.batch_size, on_batch)
-    if evalset.kind == "classification":
-        labels = [int(f["label"]) for f in evalset.features]
-        return {"loss": loss, "accuracy": accuracy(predictions, labels)}
-    hypotheses = generate(model, tokenizer, evalset.prompts, decoding, on_batch, evalset.multiline)
-    return {"loss": loss, **{m: GENERATION_METRICS[m](hypotheses, evalset.references) for m in evalset.metrics}}
+    """The metrics of ``score_adapter``."""
+    return score_adapter(model, adapter, evalset, tokenizer, decoding, on_batch).metrics

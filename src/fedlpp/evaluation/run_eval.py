@@ -1,0 +1,91 @@
+"""``fedlpp eval RUN_DIR``: score a finished run's saved adapter θ and the proxy built from it, and keep what they wrote.
+
+Reads the checkpoint (θ after the last round), builds the proxy a client would start from
+(Q(θ) for FedLPP), and scores both on the run's evaluation split — or on another one given
+by overrides of the data and decoding keys (``data.path=...``, ``data.num_eval=0`` for the
+whole split, ``eval.max_new_tokens=...``). Writes ``predictions/global.txt`` and
+``predictions/proxy.txt`` (one output per evaluation input, in order; ``.jsonl`` with the inputs
+when outputs span lines) and ``eval.json`` into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedlpp.algorithms import round as rnd
+from fedlpp.config import ConfigError, changed_keys
+from fedlpp.engine import rundir
+from fedlpp.engine.setup import algorithm_spec, build_evalset, build_model, load_task_data
+from fedlpp.evaluation.evaluate import Decoding, Scored, evaluation_work, score_adapter
+from fedlpp.progress import open_bar
+
+EVAL_JSON = "eval.json"
+PREDICTIONS = "predictions"
+# What an evaluation may change: where the evaluation data comes from, how much of it, how to decode.
+EVAL_KEYS = ("data.path", "data.hf_id", "data.eval_path", "data.num_eval", "eval.batch_size", "eval.max_new_tokens")
+
+
+def evaluate_run(out: Path, overrides: Sequence[str], progress: bool = True) -> dict[str, Any]:
+    """Score θ and its proxy; write the predictions and ``eval.json``; return the report."""
+    with rundir.exclusive(out):  # no run moves the checkpoint meanwhile
+        run_cfg = rundir.load_run_config(out, [])
+        cfg = rundir.load_run_config(out, list(overrides))
+        bad = [k for k in changed_keys(run_cfg, cfg) if k not in EVAL_KEYS]
+        if bad:
+            raise ConfigError(f"{bad[0]}: an evaluation cannot change it (it may change {', '.join(EVAL_KEYS)})")
+        checkpoint = rundir.load_checkpoint(out)
+        if checkpoint is None:
+            raise rundir.RunDirError(f"{out}: no round finished, there is no adapter to evaluate")
+        theta, round_ = checkpoint
+        task = load_task_data(cfg)
+        side = build_model(cfg, task.kind, task.num_labels)
+        evalset = build_evalset(task, side.backbone, cfg.model.max_length)
+        decoding = Decoding(cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        adapters = {"global": theta, "proxy": rnd.proxy_point(algorithm_spec(cfg), theta)}
+        scored: dict[str, Scored] = {}
+        for name, adapter in adapters.items():
+            with open_bar(evaluation_work(evalset), f"{name} (examples)", enabled=progress, nested=True) as bar:
+                scored[name] = score_adapter(side.model, adapter, evalset, side.backbone.tokenizer, decoding, bar.update)
+        written = write_predictions(out, task, scored)
+        report = {"round": round_, "task": task.name, "examples": len(task.eval),
+                  "changed": {k: _value(cfg, k) for k in changed_keys(run_cfg, cfg)},
+                  "global": scored["global"].metrics, "proxy": scored["proxy"].metrics,
+                  "predictions": [str(p.relative_to(out)) for p in written]}
+        rundir.write_json(out / EVAL_JSON, report)
+        return report
+
+
+def write_predictions(out: Path, task: Any, scored: dict[str, Scored]) -> list[Path]:
+    """One file per adapter: a line per output (class names for classification), or JSON lines when outputs span lines."""
+    folder = out / PREDICTIONS
+    folder.mkdir(exist_ok=True)
+    written = []
+    for name, result in scored.items():
+        outputs = [task.label_names[int(o)] for o in result.outputs] if task.label_names else result.outputs
+        if task.multiline:
+            path = folder / f"{name}.jsonl"
+            text = "".join(json.dumps({"input": e.prompt, "output": o}) + "\n" for e, o in zip(task.eval, outputs, strict=True))
+        else:
+            path = folder / f"{name}.txt"
+            text = "".join(o.replace("\n", " ") + "\n" for o in outputs)
+        rundir.write_text(path, text)
+        written.append(path)
+    return written
+
+
+def _value(cfg: Any, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def format_eval(report: dict[str, Any]) -> str:
+    metrics = list(report["global"])
+    lines = [f"{report['task']}: theta after round {report['round']} and its proxy on {report['examples']} evaluation examples", "",
+             f"{'metric':<16}{'global':>12}{'proxy':>12}{'gap':>10}"]
+    for m in metrics:
+        g, p = report["global"][m], report["proxy"][m]
+        lines.append(f"{m:<16}{g:>12.3f}{p:>12.3f}{g - p:>+10.3f}")
+    return "\n".join(lines)

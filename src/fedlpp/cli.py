@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="other evaluation data or decoding: data.path, data.hf_id, data.eval_path, data.num_eval "
                                "(0: the whole split), eval.batch_size, eval.max_new_tokens")
     evaluate.add_argument("--quiet", action="store_true", help="no progress")
+    score = sub.add_parser("score", help="score any system's outputs with a task's metric set (the papers'); prints JSON")
+    score.add_argument("--task", required=True, help="e2e, dart, dialogsum, gsm8k, sst2, rte (else BLEU and ROUGE-L)")
+    score.add_argument("references", type=Path, help="text (references of an input on consecutive lines, blank line between), "
+                                                      "CSV with mr,ref columns, or JSONL")
+    score.add_argument("predictions", type=Path, help="one output per line (or JSONL with an 'output' each)")
     deploy_cli.add_commands(sub)
     sub.add_parser("list", help="the models, tasks, algorithms and shipped configs, one line each")
     config = sub.add_parser("config", help="the resolved configuration")
@@ -152,6 +157,13 @@ def command_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_score(args: argparse.Namespace) -> int:
+    from fedlpp.scoring import dumps, score_files
+
+    print(dumps(score_files(args.task, args.references, args.predictions)))
+    return 0
+
+
 def command_sweep(args: argparse.Namespace) -> int:
     from fedlpp.sweep import SWEEP_MD, load_sweep, run_sweep
 
@@ -208,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"run": command_run, "sweep": command_sweep, "attack": command_attack, "partition": deploy_cli.command_partition,
                     "deploy": deploy_cli.command_deploy,
-                    "list": command_list, "config": command_config, "eval": command_eval}
+                    "list": command_list, "config": command_config, "eval": command_eval, "score": command_score}
         return commands[args.command](args)
     except ConfigError as e:
         print(f"fedlpp: configuration error: {e}", file=sys.stderr)

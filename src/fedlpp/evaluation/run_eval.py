@@ -21,6 +21,7 @@ from fedlpp.engine import rundir
 from fedlpp.engine.setup import algorithm_spec, build_evalset, build_model, load_task_data
 from fedlpp.evaluation.evaluate import Decoding, Scored, evaluation_work, score_adapter
 from fedlpp.progress import open_bar
+from fedlpp.scoring import official_metrics
 
 EVAL_JSON = "eval.json"
 PREDICTIONS = "predictions"
@@ -53,9 +54,18 @@ def evaluate_run(out: Path, overrides: Sequence[str], progress: bool = True) -> 
         report = {"round": round_, "task": task.name, "examples": len(task.eval),
                   "changed": {k: _value(cfg, k) for k in changed_keys(run_cfg, cfg)},
                   "global": scored["global"].metrics, "proxy": scored["proxy"].metrics,
-                  "predictions": [str(p.relative_to(out)) for p in written]}
+                  "official": official(task, scored), "predictions": [str(p.relative_to(out)) for p in written]}
         rundir.write_json(out / EVAL_JSON, report)
         return report
+
+
+def official(task: Any, scored: dict[str, Scored]) -> dict[str, Any]:
+    """The task's paper metric set (``fedlpp score``'s) of each adapter's outputs; generation tasks only."""
+    if task.kind != "generation":
+        return {}
+    references = [list(e.references or (e.target,)) for e in task.eval]
+    results = {name: official_metrics(task.name, result.outputs, references) for name, result in scored.items()}
+    return {**{name: r["metrics"] for name, r in results.items()}, "unavailable": results["global"]["unavailable"]}
 
 
 def write_predictions(out: Path, task: Any, scored: dict[str, Scored]) -> list[Path]:
@@ -88,4 +98,12 @@ def format_eval(report: dict[str, Any]) -> str:
     for m in metrics:
         g, p = report["global"][m], report["proxy"][m]
         lines.append(f"{m:<16}{g:>12.3f}{p:>12.3f}{g - p:>+10.3f}")
+    official = report.get("official", {})
+    if official.get("global"):
+        lines += ["", f"the task's paper metrics ({report['task']}):"]
+        for m, g in official["global"].items():
+            p = official["proxy"][m]
+            lines.append(f"{m:<16}{g:>12.3f}{p:>12.3f}{g - p:>+10.3f}")
+    for m, why in official.get("unavailable", {}).items():
+        lines.append(f"{m:<16}unavailable: {why}")
     return "\n".join(lines)

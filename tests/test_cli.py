@@ -84,3 +84,11 @@ def test_eval_scores_the_saved_adapter_and_its_proxy_and_writes_predictions(tmp_
     assert json.loads((out / "eval.json").read_text())["examples"] == 5
     assert main(["eval", str(out), "fl.rounds=9", "--quiet"]) == 2
     assert "fl.rounds: an evaluation cannot change it" in capsys.readouterr().err
+
+
+def test_beam_search_decoding_runs_and_eval_can_change_it(tmp_path: Path):
+    out = tmp_path / "r"
+    assert main(["run", *SMOKE.split(), "eval.num_beams=3", "eval.length_penalty=0.9", "eval.no_repeat_ngram_size=2",
+                 "eval.max_new_tokens=6", "--out", str(out), "--quiet"]) == 0
+    assert main(["eval", str(out), "eval.num_beams=1", "eval.no_repeat_ngram_size=0", "data.num_eval=4", "--quiet"]) == 0
+    assert json.loads((out / "eval.json").read_text())["changed"] == {"data.num_eval": 4, "eval.num_beams": 1, "eval.no_repeat_ngram_size": 0}

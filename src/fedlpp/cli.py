@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", type=Path, help="a run directory with a checkpoint")
     evaluate.add_argument("overrides", nargs="*", metavar="section.key=value",
                           help="other evaluation data or decoding: data.path, data.hf_id, data.eval_path, data.num_eval "
-                               "(0: the whole split), eval.batch_size, eval.max_new_tokens")
+                               "(0: the whole split), eval.batch_size, eval.max_new_tokens, eval.num_beams, "
+                               "eval.length_penalty, eval.no_repeat_ngram_size")
     evaluate.add_argument("--quiet", action="store_true", help="no progress")
     score = sub.add_parser("score", help="score any system's outputs with a task's metric set (the papers'); prints JSON")
     score.add_argument("--task", required=True, help="e2e, dart, dialogsum, gsm8k, sst2, rte (else BLEU and ROUGE-L)")

@@ -178,12 +178,17 @@ class TrainConfig:
 class EvalConfig:
     every: int = 3  # evaluate every k rounds; the last round is always evaluated (generation is the slow part)
     batch_size: int = 16  # evaluation examples per forward pass / generation batch
-    max_new_tokens: int = 48  # greedy decoding stops at the first newline or this many tokens
+    max_new_tokens: int = 48  # decoding stops at the first newline (EOS for multi-line tasks) or this many tokens
+    num_beams: int = 1  # 1 = greedy; the LoRA paper's E2E setting is 10 beams, length_penalty 0.9, no_repeat_ngram_size 4
+    length_penalty: float = 1.0  # beam search: score / length^length_penalty (< 1 favours shorter outputs)
+    no_repeat_ngram_size: int = 0  # forbid repeating any n-gram of this size (0 = off)
 
     def __post_init__(self) -> None:
         _require(self.every >= 1, "eval.every", f"must be >= 1, got {self.every}")
         _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         _require(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+        _require(self.num_beams >= 1, "eval.num_beams", f"must be >= 1, got {self.num_beams}")
+        _require(self.no_repeat_ngram_size >= 0, "eval.no_repeat_ngram_size", f"must be >= 0, got {self.no_repeat_ngram_size}")
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,7 @@ def build_server(cfg: ExperimentConfig, task: TaskData, side: ModelSide, client_
         side=side,
         spec=algorithm_spec(cfg),
         evalset=build_evalset(task, side.backbone, cfg.model.max_length),
-        decoding=Decoding(cfg.eval.batch_size, cfg.eval.max_new_tokens),
+        decoding=Decoding.of(cfg.eval),
         a_seed=derive_seed(cfg.seed, "lora_a") % (2**31),
         client_sizes=list(client_sizes),
         privacy=plan,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,6 +38,24 @@ class EvalSet:
 class Decoding:
     batch_size: int
     max_new_tokens: int
+    num_beams: int = 1  # 1: greedy
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    @classmethod
+    def of(cls, eval_cfg: Any) -> Decoding:
+        """The decoding an ``EvalConfig`` asks for."""
+        return cls(eval_cfg.batch_size, eval_cfg.max_new_tokens, eval_cfg.num_beams, eval_cfg.length_penalty,
+                   eval_cfg.no_repeat_ngram_size)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """What ``model.generate`` takes for it (batched, KV cache on, each sequence stopped at its own end)."""
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": False, "num_beams": self.num_beams}
+        if self.num_beams > 1:
+            kwargs.update(length_penalty=self.length_penalty, early_stopping=True)
+        if self.no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        return kwargs
 
 
 OnBatch = Callable[[int], None]  # called with the number of examples a batch held
@@ -88,10 +107,9 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
         generated = model.generate(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            max_new_tokens=decoding.max_new_tokens,
-            do_sample=False,
             eos_token_id=stops,
             pad_token_id=tokenizer.pad_token_id,
+            **decoding.generate_kwargs(),
         )
         new_tokens = generated[:, batch["input_ids"].shape[1] :]
         for row in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):

@@ -26,7 +26,8 @@ from fedlpp.scoring import official_metrics
 EVAL_JSON = "eval.json"
 PREDICTIONS = "predictions"
 # What an evaluation may change: where the evaluation data comes from, how much of it, how to decode.
-EVAL_KEYS = ("data.path", "data.hf_id", "data.eval_path", "data.num_eval", "eval.batch_size", "eval.max_new_tokens")
+EVAL_KEYS = ("data.path", "data.hf_id", "data.eval_path", "data.num_eval", "eval.batch_size", "eval.max_new_tokens",
+             "eval.num_beams", "eval.length_penalty", "eval.no_repeat_ngram_size")
 
 
 def evaluate_run(out: Path, overrides: Sequence[str], progress: bool = True) -> dict[str, Any]:
@@ -44,7 +45,7 @@ def evaluate_run(out: Path, overrides: Sequence[str], progress: bool = True) -> 
         task = load_task_data(cfg)
         side = build_model(cfg, task.kind, task.num_labels)
         evalset = build_evalset(task, side.backbone, cfg.model.max_length)
-        decoding = Decoding(cfg.eval.batch_size, cfg.eval.max_new_tokens)
+        decoding = Decoding.of(cfg.eval)
         adapters = {"global": theta, "proxy": rnd.proxy_point(algorithm_spec(cfg), theta)}
         scored: dict[str, Scored] = {}
         for name, adapter in adapters.items():

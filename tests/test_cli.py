@@ -92,3 +92,19 @@ def test_beam_search_decoding_runs_and_eval_can_change_it(tmp_path: Path):
                  "eval.max_new_tokens=6", "--out", str(out), "--quiet"]) == 0
     assert main(["eval", str(out), "eval.num_beams=1", "eval.no_repeat_ngram_size=0", "data.num_eval=4", "--quiet"]) == 0
     assert json.loads((out / "eval.json").read_text())["changed"] == {"data.num_eval": 4, "eval.num_beams": 1, "eval.no_repeat_ngram_size": 0}
+
+
+def test_report_compares_runs_named_by_what_differs_and_plots_them(tmp_path: Path, capsys):
+    plain, private = tmp_path / "plain", tmp_path / "private"
+    common = ["model.name=tiny-llama", "algorithm.name=ffa_lora", "fl.rounds=2", "fl.num_clients=3", "fl.clients_per_round=3",
+              "eval.every=1", "eval.max_new_tokens=4", "data.num_eval=8"]
+    assert main(["run", *common, "--out", str(plain), "--quiet"]) == 0
+    assert (plain / "report.md").is_file() and (plain / "metrics.png").is_file()  # every run writes its own report
+    assert main(["run", *common, "privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", "--out", str(private), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(plain), str(private), "--out", str(tmp_path / "both")]) == 0
+    text = (tmp_path / "both" / "report.md").read_text()
+    assert "| privacy.mode=none, privacy.noise_multiplier=0.0 | 2 |" in text and "| privacy.mode=dp_sgd, privacy.noise_multiplier=1.0 | 2 |" in text
+    for png in ("metrics.png", "bytes.png", "epsilon.png"):
+        assert (tmp_path / "both" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["report", str(tmp_path / "nothing-here")]) == 2

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("references", type=Path, help="text (references of an input on consecutive lines, blank line between), "
                                                       "CSV with mr,ref columns, or JSONL")
     score.add_argument("predictions", type=Path, help="one output per line (or JSONL with an 'output' each)")
+    report = sub.add_parser("report", help="a Markdown table and PNG plots comparing runs (metrics, bytes, epsilon vs round)")
+    report.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", type=Path, help="folder for report.md and the plots (default: the run directory when one, "
+                                                 "else runs/report-<time>)")
     deploy_cli.add_commands(sub)
     sub.add_parser("list", help="the models, tasks, algorithms and shipped configs, one line each")
     config = sub.add_parser("config", help="the resolved configuration")
@@ -120,7 +124,10 @@ def command_run(args: argparse.Namespace) -> int:
 
     summary = run_engine(args.engine)(cfg, out, resume=resume, progress=not args.quiet)
     print(format_summary(summary))
-    print(f"\nrun directory: {out}")
+    from fedlpp.reporting import write_report
+
+    written = write_report([out], out)
+    print(f"\nrun directory: {out} (report: {', '.join(p.name for p in written)})")
     print(f"the proxy is what a client receives, not what it can hold: `fedlpp attack {out}` scores its last local "
           "adapter, Q(theta) fine-tuned on its data, the same training alone and clients colluding")
     return 0
@@ -162,6 +169,17 @@ def command_score(args: argparse.Namespace) -> int:
     from fedlpp.scoring import dumps, score_files
 
     print(dumps(score_files(args.task, args.references, args.predictions)))
+    return 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from fedlpp.reporting import write_report
+
+    out = args.out or (args.run_dirs[0] if len(args.run_dirs) == 1 else
+                       Path("runs") / f"report-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    written = write_report(args.run_dirs, out)
+    print((out / written[0].name).read_text())
+    print("written: " + ", ".join(str(p) for p in written))
     return 0
 
 
@@ -221,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"run": command_run, "sweep": command_sweep, "attack": command_attack, "partition": deploy_cli.command_partition,
                     "deploy": deploy_cli.command_deploy,
-                    "list": command_list, "config": command_config, "eval": command_eval, "score": command_score}
+                    "list": command_list, "config": command_config, "eval": command_eval, "score": command_score, "report": command_report}
         return commands[args.command](args)
     except ConfigError as e:
         print(f"fedlpp: configuration error: {e}", file=sys.stderr)

@@ -26,7 +26,7 @@ SERVER_OPTIMIZERS = ("none", "momentum")
 GRANULARITIES = ("block", "row", "tensor")
 QUANT_BITS = (1, 2, 3, 4, 8)
 TASKS = ("weather", "e2e", "dart", "dialogsum", "gsm8k", "sst2", "rte", "jsonl")
-PARTITIONS = ("iid", "dirichlet", "quantity_skew")
+PARTITIONS = ("iid", "dirichlet", "quantity_skew", "by_key")
 PRIVACY_MODES = ("none", "dp_sgd", "client_dp")
 ACCOUNTANTS = ("rdp", "prv")
 CLIENT_SAMPLING = ("fixed", "poisson")
@@ -127,7 +127,8 @@ class DataConfig:
     hf_id: str = ""  # Hugging Face dataset id, downloaded only when given
     num_train: int = 0  # 0 = all (weather: 2000)
     num_eval: int = 0  # 0 = the task's default held-out size
-    partition: str = "iid"  # iid | dirichlet | quantity_skew
+    partition: str = "iid"  # iid | dirichlet | quantity_skew | by_key (each value of data.key on one client)
+    key: str = ""  # what dirichlet / by_key split on: an attribute (e2e: eatType, food, area...; dialogsum: topic; dart: source); empty = the task's own (label, eatType, topic, source)
     alpha: float = 0.5  # Dirichlet concentration for dirichlet / quantity_skew
 
     def __post_init__(self) -> None:
@@ -137,6 +138,8 @@ class DataConfig:
         _require(self.num_train >= 0, "data.num_train", "must be >= 0")
         _require(self.num_eval >= 0, "data.num_eval", "must be >= 0")
         _require(not (self.path and self.hf_id), "data.path", "set data.path or data.hf_id, not both")
+        _require(not self.key or self.partition in ("dirichlet", "by_key"), "data.key",
+                 f"is what a dirichlet or by_key partition splits on; data.partition is {self.partition!r}")
         _require(not self.eval_path or self.task == "jsonl", "data.eval_path",
                  f"is for data.task=jsonl; task {self.task!r} takes its evaluation split from its own files")
         _require(self.task != "jsonl" or bool(self.path), "data.path", "data.task=jsonl needs data.path=FILE.jsonl")

@@ -33,7 +33,7 @@ def _mean_max_share(parts: Sequence[Sequence[int]], groups: Sequence[str]) -> fl
     return float(np.mean(shares))
 
 
-@pytest.mark.parametrize("scheme", PARTITIONERS)
+@pytest.mark.parametrize("scheme", [p for p in PARTITIONERS if p != "by_key"])  # by_key: fewer values than clients here; own test
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_every_index_used_once_and_deterministic(scheme: str, seed: int) -> None:
     parts = partition(scheme, EXAMPLES, 10, alpha=0.3, seed=seed)
@@ -108,3 +108,34 @@ def test_unknown_scheme_lists_the_valid_ones() -> None:
         match=r"unknown partition scheme 'pathological'.*'iid', 'dirichlet', 'quantity_skew'",
     ):
         partition("pathological", EXAMPLES, 4, alpha=1.0, seed=0)
+
+
+def test_by_key_puts_each_value_on_one_client_and_balances_sizes():
+    from fedlpp.data.partition import partition_by_key
+
+    groups = ["a"] * 50 + ["b"] * 30 + ["c"] * 20 + ["d"] * 20 + ["e"] * 10
+    parts = partition_by_key(groups, 3, seed=0)
+    values = [{groups[i] for i in p} for p in parts]
+    assert all(not (values[i] & values[j]) for i in range(3) for j in range(i + 1, 3))  # no value on two clients
+    assert sorted(len(p) for p in parts) == [40, 40, 50] and sorted(i for p in parts for i in p) == list(range(130))
+    assert parts == partition_by_key(groups, 3, seed=0)
+    with pytest.raises(ValueError, match="the key has 5 values .* but there are 6 clients"):
+        partition_by_key(groups, 6, seed=0)
+
+
+def test_data_key_picks_any_attribute_of_the_examples():
+    from fedlpp.data.e2e import train_example
+    from fedlpp.data.partition import with_key
+
+    examples = [train_example(f"name[X{i}], eatType[pub], food[{f}]", "text") for i, f in enumerate(["French", "Thai", "French"])]
+    assert [e.group for e in with_key(examples, "food")] == ["French", "Thai", "French"]
+    with pytest.raises(ValueError, match="data.key='topic': no example has it; the data's keys are eatType, food, name"):
+        with_key(examples, "topic")
+
+
+def test_config_refuses_a_key_for_partitions_that_ignore_it():
+    from fedlpp.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.key: is what a dirichlet or by_key partition splits on"):
+        load_config(None, ["data.key=food"])
+    assert load_config(None, ["data.partition=by_key", "data.key=food"]).data.key == "food"

@@ -48,11 +48,12 @@ def _entry(item: object, where: str) -> Entry:
 
 
 def _train(entries: list[Entry]) -> list[Example]:
-    return [Example(prompt=p, target=ref, group=group) for p, group, refs in entries for ref in refs]
+    return [Example(prompt=p, target=ref, group=group, attributes=(("source", group),)) for p, group, refs in entries for ref in refs]
 
 
 def _eval(entries: list[Entry]) -> list[Example]:
-    return [Example(prompt=p, target=refs[0], group=group, references=refs) for p, group, refs in entries]
+    return [Example(prompt=p, target=refs[0], group=group, references=refs, attributes=(("source", group),))
+            for p, group, refs in entries]
 
 
 def load_dart(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: int) -> TaskData:

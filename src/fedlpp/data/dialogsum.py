@@ -28,7 +28,7 @@ def to_example(row: Row, where: str) -> Example:
     if not isinstance(dialogue, str) or not dialogue.strip() or not summaries or not isinstance(topic, str):
         raise ValueError(f"{where}: expected a 'dialogue', a 'summary' (or summary1..3) and a 'topic' string")
     return Example(prompt=PROMPT.format(dialogue=dialogue.strip()), target=summaries[0], group=topic.strip(),
-                   references=tuple(summaries))
+                   references=tuple(summaries), attributes=(("topic", topic.strip()),))
 
 
 def _task(train: Sequence[Example], eval_: Sequence[Example], num_train: int, num_eval: int, seed: int) -> TaskData:

@@ -28,6 +28,7 @@ HUB_TRAIN_SPLITS = ("train",)
 HUB_EVAL_SPLITS = ("validation", "dev", "devset")
 
 _EAT_TYPE = re.compile(r"eatType\[([^\]]*)\]")
+_ATTRIBUTE = re.compile(r"(\w+)\[([^\]]*)\]")
 
 
 def eat_type(mr: str) -> str:
@@ -36,9 +37,14 @@ def eat_type(mr: str) -> str:
     return match.group(1).strip() if match else ""
 
 
+def attributes(mr: str) -> tuple[tuple[str, str], ...]:
+    """The MR's attribute-value pairs, e.g. (("name", "The Eagle"), ("eatType", "coffee shop"), ...)."""
+    return tuple((k, v.strip()) for k, v in _ATTRIBUTE.findall(mr))
+
+
 def train_example(mr: str, ref: str) -> Example:
     mr = mr.strip()
-    return Example(prompt=PROMPT.format(mr=mr), target=ref.strip(), group=eat_type(mr))
+    return Example(prompt=PROMPT.format(mr=mr), target=ref.strip(), group=eat_type(mr), attributes=attributes(mr))
 
 
 def group_references(pairs: Iterable[tuple[str, str]]) -> tuple[Example, ...]:
@@ -52,7 +58,8 @@ def group_references(pairs: Iterable[tuple[str, str]]) -> tuple[Example, ...]:
         refs_by_mr.setdefault(mr.strip(), []).append(ref.strip())
     return tuple(
         Example(
-            prompt=PROMPT.format(mr=mr), target=refs[0], group=eat_type(mr), references=tuple(refs)
+            prompt=PROMPT.format(mr=mr), target=refs[0], group=eat_type(mr), references=tuple(refs),
+            attributes=attributes(mr),
         )
         for mr, refs in refs_by_mr.items()
     )

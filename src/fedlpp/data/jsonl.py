@@ -95,12 +95,23 @@ def _references(where: str, row: dict[str, Any]) -> list[str]:
     return [o.strip() for o in outputs]
 
 
-def _pairs(lines: Sequence[Line]) -> dict[str, tuple[list[str], str]]:
-    """Each distinct input: all its references (file order, repeats kept) and its group."""
-    by_input: dict[str, tuple[list[str], str]] = {}
+RESERVED = ("input", "output", "outputs", "text", "label")
+
+
+def _attributes(row: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The line's other string fields, by name: what data.key can partition on."""
+    return tuple((k, v) for k, v in row.items() if k not in RESERVED and isinstance(v, str))
+
+
+Input = tuple[list[str], str, tuple[tuple[str, str], ...]]  # references, group, attributes
+
+
+def _pairs(lines: Sequence[Line]) -> dict[str, Input]:
+    """Each distinct input: all its references (file order, repeats kept), its group and attributes (its first line's)."""
+    by_input: dict[str, Input] = {}
     for where, row in lines:
         prompt = _text(where, row, "input")
-        refs, _ = by_input.setdefault(prompt, ([], _group(where, row)))
+        refs, _, _ = by_input.setdefault(prompt, ([], _group(where, row), _attributes(row)))
         refs.extend(_references(where, row))
     return by_input
 
@@ -114,8 +125,10 @@ def _generation(lines: Sequence[Line], eval_lines: Sequence[Line], num_train: in
         eval_inputs = {p: v for p, v in train_inputs.items() if p in held}
         train_inputs = {p: v for p, v in train_inputs.items() if p not in held}
         num_eval = 0  # the held-out part already has the requested size
-    train = [Example(prompt=p, target=ref, group=group) for p, (refs, group) in train_inputs.items() for ref in refs]
-    eval_ = [Example(prompt=p, target=refs[0], group=group, references=tuple(refs)) for p, (refs, group) in eval_inputs.items()]
+    train = [Example(prompt=p, target=ref, group=group, attributes=attrs) for p, (refs, group, attrs) in train_inputs.items()
+             for ref in refs]
+    eval_ = [Example(prompt=p, target=refs[0], group=group, references=tuple(refs), attributes=attrs)
+             for p, (refs, group, attrs) in eval_inputs.items()]
     multiline = any("\n" in e.target for e in train) or any("\n" in r for e in eval_ for r in e.references)
     return TaskData(name=NAME, kind=GENERATION, multiline=multiline,
                     train=seeded_subset(train, num_train, seed, TRAIN_STREAM, "jsonl train"),
@@ -181,7 +194,8 @@ def _label_names(lines: Sequence[Line]) -> list[str]:
 def _labelled(where: str, row: dict[str, Any], names: Sequence[str]) -> Example:
     label = row["label"]
     value = names.index(str(label))
-    return Example(prompt=_text(where, row, "text").strip(), target="", label=value, group=_group(where, row, str(value)))
+    return Example(prompt=_text(where, row, "text").strip(), target="", label=value, group=_group(where, row, str(value)),
+                   attributes=_attributes(row))
 
 
 def _held_out(keys: Sequence[Any], num_eval: int, seed: int) -> tuple[list[Any], list[Any]]:

@@ -14,7 +14,7 @@ import numpy as np
 
 from fedlpp.data.schema import Example
 
-PARTITIONERS = ("iid", "dirichlet", "quantity_skew")
+PARTITIONERS = ("iid", "dirichlet", "quantity_skew", "by_key")
 # Fresh Dirichlet draws tried before moving examples to under-filled clients.
 # Redrawing keeps the intended skew; the fallback only makes the result certain.
 MAX_DIRICHLET_TRIES = 10
@@ -118,11 +118,30 @@ def partition_quantity_skew(
     return _finish(np.split(order, np.cumsum(sizes)[:-1]))
 
 
+def partition_by_key(groups: Sequence[str], num_clients: int, seed: int, min_size: int = 1) -> list[list[int]]:
+    """Each value of the key wholly on one client: the values, largest first (ties in a seeded order), each to
+    the client holding the fewest examples so far. No client shares a value with another."""
+    _check(len(groups), num_clients, min_size)
+    values = sorted(set(groups))
+    if len(values) < num_clients:
+        raise ValueError(f"partition 'by_key': the key has {len(values)} values ({', '.join(map(repr, values[:8]))}) "
+                         f"but there are {num_clients} clients; every client needs a value of its own")
+    rng = np.random.default_rng(seed)
+    by_value = {v: [i for i, g in enumerate(groups) if g == v] for v in values}
+    order = sorted(rng.permutation(len(values)).tolist(), key=lambda j: -len(by_value[values[j]]))
+    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    for j in order:
+        smallest = min(range(num_clients), key=lambda c: (len(parts[c]), c))
+        parts[smallest].extend(by_value[values[j]])
+    return _finish(parts)
+
+
 def _by_scheme(scheme: str) -> Callable[[Sequence[Example], int, float, int, int], list[list[int]]]:
     schemes: dict[str, Callable[[Sequence[Example], int, float, int, int], list[list[int]]]] = {
         "iid": lambda ex, k, a, s, m: partition_iid(len(ex), k, s, m),
         "dirichlet": lambda ex, k, a, s, m: partition_dirichlet([e.group for e in ex], k, a, s, m),
         "quantity_skew": lambda ex, k, a, s, m: partition_quantity_skew(len(ex), k, a, s, m),
+        "by_key": lambda ex, k, a, s, m: partition_by_key([e.group for e in ex], k, s, m),
     }
     if scheme not in schemes:
         raise ValueError(
@@ -142,6 +161,17 @@ def partition(
 ) -> list[list[int]]:
     """Dispatch to a partitioner by name; `alpha` is ignored by "iid".
 
-    "dirichlet" splits on `Example.group` (the label for classification).
+    "dirichlet" and "by_key" split on `Example.group` (the label for classification; see
+    `with_key` for another attribute).
     """
     return _by_scheme(scheme)(examples, num_clients, alpha, seed, min_size)
+
+
+def with_key(examples: Sequence[Example], key: str) -> list[Example]:
+    """The examples grouped by the named attribute (``data.key``) instead of their default group."""
+    import dataclasses
+
+    known = sorted({k for e in examples for k, _ in e.attributes})
+    if not any(e.attribute(key) is not None for e in examples):
+        raise ValueError(f"data.key={key!r}: no example has it; the data's keys are {', '.join(known) or 'none'}")
+    return [dataclasses.replace(e, group=e.attribute(key) or "") for e in examples]

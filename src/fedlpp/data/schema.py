@@ -25,6 +25,9 @@ class Example:
             examples (multi-reference BLEU), empty for training rows.
         pair: The second text of a sentence-pair classification (RTE's
             hypothesis); "" for single-text tasks.
+        attributes: Named natural keys of the input (an E2E MR's attributes,
+            DialogSum's topic, DART's source, a JSONL line's extra string fields):
+            what ``data.key`` picks for a by-key or Dirichlet partition.
     """
 
     prompt: str
@@ -33,6 +36,11 @@ class Example:
     group: str = ""
     references: tuple[str, ...] = ()
     pair: str = ""
+    attributes: tuple[tuple[str, str], ...] = ()
+
+    def attribute(self, key: str) -> str | None:
+        """The value of a named attribute, None when the example has none of that name."""
+        return next((v for k, v in self.attributes if k == key), None)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from fedlpp.algorithms.steps import (
 )
 from fedlpp.config import ConfigError, ExperimentConfig, SecAggConfig
 from fedlpp.data import Example, TaskData, encode_for_classification, encode_for_generation, encode_prompts, load_task, partition
+from fedlpp.data.partition import with_key
 from fedlpp.evaluation.evaluate import Decoding, EvalSet
 from fedlpp.models.backbone import Backbone, load_backbone
 from fedlpp.models.lora import Adapter, adapter_shapes, attach_lora, initial_adapter
@@ -118,7 +119,8 @@ def load_task_data(cfg: ExperimentConfig) -> TaskData:
 
 def client_partitions(cfg: ExperimentConfig, task: TaskData) -> list[list[Example]]:
     """Each simulated client's training examples (the config's partition of the task)."""
-    parts = partition(cfg.data.partition, task.train, cfg.fl.num_clients, alpha=cfg.data.alpha, seed=cfg.seed)
+    examples = with_key(task.train, cfg.data.key) if cfg.data.key else list(task.train)
+    parts = partition(cfg.data.partition, examples, cfg.fl.num_clients, alpha=cfg.data.alpha, seed=cfg.seed)
     return [[task.train[i] for i in part] for part in parts]
 
 

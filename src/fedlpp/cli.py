@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="other evaluation data or decoding: data.path, data.hf_id, data.eval_path, data.num_eval "
                                "(0: the whole split), eval.batch_size, eval.max_new_tokens, eval.num_beams, "
                                "eval.length_penalty, eval.no_repeat_ngram_size")
+    evaluate.add_argument("--split", choices=("dev", "test"), default="dev",
+                          help="dev: the split the run evaluated on; test: the task's test split (e2e testset_w_refs.csv, dart, "
+                               "dialogsum, gsm8k test files or hub splits)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress")
     score = sub.add_parser("score", help="score any system's outputs with a task's metric set (the papers'); prints JSON")
     score.add_argument("--task", required=True, help="e2e, dart, dialogsum, gsm8k, sst2, rte (else BLEU and ROUGE-L)")
@@ -159,7 +162,7 @@ def command_eval(args: argparse.Namespace) -> int:
     quiet_libraries()
     from fedlpp.evaluation.run_eval import EVAL_JSON, evaluate_run, format_eval
 
-    report = evaluate_run(args.run_dir, args.overrides, progress=not args.quiet)
+    report = evaluate_run(args.run_dir, args.overrides, progress=not args.quiet, split=args.split)
     print(format_eval(report))
     print(f"\nwritten: {args.run_dir / EVAL_JSON}, " + ", ".join(str(args.run_dir / p) for p in report["predictions"]))
     return 0

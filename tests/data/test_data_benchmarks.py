@@ -135,11 +135,31 @@ def test_hub_layouts(monkeypatch):
                                                        "validation": [{"sentence1": "q", "sentence2": "i", "label": 0, "idx": 0}]}))
     task = load_task("rte", hf_id="nyu-mll/glue")
     assert calls[-1] == ("nyu-mll/glue", "rte") and (task.train[0].pair, task.train[0].label, task.eval[0].label) == ("h", 1, 0)
-    monkeypatch.setattr(gsm8k, "load_hub_splits", fake({"train": [{"question": "q", "answer": "a\n#### 1"}],
+    monkeypatch.setattr(gsm8k, "load_hub_splits", fake({"train": [{"question": f"q{i}", "answer": "a\n#### 1"} for i in range(3)],
                                                          "test": [{"question": "r", "answer": "b\n#### 2"}]}))
-    task = load_task("gsm8k", hf_id="openai/gsm8k")
+    task = load_task("gsm8k", hf_id="openai/gsm8k", split="test")
     assert calls[-1] == ("openai/gsm8k", "main") and task.eval[0].references == ("b\n#### 2",)
     monkeypatch.setattr(dialogsum, "load_hub_splits", fake({"train": [{"id": "t", "dialogue": "d", "summary": "s", "topic": "x"}],
                                                              "validation": [{"id": "v", "dialogue": "e", "summary": "u", "topic": "y"}]}))
     task = load_task("dialogsum", hf_id="knkarthick/dialogsum")
     assert calls[-1] == ("knkarthick/dialogsum", None) and (task.train[0].group, task.eval[0].references) == ("x", ("u",))
+
+
+def test_test_splits_are_read_only_when_asked_for(tmp_path):
+    e2e = tmp_path / "e2e"
+    e2e.mkdir()
+    (e2e / "trainset.csv").write_text("mr,ref\n" + "".join(f'"name[A{i}], food[Thai]","A{i} is Thai."\n' for i in range(6)))
+    (e2e / "devset.csv").write_text('mr,ref\n"name[D], food[Thai]","D is Thai."\n')
+    assert [e.prompt for e in load_task("e2e", path=str(e2e)).eval] == ["Describe the restaurant.\nData: name[D], food[Thai]\nText:"]
+    with pytest.raises(FileNotFoundError, match="testset_w_refs.csv"):
+        load_task("e2e", path=str(e2e), split="test")
+    (e2e / "testset_w_refs.csv").write_text('mr,ref\n"name[T], food[Thai]","T is Thai."\n"name[T], food[Thai]","T serves Thai food."\n')
+    assert load_task("e2e", path=str(e2e), split="test").eval[0].references == ("T is Thai.", "T serves Thai food.")
+    gsm = tmp_path / "gsm"
+    gsm.mkdir()
+    _jsonl(gsm / "train.jsonl", [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(10)])
+    _jsonl(gsm / "test.jsonl", [{"question": "t", "answer": "#### 99"}])
+    dev, test = load_task("gsm8k", path=str(gsm)), load_task("gsm8k", path=str(gsm), split="test")
+    assert dev.train == test.train and [e.prompt for e in test.eval] == ["Question: t\nAnswer:"] and len(dev.eval) == 1
+    with pytest.raises(ValueError, match="task 'sst2' has no test split with references here"):
+        load_task("sst2", path=str(tmp_path), split="test")

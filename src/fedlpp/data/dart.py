@@ -19,7 +19,7 @@ from fedlpp.data.schema import GENERATION, Example, TaskData
 
 NAME = "dart"
 PROMPT = "Describe the triples.\nData: {triples}\nText:"
-TRAIN_FILE, DEV_FILE = "dart-v1.1.1-full-train.json", "dart-v1.1.1-full-dev.json"
+TRAIN_FILE, DEV_FILE, TEST_FILE = "dart-v1.1.1-full-train.json", "dart-v1.1.1-full-dev.json", "dart-v1.1.1-full-test.json"
 METRICS = ("bleu", "ter")
 
 Entry = tuple[str, str, tuple[str, ...]]  # (prompt, group, references)
@@ -56,7 +56,7 @@ def _eval(entries: list[Entry]) -> list[Example]:
             for p, group, refs in entries]
 
 
-def load_dart(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: int) -> TaskData:
+def load_dart(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: int, split: str = "dev") -> TaskData:
     if hf_id:
         raise ValueError("task 'dart' reads the release's JSON files: give data.path=FOLDER (hub copies differ in layout)")
     if not path:
@@ -68,8 +68,12 @@ def load_dart(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: int
     if (folder / TRAIN_FILE).is_file():
         train, held = _entries(folder / TRAIN_FILE), dev
     else:
-        train, held = hold_out(dev, num_eval, seed, "dart (dev only)")
-        num_eval = 0
+        train, held = hold_out(dev, num_eval if split == "dev" else 0, seed, "dart (dev only)")
+        num_eval = 0 if split == "dev" else num_eval
+    if split == "test":
+        if not (folder / TEST_FILE).is_file():
+            raise FileNotFoundError(f"{folder / TEST_FILE}: file not found; task 'dart' needs it for the test split")
+        held = _entries(folder / TEST_FILE)
     return TaskData(name=NAME, kind=GENERATION, metrics=METRICS,
                     train=seeded_subset(_train(train), num_train, seed, TRAIN_STREAM, "dart train"),
                     eval=seeded_subset(_eval(held), num_eval, seed, EVAL_STREAM, "dart eval (triple sets)"))

@@ -17,7 +17,7 @@ from fedlpp.data.schema import GENERATION, Example, TaskData
 
 NAME = "dialogsum"
 PROMPT = "Summarize the dialogue.\n{dialogue}\nSummary:"
-TRAIN_FILE, DEV_FILE = "dialogsum.train.jsonl", "dialogsum.dev.jsonl"
+TRAIN_FILE, DEV_FILE, TEST_FILE = "dialogsum.train.jsonl", "dialogsum.dev.jsonl", "dialogsum.test.jsonl"
 METRICS = ("rouge_1", "rouge_2", "rouge_l")
 SUMMARY_FIELDS = ("summary", "summary1", "summary2", "summary3")
 
@@ -41,26 +41,28 @@ def _read(path) -> list[Example]:
     return [to_example(row, f"{path}, line {n}") for n, row in read_json_lines(path)]
 
 
-def load_dialogsum_files(path: str, num_train: int, num_eval: int, seed: int) -> TaskData:
+def load_dialogsum_files(path: str, num_train: int, num_eval: int, seed: int, split: str = "dev") -> TaskData:
     folder = require_dir(path, NAME, f"{TRAIN_FILE} and {DEV_FILE}")
-    for file in (TRAIN_FILE, DEV_FILE):
+    held = TEST_FILE if split == "test" else DEV_FILE
+    for file in (TRAIN_FILE, held):
         if not (folder / file).is_file():
-            raise FileNotFoundError(f"{folder / file}: file not found; task 'dialogsum' expects {TRAIN_FILE} and {DEV_FILE}")
-    return _task(_read(folder / TRAIN_FILE), _read(folder / DEV_FILE), num_train, num_eval, seed)
+            raise FileNotFoundError(f"{folder / file}: file not found; task 'dialogsum' expects {TRAIN_FILE} and {held}")
+    return _task(_read(folder / TRAIN_FILE), _read(folder / held), num_train, num_eval, seed)
 
 
-def load_dialogsum_hub(hf_id: str, num_train: int, num_eval: int, seed: int) -> TaskData:
-    """From knkarthick/dialogsum (train and validation splits)."""
+def load_dialogsum_hub(hf_id: str, num_train: int, num_eval: int, seed: int, split: str = "dev") -> TaskData:
+    """From knkarthick/dialogsum (train, and validation or test)."""
     splits = load_hub_splits(hf_id)
+    names = ("test",) if split == "test" else ("validation", "dev")
     train = [to_example(r, f"{hf_id} train row {i}") for i, r in enumerate(get_split(splits, ("train",), hf_id), 1)]
-    eval_ = [to_example(r, f"{hf_id} validation row {i}") for i, r in enumerate(get_split(splits, ("validation", "dev"), hf_id), 1)]
+    eval_ = [to_example(r, f"{hf_id} {names[0]} row {i}") for i, r in enumerate(get_split(splits, names, hf_id), 1)]
     return _task(train, eval_, num_train, num_eval, seed)
 
 
-def load_dialogsum(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: int) -> TaskData:
+def load_dialogsum(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: int, split: str = "dev") -> TaskData:
     if path:
-        return load_dialogsum_files(path, num_train, num_eval, seed)
+        return load_dialogsum_files(path, num_train, num_eval, seed, split)
     if hf_id:
-        return load_dialogsum_hub(hf_id, num_train, num_eval, seed)
+        return load_dialogsum_hub(hf_id, num_train, num_eval, seed, split)
     raise ValueError("task 'dialogsum' needs path= (a folder holding dialogsum.train.jsonl and .dev.jsonl) "
                      "or hf_id= (e.g. 'knkarthick/dialogsum')")

@@ -19,6 +19,7 @@ NAME = "e2e"
 PROMPT = "Describe the restaurant.\nData: {mr}\nText:"
 TRAIN_FILE = "trainset.csv"
 DEV_FILE = "devset.csv"
+TEST_FILE = "testset_w_refs.csv"  # the challenge's test set with references
 COLUMNS = ("mr", "ref")
 # Field names used by the hub copies: GEM/e2e_nlg, tuetschek/e2e_nlg and e2e_nlg.
 HUB_MR_FIELDS = ("meaning_representation", "mr")
@@ -26,6 +27,7 @@ HUB_REF_FIELDS = ("target", "human_reference", "ref")
 HUB_REFS_FIELD = "references"
 HUB_TRAIN_SPLITS = ("train",)
 HUB_EVAL_SPLITS = ("validation", "dev", "devset")
+HUB_TEST_SPLITS = ("test", "testset")
 
 _EAT_TYPE = re.compile(r"eatType\[([^\]]*)\]")
 _ATTRIBUTE = re.compile(r"(\w+)\[([^\]]*)\]")
@@ -76,11 +78,11 @@ def _task(
     )
 
 
-def load_e2e_files(path: str, num_train: int, num_eval: int, seed: int) -> TaskData:
-    """From a folder holding the challenge's trainset.csv and devset.csv."""
+def load_e2e_files(path: str, num_train: int, num_eval: int, seed: int, split: str = "dev") -> TaskData:
+    """From a folder holding the challenge's trainset.csv and devset.csv (testset_w_refs.csv for split="test")."""
     folder = require_dir(path, NAME, f"{TRAIN_FILE} and {DEV_FILE} (columns mr,ref)")
     train_rows = read_table(folder / TRAIN_FILE, COLUMNS)
-    dev_rows = read_table(folder / DEV_FILE, COLUMNS)
+    dev_rows = read_table(folder / (TEST_FILE if split == "test" else DEV_FILE), COLUMNS)
     train = [train_example(row["mr"], row["ref"]) for row in train_rows]
     eval_ = group_references((row["mr"], row["ref"]) for row in dev_rows)
     return _task(train, eval_, num_train, num_eval, seed)
@@ -118,21 +120,21 @@ def _hub_eval_pairs(rows: Sequence[Row], hf_id: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_e2e_hub(hf_id: str, num_train: int, num_eval: int, seed: int) -> TaskData:
+def load_e2e_hub(hf_id: str, num_train: int, num_eval: int, seed: int, split: str = "dev") -> TaskData:
     """From a hub copy such as GEM/e2e_nlg or tuetschek/e2e_nlg."""
     splits = load_hub_splits(hf_id)
     train_pairs = _hub_train_pairs(get_split(splits, HUB_TRAIN_SPLITS, hf_id), hf_id)
-    eval_pairs = _hub_eval_pairs(get_split(splits, HUB_EVAL_SPLITS, hf_id), hf_id)
+    eval_pairs = _hub_eval_pairs(get_split(splits, HUB_TEST_SPLITS if split == "test" else HUB_EVAL_SPLITS, hf_id), hf_id)
     train = [train_example(mr, ref) for mr, ref in train_pairs]
     return _task(train, group_references(eval_pairs), num_train, num_eval, seed)
 
 
-def load_e2e(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: int) -> TaskData:
+def load_e2e(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: int, split: str = "dev") -> TaskData:
     """Task loader: local files when `path` is given, the hub when `hf_id` is."""
     if path:
-        return load_e2e_files(path, num_train, num_eval, seed)
+        return load_e2e_files(path, num_train, num_eval, seed, split)
     if hf_id:
-        return load_e2e_hub(hf_id, num_train, num_eval, seed)
+        return load_e2e_hub(hf_id, num_train, num_eval, seed, split)
     raise ValueError(
         "task 'e2e' needs path= (a folder holding trainset.csv and devset.csv) "
         "or hf_id= (e.g. 'GEM/e2e_nlg')"

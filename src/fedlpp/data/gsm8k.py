@@ -1,7 +1,7 @@
 """GSM8K (grade-school maths question -> worked answer ending in "#### N"), from local files or the hub.
 
-Local: a folder with ``train.jsonl`` (``question``, ``answer``) and optionally ``test.jsonl``;
-without it a seeded tenth of train is held out. Answers span lines, so decoding runs to EOS
+Local: a folder with ``train.jsonl`` (``question``, ``answer``); the dev split is a seeded tenth
+of train held out, the test split ``test.jsonl`` (``fedlpp eval --split test``). Answers span lines, so decoding runs to EOS
 (set ``eval.max_new_tokens`` to ~256 for whole worked answers); scored by exact match of the
 final number (``evaluation.metrics.final_number``).
 """
@@ -39,29 +39,35 @@ def _read(path) -> list[Example]:
     return [to_example(row, f"{path}, line {n}") for n, row in read_json_lines(path)]
 
 
-def load_gsm8k_files(path: str, num_train: int, num_eval: int, seed: int) -> TaskData:
+def load_gsm8k_files(path: str, num_train: int, num_eval: int, seed: int, split: str = "dev") -> TaskData:
     folder = require_dir(path, NAME, f"{TRAIN_FILE} (question, answer per line)")
-    if not (folder / TRAIN_FILE).is_file():
-        raise FileNotFoundError(f"{folder / TRAIN_FILE}: file not found; task 'gsm8k' expects it")
-    examples = _read(folder / TRAIN_FILE)
-    if (folder / TEST_FILE).is_file():
-        return _task(examples, _read(folder / TEST_FILE), num_train, num_eval, seed)
-    train, eval_ = hold_out(examples, num_eval, seed, "gsm8k")
-    return _task(train, eval_, num_train, 0, seed)
+    for file in (TRAIN_FILE, *((TEST_FILE,) if split == "test" else ())):
+        if not (folder / file).is_file():
+            raise FileNotFoundError(f"{folder / file}: file not found; task 'gsm8k' expects it")
+    return _split(_read(folder / TRAIN_FILE), _read(folder / TEST_FILE) if split == "test" else None, num_train, num_eval, seed)
 
 
-def load_gsm8k_hub(hf_id: str, num_train: int, num_eval: int, seed: int) -> TaskData:
-    """From openai/gsm8k (config 'main' implied)."""
+def _split(examples: list[Example], test: list[Example] | None, num_train: int, num_eval: int, seed: int) -> TaskData:
+    """Train minus the held-out dev tenth; evaluation on that tenth, or on ``test`` when given."""
+    train, dev = hold_out(examples, num_eval if test is None else 0, seed, "gsm8k")
+    if test is not None:
+        return _task(train, test, num_train, num_eval, seed)
+    return _task(train, dev, num_train, 0, seed)
+
+
+def load_gsm8k_hub(hf_id: str, num_train: int, num_eval: int, seed: int, split: str = "dev") -> TaskData:
+    """From openai/gsm8k (config 'main' implied): dev held out of train, test its test split."""
     repo, config = split_hf_id(hf_id)
     splits = load_hub_splits(repo, config or "main")
     train = [to_example(r, f"{hf_id} train row {i}") for i, r in enumerate(get_split(splits, ("train",), hf_id), 1)]
-    eval_ = [to_example(r, f"{hf_id} test row {i}") for i, r in enumerate(get_split(splits, ("test",), hf_id), 1)]
-    return _task(train, eval_, num_train, num_eval, seed)
+    test = ([to_example(r, f"{hf_id} test row {i}") for i, r in enumerate(get_split(splits, ("test",), hf_id), 1)]
+            if split == "test" else None)
+    return _split(train, test, num_train, num_eval, seed)
 
 
-def load_gsm8k(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: int) -> TaskData:
+def load_gsm8k(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: int, split: str = "dev") -> TaskData:
     if path:
-        return load_gsm8k_files(path, num_train, num_eval, seed)
+        return load_gsm8k_files(path, num_train, num_eval, seed, split)
     if hf_id:
-        return load_gsm8k_hub(hf_id, num_train, num_eval, seed)
+        return load_gsm8k_hub(hf_id, num_train, num_eval, seed, split)
     raise ValueError("task 'gsm8k' needs path= (a folder holding train.jsonl) or hf_id= (e.g. 'openai/gsm8k')")

@@ -66,6 +66,7 @@ def load_task(
     num_eval: int = 0,
     seed: int = 0,
     eval_path: str = "",
+    split: str = "dev",
 ) -> TaskData:
     """Load task `name`.
 
@@ -78,6 +79,8 @@ def load_task(
         num_eval: Eval examples (distinct inputs for generation); 0 = all/default.
         seed: Drives every random choice; the same seed gives the same data.
         eval_path: A separate evaluation file, for the tasks that read one (EVAL_FILE_TASKS).
+        split: The evaluation split: "dev" (what runs use) or "test" (its test file or hub
+            split, for the tasks that have one with references: TEST_SPLIT_TASKS).
     """
     if path and hf_id:
         raise ValueError(f"task {name!r}: give path or hf_id, not both (got {path!r}, {hf_id!r})")
@@ -87,12 +90,20 @@ def load_task(
             f"got {num_train}, {num_eval}, {seed}"
         )
     loader = get_task_loader(name)
-    if not eval_path:
-        return loader(path=path, hf_id=hf_id, num_train=num_train, num_eval=num_eval, seed=seed)
-    if name not in EVAL_FILE_TASKS:
-        raise ValueError(f"task {name!r} takes its evaluation split from its own files; eval_path is for "
-                         f"{', '.join(EVAL_FILE_TASKS)}")
-    return loader(path=path, hf_id=hf_id, num_train=num_train, num_eval=num_eval, seed=seed, eval_path=eval_path)
+    extra: dict[str, str] = {}
+    if eval_path:
+        if name not in EVAL_FILE_TASKS:
+            raise ValueError(f"task {name!r} takes its evaluation split from its own files; eval_path is for "
+                             f"{', '.join(EVAL_FILE_TASKS)}")
+        extra["eval_path"] = eval_path
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: valid splits are {', '.join(SPLITS)}")
+    if split == "test":
+        if name not in TEST_SPLIT_TASKS:
+            raise ValueError(f"task {name!r} has no test split with references here (tasks with one: "
+                             f"{', '.join(TEST_SPLIT_TASKS)}; GLUE's test labels are not public; jsonl: use data.eval_path)")
+        extra["split"] = split
+    return loader(path=path, hf_id=hf_id, num_train=num_train, num_eval=num_eval, seed=seed, **extra)
 
 
 register_task("weather", load_weather)
@@ -104,3 +115,5 @@ register_task("dialogsum", load_dialogsum)
 register_task("gsm8k", load_gsm8k)
 register_task("jsonl", load_jsonl)
 EVAL_FILE_TASKS = ("jsonl",)  # loaders that also take eval_path=
+TEST_SPLIT_TASKS = ("e2e", "dart", "dialogsum", "gsm8k")  # loaders that also take split="test"
+SPLITS = ("dev", "test")

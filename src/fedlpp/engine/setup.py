@@ -111,10 +111,11 @@ def algorithm_spec(cfg: ExperimentConfig) -> AlgorithmSpec:
     return get_algorithm(cfg.algorithm.name, quant, cfg.algorithm.server_rule, cfg.algorithm.server_lr)
 
 
-def load_task_data(cfg: ExperimentConfig) -> TaskData:
+def load_task_data(cfg: ExperimentConfig, split: str = "dev") -> TaskData:
+    """The task's data; ``split="test"`` evaluates on its test split instead (``fedlpp eval --split test``)."""
     d = cfg.data
     return load_task(d.task, path=d.path, hf_id=d.hf_id, num_train=d.num_train, num_eval=d.num_eval, seed=cfg.seed,
-                     eval_path=d.eval_path)
+                     eval_path=d.eval_path, split=split)
 
 
 def client_partitions(cfg: ExperimentConfig, task: TaskData) -> list[list[Example]]:

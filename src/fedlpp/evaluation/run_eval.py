@@ -3,7 +3,7 @@
 Reads the checkpoint (θ after the last round), builds the proxy a client would start from
 (Q(θ) for FedLPP), and scores both on the run's evaluation split — or on another one given
 by overrides of the data and decoding keys (``data.path=...``, ``data.num_eval=0`` for the
-whole split, ``eval.max_new_tokens=...``). Writes ``predictions/global.txt`` and
+whole split, ``eval.max_new_tokens=...``), or on the task's test split (``--split test``). Writes ``predictions/global.txt`` and
 ``predictions/proxy.txt`` (one output per evaluation input, in order; ``.jsonl`` with the inputs
 when outputs span lines) and ``eval.json`` into the run directory.
 """
@@ -30,8 +30,9 @@ EVAL_KEYS = ("data.path", "data.hf_id", "data.eval_path", "data.num_eval", "eval
              "eval.num_beams", "eval.length_penalty", "eval.no_repeat_ngram_size")
 
 
-def evaluate_run(out: Path, overrides: Sequence[str], progress: bool = True) -> dict[str, Any]:
-    """Score θ and its proxy; write the predictions and ``eval.json``; return the report."""
+def evaluate_run(out: Path, overrides: Sequence[str], progress: bool = True, split: str = "dev") -> dict[str, Any]:
+    """Score θ and its proxy on ``split`` (dev: what the run evaluated on; test: the task's test split);
+    write the predictions and ``eval.json``; return the report."""
     with rundir.exclusive(out):  # no run moves the checkpoint meanwhile
         run_cfg = rundir.load_run_config(out, [])
         cfg = rundir.load_run_config(out, list(overrides))
@@ -42,7 +43,7 @@ def evaluate_run(out: Path, overrides: Sequence[str], progress: bool = True) -> 
         if checkpoint is None:
             raise rundir.RunDirError(f"{out}: no round finished, there is no adapter to evaluate")
         theta, round_ = checkpoint
-        task = load_task_data(cfg)
+        task = load_task_data(cfg, split)
         side = build_model(cfg, task.kind, task.num_labels)
         evalset = build_evalset(task, side.backbone, cfg.model.max_length)
         decoding = Decoding.of(cfg.eval)
@@ -52,7 +53,7 @@ def evaluate_run(out: Path, overrides: Sequence[str], progress: bool = True) -> 
             with open_bar(evaluation_work(evalset), f"{name} (examples)", enabled=progress, nested=True) as bar:
                 scored[name] = score_adapter(side.model, adapter, evalset, side.backbone.tokenizer, decoding, bar.update)
         written = write_predictions(out, task, scored)
-        report = {"round": round_, "task": task.name, "examples": len(task.eval),
+        report = {"round": round_, "task": task.name, "split": split, "examples": len(task.eval),
                   "changed": {k: _value(cfg, k) for k in changed_keys(run_cfg, cfg)},
                   "global": scored["global"].metrics, "proxy": scored["proxy"].metrics,
                   "official": official(task, scored), "predictions": [str(p.relative_to(out)) for p in written]}
@@ -94,7 +95,8 @@ def _value(cfg: Any, key: str) -> Any:
 
 def format_eval(report: dict[str, Any]) -> str:
     metrics = list(report["global"])
-    lines = [f"{report['task']}: theta after round {report['round']} and its proxy on {report['examples']} evaluation examples", "",
+    lines = [f"{report['task']}: theta after round {report['round']} and its proxy on {report['examples']} "
+             f"{report.get('split', 'dev')} examples", "",
              f"{'metric':<16}{'global':>12}{'proxy':>12}{'gap':>10}"]
     for m in metrics:
         g, p = report["global"][m], report["proxy"][m]

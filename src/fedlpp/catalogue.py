@@ -24,7 +24,7 @@ MODEL_NOTE = "or any Hugging Face model id or local folder (downloaded only when
 TASKS = {
     "weather": "built-in generated weather reports -> sentence (generation, BLEU/ROUGE-L; the default, no files)",
     "e2e": "E2E NLG: restaurant meaning representation -> text (generation, BLEU/ROUGE-L; data.path or data.hf_id)",
-    "dart": "DART: RDF triples -> text (generation, BLEU/TER; the release's JSON files in data.path)",
+    "dart": "DART: RDF triples -> text (generation, BLEU/TER; the release's JSON files in data.path or data.hf_id)",
     "dialogsum": "DialogSum: dialogue -> summary (generation, ROUGE-1/2/L; JSONL in data.path or data.hf_id; raise model.max_length)",
     "gsm8k": "GSM8K: maths question -> worked answer (generation to EOS, exact match of the final number)",
     "sst2": "SST-2 sentence sentiment (classification, accuracy; GLUE TSV in data.path or data.hf_id)",

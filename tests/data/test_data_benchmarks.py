@@ -143,6 +143,12 @@ def test_hub_layouts(monkeypatch):
                                                              "validation": [{"id": "v", "dialogue": "e", "summary": "u", "topic": "y"}]}))
     task = load_task("dialogsum", hf_id="knkarthick/dialogsum")
     assert calls[-1] == ("knkarthick/dialogsum", None) and (task.train[0].group, task.eval[0].references) == ("x", ("u",))
+    from fedlpp.data import dart
+
+    row = {"tripleset": [["A", "p", "B"]], "subtree_was_extended": False, "annotations": {"source": ["webnlg", "webnlg"], "text": ["A p B.", "B is A's p."]}}
+    monkeypatch.setattr(dart, "load_hub_splits", fake({"train": [row], "validation": [row]}))
+    task = load_task("dart", hf_id="dart")
+    assert task.eval[0].references == ("A p B.", "B is A's p.") and task.train[0].group == "webnlg"
 
 
 def test_test_splits_are_read_only_when_asked_for(tmp_path):

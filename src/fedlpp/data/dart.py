@@ -1,4 +1,4 @@
-"""DART (RDF triples -> text), from the release's JSON files.
+"""DART (RDF triples -> text), from the release's JSON files or the hub's ``dart``.
 
 A folder with ``dart-v1.1.1-full-train.json`` and ``-dev.json``; with the dev file alone, a
 seeded tenth of its triple sets is held out and the rest trained on. Each triple set is
@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from fedlpp.data.files import read_text, require_dir
+from fedlpp.data.hub import get_split, load_hub_splits
 from fedlpp.data.sampling import EVAL_STREAM, TRAIN_STREAM, hold_out, seeded_subset
 from fedlpp.data.schema import GENERATION, Example, TaskData
 
@@ -38,6 +39,9 @@ def _entries(path: Path) -> list[Entry]:
 def _entry(item: object, where: str) -> Entry:
     triples = item.get("tripleset") if isinstance(item, dict) else None
     notes = item.get("annotations") if isinstance(item, dict) else None
+    if isinstance(notes, dict) and isinstance(notes.get("text"), list):  # the hub's columnar layout: {source: [...], text: [...]}
+        sources = notes.get("source") or [""] * len(notes["text"])
+        notes = [{"source": src, "text": text} for src, text in zip(sources, notes["text"], strict=False)]
     if (not isinstance(triples, list) or not triples
             or not all(isinstance(t, list) and len(t) == 3 and all(isinstance(x, str) for x in t) for t in triples)):
         raise ValueError(f"{where}: 'tripleset' must be a list of [subject, predicate, object] strings")
@@ -56,9 +60,24 @@ def _eval(entries: list[Entry]) -> list[Example]:
             for p, group, refs in entries]
 
 
+def load_dart_hub(hf_id: str, num_train: int, num_eval: int, seed: int, split: str = "dev") -> TaskData:
+    """From the hub's ``dart`` (tripleset, annotations {source, text}): train, and validation or test."""
+    splits = load_hub_splits(hf_id)
+    names = ("test",) if split == "test" else ("validation", "dev")
+    train = [_entry(r, f"{hf_id} train row {i}") for i, r in enumerate(get_split(splits, ("train",), hf_id), 1)]
+    held = [_entry(r, f"{hf_id} {names[0]} row {i}") for i, r in enumerate(get_split(splits, names, hf_id), 1)]
+    return _task(train, held, num_train, num_eval, seed)
+
+
+def _task(train: list[Entry], held: list[Entry], num_train: int, num_eval: int, seed: int) -> TaskData:
+    return TaskData(name=NAME, kind=GENERATION, metrics=METRICS,
+                    train=seeded_subset(_train(train), num_train, seed, TRAIN_STREAM, "dart train"),
+                    eval=seeded_subset(_eval(held), num_eval, seed, EVAL_STREAM, "dart eval (triple sets)"))
+
+
 def load_dart(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: int, split: str = "dev") -> TaskData:
     if hf_id:
-        raise ValueError("task 'dart' reads the release's JSON files: give data.path=FOLDER (hub copies differ in layout)")
+        return load_dart_hub(hf_id, num_train, num_eval, seed, split)
     if not path:
         raise ValueError(f"task 'dart' needs path= (a folder holding {DEV_FILE} and ideally {TRAIN_FILE})")
     folder = require_dir(path, NAME, f"{TRAIN_FILE} and/or {DEV_FILE}")
@@ -74,6 +93,4 @@ def load_dart(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: int
         if not (folder / TEST_FILE).is_file():
             raise FileNotFoundError(f"{folder / TEST_FILE}: file not found; task 'dart' needs it for the test split")
         held = _entries(folder / TEST_FILE)
-    return TaskData(name=NAME, kind=GENERATION, metrics=METRICS,
-                    train=seeded_subset(_train(train), num_train, seed, TRAIN_STREAM, "dart train"),
-                    eval=seeded_subset(_eval(held), num_eval, seed, EVAL_STREAM, "dart eval (triple sets)"))
+    return _task(train, held, num_train, num_eval, seed)

@@ -18,7 +18,7 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 # Debian's packages when missing and possible; without it those metrics are reported as unavailable, nothing fails.
 if ! command -v java >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        apt-get install -y -qq default-jre-headless >/dev/null 2>&1 || echo "note: could not install Java; METEOR, ROUGE-L (COCO) and CIDEr will be unavailable"
+        { apt-get update -qq && apt-get install -y -qq default-jre-headless; } >/dev/null 2>&1 || echo "note: could not install Java; METEOR, ROUGE-L (COCO) and CIDEr will be unavailable"
     else
         echo "note: no java; METEOR, ROUGE-L (COCO) and CIDEr will be unavailable (install a Java runtime to get them)"
     fi

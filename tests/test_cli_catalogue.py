@@ -66,3 +66,13 @@ def test_every_config_key_has_a_reason_in_the_source():
 def test_config_show_refuses_a_bad_value(capsys):
     assert main(["config", "show", "fl.rounds=x"]) == 2
     assert "fl.rounds: expected an integer, got 'x'" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_options(capsys):
+    assert main(["config", "show", "--config", "configs/e2e_fedlpp_w2.toml", "fl.rounds=3", "--config", "configs/e2e_fedlpp_w2.toml",
+                 "seed=4"]) == 0
+    out = capsys.readouterr().out
+    assert "rounds = 3 " in out and "seed = 4 " in out
+    with pytest.raises(SystemExit):
+        main(["list", "fl.rounds=3"])  # a command that takes no overrides
+    assert "unrecognized arguments: fl.rounds=3" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import argparse
 import datetime
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -236,9 +237,23 @@ def command_config(args: argparse.Namespace) -> int:
     return 0
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)?=")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, with ``section.key=value`` overrides allowed anywhere (also after options such as --split)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or not all(OVERRIDE.match(token) for token in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         commands = {"run": command_run, "sweep": command_sweep, "attack": command_attack, "partition": deploy_cli.command_partition,
                     "deploy": deploy_cli.command_deploy,

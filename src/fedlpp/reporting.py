@@ -123,10 +123,11 @@ def _plot_metrics(runs: Sequence[RunRecord], labels: Sequence[str], path: Path) 
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         for i, (run, label) in enumerate(zip(runs, labels, strict=True)):
-            rounds = [row["round"] for row in run.evaluated]
+            rows = [row for row in run.evaluated if metric in row["global"]]  # runs of other tasks lack some metrics
+            rounds = [row["round"] for row in rows]
             color, marker = f"C{i % 10}", MARKERS[i % len(MARKERS)]
-            ax.plot(rounds, [row["global"][metric] for row in run.evaluated], "-", marker=marker, color=color, label=f"{label} (global)")
-            ax.plot(rounds, [row["proxy"][metric] for row in run.evaluated], "--", marker=marker, markerfacecolor="none", color=color,
+            ax.plot(rounds, [row["global"][metric] for row in rows], "-", marker=marker, color=color, label=f"{label} (global)")
+            ax.plot(rounds, [row["proxy"][metric] for row in rows], "--", marker=marker, markerfacecolor="none", color=color,
                     label=f"{label} (proxy)")
         _rounds_axis(ax)
         ax.set_ylabel(UNITS.get(metric, metric))

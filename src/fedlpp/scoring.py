@@ -13,9 +13,10 @@ A metric that cannot run here (METEOR without Java) is listed under "unavailable
 
 Files: references as plain text (an input's references on consecutive lines, a blank line between
 inputs; without blank lines, one reference per line), as a CSV with ``mr,ref`` columns (consecutive
-rows with the same MR are one input's references, as the E2E scorer groups them), or as JSON Lines
-(``output`` / ``outputs`` / ``references``, or the task's own fields: ``summary``, ``answer``,
-``label``). Predictions: one output per line, or JSON Lines with ``output`` (outputs that span lines).
+rows with the same MR are one input's references, as the E2E scorer groups them), a GLUE ``.tsv``
+(its ``label`` column), DART's release ``.json``, or JSON Lines (``output`` / ``outputs`` /
+``references``, or the task's own fields: ``summary``, ``answer``, ``label``). Class labels are
+compared by name (SST-2's 0/1 read as negative/positive, RTE's 0/1 as entailment/not_entailment). Predictions: one output per line, or JSON Lines with ``output`` (outputs that span lines).
 """
 
 from __future__ import annotations
@@ -70,20 +71,38 @@ def _metric_set(task: str) -> list[tuple[str, Compute]]:
     if task == "gsm8k":
         return [("exact_match", one("exact_match", m.exact_match))]
     if task in CLASSIFICATION_TASKS:
-        return [("accuracy", one("accuracy", _label_accuracy))]
+        return [("accuracy", one("accuracy", _label_accuracy_of(task)))]
     return [(n, one(n, m.GENERATION_METRICS[n])) for n in ("bleu", "rouge_l")]
 
 
-def _label_accuracy(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    return m.accuracy([h.strip() for h in hypotheses], [refs[0].strip() for refs in references])
+def _label_accuracy_of(task: str) -> Callable[[Sequence[str], Sequence[Sequence[str]]], float]:
+    """Accuracy with labels compared by name: a class id (GLUE's SST-2 0/1) is read as the task's class name."""
+    from fedlpp.data import rte, sst2
+
+    names = {"rte": rte.LABEL_NAMES, "sst2": sst2.LABEL_NAMES}[task]
+
+    def named(label: str) -> str:
+        label = label.strip()
+        return names[int(label)] if label.isdigit() and int(label) < len(names) else label
+
+    return lambda hyps, refs: m.accuracy([named(h) for h in hyps], [named(r[0]) for r in refs])
 
 
 def read_references(path: Path) -> list[list[str]]:
-    """Each input's references from a text, CSV (mr,ref) or JSONL file."""
-    if path.suffix.lower() == ".jsonl":
+    """Each input's references from a text, CSV (mr,ref), GLUE TSV (label), DART release JSON or JSONL file."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
         return [_jsonl_references(row, f"{path}, line {n}") for n, row in read_json_lines(path)]
+    if suffix == ".json":
+        from fedlpp.data.dart import references_file
+
+        return references_file(path)
+    if suffix == ".tsv":
+        from fedlpp.data.files import read_table
+
+        return [[row["label"]] for row in read_table(path, ("label",), delimiter="\t", quote_none=True)]
     text = read_text(path)
-    if path.suffix.lower() == ".csv":
+    if suffix == ".csv":
         return _csv_references(text, path)
     lines = [line.strip() for line in text.splitlines()]
     if "" not in lines[:-1] or all(lines):

@@ -86,7 +86,7 @@ def test_a_clients_examples_file_keeps_the_pair(tmp_path):
 
 
 @pytest.mark.skipif(not (Path(__file__).resolve().parents[3] / "shared" / "data" / "rte").is_dir(), reason="../shared/data absent")
-@pytest.mark.parametrize("task, train, eval_", [("rte", 2241, 249), ("gsm8k", 6726, 747), ("dialogsum", 12460, 500), ("dart", 6327, 276)])
+@pytest.mark.parametrize("task, train, eval_", [("rte", 2241, 249), ("gsm8k", 6726, 747), ("dialogsum", 12460, 500), ("dart", 6307, 272)])
 def test_the_shared_copies_load(task, train, eval_):
     data = load_task(task, path=str(Path(__file__).resolve().parents[3] / "shared" / "data" / task))
     assert (len(data.train), len(data.eval)) == (train, eval_)
@@ -169,3 +169,15 @@ def test_test_splits_are_read_only_when_asked_for(tmp_path):
     assert dev.train == test.train and [e.prompt for e in test.eval] == ["Question: t\nAnswer:"] and len(dev.eval) == 1
     with pytest.raises(ValueError, match="task 'sst2' has no test split with references here"):
         load_task("sst2", path=str(tmp_path), split="test")
+
+
+def test_eval_refuses_to_score_on_training_examples(tmp_path, capsys):
+    from fedlpp.cli import main
+
+    _jsonl(tmp_path / "train.jsonl", [{"question": f"What is {i}+{i}?", "answer": f"#### {2 * i}"} for i in range(40)])
+    out = tmp_path / "run"
+    assert main(["run", "model.name=tiny-llama", "data.task=gsm8k", f"data.path={tmp_path}", "data.num_eval=2", "fl.rounds=1",
+                 "fl.num_clients=2", "fl.local_steps=1", "eval.max_new_tokens=4", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "data.num_eval=20", "--quiet"]) == 1
+    assert "of the 20 evaluation inputs were in the run's training data" in capsys.readouterr().err

@@ -26,13 +26,22 @@ REFERENCES = [
 
 
 def test_bleu_and_nist_match_the_e2e_scorers_mteval():
-    """Verified independently: the scoring subroutines of the E2E challenge's mteval-v13a-sig.pl (tokenization,
-    Words2Ngrams, compute_ngram_info, score_segment, bleu_score, nist_score, brevity_penalty_closest,
+    """Verified independently: the scoring subroutines of the current e2e-metrics mteval-v13a-sig.pl (tokenization,
+    Words2Ngrams, compute_ngram_info, score_segment with its count of non-empty references, bleu_score, nist_score
+    called with the mean count of non-empty references, brevity_penalty_closest skipping empty references,
     nist_length_penalty), run with perl on these inputs with references padded as its measure_scores.py pads them,
     printed BLEU 0.4533518932 and NIST 3.3060142095 (and agreed to 1e-10 on the first 200 dev MRs)."""
     scores = bleu_nist(OUTPUTS, REFERENCES)
     assert scores["bleu"] == pytest.approx(45.33518932, abs=1e-7)
     assert scores["nist"] == pytest.approx(3.3060142095, abs=1e-9)
+
+
+def test_the_scripts_quirks_are_kept():
+    """The same perl run: the word "0" as an n-gram prefix counts as false in Perl (information from the word total),
+    and a reference empty after tokenisation (<skipped>) is no reference: BLEU 0.2452703429, NIST 2.6014432066."""
+    scores = bleu_nist(["0 stars for 0 pounds", "Zizzi"], [["0 stars for Zizzi.", "0 pounds."], ["Zizzi is a pub.", "<skipped>"]])
+    assert scores["bleu"] == pytest.approx(24.52703429, abs=1e-7)
+    assert scores["nist"] == pytest.approx(2.6014432066, abs=1e-9)
 
 
 def test_mteval_tokenization():
@@ -85,3 +94,12 @@ def test_other_tasks_metric_sets(tmp_path, capsys):
     guesses.write_text("entailment\nentailment\n")
     assert main(["score", "--task", "rte", str(labels), str(guesses)]) == 0
     assert json.loads(capsys.readouterr().out)["metrics"] == {"accuracy": 50.0}
+
+
+def test_score_reads_glue_tsv_and_class_ids_by_name(tmp_path, capsys):
+    tsv = tmp_path / "dev.tsv"
+    tsv.write_text("sentence\tlabel\nit is \"good\"\t1\nbad\t0\n")
+    preds = tmp_path / "p.txt"
+    preds.write_text("positive\nnegative\n")  # fedlpp eval writes class names
+    assert main(["score", "--task", "sst2", str(tsv), str(preds)]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == {"accuracy": 100.0}

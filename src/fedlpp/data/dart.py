@@ -5,7 +5,7 @@ seeded tenth of its triple sets is held out and the rest trained on. Each triple
 written ``subject | predicate | object`` and joined with `` ; ``. Training keeps one example
 per (triple set, annotation); evaluation one per triple set with all its annotations as
 references. The first annotation's ``source`` (webnlg, e2e, WikiSQL_..., ...) is the
-partitioner's group. Scored with BLEU and TER (METEOR needs Java's METEOR 1.5: not computed).
+partitioner's group. Runs score BLEU and TER; ``fedlpp score`` / ``fedlpp eval`` add METEOR 1.5 (Java).
 """
 
 from __future__ import annotations
@@ -27,13 +27,26 @@ Entry = tuple[str, str, tuple[str, ...]]  # (prompt, group, references)
 
 
 def _entries(path: Path) -> list[Entry]:
+    """The file's triple sets, one entry per distinct linearised set (the release repeats some), references merged."""
     try:
         data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of triple sets")
-    return [_entry(item, f"{path}, triple set {i}") for i, item in enumerate(data, 1)]
+    return _grouped([_entry(item, f"{path}, triple set {i}") for i, item in enumerate(data, 1)])
+
+
+def _grouped(entries: list[Entry]) -> list[Entry]:
+    merged: dict[str, tuple[str, list[str]]] = {}
+    for prompt, group, refs in entries:
+        merged.setdefault(prompt, (group, []))[1].extend(refs)
+    return [(prompt, group, tuple(refs)) for prompt, (group, refs) in merged.items()]
+
+
+def references_file(path: Path) -> list[list[str]]:
+    """Each distinct triple set's references from a release file (what ``fedlpp score --task dart`` reads)."""
+    return [list(refs) for _, _, refs in _entries(path)]
 
 
 def _entry(item: object, where: str) -> Entry:
@@ -64,8 +77,8 @@ def load_dart_hub(hf_id: str, num_train: int, num_eval: int, seed: int, split: s
     """From the hub's ``dart`` (tripleset, annotations {source, text}): train, and validation or test."""
     splits = load_hub_splits(hf_id)
     names = ("test",) if split == "test" else ("validation", "dev")
-    train = [_entry(r, f"{hf_id} train row {i}") for i, r in enumerate(get_split(splits, ("train",), hf_id), 1)]
-    held = [_entry(r, f"{hf_id} {names[0]} row {i}") for i, r in enumerate(get_split(splits, names, hf_id), 1)]
+    train = _grouped([_entry(r, f"{hf_id} train row {i}") for i, r in enumerate(get_split(splits, ("train",), hf_id), 1)])
+    held = _grouped([_entry(r, f"{hf_id} {names[0]} row {i}") for i, r in enumerate(get_split(splits, names, hf_id), 1)])
     return _task(train, held, num_train, num_eval, seed)
 
 

@@ -10,6 +10,7 @@ something else.
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections.abc import Sequence
 
 COCO_METRICS = ("meteor", "rouge_l", "cider")
@@ -35,13 +36,16 @@ def coco_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) 
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    tokenizer = PTBTokenizer()
-    refs = tokenizer.tokenize({str(i): [{"caption": r} for r in rs] for i, rs in enumerate(references)})
-    hyps = tokenizer.tokenize({str(i): [{"caption": h}] for i, h in enumerate(hypotheses)})
-    meteor = Meteor()
     try:
-        meteor_score = meteor.compute_score(refs, hyps)[0]
-    finally:
-        del meteor  # stops its Java process
+        tokenizer = PTBTokenizer()
+        refs = tokenizer.tokenize({str(i): [{"caption": r} for r in rs] for i, rs in enumerate(references)})
+        hyps = tokenizer.tokenize({str(i): [{"caption": h}] for i, h in enumerate(hypotheses)})
+        meteor = Meteor()
+        try:
+            meteor_score = meteor.compute_score(refs, hyps)[0]
+        finally:
+            del meteor  # stops its Java process
+    except (OSError, ValueError, subprocess.SubprocessError) as e:  # a java that does not run the jars
+        raise RuntimeError(f"the Java metrics failed to run ({type(e).__name__}: {e})") from None
     return {"meteor": 100.0 * float(meteor_score), "rouge_l": 100.0 * float(Rouge().compute_score(refs, hyps)[0]),
             "cider": float(Cider().compute_score(refs, hyps)[0])}

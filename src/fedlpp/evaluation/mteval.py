@@ -1,7 +1,11 @@
-"""BLEU and NIST as the E2E challenge's scorer computes them (its edited mteval-v13a.pl).
+"""BLEU and NIST as the E2E challenge's scorer computes them (e2e-metrics' mteval-v13a-sig.pl).
 
 Written from the script's definitions (Papineni et al. 2002; Doddington 2002; NIST's
-mteval-v13a, as edited for the E2E challenge to take a varying number of references):
+mteval-v13a, as edited for the E2E challenge to take a varying number of references). The
+scorer pads each MR's references with empty ones up to the largest count; its current
+version ignores those in the brevity penalty and averages NIST's reference length over each
+MR's non-empty references (the version used in the 2017 challenge counted the padding, which
+changes NIST whenever MRs have different numbers of references):
 
 - text is tokenised with mteval's default rules (``tokenize``) and lowercased (ASCII A-Z);
 - n-gram counts are clipped by their largest count in any one reference;
@@ -14,7 +18,9 @@ mteval-v13a, as edited for the E2E challenge to take a varying number of referen
   compares the output length with the average reference length, where the average counts
   each input's non-empty references (the E2E edit).
 
-Empty references are skipped, as the E2E scorer's padding makes them count for nothing.
+References empty after tokenisation are skipped, as the script skips them. One quirk is
+kept for exactness: Perl reads the one-word prefix "0" as false, so an n-gram starting with
+the word 0 takes its information from the total word count, as if it were a unigram.
 """
 
 from __future__ import annotations
@@ -58,7 +64,12 @@ def _information(references: Sequence[Sequence[list[str]]]) -> dict[tuple[str, .
         for ref in refs:
             words += len(ref)
             counts.update(_ngrams(ref, COUNT_N))
-    return {g: -math.log2(c / (counts[g[:-1]] if len(g) > 1 else words)) for g, c in counts.items()}
+    return {g: -math.log2(c / (counts[g[:-1]] if _perl_true(g[:-1]) else words)) for g, c in counts.items()}
+
+
+def _perl_true(prefix: tuple[str, ...]) -> bool:
+    """Whether Perl takes the prefix string as true: not empty and not "0" (the script tests ``$mgram ?``)."""
+    return bool(prefix) and prefix != ("0",)
 
 
 def _closest_length(hyp_len: int, ref_lens: Sequence[int]) -> int:
@@ -79,9 +90,9 @@ def bleu_nist(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) ->
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} outputs but {len(references)} reference sets")
     hyps = [tokenize(h) for h in hypotheses]
-    refs = [[tokenize(r) for r in rs if r.strip()] for rs in references]
+    refs = [[words for words in (tokenize(r) for r in rs) if words] for rs in references]
     if any(not rs for rs in refs):
-        raise ValueError("every output needs at least one non-empty reference")
+        raise ValueError("every output needs at least one reference with a word in it")
     info = _information(refs)
     matched, total = [0] * (COUNT_N + 1), [0] * (COUNT_N + 1)
     matched_info = [0.0] * (COUNT_N + 1)

@@ -44,6 +44,8 @@ def evaluate_run(out: Path, overrides: Sequence[str], progress: bool = True, spl
             raise rundir.RunDirError(f"{out}: no round finished, there is no adapter to evaluate")
         theta, round_ = checkpoint
         task = load_task_data(cfg, split)
+        if any(k.startswith("data.") for k in changed_keys(run_cfg, cfg)):
+            check_unseen(task, load_task_data(run_cfg))
         side = build_model(cfg, task.kind, task.num_labels)
         evalset = build_evalset(task, side.backbone, cfg.model.max_length)
         decoding = Decoding.of(cfg.eval)
@@ -59,6 +61,17 @@ def evaluate_run(out: Path, overrides: Sequence[str], progress: bool = True, spl
                   "official": official(task, scored), "predictions": [str(p.relative_to(out)) for p in written]}
         rundir.write_json(out / EVAL_JSON, report)
         return report
+
+
+def check_unseen(task: Any, trained_on: Any) -> None:
+    """Refuse an evaluation set that shares inputs with what the run trained on (a dev split held out of a
+    train file depends on data.num_eval: asking for more takes training examples)."""
+    seen = {(e.prompt, e.pair) for e in trained_on.train}
+    shared = sum((e.prompt, e.pair) in seen for e in task.eval)
+    if shared:
+        raise ValueError(f"{shared} of the {len(task.eval)} evaluation inputs were in the run's training data "
+                         f"(task {task.name!r} holds its dev split out of its training file, so a different "
+                         "data.num_eval takes other examples); evaluate on a split the run did not train on")
 
 
 def official(task: Any, scored: dict[str, Scored]) -> dict[str, Any]:

@@ -204,3 +204,20 @@ def test_a_dp_checkpoint_without_its_privacy_ledger_is_refused(tmp_path, capsys)
     metadata = {k: v for k, v in rundir.load_checkpoint_metadata(out).items() if k != "privacy_ledger"}
     save_file(tensors, str(out / rundir.CHECKPOINT), metadata=metadata)
     resume_refused(out, capsys, "has no privacy ledger")
+
+
+def test_every_file_of_a_run_gets_the_usual_permissions(run):
+    import os
+    import stat
+
+    expected = 0o666 & ~_current_umask()
+    for path in [run / rundir.CHECKPOINT, run / rundir.METRICS, run / rundir.SUMMARY, run / rundir.CONFIG]:
+        assert stat.S_IMODE(os.stat(path).st_mode) == expected, path.name
+
+
+def _current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -58,10 +58,10 @@ def _atomic_write(path: Path, write: Any) -> None:
     tmp = None
     try:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; a run's files get the usual permissions
         os.close(fd)
         tmp = Path(name)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (and writers may recreate it): the usual permissions
         with tmp.open("rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fedlpp.data.files import read_text, require_dir
 from fedlpp.data.hub import get_split, load_hub_splits
-from fedlpp.data.sampling import EVAL_STREAM, TRAIN_STREAM, hold_out, seeded_subset
+from fedlpp.data.sampling import hold_out, sized_task
 from fedlpp.data.schema import GENERATION, Example, TaskData
 
 NAME = "dart"
@@ -83,9 +83,7 @@ def load_dart_hub(hf_id: str, num_train: int, num_eval: int, seed: int, split: s
 
 
 def _task(train: list[Entry], held: list[Entry], num_train: int, num_eval: int, seed: int) -> TaskData:
-    return TaskData(name=NAME, kind=GENERATION, metrics=METRICS,
-                    train=seeded_subset(_train(train), num_train, seed, TRAIN_STREAM, "dart train"),
-                    eval=seeded_subset(_eval(held), num_eval, seed, EVAL_STREAM, "dart eval (triple sets)"))
+    return sized_task(NAME, GENERATION, _train(train), _eval(held), num_train, num_eval, seed, metrics=METRICS)
 
 
 def load_dart(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: int, split: str = "dev") -> TaskData:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from fedlpp.data.files import read_json_lines, require_dir
 from fedlpp.data.hub import Row, get_split, load_hub_splits, split_hf_id
-from fedlpp.data.sampling import EVAL_STREAM, TRAIN_STREAM, hold_out, seeded_subset
+from fedlpp.data.sampling import hold_out, sized_task
 from fedlpp.data.schema import GENERATION, Example, TaskData
 
 NAME = "gsm8k"
@@ -30,9 +30,7 @@ def to_example(row: Row, where: str) -> Example:
 
 
 def _task(train: Sequence[Example], eval_: Sequence[Example], num_train: int, num_eval: int, seed: int) -> TaskData:
-    return TaskData(name=NAME, kind=GENERATION, metrics=METRICS, multiline=True,
-                    train=seeded_subset(train, num_train, seed, TRAIN_STREAM, "gsm8k train"),
-                    eval=seeded_subset(eval_, num_eval, seed, EVAL_STREAM, "gsm8k eval"))
+    return sized_task(NAME, GENERATION, train, eval_, num_train, num_eval, seed, metrics=METRICS, multiline=True)
 
 
 def _read(path) -> list[Example]:

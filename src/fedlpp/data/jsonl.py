@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlpp.data.files import read_json_lines
-from fedlpp.data.sampling import EVAL_STREAM, TRAIN_STREAM, hold_out, seeded_subset
+from fedlpp.data.sampling import hold_out, sized_task
 from fedlpp.data.schema import CLASSIFICATION, GENERATION, Example, TaskData
 
 NAME = "jsonl"
@@ -130,9 +130,7 @@ def _generation(lines: Sequence[Line], eval_lines: Sequence[Line], num_train: in
     eval_ = [Example(prompt=p, target=refs[0], group=group, references=tuple(refs), attributes=attrs)
              for p, (refs, group, attrs) in eval_inputs.items()]
     multiline = any("\n" in e.target for e in train) or any("\n" in r for e in eval_ for r in e.references)
-    return TaskData(name=NAME, kind=GENERATION, multiline=multiline,
-                    train=seeded_subset(train, num_train, seed, TRAIN_STREAM, "jsonl train"),
-                    eval=seeded_subset(eval_, num_eval, seed, EVAL_STREAM, "jsonl eval (distinct inputs)"))
+    return sized_task(NAME, GENERATION, train, eval_, num_train, num_eval, seed, multiline=multiline)
 
 
 def _classification(lines: Sequence[Line], eval_lines: Sequence[Line], num_train: int, num_eval: int, seed: int) -> TaskData:
@@ -148,10 +146,8 @@ def _classification(lines: Sequence[Line], eval_lines: Sequence[Line], num_train
         num_eval = 0
     if len({e.label for e in train}) < 2:
         raise ValueError(f"{lines[0][0].rsplit(', line', 1)[0]}: the training examples have one class only")
-    return TaskData(name=NAME, kind=CLASSIFICATION,
-                    train=seeded_subset(train, num_train, seed, TRAIN_STREAM, "jsonl train"),
-                    eval=seeded_subset(eval_, num_eval, seed, EVAL_STREAM, "jsonl eval"),
-                    num_labels=len(names), label_names=tuple(names))
+    return sized_task(NAME, CLASSIFICATION, train, eval_, num_train, num_eval, seed, num_labels=len(names),
+                      label_names=tuple(names))
 
 
 def _distinct_texts(lines: Sequence[Line], names: Sequence[str]) -> list[Example]:

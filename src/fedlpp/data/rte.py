@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 
 from fedlpp.data.files import read_table, require_dir
 from fedlpp.data.hub import Row, get_split, load_hub_splits, pick_field, split_hf_id
-from fedlpp.data.sampling import EVAL_STREAM, TRAIN_STREAM, hold_out, seeded_subset
+from fedlpp.data.sampling import hold_out, sized_task
 from fedlpp.data.schema import CLASSIFICATION, Example, TaskData
 
 NAME = "rte"
@@ -36,9 +36,7 @@ def _examples(rows: Iterable[tuple[str, str, object]], where: str) -> list[Examp
 
 
 def _task(train: Sequence[Example], eval_: Sequence[Example], num_train: int, num_eval: int, seed: int) -> TaskData:
-    return TaskData(name=NAME, kind=CLASSIFICATION, num_labels=2, label_names=LABEL_NAMES,
-                    train=seeded_subset(train, num_train, seed, TRAIN_STREAM, "rte train"),
-                    eval=seeded_subset(eval_, num_eval, seed, EVAL_STREAM, "rte eval"))
+    return sized_task(NAME, CLASSIFICATION, train, eval_, num_train, num_eval, seed, num_labels=2, label_names=LABEL_NAMES)
 
 
 def _read_tsv(path) -> list[Example]:

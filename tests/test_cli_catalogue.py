@@ -73,6 +73,9 @@ def test_overrides_may_follow_options(capsys):
                  "seed=4"]) == 0
     out = capsys.readouterr().out
     assert "rounds = 3 " in out and "seed = 4 " in out
+    assert main(["config", "show", "--fl.rounds", "5", "--data.num_eval=7"]) == 0  # the --option spelling of a key
+    out = capsys.readouterr().out
+    assert "rounds = 5 " in out and "num_eval = 7 " in out
     with pytest.raises(SystemExit):
         main(["list", "fl.rounds=3"])  # a command that takes no overrides
     assert "unrecognized arguments: fl.rounds=3" in capsys.readouterr().err

@@ -240,10 +240,28 @@ def command_config(args: argparse.Namespace) -> int:
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)?=")
 
 
+DOTTED_OPTION = re.compile(r"^--([A-Za-z_]\w*\.\w+)(=.*)?$")
+
+
+def as_overrides(argv: list[str]) -> list[str]:
+    """``--data.path X`` and ``--data.path=X`` written as ``data.path=X`` (the two spellings users reach for)."""
+    out: list[str] = []
+    tokens = iter(argv)
+    for token in tokens:
+        match = DOTTED_OPTION.match(token)
+        if match is None:
+            out.append(token)
+        elif match.group(2):
+            out.append(match.group(1) + match.group(2))
+        else:
+            out.append(f"{match.group(1)}={next(tokens, '')}")
+    return out
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The arguments, with ``section.key=value`` overrides allowed anywhere (also after options such as --split)."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(as_overrides(sys.argv[1:] if argv is None else list(argv)))
     if extra:
         if not hasattr(args, "overrides") or not all(OVERRIDE.match(token) for token in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

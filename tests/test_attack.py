@@ -75,7 +75,9 @@ def test_the_same_run_and_arguments_give_the_same_figures(run, capsys):
     out, _ = run
     assert main(["attack", str(out), "--client", "1", "--steps", "2", "6"]) == 0
     first = (out / "attack-client-1.json").read_text()
-    assert "value taken" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "value taken" in captured.out
+    assert "attack: fine-tuning Q(theta) for 6 steps" in captured.err and "attack: scoring keep (examples): 0/" in captured.err
     again = attack.run_attack(out, 1, [2, 6], collude=2)
     assert json.loads(first) == json.loads(json.dumps(again))
     assert set(again["scores"]) == {"theta", "proxy", "keep", "finetune-2", "finetune-6", "alone", "collude-2"}

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,9 @@ from fedlpp.algorithms.ffa_lora import trained_names
 from fedlpp.config import ExperimentConfig, to_tree
 from fedlpp.engine import rundir
 from fedlpp.engine.setup import LocalRun, build_run, client_recipe
-from fedlpp.evaluation.evaluate import evaluate_adapter
+from fedlpp.evaluation.evaluate import evaluate_adapter, evaluation_work
 from fedlpp.models.lora import Adapter, initial_adapter
+from fedlpp.progress import open_bar
 from fedlpp.seeding import derive_seed
 
 
@@ -131,15 +133,19 @@ def alone_steps(cfg: ExperimentConfig, rows: Sequence[Mapping[str, Any]], client
 
 
 def client_side_adapters(run: LocalRun, out: Path, plan: AttackPlan, rows: Sequence[Mapping[str, Any]], sigma: float,
-                         with_alone: bool = True) -> dict[str, Adapter]:
+                         with_alone: bool = True, say: Callable[[str], None] = lambda _: None) -> dict[str, Adapter]:
     """Every adapter the attacker (and its colluders) can build, from client-side information only."""
     attacker = plan.clients[0]
+    say(f"attack: client {attacker} retrains its last round (keep)")
     held = {"keep": keep_adapter(run, out, attacker, rows, sigma)}
     for steps in plan.finetune_steps:
+        say(f"attack: fine-tuning Q(theta) for {steps} steps")
         held[f"finetune-{steps}"] = finetune_adapter(run, out, attacker, steps)
     if with_alone:
+        say("attack: training alone")
         held["alone"] = alone_adapter(run, attacker, alone_steps(run.server.cfg, rows, attacker))
     if len(plan.clients) > 1:
+        say(f"attack: clients {', '.join(map(str, plan.clients[1:]))} retrain their last rounds (collude)")
         kept = [held["keep"]] + [keep_adapter(run, out, c, rows, sigma) for c in plan.clients[1:]]
         sizes = [float(len(run.clients[c].features)) for c in plan.clients]
         held[f"collude-{len(plan.clients)}"] = mean_adapter(kept, sizes)
@@ -198,7 +204,8 @@ def recorded_scores(out: Path, round_: int) -> dict[str, dict[str, float]] | Non
     return {"theta": summary["global"], "proxy": summary["proxy"]}
 
 
-def score(run: LocalRun, out: Path, held: Mapping[str, Adapter], alone: Mapping[str, float] | None = None) -> dict[str, Any]:
+def score(run: LocalRun, out: Path, held: Mapping[str, Adapter], alone: Mapping[str, float] | None = None,
+          progress: bool = False) -> dict[str, Any]:
     """Scores of theta (the checkpoint, read only here), Q(theta) and every held adapter; the value each takes.
 
     theta's and Q(theta)'s scores are the run's own final evaluation when it made one (the same
@@ -210,11 +217,13 @@ def score(run: LocalRun, out: Path, held: Mapping[str, Adapter], alone: Mapping[
     if checkpoint is None:
         raise rundir.RunDirError(f"{out} has no checkpoint: no round finished, nothing to attack")
     theta, round_ = checkpoint
-    scores = recorded_scores(out, round_)
-    if scores is None:
+    scores = recorded_scores(out, round_) or {}
+    if not scores:
         proxy, _ = rnd.read_broadcast(rundir.load_broadcast(out, rundir.FINAL_BROADCAST), ctx.shapes)
-        scores = {name: evaluate_adapter(ctx.model, a, ctx.evalset, tok, ctx.decoding) for name, a in (("theta", theta), ("proxy", proxy))}
-    scores.update({name: evaluate_adapter(ctx.model, a, ctx.evalset, tok, ctx.decoding) for name, a in held.items()})
+        held = {"theta": theta, "proxy": proxy, **held}
+    for name, adapter in held.items():
+        with open_bar(evaluation_work(ctx.evalset), f"attack: scoring {name} (examples)", enabled=progress, nested=True) as bar:
+            scores[name] = evaluate_adapter(ctx.model, adapter, ctx.evalset, tok, ctx.decoding, bar.update)
     if alone is not None:
         scores["alone"] = dict(alone)
     taken = {name: {m: value_taken(scores[name][m], scores["alone"][m], scores["theta"][m]) for m in scores["theta"]}
@@ -223,17 +232,19 @@ def score(run: LocalRun, out: Path, held: Mapping[str, Adapter], alone: Mapping[
 
 
 def run_attack(out: Path, client: int | str = LAST, finetune_steps: Sequence[int] | None = None, collude: int = 1,
-               cache: Path | None = None) -> dict[str, Any]:
+               cache: Path | None = None, progress: bool = False) -> dict[str, Any]:
     """The whole check for one attacking client; written to RUN_DIR/attack-client-K.json.
 
     ``cache``: a folder where ``alone``'s score is kept under a fingerprint of what it depends
     on, so runs that differ only in algorithm, quantization or privacy train and score it once.
+    ``progress``: say each stage and show each evaluation's progress on stderr.
     """
     with rundir.exclusive(out):  # no run may move the checkpoint or the broadcasts meanwhile
-        return _attack(out, client, finetune_steps, collude, cache)
+        return _attack(out, client, finetune_steps, collude, cache, progress)
 
 
-def _attack(out: Path, client: int | str, finetune_steps: Sequence[int] | None, collude: int, cache: Path | None) -> dict[str, Any]:
+def _attack(out: Path, client: int | str, finetune_steps: Sequence[int] | None, collude: int, cache: Path | None,
+            progress: bool) -> dict[str, Any]:
     cfg = rundir.load_run_config(out, [])
     rows = rundir.read_metrics(out)
     check_finished(out, rows)
@@ -251,10 +262,15 @@ def _attack(out: Path, client: int | str, finetune_steps: Sequence[int] | None, 
     report = {"client": client, "colluders": list(plan.clients), "finetune_steps": list(plan.finetune_steps),
               "requested": {"collude": collude, "steps": list(finetune_steps or [])},
               "rounds_joined": rounds_joined(rows, client), "alone_steps": budget,
-              **score(run, out, client_side_adapters(run, out, plan, rows, sigma, with_alone=alone is None), alone)}
+              **score(run, out, client_side_adapters(run, out, plan, rows, sigma, with_alone=alone is None,
+                                                     say=_stderr if progress else lambda _: None), alone, progress)}
     cache_alone(cache, key, report["scores"]["alone"])
     rundir.write_json(out / f"attack-client-{client}.json", report)
     return report
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def format_attack(report: Mapping[str, Any]) -> str:

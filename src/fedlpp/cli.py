@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--collude", type=int, default=2,
                         help="clients averaging what they keep: the attacker and those that trained most recently (1: none)")
     attack.add_argument("--cache", type=Path, help="a folder keeping 'alone' scores, shared by runs that differ only in algorithm/quant/privacy")
+    attack.add_argument("--quiet", action="store_true", help="no progress")
     evaluate = sub.add_parser("eval", help="score a run's saved adapter theta and the proxy built from it; write predictions")
     evaluate.add_argument("run_dir", type=Path, help="a run directory with a checkpoint")
     evaluate.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -152,7 +153,7 @@ def command_attack(args: argparse.Namespace) -> int:
     quiet_libraries()
     from fedlpp.attack import format_attack, run_attack
 
-    report = run_attack(args.run_dir, args.client, args.steps, args.collude, args.cache)
+    report = run_attack(args.run_dir, args.client, args.steps, args.collude, args.cache, progress=not args.quiet)
     print(format_attack(report))
     written = args.run_dir / f"attack-client-{report['client']}.json"
     print(f"\nwritten: {written}")

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -463,14 +464,19 @@ def write_toml(cfg: ExperimentConfig, path: str | Path) -> None:
     Path(path).write_text(tomli_w.dumps(to_tree(cfg)))
 
 
+def flat_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A config tree (``to_tree``) by dotted key: {"fl.rounds": 6, "seed": 0, ...}."""
+    flat: dict[str, Any] = {}
+    for section, values in tree.items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{k}": v for k, v in values.items()})
+        else:
+            flat[section] = values
+    return flat
+
+
 def changed_keys(old: ExperimentConfig, new: ExperimentConfig) -> list[str]:
     """Dotted keys whose values differ between two configs."""
-    a, b = to_tree(old), to_tree(new)
-    keys = []
-    for name, value in a.items():
-        if isinstance(value, dict):
-            keys += [f"{name}.{k}" for k in value if value[k] != b[name][k]]
-        elif value != b[name]:
-            keys.append(name)
-    return keys
+    a, b = flat_tree(to_tree(old)), flat_tree(to_tree(new))
+    return [k for k in a if a[k] != b[k]]
 

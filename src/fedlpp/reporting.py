@@ -9,12 +9,12 @@ round when a run is private. Runs are named by what differs between their config
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlpp.config import to_tree
+from fedlpp.config import flat_tree, to_tree
 from fedlpp.engine import rundir
 
 REPORT_MD = "report.md"
@@ -49,20 +49,9 @@ def load_runs(directories: Sequence[Path]) -> list[RunRecord]:
     return runs
 
 
-def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """{"fl.rounds": 6, "seed": 0, ...}"""
-    flat: dict[str, Any] = {}
-    for name, value in tree.items():
-        if isinstance(value, dict):
-            flat.update({f"{name}.{k}": v for k, v in value.items()})
-        else:
-            flat[name] = value
-    return flat
-
-
 def run_labels(runs: Sequence[RunRecord]) -> list[str]:
     """Each run named by the configuration keys whose values differ between the runs (data paths left out)."""
-    flats = [_flat(r.config) for r in runs]
+    flats = [flat_tree(r.config) for r in runs]
     keys = [k for k in flats[0] if len({repr(f.get(k)) for f in flats}) > 1 and k not in ("data.path", "data.eval_path")]
     labels = [", ".join(f"{k}={f[k]}" for k in keys) for f in flats]
     if len(runs) == 1 or not all(labels) or len(set(labels)) < len(labels):

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedlpp.config import ConfigError, ExperimentConfig, changed_keys, load_config, to_tree, write_toml
+from fedlpp.config import ConfigError, ExperimentConfig, changed_keys, flat_tree, load_config, to_tree, write_toml
 
 if TYPE_CHECKING:  # torch and safetensors load where checkpoints are touched: the command line's --help stays fast
     import torch
@@ -250,27 +250,16 @@ def config_record(cfg: ExperimentConfig) -> str:
     return json.dumps(_fixed_tree(cfg), sort_keys=True)
 
 
-def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """{"section.key": value} (and top-level keys such as seed as they are)."""
-    flat: dict[str, Any] = {}
-    for section, values in tree.items():
-        if isinstance(values, dict):
-            flat.update({f"{section}.{k}": v for k, v in values.items()})
-        else:
-            flat[section] = values
-    return flat
-
-
 def check_checkpoint_config(out: Path, cfg: ExperimentConfig) -> None:
     """Refuse to resume with a configuration other than the one the checkpoint was made with."""
     stored = load_checkpoint_metadata(out).get(CONFIG_KEY)
     if stored is None:
         return  # a checkpoint from before configurations were recorded
     try:
-        then = _flat(json.loads(stored))
+        then = flat_tree(json.loads(stored))
     except (ValueError, AttributeError):
         raise RunDirError(f"{out / CHECKPOINT}: its recorded configuration is damaged") from None
-    now, defaults = _flat(_fixed_tree(cfg)), _flat(_fixed_tree(ExperimentConfig()))  # a key added since had its default
+    now, defaults = flat_tree(_fixed_tree(cfg)), flat_tree(_fixed_tree(ExperimentConfig()))  # a key added since had its default
     changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k, defaults.get(k)))
     if changed:
         raise RunDirError(f"{out}: {changed[0]} differs from the configuration the checkpoint was made with "

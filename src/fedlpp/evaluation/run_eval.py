@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlpp.algorithms import round as rnd
-from fedlpp.config import ConfigError, changed_keys
+from fedlpp.config import ConfigError, changed_keys, flat_tree, to_tree
 from fedlpp.engine import rundir
 from fedlpp.engine.setup import algorithm_spec, build_evalset, build_model, load_task_data
 from fedlpp.evaluation.evaluate import Decoding, Scored, evaluation_work, score_adapter
@@ -56,7 +56,7 @@ def evaluate_run(out: Path, overrides: Sequence[str], progress: bool = True, spl
                 scored[name] = score_adapter(side.model, adapter, evalset, side.backbone.tokenizer, decoding, bar.update)
         written = write_predictions(out, task, scored)
         report = {"round": round_, "task": task.name, "split": split, "examples": len(task.eval),
-                  "changed": {k: _value(cfg, k) for k in changed_keys(run_cfg, cfg)},
+                  "changed": {k: flat_tree(to_tree(cfg))[k] for k in changed_keys(run_cfg, cfg)},
                   "global": scored["global"].metrics, "proxy": scored["proxy"].metrics,
                   "official": official(task, scored), "predictions": [str(p.relative_to(out)) for p in written]}
         rundir.write_json(out / EVAL_JSON, report)
@@ -99,11 +99,6 @@ def write_predictions(out: Path, task: Any, scored: dict[str, Scored]) -> list[P
         rundir.write_text(path, text)
         written.append(path)
     return written
-
-
-def _value(cfg: Any, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
 
 
 def format_eval(report: dict[str, Any]) -> str:

@@ -28,7 +28,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from fedlpp.algorithms.ffa_lora import trained_names  # noqa: E402
 from fedlpp.algorithms.round import make_broadcast, make_update  # noqa: E402
 from fedlpp.algorithms.spec import AlgorithmSpec, get_algorithm  # noqa: E402
 from fedlpp.config import QuantConfig  # noqa: E402
@@ -52,9 +51,9 @@ class Row:
     granularity: str | None
     block_size: int | None
     values_down: int  # adapter values represented in the broadcast
-    values_up: int
+    values_up: float  # mean over two consecutive rounds (RoLoRA alternates A and B)
     down_bytes: int
-    up_bytes: int
+    up_bytes: float
     down_header_bytes: int  # safetensors header incl. metadata JSON
     down_ratio: float  # to FedAvg+LoRA float32
     down_payload_ratio: float  # tensor data only (header left out on both sides)
@@ -84,14 +83,20 @@ def header_bytes(payload: bytes) -> int:
     return 8 + int.from_bytes(payload[:8], "little")
 
 
-def measure(spec: AlgorithmSpec, adapter: Adapter, a_seed: int) -> tuple[int, int, int, int, int]:
-    """(down bytes, down header bytes, up bytes, values down, values up) for one spec."""
+def measure(spec: AlgorithmSpec, adapter: Adapter, a_seed: int) -> tuple[int, int, float, int, float]:
+    """(down bytes, down header bytes, up bytes, values down, values up) for one spec.
+
+    The uplink is the mean over two consecutive rounds: RoLoRA sends A in one and B in the other.
+    """
     shapes = {n: tuple(t.shape) for n, t in adapter.items()}
-    names = trained_names(shapes, spec.freeze_a)
     down = make_broadcast(spec, adapter, a_seed, ROUND)
-    up = make_update(client_delta(adapter, names, SEED), NUM_EXAMPLES, ROUND)
-    values = sum(adapter[n].numel() for n in names)
-    return len(down), header_bytes(down), len(up), values, values
+    values_down = sum(adapter[n].numel() for n in spec.broadcast_names(shapes))
+    ups, values_up = [], []
+    for round_ in (ROUND, ROUND + 1):
+        names = spec.trained_names(shapes, round_)
+        ups.append(len(make_update(client_delta(adapter, names, SEED), NUM_EXAMPLES, round_)))
+        values_up.append(sum(adapter[n].numel() for n in names))
+    return len(down), header_bytes(down), sum(ups) / 2, values_down, sum(values_up) / 2
 
 
 def theory_bits(quant: QuantSpec | None, values: int, tensors: int, rows: int) -> tuple[float | None, float | None]:
@@ -107,7 +112,7 @@ def row_for(spec: AlgorithmSpec, adapter: Adapter, a_seed: int, reference: tuple
     """One table row; ``reference`` is FedAvg+LoRA's (down bytes, down header bytes, up bytes)."""
     down, head, up, v_down, v_up = measure(spec, adapter, a_seed)
     shapes = {n: tuple(t.shape) for n, t in adapter.items()}
-    names = trained_names(shapes, spec.freeze_a)
+    names = spec.broadcast_names(shapes)
     rows = sum(shapes[n][0] for n in names)
     theory, packed = theory_bits(spec.quant, v_down, len(names), rows)
     q = spec.quant
@@ -132,7 +137,7 @@ def row_for(spec: AlgorithmSpec, adapter: Adapter, a_seed: int, reference: tuple
 
 def all_specs() -> list[AlgorithmSpec]:
     any_quant = QuantSpec(bits=2)
-    specs = [get_algorithm("fedavg_lora", any_quant, "mean", 1.0), get_algorithm("ffa_lora", any_quant, "mean", 1.0)]
+    specs = [get_algorithm(name, any_quant, "mean", 1.0) for name in ("fedavg_lora", "ffa_lora", "rolora")]
     for name in ("fedlpp", "fedlpp_ffa"):
         for granularity, block in GRANULARITIES:
             for bits in BITS:
@@ -144,7 +149,7 @@ def format_row(r: Row) -> str:
     quant = "float32" if r.bits is None else f"w={r.bits} {r.granularity}{r.block_size or ''}"
     theory = "" if r.bits_per_value_theory is None else f"{r.bits_per_value_theory:7.3f} {r.bits_per_value_packed:7.3f}"
     return (
-        f"{r.algorithm:<11} {quant:<16} {r.down_bytes:>10,} {r.down_ratio:>8.4f} {r.up_bytes:>10,} {r.up_ratio:>7.4f}"
+        f"{r.algorithm:<11} {quant:<16} {r.down_bytes:>10,} {r.down_ratio:>8.4f} {r.up_bytes:>10,.0f} {r.up_ratio:>7.4f}"
         f" {r.down_header_bytes:>7,} {r.down_payload_ratio:>7.4f} {r.bits_per_value_measured:>8.3f} {theory}"
     )
 

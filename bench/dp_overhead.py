@@ -60,8 +60,8 @@ def measure(run: LocalRun, batch_size: int, steps: int, reps: int) -> dict[str, 
     ctx, data = run.server, run.clients[0]
     model, kind = ctx.model, ctx.side.kind
     set_adapter(model, ctx.initial_adapter())
-    set_trainable(model, ctx.trained)
-    params = [adapter_parameters(model)[n] for n in ctx.trained]
+    set_trainable(model, ctx.trained(1))
+    params = [adapter_parameters(model)[n] for n in ctx.trained(1)]
     batch = next(shuffled_batches(data.features, 1, batch_size, data.pad_id, seed=0))
     plain_opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()

@@ -67,7 +67,7 @@ def engine_round(run: LocalRun, adapter: Adapter) -> Adapter:
 def prepare_bare(run: LocalRun, start: Adapter) -> None:
     """Untimed: load the engine's starting point and mark the trained tensors."""
     set_adapter(run.server.model, start)
-    set_trainable(run.server.model, run.server.trained)
+    set_trainable(run.server.model, run.server.trained(ROUND))
 
 
 def bare_loop(run: LocalRun) -> None:
@@ -75,7 +75,7 @@ def bare_loop(run: LocalRun) -> None:
     ctx, data = run.server, run.clients[CLIENT]
     cfg = ctx.cfg
     params = adapter_parameters(ctx.model)
-    optimizer = torch.optim.AdamW([params[n] for n in ctx.trained], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW([params[n] for n in ctx.trained(ROUND)], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     seed = derive_seed(cfg.seed, "batches", ROUND, CLIENT)
     ctx.model.train()
     for batch in shuffled_batches(data.features, cfg.fl.local_steps, cfg.train.batch_size, data.pad_id, seed):

@@ -72,7 +72,7 @@ GRAPHS = ("complete", "sparse")
 TARGET = 2.0  # secagg / plain round time at 10 clients x 300k values (issue 3)
 WARM_UP = 2  # untimed rounds of each kind before a configuration's timed ones
 SETUP_STEPS = 4  # secure_aggregate's client steps: input, sessions, advertise, share_keys | masked input, ...
-SPEC = AlgorithmSpec("fedavg_lora", None, freeze_a=False)
+SPEC = AlgorithmSpec("fedavg_lora", None)
 T = TypeVar("T")
 
 

@@ -35,7 +35,7 @@ def run(tmp_path_factory, request):
     def recording(model, payload, data, recipe, on_step=None):
         result = original(model, payload, data, recipe, on_step)
         start, round_ = rnd.read_broadcast(payload, recipe.shapes)
-        delta = rnd.validate_update(result.upload, data.client_id, rnd.trained_layout(recipe.shapes, False), round_).delta
+        delta = rnd.validate_update(result.upload, data.client_id, rnd.update_layout(recipe.spec, recipe.shapes, round_), round_).delta
         held[(data.client_id, round_)] = {n: start[n] + delta[n] if n in delta else start[n] for n in start}
         return result
 

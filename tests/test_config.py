@@ -26,7 +26,7 @@ def test_toml_file_then_overrides(tmp_path: Path):
     "override, fragment",
     [
         (["fl.roundz=2"], "fl.roundz: unknown key; valid keys in [fl] are clients_per_round, local_steps, num_clients, rounds"),
-        (["algorithm.name=fedprox"], "algorithm.name: got 'fedprox'; valid choices are 'fedavg_lora', 'fedlpp', 'ffa_lora', 'fedlpp_ffa'"),
+        (["algorithm.name=fedprox"], "algorithm.name: got 'fedprox'; valid choices are 'fedavg_lora', 'fedlpp', 'ffa_lora', 'fedlpp_ffa', 'rolora'"),
         (["quant.bits=5"], "quant.bits: got 5; valid choices are 1, 2, 3, 4, 8"),
         (["quant.granularity=channel"], "quant.granularity: got 'channel'"),
         (["fl.rounds=two"], "fl.rounds: expected an integer, got 'two'"),

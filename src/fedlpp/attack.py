@@ -32,7 +32,7 @@ from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms import wire
 from fedlpp.algorithms.fedavg_lora import weighted_mean
 from fedlpp.algorithms.client import LocalTraining, shuffled_batches, train_client
-from fedlpp.algorithms.ffa_lora import trained_names
+from fedlpp.algorithms.factors import trained_names
 from fedlpp.config import ExperimentConfig, to_tree
 from fedlpp.engine import rundir
 from fedlpp.engine.setup import LocalRun, build_run, client_recipe
@@ -91,21 +91,21 @@ def keep_adapter(run: LocalRun, out: Path, client: int, rows: Sequence[Mapping[s
     ctx = run.server
     start, round_ = rnd.read_broadcast(rundir.load_broadcast(out, joined[-1]), ctx.shapes)
     recipe = client_recipe(ctx.cfg, ctx.side, ctx.spec, sigma, None)
-    return _moved(start, recipe.training.train(ctx.model, ctx.side.kind, start, recipe.trained, run.clients[client], round_, None).delta)
+    return _moved(start, recipe.training.train(ctx.model, ctx.side.kind, start, recipe.trained(round_), run.clients[client], round_, None).delta)
 
 
 def finetune_adapter(run: LocalRun, out: Path, client: int, steps: int) -> Adapter:
     """The final broadcast Q(theta), trained ``steps`` more AdamW steps on the client's own data (no DP: it is its own)."""
     ctx = run.server
     start, _ = rnd.read_broadcast(rundir.load_broadcast(out, rundir.FINAL_BROADCAST), ctx.shapes)
-    return _trained(run, client, start, trained_names(ctx.shapes, ctx.spec.freeze_a), steps, "finetune")
+    return _trained(run, client, start, ctx.spec.broadcast_names(ctx.shapes), steps, "finetune")
 
 
 def alone_adapter(run: LocalRun, client: int, steps: int) -> Adapter:
     """A fresh LoRA adapter (A and B trained) on the client's own data only, for ``steps`` steps."""
     ctx = run.server
     start = initial_adapter(ctx.shapes, derive_seed(ctx.cfg.seed, "attack-alone-a", client) % (2**31))
-    return _trained(run, client, start, trained_names(ctx.shapes, False), steps, "alone")
+    return _trained(run, client, start, trained_names(ctx.shapes, "both", 1), steps, "alone")
 
 
 def _trained(run: LocalRun, client: int, start: Adapter, trained: Sequence[str], steps: int, purpose: str) -> Adapter:

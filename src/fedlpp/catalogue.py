@@ -37,6 +37,7 @@ ALGORITHMS = {
     "fedlpp": "FedLPP: the server keeps theta, clients receive a w-bit quantized copy (the default)",
     "ffa_lora": "FFA-LoRA: A frozen from a seed, only B trained and sent",
     "fedlpp_ffa": "FedLPP with FFA-LoRA: a w-bit broadcast of B, A from a seed",
+    "rolora": "RoLoRA: A and B broadcast, only B trained and sent in odd rounds, only A in even ones (exact averaging)",
 }
 
 

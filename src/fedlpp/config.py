@@ -21,7 +21,7 @@ from typing import Any
 import tomli_w
 
 
-ALGORITHMS = ("fedavg_lora", "fedlpp", "ffa_lora", "fedlpp_ffa")
+ALGORITHMS = ("fedavg_lora", "fedlpp", "ffa_lora", "fedlpp_ffa", "rolora")
 SERVER_RULES = ("mean", "delta")
 SERVER_OPTIMIZERS = ("none", "momentum")
 GRANULARITIES = ("block", "row", "tensor")

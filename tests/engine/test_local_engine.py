@@ -13,11 +13,13 @@ from safetensors.torch import load_file
 
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms import wire
+from fedlpp.algorithms.spec import get_algorithm
 from fedlpp.config import load_config
 from fedlpp.engine import rundir
 from fedlpp.engine.local import run_experiment
 from fedlpp.models.backbone import load_backbone
 from fedlpp.models.lora import is_lora_a
+from fedlpp.quant import QuantSpec
 
 pytestmark = pytest.mark.integration
 
@@ -101,10 +103,9 @@ def test_no_full_precision_adapter_tensor_is_ever_sent(runs, name):
         tensors, meta = wire.decode(payload, rnd.BROADCAST)
         assert {n: t.dtype for n, t in tensors.items()} == {"codes": torch.uint8, "scales": torch.float16}
         # Codes are packed 2-bit: a quarter of a byte per adapter value sent, nothing more.
-        sent_values = sum(ckpt[n].numel() for n, _ in rnd.trained_layout({k: v.shape for k, v in ckpt.items()}, name == "fedlpp_ffa"))
-        assert tensors["codes"].numel() == sent_values // 4
+        sent_layout = rnd.broadcast_layout(get_algorithm(name, QuantSpec(2)), {k: v.shape for k, v in ckpt.items()})
+        assert tensors["codes"].numel() == sum(math.prod(s) for _, s in sent_layout) // 4
         # One float16 scale per 64 values (block granularity), not one per handful of values.
-        sent_layout = rnd.trained_layout({k: v.shape for k, v in ckpt.items()}, name == "fedlpp_ffa")
         assert tensors["scales"].numel() == sum(-(-math.prod(s) // 64) for _, s in sent_layout)
         assert set(meta) <= {"algorithm", "round", "layout", "quant", "a_seed"}
 

@@ -58,6 +58,23 @@ def test_the_issue_smoke_command_reports_epsilon_every_round(tmp_path, capsys):
     assert "protected by" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("mode", [["privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0"],
+                                  ["privacy.mode=client_dp", "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.5"]])
+def test_rolora_trains_under_both_dp_modes_one_factor_per_round(tmp_path, mode):
+    """Like FFA-LoRA, RoLoRA aggregates linearly, so it composes with DP-SGD and client-level DP as they are."""
+    initial = build_run(tiny()).server.initial_adapter()
+    run_experiment(tiny("algorithm.name=rolora", *mode, rounds=1), tmp_path / "one", progress=False)
+    run_experiment(tiny("algorithm.name=rolora", *mode, rounds=2), tmp_path / "two", progress=False)
+    one, two = rundir.load_checkpoint(tmp_path / "one")[0], rundir.load_checkpoint(tmp_path / "two")[0]
+    a_names = [n for n in one if ".lora_A." in n]
+    b_names = [n for n in one if ".lora_B." in n]
+    assert all(torch.equal(one[n], initial[n]) for n in a_names), "round 1 trains B only"
+    assert all(torch.count_nonzero(one[n]) for n in b_names), "round 1 moved B (noise alone would)"
+    assert all(torch.equal(two[n], one[n]) for n in b_names), "round 2 trains A only"
+    assert all(not torch.equal(two[n], one[n]) for n in a_names)
+    assert rows(tmp_path / "two")[-1]["epsilon"] > rows(tmp_path / "one")[-1]["epsilon"] > 0
+
+
 def test_reported_epsilon_equals_dp_accounting_for_each_clients_real_steps(tmp_path):
     cfg = tiny("privacy.mode=dp_sgd", "privacy.noise_multiplier=0.9", rounds=4)
     run_experiment(cfg, tmp_path / "run", progress=False)

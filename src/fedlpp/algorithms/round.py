@@ -18,7 +18,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from fedlpp.algorithms import fedavg_lora, fedlpp, ffa_lora, wire
+from fedlpp.algorithms import factors, fedavg_lora, fedlpp, wire
 from fedlpp.algorithms.layout import Layout, check_length, fingerprint, layout_of, unflatten
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.models.lora import Adapter, copy_adapter, lora_a_from_seed
@@ -64,9 +64,14 @@ class AggregateResult:
     notes: dict[str, Any] = field(default_factory=dict)  # what the round's metrics row should say (SecAgg, DP top-up)
 
 
-def trained_layout(shapes: Mapping[str, Sequence[int]], freeze_a: bool) -> Layout:
-    """The tensors that travel, in wire order."""
-    return layout_of(shapes, ffa_lora.trained_names(shapes, freeze_a))
+def update_layout(spec: AlgorithmSpec, shapes: Mapping[str, Sequence[int]], round_: int) -> Layout:
+    """The tensors clients train and send in ``round_``, in wire order."""
+    return layout_of(shapes, spec.trained_names(shapes, round_))
+
+
+def broadcast_layout(spec: AlgorithmSpec, shapes: Mapping[str, Sequence[int]]) -> Layout:
+    """The tensors the server sends, in wire order."""
+    return layout_of(shapes, spec.broadcast_names(shapes))
 
 
 def _shapes(adapter: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -79,9 +84,9 @@ def make_broadcast(spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor], a_s
     FFA variants send the seed of A instead of A. FedLPP variants send codes and scales
     only: the full-precision adapter never appears in the message.
     """
-    layout = trained_layout(_shapes(adapter), spec.freeze_a)
+    layout = broadcast_layout(spec, _shapes(adapter))
     meta: dict[str, object] = {"algorithm": spec.name, "round": round_, "layout": fingerprint(layout)}
-    if spec.freeze_a:
+    if spec.a_from_seed:
         meta["a_seed"] = a_seed
     if spec.quant is None:
         tensors = fedavg_lora.full_precision_payload(adapter, layout)
@@ -99,7 +104,7 @@ def read_broadcast(payload: bytes, shapes: Mapping[str, tuple[int, ...]]) -> tup
     """
     tensors, meta = wire.decode(payload, BROADCAST)
     frozen_a = "a_seed" in meta
-    layout = trained_layout(shapes, frozen_a)
+    layout = layout_of(shapes, factors.broadcast_names(shapes, frozen_a))
     if meta.get("layout") != fingerprint(layout):
         raise wire.WireError("broadcast layout does not match this client's adapter (model or LoRA config differ)")
     if "quant" in meta:
@@ -122,7 +127,7 @@ def proxy_point(spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor]) -> Ada
     """The adapter clients actually start from: Q_w(theta) for FedLPP, theta otherwise."""
     if spec.quant is None:
         return dict(adapter)
-    return fedlpp.proxy_of(adapter, trained_layout(_shapes(adapter), spec.freeze_a), spec.quant)
+    return fedlpp.proxy_of(adapter, broadcast_layout(spec, _shapes(adapter)), spec.quant)
 
 
 def validate_update(payload: bytes, client_id: int, layout: Layout, round_: int, declared: int | None = None) -> ClientUpdate:
@@ -253,7 +258,7 @@ class ClientDpMean:
             else:
                 rejected[u.client_id] = f"delta norm exceeds privacy.clip_norm={self.noised.clip_norm:g}"
                 log.warning("round %d: rejected the update of client %d: %s", round_, u.client_id, rejected[u.client_id])
-        shapes = dict(trained_layout(_shapes(adapter), spec.freeze_a))
+        shapes = dict(update_layout(spec, _shapes(adapter), round_))
         # Within float32 rounding of S, but never more than S: the accounted sensitivity holds exactly.
         mean_delta = self.noised.mean([clip_delta(u.delta, self.noised.clip_norm) for u in accepted], shapes)
         return Combined(mean_delta, tuple(u.client_id for u in accepted), rejected)
@@ -282,7 +287,7 @@ def validate_all(
     One update per client per round: a client that sent several has all of them refused
     (which one is genuine cannot be told), so no client counts twice towards the mean.
     """
-    layout = trained_layout(_shapes(adapter), spec.freeze_a)
+    layout = update_layout(spec, _shapes(adapter), round_)
     counts = Counter(client_id for client_id, _ in payloads)
     updates, rejected = [], {}
     for client_id, payload in payloads:

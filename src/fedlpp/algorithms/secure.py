@@ -104,7 +104,7 @@ class SecureMean:
     def __call__(
         self, spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor], result: AggregateResult, round_: int, notes: dict[str, Any]
     ) -> rnd.Combined:
-        layout = rnd.trained_layout({n: tuple(t.shape) for n, t in adapter.items()}, spec.freeze_a)
+        layout = rnd.update_layout(spec, {n: tuple(t.shape) for n, t in adapter.items()}, round_)
         weighted_sum, total_weight = split_weight(result.values, self.encoding.params)
         if self.noise is None:
             survivors = len(result.survivors)

@@ -1,16 +1,18 @@
 """The algorithms as data: what is broadcast, what is trained, how the server moves.
 
-FedAvg+LoRA, FedLPP, FFA-LoRA and FedLPP+FFA-LoRA differ in exactly three choices
-(DESIGN 2): whether the broadcast is quantized, whether A is frozen and derived from a
-seed, and the server's update rule. One frozen spec holds them; the round functions in
-``round.py`` read it. A small registry maps config names to specs.
+FedAvg+LoRA, FedLPP, FFA-LoRA, FedLPP+FFA-LoRA and RoLoRA differ in four choices
+(DESIGN 2): whether the broadcast is quantized, whether A is derived from a seed and never
+sent, which LoRA factors clients train in each round (``factors.py``), and the server's
+update rule. One frozen spec holds them; the round functions in ``round.py`` read it. A
+small registry maps config names to specs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from fedlpp.algorithms import factors
 from fedlpp.quant import QuantSpec
 
 SERVER_RULES = ("mean", "delta")
@@ -20,15 +22,27 @@ SERVER_RULES = ("mean", "delta")
 class AlgorithmSpec:
     name: str
     quant: QuantSpec | None  # broadcast quantizer (FedLPP); None = full precision
-    freeze_a: bool  # FFA-LoRA: A from a seed, frozen; only B (and a classifier head) trained and sent
+    a_from_seed: bool = False  # FFA-LoRA: every party rebuilds A from a seed, so A never travels
+    trains: str = "both"  # LoRA factors clients train and send: "both", "b" (FFA-LoRA), "alternate" (RoLoRA)
     server_rule: str = "mean"  # "mean": theta += lr*(Q(theta)+mean_delta-theta); "delta": theta += lr*mean_delta
     server_lr: float = 1.0
 
     def __post_init__(self) -> None:
+        factors.frozen_factor(self.trains, 1)  # refuses an unknown schedule
+        if self.a_from_seed and self.trains != "b":
+            raise ValueError(f"a_from_seed needs trains='b' (A from a seed is never trained), got {self.trains!r}")
         if self.server_rule not in SERVER_RULES:
             raise ValueError(f"server_rule {self.server_rule!r}: valid choices are {', '.join(SERVER_RULES)}")
         if self.server_lr <= 0:
             raise ValueError(f"server_lr must be > 0, got {self.server_lr}")
+
+    def trained_names(self, shapes: Mapping[str, Sequence[int]], round_: int) -> list[str]:
+        """The adapter tensors clients train and send in ``round_``, in wire order."""
+        return factors.trained_names(shapes, self.trains, round_)
+
+    def broadcast_names(self, shapes: Mapping[str, Sequence[int]]) -> list[str]:
+        """The adapter tensors the server sends every round, in wire order."""
+        return factors.broadcast_names(shapes, self.a_from_seed)
 
 
 SpecFactory = Callable[[QuantSpec, str, float], AlgorithmSpec]
@@ -52,7 +66,9 @@ def algorithm_names() -> tuple[str, ...]:
 
 
 # Without quantization the proxy point equals theta, so both server rules coincide.
-register_algorithm("fedavg_lora", lambda q, rule, lr: AlgorithmSpec("fedavg_lora", None, False, "delta", lr))
-register_algorithm("ffa_lora", lambda q, rule, lr: AlgorithmSpec("ffa_lora", None, True, "delta", lr))
-register_algorithm("fedlpp", lambda q, rule, lr: AlgorithmSpec("fedlpp", q, False, rule, lr))
-register_algorithm("fedlpp_ffa", lambda q, rule, lr: AlgorithmSpec("fedlpp_ffa", q, True, rule, lr))
+register_algorithm("fedavg_lora", lambda q, rule, lr: AlgorithmSpec("fedavg_lora", None, server_rule="delta", server_lr=lr))
+register_algorithm("ffa_lora", lambda q, rule, lr: AlgorithmSpec("ffa_lora", None, True, "b", "delta", lr))
+register_algorithm("fedlpp", lambda q, rule, lr: AlgorithmSpec("fedlpp", q, server_rule=rule, server_lr=lr))
+register_algorithm("fedlpp_ffa", lambda q, rule, lr: AlgorithmSpec("fedlpp_ffa", q, True, "b", rule, lr))
+# RoLoRA (arXiv 2502.01755): full-precision broadcast of A and B, one factor trained per round.
+register_algorithm("rolora", lambda q, rule, lr: AlgorithmSpec("rolora", None, trains="alternate", server_rule="delta", server_lr=lr))

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fedlpp.algorithms import round as rnd
+from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.algorithms.client import LocalResult, LocalTraining, shuffled_batches, train_client
 from fedlpp.models.lora import Adapter
 from fedlpp.privacy.client_dp import clip_delta
@@ -129,10 +130,14 @@ class ClientRecipe:
 
     kind: str  # generation | classification
     shapes: dict[str, tuple[int, ...]]  # the client's own adapter shapes (it knows its model)
-    trained: tuple[str, ...]  # adapter tensors it trains and sends
+    spec: AlgorithmSpec  # the algorithm: which adapter tensors it trains and sends in each round
     training: LocalTrainingPlan
     transforms: tuple[DeltaTransform, ...]
     encode: Encoder
+
+    def trained(self, round_: int) -> list[str]:
+        """The adapter tensors it trains and sends in ``round_``."""
+        return self.spec.trained_names(self.shapes, round_)
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,7 @@ def client_step(
 ) -> ClientOutput:
     """One client's side of a round: broadcast bytes in, its upload out."""
     start, round_ = rnd.read_broadcast(payload, recipe.shapes)
-    result = recipe.training.train(model, recipe.kind, start, recipe.trained, data, round_, on_step)
+    result = recipe.training.train(model, recipe.kind, start, recipe.trained(round_), data, round_, on_step)
     delta = result.delta
     for transform in recipe.transforms:
         delta = transform(delta)

@@ -171,7 +171,7 @@ def _serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool, 
 
 def fedavg_reference_bytes(ctx: ServerContext, adapter: Adapter) -> dict[str, int]:
     """Bytes per client per round that FedAvg+LoRA (float32) would send for this adapter."""
-    fedavg = AlgorithmSpec("fedavg_lora", quant=None, freeze_a=False)
+    fedavg = AlgorithmSpec("fedavg_lora", quant=None)
     down = len(rnd.make_broadcast(fedavg, adapter, ctx.a_seed, 1))
     up = len(rnd.make_update({n: torch.zeros(s) for n, s in ctx.shapes.items()}, 1, 1))
     return {"down": down, "up": up}

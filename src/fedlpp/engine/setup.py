@@ -19,7 +19,6 @@ from peft import PeftModel
 
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.client import LocalTraining
-from fedlpp.algorithms.ffa_lora import trained_names
 from fedlpp.algorithms.secure import NoiseShares, SecureEncoding, SecureInput, SecureMean
 from fedlpp.algorithms.spec import AlgorithmSpec, get_algorithm
 from fedlpp.algorithms.steps import (
@@ -87,9 +86,9 @@ class ServerContext:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return self.side.shapes
 
-    @property
-    def trained(self) -> list[str]:
-        return trained_names(self.shapes, self.spec.freeze_a)
+    def trained(self, round_: int) -> list[str]:
+        """The adapter tensors clients train and send in ``round_``."""
+        return self.spec.trained_names(self.shapes, round_)
 
     def initial_adapter(self) -> Adapter:
         return initial_adapter(self.shapes, self.a_seed)
@@ -219,8 +218,7 @@ def client_recipe(cfg: ExperimentConfig, side: ModelSide, spec: AlgorithmSpec, s
     encode: Encoder = UpdateBytes()
     if encoding is not None:
         encode = SecureInput(encoding, noise_shares(cfg, sigma))
-    trained = tuple(trained_names(side.shapes, spec.freeze_a))
-    return ClientRecipe(side.kind, side.shapes, trained, training, transforms, encode)
+    return ClientRecipe(side.kind, side.shapes, spec, training, transforms, encode)
 
 
 def noise_shares(cfg: ExperimentConfig, sigma: float) -> NoiseShares | None:

@@ -204,7 +204,7 @@ class SecureAggregation:
         protocol = ProtocolOverGrid(federation.grid, federation.roster.node_of, round_, federation.round_timeout, adverts,
                                     traffic, failed)
         registry = {c: federation.roster.verify_keys[c] for c in adverts}
-        dim = sum(math.prod(ctx.shapes[n]) for n in ctx.trained) + 1  # the delta, then the weight coordinate
+        dim = sum(math.prod(ctx.shapes[n]) for n in ctx.trained(round_)) + 1  # the delta, then the weight coordinate
         if not adverts:
             out = void_round(SecAggAbort("advertise", "clients that trained and are in range", 0, 1), round_, notes, traffic)
         else:

@@ -203,7 +203,7 @@ def test_resume_on_the_flower_apps_continues_the_run(pairs, tmp_path):
 SECURE = ("secagg.enabled=true", "fl.clients_per_round=3", "flower.round_timeout=1")
 
 
-@pytest.mark.parametrize("name", ["fedavg_lora", "fedlpp"])
+@pytest.mark.parametrize("name", ["fedavg_lora", "fedlpp", "rolora"])
 def test_secure_aggregation_over_flower_messages_equals_the_local_engines_secure_run(tmp_path, name):
     cfg = tiny(f"algorithm.name={name}", *SECURE)
     run_experiment(cfg, tmp_path / "local", progress=False)

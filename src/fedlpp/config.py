@@ -89,7 +89,7 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: str = "fedlpp"  # fedavg_lora | fedlpp | ffa_lora | fedlpp_ffa
+    name: str = "fedlpp"  # fedavg_lora | fedlpp | ffa_lora | fedlpp_ffa | rolora
     server_lr: float = 1.0  # eta_s in DESIGN 2.1/2.2; 1.0 is plain FedAvg
     server_rule: str = "mean"  # FedLPP only: "mean" = move to the clients' mean adapter, "delta" = add mean delta to theta
     server_optimizer: str = "none"  # "momentum" = FedAvgM on the server's step (state clients never see)

@@ -139,6 +139,7 @@ def test_rolora_on_the_tiny_model_alternates_what_travels_and_aggregates_exactly
         for b, a in lora_pairs(adapter):
             expected = sum(n / total * (h[b] @ h[a]) for h, n in clients)
             assert torch.allclose(adapter[b] @ adapter[a], expected, atol=1e-6), f"round {round_}: {b}"
-    # The frozen factor is the global one: A after round 1 is A as initialised, B after round 2 is B after round 1.
+    # The frozen factor is the global one: A after round 1 is the A its clients received, B after round 2 is B after round 1.
+    assert all(torch.equal(globals_[1][a], start[a]) for start, _ in held[1] for _, a in lora_pairs(globals_[1]))
     assert all(torch.equal(globals_[2][b], globals_[1][b]) for b, _ in lora_pairs(globals_[1]))
     assert any(not torch.equal(globals_[2][a], globals_[1][a]) for _, a in lora_pairs(globals_[1]))

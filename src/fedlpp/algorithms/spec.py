@@ -28,7 +28,8 @@ class AlgorithmSpec:
     server_lr: float = 1.0
 
     def __post_init__(self) -> None:
-        factors.frozen_factor(self.trains, 1)  # refuses an unknown schedule
+        if self.trains not in factors.SCHEDULES:
+            raise ValueError(f"unknown factor schedule {self.trains!r}: valid choices are {', '.join(factors.SCHEDULES)}")
         if self.a_from_seed and self.trains != "b":
             raise ValueError(f"a_from_seed needs trains='b' (A from a seed is never trained), got {self.trains!r}")
         if self.server_rule not in SERVER_RULES:

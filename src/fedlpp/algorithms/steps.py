@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from fedlpp.algorithms import round as rnd
-from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.algorithms.client import LocalResult, LocalTraining, shuffled_batches, train_client
+from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.models.lora import Adapter
 from fedlpp.privacy.client_dp import clip_delta
 from fedlpp.privacy.dp_sgd import DpSgd, DpSgdSteps, poisson_batches, sampling_rate

@@ -38,12 +38,21 @@ def test_toml_file_then_overrides(tmp_path: Path):
         (["quant.block_size=8"], "quant.block_size: must be >= 16"),
         (["quant.granularity=row"], "quant.granularity: 'row' gives each lora_B row its own scale over only lora.r=8"),
         (["fl.clients_per_round=1"], "fl.clients_per_round: must be >= 2 with algorithm.server_rule='mean'"),
+        (["train.optimizer=adam"], "train.optimizer: got 'adam'; valid choices are 'adamw', 'sgd'"),
+        (["train.momentum=0.9"], "train.momentum: applies to train.optimizer = \"sgd\" only"),
+        (["train.optimizer=sgd", "train.momentum=1"], "train.momentum: must be in [0, 1)"),
+        (["train.lr=2"], "train.lr: must be in (0, 1] (AdamW's step size)"),
     ],
 )
 def test_bad_keys_types_and_values_are_named(override, fragment):
     with pytest.raises(ConfigError) as e:
         load_config(None, override)
     assert fragment in str(e.value)
+
+
+def test_sgd_takes_the_larger_step_sizes_dp_sgd_needs():
+    train = load_config(None, ["train.optimizer=sgd", "train.lr=4", "train.momentum=0.9"]).train
+    assert (train.optimizer, train.lr, train.momentum) == ("sgd", 4.0, 0.9)
 
 
 def test_privacy_guards_apply_only_where_they_matter():

@@ -95,7 +95,7 @@ def keep_adapter(run: LocalRun, out: Path, client: int, rows: Sequence[Mapping[s
 
 
 def finetune_adapter(run: LocalRun, out: Path, client: int, steps: int) -> Adapter:
-    """The final broadcast Q(theta), trained ``steps`` more AdamW steps on the client's own data (no DP: it is its own)."""
+    """The final broadcast Q(theta), trained ``steps`` more optimizer steps on the client's own data (no DP: it is its own)."""
     ctx = run.server
     start, _ = rnd.read_broadcast(rundir.load_broadcast(out, rundir.FINAL_BROADCAST), ctx.shapes)
     return _trained(run, client, start, ctx.spec.broadcast_names(ctx.shapes), steps, "finetune")
@@ -110,7 +110,7 @@ def alone_adapter(run: LocalRun, client: int, steps: int) -> Adapter:
 
 def _trained(run: LocalRun, client: int, start: Adapter, trained: Sequence[str], steps: int, purpose: str) -> Adapter:
     cfg, data = run.server.cfg, run.clients[client]
-    opts = LocalTraining(cfg.train.lr, cfg.train.weight_decay, cfg.train.max_grad_norm)
+    opts = LocalTraining.of(cfg.train)
     batches = shuffled_batches(data.features, steps, cfg.train.batch_size, data.pad_id, derive_seed(cfg.seed, f"attack-{purpose}", client, steps))
     delta = train_client(run.server.model, run.server.side.kind, start, trained, batches, opts,
                          derive_seed(cfg.seed, f"attack-{purpose}-dropout", client)).delta

@@ -29,6 +29,7 @@ QUANT_BITS = (1, 2, 3, 4, 8)
 TASKS = ("weather", "e2e", "dart", "dialogsum", "gsm8k", "sst2", "rte", "jsonl")
 PARTITIONS = ("iid", "dirichlet", "quantity_skew", "by_key")
 PRIVACY_MODES = ("none", "dp_sgd", "client_dp")
+OPTIMIZERS = ("adamw", "sgd")
 ACCOUNTANTS = ("rdp", "prv")
 CLIENT_SAMPLING = ("fixed", "poisson")
 QUANTIZED = ("fedlpp", "fedlpp_ffa")
@@ -167,13 +168,21 @@ class FLConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 8  # examples per local step
-    lr: float = 1e-3  # client AdamW learning rate (fresh optimizer every round, DESIGN 2.2)
-    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    optimizer: str = "adamw"  # adamw | sgd (a fresh optimizer every round, DESIGN 2.2; sgd suits DP-SGD, README)
+    lr: float = 1e-3  # client learning rate
+    momentum: float = 0.0  # sgd only: heavy-ball momentum within a round
+    weight_decay: float = 0.01  # decoupled (adamw) or L2 (sgd) weight decay
     max_grad_norm: float = 0.0  # 0 = no gradient clipping
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(0 < self.lr <= 1, "train.lr", f"must be in (0, 1] (AdamW's step size), got {self.lr}")
+        _choice(self.optimizer, "train.optimizer", OPTIMIZERS)
+        if self.optimizer == "adamw":
+            _require(0 < self.lr <= 1, "train.lr", f"must be in (0, 1] (AdamW's step size), got {self.lr}")
+            _require(self.momentum == 0, "train.momentum", "applies to train.optimizer = \"sgd\" only (AdamW has its own betas)")
+        else:
+            _require(0 < self.lr <= 100, "train.lr", f"must be in (0, 100] (SGD's step size), got {self.lr}")
+            _require(0 <= self.momentum < 1, "train.momentum", f"must be in [0, 1), got {self.momentum}")
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
 

@@ -106,6 +106,24 @@ def test_a_dp_step_really_changes_the_trained_adapter(freeze_a):
     assert all(float(d.abs().max()) > 0 for d in again.delta.values())
 
 
+def test_sgd_under_dp_steps_in_proportion_to_the_clipped_gradient():
+    # train.optimizer = "sgd": one step moves the adapter by -lr x (the mean clipped gradient), so halving C
+    # (every example clipped) halves the step; AdamW's first step would be the same size for either C.
+    model, features, start, pad = _setup("generation")
+    sgd = LocalTraining(lr=50.0, weight_decay=0.0, max_grad_norm=0.0, optimizer="sgd")  # large: deltas well above float32 rounding
+
+    def step(opts: LocalTraining, clip: float) -> torch.Tensor:
+        batches = poisson_batches(features, 1, 0.5, pad, SeededRandomness(0))
+        delta = train_client(model, "generation", start, list(start), batches, opts, 0, DpSgdSteps(DpSgd(0.0, clip, 12), SeededRandomness(1))).delta
+        return torch.cat([d.flatten() for d in delta.values()])
+
+    small, large = step(sgd, 1e-4), step(sgd, 2e-4)
+    assert float(small.abs().max()) > 0
+    assert torch.allclose(large, 2 * small, rtol=1e-3, atol=1e-7)  # float32 rounding of start + delta
+    adam_small, adam_large = step(OPTS, 1e-4), step(OPTS, 2e-4)
+    assert float(adam_large.norm() / adam_small.norm()) == pytest.approx(1.0, abs=0.05)
+
+
 def test_an_empty_poisson_batch_is_a_noise_only_step():
     model, features, start, pad = _setup("generation")
     trained = list(start)

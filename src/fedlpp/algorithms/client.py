@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ContextManager, Protocol
+from typing import TYPE_CHECKING, ContextManager, Protocol
 
 import numpy as np
 import torch
@@ -20,6 +20,9 @@ from fedlpp.data import collate
 from fedlpp.models.lora import Adapter, adapter_parameters, get_adapter, set_adapter, set_trainable
 from fedlpp.models.objective import example_losses
 
+if TYPE_CHECKING:
+    from fedlpp.config import TrainConfig
+
 Batch = Mapping[str, torch.Tensor] | None  # None: an empty (Poisson-sampled) batch
 
 
@@ -28,6 +31,19 @@ class LocalTraining:
     lr: float
     weight_decay: float
     max_grad_norm: float  # 0 = off (plain steps only: DP-SGD clips each example's gradient instead)
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.0  # sgd only
+
+    @classmethod
+    def of(cls, train: TrainConfig) -> LocalTraining:
+        """From the config's ``[train]`` section."""
+        return cls(train.lr, train.weight_decay, train.max_grad_norm, train.optimizer, train.momentum)
+
+    def new_optimizer(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+        """A fresh optimizer over ``params`` (every round: clients keep no state between rounds)."""
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -77,7 +93,7 @@ def train_client(
     seed: int,
     steps: StepRule | None = None,
 ) -> LocalResult:
-    """Load ``start`` into the model, take one AdamW step per batch, return the delta.
+    """Load ``start`` into the model, take one optimizer step per batch, return the delta.
 
     A fresh optimizer every round (DESIGN 2.2) keeps clients stateless between rounds;
     ``seed`` fixes dropout so a client step is reproducible. ``steps`` defaults to
@@ -87,7 +103,7 @@ def train_client(
     set_adapter(model, start)
     set_trainable(model, trained)
     params = [adapter_parameters(model)[n] for n in trained]
-    base = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    base = opts.new_optimizer(params)
     losses = []
     model.train()
     try:

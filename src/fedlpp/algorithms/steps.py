@@ -56,7 +56,7 @@ class LocalTrainingPlan(Protocol):
 
 @dataclass(frozen=True)
 class SgdTraining:
-    """E AdamW steps on reshuffled batches, all seeded by (seed, round, client)."""
+    """E optimizer steps on reshuffled batches, all seeded by (seed, round, client)."""
 
     local_steps: int
     batch_size: int

@@ -209,7 +209,7 @@ def secagg_params(cfg: SecAggConfig, clients_per_round: int) -> SecAggParams:
 def client_recipe(cfg: ExperimentConfig, side: ModelSide, spec: AlgorithmSpec, sigma: float, encoding: SecureEncoding | None) -> ClientRecipe:
     """What every client does with a broadcast; ``sigma`` is the server's current noise multiplier (DP only)."""
     mode = cfg.privacy.mode
-    opts = LocalTraining(cfg.train.lr, cfg.train.weight_decay, cfg.train.max_grad_norm)
+    opts = LocalTraining.of(cfg.train)
     training: LocalTrainingPlan = SgdTraining(cfg.fl.local_steps, cfg.train.batch_size, opts, cfg.seed)
     if mode == "dp_sgd":
         training = DpSgdTraining(cfg.fl.local_steps, cfg.train.batch_size, opts, cfg.seed, sigma, cfg.privacy.clip_norm,

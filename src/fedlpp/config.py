@@ -30,6 +30,7 @@ TASKS = ("weather", "e2e", "dart", "dialogsum", "gsm8k", "sst2", "rte", "jsonl")
 PARTITIONS = ("iid", "dirichlet", "quantity_skew", "by_key")
 PRIVACY_MODES = ("none", "dp_sgd", "client_dp")
 OPTIMIZERS = ("adamw", "sgd")
+POOLINGS = ("auto", "cls", "mean")  # models.pooling.POOLINGS
 ACCOUNTANTS = ("rdp", "prv")
 CLIENT_SAMPLING = ("fixed", "poisson")
 QUANTIZED = ("fedlpp", "fedlpp_ffa")
@@ -69,10 +70,12 @@ def _choice(value: object, key: str, choices: tuple[Any, ...]) -> None:
 class ModelConfig:
     name: str = "smollm2-135m"  # short name (smollm2-135m, minilm-l6, tiny-llama, tiny-bert), HF id or local path
     max_length: int = 96  # tokens per training sequence (prompt + completion)
+    pooling: str = "auto"  # classifiers: auto (what the checkpoint declares: mean for minilm-l6) | cls | mean
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", "must not be empty")
         _require(self.max_length >= 8, "model.max_length", f"must be >= 8, got {self.max_length}")
+        _choice(self.pooling, "model.pooling", POOLINGS)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from fedlpp.models.lora import (
     set_adapter,
     set_trainable,
 )
+from fedlpp.models.pooling import MaskedMeanPooler, declared_pooling, use_mean_pooling
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,36 @@ def test_tiny_bert_classifier_head_is_part_of_the_adapter():
     model = attach_lora(load_backbone("tiny-bert", "classification", 3), "classification", r=4, alpha=8, dropout=0.0)
     shapes = adapter_shapes(model)
     assert shapes["classifier.modules_to_save.weight"] == (3, 64)
+
+
+def test_mean_pooling_averages_only_the_real_tokens(tmp_path):
+    backbone = load_backbone("tiny-bert", "classification", 2, pooling="mean")
+    tok, model = backbone.tokenizer, backbone.model
+    short = tok(["good"], return_tensors="pt")
+    padded = tok(["good", "a much longer sentence than the first one"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        alone = model(**short).logits[0]
+        in_batch = model(**padded).logits[0]
+        hidden = model.bert(**short).last_hidden_state
+        by_hand = model.classifier(hidden.mean(1))[0]
+    assert torch.allclose(alone, in_batch, atol=1e-5)  # the padding of the longer sentence is not averaged in
+    assert torch.allclose(alone, by_hand, atol=1e-5)
+    cls = load_backbone("tiny-bert", "classification", 2, pooling="cls").model
+    assert not isinstance(cls.bert.pooler, MaskedMeanPooler)
+
+
+def test_auto_pooling_is_what_the_checkpoint_declares(tmp_path):
+    assert declared_pooling(tmp_path) == "cls"  # no sentence-transformers file
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    assert declared_pooling(tmp_path) == "mean"
+    minilm = load_backbone("minilm-l6", "classification", 2)  # shipped sentence-transformers model: mean
+    assert isinstance(minilm.model.bert.pooler, MaskedMeanPooler)
+
+
+def test_mean_pooling_needs_an_encoder_with_a_pooler():
+    with pytest.raises(ValueError, match="needs a BERT-style encoder"):
+        use_mean_pooling(load_backbone("tiny-llama", "generation").model)
 
 
 def test_unknown_model_name_is_a_clear_error():

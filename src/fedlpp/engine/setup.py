@@ -125,7 +125,7 @@ def client_partitions(cfg: ExperimentConfig, task: TaskData) -> list[list[Exampl
 
 
 def build_model(cfg: ExperimentConfig, kind: str, num_labels: int) -> ModelSide:
-    backbone = load_backbone(cfg.model.name, kind, num_labels)
+    backbone = load_backbone(cfg.model.name, kind, num_labels, cfg.model.pooling)
     model = attach_lora(backbone, kind, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     return ModelSide(backbone, model, kind, adapter_shapes(model))
 

@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from fedlpp.models import shipped
+from fedlpp.models.pooling import declared_pooling, use_mean_pooling
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,17 @@ SHORT_NAMES: dict[str, Callable[[str, int], tuple[PreTrainedModel, PreTrainedTok
     "tiny-bert": _tiny_bert,
 }
 
+CHECKPOINT_DIRS: dict[str, Callable[[], Path]] = {"minilm-l6": shipped.minilm_dir}  # short names that may declare a pooling
+
+
+def _resolved_pooling(name: str, pooling: str) -> str:
+    if pooling != "auto":
+        return pooling
+    if name in CHECKPOINT_DIRS:
+        return declared_pooling(CHECKPOINT_DIRS[name]())
+    return "cls" if name in SHORT_NAMES else declared_pooling(name)
+
+
 _TARGETS = {"llama": ("q_proj", "v_proj"), "bert": ("query", "value")}
 
 
@@ -122,8 +134,12 @@ def default_lora_targets(model: PreTrainedModel) -> tuple[str, ...]:
     raise ValueError(f"no default LoRA targets for model type {family!r}: set lora.target_modules")
 
 
-def load_backbone(name: str, kind: str, num_labels: int = 0) -> Backbone:
-    """A frozen float32 backbone in eval mode, by short name, hub id or local path."""
+def load_backbone(name: str, kind: str, num_labels: int = 0, pooling: str = "auto") -> Backbone:
+    """A frozen float32 backbone in eval mode, by short name, hub id or local path.
+
+    ``pooling`` (classifiers): "cls" keeps the model's own pooler, "mean" averages the token
+    states, "auto" does what the checkpoint declares (``models.pooling``).
+    """
     if kind not in KINDS:
         raise ValueError(f"task kind {kind!r}: valid kinds are {', '.join(KINDS)}")
     if name in SHORT_NAMES:
@@ -135,6 +151,8 @@ def load_backbone(name: str, kind: str, num_labels: int = 0) -> Backbone:
                 "a local path, nor a Hugging Face id (owner/name)"
             )
         model, tokenizer = _pretrained(name, kind, num_labels)
+    if kind == "classification" and _resolved_pooling(name, pooling) == "mean":
+        use_mean_pooling(model)
     model.requires_grad_(False)
     model.eval()
     _ensure_pad(tokenizer)

@@ -55,6 +55,21 @@ def test_sgd_takes_the_larger_step_sizes_dp_sgd_needs():
     assert (train.optimizer, train.lr, train.momentum) == ("sgd", 4.0, 0.9)
 
 
+def test_dp_sgd_brings_its_recipe_for_the_keys_left_unset(tmp_path: Path):
+    private = load_config(None, ["privacy.mode=dp_sgd", "privacy.epsilon=6"]).train
+    assert (private.batch_size, private.lr, private.weight_decay) == (256, 1e-2, 0.0)
+    assert load_config(None, []).train.batch_size == 8  # not without DP-SGD
+    chosen = load_config(None, ["privacy.mode=dp_sgd", "privacy.epsilon=6", "train.batch_size=64"]).train
+    assert (chosen.batch_size, chosen.lr) == (64, 1e-2)  # what the user sets wins, key by key
+    path = tmp_path / "dp.toml"
+    path.write_text('[privacy]\nmode = "dp_sgd"\nepsilon = 6.0\n[train]\nlr = 0.002\n')
+    from_file = load_config(path).train
+    assert (from_file.batch_size, from_file.lr) == (256, 0.002)
+    resolved = tmp_path / "resolved.toml"
+    write_toml(load_config(path), resolved)
+    assert load_config(resolved) == load_config(path)  # a resumed run reads back the same values
+
+
 def test_privacy_guards_apply_only_where_they_matter():
     assert load_config(None, ["algorithm.name=fedavg_lora", "fl.clients_per_round=1"]).fl.clients_per_round == 1
     assert load_config(None, ["algorithm.server_rule=delta", "fl.clients_per_round=1"]).fl.clients_per_round == 1

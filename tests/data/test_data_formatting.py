@@ -14,7 +14,7 @@ from fedlpp.data import (
     encode_for_generation,
     encode_prompts,
 )
-from fedlpp.data.formatting import bos_prefix, eos_id
+from fedlpp.data.formatting import bos_prefix, eos_id, length_chunks
 
 EXAMPLES = (
     Example(
@@ -198,3 +198,15 @@ def test_encoded_generation_batch_round_trip(causal_tokenizer: PreTrainedTokeniz
     assert (batch["labels"] != IGNORE_INDEX).sum().item() == sum(
         len(f["input_ids"]) - _prompt_len(f) for f in features
     )
+
+
+def test_length_chunks_sort_by_length_and_cut_each_chunk_to_its_longest():
+    rows = [{"input_ids": list(range(1, n + 1)), "label": n % 2} for n in (5, 1, 9, 3, 7, 2, 8)]
+    batch = collate(rows, pad_id=0)
+    chunks = length_chunks(batch, 3)
+    assert [c["attention_mask"].sum(1).tolist() for c in chunks] == [[1, 2, 3], [5, 7, 8], [9]]
+    assert [c["input_ids"].shape[1] for c in chunks] == [3, 8, 9]  # no column of padding only
+    assert sorted(c["labels"].tolist() for c in chunks) == sorted([[1, 0, 1], [1, 1, 0], [1]])
+    assert length_chunks(batch, 7)[0]["input_ids"].shape == (7, 9)  # small enough: whole
+    with pytest.raises(ValueError, match="right-padded"):
+        length_chunks(collate(rows, pad_id=0, padding_side="left"), 3)

@@ -17,6 +17,7 @@ from fedlpp.privacy.dp_sgd import DpSgd, DpSgdSteps, NoisyOptimizer, poisson_bat
 from fedlpp.privacy.randomness import SeededRandomness
 
 OPTS = LocalTraining(lr=0.01, weight_decay=0.0, max_grad_norm=0.0)
+OPTS_SGD = LocalTraining(lr=50.0, weight_decay=0.0, max_grad_norm=0.0, optimizer="sgd")  # steps proportional to the gradient
 
 
 def _setup(kind: str, pooling: str = "auto"):
@@ -111,7 +112,7 @@ def test_sgd_under_dp_steps_in_proportion_to_the_clipped_gradient():
     # train.optimizer = "sgd": one step moves the adapter by -lr x (the mean clipped gradient), so halving C
     # (every example clipped) halves the step; AdamW's first step would be the same size for either C.
     model, features, start, pad = _setup("generation")
-    sgd = LocalTraining(lr=50.0, weight_decay=0.0, max_grad_norm=0.0, optimizer="sgd")  # large: deltas well above float32 rounding
+    sgd = OPTS_SGD  # lr 50: deltas well above float32 rounding
 
     def step(opts: LocalTraining, clip: float) -> torch.Tensor:
         batches = poisson_batches(features, 1, 0.5, pad, SeededRandomness(0))
@@ -123,6 +124,25 @@ def test_sgd_under_dp_steps_in_proportion_to_the_clipped_gradient():
     assert torch.allclose(large, 2 * small, rtol=1e-3, atol=1e-7)  # float32 rounding of start + delta
     adam_small, adam_large = step(OPTS, 1e-4), step(OPTS, 2e-4)
     assert float(adam_large.norm() / adam_small.norm()) == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("rule", ["dp", "plain"])
+def test_a_large_batch_in_length_chunks_steps_as_one_batch(monkeypatch, rule):
+    # 70 examples run as two chunks (64 + 6); the step must equal the unchunked one, DP or not.
+    model, features, start, pad = _setup("generation")
+    batch = collate([features[i % len(features)] for i in range(70)], pad)
+
+    def step() -> torch.Tensor:
+        steps = DpSgdSteps(DpSgd(0.0, 1e-3, 70), SeededRandomness(1)) if rule == "dp" else None
+        result = train_client(model, "generation", start, list(start), [batch], OPTS_SGD, 0, steps)
+        return torch.cat([d.flatten() for d in result.delta.values()])
+
+    chunked = step()
+    monkeypatch.setattr("fedlpp.privacy.dp_sgd.length_chunks", lambda b: [dict(b)])
+    monkeypatch.setattr("fedlpp.algorithms.client.length_chunks", lambda b: [dict(b)])
+    whole = step()
+    assert float(whole.abs().max()) > 0
+    assert torch.allclose(chunked, whole, rtol=1e-3, atol=1e-7)
 
 
 def test_an_empty_poisson_batch_is_a_noise_only_step():

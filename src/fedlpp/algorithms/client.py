@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedlpp.data import collate
+from fedlpp.data import collate, length_chunks
 from fedlpp.models.lora import Adapter, adapter_parameters, get_adapter, set_adapter, set_trainable
 from fedlpp.models.objective import example_losses
 
@@ -76,11 +76,14 @@ class PlainSteps:
     def backward(self, model: nn.Module, kind: str, batch: Batch, params: Sequence[nn.Parameter]) -> float:
         if batch is None:
             raise ValueError("an empty batch has no gradient without DP-SGD's noise")
-        loss = example_losses(model, batch, kind).mean()
-        loss.backward()
+        size, total = len(batch["input_ids"]), 0.0
+        for chunk in length_chunks(batch):  # the gradient of the batch's mean loss, a chunk at a time
+            loss = example_losses(model, chunk, kind).sum() / size
+            loss.backward()
+            total += float(loss.detach())
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        return float(loss.detach())
+        return total
 
 
 def train_client(

@@ -6,6 +6,7 @@ from fedlpp.data.formatting import (
     encode_for_classification,
     encode_for_generation,
     encode_prompts,
+    length_chunks,
 )
 from fedlpp.data.partition import (
     PARTITIONERS,
@@ -27,6 +28,7 @@ __all__ = [
     "encode_for_generation",
     "encode_prompts",
     "get_task_loader",
+    "length_chunks",
     "load_task",
     "partition",
     "partition_dirichlet",

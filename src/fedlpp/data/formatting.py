@@ -9,7 +9,7 @@ the model was trained on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss's default ignore_index
 PADDING_SIDES = ("left", "right")
+CHUNK = 64  # examples per forward pass when a training step runs a large batch in length-sorted chunks
 
 
 def eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -164,3 +165,23 @@ def collate(
     elif "label" in features[0]:
         batch["labels"] = torch.tensor([int(f["label"]) for f in features], dtype=torch.long)
     return batch
+
+
+def length_chunks(batch: Mapping[str, torch.Tensor], size: int = CHUNK) -> list[dict[str, torch.Tensor]]:
+    """A right-padded batch as chunks of at most ``size`` examples, sorted by length, each cut to its own longest.
+
+    Padding is most of a large batch's cost when lengths vary (SST-2: median 10 tokens, the
+    longest 32+): chunks of similar length waste little. Per-example results do not depend
+    on how a batch is chunked; a batch of at most ``size`` examples comes back whole.
+    """
+    mask = batch["attention_mask"]
+    if len(mask) <= size:
+        return [dict(batch)]
+    lengths = mask.sum(1)
+    if not bool((mask == (torch.arange(mask.shape[1]) < lengths[:, None])).all()):
+        raise ValueError("length_chunks needs a right-padded batch (collate's padding_side='right')")
+    chunks = []
+    for rows in torch.argsort(lengths, stable=True).split(size):
+        width = int(lengths[rows].max())
+        chunks.append({k: v[rows, :width] if v.dim() == 2 else v[rows] for k, v in batch.items()})
+    return chunks

@@ -23,7 +23,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
-from fedlpp.data import collate
+from fedlpp.data import collate, length_chunks
 from fedlpp.models.objective import example_losses
 from fedlpp.privacy.randomness import Randomness
 
@@ -54,6 +54,13 @@ class NoisyOptimizer(DPOptimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise: Randomness, **kwargs) -> None:
         super().__init__(optimizer, **kwargs)
         self._noise = noise
+
+    def scale_grad(self) -> None:
+        # One Poisson batch, however many chunks its backward passes took: divide by the expected
+        # batch alone (Opacus would also divide by the number of passes, its logical-batch case).
+        if self.loss_reduction == "mean":
+            for p in self.params:
+                p.grad /= self.expected_batch_size
 
     def add_noise(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm
@@ -101,10 +108,14 @@ def per_example_backward(model: nn.Module, kind: str, batch: Batch, params: Sequ
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
         return float("nan")
     # The hooks sit on the wrapped modules, so calling the peft model itself records them
-    # (and keeps its logits_to_keep fast path, which the wrapper would hide).
-    loss = example_losses(model, batch, kind).mean()
-    with warnings.catch_warnings():
-        # Frozen inputs of the first LoRA layer: torch notes that the hook sees outputs only, which is all it needs.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        loss.backward()
-    return float(loss.detach())
+    # (and keeps its logits_to_keep fast path, which the wrapper would hide). Opacus stacks
+    # the per-example gradients of every chunk; NoisyOptimizer treats them as one batch.
+    size, total = len(batch["input_ids"]), 0.0
+    for chunk in length_chunks(batch):
+        loss = example_losses(model, chunk, kind).mean()
+        with warnings.catch_warnings():
+            # Frozen inputs of the first LoRA layer: torch notes that the hook sees outputs only, which is all it needs.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            loss.backward()
+        total += float(loss.detach()) * len(chunk["input_ids"]) / size
+    return total

@@ -170,11 +170,11 @@ class FLConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 8  # examples per local step
-    optimizer: str = "adamw"  # adamw | sgd (a fresh optimizer every round, DESIGN 2.2; sgd suits DP-SGD, README)
-    lr: float = 1e-3  # client learning rate
+    batch_size: int = 8  # examples per local step (the expected Poisson batch under DP-SGD; its default there: 256)
+    optimizer: str = "adamw"  # adamw | sgd (a fresh optimizer every round, DESIGN 2.2)
+    lr: float = 1e-3  # client learning rate (DP-SGD's default: 1e-2)
     momentum: float = 0.0  # sgd only: heavy-ball momentum within a round
-    weight_decay: float = 0.01  # decoupled (adamw) or L2 (sgd) weight decay
+    weight_decay: float = 0.01  # decoupled (adamw) or L2 (sgd) weight decay (DP-SGD's default: 0)
     max_grad_norm: float = 0.0  # 0 = no gradient clipping
 
     def __post_init__(self) -> None:

@@ -97,7 +97,8 @@ def test_beam_search_decoding_runs_and_eval_can_change_it(tmp_path: Path):
 def test_report_compares_runs_named_by_what_differs_and_plots_them(tmp_path: Path, capsys):
     plain, private = tmp_path / "plain", tmp_path / "private"
     common = ["model.name=tiny-llama", "algorithm.name=ffa_lora", "fl.rounds=2", "fl.num_clients=3", "fl.clients_per_round=3",
-              "eval.every=1", "eval.max_new_tokens=4", "data.num_eval=8"]
+              "eval.every=1", "eval.max_new_tokens=4", "data.num_eval=8",
+              "train.batch_size=8", "train.lr=1e-3", "train.weight_decay=0.01"]  # pinned: dp_sgd would fill in its own
     assert main(["run", *common, "--out", str(plain), "--quiet"]) == 0
     assert (plain / "report.md").is_file() and (plain / "metrics.png").is_file()  # every run writes its own report
     assert main(["run", *common, "privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", "--out", str(private), "--quiet"]) == 0

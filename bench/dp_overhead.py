@@ -129,7 +129,7 @@ def main() -> None:
     print(f"torch threads: {results['torch_threads']}; {args.algorithm}; batch {args.batch}; {args.reps} x {args.steps} steps a side")
     runs = [(name, name, args.batch, 64, args.steps) for name in args.models.split(",")]
     if args.recipe_steps:  # privacy.mode=dp_sgd's default batch on SST-2 (README, "DP that learns")
-        runs.append((f"minilm-l6 @ DP recipe", "minilm-l6", RECIPE_BATCH, RECIPE_LENGTH, args.recipe_steps))
+        runs.append(("minilm-l6 @ DP recipe", "minilm-l6", RECIPE_BATCH, RECIPE_LENGTH, args.recipe_steps))
     for label, name, batch, length, steps in runs:
         r = measure(context(name, args.algorithm, batch, args.sst2, length), batch, steps, args.reps)
         results["models"][label] = r

@@ -39,6 +39,19 @@ def test_a_void_round_takes_no_step():
     assert torch.equal(opt.velocity["a"], torch.full((2, 3), 1.0))  # the velocity waits for the next real round
 
 
+def test_a_tensor_the_round_left_frozen_keeps_its_value_and_its_velocity():
+    """RoLoRA freezes one factor a round: momentum must not move it, or B·mean(A_k) stops being exact."""
+    opt = ServerMomentum(0.5)
+    theta = opt.step(_adapter(0.0), _adapter(1.0))  # both move: m = 1 each
+    b_round = opt.step(theta, {"a": theta["a"], "b": theta["b"] - 1.0})  # only b trained
+    assert torch.equal(b_round["a"], theta["a"])  # a frozen: not moved by its old velocity
+    assert torch.equal(opt.velocity["a"], torch.full((2, 3), 1.0))  # kept for a's next round
+    assert torch.equal(b_round["b"], theta["b"] + 0.5 * -1.0 - 1.0)  # b: beta * m + d
+    a_round = opt.step(b_round, {"a": b_round["a"] + 1.0, "b": b_round["b"]})
+    assert torch.equal(a_round["a"], b_round["a"] + 0.5 * 1.0 + 1.0)
+    assert torch.equal(a_round["b"], b_round["b"])
+
+
 def test_state_round_trips_and_is_refused_where_it_does_not_belong():
     opt = ServerMomentum(0.9)
     opt.step(_adapter(0.0), _adapter(1.0))

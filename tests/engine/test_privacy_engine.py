@@ -44,7 +44,7 @@ def test_the_issue_smoke_command_reports_epsilon_every_round(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["run", "model.name=tiny-llama", "algorithm.name=ffa_lora", "fl.rounds=3", "fl.num_clients=3",
                  "fl.clients_per_round=3", "privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", "privacy.accountant=rdp",
-                 "seed=0", "data.num_train=90", "data.num_eval=2", "fl.local_steps=2", "eval.max_new_tokens=2",
+                 "seed=0", "data.num_train=90", "data.num_eval=2", "fl.local_steps=2", "eval.max_new_tokens=2", "train.batch_size=8",
                  "--out", str(out), "--quiet"])
     assert code == 0
     metrics = rows(out)

@@ -73,7 +73,7 @@ def test_tiny_bert_classifier_head_is_part_of_the_adapter():
     assert shapes["classifier.modules_to_save.weight"] == (3, 64)
 
 
-def test_mean_pooling_averages_only_the_real_tokens(tmp_path):
+def test_mean_pooling_averages_only_the_real_tokens():
     backbone = load_backbone("tiny-bert", "classification", 2, pooling="mean")
     tok, model = backbone.tokenizer, backbone.model
     short = tok(["good"], return_tensors="pt")

@@ -9,11 +9,14 @@ import torch
 from opacus import GradSampleModule
 
 from fedlpp.algorithms.client import LocalTraining, train_client
+from fedlpp.algorithms.steps import ClientData, DpSgdTraining
+from fedlpp.config import PrivacyConfig
 from fedlpp.data import collate, encode_for_classification, encode_for_generation, load_task
 from fedlpp.models.backbone import load_backbone
 from fedlpp.models.lora import adapter_parameters, attach_lora, get_adapter, is_lora_b, set_adapter, set_trainable
 from fedlpp.models.objective import example_losses
 from fedlpp.privacy.dp_sgd import DpSgd, DpSgdSteps, NoisyOptimizer, poisson_batches
+from fedlpp.privacy.plan import make_plan
 from fedlpp.privacy.randomness import SeededRandomness
 
 OPTS = LocalTraining(lr=0.01, weight_decay=0.0, max_grad_norm=0.0)
@@ -173,3 +176,22 @@ def test_noise_on_the_averaged_gradient_has_std_sigma_c_over_the_expected_batch(
     moved = torch.cat([(b - p.detach()).reshape(-1) for b, p in zip(before, params, strict=True)])
     assert moved.numel() > 1000
     assert float(moved.std()) == pytest.approx(2.0 * 0.5 / 4, rel=0.08)  # 8%: about 4 standard errors
+
+
+def test_a_client_smaller_than_the_batch_averages_over_all_its_examples():
+    """At q = 1 the expected batch is the client's n, not train.batch_size: the step is the clipped mean."""
+    model, features, start, pad = _setup("generation")
+    client = DpSgdTraining(local_steps=1, batch_size=1000, opts=OPTS_SGD, seed=0, noise_multiplier=0.0, clip_norm=1e-3,
+                           secure_noise=False)
+    result = client.train(model, "generation", start, list(start), ClientData(0, features, pad), 1, None)
+    mean = train_client(model, "generation", start, list(start), [collate(features, pad)], OPTS_SGD, 0,
+                        DpSgdSteps(DpSgd(0.0, 1e-3, len(features)), SeededRandomness(0)))
+    assert len(features) < 1000 and float(mean.delta[next(iter(mean.delta))].abs().max()) > 0
+    assert all(torch.allclose(result.delta[n], mean.delta[n], rtol=1e-4, atol=1e-8) for n in mean.delta)
+
+
+def test_the_plan_warns_when_the_batch_takes_a_whole_client(caplog):
+    cfg = PrivacyConfig(mode="dp_sgd", noise_multiplier=1.0)
+    plan = make_plan(cfg, [30, 5000], batch_size=256, local_steps=2, participation={0: 1, 1: 1}, rounds=1, clients_per_round=2)
+    assert plan.rates == {"0": 1.0, "1": 256 / 5000}
+    assert "train.batch_size=256 is at least the 30 examples of client 0" in caplog.text

@@ -221,3 +221,20 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_run_saved_before_model_pooling_existed_keeps_reading_the_cls_pooler(tmp_path):
+    """Its classifier head was trained on BERT's pooler; the new default (auto: mean for minilm-l6) would change it."""
+    write_toml(load_config(None, ["model.name=minilm-l6", "data.task=sst2"]), tmp_path / "config.toml")
+    assert rundir.load_run_config(tmp_path, []).model.pooling == "auto"  # a run that recorded the key keeps it
+    text = (tmp_path / "config.toml").read_text()
+    (tmp_path / "config.toml").write_text(text.replace('pooling = "auto"\n', ""))
+    assert rundir.load_run_config(tmp_path, []).model.pooling == "cls"
+    old = rundir.resumed_config(tmp_path, ["fl.rounds=9"])
+    assert old.model.pooling == "cls"
+    record = json.loads(rundir.config_record(old))
+    del record["model"]["pooling"]  # its checkpoint, too, was saved before the key
+    rundir.save_checkpoint(tmp_path, {"w": torch.zeros(2)}, 1, extra={rundir.CONFIG_KEY: json.dumps(record)})
+    rundir.check_checkpoint_config(tmp_path, old)  # resumes as it was
+    with pytest.raises(rundir.RunDirError, match="model.pooling differs"):
+        rundir.check_checkpoint_config(tmp_path, load_config(None, ["model.name=minilm-l6", "data.task=sst2"]))

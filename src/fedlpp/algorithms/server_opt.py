@@ -56,8 +56,11 @@ class ServerMomentum:
     def step(self, adapter: Mapping[str, torch.Tensor], proposed: Adapter) -> Adapter:
         if all(torch.equal(proposed[n], adapter[n]) for n in adapter):
             return proposed  # a void round: nothing was learned, so nothing moves
-        velocity, moved = {}, {}
+        velocity, moved = dict(self.velocity), {}
         for name, value in adapter.items():
+            if torch.equal(proposed[name], value):
+                moved[name] = value  # frozen this round (RoLoRA's other factor): it and its velocity stay put
+                continue
             step = proposed[name] - value
             if name in self.velocity:
                 step = self.beta * self.velocity[name] + step

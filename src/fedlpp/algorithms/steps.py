@@ -91,7 +91,8 @@ class DpSgdTraining:
         noise = randomness(self.secure_noise, derive_seed(self.seed, "dp_noise", round_, data.client_id))
         rate = sampling_rate(self.batch_size, data.num_examples)
         batches = poisson_batches(data.features, self.local_steps, rate, data.pad_id, sampler)
-        steps = DpSgdSteps(DpSgd(self.noise_multiplier, self.clip_norm, self.batch_size), noise)
+        expected_batch = min(self.batch_size, data.num_examples)  # q * n_k: a client smaller than the batch is all of it
+        steps = DpSgdSteps(DpSgd(self.noise_multiplier, self.clip_norm, expected_batch), noise)
         dropout = derive_seed(self.seed, "dropout", round_, data.client_id)
         return train_client(model, kind, start, trained, _ticking(batches, on_step), self.opts, dropout, steps)
 

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedlpp.config import ConfigError, ExperimentConfig, changed_keys, flat_tree, load_config, to_tree, write_toml
+from fedlpp.config import ConfigError, ExperimentConfig, changed_keys, flat_tree, load_config, read_toml, to_tree, write_toml
 
 if TYPE_CHECKING:  # torch and safetensors load where checkpoints are touched: the command line's --help stays fast
     import torch
@@ -168,7 +168,19 @@ RESUMABLE_KEYS = ("fl.rounds", "flower.connect_timeout", "flower.round_timeout")
 def load_run_config(out: Path, overrides: list[str]) -> ExperimentConfig:
     if not (out / CONFIG).is_file():
         raise RunDirError(f"{out} holds no run to resume (no {CONFIG})")
-    return load_config(out / CONFIG, overrides)
+    return load_config(out / CONFIG, [*_keys_older_runs_used(out / CONFIG), *overrides])
+
+
+# Keys added after runs were saved without them, where the new default does otherwise: what those
+# runs did. model.pooling (default auto, the checkpoint's own) came later, and every classifier before
+# it read BERT's CLS pooler, so a resumed or re-scored old run keeps reading it.
+OLDER_RUNS_USED = {"model.pooling": "cls"}
+
+
+def _keys_older_runs_used(path: Path) -> list[str]:
+    """OLDER_RUNS_USED as overrides, for each key the saved config does not name."""
+    saved = flat_tree(read_toml(path))
+    return [f"{key}={value}" for key, value in OLDER_RUNS_USED.items() if key not in saved]
 
 
 def resumed_config(out: Path, overrides: list[str]) -> ExperimentConfig:
@@ -259,7 +271,8 @@ def check_checkpoint_config(out: Path, cfg: ExperimentConfig) -> None:
         then = flat_tree(json.loads(stored))
     except (ValueError, AttributeError):
         raise RunDirError(f"{out / CHECKPOINT}: its recorded configuration is damaged") from None
-    now, defaults = flat_tree(_fixed_tree(cfg)), flat_tree(_fixed_tree(ExperimentConfig()))  # a key added since had its default
+    now, defaults = flat_tree(_fixed_tree(cfg)), flat_tree(_fixed_tree(ExperimentConfig()))  # a key added since had its default,
+    defaults.update(OLDER_RUNS_USED)  # or what older runs did
     changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k, defaults.get(k)))
     if changed:
         raise RunDirError(f"{out}: {changed[0]} differs from the configuration the checkpoint was made with "

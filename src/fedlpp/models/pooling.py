@@ -42,7 +42,8 @@ def declared_pooling(checkpoint: str | Path) -> str:
     """
     path = Path(checkpoint) / POOLING_FILE
     if not Path(checkpoint).exists():
-        found = cached_file(str(checkpoint), POOLING_FILE, _raise_exceptions_for_missing_entries=False)
+        found = cached_file(str(checkpoint), POOLING_FILE, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
         path = Path(found) if found else path
     if not path.is_file():
         return "cls"

@@ -60,6 +60,7 @@ def make_plan(
     n = len(client_sizes)
     if cfg.mode == "dp_sgd":
         rates = {str(c): sampling_rate(batch_size, size) for c, size in enumerate(client_sizes)}
+        _warn_whole_clients(batch_size, client_sizes)
         schedules = [(rates[str(c)], participation.get(c, 0) * local_steps) for c in range(n)]
         accounting = Accounting(cfg.accountant, "poisson", cfg.delta)
         steps_per_round = local_steps
@@ -85,6 +86,16 @@ def make_plan(
         expected_clients=float(clients_per_round),
         secure_noise=cfg.secure_noise,
     )
+
+
+def _warn_whole_clients(batch_size: int, client_sizes: Sequence[int]) -> None:
+    """DP-SGD's sampling amplification needs a batch smaller than the client; say when it is not."""
+    whole = [c for c, size in enumerate(client_sizes) if size <= batch_size]
+    if whole:
+        log.warning("privacy: train.batch_size=%d is at least the %d examples of client %d%s: each of their DP-SGD "
+                    "steps takes the whole client (sampling rate 1, no amplification by sampling); "
+                    "set a smaller train.batch_size", batch_size, client_sizes[whole[0]], whole[0],
+                    f" and {len(whole) - 1} more" if len(whole) > 1 else "")
 
 
 @dataclass(frozen=True)

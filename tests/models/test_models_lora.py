@@ -35,6 +35,18 @@ def test_default_targets_and_canonical_names(llama):
     assert all(p.requires_grad is False for n, p in llama.named_parameters() if "lora_" not in n)
 
 
+def test_targets_chosen_by_the_user_are_wrapped():
+    model = attach_lora(load_backbone("tiny-llama", "generation"), "generation", r=2, alpha=4, dropout=0.0,
+                        targets=("k_proj", "self_attn.o_proj"))
+    assert {n.split(".")[-3] for n in adapter_shapes(model)} == {"k_proj", "o_proj"}
+
+
+def test_a_target_that_names_no_layer_is_a_clear_error():
+    backbone = load_backbone("tiny-llama", "generation")
+    with pytest.raises(ValueError, match=r"query names no layer of this model; its matrix layers are .*q_proj"):
+        attach_lora(backbone, "generation", r=2, alpha=4, dropout=0.0, targets=("query", "v_proj"))
+
+
 def test_set_then_get_round_trips_and_rejects_mismatches(llama):
     adapter = initial_adapter(adapter_shapes(llama), seed=3)
     adapter = {n: t + 0.01 for n, t in adapter.items()}

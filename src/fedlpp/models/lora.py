@@ -42,17 +42,39 @@ def attach_lora(
 ) -> PeftModel:
     """Wrap the frozen backbone with a LoRA adapter (and a trainable head for classifiers)."""
     task_type = TaskType.CAUSAL_LM if kind == "generation" else TaskType.SEQ_CLS
+    targets = list(targets) or list(backbone.default_targets)
+    check_targets(backbone.model, targets)
     config = PeftLoraConfig(
         task_type=task_type,
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=list(targets) or list(backbone.default_targets),
+        target_modules=targets,
         bias="none",
     )
     model = get_peft_model(backbone.model, config)
     model.eval()
     return model
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """The short names (last path component) of the model's matrix layers (linear, embedding), sorted."""
+    return sorted({
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if name and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
+    })
+
+
+def check_targets(model: nn.Module, targets: Iterable[str]) -> None:
+    """Every LoRA target must name a layer (peft matches a module's name or a dotted suffix of it)."""
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(
+            f"lora.target_modules: {', '.join(missing)} names no layer of this model; "
+            f"its matrix layers are {', '.join(layer_names(model))}"
+        )
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

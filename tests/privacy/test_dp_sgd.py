@@ -129,17 +129,21 @@ def test_sgd_under_dp_steps_in_proportion_to_the_clipped_gradient():
     assert float(adam_large.norm() / adam_small.norm()) == pytest.approx(1.0, abs=0.05)
 
 
+@pytest.mark.parametrize("kind, pooling", [("generation", "auto"), ("classification", "mean")])
 @pytest.mark.parametrize("rule", ["dp", "dp with noise", "plain"])
-def test_a_large_batch_in_length_chunks_steps_as_one_batch(monkeypatch, rule):
+def test_a_large_batch_in_length_chunks_steps_as_one_batch(monkeypatch, rule, kind, pooling):
     # 70 examples run as two chunks (64 + 6); the step must equal the unchunked one, DP or not,
     # and with noise it is drawn once for the batch (the same seeded draw as the unchunked step's).
-    model, features, start, pad = _setup("generation")
-    batch = collate([features[i % len(features)] for i in range(70)], pad)
+    # Mean pooling averages over the mask: a chunk cut to its own longest must not change an example's mean.
+    model, features, start, pad = _setup(kind, pooling)
+    by_length = sorted(features, key=lambda f: len(f["input_ids"]))
+    shorter, longest = by_length[:-1], by_length[-1]  # only the second chunk holds the longest: the first is cut shorter
+    batch = collate([shorter[i % len(shorter)] for i in range(64)] + [longest] * 6, pad)
     sigma = 0.5 if rule == "dp with noise" else 0.0
 
     def step() -> torch.Tensor:
         steps = DpSgdSteps(DpSgd(sigma, 1e-3, 70), SeededRandomness(1)) if rule != "plain" else None
-        result = train_client(model, "generation", start, list(start), [batch], OPTS_SGD, 0, steps)
+        result = train_client(model, kind, start, list(start), [batch], OPTS_SGD, 0, steps)
         return torch.cat([d.flatten() for d in result.delta.values()])
 
     chunked = step()

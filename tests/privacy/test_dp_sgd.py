@@ -153,8 +153,9 @@ def test_a_large_batch_in_length_chunks_steps_as_one_batch(monkeypatch, rule, ki
     monkeypatch.setattr("fedlpp.algorithms.client.length_chunks", lambda b: [dict(b)])
     whole = step()
     assert float(whole.abs().max()) > 0
-    # float32 sums in another order: every coordinate agrees to a small fraction of the step's largest
-    assert float((chunked - whole).abs().max()) <= 1e-4 * float(whole.abs().max())
+    # float32 sums in another order: rtol as before, atol scaled to the step (lr-50 SGD moves a classifier's
+    # head by ~8, an LM's LoRA by ~0.005; 1.5e-5 of that is below the old absolute 1e-7 for the LM)
+    assert torch.allclose(chunked, whole, rtol=1e-3, atol=1.5e-5 * float(whole.abs().max()))
 
 
 def test_an_empty_poisson_batch_is_a_noise_only_step():

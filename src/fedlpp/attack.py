@@ -113,7 +113,7 @@ def _trained(run: LocalRun, client: int, start: Adapter, trained: Sequence[str],
     opts = LocalTraining.of(cfg.train)
     batches = shuffled_batches(data.features, steps, cfg.train.batch_size, data.pad_id, derive_seed(cfg.seed, f"attack-{purpose}", client, steps))
     delta = train_client(run.server.model, run.server.side.kind, start, trained, batches, opts,
-                         derive_seed(cfg.seed, f"attack-{purpose}-dropout", client)).delta
+                         derive_seed(cfg.seed, f"attack-{purpose}-dropout", client), machine=run.server.side.machine).delta
     return _moved(start, delta)
 
 
@@ -223,7 +223,7 @@ def score(run: LocalRun, out: Path, held: Mapping[str, Adapter], alone: Mapping[
         held = {"theta": theta, "proxy": proxy, **held}
     for name, adapter in held.items():
         with open_bar(evaluation_work(ctx.evalset), f"attack: scoring {name} (examples)", enabled=progress, nested=True) as bar:
-            scores[name] = evaluate_adapter(ctx.model, adapter, ctx.evalset, tok, ctx.decoding, bar.update)
+            scores[name] = evaluate_adapter(ctx.model, adapter, ctx.evalset, tok, ctx.decoding, bar.update, ctx.side.machine)
     if alone is not None:
         scores["alone"] = dict(alone)
     taken = {name: {m: value_taken(scores[name][m], scores["alone"][m], scores["theta"][m]) for m in scores["theta"]}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -30,6 +31,9 @@ TASKS = ("weather", "e2e", "dart", "dialogsum", "gsm8k", "sst2", "rte", "jsonl")
 PARTITIONS = ("iid", "dirichlet", "quantity_skew", "by_key")
 PRIVACY_MODES = ("none", "dp_sgd", "client_dp")
 OPTIMIZERS = ("adamw", "sgd")
+PRECISIONS = ("fp32", "bf16", "fp16")
+BACKBONE_QUANTIZATIONS = ("none", "nf4")  # model.quantize: the frozen base's weights (not quant.*, the broadcast's)
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 POOLINGS = ("auto", "cls", "mean")  # auto: what the checkpoint declares (models.pooling.declared_pooling)
 ACCOUNTANTS = ("rdp", "prv")
 CLIENT_SAMPLING = ("fixed", "poisson")
@@ -71,11 +75,13 @@ class ModelConfig:
     name: str = "smollm2-135m"  # short name (smollm2-135m, minilm-l6, tiny-llama, tiny-bert), HF id or local path
     max_length: int = 96  # tokens per training sequence (prompt + completion)
     pooling: str = "auto"  # classifiers: auto (what the checkpoint declares: mean for minilm-l6) | cls | mean
+    quantize: str = "none"  # the frozen backbone in 4 bits: none | nf4 (QLoRA via bitsandbytes; quant.* is FedLPP's broadcast)
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", "must not be empty")
         _require(self.max_length >= 8, "model.max_length", f"must be >= 8, got {self.max_length}")
         _choice(self.pooling, "model.pooling", POOLINGS)
+        _choice(self.quantize, "model.quantize", BACKBONE_QUANTIZATIONS)
 
 
 @dataclass(frozen=True)
@@ -176,9 +182,15 @@ class TrainConfig:
     momentum: float = 0.0  # sgd only: heavy-ball momentum within a round
     weight_decay: float = 0.01  # decoupled (adamw) or L2 (sgd) weight decay (DP-SGD's default: 0)
     max_grad_norm: float = 0.0  # 0 = no gradient clipping
+    device: str = "auto"  # where clients train and evaluate: auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps
+    precision: str = "fp32"  # the frozen backbone's dtype, compute under autocast: fp32 | bf16 | fp16 (LoRA stays fp32)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(bool(DEVICE_PATTERN.fullmatch(self.device)), "train.device",
+                 f"got {self.device!r}; valid devices are auto, cpu, cuda, cuda:N (N = 0, 1, ...) and mps")
+        _choice(self.precision, "train.precision", PRECISIONS)
         _choice(self.optimizer, "train.optimizer", OPTIMIZERS)
         if self.optimizer == "adamw":
             _require(0 < self.lr <= 1, "train.lr", f"must be in (0, 1] (AdamW's step size), got {self.lr}")
@@ -316,6 +328,12 @@ class ExperimentConfig:
             "train.max_grad_norm",
             "with privacy.mode=dp_sgd every example's gradient is clipped to privacy.clip_norm; "
             "leave train.max_grad_norm at 0",
+        )
+        _require(
+            not (self.privacy.mode == "dp_sgd" and self.train.precision == "fp16"),
+            "train.precision",
+            "fp16 needs loss scaling, which scales each example's gradient before DP-SGD clips it to "
+            "privacy.clip_norm (the clip would then bound the wrong quantity); use bf16 or fp32 with privacy.mode=dp_sgd",
         )
         _require(
             not (self.secagg.enabled and self.privacy.client_sampling == "poisson"),

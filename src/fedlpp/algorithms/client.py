@@ -2,7 +2,9 @@
 
 There is one training loop. What differs between plain training and DP-SGD — how a batch
 becomes gradients and which optimizer applies them — is a ``StepRule`` the loop is given
-(``PlainSteps`` here; ``privacy.dp_sgd.DpSgdSteps`` wraps the same loop with Opacus).
+(``PlainSteps`` here; ``privacy.dp_sgd.DpSgdSteps`` wraps the same loop with Opacus). Both
+compute their forward passes under the ``Machine``'s autocast; fp16's loss scaling is
+``PlainSteps``' own (DP-SGD refuses fp16: the config says why).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 
 from fedlpp.data import collate, length_chunks
 from fedlpp.models.lora import Adapter, adapter_parameters, get_adapter, set_adapter, set_trainable
+from fedlpp.models.machine import CPU, Machine
 from fedlpp.models.objective import example_losses
 
 if TYPE_CHECKING:
@@ -64,26 +67,54 @@ class StepRule(Protocol):
         ...
 
 
-@dataclass(frozen=True)
 class PlainSteps:
-    """Mean loss over the batch, one backward pass (gradient clipped to ``max_grad_norm`` if > 0), the optimizer as it is."""
+    """Mean loss over the batch, one backward pass (gradient clipped to ``max_grad_norm`` if > 0), the optimizer as it is.
 
-    max_grad_norm: float = 0.0
+    Under fp16 the loss is scaled before backward and the optimizer steps through the scaler
+    (``torch.amp.GradScaler``: a step whose gradients overflowed is skipped and the scale lowered).
+    """
+
+    def __init__(self, max_grad_norm: float = 0.0, machine: Machine = CPU) -> None:
+        self.max_grad_norm = max_grad_norm
+        self.machine = machine
+        self.scaler: torch.amp.GradScaler | None = None
 
     def attach(self, model: nn.Module, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> ContextManager[torch.optim.Optimizer]:
-        return contextlib.nullcontext(optimizer)
+        self.scaler = self.machine.grad_scaler()
+        if self.scaler is None:
+            return contextlib.nullcontext(optimizer)
+        return contextlib.nullcontext(ScaledOptimizer(optimizer, self.scaler, params, self.max_grad_norm))  # type: ignore[arg-type]
 
     def backward(self, model: nn.Module, kind: str, batch: Batch, params: Sequence[nn.Parameter]) -> float:
         if batch is None:
             raise ValueError("an empty batch has no gradient without DP-SGD's noise")
         size, total = len(batch["input_ids"]), 0.0
         for chunk in length_chunks(batch):  # the gradient of the batch's mean loss, a chunk at a time
-            loss = example_losses(model, chunk, kind).sum() / size
-            loss.backward()
+            with self.machine.autocast():
+                loss = example_losses(model, chunk, kind).sum() / size
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             total += float(loss.detach())
-        if self.max_grad_norm > 0:
+        if self.max_grad_norm > 0 and self.scaler is None:  # scaled gradients are clipped by ScaledOptimizer
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         return total
+
+
+class ScaledOptimizer:
+    """fp16's optimizer step: unscale the gradients, clip them if asked, step through the scaler."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: Sequence[nn.Parameter],
+                 max_grad_norm: float) -> None:
+        self.optimizer, self.scaler, self.params, self.max_grad_norm = optimizer, scaler, params, max_grad_norm
+
+    def step(self) -> None:
+        self.scaler.unscale_(self.optimizer)
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
 
 
 def train_client(
@@ -95,14 +126,15 @@ def train_client(
     opts: LocalTraining,
     seed: int,
     steps: StepRule | None = None,
+    machine: Machine = CPU,
 ) -> LocalResult:
     """Load ``start`` into the model, take one optimizer step per batch, return the delta.
 
     A fresh optimizer every round (DESIGN 2.2) keeps clients stateless between rounds;
     ``seed`` fixes dropout so a client step is reproducible. ``steps`` defaults to
-    ``PlainSteps(opts.max_grad_norm)``.
+    ``PlainSteps(opts.max_grad_norm, machine)``. The delta comes back as float32 CPU tensors.
     """
-    steps = steps or PlainSteps(opts.max_grad_norm)
+    steps = steps or PlainSteps(opts.max_grad_norm, machine)
     set_adapter(model, start)
     set_trainable(model, trained)
     params = [adapter_parameters(model)[n] for n in trained]
@@ -110,7 +142,7 @@ def train_client(
     losses = []
     model.train()
     try:
-        with steps.attach(model, params, base) as optimizer, torch.random.fork_rng():
+        with steps.attach(model, params, base) as optimizer, _forked_rng(machine):
             torch.manual_seed(seed)
             for batch in batches:
                 losses.append(steps.backward(model, kind, batch, params))
@@ -120,6 +152,12 @@ def train_client(
         model.eval()
     after = get_adapter(model)
     return LocalResult({n: after[n] - start[n] for n in trained}, tuple(losses))
+
+
+def _forked_rng(machine: Machine) -> ContextManager[None]:
+    """The seeded steps leave the global generators as they were (the device's too: dropout runs there)."""
+    device = machine.torch_device
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def shuffled_batches(features: Sequence[dict], steps: int, batch_size: int, pad_id: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:

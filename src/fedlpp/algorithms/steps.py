@@ -24,6 +24,7 @@ from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.client import LocalResult, LocalTraining, shuffled_batches, train_client
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.models.lora import Adapter
+from fedlpp.models.machine import CPU, Machine
 from fedlpp.privacy.client_dp import clip_delta
 from fedlpp.privacy.dp_sgd import DpSgd, DpSgdSteps, poisson_batches, sampling_rate
 from fedlpp.privacy.randomness import randomness
@@ -62,6 +63,7 @@ class SgdTraining:
     batch_size: int
     opts: LocalTraining
     seed: int
+    machine: Machine = CPU  # where the client's model runs, in what precision
 
     def train(
         self, model: nn.Module, kind: str, start: Adapter, trained: Sequence[str], data: ClientData, round_: int, on_step: OnStep | None
@@ -69,7 +71,7 @@ class SgdTraining:
         seed = derive_seed(self.seed, "batches", round_, data.client_id)
         batches = shuffled_batches(data.features, self.local_steps, self.batch_size, data.pad_id, seed)
         dropout = derive_seed(self.seed, "dropout", round_, data.client_id)
-        return train_client(model, kind, start, trained, _ticking(batches, on_step), self.opts, dropout)
+        return train_client(model, kind, start, trained, _ticking(batches, on_step), self.opts, dropout, machine=self.machine)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class DpSgdTraining:
     noise_multiplier: float  # sigma, from the server's privacy plan (sent with the broadcast)
     clip_norm: float  # C
     secure_noise: bool  # noise and samples from the OS CSPRNG instead of the seed
+    machine: Machine = CPU  # where the client's model runs, in what precision
 
     def train(
         self, model: nn.Module, kind: str, start: Adapter, trained: Sequence[str], data: ClientData, round_: int, on_step: OnStep | None
@@ -92,9 +95,9 @@ class DpSgdTraining:
         rate = sampling_rate(self.batch_size, data.num_examples)
         batches = poisson_batches(data.features, self.local_steps, rate, data.pad_id, sampler)
         expected_batch = min(self.batch_size, data.num_examples)  # q * n_k: a client smaller than the batch is all of it
-        steps = DpSgdSteps(DpSgd(self.noise_multiplier, self.clip_norm, expected_batch), noise)
+        steps = DpSgdSteps(DpSgd(self.noise_multiplier, self.clip_norm, expected_batch), noise, self.machine)
         dropout = derive_seed(self.seed, "dropout", round_, data.client_id)
-        return train_client(model, kind, start, trained, _ticking(batches, on_step), self.opts, dropout, steps)
+        return train_client(model, kind, start, trained, _ticking(batches, on_step), self.opts, dropout, steps, self.machine)
 
 
 def _ticking(batches: Iterator[T], on_step: OnStep | None) -> Iterator[T]:

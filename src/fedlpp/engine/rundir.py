@@ -162,7 +162,7 @@ def check_extends(out: Path, rounds: int) -> None:
 
 # Keys that may change when a run is resumed: everything else would make the continued
 # run differ from one configured that way from the start.
-RESUMABLE_KEYS = ("fl.rounds", "flower.connect_timeout", "flower.round_timeout")
+RESUMABLE_KEYS = ("fl.rounds", "flower.connect_timeout", "flower.round_timeout", "train.device")  # device: numerics, not the run
 
 
 def load_run_config(out: Path, overrides: list[str]) -> ExperimentConfig:

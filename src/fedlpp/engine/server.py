@@ -108,8 +108,9 @@ def evaluate_round(ctx: ServerContext, adapter: Mapping[str, torch.Tensor], show
     total = (1 if same else 2) * evaluation_work(ctx.evalset)
     with contextlib.nullcontext() if show is None else show(total, f"{desc}{'' if same else ', global then proxy'} (examples)") as bar:
         on_batch = bar.update if bar is not None else None
-        global_metrics = evaluate_adapter(ctx.model, adapter, ctx.evalset, tok, ctx.decoding, on_batch)
-        proxy_metrics = dict(global_metrics) if same else evaluate_adapter(ctx.model, proxy, ctx.evalset, tok, ctx.decoding, on_batch)
+        machine = ctx.side.machine
+        global_metrics = evaluate_adapter(ctx.model, adapter, ctx.evalset, tok, ctx.decoding, on_batch, machine)
+        proxy_metrics = dict(global_metrics) if same else evaluate_adapter(ctx.model, proxy, ctx.evalset, tok, ctx.decoding, on_batch, machine)
     return {"global": global_metrics, "proxy": proxy_metrics}
 
 

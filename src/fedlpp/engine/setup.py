@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from peft import PeftModel
 
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.client import LocalTraining
@@ -37,7 +36,8 @@ from fedlpp.data import Example, TaskData, encode_for_classification, encode_for
 from fedlpp.data.partition import with_key
 from fedlpp.evaluation.evaluate import Decoding, EvalSet
 from fedlpp.models.backbone import Backbone, load_backbone
-from fedlpp.models.lora import Adapter, adapter_shapes, attach_lora, initial_adapter
+from fedlpp.models.lora import Adapter, PeftModel, adapter_shapes, attach_lora, initial_adapter
+from fedlpp.models.machine import Machine, resolve_device
 from fedlpp.privacy.client_dp import NoisedSum
 from fedlpp.privacy.plan import PrivacyPlan, make_plan
 from fedlpp.privacy.randomness import randomness
@@ -60,6 +60,10 @@ class ModelSide:
     @property
     def pad_id(self) -> int:
         return int(self.backbone.tokenizer.pad_token_id)
+
+    @property
+    def machine(self) -> Machine:
+        return self.backbone.machine
 
 
 @dataclass
@@ -124,8 +128,13 @@ def client_partitions(cfg: ExperimentConfig, task: TaskData) -> list[list[Exampl
     return [[task.train[i] for i in part] for part in parts]
 
 
+def machine_of(cfg: ExperimentConfig) -> Machine:
+    """Where this party's model runs and in what precision; a device this machine lacks is refused here."""
+    return Machine(resolve_device(cfg.train.device), cfg.train.precision, cfg.model.quantize, cfg.train.gradient_checkpointing)
+
+
 def build_model(cfg: ExperimentConfig, kind: str, num_labels: int) -> ModelSide:
-    backbone = load_backbone(cfg.model.name, kind, num_labels, cfg.model.pooling)
+    backbone = load_backbone(cfg.model.name, kind, num_labels, cfg.model.pooling, machine_of(cfg))
     model = attach_lora(backbone, kind, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     return ModelSide(backbone, model, kind, adapter_shapes(model))
 
@@ -210,10 +219,10 @@ def client_recipe(cfg: ExperimentConfig, side: ModelSide, spec: AlgorithmSpec, s
     """What every client does with a broadcast; ``sigma`` is the server's current noise multiplier (DP only)."""
     mode = cfg.privacy.mode
     opts = LocalTraining.of(cfg.train)
-    training: LocalTrainingPlan = SgdTraining(cfg.fl.local_steps, cfg.train.batch_size, opts, cfg.seed)
+    training: LocalTrainingPlan = SgdTraining(cfg.fl.local_steps, cfg.train.batch_size, opts, cfg.seed, side.machine)
     if mode == "dp_sgd":
         training = DpSgdTraining(cfg.fl.local_steps, cfg.train.batch_size, opts, cfg.seed, sigma, cfg.privacy.clip_norm,
-                                 cfg.privacy.secure_noise)
+                                 cfg.privacy.secure_noise, side.machine)
     transforms: tuple[DeltaTransform, ...] = (ClipToNorm(cfg.privacy.clip_norm),) if mode == "client_dp" else ()
     encode: Encoder = UpdateBytes()
     if encoding is not None:
@@ -308,6 +317,7 @@ def build_run(cfg: ExperimentConfig) -> LocalRun:
     parts = client_partitions(cfg, task)
     sizes = [len(p) for p in parts]
     plan = check_privacy(cfg, sizes)  # before the slow model load
+    resolve_device(cfg.train.device)  # a device this machine lacks: refused before the data is tokenised or a model loads
     side = build_model(cfg, task.kind, task.num_labels)
     clients = [client_data(side, part, k, cfg.model.max_length) for k, part in enumerate(parts)]
     return LocalRun(build_server(cfg, eval_only(task), side, sizes, plan), clients)

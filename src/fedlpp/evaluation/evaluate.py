@@ -14,6 +14,7 @@ from fedlpp.data.formatting import collate
 from fedlpp.data.schema import DEFAULT_GENERATION_METRICS
 from fedlpp.evaluation.metrics import GENERATION_METRICS, accuracy
 from fedlpp.models.lora import set_adapter
+from fedlpp.models.machine import CPU, Machine, model_device
 from fedlpp.models.objective import forward_logits, losses_from_logits
 
 
@@ -72,12 +73,13 @@ def _batches(items: Sequence, size: int) -> list[Sequence]:
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, evalset: EvalSet, pad_id: int, batch_size: int,
-              on_batch: OnBatch | None = None) -> tuple[float, list[int]]:
+              on_batch: OnBatch | None = None, machine: Machine = CPU) -> tuple[float, list[int]]:
     """Mean per-example loss, and for classifiers the predicted labels."""
     total, count, predictions = 0.0, 0, []
     for chunk in _batches(evalset.features, batch_size):
         batch = collate(chunk, pad_id)
-        logits, labels = forward_logits(model, batch, evalset.kind)
+        with machine.autocast():
+            logits, labels = forward_logits(model, batch, evalset.kind)
         total += float(losses_from_logits(logits, labels, evalset.kind).sum())
         count += len(chunk)
         if evalset.kind == "classification":
@@ -98,19 +100,21 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, multiline: bool = False) 
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]], decoding: Decoding,
-             on_batch: OnBatch | None = None, multiline: bool = False) -> list[str]:
+             on_batch: OnBatch | None = None, multiline: bool = False, machine: Machine = CPU) -> list[str]:
     """Batched greedy decoding; returns each continuation stripped (its first line unless ``multiline``)."""
     outputs: list[str] = []
     stops = stop_token_ids(tokenizer, multiline)
+    device = model_device(model)
     for chunk in _batches(prompts, decoding.batch_size):
         batch = collate([{"input_ids": p} for p in chunk], tokenizer.pad_token_id, padding_side="left")
-        generated = model.generate(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            eos_token_id=stops,
-            pad_token_id=tokenizer.pad_token_id,
-            **decoding.generate_kwargs(),
-        )
+        with machine.autocast():
+            generated = model.generate(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
+                **decoding.generate_kwargs(),
+            )
         new_tokens = generated[:, batch["input_ids"].shape[1] :]
         for row in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
             outputs.append(row.strip() if multiline else row.strip().split("\n", 1)[0].strip())
@@ -132,16 +136,18 @@ def score_adapter(
     tokenizer: PreTrainedTokenizerBase,
     decoding: Decoding,
     on_batch: OnBatch | None = None,
+    machine: Machine = CPU,
 ) -> Scored:
     """Metrics of backbone + ``adapter`` on ``evalset`` and what it produced; ``on_batch(n)`` after each
-    batch of n examples (``evaluation_work`` of them in all: the loss pass, then generation)."""
+    batch of n examples (``evaluation_work`` of them in all: the loss pass, then generation). ``machine``:
+    the model's precision (its forward passes run under its autocast)."""
     set_adapter(model, adapter)
     model.eval()
-    loss, predictions = mean_loss(model, evalset, tokenizer.pad_token_id, decoding.batch_size, on_batch)
+    loss, predictions = mean_loss(model, evalset, tokenizer.pad_token_id, decoding.batch_size, on_batch, machine)
     if evalset.kind == "classification":
         labels = [int(f["label"]) for f in evalset.features]
         return Scored({"loss": loss, "accuracy": accuracy(predictions, labels)}, [str(p) for p in predictions])
-    hypotheses = generate(model, tokenizer, evalset.prompts, decoding, on_batch, evalset.multiline)
+    hypotheses = generate(model, tokenizer, evalset.prompts, decoding, on_batch, evalset.multiline, machine)
     metrics = {m: GENERATION_METRICS[m](hypotheses, evalset.references) for m in evalset.metrics}
     return Scored({"loss": loss, **metrics}, hypotheses)
 
@@ -153,6 +159,7 @@ def evaluate_adapter(
     tokenizer: PreTrainedTokenizerBase,
     decoding: Decoding,
     on_batch: OnBatch | None = None,
+    machine: Machine = CPU,
 ) -> dict[str, float]:
     """The metrics of ``score_adapter``."""
-    return score_adapter(model, adapter, evalset, tokenizer, decoding, on_batch).metrics
+    return score_adapter(model, adapter, evalset, tokenizer, decoding, on_batch, machine).metrics

@@ -27,7 +27,7 @@ EVAL_JSON = "eval.json"
 PREDICTIONS = "predictions"
 # What an evaluation may change: where the evaluation data comes from, how much of it, how to decode.
 EVAL_KEYS = ("data.path", "data.hf_id", "data.eval_path", "data.num_eval", "eval.batch_size", "eval.max_new_tokens",
-             "eval.num_beams", "eval.length_penalty", "eval.no_repeat_ngram_size")
+             "eval.num_beams", "eval.length_penalty", "eval.no_repeat_ngram_size", "train.device")
 
 
 def evaluate_run(out: Path, overrides: Sequence[str], progress: bool = True, split: str = "dev") -> dict[str, Any]:
@@ -53,7 +53,7 @@ def evaluate_run(out: Path, overrides: Sequence[str], progress: bool = True, spl
         scored: dict[str, Scored] = {}
         for name, adapter in adapters.items():
             with open_bar(evaluation_work(evalset), f"{name} (examples)", enabled=progress, nested=True) as bar:
-                scored[name] = score_adapter(side.model, adapter, evalset, side.backbone.tokenizer, decoding, bar.update)
+                scored[name] = score_adapter(side.model, adapter, evalset, side.backbone.tokenizer, decoding, bar.update, side.machine)
         written = write_predictions(out, task, scored)
         report = {"round": round_, "task": task.name, "split": split, "examples": len(task.eval),
                   "changed": {k: flat_tree(to_tree(cfg))[k] for k in changed_keys(run_cfg, cfg)},

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -21,6 +23,7 @@ from transformers import (
 )
 
 from fedlpp.models import shipped
+from fedlpp.models.machine import CPU, Machine, checkpoint_contexts, require_bitsandbytes
 from fedlpp.models.pooling import declared_pooling, use_mean_pooling
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ class Backbone:
     tokenizer: PreTrainedTokenizerBase
     source: str  # short name, hub id or local path
     default_targets: tuple[str, ...]  # LoRA target modules for this family
+    machine: Machine = CPU  # where it lives and in what precision
 
 
 def _ensure_pad(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -91,21 +95,60 @@ def _require_kind(name: str, kind: str, supported: str) -> None:
         raise ValueError(f"model {name!r} is for {supported} tasks, but the task is {kind}")
 
 
-def _pretrained(path: str, kind: str, num_labels: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _pretrained(path: str, kind: str, num_labels: int, machine: Machine = CPU) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = AutoTokenizer.from_pretrained(path)
+    return _load_weights(path, kind, num_labels, machine), tokenizer
+
+
+def _load_weights(path: str, kind: str, num_labels: int, machine: Machine) -> PreTrainedModel:
+    """The checkpoint at ``path`` in the machine's dtype (nf4: its linear layers in 4 bits) on its device."""
+    kwargs = _load_kwargs(machine)
     if kind == "generation":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    else:
-        # The classification head is new; its initial values come from the caller's seed.
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
-    return model, tokenizer
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    # The classification head is new; its initial values come from the caller's seed.
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
 
 
-SHORT_NAMES: dict[str, Callable[[str, int], tuple[PreTrainedModel, PreTrainedTokenizerBase]]] = {
-    "smollm2-135m": lambda kind, n: _pretrained(str(shipped.smollm2_dir()), kind, n),
-    "minilm-l6": lambda kind, n: _pretrained(str(shipped.minilm_dir()), kind, n),
-    "tiny-llama": _tiny_llama,
-    "tiny-bert": _tiny_bert,
+def _load_kwargs(machine: Machine) -> dict[str, Any]:
+    """from_pretrained's arguments for the machine: dtype, and the 4-bit config for nf4 (QLoRA's settings)."""
+    if machine.quantize == "none":
+        on_cpu = machine.torch_device.type == "cpu"  # elsewhere: loaded straight onto the device, no CPU copy
+        return {"dtype": machine.dtype} if on_cpu else {"dtype": machine.dtype, "device_map": {"": machine.device}}
+    require_bitsandbytes()  # before transformers imports it: no kernel fetch from the Hub (DESIGN 5.1)
+    from transformers import BitsAndBytesConfig
+
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=machine.dtype)
+    # Embeddings, norms and the LM head stay unquantized in the compute dtype (not upcast to fp32 as
+    # peft's prepare_model_for_kbit_training would: +1 GB at a 128k vocabulary).
+    return {"dtype": machine.dtype, "quantization_config": nf4, "device_map": {"": machine.device}}
+
+
+def _placed(model: PreTrainedModel, kind: str, num_labels: int, machine: Machine) -> PreTrainedModel:
+    """A model built in memory (the tiny ones) as the machine wants it: nf4 goes through a saved copy."""
+    if machine.quantize == "none":
+        return model.to(device=machine.torch_device, dtype=machine.dtype)
+    with tempfile.TemporaryDirectory(prefix="fedlpp-tiny-") as tmp:
+        model.save_pretrained(tmp)
+        return _load_weights(tmp, kind, num_labels, machine)
+
+
+Builder = Callable[[str, int, Machine], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
+
+
+def _tiny(build: Callable[[str, int], tuple[PreTrainedModel, PreTrainedTokenizerBase]]) -> Builder:
+    def placed(kind: str, num_labels: int, machine: Machine) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        model, tokenizer = build(kind, num_labels)
+        return _placed(model, kind, num_labels, machine), tokenizer
+
+    return placed
+
+
+SHORT_NAMES: dict[str, Builder] = {
+    "smollm2-135m": lambda kind, n, machine: _pretrained(str(shipped.smollm2_dir()), kind, n, machine),
+    "minilm-l6": lambda kind, n, machine: _pretrained(str(shipped.minilm_dir()), kind, n, machine),
+    "tiny-llama": _tiny(_tiny_llama),
+    "tiny-bert": _tiny(_tiny_bert),
 }
 
 CHECKPOINT_DIRS: dict[str, Callable[[], Path]] = {"minilm-l6": shipped.minilm_dir}  # short names that may declare a pooling
@@ -134,8 +177,9 @@ def default_lora_targets(model: PreTrainedModel) -> tuple[str, ...]:
     raise ValueError(f"no default LoRA targets for model type {family!r}: set lora.target_modules")
 
 
-def load_backbone(name: str, kind: str, num_labels: int = 0, pooling: str = "auto") -> Backbone:
-    """A frozen float32 backbone in eval mode, by short name, hub id or local path.
+def load_backbone(name: str, kind: str, num_labels: int = 0, pooling: str = "auto", machine: Machine = CPU) -> Backbone:
+    """A frozen backbone in eval mode, by short name, hub id or local path, on ``machine``'s device in its
+    precision (and with its linear layers in 4 bits for nf4).
 
     ``pooling`` (classifiers): "cls" keeps the model's own pooler, "mean" averages the token
     states, "auto" does what the checkpoint declares (``models.pooling``).
@@ -143,19 +187,39 @@ def load_backbone(name: str, kind: str, num_labels: int = 0, pooling: str = "aut
     if kind not in KINDS:
         raise ValueError(f"task kind {kind!r}: valid kinds are {', '.join(KINDS)}")
     if name in SHORT_NAMES:
-        model, tokenizer = SHORT_NAMES[name](kind, num_labels)
+        model, tokenizer = SHORT_NAMES[name](kind, num_labels, machine)
     else:
         if not Path(name).exists() and "/" not in name:
             raise ValueError(
                 f"model.name={name!r} is neither a short name ({', '.join(SHORT_NAMES)}), "
                 "a local path, nor a Hugging Face id (owner/name)"
             )
-        model, tokenizer = _pretrained(name, kind, num_labels)
+        model, tokenizer = _pretrained(name, kind, num_labels, machine)
     if kind == "classification" and _resolved_pooling(name, pooling) == "mean":
         use_mean_pooling(model)
     model.requires_grad_(False)
     model.eval()
+    if machine.quantize != "none":
+        keep_4bit_layout(model)
+    if machine.gradient_checkpointing:
+        # Non-reentrant: gradients reach the LoRA weights inside each block although the block's inputs
+        # need none (transformers 5 wants the choice explicit, DESIGN 5.1).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_contexts})
     _ensure_pad(tokenizer)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return Backbone(model, tokenizer, name, default_lora_targets(model))
+    return Backbone(model, tokenizer, name, default_lora_targets(model), machine)
+
+
+def keep_4bit_layout(model: PreTrainedModel) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference (DESIGN 5.1).
+
+    On a CPU with AVX512-BF16, a forward of a Linear4bit in eval mode without gradients rewrites its
+    weight in place into an inference-only layout; the same model then trains on wrong weights (and
+    merges wrongly). Evaluation between rounds runs on the model that keeps training, so the repack is
+    switched off for every 4-bit layer: inference then takes the same kernels as training.
+    """
+    bnb = require_bitsandbytes()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

@@ -12,11 +12,18 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, TaskType, get_peft_model
 from torch import nn
 
-from fedlpp.models.backbone import Backbone
+from fedlpp.models.machine import import_bitsandbytes
+
+import_bitsandbytes()  # peft imports bitsandbytes, which would try the Hugging Face Hub for a CPU kernel (DESIGN 5.1)
+
+from peft import LoraConfig as PeftLoraConfig  # noqa: E402
+from peft import PeftModel, TaskType, get_peft_model  # noqa: E402
+
+from fedlpp.models.backbone import Backbone  # noqa: E402
+
+__all__ = ["Adapter", "PeftModel", "attach_lora", "get_adapter", "set_adapter"]
 
 Adapter = dict[str, torch.Tensor]
 
@@ -53,8 +60,17 @@ def attach_lora(
         bias="none",
     )
     model = get_peft_model(backbone.model, config)
+    keep_adapter_float32(model)
     model.eval()
     return model
+
+
+def keep_adapter_float32(model: nn.Module) -> None:
+    """Every adapter tensor in float32 whatever the base's dtype: peft does so for LoRA's A and B, and a
+    classifier's new head (a copy of the base's) follows; their gradients and optimizer state then are too."""
+    for param in adapter_parameters(model).values():
+        if param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -94,11 +110,12 @@ def copy_adapter(adapter: Mapping[str, torch.Tensor]) -> Adapter:
 
 
 def get_adapter(model: nn.Module) -> Adapter:
-    return {n: p.detach().clone() for n, p in adapter_parameters(model).items()}
+    """A float32 CPU copy of the live adapter, wherever the model runs: what the server and the wire see."""
+    return {n: p.detach().to(device="cpu", dtype=torch.float32, copy=True) for n, p in adapter_parameters(model).items()}
 
 
 def set_adapter(model: nn.Module, adapter: Mapping[str, torch.Tensor]) -> None:
-    """Copy tensors into the live adapter; every adapter tensor must be given, with its shape."""
+    """Copy tensors into the live adapter (onto the model's device); every adapter tensor must be given, with its shape."""
     params = adapter_parameters(model)
     if set(adapter) != set(params):
         missing, extra = sorted(set(params) - set(adapter)), sorted(set(adapter) - set(params))

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedlpp.models.machine import model_device
+
 IGNORE = -100
 
 
@@ -30,8 +32,9 @@ def forward_logits(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: st
     onto the vocabulary (``logits_to_keep``): prompt positions carry no loss, and the LM
     head over a 49k vocabulary is most of a small model's cost.
     """
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    labels = batch["labels"]
+    device = model_device(model)  # batches are collated on the CPU; the model may be elsewhere
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    labels = batch["labels"].to(device)
     keep = _positions_to_keep(labels) if kind == "generation" and _accepts_logits_to_keep(model) else 0
     if keep:
         inputs["logits_to_keep"] = keep

@@ -24,6 +24,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from torch import nn
 
 from fedlpp.data import collate, length_chunks
+from fedlpp.models.machine import CPU, Machine, recomputing
 from fedlpp.models.objective import example_losses
 from fedlpp.privacy.randomness import Randomness
 
@@ -66,8 +67,26 @@ class NoisyOptimizer(DPOptimizer):
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            p.grad = (p.summed_grad + self._noise.normal(tuple(p.summed_grad.shape), std)).view_as(p)
+            # Drawn on the CPU in float32 whatever the device: the same seed gives the same noise everywhere.
+            noise = self._noise.normal(tuple(p.summed_grad.shape), std).to(p.summed_grad.device)
+            p.grad = (p.summed_grad.float() + noise).view_as(p)
             _mark_as_processed(p.summed_grad)
+
+
+class PerExampleGradients(GradSampleModule):
+    """Opacus's per-example gradient hooks, which also hold under gradient checkpointing.
+
+    A checkpointed block runs its forward again inside backward; Opacus's forward hook would then
+    record the block's inputs twice and never see the batch end (its per-parameter counter stays
+    above zero, so no ``grad_sample`` is made). The recompute is marked
+    (``models.machine.checkpoint_contexts``) and its forward is not recorded: the backward hook
+    pairs each backprop with the first forward's inputs, which the recompute reproduces exactly.
+    """
+
+    def capture_activations_hook(self, module: nn.Module, forward_input: list[torch.Tensor], _forward_output: torch.Tensor) -> None:
+        if recomputing():
+            return
+        super().capture_activations_hook(module, forward_input, _forward_output)
 
 
 class DpSgdSteps:
@@ -78,13 +97,16 @@ class DpSgdSteps:
     parameters (the peft + Opacus stale-hook failure leaves LoRA unchanged).
     """
 
-    def __init__(self, dp: DpSgd, noise: Randomness) -> None:
+    def __init__(self, dp: DpSgd, noise: Randomness, machine: Machine = CPU) -> None:
+        if machine.precision == "fp16":
+            raise ValueError("DP-SGD with fp16: loss scaling would scale each example's gradient before it is clipped")
         self.dp = dp
         self.noise = noise
+        self.machine = machine
 
     @contextlib.contextmanager
     def attach(self, model: nn.Module, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> Iterator[torch.optim.Optimizer]:
-        wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+        wrapped = PerExampleGradients(model, batch_first=True, loss_reduction="mean", strict=False)
         try:
             yield NoisyOptimizer(
                 optimizer,
@@ -98,21 +120,22 @@ class DpSgdSteps:
             wrapped.to_standard_module()  # removes every hook and per-sample attribute
 
     def backward(self, model: nn.Module, kind: str, batch: Batch, params: Sequence[nn.Parameter]) -> float:
-        return per_example_backward(model, kind, batch, params)
+        return per_example_backward(model, kind, batch, params, self.machine)
 
 
-def per_example_backward(model: nn.Module, kind: str, batch: Batch, params: Sequence[nn.Parameter]) -> float:
+def per_example_backward(model: nn.Module, kind: str, batch: Batch, params: Sequence[nn.Parameter], machine: Machine = CPU) -> float:
     """Per-example gradients into ``p.grad_sample``; the batch's mean loss."""
     if batch is None:
         for p in params:
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         return float("nan")
     # The hooks sit on the wrapped modules, so calling the peft model itself records them
     # (and keeps its logits_to_keep fast path, which the wrapper would hide). Opacus stacks
     # the per-example gradients of every chunk; NoisyOptimizer treats them as one batch.
     size, total = len(batch["input_ids"]), 0.0
     for chunk in length_chunks(batch):
-        loss = example_losses(model, chunk, kind).mean()
+        with machine.autocast():
+            loss = example_losses(model, chunk, kind).mean()
         with warnings.catch_warnings():
             # Frozen inputs of the first LoRA layer: torch notes that the hook sees outputs only, which is all it needs.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")

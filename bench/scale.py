@@ -1,0 +1,324 @@
+"""Memory and speed of a client's LoRA steps at scale: backbones of real shapes x precision x checkpointing.
+
+Usage:
+    .venv/bin/python bench/scale.py --quick     # SmolLM2-135M (the shipped weights), 6 cells + a plain loop: <= 5 min on 2 cores
+    .venv/bin/python bench/scale.py             # + SmolLM2-360M and Llama-3.2-1B shapes: bench/results/scale.json
+    .venv/bin/python bench/scale.py --shapes llama-2-7b --device cuda   # on a GPU (needs the memory for the 7B file)
+
+Each cell is one fresh process that does what a fedlpp client does on that backbone: load it
+through fedlpp (``models.backbone.load_backbone`` with a ``Machine``: device, precision, nf4,
+gradient checkpointing), attach LoRA r=8 on q_proj/v_proj, and take --steps AdamW steps with
+fedlpp's one trainer (``algorithms.client.train_client``) on batches of 4 x 128 random tokens
+(the loss on every token). It reports the peak memory — on the CPU the whole process's peak RSS,
+loading included; on CUDA ``torch.cuda.max_memory_allocated`` — seconds per step (median of
+the steps after the first), tokens per second, and the last loss (it must be finite).
+
+Backbones: SmolLM2-135M is the shipped model; the others are random-weight models with the exact
+configurations of SmolLM2-360M, Llama-3.2-1B (128k vocabulary, tied embeddings) and Llama-2-7B,
+written once as a single bf16 safetensors file, as Llama-3.2-1B ships (under $FEDLPP_CACHE/scale,
+by a separate process). Cells are compared with the fp32 cell of the same shape, measured side by
+side in the same run. A plain transformers + peft loop (``--plain``, on by default: fp32 and
+bf16 on the first shape) is timed beside fedlpp's trainer, same batch and optimizer.
+
+Results are appended to the JSON file as cells finish; a rerun skips the cells it holds (--fresh
+starts over), so a long run can be resumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESULTS = Path(__file__).parent / "results"
+BATCH, LENGTH, RANK = 4, 128, 8
+TARGETS = ("q_proj", "v_proj")
+GOALS = {("llama-3.2-1b", "nf4", True): 0.30, ("llama-3.2-1b", "bf16", False): 0.55}  # peak / fp32 peak (issue 23)
+
+# Exact shapes of the public configurations (config.json of each model on the Hugging Face Hub).
+SHAPES: dict[str, dict[str, Any] | None] = {
+    "smollm2-135m": None,  # the shipped weights
+    "smollm2-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                         num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
+                         rope_theta=100000.0, rms_norm_eps=1e-5),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                         max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5),
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5),
+}
+BACKBONES = (("fp32", "none"), ("bf16", "none"), ("bf16", "nf4"))  # (train.precision, model.quantize)
+
+
+# --- a backbone of a real shape, written once --------------------------------------------------
+
+
+def checkpoint_dir(shape: str) -> Path:
+    from fedlpp.models.shipped import cache_dir
+
+    return cache_dir() / "scale" / shape
+
+
+def model_name(shape: str) -> str:
+    """What fedlpp's model.name is for the shape: the short name, or the random checkpoint's folder."""
+    return shape if SHAPES[shape] is None else str(checkpoint_dir(shape))
+
+
+def build_checkpoint(shape: str) -> None:
+    """A random-weight model of ``shape`` as one bf16 safetensors file, with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fedlpp.models.shipped import smollm2_tokenizer_dir
+
+    target = checkpoint_dir(shape)
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir()))
+    config = LlamaConfig(**SHAPES[shape], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    tmp = target.with_name(target.name + ".partial")
+    model.save_pretrained(tmp, max_shard_size="1000GB")  # one file, as Llama-3.2-1B ships
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+
+
+def ensure_checkpoint(shape: str) -> None:
+    if SHAPES[shape] is None or checkpoint_dir(shape).exists():
+        return
+    print(f"writing a random {shape} checkpoint (once) ...", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, __file__, "--build", shape], check=True)
+
+
+# --- one cell, in its own process ---------------------------------------------------------------
+
+
+def random_batches(vocab: int, steps: int, pad_id: int) -> Iterator[dict[str, Any]]:
+    import torch
+
+    from fedlpp.data import collate
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        rows = torch.randint(0, vocab, (BATCH, LENGTH), generator=gen).tolist()
+        yield collate([{"input_ids": r, "labels": r} for r in rows], pad_id)
+
+
+def timed(batches: Iterator[Any], stamps: list[float]) -> Iterator[Any]:
+    """The batches, noting the time each is asked for: the gaps are the steps."""
+    for batch in batches:
+        stamps.append(time.perf_counter())
+        yield batch
+    stamps.append(time.perf_counter())
+
+
+def run_cell(shape: str, precision: str, quantize: str, checkpointing: bool, steps: int, device: str) -> dict[str, Any]:
+    """fedlpp's client steps on the backbone: peak memory, seconds per step, tokens/s, losses."""
+    t0 = time.perf_counter()
+    from fedlpp.algorithms.client import LocalTraining, train_client
+    from fedlpp.models.backbone import load_backbone
+    from fedlpp.models.lora import adapter_parameters, attach_lora, get_adapter
+    from fedlpp.models.machine import Machine, peak_rss_bytes, resolve_device
+
+    machine = Machine(resolve_device(device), precision, quantize, checkpointing)
+    machine.reset_peak_memory()
+    backbone = load_backbone(model_name(shape), "generation", machine=machine)
+    model = attach_lora(backbone, "generation", RANK, 2.0 * RANK, 0.0, TARGETS)
+    loaded = time.perf_counter() - t0
+    rss_loaded = peak_rss_bytes()
+    start = get_adapter(model)
+    stamps: list[float] = []
+    batches = timed(random_batches(min(backbone.model.config.vocab_size, len(backbone.tokenizer)), steps, backbone.tokenizer.pad_token_id), stamps)
+    result = train_client(model, "generation", start, list(adapter_parameters(model)), batches,
+                          LocalTraining(lr=1e-4, weight_decay=0.0, max_grad_norm=0.0), seed=0, machine=machine)
+    return _report(machine.peak_memory(), stamps, result.losses, loaded, rss_loaded, peak_rss_bytes())
+
+
+def run_plain(shape: str, precision: str, steps: int, device: str) -> dict[str, Any]:
+    """The same steps as a bare transformers + peft loop (no fedlpp): the reference for tokens/s."""
+    t0 = time.perf_counter()
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from fedlpp.models.machine import Machine, peak_rss_bytes, resolve_device
+    from fedlpp.models.shipped import smollm2_dir
+
+    machine = Machine(resolve_device(device), precision)
+    machine.reset_peak_memory()
+    path = str(smollm2_dir()) if SHAPES[shape] is None else model_name(shape)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=machine.dtype).to(machine.torch_device)
+    model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules=list(TARGETS)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+    loaded, rss_loaded = time.perf_counter() - t0, peak_rss_bytes()
+    stamps: list[float] = []
+    losses = []
+    model.train()
+    for batch in timed(random_batches(base.config.vocab_size, steps, 0), stamps):
+        batch = {k: v.to(machine.torch_device) for k, v in batch.items()}
+        with machine.autocast():
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    return _report(machine.peak_memory(), stamps, losses, loaded, rss_loaded, peak_rss_bytes())
+
+
+def _report(peak: dict[str, Any], stamps: list[float], losses: list[float] | tuple[float, ...], loaded: float,
+            rss_loaded: int, rss_peak: int) -> dict[str, Any]:
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    per_step = statistics.median(gaps[1:]) if len(gaps) > 1 else gaps[0]
+    return {
+        "peak_bytes": peak["bytes"], "peak_kind": peak["kind"], "device": peak["device"],
+        "peak_rss_after_load_bytes": rss_loaded, "peak_rss_bytes": rss_peak,
+        "load_s": round(loaded, 2), "s_per_step": round(per_step, 3), "step_s": [round(g, 3) for g in gaps],
+        "tokens_per_s": round(BATCH * LENGTH / per_step, 1), "losses": [round(float(v), 4) for v in losses],
+        "loss_finite": all(v == v and abs(v) != float("inf") for v in losses),
+    }
+
+
+# --- the whole table ----------------------------------------------------------------------------
+
+
+def cell_key(cell: dict[str, Any]) -> str:
+    if cell["kind"] == "plain":
+        return f"plain/{cell['shape']}/{cell['precision']}/{cell['device']}"
+    return f"{cell['shape']}/{cell['precision']}/{cell['quantize']}/ckpt={cell['checkpointing']}/{cell['device']}"
+
+
+def cells_for(args: argparse.Namespace) -> list[dict[str, Any]]:
+    cells = []
+    for shape in args.shapes:
+        for precision, quantize in BACKBONES:
+            for checkpointing in (False, True):
+                cells.append({"kind": "fedlpp", "shape": shape, "precision": precision, "quantize": quantize,
+                              "checkpointing": checkpointing, "steps": args.steps, "device": args.device})
+    if args.plain:
+        for precision in ("fp32", "bf16"):
+            cells.append({"kind": "plain", "shape": args.shapes[0], "precision": precision, "steps": args.steps, "device": args.device})
+    return cells
+
+
+def measure(cell: dict[str, Any]) -> dict[str, Any]:
+    """Run one cell in a fresh process (its peak RSS is its own) and read its JSON line."""
+    ensure_checkpoint(cell["shape"])
+    proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps(cell)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-3:]
+        return {**cell, "error": " | ".join(tail) or f"exit {proc.returncode}"}
+    return {**cell, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def ratios(rows: list[dict[str, Any]]) -> None:
+    """Each cell's peak and step time against the fp32 cell (no checkpointing) of its shape and device."""
+    base = {(r["shape"], r["device"]): r for r in rows
+            if r["kind"] == "fedlpp" and r["precision"] == "fp32" and not r["checkpointing"] and "error" not in r}
+    plain = {(r["shape"], r["precision"], r["device"]): r for r in rows if r["kind"] == "plain" and "error" not in r}
+    for r in rows:
+        ref = base.get((r["shape"], r["device"]))
+        if "error" in r or ref is None:
+            continue
+        r["peak_vs_fp32"] = round(r["peak_bytes"] / ref["peak_bytes"], 3)
+        twin = plain.get((r["shape"], r["precision"], r["device"]))
+        if r["kind"] == "fedlpp" and r["quantize"] == "none" and not r["checkpointing"] and twin is not None:
+            r["time_vs_plain_loop"] = round(r["s_per_step"] / twin["s_per_step"], 3)
+        goal = GOALS.get((r["shape"], r.get("quantize") if r.get("quantize") == "nf4" else r["precision"], r.get("checkpointing")))
+        if goal is not None and r["kind"] == "fedlpp":
+            r["goal_peak_vs_fp32"], r["goal_met"] = goal, r["peak_vs_fp32"] <= goal
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| shape | backbone | checkpointing | peak | vs fp32 | s/step | tokens/s | load s | last loss | vs plain loop |\n"
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines = [head]
+    for r in rows:
+        backbone = r["precision"] if r.get("quantize", "none") == "none" else f"{r['quantize']} ({r['precision']} compute)"
+        if r["kind"] == "plain":
+            backbone = f"{r['precision']}, plain peft loop"
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {backbone} | {r.get('checkpointing', '')} | error: {r['error'][:80]} | | | | | | |")
+            continue
+        goal = f" (goal <= {r['goal_peak_vs_fp32']:.2f}x {'met' if r['goal_met'] else 'MISSED'})" if "goal_met" in r else ""
+        lines.append(
+            f"| {r['shape']} | {backbone} | {'on' if r.get('checkpointing') else 'off'} | {r['peak_bytes'] / 2**30:.2f} GiB | "
+            f"{r.get('peak_vs_fp32', float('nan')):.2f}x{goal} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['load_s']:.0f} | "
+            f"{r['losses'][-1]:.3f} | {r['time_vs_plain_loop']:.2f}x |".replace("| nanx", "| ") if "time_vs_plain_loop" in r else
+            f"| {r['shape']} | {backbone} | {'on' if r.get('checkpointing') else 'off'} | {r['peak_bytes'] / 2**30:.2f} GiB | "
+            f"{r.get('peak_vs_fp32', float('nan')):.2f}x{goal} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['load_s']:.0f} | "
+            f"{r['losses'][-1]:.3f} | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="SmolLM2-135M only (<= 5 min on 2 cores)")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="default: smollm2-135m smollm2-360m llama-3.2-1b")
+    parser.add_argument("--steps", type=int, default=3, help="client steps per cell (the first is not timed)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (train.device)")
+    parser.add_argument("--no-plain", dest="plain", action="store_false", help="skip the plain transformers + peft loop")
+    parser.add_argument("--out", type=Path, help="default: bench/results/scale.json (--quick: scale-quick.json)")
+    parser.add_argument("--fresh", action="store_true", help="measure every cell again")
+    parser.add_argument("--cell", help=argparse.SUPPRESS)
+    parser.add_argument("--build", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.build:
+        build_checkpoint(args.build)
+        return
+    if args.cell:
+        cell = json.loads(args.cell)
+        if cell["kind"] == "plain":
+            out = run_plain(cell["shape"], cell["precision"], cell["steps"], cell["device"])
+        else:
+            out = run_cell(cell["shape"], cell["precision"], cell["quantize"], cell["checkpointing"], cell["steps"], cell["device"])
+        print(json.dumps(out))
+        return
+    args.shapes = args.shapes or (["smollm2-135m"] if args.quick else ["smollm2-135m", "smollm2-360m", "llama-3.2-1b"])
+    out = args.out or RESULTS / ("scale-quick.json" if args.quick else "scale.json")
+    done = {} if args.fresh or not out.exists() else {cell_key(r): r for r in json.loads(out.read_text())["cells"]}
+    rows = []
+    cells = cells_for(args)
+    for i, cell in enumerate(cells, 1):
+        key = cell_key(cell)
+        if key in done and "error" not in done[key]:
+            rows.append(done[key])
+            continue
+        print(f"[{i}/{len(cells)}] {key} ...", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        rows.append(measure(cell))
+        print(f"    {time.perf_counter() - t:.0f} s: " + (rows[-1].get("error") or f"peak {rows[-1]['peak_bytes'] / 2**30:.2f} GiB, "
+              f"{rows[-1]['s_per_step']:.2f} s/step"), file=sys.stderr, flush=True)
+        ratios(rows)
+        save(out, rows)
+    ratios(rows)
+    save(out, rows)
+    print(table(rows))
+    print(f"\nwrote {out}")
+
+
+def save(out: Path, rows: list[dict[str, Any]]) -> None:
+    import platform
+
+    import torch
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "batch": BATCH, "length": LENGTH, "lora_r": RANK, "targets": list(TARGETS)}
+    out.write_text(json.dumps({"meta": meta, "cells": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -138,6 +138,7 @@ class ClientRecipe:
     training: LocalTrainingPlan
     transforms: tuple[DeltaTransform, ...]
     encode: Encoder
+    machine: Machine = CPU  # where the client's model runs: its peak memory is measured there
 
     def trained(self, round_: int) -> list[str]:
         """The adapter tensors it trains and sends in ``round_``."""
@@ -150,6 +151,7 @@ class ClientOutput:
     num_examples: int
     loss: float | None  # mean training loss of the finite steps (None when there is none)
     round_: int  # the round the broadcast was made for
+    peak_memory: int = 0  # bytes: CUDA's peak allocation during the step, or the process's peak RSS on the CPU
 
 
 def client_step(
@@ -157,11 +159,13 @@ def client_step(
 ) -> ClientOutput:
     """One client's side of a round: broadcast bytes in, its upload out."""
     start, round_ = rnd.read_broadcast(payload, recipe.shapes)
+    recipe.machine.reset_peak_memory()
     result = recipe.training.train(model, recipe.kind, start, recipe.trained(round_), data, round_, on_step)
     delta = result.delta
     for transform in recipe.transforms:
         delta = transform(delta)
-    return ClientOutput(recipe.encode(delta, data.num_examples, round_), data.num_examples, mean_finite(result.losses), round_)
+    upload = recipe.encode(delta, data.num_examples, round_)
+    return ClientOutput(upload, data.num_examples, mean_finite(result.losses), round_, recipe.machine.peak_memory()["bytes"])
 
 
 def mean_finite(values: Sequence[float]) -> float | None:

@@ -63,15 +63,16 @@ class LocalFederation:
     def round_trip(self, ctx: ServerContext, adapter: Adapter, payload: bytes, clients: Sequence[int], round_: int,
                    bar: Bar | None) -> Exchanged:
         recipe = client_recipe(ctx.cfg, ctx.side, ctx.spec, ctx.sigma, ctx.secure)
-        uploads, losses = {}, []
+        uploads, losses, peaks = {}, [], []
         for client in clients:
             if self.on_send is not None:
                 self.on_send(client, payload)
             out = client_step(ctx.model, payload, self.clients[client], recipe, bar.update if bar is not None else None)
             uploads[client] = out.upload
             losses.append(out.loss)
+            peaks.append(out.peak_memory)
         new, row = self.exchange.server_side(ctx, adapter, uploads, round_)
-        return Exchanged(new, row, losses, delivered=len(clients))
+        return Exchanged(new, row, losses, delivered=len(clients), peak_memory=peaks)
 
 
 def make_exchange(ctx: ServerContext) -> Exchange:

@@ -44,6 +44,7 @@ class Exchanged:
     row: dict[str, Any]  # bytes_up / bytes_down beyond the broadcast, rejected, failed, SecAgg notes
     losses: list[float | None] = field(default_factory=list)  # each client's mean training loss
     delivered: int = 0  # clients the broadcast reached
+    peak_memory: list[int] = field(default_factory=list)  # each client's peak memory during its step (bytes, as it reported)
 
 
 class Federation(Protocol):
@@ -93,6 +94,8 @@ def run_round(ctx: ServerContext, federation: Federation, adapter: Adapter, roun
     if ctx.privacy is None:  # the clients' training loss is computed from their data without noise
         row["train_loss"] = mean_finite([v for v in out.losses if v is not None])
     row["bytes_down"] = row.get("bytes_down", 0) + len(payload) * out.delivered
+    if out.peak_memory:
+        row["client_peak_memory_bytes"] = max(out.peak_memory)
     if round_ % ctx.cfg.eval.every == 0 or round_ == ctx.cfg.fl.rounds:
         row.update(evaluate_round(ctx, out.adapter, show, f"round {round_} evaluation"))
     row["wall_s"] = round(time.perf_counter() - t0, 3)
@@ -290,6 +293,7 @@ def finish(
         "ratio_to_fedavg_lora": {"down": down / reference["down"], "up": up / reference["up"]},
         "total_bytes": {"down": sum(r["bytes_down"] for r in rows), "up": sum(r["bytes_up"] for r in rows)},
         "wall_s": round(sum(r["wall_s"] for r in rows), 3),
+        **peak_memory_summary(ctx, rows),
         "adapter_dir": rundir.ADAPTER,
     }
     if ledger is not None and ctx.privacy is not None:
@@ -298,6 +302,18 @@ def finish(
         summary["stopped"] = stopped
     rundir.write_summary(out, summary)
     return summary
+
+
+def peak_memory_summary(ctx: ServerContext, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The largest client step's peak memory over the run, and what was measured (CUDA allocation or process RSS)."""
+    peaks = [r["client_peak_memory_bytes"] for r in rows if "client_peak_memory_bytes" in r]
+    if not peaks:
+        return {}
+    machine = ctx.side.machine
+    measured = "torch.cuda.max_memory_allocated" if machine.torch_device.type == "cuda" else "peak RSS of the client's process"
+    return {"client_peak_memory_bytes": max(peaks), "client_peak_memory": f"{max(peaks) / 2**30:.2f} GiB ({measured})",
+            "machine": {"device": machine.device, "precision": machine.precision, "quantize": machine.quantize,
+                        "gradient_checkpointing": machine.gradient_checkpointing}}
 
 
 def final_evaluation(ctx: ServerContext, adapter: Adapter, rows: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:

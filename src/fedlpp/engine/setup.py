@@ -227,7 +227,7 @@ def client_recipe(cfg: ExperimentConfig, side: ModelSide, spec: AlgorithmSpec, s
     encode: Encoder = UpdateBytes()
     if encoding is not None:
         encode = SecureInput(encoding, noise_shares(cfg, sigma))
-    return ClientRecipe(side.kind, side.shapes, spec, training, transforms, encode)
+    return ClientRecipe(side.kind, side.shapes, spec, training, transforms, encode, side.machine)
 
 
 def noise_shares(cfg: ExperimentConfig, sigma: float) -> NoiseShares | None:

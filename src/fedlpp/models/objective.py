@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fedlpp.models.machine import model_device
 
@@ -59,9 +60,30 @@ def losses_from_logits(logits: torch.Tensor, labels: torch.Tensor, kind: str) ->
     """[B] losses from logits ([B, C] or [B, T, V]) and labels ([B] or [B, T])."""
     if kind == "classification":
         return F.cross_entropy(logits.float(), labels, reduction="none")  # logits [B, C]
-    # Causal LM: position t predicts token t+1.
-    shifted_logits = logits[:, :-1].float()  # [B, T-1, V]
-    targets = labels[:, 1:]  # [B, T-1]
-    token_loss = F.cross_entropy(shifted_logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+    # Causal LM: position t predicts token t+1; the last position predicts nothing.
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)  # [B, T]
+    token_loss = token_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).view(targets.shape)
     mask = (targets != IGNORE).float()
     return (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+CE_CHUNK = 2**24  # logits per cross-entropy chunk (64 MB in float32)
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[N] float32 cross-entropies of [N, V] logits (any dtype), IGNORE targets giving 0, in chunks of rows.
+
+    Each chunk is upcast to float32 for the softmax and, when gradients are needed, checkpointed: only
+    the logits themselves are kept for backward, not a float32 log-softmax of them (at a 128k
+    vocabulary that copy is the largest tensor of a LoRA step: DESIGN 5.1, bench/scale.py).
+    """
+    rows = max(1, CE_CHUNK // max(1, logits.shape[-1]))
+    if len(logits) <= rows or not logits.requires_grad:
+        return _cross_entropy_rows(logits, targets)
+    chunks = [checkpoint(_cross_entropy_rows, logits[i : i + rows], targets[i : i + rows], use_reentrant=False)
+              for i in range(0, len(logits), rows)]
+    return torch.cat(chunks)
+
+
+def _cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="none")

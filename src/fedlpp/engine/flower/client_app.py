@@ -131,7 +131,8 @@ def train(message: Message, context: Context) -> Message:
         raise MessageError(f"the message says round {fields['round']} but its broadcast is for round {out.round_}")
     loss = math.nan if out.loss is None else out.loss
     answer = replies.reply(context.state, cfg, fields, client_id, out.upload)
-    return Message(content(kind=TRAIN, num_examples=out.num_examples, loss=loss, **answer), reply_to=message)
+    return Message(content(kind=TRAIN, num_examples=out.num_examples, loss=loss, peak_memory=out.peak_memory, **answer),
+                   reply_to=message)
 
 
 @app.train(secure.ACTION)

@@ -91,10 +91,11 @@ class FlowerFederation:
         extra = self.aggregation.train_fields(ctx, self.roster, clients)
         messages = {c: self._train_message(payload, c, float(ctx.sigma), round_, extra) for c in clients}
         replies = exchange(self.grid, messages, self.round_timeout)
-        answers, losses, failed = {}, [], {}
+        answers, losses, peaks, failed = {}, [], [], {}
         for client in clients:
             try:
                 answers[client], loss = self._read_reply(replies.get(client))
+                peaks.append(_peak_memory(answers[client]))
             except (MessageError, FlowerRunError) as e:
                 failed[client] = str(e)
                 log.warning("round %d: client %d failed: %s", round_, client, e)
@@ -105,7 +106,7 @@ class FlowerFederation:
         new, row = self.aggregation.combine(self, ctx, adapter, answers, round_, failed)
         if failed:
             row["failed"] = {str(c): reason for c, reason in sorted(failed.items())}
-        return Exchanged(new, row, losses, delivered=len(clients))
+        return Exchanged(new, row, losses, delivered=len(clients), peak_memory=peaks)
 
     def _train_message(self, payload: bytes, client: int, sigma: float, round_: int, extra: Mapping[str, Any]) -> Message:
         fields = content(config=self.config_text, kind=self.kind, num_labels=self.num_labels, client_id=client, sigma=sigma,
@@ -122,6 +123,12 @@ class FlowerFederation:
         loss = require(fields, "loss", float)
         self.aggregation.read(fields)
         return fields, (None if math.isnan(loss) else loss)
+
+
+def _peak_memory(fields: Mapping[str, Any]) -> int:
+    """What a node reports of its step's peak memory (0 from a node that reports none): shown, never trusted."""
+    value = fields.get("peak_memory", 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def serve_on_grid(grid: Grid, cfg: ExperimentConfig, out: Path, resume: bool = False, progress: bool = False) -> dict[str, Any]:

@@ -1,0 +1,231 @@
+"""The machine a party's model runs on: device choice, precision, nf4, checkpointing, memory (issue 23).
+
+Everything here runs on the CPU with the tiny backbones; tests/gpu has the CUDA checks.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedlpp.algorithms.client import LocalTraining, PlainSteps, ScaledOptimizer, shuffled_batches, train_client
+from fedlpp.config import ConfigError, load_config
+from fedlpp.data import encode_for_generation
+from fedlpp.data.weather import make_weather
+from fedlpp.evaluation.evaluate import mean_loss
+from fedlpp.models import objective
+from fedlpp.models.backbone import load_backbone
+from fedlpp.models.lora import adapter_parameters, attach_lora, get_adapter, set_adapter
+from fedlpp.models.machine import CPU, Machine, import_bitsandbytes, resolve_device, silent_kernel_fetch
+from fedlpp.privacy.dp_sgd import DpSgd, DpSgdSteps
+from fedlpp.privacy.randomness import SeededRandomness
+
+OPTS = LocalTraining(lr=1e-2, weight_decay=0.0, max_grad_norm=0.0)
+NO_CUDA = not torch.cuda.is_available()
+
+
+def lora_model(machine: Machine = CPU):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # peft draws A from the global generator: the same start every time
+        return attach_lora(load_backbone("tiny-llama", "generation", machine=machine), "generation", r=4, alpha=8, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def features():
+    model = load_backbone("tiny-llama", "generation")
+    return encode_for_generation(model.tokenizer, make_weather(24, 4, 0).train, 48)
+
+
+def steps(model, features, machine: Machine = CPU, rule=None, n: int = 2):
+    start = get_adapter(model)
+    batches = shuffled_batches(features, n, 8, 0, seed=1)
+    return train_client(model, "generation", start, list(start), batches, OPTS, 0, rule, machine)
+
+
+# --- configuration and device choice ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.device", "gpu", "valid devices are auto, cpu, cuda, cuda:N"),
+    ("train.device", "cuda:x", "valid devices"),
+    ("train.precision", "int8", "valid choices are 'fp32', 'bf16', 'fp16'"),
+    ("model.quantize", "int4", "valid choices are 'none', 'nf4'"),
+])
+def test_bad_machine_keys_are_refused_naming_the_key(key, value, message):
+    with pytest.raises(ConfigError, match=f"{key}.*{message}"):
+        load_config(None, [f"{key}={value}"])
+
+
+def test_fp16_with_dp_sgd_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="train.precision: fp16 needs loss scaling"):
+        load_config(None, ["privacy.mode=dp_sgd", "privacy.noise_multiplier=1", "train.precision=fp16"])
+
+
+def test_defaults_run_everywhere():
+    train, model = load_config(None, []).train, load_config(None, []).model
+    assert (train.device, train.precision, train.gradient_checkpointing, model.quantize) == ("auto", "fp32", False, "none")
+    if NO_CUDA and resolve_device("auto") != "mps":
+        assert resolve_device("auto") == "cpu"
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_asking_for_cuda_without_it_is_refused_naming_the_key(device):
+    with pytest.raises(ConfigError, match=f"train.device: '{device}' was asked for but torch sees no CUDA GPU"):
+        resolve_device(device)
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA")
+def test_a_run_on_a_missing_gpu_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    from fedlpp.engine import local, setup
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(setup, "load_backbone", no_model)
+    cfg = load_config(None, ["model.name=tiny-llama", "train.device=cuda", "fl.rounds=1"])
+    with pytest.raises(ConfigError, match="train.device"):
+        local.run_experiment(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+# --- precision: the base in its dtype, the adapter float32 --------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_base_keeps_the_adapter_float32(precision, features):
+    machine = Machine("cpu", precision)
+    model = lora_model(machine)
+    base_linear = model.get_base_model().model.layers[0].mlp.up_proj
+    assert base_linear.weight.dtype == machine.dtype
+    assert all(p.dtype == torch.float32 for p in adapter_parameters(model).values())
+    result = steps(model, features, machine)
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in result.delta.values())
+    assert all(torch.isfinite(t).all() for t in result.delta.values())
+    assert any(t.abs().max() > 0 for t in result.delta.values()), "the steps moved nothing"
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_bf16_steps_follow_fp32_closely(features):
+    """SGD (a step proportional to the gradient; AdamW's sign-like first steps would magnify rounding)."""
+    sgd = LocalTraining(lr=1.0, weight_decay=0.0, max_grad_norm=0.0, optimizer="sgd")
+
+    def delta(machine):
+        model = lora_model(machine)
+        start = get_adapter(model)
+        result = train_client(model, "generation", start, list(start), shuffled_batches(features, 2, 8, 0, seed=1), sgd, 0,
+                              machine=machine)
+        return torch.cat([t.flatten() for t in result.delta.values()])
+
+    full, half = delta(CPU), delta(Machine("cpu", "bf16"))
+    assert float(full.norm()) > 0
+    assert float((half - full).norm() / full.norm()) < 0.05
+
+
+def test_fp16_steps_go_through_the_loss_scaler(features):
+    machine = Machine("cpu", "fp16")
+    rule = PlainSteps(0.5, machine)
+    model = lora_model(machine)
+    with rule.attach(model, list(adapter_parameters(model).values()), torch.optim.SGD([torch.zeros(1)], lr=0.1)) as optimizer:
+        assert isinstance(optimizer, ScaledOptimizer) and rule.scaler is not None
+    assert steps(model, features, machine, rule).losses
+
+
+def test_dp_sgd_refuses_fp16_itself():
+    with pytest.raises(ValueError, match="fp16"):
+        DpSgdSteps(DpSgd(1.0, 1.0, 8), SeededRandomness(0), Machine("cpu", "fp16"))
+
+
+# --- nf4: a 4-bit base that trains, evaluates and keeps training correctly ------------------------
+
+
+def nf4_model():
+    return lora_model(Machine("cpu", "bf16", "nf4"))
+
+
+def test_nf4_base_is_4bit_with_embeddings_in_the_compute_dtype():
+    bnb = import_bitsandbytes()
+    model = nf4_model()
+    base = model.get_base_model()
+    assert isinstance(base.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    assert base.model.embed_tokens.weight.dtype == torch.bfloat16  # not upcast to fp32 (prepare_model_for_kbit_training would)
+    assert all(p.dtype == torch.float32 for p in adapter_parameters(model).values())
+
+
+def test_training_after_an_evaluation_is_unaffected_on_a_4bit_base(features):
+    """DESIGN 5.1: a no_grad forward must not repack the 4-bit weights under the model that keeps training."""
+    model = nf4_model()
+    start = get_adapter(model)
+    before = steps(model, features, Machine("cpu", "bf16", "nf4"))
+    set_adapter(model, start)
+    evaluation = encode_for_generation(load_backbone("tiny-llama", "generation").tokenizer,
+                                       make_weather(4, 4, 1).eval, 48)
+    from fedlpp.evaluation.evaluate import EvalSet
+
+    mean_loss(model, EvalSet("generation", tuple(evaluation)), 0, 4, machine=Machine("cpu", "bf16", "nf4"))
+    model.eval()
+    with torch.no_grad():  # the exact pattern that repacks: eval mode, no gradients, a CPU input
+        model(input_ids=torch.tensor([evaluation[0]["input_ids"]]))
+    after = steps(model, features, Machine("cpu", "bf16", "nf4"))
+    for name in before.delta:
+        assert torch.equal(before.delta[name], after.delta[name]), name
+
+
+def test_bitsandbytes_is_imported_without_fetching_a_kernel():
+    with silent_kernel_fetch():
+        with pytest.raises(ImportError):
+            importlib.import_module("kernels")  # what bitsandbytes' CPU backend tries on import
+    assert import_bitsandbytes() is not None
+
+
+# --- gradient checkpointing, also under DP-SGD ----------------------------------------------------
+
+
+def test_checkpointing_takes_the_same_step(features):
+    plain = steps(lora_model(), features)
+    machine = Machine("cpu", gradient_checkpointing=True)
+    checkpointed = steps(lora_model(machine), features, machine)
+    for name in plain.delta:
+        torch.testing.assert_close(checkpointed.delta[name], plain.delta[name], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("base", [CPU, Machine("cpu", "bf16", "nf4")], ids=["fp32", "nf4"])
+def test_dp_sgd_with_checkpointing_takes_the_same_step(base, features):
+    """Per-example clipping sees each example's gradient once: the recompute inside backward is not recorded."""
+    def dp_step(machine):
+        rule = DpSgdSteps(DpSgd(0.0, 1e-3, 8), SeededRandomness(0), machine)  # clip small: every example is clipped
+        return steps(lora_model(machine), features, machine, rule)
+
+    plain = dp_step(base)
+    checkpointed = dp_step(Machine(base.device, base.precision, base.quantize, True))
+    for name in plain.delta:
+        torch.testing.assert_close(checkpointed.delta[name], plain.delta[name], rtol=1e-3, atol=1e-6)
+    assert any(t.abs().max() > 0 for t in plain.delta.values())
+
+
+@pytest.mark.parametrize("machine", [Machine("cpu", "bf16"), Machine("cpu", "bf16", "nf4")], ids=["bf16", "nf4"])
+def test_dp_sgd_learns_on_a_half_precision_or_4bit_base(machine, features):
+    rule = DpSgdSteps(DpSgd(0.5, 1.0, 8), SeededRandomness(0), machine)
+    result = steps(lora_model(machine), features, machine, rule)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in result.delta.values())
+    assert any(t.abs().max() > 0 for t in result.delta.values())
+
+
+# --- the loss at a large vocabulary ---------------------------------------------------------------
+
+
+def test_chunked_cross_entropy_equals_the_plain_one_with_its_gradient(monkeypatch):
+    monkeypatch.setattr(objective, "CE_CHUNK", 50)  # 5 rows of a 10-way vocabulary per chunk
+    logits = torch.randn(23, 10, requires_grad=True)
+    targets = torch.randint(0, 10, (23,))
+    targets[3] = objective.IGNORE
+    chunked = objective.token_cross_entropy(logits, targets)
+    (g_chunked,) = torch.autograd.grad(chunked.square().sum(), logits)
+    plain = F.cross_entropy(logits, targets, ignore_index=objective.IGNORE, reduction="none")
+    (g_plain,) = torch.autograd.grad(plain.square().sum(), logits)
+    torch.testing.assert_close(chunked, plain)
+    torch.testing.assert_close(g_chunked, g_plain)
+    assert float(chunked[3]) == 0.0

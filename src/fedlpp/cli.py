@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", metavar="section.key=value",
                           help="other evaluation data or decoding: data.path, data.hf_id, data.eval_path, data.num_eval "
                                "(0: the whole split), eval.batch_size, eval.max_new_tokens, eval.num_beams, "
-                               "eval.length_penalty, eval.no_repeat_ngram_size")
+                               "eval.length_penalty, eval.no_repeat_ngram_size, train.device")
     evaluate.add_argument("--split", choices=("dev", "test"), default="dev",
                           help="dev: the split the run evaluated on; test: the task's test split (e2e testset_w_refs.csv, dart, "
                                "dialogsum, gsm8k test files or hub splits)")

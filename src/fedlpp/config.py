@@ -242,12 +242,21 @@ class SecAggConfig:
 class FlowerConfig:
     connect_timeout: float = 120.0  # seconds to wait for fl.num_clients nodes before the first round
     round_timeout: float = 3600.0  # seconds to wait for a round's replies; a node still silent then counts as failed
+    client_cpus: float = 1.0  # simulation only: Ray CPUs per virtual client (each actor runs torch with one thread)
+    client_gpus: float = 0.0  # simulation only: Ray GPUs per virtual client; 0.5 lets two share one GPU (0, in (0, 1], or whole)
 
     def __post_init__(self) -> None:
         _require(math.isfinite(self.connect_timeout) and self.connect_timeout > 0, "flower.connect_timeout",
                  f"must be a finite number of seconds > 0, got {self.connect_timeout}")
         _require(math.isfinite(self.round_timeout) and self.round_timeout > 0, "flower.round_timeout",
                  f"must be a finite number of seconds > 0, got {self.round_timeout}")
+        _require(math.isfinite(self.client_cpus) and self.client_cpus > 0, "flower.client_cpus",
+                 f"must be a finite number of CPUs > 0, got {self.client_cpus}")
+        _require(math.isfinite(self.client_gpus) and self.client_gpus >= 0, "flower.client_gpus",
+                 f"must be a finite number of GPUs >= 0, got {self.client_gpus}")
+        _require(self.client_gpus <= 1 or float(self.client_gpus).is_integer(), "flower.client_gpus",
+                 f"got {self.client_gpus}; Ray shares a GPU only by a fraction <= 1 (0.5: two clients per GPU), "
+                 "above 1 it must be a whole number of GPUs")
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,8 @@ def check_extends(out: Path, rounds: int) -> None:
 
 # Keys that may change when a run is resumed: everything else would make the continued
 # run differ from one configured that way from the start.
-RESUMABLE_KEYS = ("fl.rounds", "flower.connect_timeout", "flower.round_timeout", "train.device")  # device: numerics, not the run
+RESUMABLE_KEYS = ("fl.rounds", "flower.connect_timeout", "flower.round_timeout", "flower.client_cpus", "flower.client_gpus",
+                  "train.device")  # where it runs, not what it computes
 
 
 def load_run_config(out: Path, overrides: list[str]) -> ExperimentConfig:

@@ -19,7 +19,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from fedlpp.config import ExperimentConfig
+from fedlpp.config import ConfigError, ExperimentConfig
 from fedlpp.engine.flower import client_app
 from fedlpp.engine.flower.audit import RecordingGrid
 from fedlpp.engine.flower.server_app import serve_on_grid
@@ -27,7 +27,10 @@ from fedlpp.engine.flower.server_app import serve_on_grid
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"  # Ray's node address (some of Ray's processes still listen on all interfaces: README)
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs asked for: Ray leaves the device variables alone
+# flower.client_gpus = 0: Ray leaves CUDA_VISIBLE_DEVICES alone, so an actor sees this machine's GPUs as the driver does.
+# flower.client_gpus > 0: Ray gives each actor its GPU through CUDA_VISIBLE_DEVICES (two actors at 0.5 get the same one),
+# so `cuda:0` inside an actor is the GPU Ray gave it.
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def quiet_flower() -> None:
@@ -37,13 +40,38 @@ def quiet_flower() -> None:
     logging.getLogger("flwr").addFilter(lambda record: "run_simulation` function is deprecated" not in record.getMessage())
 
 
-def backend_config(num_cpus: int | None = None) -> dict[str, Any]:
-    """One CPU per virtual client; as many Ray actors as cores (each runs torch with one thread)."""
-    cpus = num_cpus or os.cpu_count() or 1
-    return {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "_node_ip_address": LOOPBACK, "log_to_driver": False},
-    }
+def backend_config(num_cpus: int | None = None, client_cpus: float = 1.0, client_gpus: float = 0.0,
+                   num_gpus: int | None = None) -> dict[str, Any]:
+    """Each virtual client's Ray resources (``flower.client_cpus``, ``flower.client_gpus``) and Ray's own.
+
+    Ray is given ``num_cpus`` CPUs (default: the cores; each actor runs torch with one thread) and, when the
+    clients ask for GPUs, ``num_gpus`` (default: the GPUs torch sees); it runs as many actors as fit.
+    """
+    init_args: dict[str, Any] = {"num_cpus": num_cpus or os.cpu_count() or 1, "include_dashboard": False,
+                                 "_node_ip_address": LOOPBACK, "log_to_driver": False}
+    if client_gpus > 0:
+        if num_gpus is None:
+            import torch
+
+            num_gpus = torch.cuda.device_count()
+        init_args["num_gpus"] = num_gpus
+    return {"client_resources": {"num_cpus": client_cpus, "num_gpus": float(client_gpus)}, "init_args": init_args}
+
+
+def cuda_gpus_for(client_gpus: float) -> int | None:
+    """The GPUs Ray may hand out (None: the clients ask for none); refused before Ray starts if torch sees too few."""
+    if client_gpus <= 0:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"flower.client_gpus: {client_gpus:g} GPU(s) per virtual client were asked for but torch sees no "
+                          f"CUDA GPU (this torch is {torch.__version__}); use flower.client_gpus=0")
+    count = torch.cuda.device_count()
+    if client_gpus > count:
+        raise ConfigError(f"flower.client_gpus: {client_gpus:g} GPUs per virtual client, but torch sees only {count}: "
+                          "Ray could never place a client")
+    return count
 
 
 def run_simulated(
@@ -55,6 +83,7 @@ def run_simulated(
     num_cpus: int | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) an experiment into ``out`` on Flower's simulation runtime; its summary."""
+    num_gpus = cuda_gpus_for(cfg.flower.client_gpus)  # before Ray starts
     quiet_flower()
     result: dict[str, Any] = {}
     server = ServerApp()
@@ -65,7 +94,8 @@ def run_simulated(
         result["summary"] = serve_on_grid(seen, cfg, out, resume, progress)  # type: ignore[arg-type]
 
     run_simulation(server, client_app.app, num_supernodes=cfg.fl.num_clients, backend_name="ray",
-                   backend_config=backend_config(num_cpus))  # type: ignore[arg-type]
+                   backend_config=backend_config(num_cpus, cfg.flower.client_cpus, cfg.flower.client_gpus,
+                                                 num_gpus))  # type: ignore[arg-type]
     if "summary" not in result:
         raise RuntimeError("the Flower simulation ended without finishing the run (see the log above)")
     return result["summary"]

@@ -1,0 +1,102 @@
+"""Each virtual client's Ray resources on the simulation runtime (flower.client_cpus, flower.client_gpus).
+
+Ray is never started here: ``run_simulation`` is replaced by a stand-in that records what it was given.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedlpp.config import ConfigError, load_config
+from fedlpp.engine.flower import simulation
+from fedlpp.engine.flower.simulation import backend_config, run_simulated
+
+
+def flower(*overrides: str):
+    return load_config(None, ["model.name=tiny-llama", *overrides])
+
+
+@pytest.fixture
+def given(monkeypatch):
+    """What run_simulated hands to Flower's run_simulation (which then ends without running anything)."""
+    seen: dict = {}
+
+    def fake_run_simulation(*args, **kwargs):
+        seen.update(kwargs)
+
+    monkeypatch.setattr(simulation, "run_simulation", fake_run_simulation)
+    return seen
+
+
+def test_the_defaults_are_one_cpu_and_no_gpu_per_client():
+    cfg = flower()
+    assert (cfg.flower.client_cpus, cfg.flower.client_gpus) == (1.0, 0.0)
+    config = backend_config(3)  # num_cpus, positionally, as before
+    assert config["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    assert config["init_args"]["num_cpus"] == 3
+    assert "num_gpus" not in config["init_args"], "no GPUs asked for: Ray's own detection is left alone"
+
+
+def test_backend_config_follows_the_clients_resources():
+    config = backend_config(4, client_cpus=2.0, client_gpus=0.5, num_gpus=1)
+    assert config["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.5}
+    assert config["init_args"]["num_cpus"] == 4 and config["init_args"]["num_gpus"] == 1
+
+
+def test_ray_is_given_the_gpus_torch_sees_when_clients_ask_for_some():
+    assert backend_config(2, client_gpus=0.5)["init_args"]["num_gpus"] == torch.cuda.device_count()
+
+
+def test_run_simulated_passes_the_configs_resources_to_flower(given, tmp_path):
+    with pytest.raises(RuntimeError, match="ended without finishing"):
+        run_simulated(flower("flower.client_cpus=0.5", "fl.num_clients=3"), tmp_path / "run", progress=False, num_cpus=2)
+    assert given["num_supernodes"] == 3
+    assert given["backend_config"]["client_resources"] == {"num_cpus": 0.5, "num_gpus": 0.0}
+    assert given["backend_config"]["init_args"]["num_cpus"] == 2
+
+
+def test_run_simulated_gives_ray_the_gpus_torch_sees(given, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match="ended without finishing"):
+        run_simulated(flower("flower.client_gpus=0.5"), tmp_path / "run", progress=False)
+    assert given["backend_config"]["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.5}
+    assert given["backend_config"]["init_args"]["num_gpus"] == 1
+
+
+def test_more_gpus_per_client_than_torch_sees_is_refused_before_ray_starts(given, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="flower.client_gpus: 2 GPUs per virtual client, but torch sees only 1"):
+        run_simulated(flower("flower.client_gpus=2"), tmp_path / "run", progress=False)
+    assert given == {}, "Flower was never called"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch sees a CUDA GPU here: nothing to refuse")
+def test_gpus_per_client_without_cuda_are_refused_before_ray_starts(given, tmp_path):
+    with pytest.raises(ConfigError, match="flower.client_gpus: .* torch sees no CUDA GPU"):
+        run_simulated(flower("flower.client_gpus=0.5"), tmp_path / "run", progress=False)
+    assert given == {}, "Flower was never called"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides", [["flower.client_gpus=1"], ["flower.client_gpus=2"], ["flower.client_gpus=0.25"],
+                                       ["flower.client_cpus=0.5"], ["flower.client_cpus=4"]])
+def test_valid_resources_are_accepted(overrides):
+    flower(*overrides)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("flower.client_cpus=0", "flower.client_cpus: must be a finite number of CPUs > 0, got 0.0"),
+    ("flower.client_cpus=-1", "flower.client_cpus: must be a finite number of CPUs > 0, got -1.0"),
+    ("flower.client_cpus=inf", "flower.client_cpus: must be a finite number"),
+    ("flower.client_gpus=-0.5", "flower.client_gpus: must be a finite number of GPUs >= 0, got -0.5"),
+    ("flower.client_gpus=nan", "flower.client_gpus: must be a finite number"),
+    ("flower.client_gpus=1.5", "flower.client_gpus: got 1.5; Ray shares a GPU only by a fraction <= 1"),
+    ("flower.client_gpus=x", "flower.client_gpus: expected a number, got 'x'"),
+])
+def test_invalid_resources_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as caught:
+        flower(override)
+    assert message in str(caught.value)

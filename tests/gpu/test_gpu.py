@@ -1,0 +1,159 @@
+"""On a CUDA GPU: tiny-llama runs in fp32, bf16, on a 4-bit base, with DP-SGD, and two Flower clients sharing one GPU.
+
+Skipped, saying so, where torch sees no CUDA GPU (run them with ``pytest -m gpu tests/gpu`` on a GPU machine;
+bench/gpu_check.sh does). Each run is compared with what the CPU gives or with what it must be: the
+server's side (adapter, wire bytes, privacy accounting) is float32 on the CPU whatever the device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+
+from fedlpp.config import load_config
+from fedlpp.engine import rundir
+from fedlpp.engine.local import run_experiment
+from fedlpp.models.backbone import load_backbone
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch sees none")]
+
+TINY = [
+    "model.name=tiny-llama", "model.max_length=48", "data.num_train=80", "data.num_eval=3",
+    "fl.num_clients=2", "fl.clients_per_round=2", "fl.rounds=2", "fl.local_steps=2", "train.batch_size=4",
+    "train.lr=0.02", "eval.every=1", "eval.max_new_tokens=3", "seed=0",
+]
+FEDAVG = ["algorithm.name=fedavg_lora"]  # no quantized broadcast: a float difference cannot flip a 2-bit code
+NF4 = ["train.device=cuda", "model.quantize=nf4", "train.precision=bf16", "train.gradient_checkpointing=true"]
+DP_SGD = ["privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", "train.batch_size=8"]
+
+
+def tiny(*extra: str):
+    return load_config(None, [*TINY, *extra])
+
+
+def run(tmp_path_factory, name: str, *extra: str):
+    out = tmp_path_factory.mktemp(name)
+    summary = run_experiment(tiny(*extra), out, progress=False)
+    return out, summary
+
+
+def adapter(out) -> dict[str, torch.Tensor]:
+    return rundir.load_checkpoint(out)[0]
+
+
+def assert_finished(out, summary, rounds: int = 2) -> None:
+    rows = rundir.read_metrics(out)
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1))
+    assert all(math.isfinite(r["global"]["loss"]) for r in rows), [r["global"]["loss"] for r in rows]
+    assert json.loads((out / rundir.SUMMARY).read_text())["rounds"] == rounds == summary["rounds"]
+    theta = adapter(out)
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in theta.values())
+    assert any(torch.count_nonzero(theta[n]) for n in theta if ".lora_B." in n), "the run trained something"
+
+
+def assert_on_cuda(summary) -> None:
+    assert summary["machine"]["device"] == "cuda:0"
+    assert summary["client_peak_memory_bytes"] > 0
+    assert "torch.cuda.max_memory_allocated" in summary["client_peak_memory"]
+
+
+@pytest.fixture(scope="module")
+def fedavg_cpu(tmp_path_factory):
+    return run(tmp_path_factory, "fedavg-cpu", *FEDAVG, "train.device=cpu")
+
+
+@pytest.fixture(scope="module")
+def fedavg_cuda(tmp_path_factory):
+    return run(tmp_path_factory, "fedavg-cuda", *FEDAVG, "train.device=cuda")
+
+
+@pytest.fixture(scope="module")
+def nf4_cuda(tmp_path_factory):
+    return run(tmp_path_factory, "nf4-cuda", *NF4)
+
+
+def test_a_cuda_run_sends_the_same_bytes_and_ends_near_the_cpu_runs_adapter(fedavg_cpu, fedavg_cuda):
+    (cpu_out, cpu_summary), (cuda_out, cuda_summary) = fedavg_cpu, fedavg_cuda
+    assert_finished(cuda_out, cuda_summary)
+    assert_on_cuda(cuda_summary)
+    assert cpu_summary["machine"]["device"] == "cpu"
+    assert cuda_summary["bytes_per_client_per_round"] == cpu_summary["bytes_per_client_per_round"]
+    a, b = adapter(cpu_out), adapter(cuda_out)
+    assert set(a) == set(b)
+    worst = max((a[n] - b[n]).abs().max().item() for n in a)
+    assert worst <= 1e-3, f"largest difference from the CPU run's adapter: {worst}"
+
+
+def test_bf16_on_cuda(tmp_path_factory):
+    out, summary = run(tmp_path_factory, "bf16-cuda", "train.device=cuda", "train.precision=bf16")
+    assert_finished(out, summary)
+    assert_on_cuda(summary)
+    assert summary["machine"]["precision"] == "bf16"
+
+
+def test_nf4_base_in_bf16_with_gradient_checkpointing_on_cuda(nf4_cuda):
+    out, summary = nf4_cuda
+    assert_finished(out, summary)
+    assert_on_cuda(summary)
+    assert summary["machine"] == {"device": "cuda:0", "precision": "bf16", "quantize": "nf4", "gradient_checkpointing": True}
+
+
+def test_dp_sgd_in_bf16_on_cuda_spends_the_same_epsilon_as_on_the_cpu(tmp_path_factory):
+    cpu_out, cpu_summary = run(tmp_path_factory, "dp-cpu", *DP_SGD, "train.device=cpu")
+    out, summary = run(tmp_path_factory, "dp-cuda", *DP_SGD, "train.device=cuda", "train.precision=bf16")
+    assert_finished(out, summary)
+    assert_on_cuda(summary)
+    assert summary["privacy"]["mode"] == "dp_sgd" and summary["privacy"]["epsilon"] > 0
+    assert summary["privacy"]["epsilon"] == cpu_summary["privacy"]["epsilon"]
+    assert [r["epsilon"] for r in rundir.read_metrics(out)] == [r["epsilon"] for r in rundir.read_metrics(cpu_out)]
+
+
+def test_the_adapter_of_a_cuda_nf4_run_loads_on_the_cpu_onto_the_fp32_base(nf4_cuda):
+    out, _ = nf4_cuda
+    checkpoint = adapter(out)
+    base = load_backbone("tiny-llama", "generation").model
+    model = PeftModel.from_pretrained(base, str(out / rundir.ADAPTER))
+    loaded = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(checkpoint)
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in loaded.values())
+    for kind in ("lora_A", "lora_B"):
+        name = next(n for n in loaded if "layers.0.self_attn.q_proj" in n and kind in n)
+        assert torch.equal(loaded[name], checkpoint[f"model.layers.0.self_attn.q_proj.{kind}.weight"]), name
+
+
+def _private_network() -> list[str] | None:
+    """A command prefix that runs a program in a network namespace of its own (only loopback), or None.
+
+    As in tests/engine/test_flower_runtime.py: Ray listens on every interface it sees, so the tests start it only there.
+    """
+    probe = subprocess.run(["unshare", "-rn", "ip", "link", "set", "lo", "up"], capture_output=True, timeout=30, check=False) \
+        if shutil.which("unshare") and shutil.which("ip") else None
+    return ["unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"] if probe and probe.returncode == 0 else None
+
+
+def test_two_simulated_clients_share_one_gpu(fedavg_cuda, tmp_path):
+    """`fedlpp run --engine flower` (run_simulated) with flower.client_gpus=0.5: Ray places both clients' actors on the one GPU."""
+    prefix = _private_network()
+    if prefix is None:
+        pytest.skip("no private network namespace here (unshare -rn): Ray would listen beyond 127.0.0.1")
+    out = tmp_path / "sim"
+    overrides = [*TINY, *FEDAVG, "train.device=cuda", "flower.client_gpus=0.5"]
+    done = subprocess.run([*prefix, sys.executable, "-m", "fedlpp.cli", "run", "--engine", "flower", *overrides,
+                           "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    summary = json.loads((out / rundir.SUMMARY).read_text())
+    assert_finished(out, summary)
+    assert_on_cuda(summary)
+    rows = rundir.read_metrics(out)
+    assert all(r["clients"] == [0, 1] for r in rows)
+    local_out, _ = fedavg_cuda
+    a, b = adapter(local_out), adapter(out)
+    worst = max((a[n] - b[n]).abs().max().item() for n in a)
+    assert worst <= 1e-3, f"largest difference from the local engine's cuda run: {worst}"

@@ -19,7 +19,7 @@ from fedlpp.evaluation.evaluate import mean_loss
 from fedlpp.models import objective
 from fedlpp.models.backbone import load_backbone
 from fedlpp.models.lora import adapter_parameters, attach_lora, get_adapter, set_adapter
-from fedlpp.models.machine import CPU, Machine, import_bitsandbytes, resolve_device, silent_kernel_fetch
+from fedlpp.models.machine import CPU, Machine, import_bitsandbytes, resolve_device, rss_high_water_mark, silent_kernel_fetch
 from fedlpp.privacy.dp_sgd import DpSgd, DpSgdSteps
 from fedlpp.privacy.randomness import SeededRandomness
 
@@ -229,3 +229,19 @@ def test_chunked_cross_entropy_equals_the_plain_one_with_its_gradient(monkeypatc
     torch.testing.assert_close(chunked, plain)
     torch.testing.assert_close(g_chunked, g_plain)
     assert float(chunked[3]) == 0.0
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(rss_high_water_mark() is None, reason="no /proc: only the process's lifetime peak is known")
+def test_peak_memory_is_the_peak_since_the_reset():
+    machine = CPU
+    machine.reset_peak_memory()
+    block = torch.ones(2**26)  # 256 MiB touched
+    during = machine.peak_memory()
+    del block
+    machine.reset_peak_memory()
+    after = machine.peak_memory()
+    assert during["kind"] == after["kind"] == "process_peak_rss"
+    assert during["bytes"] - after["bytes"] >= 200 * 2**20

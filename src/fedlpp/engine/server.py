@@ -310,7 +310,8 @@ def peak_memory_summary(ctx: ServerContext, rows: list[dict[str, Any]]) -> dict[
     if not peaks:
         return {}
     machine = ctx.side.machine
-    measured = "torch.cuda.max_memory_allocated" if machine.torch_device.type == "cuda" else "peak RSS of the client's process"
+    measured = ("torch.cuda.max_memory_allocated during a client step" if machine.torch_device.type == "cuda"
+                else "peak RSS of the client's process during its step")
     return {"client_peak_memory_bytes": max(peaks), "client_peak_memory": f"{max(peaks) / 2**30:.2f} GiB ({measured})",
             "machine": {"device": machine.device, "precision": machine.precision, "quantize": machine.quantize,
                         "gradient_checkpointing": machine.gradient_checkpointing}}

@@ -91,14 +91,21 @@ class Machine:
         return torch.amp.GradScaler(self.torch_device.type) if self.precision == "fp16" else None
 
     def reset_peak_memory(self) -> None:
+        """Start measuring a new peak (of CUDA's allocations, or of the process's RSS where Linux can reset it)."""
         if self.torch_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.torch_device)
+        else:
+            reset_peak_rss()
 
     def peak_memory(self) -> dict[str, Any]:
-        """The peak memory since ``reset_peak_memory``: CUDA's allocated bytes, else the process's peak RSS."""
+        """The peak since ``reset_peak_memory``: CUDA's allocated bytes, else the process's peak RSS (the
+        process's lifetime peak where the kernel cannot reset it: ``kind`` says which)."""
         if self.torch_device.type == "cuda":
             return {"device": self.device, "kind": "cuda_max_allocated", "bytes": int(torch.cuda.max_memory_allocated(self.torch_device))}
-        return {"device": self.device, "kind": "process_peak_rss", "bytes": peak_rss_bytes()}
+        since_reset = rss_high_water_mark()
+        if since_reset is not None:
+            return {"device": self.device, "kind": "process_peak_rss", "bytes": since_reset}
+        return {"device": self.device, "kind": "process_lifetime_peak_rss", "bytes": peak_rss_bytes()}
 
 
 CPU = Machine()
@@ -133,6 +140,25 @@ def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (the whole process: loading included)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's record of this process's peak RSS (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``)."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def rss_high_water_mark() -> int | None:
+    """This process's peak RSS since the last ``reset_peak_rss`` (VmHWM), or None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        return None
+    return None
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

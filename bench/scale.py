@@ -149,10 +149,13 @@ def run_plain(shape: str, precision: str, steps: int, device: str) -> dict[str, 
     """The same steps as a bare transformers + peft loop (no fedlpp): the reference for tokens/s."""
     t0 = time.perf_counter()
     import torch
+
+    from fedlpp.models.machine import Machine, import_bitsandbytes, peak_rss_bytes, resolve_device
+
+    import_bitsandbytes()  # before peft imports it: no kernel fetch from the Hub
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from fedlpp.models.machine import Machine, peak_rss_bytes, resolve_device
     from fedlpp.models.shipped import smollm2_dir
 
     machine = Machine(resolve_device(device), precision)
@@ -222,16 +225,17 @@ def measure(cell: dict[str, Any]) -> dict[str, Any]:
 
 
 def ratios(rows: list[dict[str, Any]]) -> None:
-    """Each cell's peak and step time against the fp32 cell (no checkpointing) of its shape and device."""
-    base = {(r["shape"], r["device"]): r for r in rows
+    """Each cell's peak and step time against the fp32 cell (no checkpointing) of its shape and device, measured in
+    the same run of this script (a cell kept from an earlier run is compared only with cells of that run)."""
+    base = {(r["shape"], r["device"], r.get("run")): r for r in rows
             if r["kind"] == "fedlpp" and r["precision"] == "fp32" and not r["checkpointing"] and "error" not in r}
-    plain = {(r["shape"], r["precision"], r["device"]): r for r in rows if r["kind"] == "plain" and "error" not in r}
+    plain = {(r["shape"], r["precision"], r["device"], r.get("run")): r for r in rows if r["kind"] == "plain" and "error" not in r}
     for r in rows:
-        ref = base.get((r["shape"], r["device"]))
+        ref = base.get((r["shape"], r["device"], r.get("run")))
         if "error" in r or ref is None:
             continue
         r["peak_vs_fp32"] = round(r["peak_bytes"] / ref["peak_bytes"], 3)
-        twin = plain.get((r["shape"], r["precision"], r["device"]))
+        twin = plain.get((r["shape"], r["precision"], r["device"], r.get("run")))
         if r["kind"] == "fedlpp" and r["quantize"] == "none" and not r["checkpointing"] and twin is not None:
             r["time_vs_plain_loop"] = round(r["s_per_step"] / twin["s_per_step"], 3)
         goal = GOALS.get((r["shape"], r.get("quantize") if r.get("quantize") == "nf4" else r["precision"], r.get("checkpointing")))
@@ -240,25 +244,27 @@ def ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| shape | backbone | checkpointing | peak | vs fp32 | s/step | tokens/s | load s | last loss | vs plain loop |\n"
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    lines = [head]
+    lines = ["| shape | backbone | checkpointing | peak | vs fp32 | s/step | tokens/s | load s | last loss | vs plain loop |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        backbone = r["precision"] if r.get("quantize", "none") == "none" else f"{r['quantize']} ({r['precision']} compute)"
-        if r["kind"] == "plain":
-            backbone = f"{r['precision']}, plain peft loop"
-        if "error" in r:
-            lines.append(f"| {r['shape']} | {backbone} | {r.get('checkpointing', '')} | error: {r['error'][:80]} | | | | | | |")
-            continue
-        goal = f" (goal <= {r['goal_peak_vs_fp32']:.2f}x {'met' if r['goal_met'] else 'MISSED'})" if "goal_met" in r else ""
-        lines.append(
-            f"| {r['shape']} | {backbone} | {'on' if r.get('checkpointing') else 'off'} | {r['peak_bytes'] / 2**30:.2f} GiB | "
-            f"{r.get('peak_vs_fp32', float('nan')):.2f}x{goal} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['load_s']:.0f} | "
-            f"{r['losses'][-1]:.3f} | {r['time_vs_plain_loop']:.2f}x |".replace("| nanx", "| ") if "time_vs_plain_loop" in r else
-            f"| {r['shape']} | {backbone} | {'on' if r.get('checkpointing') else 'off'} | {r['peak_bytes'] / 2**30:.2f} GiB | "
-            f"{r.get('peak_vs_fp32', float('nan')):.2f}x{goal} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['load_s']:.0f} | "
-            f"{r['losses'][-1]:.3f} | |")
+        lines.append("| " + " | ".join(_row_cells(r)) + " |")
     return "\n".join(lines)
+
+
+def _row_cells(r: dict[str, Any]) -> list[str]:
+    if r["kind"] == "plain":
+        backbone, checkpointing = f"{r['precision']}, plain peft loop", "off"
+    else:
+        backbone = r["precision"] if r["quantize"] == "none" else f"{r['quantize']} ({r['precision']} compute)"
+        checkpointing = "on" if r["checkpointing"] else "off"
+    if "error" in r:
+        return [r["shape"], backbone, checkpointing, f"error: {r['error'][:80]}", "", "", "", "", "", ""]
+    vs_fp32 = f"{r['peak_vs_fp32']:.3f}x" if "peak_vs_fp32" in r else "-"
+    if "goal_met" in r:
+        vs_fp32 += f" (goal <= {r['goal_peak_vs_fp32']:.2f}x: {'met' if r['goal_met'] else 'missed'})"
+    vs_plain = f"{r['time_vs_plain_loop']:.2f}x" if "time_vs_plain_loop" in r else ""
+    return [r["shape"], backbone, checkpointing, f"{r['peak_bytes'] / 2**30:.2f} GiB", vs_fp32, f"{r['s_per_step']:.2f}",
+            f"{r['tokens_per_s']:.0f}", f"{r['load_s']:.0f}", f"{r['losses'][-1]:.3f}", vs_plain]
 
 
 def main() -> None:
@@ -288,6 +294,7 @@ def main() -> None:
     out = args.out or RESULTS / ("scale-quick.json" if args.quick else "scale.json")
     done = {} if args.fresh or not out.exists() else {cell_key(r): r for r in json.loads(out.read_text())["cells"]}
     rows = []
+    run = time.strftime("%Y-%m-%dT%H:%M:%S")  # ratios compare cells of one run only
     cells = cells_for(args)
     for i, cell in enumerate(cells, 1):
         key = cell_key(cell)
@@ -296,7 +303,7 @@ def main() -> None:
             continue
         print(f"[{i}/{len(cells)}] {key} ...", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        rows.append(measure(cell))
+        rows.append({**measure(cell), "run": run})
         print(f"    {time.perf_counter() - t:.0f} s: " + (rows[-1].get("error") or f"peak {rows[-1]['peak_bytes'] / 2**30:.2f} GiB, "
               f"{rows[-1]['s_per_step']:.2f} s/step"), file=sys.stderr, flush=True)
         ratios(rows)

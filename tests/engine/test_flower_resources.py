@@ -100,3 +100,13 @@ def test_invalid_resources_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError) as caught:
         flower(override)
     assert message in str(caught.value)
+
+
+def test_clients_on_a_gpu_that_ray_does_not_count_are_refused(given, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match="flower.client_gpus: train.device='auto' puts every virtual client on cuda:0"):
+        run_simulated(flower(), tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match="inside a Ray actor the GPU Ray gave it is cuda:0"):
+        run_simulated(flower("flower.client_gpus=0.5", "train.device=cuda:1"), tmp_path / "run", progress=False)
+    assert given == {}, "Flower was never called"

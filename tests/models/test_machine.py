@@ -6,6 +6,8 @@ Everything here runs on the CPU with the tiny backbones; tests/gpu has the CUDA 
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,13 +15,21 @@ import torch.nn.functional as F
 
 from fedlpp.algorithms.client import LocalTraining, PlainSteps, ScaledOptimizer, shuffled_batches, train_client
 from fedlpp.config import ConfigError, load_config
-from fedlpp.data import encode_for_generation
+from fedlpp.data import collate, encode_for_generation
 from fedlpp.data.weather import make_weather
 from fedlpp.evaluation.evaluate import mean_loss
 from fedlpp.models import objective
 from fedlpp.models.backbone import load_backbone
 from fedlpp.models.lora import adapter_parameters, attach_lora, get_adapter, set_adapter
-from fedlpp.models.machine import CPU, Machine, import_bitsandbytes, resolve_device, rss_high_water_mark, silent_kernel_fetch
+from fedlpp.models.machine import (
+    CPU,
+    Machine,
+    import_bitsandbytes,
+    recomputing,
+    resolve_device,
+    rss_high_water_mark,
+    silent_kernel_fetch,
+)
 from fedlpp.privacy.dp_sgd import DpSgd, DpSgdSteps
 from fedlpp.privacy.randomness import SeededRandomness
 
@@ -125,13 +135,20 @@ def test_bf16_steps_follow_fp32_closely(features):
     assert float((half - full).norm() / full.norm()) < 0.05
 
 
-def test_fp16_steps_go_through_the_loss_scaler(features):
+def test_fp16_steps_unscale_before_clipping(features):
+    """Loss scaling (x65536) must be undone before the clip: one SGD step of lr 1 then moves exactly max_grad_norm."""
     machine = Machine("cpu", "fp16")
-    rule = PlainSteps(0.5, machine)
     model = lora_model(machine)
-    with rule.attach(model, list(adapter_parameters(model).values()), torch.optim.SGD([torch.zeros(1)], lr=0.1)) as optimizer:
+    params = list(adapter_parameters(model).values())
+    rule = PlainSteps(1e-3, machine)
+    with rule.attach(model, params, torch.optim.SGD([torch.zeros(1)], lr=0.1)) as optimizer:
         assert isinstance(optimizer, ScaledOptimizer) and rule.scaler is not None
-    assert steps(model, features, machine, rule).losses
+    start = get_adapter(model)
+    sgd = LocalTraining(lr=1.0, weight_decay=0.0, max_grad_norm=1e-3, optimizer="sgd")
+    result = train_client(model, "generation", start, list(start), shuffled_batches(features, 1, 8, 0, seed=1), sgd, 0,
+                          PlainSteps(1e-3, machine), machine)
+    moved = float(torch.cat([t.flatten() for t in result.delta.values()]).norm())
+    assert 0.9e-3 < moved <= 1.0001e-3
 
 
 def test_dp_sgd_refuses_fp16_itself():
@@ -155,6 +172,8 @@ def test_nf4_base_is_4bit_with_embeddings_in_the_compute_dtype():
     assert all(p.dtype == torch.float32 for p in adapter_parameters(model).values())
 
 
+@pytest.mark.skipif(not import_bitsandbytes().functional.has_avx512bf16(),
+                    reason="this CPU has no AVX512-BF16: bitsandbytes never repacks here, so there is nothing to catch")
 def test_training_after_an_evaluation_is_unaffected_on_a_4bit_base(features):
     """DESIGN 5.1: a no_grad forward must not repack the 4-bit weights under the model that keeps training."""
     model = nf4_model()
@@ -175,19 +194,55 @@ def test_training_after_an_evaluation_is_unaffected_on_a_4bit_base(features):
 
 
 def test_bitsandbytes_is_imported_without_fetching_a_kernel():
+    """A fresh process where `kernels` records every fetch: fedlpp's imports (peft imports bitsandbytes) make none."""
+    script = (
+        "import sys\n"
+        "import kernels\n"
+        "calls = []\n"
+        "def get_kernel(*args, **kwargs):\n"
+        "    calls.append(args)\n"
+        "    raise RuntimeError('no network')\n"
+        "kernels.get_kernel = get_kernel\n"
+        "import fedlpp.engine.setup, fedlpp.engine.flower.client_app, peft, bitsandbytes\n"
+        "assert 'bitsandbytes' in sys.modules\n"
+        "print('fetches', len(calls))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "fetches 0" in out.stdout
     with silent_kernel_fetch():
         with pytest.raises(ImportError):
-            importlib.import_module("kernels")  # what bitsandbytes' CPU backend tries on import
-    assert import_bitsandbytes() is not None
+            importlib.import_module("kernels")
+
+
+def test_a_4bit_classifier_keeps_its_head_in_full_precision():
+    bnb = import_bitsandbytes()
+    backbone = load_backbone("tiny-bert", "classification", 2, "cls", Machine("cpu", "bf16", "nf4"))
+    model = attach_lora(backbone, "classification", r=4, alpha=8, dropout=0.0)
+    base = model.get_base_model()
+    assert isinstance(base.bert.encoder.layer[0].intermediate.dense, bnb.nn.Linear4bit)
+    assert not isinstance(base.classifier.original_module, bnb.nn.Linear4bit)  # the trained head is a copy of it
+    head = [n for n in adapter_parameters(model) if "classifier" in n]
+    assert head and all(adapter_parameters(model)[n].dtype == torch.float32 for n in head)
 
 
 # --- gradient checkpointing, also under DP-SGD ----------------------------------------------------
 
 
+def recomputes(model) -> list[bool]:
+    """Records, for every forward of the first q_proj, whether it was checkpointing's recompute."""
+    seen: list[bool] = []
+    model.get_base_model().model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: seen.append(recomputing()))
+    return seen
+
+
 def test_checkpointing_takes_the_same_step(features):
     plain = steps(lora_model(), features)
     machine = Machine("cpu", gradient_checkpointing=True)
-    checkpointed = steps(lora_model(machine), features, machine)
+    model = lora_model(machine)
+    seen = recomputes(model)
+    checkpointed = steps(model, features, machine)
+    assert seen.count(True) == seen.count(False) == 2, "each step's forward is recomputed once in backward"
     for name in plain.delta:
         torch.testing.assert_close(checkpointed.delta[name], plain.delta[name], rtol=1e-4, atol=1e-7)
 
@@ -195,12 +250,16 @@ def test_checkpointing_takes_the_same_step(features):
 @pytest.mark.parametrize("base", [CPU, Machine("cpu", "bf16", "nf4")], ids=["fp32", "nf4"])
 def test_dp_sgd_with_checkpointing_takes_the_same_step(base, features):
     """Per-example clipping sees each example's gradient once: the recompute inside backward is not recorded."""
-    def dp_step(machine):
+    def dp_step(machine, count=False):
         rule = DpSgdSteps(DpSgd(0.0, 1e-3, 8), SeededRandomness(0), machine)  # clip small: every example is clipped
-        return steps(lora_model(machine), features, machine, rule)
+        model = lora_model(machine)
+        seen = recomputes(model)
+        result = steps(model, features, machine, rule)
+        assert (True in seen) == count, "checkpointing recomputes exactly when it is on"
+        return result
 
     plain = dp_step(base)
-    checkpointed = dp_step(Machine(base.device, base.precision, base.quantize, True))
+    checkpointed = dp_step(Machine(base.device, base.precision, base.quantize, True), count=True)
     for name in plain.delta:
         torch.testing.assert_close(checkpointed.delta[name], plain.delta[name], rtol=1e-3, atol=1e-6)
     assert any(t.abs().max() > 0 for t in plain.delta.values())
@@ -245,3 +304,22 @@ def test_peak_memory_is_the_peak_since_the_reset():
     after = machine.peak_memory()
     assert during["kind"] == after["kind"] == "process_peak_rss"
     assert during["bytes"] - after["bytes"] >= 200 * 2**20
+
+
+@pytest.mark.parametrize("machine", [Machine("cpu", "bf16"), Machine("cpu", "bf16", "nf4")], ids=["bf16", "nf4"])
+def test_dp_sgd_clips_each_example_to_c_on_a_bf16_base(machine, features):
+    """The accountant assumes every clipped per-example gradient has norm <= C: its norm is taken in float32."""
+    model = lora_model(machine)
+    params = list(adapter_parameters(model).values())
+    for p in params:
+        p.requires_grad_(True)
+    clip = 1e-3  # far below every example's gradient norm: each one is clipped
+    rule = DpSgdSteps(DpSgd(0.0, clip, 1), SeededRandomness(0), machine)
+    model.train()
+    for i in range(3):
+        with rule.attach(model, params, torch.optim.SGD(params, lr=1.0)) as optimizer:
+            rule.backward(model, "generation", collate(features[i : i + 1], 0), params)  # one example: the sum is its clipped gradient
+            optimizer.clip_and_accumulate()
+            norm = torch.sqrt(sum((p.summed_grad.double() ** 2).sum() for p in params))
+            assert clip * 0.99 < float(norm) <= clip * (1 + 1e-6)
+            optimizer.zero_grad(True)

@@ -10,6 +10,7 @@ compute their forward passes under the ``Machine``'s autocast; fp16's loss scali
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ContextManager, Protocol
@@ -25,6 +26,8 @@ from fedlpp.models.objective import example_losses
 
 if TYPE_CHECKING:
     from fedlpp.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 Batch = Mapping[str, torch.Tensor] | None  # None: an empty (Poisson-sampled) batch
 
@@ -110,8 +113,12 @@ class ScaledOptimizer:
         self.scaler.unscale_(self.optimizer)
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.scaler.get_scale() < scale:  # the gradients overflowed in fp16: this step was skipped
+            log.warning("fp16: a local step's gradients overflowed; the step was skipped and the loss scale lowered to %g",
+                        self.scaler.get_scale())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -305,16 +305,20 @@ def finish(
 
 
 def peak_memory_summary(ctx: ServerContext, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The largest client step's peak memory over the run, and what was measured (CUDA allocation or process RSS)."""
-    peaks = [r["client_peak_memory_bytes"] for r in rows if "client_peak_memory_bytes" in r]
-    if not peaks:
-        return {}
+    """The largest peak memory a client reported for its step (a GPU client: CUDA's peak allocation; a CPU one: its
+    process's peak RSS during the step), the server process's peak while it loaded the model, and the server's machine
+    (in the local engine, the clients' too)."""
     machine = ctx.side.machine
-    measured = ("torch.cuda.max_memory_allocated during a client step" if machine.torch_device.type == "cuda"
-                else "peak RSS of the client's process during its step")
-    return {"client_peak_memory_bytes": max(peaks), "client_peak_memory": f"{max(peaks) / 2**30:.2f} GiB ({measured})",
-            "machine": {"device": machine.device, "precision": machine.precision, "quantize": machine.quantize,
-                        "gradient_checkpointing": machine.gradient_checkpointing}}
+    summary: dict[str, Any] = {
+        "machine": {"device": machine.device, "precision": machine.precision, "quantize": machine.quantize,
+                    "gradient_checkpointing": machine.gradient_checkpointing},
+        "model_load_peak_memory_bytes": ctx.side.load_peak_memory,
+    }
+    peaks = [r["client_peak_memory_bytes"] for r in rows if "client_peak_memory_bytes" in r]
+    if peaks:
+        summary["client_peak_memory_bytes"] = max(peaks)
+        summary["client_peak_memory"] = f"{max(peaks) / 2**30:.2f} GiB"
+    return summary
 
 
 def final_evaluation(ctx: ServerContext, adapter: Adapter, rows: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:

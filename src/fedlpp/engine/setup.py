@@ -56,6 +56,7 @@ class ModelSide:
     model: PeftModel
     kind: str  # generation | classification
     shapes: dict[str, tuple[int, ...]]
+    load_peak_memory: int = 0  # bytes: this process's peak while it loaded the model (CUDA: its peak allocation)
 
     @property
     def pad_id(self) -> int:
@@ -134,9 +135,10 @@ def machine_of(cfg: ExperimentConfig) -> Machine:
 
 
 def build_model(cfg: ExperimentConfig, kind: str, num_labels: int) -> ModelSide:
-    backbone = load_backbone(cfg.model.name, kind, num_labels, cfg.model.pooling, machine_of(cfg))
+    machine = machine_of(cfg)
+    backbone = load_backbone(cfg.model.name, kind, num_labels, cfg.model.pooling, machine)
     model = attach_lora(backbone, kind, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
-    return ModelSide(backbone, model, kind, adapter_shapes(model))
+    return ModelSide(backbone, model, kind, adapter_shapes(model), machine.peak_memory()["bytes"])
 
 
 def client_data(side: ModelSide, examples: Sequence[Example], client_id: int, max_length: int) -> ClientData:

@@ -137,7 +137,8 @@ def checkpoint_contexts() -> tuple[ContextManager[Any], ContextManager[Any]]:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (the whole process: loading included)."""
+    """This process's peak resident set size since it started, or since the last ``reset_peak_rss`` (Linux
+    resets both records together): the whole process, loading included, when nothing reset it."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes
 

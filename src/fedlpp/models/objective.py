@@ -78,8 +78,10 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     vocabulary that copy is the largest tensor of a LoRA step: DESIGN 5.1, bench/scale.py).
     """
     rows = max(1, CE_CHUNK // max(1, logits.shape[-1]))
-    if len(logits) <= rows or not logits.requires_grad:
+    if len(logits) <= rows:
         return _cross_entropy_rows(logits, targets)
+    if not (logits.requires_grad and torch.is_grad_enabled()):  # evaluation: chunks alone bound the float32 copies
+        return torch.cat([_cross_entropy_rows(logits[i : i + rows], targets[i : i + rows]) for i in range(0, len(logits), rows)])
     chunks = [checkpoint(_cross_entropy_rows, logits[i : i + rows], targets[i : i + rows], use_reentrant=False)
               for i in range(0, len(logits), rows)]
     return torch.cat(chunks)

@@ -56,6 +56,18 @@ class NoisyOptimizer(DPOptimizer):
         super().__init__(optimizer, **kwargs)
         self._noise = noise
 
+    def clip_and_accumulate(self) -> None:
+        # Per-example gradients of LoRA layers fed by a bf16 base come out in bf16; their norms and the
+        # clip factors must be float32, or a clipped gradient can exceed C (by ~0.5% in bf16) and the
+        # accountant's sensitivity no longer holds.
+        for p in self.params:
+            samples = getattr(p, "grad_sample", None)
+            if isinstance(samples, list):  # one tensor per length chunk of the batch
+                p.grad_sample = [g.to(p.dtype) for g in samples]
+            elif samples is not None:
+                p.grad_sample = samples.to(p.dtype)
+        super().clip_and_accumulate()
+
     def scale_grad(self) -> None:
         # One Poisson batch, however many chunks its backward passes took: divide by the expected
         # batch alone (Opacus would also divide by the number of passes, its logical-batch case).

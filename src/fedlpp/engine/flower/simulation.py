@@ -74,6 +74,20 @@ def cuda_gpus_for(client_gpus: float) -> int | None:
     return count
 
 
+def check_client_device(cfg: ExperimentConfig) -> None:
+    """Virtual clients on a GPU only through Ray's GPU accounting, where each actor's own GPU is cuda:0."""
+    from fedlpp.models.machine import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    if device.startswith("cuda") and cfg.flower.client_gpus == 0:
+        raise ConfigError(f"flower.client_gpus: train.device={cfg.train.device!r} puts every virtual client on {device}, "
+                          "but Ray would not count them and would start one per core there; set flower.client_gpus "
+                          "(0.5: two clients share a GPU) or train.device=cpu")
+    if device.startswith("cuda:") and device != "cuda:0" and cfg.flower.client_gpus > 0:
+        raise ConfigError(f"train.device: {cfg.train.device!r}, but inside a Ray actor the GPU Ray gave it is cuda:0; "
+                          "use train.device=cuda (or auto) with flower.client_gpus")
+
+
 def run_simulated(
     cfg: ExperimentConfig,
     out: Path,
@@ -84,6 +98,7 @@ def run_simulated(
 ) -> dict[str, Any]:
     """Run (or continue) an experiment into ``out`` on Flower's simulation runtime; its summary."""
     num_gpus = cuda_gpus_for(cfg.flower.client_gpus)  # before Ray starts
+    check_client_device(cfg)
     quiet_flower()
     result: dict[str, Any] = {}
     server = ServerApp()

@@ -3,6 +3,7 @@
 Usage:
     .venv/bin/python bench/scale.py --quick     # SmolLM2-135M (the shipped weights), 6 cells + a plain loop: <= 5 min on 2 cores
     .venv/bin/python bench/scale.py             # + SmolLM2-360M and Llama-3.2-1B shapes: bench/results/scale.json
+    .venv/bin/python bench/scale.py --shapes llama-3.2-1b --repeats 3   # each cell 3 times: median peak and every run
     .venv/bin/python bench/scale.py --shapes llama-2-7b --device cuda   # on a GPU (needs the memory for the 7B file)
 
 Each cell is one fresh process that does what a fedlpp client does on that backbone: load it
@@ -214,14 +215,20 @@ def cells_for(args: argparse.Namespace) -> list[dict[str, Any]]:
     return cells
 
 
-def measure(cell: dict[str, Any]) -> dict[str, Any]:
-    """Run one cell in a fresh process (its peak RSS is its own) and read its JSON line."""
+def measure(cell: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """Run one cell ``repeats`` times, each in a fresh process (its peak RSS is its own): the medians, and every run's
+    peak and step time (a CPU process's peak varies by a few hundred MB between identical runs)."""
     ensure_checkpoint(cell["shape"])
-    proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps(cell)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-3:]
-        return {**cell, "error": " | ".join(tail) or f"exit {proc.returncode}"}
-    return {**cell, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    runs = []
+    for _ in range(repeats):
+        proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps(cell)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-3:]
+            return {**cell, "error": " | ".join(tail) or f"exit {proc.returncode}"}
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    median = {k: statistics.median(r[k] for r in runs) for k in ("peak_bytes", "peak_rss_after_load_bytes", "s_per_step", "load_s")}
+    return {**cell, **runs[0], **median, "tokens_per_s": round(BATCH * LENGTH / median["s_per_step"], 1),
+            "peak_bytes_runs": [r["peak_bytes"] for r in runs], "s_per_step_runs": [r["s_per_step"] for r in runs]}
 
 
 def ratios(rows: list[dict[str, Any]]) -> None:
@@ -260,10 +267,12 @@ def _row_cells(r: dict[str, Any]) -> list[str]:
     if "error" in r:
         return [r["shape"], backbone, checkpointing, f"error: {r['error'][:80]}", "", "", "", "", "", ""]
     vs_fp32 = f"{r['peak_vs_fp32']:.3f}x" if "peak_vs_fp32" in r else "-"
+    runs = r.get("peak_bytes_runs", [])
+    spread = f" ({min(runs) / 2**30:.2f}-{max(runs) / 2**30:.2f})" if len(runs) > 1 else ""
     if "goal_met" in r:
         vs_fp32 += f" (goal <= {r['goal_peak_vs_fp32']:.2f}x: {'met' if r['goal_met'] else 'missed'})"
     vs_plain = f"{r['time_vs_plain_loop']:.2f}x" if "time_vs_plain_loop" in r else ""
-    return [r["shape"], backbone, checkpointing, f"{r['peak_bytes'] / 2**30:.2f} GiB", vs_fp32, f"{r['s_per_step']:.2f}",
+    return [r["shape"], backbone, checkpointing, f"{r['peak_bytes'] / 2**30:.2f} GiB{spread}", vs_fp32, f"{r['s_per_step']:.2f}",
             f"{r['tokens_per_s']:.0f}", f"{r['load_s']:.0f}", f"{r['losses'][-1]:.3f}", vs_plain]
 
 
@@ -276,6 +285,7 @@ def main() -> None:
     parser.add_argument("--no-plain", dest="plain", action="store_false", help="skip the plain transformers + peft loop")
     parser.add_argument("--out", type=Path, help="default: bench/results/scale.json (--quick: scale-quick.json)")
     parser.add_argument("--fresh", action="store_true", help="measure every cell again")
+    parser.add_argument("--repeats", type=int, default=1, help="fresh processes per cell: medians and every run are reported")
     parser.add_argument("--cell", help=argparse.SUPPRESS)
     parser.add_argument("--build", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -303,7 +313,7 @@ def main() -> None:
             continue
         print(f"[{i}/{len(cells)}] {key} ...", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        rows.append({**measure(cell), "run": run})
+        rows.append({**measure(cell, args.repeats), "run": run})
         print(f"    {time.perf_counter() - t:.0f} s: " + (rows[-1].get("error") or f"peak {rows[-1]['peak_bytes'] / 2**30:.2f} GiB, "
               f"{rows[-1]['s_per_step']:.2f} s/step"), file=sys.stderr, flush=True)
         ratios(rows)

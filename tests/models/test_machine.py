@@ -323,3 +323,14 @@ def test_dp_sgd_clips_each_example_to_c_on_a_bf16_base(machine, features):
             norm = torch.sqrt(sum((p.summed_grad.double() ** 2).sum() for p in params))
             assert clip * 0.99 < float(norm) <= clip * (1 + 1e-6)
             optimizer.zero_grad(True)
+
+
+def test_the_lm_head_projects_a_contiguous_slice(features):
+    """logits_to_keep hands the head a strided slice; a strided matmul input copies the [V, H] weight per sequence."""
+    model = lora_model()
+    seen: list[bool] = []
+    model.get_base_model().get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    batch = collate(features[:4], 0)
+    assert (batch["labels"][:, :4] == objective.IGNORE).all(), "the prompt carries no loss: only a slice is projected"
+    objective.example_losses(model, batch, "generation")
+    assert seen == [True]

@@ -56,9 +56,13 @@ def test_run_simulated_passes_the_configs_resources_to_flower(given, tmp_path):
     assert given["backend_config"]["init_args"]["num_cpus"] == 2
 
 
-def test_run_simulated_gives_ray_the_gpus_torch_sees(given, tmp_path, monkeypatch):
+def torch_sees_gpus(monkeypatch, count: int) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_run_simulated_gives_ray_the_gpus_torch_sees(given, tmp_path, monkeypatch):
+    torch_sees_gpus(monkeypatch, 1)
     with pytest.raises(RuntimeError, match="ended without finishing"):
         run_simulated(flower("flower.client_gpus=0.5"), tmp_path / "run", progress=False)
     assert given["backend_config"]["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.5}
@@ -66,8 +70,7 @@ def test_run_simulated_gives_ray_the_gpus_torch_sees(given, tmp_path, monkeypatc
 
 
 def test_more_gpus_per_client_than_torch_sees_is_refused_before_ray_starts(given, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    torch_sees_gpus(monkeypatch, 1)
     with pytest.raises(ConfigError, match="flower.client_gpus: 2 GPUs per virtual client, but torch sees only 1"):
         run_simulated(flower("flower.client_gpus=2"), tmp_path / "run", progress=False)
     assert given == {}, "Flower was never called"
@@ -103,8 +106,7 @@ def test_invalid_resources_are_refused_naming_the_key(override, message):
 
 
 def test_clients_on_a_gpu_that_ray_does_not_count_are_refused(given, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    torch_sees_gpus(monkeypatch, 2)
     with pytest.raises(ConfigError, match="flower.client_gpus: train.device='auto' puts every virtual client on cuda:0"):
         run_simulated(flower(), tmp_path / "run", progress=False)
     with pytest.raises(ConfigError, match="inside a Ray actor the GPU Ray gave it is cuda:0"):

@@ -48,7 +48,9 @@ class ClientData:
 
 
 class LocalTrainingPlan(Protocol):
-    """How a client trains in a round: which batches, which step rule."""
+    """How a client trains in a round: which batches, which step rule, on which machine."""
+
+    machine: Machine
 
     def train(
         self, model: nn.Module, kind: str, start: Adapter, trained: Sequence[str], data: ClientData, round_: int, on_step: OnStep | None
@@ -138,7 +140,6 @@ class ClientRecipe:
     training: LocalTrainingPlan
     transforms: tuple[DeltaTransform, ...]
     encode: Encoder
-    machine: Machine = CPU  # where the client's model runs: its peak memory is measured there
 
     def trained(self, round_: int) -> list[str]:
         """The adapter tensors it trains and sends in ``round_``."""
@@ -159,13 +160,14 @@ def client_step(
 ) -> ClientOutput:
     """One client's side of a round: broadcast bytes in, its upload out."""
     start, round_ = rnd.read_broadcast(payload, recipe.shapes)
-    recipe.machine.reset_peak_memory()
+    machine = recipe.training.machine  # where the client's model runs: its peak memory is measured there
+    machine.reset_peak_memory()
     result = recipe.training.train(model, recipe.kind, start, recipe.trained(round_), data, round_, on_step)
     delta = result.delta
     for transform in recipe.transforms:
         delta = transform(delta)
     upload = recipe.encode(delta, data.num_examples, round_)
-    return ClientOutput(upload, data.num_examples, mean_finite(result.losses), round_, recipe.machine.peak_memory()["bytes"])
+    return ClientOutput(upload, data.num_examples, mean_finite(result.losses), round_, machine.peak_memory()["bytes"])
 
 
 def mean_finite(values: Sequence[float]) -> float | None:

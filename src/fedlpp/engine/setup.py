@@ -56,7 +56,7 @@ class ModelSide:
     model: PeftModel
     kind: str  # generation | classification
     shapes: dict[str, tuple[int, ...]]
-    load_peak_memory: int = 0  # bytes: this process's peak while it loaded the model (CUDA: its peak allocation)
+    load_peak_memory: int = 0  # bytes: this process's peak up to the end of the model's loading (CUDA: its peak allocation)
 
     @property
     def pad_id(self) -> int:
@@ -229,7 +229,7 @@ def client_recipe(cfg: ExperimentConfig, side: ModelSide, spec: AlgorithmSpec, s
     encode: Encoder = UpdateBytes()
     if encoding is not None:
         encode = SecureInput(encoding, noise_shares(cfg, sigma))
-    return ClientRecipe(side.kind, side.shapes, spec, training, transforms, encode, side.machine)
+    return ClientRecipe(side.kind, side.shapes, spec, training, transforms, encode)
 
 
 def noise_shares(cfg: ExperimentConfig, sigma: float) -> NoiseShares | None:
@@ -319,7 +319,6 @@ def build_run(cfg: ExperimentConfig) -> LocalRun:
     parts = client_partitions(cfg, task)
     sizes = [len(p) for p in parts]
     plan = check_privacy(cfg, sizes)  # before the slow model load
-    resolve_device(cfg.train.device)  # a device this machine lacks: refused before the data is tokenised or a model loads
     side = build_model(cfg, task.kind, task.num_labels)
     clients = [client_data(side, part, k, cfg.model.max_length) for k, part in enumerate(parts)]
     return LocalRun(build_server(cfg, eval_only(task), side, sizes, plan), clients)

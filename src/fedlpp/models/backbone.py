@@ -112,15 +112,15 @@ def _load_weights(path: str, kind: str, num_labels: int, machine: Machine) -> Pr
     """The checkpoint at ``path`` in the machine's dtype (nf4: its linear layers in 4 bits) on its device."""
     auto = AutoModelForCausalLM if kind == "generation" else AutoModelForSequenceClassification
     # The classification head is new; its initial values come from the caller's seed.
-    kwargs = {**_load_kwargs(machine), **({"num_labels": num_labels} if kind == "classification" else {})}
+    head = {"num_labels": num_labels} if kind == "classification" else {}
     files = _local_safetensors(path)
     with _large_allocations_returned():
         if not files:
-            return auto.from_pretrained(path, **kwargs)
-        config = AutoConfig.from_pretrained(path, **({"num_labels": num_labels} if kind == "classification" else {}))
-        kwargs.pop("num_labels", None)
+            return auto.from_pretrained(path, **head, **_load_kwargs(machine))
+        config = AutoConfig.from_pretrained(path, **head)
         with _read_tensor_by_tensor(files) as state_dict:
-            model = _get_model_class(config, auto._model_mapping).from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
+            model = _get_model_class(config, auto._model_mapping).from_pretrained(None, config=config, state_dict=state_dict,
+                                                                                 **_load_kwargs(machine))
         return _as_if_loaded_from(model, path)
 
 

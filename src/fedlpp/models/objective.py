@@ -80,11 +80,15 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     rows = max(1, CE_CHUNK // max(1, logits.shape[-1]))
     if len(logits) <= rows:
         return _cross_entropy_rows(logits, targets)
-    if not (logits.requires_grad and torch.is_grad_enabled()):  # evaluation: chunks alone bound the float32 copies
-        return torch.cat([_cross_entropy_rows(logits[i : i + rows], targets[i : i + rows]) for i in range(0, len(logits), rows)])
-    chunks = [checkpoint(_cross_entropy_rows, logits[i : i + rows], targets[i : i + rows], use_reentrant=False)
-              for i in range(0, len(logits), rows)]
-    return torch.cat(chunks)
+    keep_for_backward = logits.requires_grad and torch.is_grad_enabled()  # evaluation: chunks alone bound the copies
+
+    def chunk(i: int) -> torch.Tensor:
+        part, wanted = logits[i : i + rows], targets[i : i + rows]
+        if keep_for_backward:
+            return checkpoint(_cross_entropy_rows, part, wanted, use_reentrant=False)
+        return _cross_entropy_rows(part, wanted)
+
+    return torch.cat([chunk(i) for i in range(0, len(logits), rows)])
 
 
 def _cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--host", default="127.0.0.1", help="interface of the node's local API")
     node.add_argument("--port", type=int, default=9094, help="the node's local API port (each node on a machine needs its own)")
     node.add_argument("--flwr-home", type=Path, help="Flower's folder for this node (one per node on a machine)")
+    node.add_argument("--connect-timeout", type=float, default=300,
+                      help="give up after this many seconds without reaching the SuperLink (default 300)")
+    node.add_argument("--threads", type=int, help="torch threads for training (default: torch's, one per core)")
     run = steps.add_parser("run", help="submit an experiment to the SuperLink and follow it to its end")
     run.add_argument("overrides", nargs="*", metavar="section.key=value",
                      help="applied on the server; with --resume only the keys a resume may change (fl.rounds=N extends the run)")
@@ -102,8 +105,10 @@ def command_deploy(args: argparse.Namespace) -> int:
         print(f"registered {args.public_key}: node id {connection.register(args.public_key)}")
         return 0
     if args.step == "supernode":
-        command = deploy.supernode_command(args.superlink, args.ca, args.key, args.data, args.client_id, args.host, args.port)
-        deploy.exec_program(command, args.flwr_home)
+        node_args = deploy.supernode_args(args.superlink, args.ca, args.key, args.data, args.client_id, args.host, args.port,
+                                          args.connect_timeout)
+        return deploy.run_node(node_args, args.host, args.port, args.superlink, args.connect_timeout, args.flwr_home,
+                               args.threads)
     return command_deploy_run(deploy, connection, args)
 
 

@@ -11,6 +11,7 @@ the most recent few are kept, so memory does not grow with the number of clients
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import tomllib
 from collections.abc import Mapping
@@ -31,6 +32,8 @@ from fedlpp.engine.setup import ModelSide, algorithm_spec, build_model, client_d
 DATA_PATH, CLIENT_ID = "data-path", "client-id"  # node config keys of a deployed SuperNode
 PARTITION_ID = "partition-id"  # set by Flower's simulation runtime
 CACHED_PARTITIONS = 8  # tokenised partitions kept per process
+
+log = logging.getLogger(__name__)
 
 app = ClientApp()
 
@@ -69,8 +72,14 @@ def simulated_partitions(cfg: ExperimentConfig) -> list[list[Example]]:
     return client_partitions(cfg, load_task_data(cfg))
 
 
+MODEL_LOADS = [0]  # backbones this process has built (a warm node: one per run)
+
+
 @functools.lru_cache(maxsize=1)
 def model_side(cfg: ExperimentConfig, kind: str, num_labels: int) -> ModelSide:
+    """The model for a config, built on first use and kept while messages carry the same config."""
+    MODEL_LOADS[0] += 1
+    log.info("model load %d in this process: %s (%s)", MODEL_LOADS[0], cfg.model.name, kind)
     return build_model(cfg, kind, num_labels)
 
 

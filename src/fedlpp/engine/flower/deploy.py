@@ -34,6 +34,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedlpp.data.examples_file import read_examples
 from fedlpp.engine.flower import FLOWER_ENV
+from fedlpp.engine.flower.node import DEFAULT_TASK_POLL_S, TASK_POLL_ENV
 
 CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "server.pem", "server.key"
 CONNECTION = "fedlpp"  # the connection name in the private FLWR_HOME of a fedlpp command
@@ -129,6 +130,7 @@ def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     flwr-clientapp) found through PATH: they must be this installation's.
     """
     env = {**os.environ, **FLOWER_ENV}
+    env.setdefault(TASK_POLL_ENV, str(DEFAULT_TASK_POLL_S))  # Flower's SuperExec polls every 1 s by default
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
@@ -151,18 +153,41 @@ def superlink_command(keys: Path, host: str, port: int) -> list[str]:
             "--ssl-keyfile", str(keys / SERVER_KEY), "--enable-supernode-auth"]
 
 
-def supernode_command(superlink: str, ca: Path, key: Path, data: Path, client_id: int | None, host: str, port: int) -> list[str]:
-    """The SuperNode's command line, after checking its data file parses (a clear error, not a failed round later)."""
+def supernode_args(superlink: str, ca: Path, key: Path, data: Path, client_id: int | None, host: str, port: int,
+                   connect_timeout: float) -> list[str]:
+    """Flower's SuperNode arguments, after checking the node's data file parses (a clear error, not a failed round later).
+
+    ``--isolation process``: the SuperNode launches no ClientApp processes; fedlpp's warm
+    worker serves its messages (``node.py``). ``--max-wait-time``: it gives up after
+    ``connect_timeout`` seconds without reaching the SuperLink.
+    """
     examples = read_examples(data)
     if not key.is_file():
-        raise DeployError(f"{key}: no such node key (make one with `fedlpp deploy keys`)")
+        raise DeployError(f"{key}: no such node key (make one with `fedlpp deploy node-key`)")
     if not ca.is_file():
         raise DeployError(f"{ca}: no such CA certificate")
+    if not connect_timeout > 0:
+        raise DeployError(f"--connect-timeout={connect_timeout:g}: expected a positive number of seconds")
     node_config = f'data-path="{_quotable(data.resolve())}"' + (f" client-id={client_id}" if client_id is not None else "")
     print(f"fedlpp: {data} holds {len(examples)} examples; starting a SuperNode for {superlink}", flush=True)
-    return [program("flower-supernode"), "--superlink", superlink, "--root-certificates", str(ca.resolve()),
-            "--auth-supernode-private-key", str(key.resolve()), "--host", host, "--port", str(port),
+    return ["--superlink", superlink, "--root-certificates", str(ca.resolve()), "--auth-supernode-private-key", str(key.resolve()),
+            "--host", host, "--port", str(port), "--isolation", "process", "--max-wait-time", f"{connect_timeout:g}",
             "--node-config", node_config]
+
+
+def run_node(args: list[str], host: str, port: int, superlink: str, connect_timeout: float, flwr_home: Path | None,
+             threads: int | None) -> int:
+    """This node until it is stopped: its SuperNode and fedlpp's warm worker (``node.py``); the exit code."""
+    from fedlpp.engine.flower.node import NodeProcess
+
+    if threads is not None:
+        if threads < 1:
+            raise DeployError(f"--threads={threads}: expected a positive number")
+        import torch
+
+        torch.set_num_threads(threads)
+    runtime = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return NodeProcess(args, runtime, superlink, flower_env(flwr_home), connect_timeout).run()
 
 
 def _quotable(path: Path) -> str:

@@ -1,0 +1,299 @@
+"""A warm node: Flower's SuperNode plus one long-lived fedlpp worker that serves every message it receives.
+
+Flower 1.41 answers each message with a fresh ``flwr-clientapp`` process that pulls one task,
+runs the app and exits (``flwr/supernode/runtime/run_clientapp.py``), so every message would
+import torch and load the backbone and the node's data again. ``fedlpp deploy supernode``
+instead starts the SuperNode with ``--isolation process`` (it then launches nothing itself)
+and serves the SuperNode's Runtime (ClientAppIo) API from this process, in a loop: acquire
+the next ClientApp task, pull its message and context, check the run is fedlpp's own app,
+run fedlpp's ClientApp here (the model, tokenizer and data stay loaded between messages: the
+caches in ``client_app.py``), push the reply and the context back. The protocol calls are
+Flower's own (``pull_task_input``, ``push_message``, ``push_task_output``).
+
+Trust: an open-source SuperLink cannot restrict which app a run carries (FAB signatures need
+an enterprise licence), so the worker never installs or imports code from a run's FAB: it
+runs only the installed ``fedlpp.engine.flower.client_app`` and answers any run whose app is
+not fedlpp's (by publisher, name, version and components) with an error.
+
+:class:`NodeProcess` is the supervisor around both: it validates the node's files before the
+SuperNode starts, says in its own output why the SuperNode stopped (a key the SuperLink does
+not know; a SuperLink it could not reach within ``--connect-timeout``), and stops the
+SuperNode when it stops (Ctrl-C, SIGTERM, an error), so no Flower process outlives it.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from fedlpp.engine.flower import FLOWER_ENV  # noqa: F401 - Flower's switches are set before flwr is imported
+
+log = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parents[2] / "assets" / "flower-app"
+TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own name for a task executor's poll
+DEFAULT_TASK_POLL_S = 0.1  # a warm worker (and the SuperLink's SuperExec) looks for a task this often (Flower: 1 s)
+NOT_REGISTERED = "[code: 2004]"  # Flower 1.41's FLEET_NODE_ACTIVATION_FAILED: the SuperLink knows no node with this key
+CONNECTION_FAILED = 305  # flower-supernode's exit code when it cannot set up its connection to the SuperLink
+
+
+class NodeError(RuntimeError):
+    """This node cannot go on; the message says why and what to do."""
+
+
+# --- which app a run may carry ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AppIdentity:
+    """What identifies fedlpp's Flower App: ``publisher/name``, version and its two components."""
+
+    fab_id: str
+    version: str
+    components: dict[str, str]
+
+    @staticmethod
+    def of_pyproject(text: str) -> AppIdentity:
+        tree = tomllib.loads(text)
+        app = tree.get("tool", {}).get("flwr", {}).get("app", {})
+        project = tree.get("project", {})
+        return AppIdentity(f"{app.get('publisher', '')}/{project.get('name', '')}", str(project.get("version", "")),
+                           dict(app.get("components", {})))
+
+
+def fedlpp_app() -> AppIdentity:
+    return AppIdentity.of_pyproject((APP_DIR / "pyproject.toml").read_text())
+
+
+def check_app(fab_id: str, fab_version: str, fab_content: bytes, expected: AppIdentity) -> None:
+    """Refuse (NodeError) a run whose app is not fedlpp's: this worker runs no other code."""
+    if (fab_id, fab_version) != (expected.fab_id, expected.version):
+        raise NodeError(f"this node runs only fedlpp's app {expected.fab_id} {expected.version}; the run carries "
+                        f"{fab_id or '?'} {fab_version or '?'}")
+    try:
+        with zipfile.ZipFile(BytesIO(fab_content)) as fab:
+            shipped = AppIdentity.of_pyproject(fab.read("pyproject.toml").decode())
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise NodeError(f"the run's app bundle cannot be read ({e}); this node runs only fedlpp's app") from None
+    if shipped != expected:
+        raise NodeError(f"the run's app bundle names {shipped.fab_id} {shipped.version} with components {shipped.components}; "
+                        f"this node runs only fedlpp's ({expected.components})")
+
+
+# --- the worker: one task after another over the SuperNode's Runtime API --------------------------------
+
+
+def task_poll_seconds(environ: Any = os.environ) -> float:
+    """The worker's poll for tasks: Flower's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (0.01 to 60 s) if set."""
+    raw = environ.get(TASK_POLL_ENV, "")
+    if not raw:
+        return DEFAULT_TASK_POLL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0.01 <= value <= 60:
+        raise NodeError(f"{TASK_POLL_ENV}={raw!r}: expected seconds between 0.01 and 60")
+    return value
+
+
+class Worker:
+    """Serves the ClientApp tasks of one SuperNode, one at a time, with fedlpp's ClientApp loaded once."""
+
+    def __init__(self, runtime_address: str, poll_s: float) -> None:
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        from fedlpp.engine.flower.client_app import app  # torch, transformers, peft: imported once, before any message
+
+        self.address, self.poll_s, self.app = runtime_address, poll_s, app
+        self.expected = fedlpp_app()
+        self.served = 0
+        self._client = RuntimeHttpClient.from_server_address(server_address=runtime_address, insecure=True, root_certificates=None,
+                                                             interceptors=_interceptors(), retry_invoker=make_simple_http_retry_invoker())
+
+    def next_task(self) -> str | None:
+        """Claim the oldest pending ClientApp task: its token, or None when there is none."""
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+        from flwr.supercore.constant import TaskType
+
+        res = self._client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        return res.token if res.HasField("task") and res.token else None
+
+    def serve(self, token: str) -> None:
+        """Run one task: pull its message and context, answer it with fedlpp's ClientApp, push the reply and the context."""
+        from flwr.app import Message
+        from flwr.app.error import Error
+        from flwr.common.constant import ErrorCode, SubStatus
+        from flwr.supercore.heartbeat import HeartbeatSender
+        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+        client = RuntimeHttpClient.from_server_address(server_address=self.address, insecure=True, root_certificates=None,
+                                                       interceptors=[*_interceptors(), RuntimeTokenHttpInterceptor(token)],
+                                                       retry_invoker=make_simple_http_retry_invoker())
+        heartbeat = HeartbeatSender(_task_heartbeat(client))
+        heartbeat.start()
+        message = context = reply = None
+        status, details = SubStatus.FAILED, "the task failed before its message was read"
+        try:
+            message, context, run, fab = pull_task_input(client)
+            check_app(run.fab_id, run.fab_version, fab.content, self.expected)
+            reply = self.app(message=message, context=context)
+            status, details = SubStatus.COMPLETED, ""
+        except Exception as e:  # noqa: BLE001 - the error goes back to the server as the reply, as Flower's ClientApp does
+            details = f"{type(e)}:<'{e}'>"
+            log.error("message %s: %s", message.metadata.message_type if message else "?", e, exc_info=not isinstance(e, NodeError))
+            if message is not None:
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+        finally:
+            try:
+                if reply is not None and context is not None:
+                    push_message(client, reply, context)
+            finally:
+                heartbeat.stop()
+                push_task_output(client=client, context=context, sub_status=status, details=details)
+                client.close()
+        self.served += 1
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _interceptors() -> list[Any]:
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.runtime.tracing import RuntimeTracingInterceptor
+
+    return [RuntimeTracingInterceptor(), RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")]
+
+
+def _task_heartbeat(client: Any) -> Callable[[], bool]:
+    """Flower's task heartbeat, minus its SIGINT to the process when the task is over (this process serves the next one)."""
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=no-name-in-module
+
+    def beat() -> bool:
+        try:
+            return bool(client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success)
+        except httpx.HTTPError:
+            return False
+
+    return beat
+
+
+# --- the supervisor: the SuperNode as a child, the worker in this process ------------------------------
+
+
+class NodeProcess:
+    """Runs one SuperNode (``fedlpp.engine.flower.supernode``, --isolation process) and its warm worker.
+
+    ``run()`` returns the exit code: 0 after a clean stop (Ctrl-C, SIGTERM), non-zero with a
+    message naming the cause when the SuperNode stopped by itself.
+    """
+
+    def __init__(self, supernode_args: Sequence[str], runtime_address: str, superlink: str, env: dict[str, str],
+                 connect_timeout: float) -> None:
+        self.supernode_args, self.runtime_address, self.superlink = list(supernode_args), runtime_address, superlink
+        self.env, self.connect_timeout = env, connect_timeout
+        self.tail: collections.deque[str] = collections.deque(maxlen=200)  # the SuperNode's last lines, for the diagnosis
+        self.supernode: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+
+    def run(self) -> int:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll of the SuperNode otherwise
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            self.supernode = subprocess.Popen([sys.executable, "-m", "fedlpp.engine.flower.supernode", *self.supernode_args],
+                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env,
+                                              preexec_fn=_die_with_parent)
+            threading.Thread(target=self._relay, args=(self.supernode.stdout,), daemon=True).start()
+            worker = Worker(self.runtime_address, task_poll_seconds(self.env))
+            try:
+                return self._loop(worker)
+            finally:
+                worker.close()
+        except KeyboardInterrupt:
+            print("fedlpp node: stopping", flush=True)
+            return 0
+        finally:
+            self._stop_supernode()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _loop(self, worker: Worker) -> int:
+        import httpx
+
+        while not self._stop.is_set():
+            assert self.supernode is not None
+            if self.supernode.poll() is not None:
+                return self._diagnose(self.supernode.returncode)
+            try:
+                token = worker.next_task()
+            except httpx.TransportError:  # the SuperNode's local API is not up yet, or going down
+                token = None
+            if token is None:
+                time.sleep(worker.poll_s)
+                continue
+            worker.serve(token)
+        print("fedlpp node: stopping (signal)", flush=True)
+        return 0
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._stop.set()
+        raise KeyboardInterrupt  # leaves a training step at once; run() stops the SuperNode
+
+    def _relay(self, stream: Any) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode(errors="replace")
+            self.tail.append(line)
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    def _diagnose(self, code: int) -> int:
+        time.sleep(0.2)  # let the relay thread print the SuperNode's last lines first
+        said = "".join(self.tail)
+        if NOT_REGISTERED in said:
+            print(f"fedlpp node: this node's public key is not registered with the SuperLink at {self.superlink} "
+                  "(or another node with the same key is connected): ask the model owner to run "
+                  "`fedlpp deploy register <this node's .pub>`", flush=True)
+        elif code == CONNECTION_FAILED:
+            print(f"fedlpp node: could not reach the SuperLink at {self.superlink} within --connect-timeout="
+                  f"{self.connect_timeout:g} s (is it running, and is the address and port right?); giving up", flush=True)
+        else:
+            print(f"fedlpp node: the SuperNode stopped with exit code {code}; its last lines are above", flush=True)
+        return code or 1
+
+    def _stop_supernode(self, grace: float = 10) -> None:
+        if self.supernode is None or self.supernode.poll() is not None:
+            return
+        self.supernode.terminate()
+        try:
+            self.supernode.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.supernode.kill()
+            self.supernode.wait(timeout=grace)
+
+
+def _die_with_parent() -> None:
+    """In the SuperNode's process (Linux): a SIGTERM when the node's supervisor dies, even by SIGKILL."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

@@ -3,6 +3,7 @@
 Usage:
     .venv/bin/python bench/engines.py                          # tiny-llama, all three runtimes + the memory figure
     .venv/bin/python bench/engines.py --model smollm2-135m     # real training steps (minutes)
+    .venv/bin/python bench/engines.py --skip-memory --secagg   # + a deployment with and without SecAgg (3 nodes)
     .venv/bin/python bench/engines.py --skip-memory --out bench/results/engines.json (the default)
 
 The same experiment (FedLPP w=2, N clients, K per round, E local steps; evaluation only
@@ -11,11 +12,16 @@ after the last round) runs on:
 - local: ``fedlpp run`` (every client in one process, one model in memory);
 - flower simulation: ``fedlpp run --engine flower`` (Ray, one actor per core);
 - flower deployment: ``LocalDeployment`` — a TLS SuperLink with node authentication and
-  N SuperNodes on 127.0.0.1, each reading its own client-K.jsonl — and ``fedlpp deploy run``.
+  N warm SuperNodes on 127.0.0.1 (each trains with cores/N torch threads, as the
+  simulation's actors do), each reading its own client-K.jsonl — and ``fedlpp deploy run``.
 
 Each runs in a fresh process. "start-up" is the command's wall-clock minus its rounds'
 time; "per round" is the median ``wall_s`` of the rounds before the last (the last one
-also evaluates). All three must end with the same adapter; the script checks that.
+also evaluates), printed with its range. All three must end with the same adapter; the
+script checks that. For the deployment it also prints the per-message overhead: each
+round's wall time minus the slowest node's time answering its train message (the nodes
+log it), and the model loads per node (1 expected). Targets: simulation <= 1.3x local;
+deployment <= 2x on tiny-llama, <= 1.3x on SmolLM2-135M; SecAgg <= 2x plain deployment.
 
 Memory: the simulation with ``--memory-clients`` (1,000) virtual clients, 10 sampled per
 round, against the same run with 10 clients (same data, same K): the peak of the summed
@@ -46,11 +52,13 @@ from fedlpp.config import load_config, write_toml  # noqa: E402
 from fedlpp.data.examples_file import write_examples  # noqa: E402
 from fedlpp.engine import rundir  # noqa: E402
 from fedlpp.engine.flower.deploy import LocalDeployment  # noqa: E402
+from fedlpp.engine.flower.node import ANSWERED  # noqa: E402
 from fedlpp.engine.setup import client_partitions, load_task_data  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "engines.json"
 FEDLPP = [sys.executable, "-m", "fedlpp.cli"]
-ROUND_TARGET, MEMORY_TARGET = 1.3, 1.2
+ROUND_TARGET, MEMORY_TARGET, SECAGG_TARGET = 1.3, 1.2, 2.0
+DEPLOY_TARGET = {"tiny-llama": 2.0, "smollm2-135m": 1.3}  # a deployed round against the local engine's
 
 
 def experiment(model: str, rounds: int, clients: int, per_round: int, steps: int) -> list[str]:
@@ -84,8 +92,13 @@ def run_simulation(overrides: list[str], out: Path) -> dict[str, float]:
     return figures(timed([*FEDLPP, "run", "--engine", "flower", *overrides, "--out", str(out), "--quiet"]), out)
 
 
-def run_deployment(overrides: list[str], work: Path) -> dict[str, float]:
-    """SuperLink + one SuperNode per client on 127.0.0.1 (TLS, node auth); start-up counts from launching them."""
+def run_deployment(overrides: list[str], work: Path) -> dict[str, object]:
+    """SuperLink + one warm SuperNode per client on 127.0.0.1 (TLS, node auth); start-up counts from launching them.
+
+    Besides the round times: each round's time outside the ClientApps (its wall time minus the
+    slowest node's time answering its train message, read from the nodes' logs: the transport,
+    the polls and the server's own step) and the number of model loads per node.
+    """
     cfg = load_config(None, overrides + ["flower.connect_timeout=300"])
     write_toml(cfg, work / "experiment.toml")
     for k, part in enumerate(client_partitions(cfg, load_task_data(cfg))):
@@ -97,7 +110,23 @@ def run_deployment(overrides: list[str], work: Path) -> dict[str, float]:
             federation.start_node(k, work / f"client-{k}.jsonl", client_id=k)
         timed([*FEDLPP, "deploy", "run", "--superlink", federation.connection.superlink, "--ca", str(federation.ca),
                "--config", str(work / "experiment.toml"), "--out", str(work / "run")])
-    return figures(time.perf_counter() - start, work / "run")
+        total = time.perf_counter() - start
+        logs = [federation.log(f"node-{k}") for k in range(cfg.fl.num_clients)]
+    row: dict[str, object] = dict(figures(total, work / "run"))
+    row.update(outside_the_client_app(rundir.read_metrics(work / "run"), logs))
+    row["model_loads_per_node"] = [log.count("model load ") for log in logs]
+    return row
+
+
+def outside_the_client_app(rows: list[dict], logs: list[str]) -> dict[str, object]:
+    """Per round: wall time minus the slowest node's train answer; its median and range over the rounds."""
+    slowest: dict[str, float] = {}
+    for log in logs:
+        for kind, group, seconds in ANSWERED.findall(log):
+            if kind == "train":
+                slowest[group] = max(slowest.get(group, 0.0), float(seconds))
+    outside = [r["wall_s"] - slowest[str(r["round"])] for r in rows if str(r["round"]) in slowest]
+    return {"outside_client_app_s": outside, "outside_client_app_median_s": statistics.median(outside) if outside else None}
 
 
 def same_adapter(a: Path, b: Path) -> float:
@@ -157,6 +186,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="local steps E")
     parser.add_argument("--memory-clients", type=int, default=1000)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--secagg", action="store_true", help="also: a deployment with and without SecAgg (3 nodes)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     overrides = experiment(args.model, args.rounds, args.clients, args.per_round, args.steps)
@@ -172,17 +202,53 @@ def main() -> None:
             "simulation": same_adapter(work / "local", work / "simulation"),
             "deployment": same_adapter(work / "local", work / "deploy" / "run"),
         }
-        ratio = rows["simulation"]["per_round_s"] / rows["local"]["per_round_s"]
-        report["simulation_per_round_ratio"] = {"value": ratio, "target": ROUND_TARGET, "holds": ratio <= ROUND_TARGET}
-        print(f"{'runtime':<11} {'start-up':>9} {'per round':>10} {'ratio':>7}")
-        for name, row in rows.items():
-            print(f"{name:<11} {row['startup_s']:8.2f}s {row['per_round_s']:9.2f}s {row['per_round_s'] / rows['local']['per_round_s']:6.2f}x")
+        report["per_round_ratio"] = ratios(rows, args.model)
+        print_table(rows)
         print(f"adapters equal to the local engine's within {max(report['max_abs_adapter_difference'].values()):.2g}")
+        print(f"deployment: outside the ClientApps {_spread(rows['deployment']['outside_client_app_s'])} per round; "
+              f"model loads per node {rows['deployment']['model_loads_per_node']}")
+        if args.secagg:
+            report["secagg"] = secagg_deployment(args, work)
         if not args.skip_memory:
             report["memory"] = memory(args, work)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
+
+
+def ratios(rows: dict[str, dict], model: str) -> dict[str, dict[str, object]]:
+    out = {}
+    for name, target in (("simulation", ROUND_TARGET), ("deployment", DEPLOY_TARGET.get(model))):
+        value = rows[name]["per_round_s"] / rows["local"]["per_round_s"]
+        out[name] = {"value": value, "target": target, "holds": None if target is None else value <= target}
+    return out
+
+
+def print_table(rows: dict[str, dict]) -> None:
+    print(f"{'runtime':<11} {'start-up':>9} {'per round':>10} {'rounds before the last':>26} {'ratio':>7}")
+    for name, row in rows.items():
+        print(f"{name:<11} {row['startup_s']:8.2f}s {row['per_round_s']:9.2f}s {_spread(row['rounds_s'][:-1] or row['rounds_s']):>26} "
+              f"{row['per_round_s'] / rows['local']['per_round_s']:6.2f}x")
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} s ({min(values):.2f}-{max(values):.2f}, n={len(values)})" if values else "-"
+
+
+def secagg_deployment(args: argparse.Namespace, work: Path) -> dict[str, object]:
+    """The deployment with and without secure aggregation, 3 nodes, all 3 per round (SecAgg needs >= 3)."""
+    base = experiment(args.model, args.rounds, 3, 3, args.steps)
+    plain = run_deployment(base, _fresh(work / "secagg-plain"))
+    secure = run_deployment([*base, "secagg.enabled=true"], _fresh(work / "secagg-on"))
+    ratio = secure["per_round_s"] / plain["per_round_s"]
+    print(f"secure aggregation over a deployment (3 nodes): {_spread(secure['rounds_s'][:-1])} per round against "
+          f"{_spread(plain['rounds_s'][:-1])} plain, ratio {ratio:.2f}x (target <= {SECAGG_TARGET})")
+    return {"plain": plain, "secagg": secure, "ratio": ratio, "target": SECAGG_TARGET, "holds": ratio <= SECAGG_TARGET}
+
+
+def _fresh(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
 
 
 def memory(args: argparse.Namespace, work: Path) -> dict[str, object]:

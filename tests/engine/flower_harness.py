@@ -16,6 +16,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlpp.engine.flower import client_app
+from fedlpp.engine.flower.messages import fields_of
 
 CLIENT_APP_RAISED = 2  # Flower's error code for an exception in a ClientApp
 
@@ -58,7 +59,7 @@ class LoopbackGrid:
         node = message.metadata.dst_node_id
         if node in self.silent and message.metadata.message_type == "train":
             return None
-        step = message.content.config_records["fedlpp"].get("step") if "fedlpp" in message.content.config_records else None
+        step = fields_of(message).get("step") if "fedlpp" in message.content.config_records else None
         if node in self.gone or (step is not None and self.vanish_at.get(node) == step):
             self.gone.add(node)
             return None

@@ -18,7 +18,7 @@ from fedlpp.algorithms import wire
 from fedlpp.config import ConfigError, load_config
 from fedlpp.data.examples_file import ExamplesFileError, read_examples, write_examples
 from fedlpp.engine import rundir
-from fedlpp.engine.flower.messages import RECORD
+from fedlpp.engine.flower.messages import BLOBS, RECORD, fields_of
 from fedlpp.engine.flower.roster import FlowerRunError, assign_clients
 from fedlpp.engine.flower.server_app import serve_on_grid
 from fedlpp.engine.local import run_experiment
@@ -101,7 +101,7 @@ def test_no_message_the_server_app_sends_holds_a_full_precision_adapter_tensor(p
     needles += theta_needles(run_build_initial(tiny(f"algorithm.name={name}")))
     broadcasts = 0
     for message in grid.sent:
-        fields = dict(message.content.config_records[RECORD])
+        fields = fields_of(message)
         raw = b"".join(v if isinstance(v, bytes) else str(v).encode() for v in fields.values())
         assert not any(needle in raw for needle in needles), "theta's float32 values are in a message"
         if "payload" in fields:
@@ -109,6 +109,19 @@ def test_no_message_the_server_app_sends_holds_a_full_precision_adapter_tensor(p
             assert {k: t.dtype for k, t in tensors.items()} == {"codes": torch.uint8, "scales": torch.float16}
             broadcasts += 1
     assert broadcasts == 2 * 2  # two rounds, two clients each
+
+
+def test_broadcasts_travel_as_arrays_flower_chunks_holding_the_wire_bytes_unchanged(pairs):
+    _, _, grid = pairs["fedlpp"]
+    trains = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert trains
+    for message in trains:
+        plain = dict(message.content.config_records[RECORD])
+        assert not any(isinstance(v, bytes) for v in plain.values()), "no byte string rides in the ConfigRecord"
+        array = message.content.array_records[BLOBS]["payload"]
+        assert (array.dtype, array.shape) == ("uint8", (len(array.data),))
+        tensors, _ = wire.decode(array.data, rnd.BROADCAST)  # the wire format's bytes, with no header added
+        assert set(tensors) == {"codes", "scales"}
 
 
 def test_a_client_that_fails_or_stays_silent_is_listed_and_the_round_goes_on(tmp_path):
@@ -214,8 +227,8 @@ def test_secure_aggregation_over_flower_messages_equals_the_local_engines_secure
     assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
     rows = rundir.read_metrics(tmp_path / "flower")
     assert [sorted(r["secagg_survivors"]) for r in rows] == [r["clients"] for r in rows]
-    assert not any("upload" in dict(m.content.config_records[RECORD]) for m in grid.sent)
-    steps = {dict(m.content.config_records[RECORD]).get("step") for m in grid.sent}
+    assert not any("upload" in fields_of(m) for m in grid.sent)
+    steps = {fields_of(m).get("step") for m in grid.sent}
     assert steps == {None, "share_keys", "masked_input", "sign_survivors", "unmask"}
     assert all(not grid.states[n].config_records.get("fedlpp.secagg.session") for n in grid.states), "sessions are forgotten"
     assert all(m.metadata.ttl == 1 for m in grid.sent), "no message outlives the round it belongs to"
@@ -229,10 +242,10 @@ def replay_refused(grid: LoopbackGrid) -> None:
     from fedlpp.engine.flower import client_app
     from fedlpp.engine.flower.messages import MessageError, content
 
-    old = next(m for m in grid.sent if m.metadata.message_type == "train" and dict(m.content.config_records[RECORD])["round"] == 1)
+    old = next(m for m in grid.sent if m.metadata.message_type == "train" and fields_of(m)["round"] == 1)
     node = old.metadata.dst_node_id
     for round_, reason in ((1, "already took part"), (5, "says round 5 but its broadcast is for round 1")):
-        fields = {**dict(old.content.config_records[RECORD]), "round": round_}
+        fields = {**fields_of(old), "round": round_}
         again = Message(content(**fields), dst_node_id=node, message_type="train")
         again.metadata.__dict__["_message_id"] = "replayed"
         with pytest.raises(MessageError, match=reason):

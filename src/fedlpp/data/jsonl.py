@@ -7,7 +7,7 @@ One JSON object per line, every line of one kind:
   " " + output. Training keeps one example per (input, output); evaluation one per distinct
   input with all its references, as the E2E scorer does.
 - classification: ``{"text": ..., "label": ...}``, labels all integers 0..K-1 or all strings
-  (numbered in sorted order).
+  (numbered in sorted order); optionally ``"pair"``, a sentence pair's second text.
 
 Either kind may carry ``"group"`` (a string): what ``data.partition=dirichlet`` splits on
 (classification: the label by default). Without ``data.eval_path`` a seeded tenth of the
@@ -95,7 +95,7 @@ def _references(where: str, row: dict[str, Any]) -> list[str]:
     return [o.strip() for o in outputs]
 
 
-RESERVED = ("input", "output", "outputs", "text", "label")
+RESERVED = ("input", "output", "outputs", "text", "label", "pair")
 
 
 def _attributes(row: dict[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -188,10 +188,12 @@ def _label_names(lines: Sequence[Line]) -> list[str]:
 
 
 def _labelled(where: str, row: dict[str, Any], names: Sequence[str]) -> Example:
-    label = row["label"]
+    label, pair = row["label"], row.get("pair", "")
+    if not isinstance(pair, str):
+        raise ValueError(f"{where}: 'pair' must be a string, got {pair!r}")
     value = names.index(str(label))
     return Example(prompt=_text(where, row, "text").strip(), target="", label=value, group=_group(where, row, str(value)),
-                   attributes=_attributes(row))
+                   pair=pair, attributes=_attributes(row))
 
 
 def _held_out(keys: Sequence[Any], num_eval: int, seed: int) -> tuple[list[Any], list[Any]]:

@@ -123,6 +123,18 @@ def query(message: Message, context: Context) -> Message:
     return Message(content(kind=QUERY, **answer), reply_to=message)
 
 
+def prepare(message: Message, context: Context) -> None:
+    """After a query is answered (a warm node): build the model and tokenise this node's data before the first round."""
+    if message.metadata.message_type != QUERY:
+        return
+    fields = fields_of(message)
+    kind, num_labels = fields.get("kind"), fields.get("num_labels")
+    if not isinstance(kind, str) or not kind or not isinstance(num_labels, int):
+        return  # a server that does not name the task: the first train message builds them
+    cfg, source = config_of(fields), DataSource.of(context.node_config)
+    own_data(cfg, kind, num_labels, source, source.client_id)
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """One round: the broadcast in, this client's update out (``client_step``); under SecAgg its advertisement."""

@@ -34,13 +34,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedlpp.data.examples_file import read_examples
 from fedlpp.engine.flower import FLOWER_ENV
-from fedlpp.engine.flower.node import DEFAULT_TASK_POLL_S, TASK_POLL_ENV
+from fedlpp.engine.flower.node import TASK_POLL_ENV
 
 CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "server.pem", "server.key"
 CONNECTION = "fedlpp"  # the connection name in the private FLWR_HOME of a fedlpp command
 APP_DIR = Path(__file__).resolve().parents[2] / "assets" / "flower-app"  # the Flower App: a pyproject.toml naming fedlpp's apps
 DONE = "finished:"
 LOOPBACK = "127.0.0.1"
+SUPEREXEC_POLL_S = 0.25  # a submitted run's ServerApp starts within this (Flower: 1 s); each look costs the SuperLink CPU
 
 
 class DeployError(RuntimeError):
@@ -130,7 +131,6 @@ def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     flwr-clientapp) found through PATH: they must be this installation's.
     """
     env = {**os.environ, **FLOWER_ENV}
-    env.setdefault(TASK_POLL_ENV, str(DEFAULT_TASK_POLL_S))  # Flower's SuperExec polls every 1 s by default
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
@@ -198,9 +198,15 @@ def _quotable(path: Path) -> str:
 
 
 def exec_program(command: list[str], flwr_home: Path | None = None) -> None:
-    """Replace this process with ``command`` (so that stopping it stops the program itself)."""
+    """Replace this process with ``command`` (so that stopping it stops the program itself).
+
+    The SuperLink's SuperExec looks for a ServerApp to launch every
+    ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds: SUPEREXEC_POLL_S unless set (Flower: 1 s).
+    """
     sys.stdout.flush()
-    os.execve(command[0], command, flower_env(flwr_home))
+    env = flower_env(flwr_home)
+    env.setdefault(TASK_POLL_ENV, str(SUPEREXEC_POLL_S))
+    os.execve(command[0], command, env)
 
 
 # --- the flwr command line: a private connection per call -----------------------------------------
@@ -326,12 +332,17 @@ class LocalDeployment:
                 time.sleep(0.2)
         raise DeployError(f"the SuperLink did not answer on {LOOPBACK}:{self.port} within {timeout:g} s")
 
-    def start_node(self, k: int, data: Path, client_id: int | None = None, register: bool = True) -> subprocess.Popen:
-        """SuperNode with key node-k on ``data``; ``register=False`` leaves its key unknown to the SuperLink."""
+    def start_node(self, k: int, data: Path, client_id: int | None = None, register: bool = True,
+                   connect_timeout: float = 300) -> subprocess.Popen:
+        """SuperNode with key node-k on ``data``; ``register=False`` leaves its key unknown to the SuperLink.
+
+        The nodes share this machine's cores: each trains with ``cores // nodes`` torch threads.
+        """
         if register:
             self.node_ids[k] = self.connection.register(self.keys[k].with_name(self.keys[k].name + ".pub"))
         args = ["deploy", "supernode", "--superlink", self.connection.superlink, "--ca", str(self.ca), "--key", str(self.keys[k]),
-                "--data", str(data), "--port", str(free_port()), "--flwr-home", str(self.directory / f"home-node-{k}")]
+                "--data", str(data), "--port", str(free_port()), "--flwr-home", str(self.directory / f"home-node-{k}"),
+                "--connect-timeout", f"{connect_timeout:g}", "--threads", str(max(1, (os.cpu_count() or 1) // len(self.keys)))]
         return self._start(args + (["--client-id", str(client_id)] if client_id is not None else []), f"node-{k}")
 
     def log(self, name: str) -> str:

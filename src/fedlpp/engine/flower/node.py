@@ -27,6 +27,7 @@ import collections
 import ctypes
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parents[2] / "assets" / "flower-app"
 TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own name for a task executor's poll
-DEFAULT_TASK_POLL_S = 0.1  # a warm worker (and the SuperLink's SuperExec) looks for a task this often (Flower: 1 s)
+DEFAULT_TASK_POLL_S = 0.1  # an idle warm worker looks for a task at least this often (Flower's SuperExec: 1 s)
+FIRST_TASK_POLL_S = 0.01  # ... and this soon after it has served one
 NOT_REGISTERED = "[code: 2004]"  # Flower 1.41's FLEET_NODE_ACTIVATION_FAILED: the SuperLink knows no node with this key
 CONNECTION_FAILED = 305  # flower-supernode's exit code when it cannot set up its connection to the SuperLink
 
@@ -118,9 +120,12 @@ class Worker:
         from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
 
-        from fedlpp.engine.flower.client_app import app  # torch, transformers, peft: imported once, before any message
+        from fedlpp.engine.flower import pinned
+        from fedlpp.engine.flower.client_app import app, prepare  # torch, transformers, peft: imported once
 
-        self.address, self.poll_s, self.app = runtime_address, poll_s, app
+        pinned.shorten_pull_backoff()  # the SuperNode creates a task before its message's objects have all arrived
+
+        self.address, self.poll_s, self.app, self.prepare = runtime_address, poll_s, app, prepare
         self.expected = fedlpp_app()
         self.served = 0
         self._client = RuntimeHttpClient.from_server_address(server_address=runtime_address, insecure=True, root_certificates=None,
@@ -155,8 +160,10 @@ class Worker:
         try:
             message, context, run, fab = pull_task_input(client)
             check_app(run.fab_id, run.fab_version, fab.content, self.expected)
+            start = time.perf_counter()
             reply = self.app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
+            log.info("%s", answered(message.metadata.message_type, message.metadata.group_id, time.perf_counter() - start))
         except Exception as e:  # noqa: BLE001 - the error goes back to the server as the reply, as Flower's ClientApp does
             details = f"{type(e)}:<'{e}'>"
             log.error("message %s: %s", message.metadata.message_type if message else "?", e, exc_info=not isinstance(e, NodeError))
@@ -171,9 +178,26 @@ class Worker:
                 push_task_output(client=client, context=context, sub_status=status, details=details)
                 client.close()
         self.served += 1
+        if status == SubStatus.COMPLETED and message is not None and context is not None:
+            self._warm_up(message, context)
+
+    def _warm_up(self, message: Any, context: Any) -> None:
+        """After the start-up query: the model and the data, loaded while the server prepares round 1."""
+        try:
+            self.prepare(message, context)
+        except Exception as e:  # noqa: BLE001 - the first train message builds them again and reports the error to the server
+            log.warning("could not load the model before the first round: %s", e)
 
     def close(self) -> None:
         self._client.close()
+
+
+def answered(message_type: str, group: str, seconds: float) -> str:
+    """The log line for one message served (bench/engines.py reads it to split a round's time)."""
+    return f"{message_type} message (round {group or '-'}) answered in {seconds:.3f} s"
+
+
+ANSWERED = re.compile(r"(\S+) message \(round (\S+)\) answered in ([0-9.]+) s")
 
 
 def _interceptors() -> list[Any]:
@@ -239,6 +263,9 @@ class NodeProcess:
     def _loop(self, worker: Worker) -> int:
         import httpx
 
+        from fedlpp.engine.flower.pinned import IdlePoll
+
+        idle = IdlePoll(FIRST_TASK_POLL_S, worker.poll_s)
         while not self._stop.is_set():
             assert self.supernode is not None
             if self.supernode.poll() is not None:
@@ -248,9 +275,10 @@ class NodeProcess:
             except httpx.TransportError:  # the SuperNode's local API is not up yet, or going down
                 token = None
             if token is None:
-                time.sleep(worker.poll_s)
+                time.sleep(idle.next())
                 continue
             worker.serve(token)
+            idle.reset()
         print("fedlpp node: stopping (signal)", flush=True)
         return 0
 

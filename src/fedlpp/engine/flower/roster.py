@@ -52,12 +52,16 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
         time.sleep(POLL_S)
 
 
-def query_nodes(grid: Grid, nodes: Sequence[int], config_text: str, timeout: float, secure: bool = False) -> Roster:
+def query_nodes(grid: Grid, nodes: Sequence[int], config_text: str, timeout: float, secure: bool = False, kind: str = "",
+                num_labels: int = 0) -> Roster:
     """Ask every node who it is; nodes without a client id get the free ids in node-id order.
 
-    With ``secure`` every node must also announce its SecAgg verify key.
+    With ``secure`` every node must also announce its SecAgg verify key. The query names the
+    task's kind and number of labels, so that a warm node can build its model right after
+    answering, before the first round.
     """
-    asks = {n: Message(content(config=config_text), dst_node_id=n, message_type=QUERY, ttl=timeout) for n in nodes}
+    asks = {n: Message(content(config=config_text, kind=kind, num_labels=num_labels), dst_node_id=n, message_type=QUERY,
+                       ttl=timeout) for n in nodes}
     answers: dict[int, tuple[int, int]] = {}
     keys: dict[int, bytes] = {}
     for node, reply in exchange(grid, asks, timeout).items():

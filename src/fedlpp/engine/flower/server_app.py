@@ -28,6 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlpp.config import ConfigError, ExperimentConfig, load_config, to_tree
 from fedlpp.engine import rundir
+from fedlpp.engine.flower import pinned
 from fedlpp.engine.flower.audit import AuditLog, RecordingGrid
 from fedlpp.engine.flower.messages import TRAIN, MessageError, content, exchange, fields_of, require
 from fedlpp.engine.flower.roster import FlowerRunError, Roster, query_nodes, wait_for_nodes
@@ -138,7 +139,8 @@ def serve_on_grid(grid: Grid, cfg: ExperimentConfig, out: Path, resume: bool = F
     task = eval_only(load_task_data(cfg))  # before waiting for nodes: a bad data path fails at once
     config_text = tomli_w.dumps(to_tree(cfg))
     nodes = wait_for_nodes(grid, cfg.fl.num_clients, cfg.flower.connect_timeout)
-    roster = query_nodes(grid, nodes, config_text, cfg.flower.round_timeout, secure=cfg.secagg.enabled)
+    roster = query_nodes(grid, nodes, config_text, cfg.flower.round_timeout, secure=cfg.secagg.enabled, kind=task.kind,
+                         num_labels=task.num_labels)
     ctx = build_server(cfg, task, build_model(cfg, task.kind, task.num_labels), roster.sizes, check_privacy(cfg, roster.sizes))
     aggregation: Aggregation = SecureAggregation() if ctx.secure is not None else PlainAggregation()
     federation = FlowerFederation(grid, roster, config_text, ctx.side.kind, ctx.num_labels, cfg.flower.round_timeout, aggregation)
@@ -148,6 +150,7 @@ def serve_on_grid(grid: Grid, cfg: ExperimentConfig, out: Path, resume: bool = F
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Deployed: ``flwr run`` with run config ``config`` (experiment file), ``out``, ``resume``, ``overrides`` and ``audit``."""
+    pinned.shorten_pull_backoff()  # a reply is visible before its objects have all arrived: Flower would wait 1 s or more
     run_config = context.run_config
     path, out, audit = run_config.get("config", ""), run_config.get("out", ""), run_config.get("audit", "")
     if not isinstance(path, str) or not path or not isinstance(out, str) or not out:

@@ -129,10 +129,9 @@ def command_run(args: argparse.Namespace) -> int:
 
     summary = run_engine(args.engine)(cfg, out, resume=resume, progress=not args.quiet)
     print(format_summary(summary))
-    from fedlpp.reporting import write_report
+    from fedlpp.reporting import run_directory_line, write_report
 
-    written = write_report([out], out)
-    print(f"\nrun directory: {out} (report: {', '.join(p.name for p in written)})")
+    print("\n" + run_directory_line(out, write_report([out], out)))
     print(f"the proxy is what a client receives, not what it can hold: `fedlpp attack {out}` scores its last local "
           "adapter, Q(theta) fine-tuned on its data, the same training alone and clients colluding")
     return 0

@@ -133,6 +133,8 @@ def command_deploy_run(deploy, connection, args: argparse.Namespace) -> int:  # 
               f"{connection.log(run_id)[-2000:]}")
         return 0
     from fedlpp.evaluation.report import format_summary
+    from fedlpp.reporting import report_files, run_directory_line
 
     print(format_summary(json.loads(summary_file.read_text())))
+    print("\n" + run_directory_line(args.out, report_files(args.out)))
     return 0

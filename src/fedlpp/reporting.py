@@ -80,6 +80,16 @@ def _num(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
+def run_directory_line(out: Path, written: Sequence[Path]) -> str:
+    """The last line of a finished run: where it is and its report files."""
+    return f"run directory: {out} (report: {', '.join(p.name for p in written)})"
+
+
+def report_files(out: Path) -> list[Path]:
+    """The report a finished run directory holds (report.md and the plots), as write_report wrote them."""
+    return [p for p in (out / REPORT_MD, out / METRICS_PNG, out / BYTES_PNG, out / EPSILON_PNG) if p.is_file()]
+
+
 def write_report(directories: Sequence[Path], out: Path) -> list[Path]:
     """report.md and the plots into ``out``; returns the files written."""
     runs = load_runs(directories)

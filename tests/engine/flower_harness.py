@@ -23,11 +23,11 @@ CLIENT_APP_RAISED = 2  # Flower's error code for an exception in a ClientApp
 
 class LoopbackGrid:
     def __init__(self, node_configs: Mapping[int, dict], raising: Iterable[int] = (), silent: Iterable[int] = (),
-                 vanish_at: Mapping[int, str] | None = None, refused: Iterable[int] = ()) -> None:
+                 vanish_at: Mapping[int, str | tuple[str, int]] | None = None, refused: Iterable[int] = ()) -> None:
         self.node_configs = dict(node_configs)
         self.raising, self.silent = set(raising), set(silent)
         self.refused = set(refused)  # messages to these nodes are refused at push (no message id, as the SuperLink does)
-        self.vanish_at = dict(vanish_at or {})  # node -> the SecAgg step from which it never answers again
+        self.vanish_at = dict(vanish_at or {})  # node -> the SecAgg step (of any round, or (step, round)) from which it is gone
         self.states = {node: RecordDict() for node in node_configs}
         self.gone: set[int] = set()
         self.sent: list[Message] = []
@@ -59,8 +59,9 @@ class LoopbackGrid:
         node = message.metadata.dst_node_id
         if node in self.silent and message.metadata.message_type == "train":
             return None
-        step = fields_of(message).get("step") if "fedlpp" in message.content.config_records else None
-        if node in self.gone or (step is not None and self.vanish_at.get(node) == step):
+        fields = fields_of(message) if "fedlpp" in message.content.config_records else {}
+        step = fields.get("step")
+        if node in self.gone or (step is not None and self.vanish_at.get(node) in (step, (step, fields.get("round")))):
             self.gone.add(node)
             return None
         context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=self.states[node], run_config={})

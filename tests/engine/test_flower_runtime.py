@@ -7,6 +7,7 @@ when ``LocalDeployment`` is left; nothing listens beyond 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,10 +28,10 @@ from fedlpp.algorithms import wire
 from fedlpp.config import load_config, write_toml
 from fedlpp.data.examples_file import write_examples
 from fedlpp.engine import rundir
-from fedlpp.engine.flower.deploy import DeployError, LocalDeployment, _quotable, make_keys, make_node_key
+from fedlpp.engine.flower.deploy import DeployError, LocalDeployment, _quotable, free_port, make_keys, make_node_key
 from fedlpp.engine.flower.server_app import serve_on_grid
 from fedlpp.engine.local import run_experiment
-from fedlpp.engine.setup import build_run, client_partitions, load_task_data
+from fedlpp.engine.setup import build_run, client_partitions, load_task_data, round_clients
 
 pytestmark = pytest.mark.integration
 
@@ -42,8 +43,9 @@ EXPERIMENT = [
 ]
 
 
-def test_a_deployed_fedlpp_run_equals_the_local_engine_and_refuses_an_unregistered_node(tmp_path):
-    cfg = load_config(None, EXPERIMENT)
+def test_warm_nodes_load_the_model_once_and_a_deployed_run_equals_the_local_engine(tmp_path):
+    """Two warm nodes (and one whose key is not registered), 3 rounds, TLS; Ctrl-C then stops every process."""
+    cfg = load_config(None, [*EXPERIMENT, "fl.rounds=3"])
     write_toml(cfg, tmp_path / "experiment.toml")
     for k, part in enumerate(client_partitions(cfg, load_task_data(cfg))):
         write_examples(tmp_path / f"client-{k}.jsonl", part)
@@ -58,21 +60,31 @@ def test_a_deployed_fedlpp_run_equals_the_local_engine_and_refuses_an_unregister
                                  "--audit", str(audit)], capture_output=True, text=True, timeout=240)
         assert submit.returncode == 0, submit.stdout + submit.stderr
         assert "finished:completed" in submit.stdout
+        assert f"run directory: {out} (report: report.md, metrics.png" in submit.stdout.splitlines()[-1]
         assert rogue.wait(timeout=30) != 0, "the unregistered node was refused and stopped"
-        assert "Failed to activate SuperNode" in federation.log("node-2")
+        assert "this node's public key is not registered with the SuperLink" in federation.log("node-2")
+        assert [federation.log(f"node-{k}").count("model load ") for k in (0, 1)] == [1, 1], "one model load per node"
         started = federation.descendants()
         assert len(started) > 3, "SuperLink, SuperNodes and the programs they started"
-    assert not [p for p in started if _alive(p)], "every process has stopped"
+        for p in federation.processes:  # Ctrl-C, as a terminal sends it to each command's process group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGINT)
+        psutil.wait_procs(started, timeout=30)
+        assert not [p.cmdline() for p in started if _alive(p)], "Ctrl-C stopped every process fedlpp started"
 
-    run_experiment(cfg, tmp_path / "local", progress=False)
+    with one_torch_thread():  # as each node on this machine trains
+        run_experiment(cfg, tmp_path / "local", progress=False)
     a, b = rundir.load_checkpoint(tmp_path / "local")[0], rundir.load_checkpoint(out)[0]
-    print("MAXDIFF", max(float((a[n] - b[n]).abs().max()) for n in a), sorted(((float((a[n] - b[n]).abs().max()), n) for n in a), reverse=True)[:3])
     assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
-    assert [r["clients"] for r in rundir.read_metrics(out)] == [[0, 1], [0, 1]]
+    assert [r["clients"] for r in rundir.read_metrics(out)] == [[0, 1]] * 3
+    assert {"report.md", "metrics.png", "summary.json"} <= {p.name for p in out.iterdir()}
+    for command in (["eval", str(out)], ["report", str(out), "--out", str(tmp_path / "report")]):
+        done = subprocess.run([*FEDLPP, *command], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
 
     # Model privacy on the wire: every broadcast the ServerApp sent holds codes and scales only.
     payloads = sorted(audit.glob("*.payload.bin"))
-    assert len(payloads) == 4
+    assert len(payloads) == 6
     needles = theta_needles(_round_one_adapter(tmp_path, cfg)) + theta_needles(build_run(cfg).server.initial_adapter())
     for path in sorted(audit.iterdir()):
         raw = path.read_bytes()
@@ -80,6 +92,18 @@ def test_a_deployed_fedlpp_run_equals_the_local_engine_and_refuses_an_unregister
     for path in payloads:
         tensors, _ = wire.decode(path.read_bytes(), rnd.BROADCAST)
         assert {k: t.dtype for k, t in tensors.items()} == {"codes": torch.uint8, "scales": torch.float16}
+
+
+def test_a_node_that_cannot_reach_its_superlink_gives_up_saying_so(tmp_path):
+    keys = make_keys(tmp_path / "keys", nodes=1)
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"input": "a", "output": "b"}\n')
+    superlink = f"127.0.0.1:{free_port()}"  # nothing listens there
+    done = subprocess.run([*FEDLPP, "deploy", "supernode", "--superlink", superlink, "--ca", str(tmp_path / "keys" / "ca.crt"),
+                           "--key", str(keys[0]), "--data", str(data), "--port", str(free_port()), "--connect-timeout", "3",
+                           "--flwr-home", str(tmp_path / "home")], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert f"could not reach the SuperLink at {superlink} within --connect-timeout=3 s" in done.stdout, done.stdout[-3000:]
 
 
 def _alive(p: psutil.Process) -> bool:
@@ -95,7 +119,8 @@ def _round_one_adapter(tmp_path: Path, cfg) -> dict[str, torch.Tensor]:
     return rundir.load_checkpoint(tmp_path / "round-one")[0]
 
 
-@pytest.mark.parametrize(("content", "message"), [(None, "no such data file"), ('{"prompt": 3}\n', "line 1")])
+@pytest.mark.parametrize(("content", "message"), [(None, "no such data file"), ('{"input": 3}\n', "line 1"),
+                                                  ('{"input": "a", "output": "b"}\n{"input": "c"}\n', "line 2: 'output'")])
 def test_a_supernode_with_missing_or_malformed_data_fails_at_start(tmp_path, content, message):
     keys = make_keys(tmp_path / "keys", nodes=1)
     assert keys[0].stat().st_mode & 0o777 == 0o600 and (tmp_path / "keys" / "server.key").stat().st_mode & 0o777 == 0o600
@@ -128,47 +153,72 @@ def test_the_simulation_runtime_ends_with_the_local_engines_adapter(tmp_path):
     done = subprocess.run([*prefix, *FEDLPP, "run", "--engine", "flower", *overrides, "--out", str(tmp_path / "sim"), "--quiet"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each Ray actor runs torch: float sums in the same order on both sides
-    try:
+    with one_torch_thread():  # as each Ray actor runs torch: float sums in the same order on both sides
         run_experiment(load_config(None, overrides), tmp_path / "local", progress=False)
-    finally:
-        torch.set_num_threads(threads)
     a, b = rundir.load_checkpoint(tmp_path / "local")[0], rundir.load_checkpoint(tmp_path / "sim")[0]
     assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
     assert [r["clients"] for r in rundir.read_metrics(tmp_path / "sim")] == [r["clients"] for r in rundir.read_metrics(tmp_path / "local")]
 
 
-def test_a_supernode_killed_before_its_masked_input_leaves_the_exact_sum_of_the_survivors(tmp_path):
-    """SecAgg across real per-message ClientApp processes: each client's session lives in its node's state."""
-    secure = [*EXPERIMENT[:-2], "algorithm.name=fedavg_lora", "fl.num_clients=4", "fl.clients_per_round=4", "fl.rounds=1",
-              "eval.every=1", "flower.connect_timeout=60", "flower.round_timeout=45"]
-    cfg = load_config(None, [*secure, "secagg.enabled=true"])
+def test_eight_nodes_under_secagg_plus_lose_one_mid_round_as_the_simulation_does(tmp_path):
+    """8 warm nodes, 4 per round, SecAgg+ (sparse graph), 2 rounds; in round 2 one sampled node is killed (SIGKILL) as
+    soon as its masked-input request is out. Round 1 (no failure) and round 2 (one dropout) end with the adapter of the
+    same run over the in-process grid with that node vanishing at the same step of the same round."""
+    secure = [*EXPERIMENT[:-2], "algorithm.name=fedavg_lora", "fl.num_clients=8", "fl.clients_per_round=4", "fl.rounds=2",
+              "eval.every=2", "secagg.enabled=true", "secagg.graph=sparse", "flower.connect_timeout=180", "flower.round_timeout=20"]
+    cfg = load_config(None, secure)
     write_toml(cfg, tmp_path / "experiment.toml")
     for k, part in enumerate(client_partitions(cfg, load_task_data(cfg))):
         write_examples(tmp_path / f"client-{k}.jsonl", part)
+    victim = round_clients(cfg, 2)[0]
     audit, out = tmp_path / "audit", tmp_path / "run"
-    with LocalDeployment(tmp_path / "federation", nodes=4) as federation:
+    with LocalDeployment(tmp_path / "federation", nodes=8) as federation:
         federation.start_superlink()
-        nodes = [federation.start_node(k, tmp_path / f"client-{k}.jsonl", client_id=k) for k in range(4)]
+        nodes = [federation.start_node(k, tmp_path / f"client-{k}.jsonl", client_id=k) for k in range(8)]
         submit = subprocess.Popen([*FEDLPP, "deploy", "run", "--superlink", federation.connection.superlink, "--ca", str(federation.ca),
                                    "--config", str(tmp_path / "experiment.toml"), "--out", str(out), "--audit", str(audit)],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        victim = f"node{federation.node_ids[3]}"
-        while submit.poll() is None and not any(victim in p.name for p in audit.glob("*-train.secagg-*.json")
-                                                if json.loads(p.read_text()).get("step") == "masked_input"):
+        while submit.poll() is None and not _asked(audit, f"node{federation.node_ids[victim]}", "masked_input", 2):
             time.sleep(0.05)
-        os.killpg(nodes[3].pid, signal.SIGKILL)  # the SuperNode and its ClientApps, before it can answer
+        os.killpg(nodes[victim].pid, signal.SIGKILL)  # the node's worker and SuperNode, before it can answer
         output, _ = submit.communicate(timeout=300)
+        loads = [federation.log(f"node-{k}").count("model load ") for k in range(8) if k != victim]
     assert submit.returncode == 0, output
-    row = rundir.read_metrics(out)[0]
-    assert row["secagg_survivors"] == [0, 1, 2] and "secagg masked_input" in row["failed"]["3"]
-    nodes_plain = {100 + k: {"data-path": str(tmp_path / f"client-{k}.jsonl"), "client-id": k} for k in range(4)}
-    serve_on_grid(LoopbackGrid(nodes_plain, raising=[103]), load_config(None, secure), tmp_path / "plain")
-    a, b = rundir.load_checkpoint(tmp_path / "plain")[0], rundir.load_checkpoint(out)[0]
+    assert loads == [1] * 7
+    first, second = rundir.read_metrics(out)
+    assert "failed" not in first and first["secagg_survivors"] == round_clients(cfg, 1)
+    assert second["secagg_survivors"] == [c for c in round_clients(cfg, 2) if c != victim]
+    assert "secagg masked_input" in second["failed"][str(victim)]
+    nodes_in_process = {100 + k: {"data-path": str(tmp_path / f"client-{k}.jsonl"), "client-id": k} for k in range(8)}
+    with one_torch_thread():  # as each of the 8 nodes on this machine trains: float sums in the same order on both sides
+        serve_on_grid(LoopbackGrid(nodes_in_process, vanish_at={100 + victim: ("masked_input", 2)}), cfg, tmp_path / "in-process")
+    assert [r["secagg_survivors"] for r in rundir.read_metrics(tmp_path / "in-process")] == [first["secagg_survivors"],
+                                                                                            second["secagg_survivors"]]
+    a, b = rundir.load_checkpoint(tmp_path / "in-process")[0], rundir.load_checkpoint(out)[0]
     assert any(torch.count_nonzero(a[n]) for n in a if ".lora_B." in n)
-    print("MAXDIFF", max(float((a[n] - b[n]).abs().max()) for n in a), sorted(((float((a[n] - b[n]).abs().max()), n) for n in a), reverse=True)[:3])
     assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a), "the survivors' mean, up to fixed point"
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _asked(audit: Path, node: str, step: str, round_: int) -> bool:
+    """The ServerApp has sent ``node`` the request for ``step`` of ``round_`` (its audit copy is written first)."""
+    for path in audit.glob(f"*-train.secagg-{node}.json"):
+        try:
+            fields = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        if fields.get("step") == step and fields.get("round") == round_:
+            return True
+    return False
 
 
 @pytest.mark.parametrize("name", ['a"b', "a'b", "a\\b", "a\nb", "a\rb", "a\x7fb"])

@@ -50,7 +50,7 @@ TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own name for a t
 DEFAULT_TASK_POLL_S = 0.1  # an idle warm worker looks for a task at least this often (Flower's SuperExec: 1 s)
 FIRST_TASK_POLL_S = 0.01  # ... and this soon after it has served one
 NOT_REGISTERED = "[code: 2004]"  # Flower 1.41's FLEET_NODE_ACTIVATION_FAILED: the SuperLink knows no node with this key
-CONNECTION_FAILED = 305  # flower-supernode's exit code when it cannot set up its connection to the SuperLink
+CONNECTION_FAILED = "Exit Code: 305"  # what flower-supernode prints when it cannot set up its connection to the SuperLink
 
 
 class NodeError(RuntimeError):
@@ -128,8 +128,10 @@ class Worker:
         self.address, self.poll_s, self.app, self.prepare = runtime_address, poll_s, app, prepare
         self.expected = fedlpp_app()
         self.served = 0
+        once = make_simple_http_retry_invoker()
+        once.max_tries = 1  # a SuperNode that is not (or no longer) there: back to the loop, which watches its process
         self._client = RuntimeHttpClient.from_server_address(server_address=runtime_address, insecure=True, root_certificates=None,
-                                                             interceptors=_interceptors(), retry_invoker=make_simple_http_retry_invoker())
+                                                             interceptors=_interceptors(), retry_invoker=once)
 
     def next_task(self) -> str | None:
         """Claim the oldest pending ClientApp task: its token, or None when there is none."""
@@ -240,7 +242,8 @@ class NodeProcess:
         self._stop = threading.Event()
 
     def run(self) -> int:
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll of the SuperNode otherwise
+        logging.getLogger().setLevel(logging.WARNING)  # httpx would log every poll of the SuperNode
+        logging.getLogger("fedlpp").setLevel(logging.INFO)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
         try:
             self.supernode = subprocess.Popen([sys.executable, "-m", "fedlpp.engine.flower.supernode", *self.supernode_args],
@@ -300,7 +303,7 @@ class NodeProcess:
             print(f"fedlpp node: this node's public key is not registered with the SuperLink at {self.superlink} "
                   "(or another node with the same key is connected): ask the model owner to run "
                   "`fedlpp deploy register <this node's .pub>`", flush=True)
-        elif code == CONNECTION_FAILED:
+        elif CONNECTION_FAILED in said:
             print(f"fedlpp node: could not reach the SuperLink at {self.superlink} within --connect-timeout="
                   f"{self.connect_timeout:g} s (is it running, and is the address and port right?); giving up", flush=True)
         else:

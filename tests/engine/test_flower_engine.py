@@ -322,10 +322,11 @@ def test_client_ids_are_distinct_and_unassigned_nodes_get_the_free_ones():
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ('{"prompt": "a", "target": "b"}\n{"prompt": ', "line 2: not valid JSON"),
+    ('{"input": "a", "output": "b"}\n{"input": ', "line 2: not valid JSON"),
     ('["a", "b"]\n', "line 1: expected a JSON object"),
-    ('{"target": "b"}\n', "line 1: 'prompt' must be a non-empty string"),
-    ('{"prompt": "a", "label": "x"}\n', "line 1: 'label' must be a non-negative integer"),
+    ('{"output": "b"}\n', "line 1: expected {\"input\", \"output\"}"),
+    ('{"input": "a"}\n', "line 1: 'output' must be a non-empty string"),
+    ('{"text": "a", "label": "x"}\n', "line 1: 'label' must be the example's class id"),
     ("\n\n", "holds no examples"),
 ])
 def test_a_malformed_data_file_is_refused_naming_file_and_line(tmp_path, text, message):

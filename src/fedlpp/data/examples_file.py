@@ -37,7 +37,7 @@ def line_of(example: Example) -> dict[str, Any]:
         row: dict[str, Any] = {"input": example.prompt, "output": example.target}
     else:
         row = {"text": example.prompt, "label": example.label, **({"pair": example.pair} if example.pair else {})}
-    if example.group:
+    if example.group or example.label is not None:  # a classification line without one would read back as str(label)
         row["group"] = example.group
     return {**row, **{k: v for k, v in example.attributes if k not in RESERVED}}
 

@@ -11,14 +11,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Message
 
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms import wire
 from fedlpp.config import ConfigError, load_config
 from fedlpp.data.examples_file import ExamplesFileError, read_examples, write_examples
 from fedlpp.engine import rundir
-from fedlpp.engine.flower.messages import BLOBS, RECORD, fields_of
+from fedlpp.engine.flower.messages import BLOBS, RECORD, SMALL_BYTES, content, fields_of
 from fedlpp.engine.flower.roster import FlowerRunError, assign_clients
 from fedlpp.engine.flower.server_app import serve_on_grid
 from fedlpp.engine.local import run_experiment
@@ -112,16 +112,17 @@ def test_no_message_the_server_app_sends_holds_a_full_precision_adapter_tensor(p
 
 
 def test_broadcasts_travel_as_arrays_flower_chunks_holding_the_wire_bytes_unchanged(pairs):
+    big, small = bytes(range(256)) * 64, b"key"  # 16 KiB: an Array; 3 bytes: inline
+    message = Message(content(payload=big, verify_key=small, round=3), dst_node_id=1, message_type="train")
+    array = message.content.array_records[BLOBS]["payload"]
+    assert (array.dtype, array.shape, array.data) == ("uint8", (len(big),), big), "the bytes as they are, no header"
+    assert dict(message.content.config_records[RECORD]) == {"verify_key": small, "round": 3}
+    assert fields_of(message) == {"payload": big, "verify_key": small, "round": 3}
     _, _, grid = pairs["fedlpp"]
-    trains = [m for m in grid.sent if m.metadata.message_type == "train"]
-    assert trains
-    for message in trains:
-        plain = dict(message.content.config_records[RECORD])
-        assert not any(isinstance(v, bytes) for v in plain.values()), "no byte string rides in the ConfigRecord"
-        array = message.content.array_records[BLOBS]["payload"]
-        assert (array.dtype, array.shape) == ("uint8", (len(array.data),))
-        tensors, _ = wire.decode(array.data, rnd.BROADCAST)  # the wire format's bytes, with no header added
-        assert set(tensors) == {"codes", "scales"}
+    for sent in (m for m in grid.sent if m.metadata.message_type == "train"):  # what the ServerApp sent, decoded back
+        payload = fields_of(sent)["payload"]
+        assert ("payload" in sent.content.array_records.get(BLOBS, {})) == (len(payload) >= SMALL_BYTES)
+        assert set(wire.decode(payload, rnd.BROADCAST)[0]) == {"codes", "scales"}
 
 
 def test_a_client_that_fails_or_stays_silent_is_listed_and_the_round_goes_on(tmp_path):

@@ -4,7 +4,8 @@
 The broadcast and the update are the same ``algorithms/wire.py`` bytes the local engine
 moves, each carried unchanged as the data of one uint8 ``Array`` (Flower splits an Array
 into 5 MiB content-addressed chunks; bytes inside a ConfigRecord would travel as one object
-and cost ~17x more to build for a 30 MB adapter). The experiment config travels as its TOML
+and cost ~17x more to build for a 30 MB adapter); byte strings under 4 KiB (SecAgg's keys
+and shares) stay in the ConfigRecord. The experiment config travels as its TOML
 text so that a client builds exactly the server's model and recipe.
 """
 
@@ -20,6 +21,7 @@ from flwr.serverapp import Grid
 RECORD = "fedlpp"  # the ConfigRecord of plain fields
 BLOBS = "fedlpp.bytes"  # the ArrayRecord of byte-string fields
 BYTES_STYPE = "fedlpp.bytes"  # an Array whose data is a byte string as it is (no numpy header)
+SMALL_BYTES = 4096  # shorter byte strings ride in the ConfigRecord
 POLL_MIN_S, POLL_MAX_S = 0.02, 1.0  # look for replies every tenth of the time waited so far, within these bounds
 POLL_S = 0.2  # how often to look for nodes at start-up
 QUERY = "query"  # the server asks a node who it is (client id, number of examples)
@@ -33,10 +35,14 @@ class MessageError(ValueError):
 
 
 def content(**fields: Value) -> RecordDict:
-    """A message's content: byte strings as Arrays of an ArrayRecord, everything else in a ConfigRecord."""
+    """A message's content: byte strings of SMALL_BYTES or more as Arrays of an ArrayRecord, the rest in a ConfigRecord.
+
+    Every record, Array and chunk is one more object each hop fetches with a request of its
+    own: a key advertisement or a share list (bytes to a few KiB) is cheaper inline.
+    """
     blobs = {name: Array(dtype="uint8", shape=(len(v),), stype=BYTES_STYPE, data=bytes(v))
-             for name, v in fields.items() if isinstance(v, bytes)}
-    plain = {name: v for name, v in fields.items() if not isinstance(v, bytes)}
+             for name, v in fields.items() if isinstance(v, bytes) and len(v) >= SMALL_BYTES}
+    plain = {name: v for name, v in fields.items() if name not in blobs}
     records: dict[str, ConfigRecord | ArrayRecord] = {RECORD: ConfigRecord(plain)}
     if blobs:
         records[BLOBS] = ArrayRecord(blobs)
@@ -50,6 +56,8 @@ def fields_of(message: Message) -> dict[str, Any]:
         raise MessageError(f"the message carries no {RECORD!r} record")
     fields = dict(configs[RECORD])
     for name, array in message.content.array_records.get(BLOBS, {}).items():
+        if name in fields:
+            raise MessageError(f"field {name!r} is in both records")
         if array.stype != BYTES_STYPE or array.dtype != "uint8":
             raise MessageError(f"field {name!r}: expected a byte string, got an Array of {array.dtype} ({array.stype})")
         fields[name] = array.data

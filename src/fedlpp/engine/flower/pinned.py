@@ -6,7 +6,7 @@ Neither is configurable in Flower 1.41, and both cost every message of a round:
   3 s before it asks the SuperLink again, and waits for its ClientApp's reply in steps of
   0.5 s (``flwr/supernode/start_client_internal.py``: ``time.sleep(3)`` once,
   ``time.sleep(0.5)`` twice). :func:`shorten_supernode_poll` gives that one module a ``time``
-  whose ``sleep`` turns 0.5 s into 0.02 s and 3 s into an :class:`IdlePoll`: 0.05 s after a
+  whose ``sleep`` turns 0.5 s into 0.02 s and 3 s into an :class:`IdlePoll`: 0.02 s after a
   message, growing by half each empty look to ``FEDLPP_NODE_POLL_S`` (default 0.25 s) — a
   node in a round picks up its next message at once, an idle node asks the SuperLink (whose
   CPU pays for every look) four times a second.
@@ -36,7 +36,7 @@ from collections.abc import Mapping
 FLOWER_VERSION = "1.41.0"  # the only Flower whose code these patches were read against
 POLL_ENV = "FEDLPP_NODE_POLL_S"
 DEFAULT_POLL_S = 0.25  # an idle node asks the SuperLink for work at least this often (Flower: 3 s)
-FIRST_POLL_S = 0.05  # ... and this soon after it has answered a message
+FIRST_POLL_S = 0.02  # ... and this soon after it has answered a message (SecAgg's steps follow each other closely)
 REPLY_POLL_S = 0.02  # how often it looks for its ClientApp's reply (Flower: 0.5 s)
 WAITS = {"time.sleep(3)": 1, "time.sleep(0.5)": 2}  # the literal waits in start_client_internal, and how often each occurs
 PULL_DEFAULTS = {"initial_backoff": 1, "backoff_cap": 10, "max_tries_per_object": 500, "max_time": 7200}  # as read in 1.41

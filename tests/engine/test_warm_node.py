@@ -66,6 +66,9 @@ def test_poll_settings_are_checked(raw, ok):
     else:
         with pytest.raises(ValueError, match=pinned.POLL_ENV):
             pinned.poll_seconds({pinned.POLL_ENV: raw})
+        if raw != "5":
+            with pytest.raises(ValueError, match="FLWR_SUPEREXEC_TASK_POLL_INTERVAL"):
+                task_poll_seconds({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": raw})
 
 
 def test_the_server_looks_for_replies_every_tenth_of_the_time_waited():

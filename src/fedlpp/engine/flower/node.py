@@ -101,16 +101,9 @@ def check_app(fab_id: str, fab_version: str, fab_content: bytes, expected: AppId
 
 def task_poll_seconds(environ: Any = os.environ) -> float:
     """The worker's poll for tasks: Flower's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (0.01 to 60 s) if set."""
-    raw = environ.get(TASK_POLL_ENV, "")
-    if not raw:
-        return DEFAULT_TASK_POLL_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not 0.01 <= value <= 60:
-        raise NodeError(f"{TASK_POLL_ENV}={raw!r}: expected seconds between 0.01 and 60")
-    return value
+    from fedlpp.engine.flower.pinned import seconds_setting
+
+    return seconds_setting(environ, TASK_POLL_ENV, DEFAULT_TASK_POLL_S, 60)
 
 
 class Worker:

@@ -85,15 +85,20 @@ def _pull_functions() -> list[types.FunctionType]:
 
 def poll_seconds(environ: Mapping[str, str] = os.environ) -> float:
     """The SuperNode's idle poll from ``FEDLPP_NODE_POLL_S`` (seconds, 0.01 to 3)."""
-    raw = environ.get(POLL_ENV, "")
+    return seconds_setting(environ, POLL_ENV, DEFAULT_POLL_S, 3)
+
+
+def seconds_setting(environ: Mapping[str, str], name: str, default: float, most: float) -> float:
+    """A number of seconds from the environment variable ``name`` (0.01 to ``most``); ``default`` when unset."""
+    raw = environ.get(name, "")
     if not raw:
-        return DEFAULT_POLL_S
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not 0.01 <= value <= 3:
-        raise ValueError(f"{POLL_ENV}={raw!r}: expected seconds between 0.01 and 3")
+    if not 0.01 <= value <= most:
+        raise ValueError(f"{name}={raw!r}: expected seconds between 0.01 and {most:g}")
     return value
 
 

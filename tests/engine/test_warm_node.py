@@ -36,11 +36,14 @@ def test_the_supernode_polls_fast_after_a_message_and_backs_off_to_the_cap_when_
     waits = pinned.short_waits(0.25)
     for _ in range(8):
         waits.sleep(3)  # Flower's idle wait
-    waits.sleep(0.5)  # Flower's wait for a reply: a message is being answered
+    for _ in range(12):
+        waits.sleep(0.5)  # Flower's wait for a reply: a message is being answered
     waits.sleep(3)
+    waits.sleep(0.5)
     assert slept[0] == pinned.FIRST_POLL_S and slept[1] == pytest.approx(1.5 * pinned.FIRST_POLL_S)
     assert max(slept[:8]) == 0.25 and slept[7] == 0.25
-    assert slept[8] == pinned.REPLY_POLL_S and slept[9] == pinned.FIRST_POLL_S
+    assert slept[8] == pinned.REPLY_POLL_S and slept[19] == 0.5, "a long answer is polled twice a second"
+    assert slept[20] == pinned.FIRST_POLL_S and slept[21] == pinned.REPLY_POLL_S, "each kind of wait restarts the other"
 
 
 def test_the_object_pull_backoff_is_shortened_in_place_and_only_as_read(monkeypatch):
@@ -71,8 +74,8 @@ def test_poll_settings_are_checked(raw, ok):
                 task_poll_seconds({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": raw})
 
 
-def test_the_server_looks_for_replies_every_tenth_of_the_time_waited():
-    assert reply_poll(0) == 0.02 and reply_poll(3) == pytest.approx(0.3) and reply_poll(600) == 1.0
+def test_the_server_looks_for_replies_every_twentieth_of_the_time_waited():
+    assert reply_poll(0) == 0.02 and reply_poll(3) == pytest.approx(0.15) and reply_poll(600) == 0.5
 
 
 def _fab(pyproject: str) -> bytes:

@@ -41,7 +41,7 @@ CONNECTION = "fedlpp"  # the connection name in the private FLWR_HOME of a fedlp
 APP_DIR = Path(__file__).resolve().parents[2] / "assets" / "flower-app"  # the Flower App: a pyproject.toml naming fedlpp's apps
 DONE = "finished:"
 LOOPBACK = "127.0.0.1"
-SUPEREXEC_POLL_S = 0.25  # a submitted run's ServerApp starts within this (Flower: 1 s); each look costs the SuperLink CPU
+SUPEREXEC_POLL_S = 0.5  # a submitted run's ServerApp starts within this (Flower: 1 s); each look costs the SuperLink CPU
 
 
 class DeployError(RuntimeError):

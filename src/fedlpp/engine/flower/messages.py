@@ -22,7 +22,7 @@ RECORD = "fedlpp"  # the ConfigRecord of plain fields
 BLOBS = "fedlpp.bytes"  # the ArrayRecord of byte-string fields
 BYTES_STYPE = "fedlpp.bytes"  # an Array whose data is a byte string as it is (no numpy header)
 SMALL_BYTES = 4096  # shorter byte strings ride in the ConfigRecord
-POLL_MIN_S, POLL_MAX_S = 0.02, 1.0  # look for replies every tenth of the time waited so far, within these bounds
+POLL_MIN_S, POLL_MAX_S = 0.02, 0.5  # look for replies every twentieth of the time waited so far, within these bounds
 POLL_S = 0.2  # how often to look for nodes at start-up
 QUERY = "query"  # the server asks a node who it is (client id, number of examples)
 TRAIN = "train"  # a broadcast in, an update out
@@ -94,9 +94,9 @@ def exchange(grid: Grid, messages: Mapping[int, Message], timeout: float) -> dic
 
 
 def reply_poll(waited: float) -> float:
-    """Seconds until the next look for replies: a tenth of the time waited (a reply is seen at most ~10% late), bounded.
+    """Seconds until the next look for replies: a twentieth of the time waited (a reply is seen at most ~5% late), bounded.
 
     Every look is a request to the SuperLink; a fixed short poll would cost the server's
     machine CPU for the whole of a long round (Grid.send_and_receive looks every 3 s).
     """
-    return min(POLL_MAX_S, max(POLL_MIN_S, waited / 10))
+    return min(POLL_MAX_S, max(POLL_MIN_S, waited / 20))

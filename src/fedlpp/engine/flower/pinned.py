@@ -6,7 +6,9 @@ Neither is configurable in Flower 1.41, and both cost every message of a round:
   3 s before it asks the SuperLink again, and waits for its ClientApp's reply in steps of
   0.5 s (``flwr/supernode/start_client_internal.py``: ``time.sleep(3)`` once,
   ``time.sleep(0.5)`` twice). :func:`shorten_supernode_poll` gives that one module a ``time``
-  whose ``sleep`` turns 0.5 s into 0.02 s and 3 s into an :class:`IdlePoll`: 0.02 s after a
+  whose ``sleep`` turns the 0.5 s into an :class:`IdlePoll` from 0.02 s back up to 0.5 s (a
+  SecAgg step's reply is seen at once, a long training step is not polled 50 times a
+  second) and the 3 s into one that starts at 0.02 s after a
   message, growing by half each empty look to ``FEDLPP_NODE_POLL_S`` (default 0.25 s) — a
   node in a round picks up its next message at once, an idle node asks the SuperLink (whose
   CPU pays for every look) four times a second.
@@ -37,7 +39,7 @@ FLOWER_VERSION = "1.41.0"  # the only Flower whose code these patches were read 
 POLL_ENV = "FEDLPP_NODE_POLL_S"
 DEFAULT_POLL_S = 0.25  # an idle node asks the SuperLink for work at least this often (Flower: 3 s)
 FIRST_POLL_S = 0.02  # ... and this soon after it has answered a message (SecAgg's steps follow each other closely)
-REPLY_POLL_S = 0.02  # how often it looks for its ClientApp's reply (Flower: 0.5 s)
+REPLY_POLL_S = 0.02  # how soon it first looks for its ClientApp's reply (Flower: every 0.5 s)
 WAITS = {"time.sleep(3)": 1, "time.sleep(0.5)": 2}  # the literal waits in start_client_internal, and how often each occurs
 PULL_DEFAULTS = {"initial_backoff": 1, "backoff_cap": 10, "max_tries_per_object": 500, "max_time": 7200}  # as read in 1.41
 SHORT_PULL = {"initial_backoff": 0.02, "backoff_cap": 1.0, "max_tries_per_object": None}  # max_time stays 7200 s
@@ -118,16 +120,17 @@ class IdlePoll:
 
 
 def short_waits(poll_s: float) -> types.SimpleNamespace:
-    """A stand-in for the ``time`` module: Flower's 3 s idle wait becomes an IdlePoll up to ``poll_s``, which its 0.5 s
-    reply wait (a message is being answered) resets; the reply wait itself becomes REPLY_POLL_S."""
-    idle = IdlePoll(FIRST_POLL_S, poll_s)
+    """A stand-in for the ``time`` module: Flower's 3 s idle wait becomes an IdlePoll up to ``poll_s``, and its 0.5 s
+    wait for the worker's reply one from REPLY_POLL_S back up to 0.5 s; each kind of wait restarts the other."""
+    idle, reply = IdlePoll(FIRST_POLL_S, poll_s), IdlePoll(REPLY_POLL_S, 0.5)
 
     def sleep(seconds: float) -> None:
         if seconds >= 3:
+            reply.reset()
             time.sleep(idle.next())
-        else:
+        else:  # while the worker answers: soon for a SecAgg step, rarely during a long training step
             idle.reset()
-            time.sleep(min(seconds, REPLY_POLL_S))
+            time.sleep(reply.next())
 
     return types.SimpleNamespace(sleep=sleep)
 

@@ -51,8 +51,8 @@ def test_warm_nodes_load_the_model_once_and_a_deployed_run_equals_the_local_engi
         write_examples(tmp_path / f"client-{k}.jsonl", part)
     with LocalDeployment(tmp_path / "federation", nodes=3) as federation:
         federation.start_superlink()
-        federation.start_node(0, tmp_path / "client-0.jsonl", client_id=0)
-        federation.start_node(1, tmp_path / "client-1.jsonl", client_id=1)
+        federation.start_node(0, tmp_path / "client-0.jsonl", client_id=0, threads=1)
+        federation.start_node(1, tmp_path / "client-1.jsonl", client_id=1, threads=1)
         rogue = federation.start_node(2, tmp_path / "client-1.jsonl", register=False)
         out, audit = tmp_path / "run", tmp_path / "audit"
         submit = subprocess.run([*FEDLPP, "deploy", "run", "--superlink", federation.connection.superlink, "--ca",
@@ -174,7 +174,7 @@ def test_eight_nodes_under_secagg_plus_lose_one_mid_round_as_the_simulation_does
     audit, out = tmp_path / "audit", tmp_path / "run"
     with LocalDeployment(tmp_path / "federation", nodes=8) as federation:
         federation.start_superlink()
-        nodes = [federation.start_node(k, tmp_path / f"client-{k}.jsonl", client_id=k) for k in range(8)]
+        nodes = [federation.start_node(k, tmp_path / f"client-{k}.jsonl", client_id=k, threads=1) for k in range(8)]
         submit = subprocess.Popen([*FEDLPP, "deploy", "run", "--superlink", federation.connection.superlink, "--ca", str(federation.ca),
                                    "--config", str(tmp_path / "experiment.toml"), "--out", str(out), "--audit", str(audit)],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -31,19 +31,22 @@ def test_a_changed_flower_is_refused(monkeypatch):
 
 
 def test_the_supernode_polls_fast_after_a_message_and_backs_off_to_the_cap_when_idle(monkeypatch):
-    slept = []
+    slept, clock = [], [0.0]
     monkeypatch.setattr(pinned.time, "sleep", slept.append)
+    monkeypatch.setattr(pinned.time, "monotonic", lambda: clock[0])
     waits = pinned.short_waits(0.25)
     for _ in range(8):
         waits.sleep(3)  # Flower's idle wait
-    for _ in range(12):
-        waits.sleep(0.5)  # Flower's wait for a reply: a message is being answered
+    for elapsed in (0.0, 2.0, 30.0):
+        clock[0] = 100 + elapsed
+        waits.sleep(0.5)  # Flower's wait for a reply: a message is being answered (since t=100)
     waits.sleep(3)
+    clock[0] = 200
     waits.sleep(0.5)
     assert slept[0] == pinned.FIRST_POLL_S and slept[1] == pytest.approx(1.5 * pinned.FIRST_POLL_S)
     assert max(slept[:8]) == 0.25 and slept[7] == 0.25
-    assert slept[8] == pinned.REPLY_POLL_S and slept[19] == 0.5, "a long answer is polled twice a second"
-    assert slept[20] == pinned.FIRST_POLL_S and slept[21] == pinned.REPLY_POLL_S, "each kind of wait restarts the other"
+    assert slept[8:11] == [pinned.REPLY_POLL_S, pytest.approx(0.1), 0.5], "a twentieth of the time waited, at most 0.5 s"
+    assert slept[11] == pinned.FIRST_POLL_S and slept[12] == pinned.REPLY_POLL_S, "each kind of wait restarts the other"
 
 
 def test_the_object_pull_backoff_is_shortened_in_place_and_only_as_read(monkeypatch):
@@ -117,14 +120,19 @@ def test_partition_files_use_the_fields_data_task_jsonl_reads(tmp_path):
     assert line_of(Example("p", "t"))["output"] == "t"
 
 
-def test_the_old_spelling_is_read_with_a_deprecation_warning(tmp_path):
+def test_the_old_spelling_is_read_with_a_warning_and_a_file_holds_one_kind(tmp_path):
     path = tmp_path / "old.jsonl"
-    path.write_text('{"prompt": "a", "target": "b", "label": null, "group": ""}\n{"prompt": "c", "target": "", "label": 1}\n')
-    with pytest.warns(DeprecationWarning, match="old spelling"):
-        examples = read_examples(path)
-    assert examples == [Example("a", "b"), Example("c", "", label=1, group="1")]
+    path.write_text('{"prompt": "a", "target": "b", "label": null, "group": ""}\n')
+    with pytest.warns(FutureWarning, match="old spelling"):
+        assert read_examples(path) == [Example("a", "b")]
+    path.write_text('{"prompt": "c", "target": "", "label": 1}\n')
+    with pytest.warns(FutureWarning, match="old spelling"):
+        assert read_examples(path) == [Example("c", "", label=1, group="1")]
     path.write_text('{"prompt": "a"}\n')
-    with pytest.warns(DeprecationWarning), pytest.raises(ExamplesFileError, match="line 1: 'output' must be a non-empty string"):
+    with pytest.warns(FutureWarning), pytest.raises(ExamplesFileError, match="line 1: 'output' must be a non-empty string"):
+        read_examples(path)
+    path.write_text('{"input": "a", "output": "b"}\n{"text": "c", "label": 0}\n')
+    with pytest.raises(ExamplesFileError, match="line 2: a classification example in a file of generation examples"):
         read_examples(path)
 
 

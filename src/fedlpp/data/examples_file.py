@@ -9,7 +9,7 @@ The same fields ``data.task=jsonl`` reads, one JSON object per line:
 Either may carry ``"group"`` and other string fields (the attributes a by-key partition
 splits on). ``fedlpp partition`` writes one such file per client from an experiment config.
 The spelling of earlier releases (``{"prompt", "target"}``, ``"label"`` for classification)
-is still read, with a deprecation warning naming the file.
+is still read, with a warning naming the file. Every line of a file is of one kind.
 """
 
 from __future__ import annotations
@@ -55,13 +55,18 @@ def read_examples(path: str | Path) -> list[Example]:
         rows = read_json_lines(p)
     except ValueError as e:
         raise ExamplesFileError(str(e)) from None
-    if any(OLD_FIELDS[0] in row for _, row in rows):
+    if any(OLD_FIELDS[0] in row for _, row in rows):  # a FutureWarning: shown to the user by default (a DeprecationWarning is not)
         warnings.warn(f"{p}: 'prompt'/'target' is the old spelling of 'input'/'output' (classification: 'text'/'label'); "
                       "it is still read but will be refused in a later release — rewrite the file with `fedlpp partition`",
-                      DeprecationWarning, stacklevel=2)
+                      FutureWarning, stacklevel=2)
     examples = [_example(row, f"{p}, line {number}") for number, row in rows]
     if not examples:
         raise ExamplesFileError(f"{p}: holds no examples")
+    kinds = [e.label is None for e in examples]
+    if any(k != kinds[0] for k in kinds):
+        number = rows[kinds.index(not kinds[0])][0]
+        raise ExamplesFileError(f"{p}, line {number}: a {'generation' if kinds[0] is False else 'classification'} example in a "
+                                f"file of {'generation' if kinds[0] else 'classification'} examples")
     return examples
 
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -40,10 +42,15 @@ app = ClientApp()
 
 @dataclass(frozen=True)
 class DataSource:
-    """Where this node's examples come from: its own file, or its simulated partition."""
+    """Where this node's examples come from: its own file, or its simulated partition.
+
+    A file is known by its path and its (modification time, size): a warm node that serves
+    several runs reads it again when it has changed.
+    """
 
     client_id: int
     path: str = ""  # a deployed node's JSONL file
+    stamp: tuple[int, int] = (0, 0)
 
     @staticmethod
     def of(node_config: Mapping[str, object]) -> DataSource:
@@ -51,7 +58,13 @@ class DataSource:
             client_id = node_config.get(CLIENT_ID, UNASSIGNED)
             if not isinstance(client_id, int) or isinstance(client_id, bool) or client_id < UNASSIGNED:
                 raise MessageError(f"node config {CLIENT_ID}: expected a non-negative integer, got {client_id!r}")
-            return DataSource(client_id, str(node_config[DATA_PATH]))
+            path = str(node_config[DATA_PATH])
+            try:
+                info = os.stat(path)
+                stamp = (info.st_mtime_ns, info.st_size)
+            except OSError:
+                stamp = (0, 0)  # read_examples says what is wrong
+            return DataSource(client_id, path, stamp)
         if PARTITION_ID in node_config:
             return DataSource(int(node_config[PARTITION_ID]))  # type: ignore[call-overload]
         raise MessageError(f"this node has no {DATA_PATH!r} in its node config: start it with --node-config \"{DATA_PATH}='...'\"")
@@ -75,12 +88,23 @@ def simulated_partitions(cfg: ExperimentConfig) -> list[list[Example]]:
 MODEL_LOADS = [0]  # backbones this process has built (a warm node: one per run)
 
 
-@functools.lru_cache(maxsize=1)
 def model_side(cfg: ExperimentConfig, kind: str, num_labels: int) -> ModelSide:
-    """The model for a config, built on first use and kept while messages carry the same config."""
-    MODEL_LOADS[0] += 1
-    log.info("model load %d in this process: %s (%s)", MODEL_LOADS[0], cfg.model.name, kind)
-    return build_model(cfg, kind, num_labels)
+    """The model for a config, built on first use and kept while messages carry the same config.
+
+    A new config drops the old model first (and the data tokenised for it): two backbones
+    never sit in memory at once.
+    """
+    key = (cfg, kind, num_labels)
+    if _MODEL.get("key") != key:
+        _MODEL.clear()
+        own_data.cache_clear()
+        MODEL_LOADS[0] += 1
+        log.info("model load %d in this process: %s (%s)", MODEL_LOADS[0], cfg.model.name, kind)
+        _MODEL["side"], _MODEL["key"] = build_model(cfg, kind, num_labels), key
+    return _MODEL["side"]
+
+
+_MODEL: dict[str, Any] = {}  # the one model this process holds, and the (config, kind, labels) it was built for
 
 
 @functools.lru_cache(maxsize=CACHED_PARTITIONS)
@@ -132,7 +156,10 @@ def prepare(message: Message, context: Context) -> None:
     if not isinstance(kind, str) or not kind or not isinstance(num_labels, int):
         return  # a server that does not name the task: the first train message builds them
     cfg, source = config_of(fields), DataSource.of(context.node_config)
-    own_data(cfg, kind, num_labels, source, source.client_id)
+    if source.client_id == UNASSIGNED:  # the server gives it an id: the data is tokenised for that id at round 1
+        model_side(cfg, kind, num_labels)
+    else:
+        own_data(cfg, kind, num_labels, source, source.client_id)
 
 
 @app.train()

@@ -333,16 +333,18 @@ class LocalDeployment:
         raise DeployError(f"the SuperLink did not answer on {LOOPBACK}:{self.port} within {timeout:g} s")
 
     def start_node(self, k: int, data: Path, client_id: int | None = None, register: bool = True,
-                   connect_timeout: float = 300) -> subprocess.Popen:
+                   connect_timeout: float = 300, threads: int | None = None) -> subprocess.Popen:
         """SuperNode with key node-k on ``data``; ``register=False`` leaves its key unknown to the SuperLink.
 
-        The nodes share this machine's cores: each trains with ``cores // nodes`` torch threads.
+        The nodes share this machine's cores: each trains with ``threads`` torch threads
+        (default ``cores // nodes``, at least 1).
         """
+        threads = threads or max(1, (os.cpu_count() or 1) // len(self.keys))
         if register:
             self.node_ids[k] = self.connection.register(self.keys[k].with_name(self.keys[k].name + ".pub"))
         args = ["deploy", "supernode", "--superlink", self.connection.superlink, "--ca", str(self.ca), "--key", str(self.keys[k]),
                 "--data", str(data), "--port", str(free_port()), "--flwr-home", str(self.directory / f"home-node-{k}"),
-                "--connect-timeout", f"{connect_timeout:g}", "--threads", str(max(1, (os.cpu_count() or 1) // len(self.keys)))]
+                "--connect-timeout", f"{connect_timeout:g}", "--threads", str(threads)]
         return self._start(args + (["--client-id", str(client_id)] if client_id is not None else []), f"node-{k}")
 
     def log(self, name: str) -> str:

@@ -11,9 +11,14 @@ caches in ``client_app.py``), push the reply and the context back. The protocol 
 Flower's own (``pull_task_input``, ``push_message``, ``push_task_output``).
 
 Trust: an open-source SuperLink cannot restrict which app a run carries (FAB signatures need
-an enterprise licence), so the worker never installs or imports code from a run's FAB: it
-runs only the installed ``fedlpp.engine.flower.client_app`` and answers any run whose app is
-not fedlpp's (by publisher, name, version and components) with an error.
+an enterprise licence). What protects the node is that the worker never installs or imports
+code from a run's FAB: it runs only the installed ``fedlpp.engine.flower.client_app``, which
+treats every message as data. It also refuses, with an error reply and before fetching the
+message, a run whose app does not name itself fedlpp's (publisher, name, version and
+components): a label check that catches a wrong submission, not an attacker, who can copy
+the label. Only this worker may claim the SuperNode's tasks: the SuperNode is started with a
+per-node secret (Flower's SuperExec authentication), so another local process cannot take
+its messages and read its state (SecAgg keys, the input vector).
 
 :class:`NodeProcess` is the supervisor around both: it validates the node's files before the
 SuperNode starts, says in its own output why the SuperNode stopped (a key the SuperLink does
@@ -31,6 +36,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -51,6 +57,8 @@ DEFAULT_TASK_POLL_S = 0.1  # an idle warm worker looks for a task at least this 
 FIRST_TASK_POLL_S = 0.01  # ... and this soon after it has served one
 NOT_REGISTERED = "[code: 2004]"  # Flower 1.41's FLEET_NODE_ACTIVATION_FAILED: the SuperLink knows no node with this key
 CONNECTION_FAILED = "Exit Code: 305"  # what flower-supernode prints when it cannot set up its connection to the SuperLink
+MAX_PYPROJECT_BYTES = 1 << 20
+GAVE_UP = "Giving up reconnection"  # ... and when it lost it later for longer than --max-wait-time
 
 
 class NodeError(RuntimeError):
@@ -88,6 +96,8 @@ def check_app(fab_id: str, fab_version: str, fab_content: bytes, expected: AppId
                         f"{fab_id or '?'} {fab_version or '?'}")
     try:
         with zipfile.ZipFile(BytesIO(fab_content)) as fab:
+            if fab.getinfo("pyproject.toml").file_size > MAX_PYPROJECT_BYTES:
+                raise NodeError("the run's app bundle holds an oversized pyproject.toml; this node runs only fedlpp's app")
             shipped = AppIdentity.of_pyproject(fab.read("pyproject.toml").decode())
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise NodeError(f"the run's app bundle cannot be read ({e}); this node runs only fedlpp's app") from None
@@ -106,11 +116,23 @@ def task_poll_seconds(environ: Any = os.environ) -> float:
     return seconds_setting(environ, TASK_POLL_ENV, DEFAULT_TASK_POLL_S, 60)
 
 
-class Worker:
-    """Serves the ClientApp tasks of one SuperNode, one at a time, with fedlpp's ClientApp loaded once."""
+TASK_CALL_TIMEOUT_S = 120  # one call to the SuperNode's Runtime API about a task retries this long, then the task is dropped
+AUTH_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})  # what the node's secret guards (Flower's SuperExec auth)
 
-    def __init__(self, runtime_address: str, poll_s: float) -> None:
-        from flwr.supercore.retry import make_simple_http_retry_invoker
+
+class TaskGone(RuntimeError):
+    """The SuperNode no longer knows the task (it finished it itself, or the run stopped)."""
+
+
+class Worker:
+    """Serves the ClientApp tasks of one SuperNode, one at a time, with fedlpp's ClientApp loaded once.
+
+    Only a holder of the node's secret may claim a task (Flower's SuperExec auth, HMAC over
+    the request): another local process cannot take this node's messages and read its state.
+    """
+
+    def __init__(self, runtime_address: str, poll_s: float, auth_secret: bytes) -> None:
+        from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
         from flwr.supercore.runtime import RuntimeHttpClient
 
         from fedlpp.engine.flower import pinned
@@ -121,44 +143,57 @@ class Worker:
         self.address, self.poll_s, self.app, self.prepare = runtime_address, poll_s, app, prepare
         self.expected = fedlpp_app()
         self.served = 0
-        once = make_simple_http_retry_invoker()
-        once.max_tries = 1  # a SuperNode that is not (or no longer) there: back to the loop, which watches its process
+        auth = SuperExecAuthHttpInterceptor(master_secret=auth_secret, protected_methods=AUTH_METHODS)
         self._client = RuntimeHttpClient.from_server_address(server_address=runtime_address, insecure=True, root_certificates=None,
-                                                             interceptors=_interceptors(), retry_invoker=once)
+                                                             interceptors=[*_interceptors(), auth], retry_invoker=_invoker(1, None))
 
-    def next_task(self) -> str | None:
-        """Claim the oldest pending ClientApp task: its token, or None when there is none."""
+    def next_task(self) -> tuple[str, int] | None:
+        """Claim the oldest pending task: (its token, its type), or None when there is none.
+
+        AgentApp tasks are claimed too, only to be refused: nothing else would ever finish
+        them, and the SuperNode would wait for their reply for good.
+        """
         from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
         from flwr.supercore.constant import TaskType
 
-        res = self._client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-        return res.token if res.HasField("task") and res.token else None
+        res = self._client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP, TaskType.AGENT_APP]))
+        return (res.token, res.task.type) if res.HasField("task") and res.token else None
 
-    def serve(self, token: str) -> None:
+    def serve(self, token: str, task_type: Any) -> None:
         """Run one task: pull its message and context, answer it with fedlpp's ClientApp, push the reply and the context."""
         from flwr.app import Message
         from flwr.app.error import Error
         from flwr.common.constant import ErrorCode, SubStatus
+        from flwr.supercore.constant import TaskType
         from flwr.supercore.heartbeat import HeartbeatSender
         from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor
-        from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
-        from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+        invoker = _invoker(None, TASK_CALL_TIMEOUT_S)
         client = RuntimeHttpClient.from_server_address(server_address=self.address, insecure=True, root_certificates=None,
                                                        interceptors=[*_interceptors(), RuntimeTokenHttpInterceptor(token)],
-                                                       retry_invoker=make_simple_http_retry_invoker())
+                                                       retry_invoker=invoker)
+        if task_type != TaskType.CLIENT_APP:
+            log.error("refused an AgentApp task: this node runs only fedlpp's ClientApp")
+            push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details="this node runs only fedlpp's ClientApp")
+            client.close()
+            return
         heartbeat = HeartbeatSender(_task_heartbeat(client))
         heartbeat.start()
         message = context = reply = None
         status, details = SubStatus.FAILED, "the task failed before its message was read"
         try:
-            message, context, run, fab = pull_task_input(client)
-            check_app(run.fab_id, run.fab_version, fab.content, self.expected)
+            message, context = self._pull_input(client)
             start = time.perf_counter()
             reply = self.app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
             log.info("%s", answered(message.metadata.message_type, message.metadata.group_id, time.perf_counter() - start))
+        except TaskGone as e:
+            log.warning("the SuperNode dropped a task before it was answered (%s)", e)
+        except KeyboardInterrupt:
+            invoker.max_tries = 1  # stopping: the last calls get one try each, no waits
+            raise
         except Exception as e:  # noqa: BLE001 - the error goes back to the server as the reply, as Flower's ClientApp does
             details = f"{type(e)}:<'{e}'>"
             log.error("message %s: %s", message.metadata.message_type if message else "?", e, exc_info=not isinstance(e, NodeError))
@@ -168,13 +203,56 @@ class Worker:
             try:
                 if reply is not None and context is not None:
                     push_message(client, reply, context)
+            except Exception as e:  # noqa: BLE001 - as Flower's ClientApp: logged; the server lists this client as silent
+                log.error("could not hand the reply to the SuperNode: %s", e)
             finally:
-                heartbeat.stop()
+                if heartbeat.is_running:
+                    heartbeat.stop()
                 push_task_output(client=client, context=context, sub_status=status, details=details)
                 client.close()
         self.served += 1
         if status == SubStatus.COMPLETED and message is not None and context is not None:
             self._warm_up(message, context)
+
+    def _pull_input(self, client: Any) -> tuple[Any, Any]:
+        """The task's context and message, after checking its run is fedlpp's app (before any of the message is fetched).
+
+        Flower's ``pull_task_input``, but the app is checked first, and a message the SuperNode
+        has not stored yet (it creates the task first) is asked for again for a moment.
+        """
+        import httpx
+        from flwr.app import Message
+        from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+        from flwr.proto.node_pb2 import Node  # pylint: disable=no-name-in-module
+        from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=no-name-in-module
+        from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+            make_confirm_message_received_fn_protobuf,
+            make_pull_object_fn_protobuf,
+        )
+        from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+        from flwr.supercore.run import RunNotRunningException
+        from flwr.supercore.task_identity import TaskIdentity
+
+        try:
+            res = client.PullTaskInput(PullTaskInputRequest())
+            run, fab = run_from_proto(res.run), fab_from_proto(res.fab)
+            check_app(run.fab_id, run.fab_version, fab.content, self.expected)
+            TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
+            context = context_from_proto(res.context)
+            deadline = time.monotonic() + 5
+            while not (pulled := client.PullMessages(PullAppMessagesRequest())).messages_list:
+                if time.monotonic() > deadline:
+                    raise TaskGone("its message never reached the SuperNode's store")
+                time.sleep(0.01)
+        except (httpx.HTTPStatusError, RunNotRunningException) as e:
+            raise TaskGone(str(e)) from None
+        node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+        message = pull_and_inflate_object_from_tree(tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+                                                    make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node,
+                                                                                              context.run_id),
+                                                    return_type=Message)
+        message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message does not carry its own id
+        return message, context
 
     def _warm_up(self, message: Any, context: Any) -> None:
         """After the start-up query: the model and the data, loaded while the server prepares round 1."""
@@ -185,6 +263,19 @@ class Worker:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _invoker(max_tries: int | None, max_time: float | None) -> Any:
+    """Flower's HTTP retries without its SIGINT to this process on a 401 (which would stop a warm node for good):
+    transient failures are retried (a few seconds apart at most) for ``max_time``; a refusal is raised at once."""
+    import httpx
+    from flwr.supercore.retry import RetryInvoker, exponential
+
+    def give_up(exc: Exception) -> bool:
+        return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code not in (502, 503, 504)
+
+    return RetryInvoker(lambda: exponential(max_delay=2), (httpx.TransportError, httpx.HTTPStatusError), max_tries, max_time,
+                        should_giveup=give_up)
 
 
 def answered(message_type: str, group: str, seconds: float) -> str:
@@ -238,23 +329,29 @@ class NodeProcess:
         logging.getLogger().setLevel(logging.WARNING)  # httpx would log every poll of the SuperNode
         logging.getLogger("fedlpp").setLevel(logging.INFO)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
-        try:
-            self.supernode = subprocess.Popen([sys.executable, "-m", "fedlpp.engine.flower.supernode", *self.supernode_args],
-                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env,
-                                              preexec_fn=_die_with_parent)
-            threading.Thread(target=self._relay, args=(self.supernode.stdout,), daemon=True).start()
-            worker = Worker(self.runtime_address, task_poll_seconds(self.env))
+        with tempfile.TemporaryDirectory(prefix="fedlpp-node-") as private:  # 0700: the node's secret lives here
+            secret = os.urandom(32)
+            secret_file = Path(private) / "superexec-secret"
+            secret_file.write_bytes(secret)
             try:
-                return self._loop(worker)
+                self.supernode = subprocess.Popen(
+                    [sys.executable, "-m", "fedlpp.engine.flower.supernode", *self.supernode_args,
+                     "--superexec-auth-secret-file", str(secret_file)],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env, preexec_fn=_die_with_parent)
+                self._relay_thread = threading.Thread(target=self._relay, args=(self.supernode.stdout,), daemon=True)
+                self._relay_thread.start()
+                worker = Worker(self.runtime_address, task_poll_seconds(self.env), secret)
+                try:
+                    return self._loop(worker)
+                finally:
+                    worker.close()
+            except KeyboardInterrupt:
+                print("fedlpp node: stopping", flush=True)
+                return 0
             finally:
-                worker.close()
-        except KeyboardInterrupt:
-            print("fedlpp node: stopping", flush=True)
-            return 0
-        finally:
-            self._stop_supernode()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+                for s, handler in previous.items():  # a second signal must not cut the SuperNode's stop short
+                    signal.signal(s, handler)
+                self._stop_supernode()
 
     def _loop(self, worker: Worker) -> int:
         import httpx
@@ -267,13 +364,13 @@ class NodeProcess:
             if self.supernode.poll() is not None:
                 return self._diagnose(self.supernode.returncode)
             try:
-                token = worker.next_task()
-            except httpx.TransportError:  # the SuperNode's local API is not up yet, or going down
-                token = None
-            if token is None:
+                task = worker.next_task()
+            except httpx.HTTPError:  # the SuperNode's local API is not up yet, or going down
+                task = None
+            if task is None:
                 time.sleep(idle.next())
                 continue
-            worker.serve(token)
+            worker.serve(*task)
             idle.reset()
         print("fedlpp node: stopping (signal)", flush=True)
         return 0
@@ -290,15 +387,15 @@ class NodeProcess:
             sys.stdout.flush()
 
     def _diagnose(self, code: int) -> int:
-        time.sleep(0.2)  # let the relay thread print the SuperNode's last lines first
+        self._relay_thread.join(timeout=5)  # the SuperNode's last lines first (the relay ends with its output)
         said = "".join(self.tail)
         if NOT_REGISTERED in said:
             print(f"fedlpp node: this node's public key is not registered with the SuperLink at {self.superlink} "
                   "(or another node with the same key is connected): ask the model owner to run "
                   "`fedlpp deploy register <this node's .pub>`", flush=True)
-        elif CONNECTION_FAILED in said:
+        elif CONNECTION_FAILED in said or GAVE_UP in said:
             print(f"fedlpp node: could not reach the SuperLink at {self.superlink} within --connect-timeout="
-                  f"{self.connect_timeout:g} s (is it running, and is the address and port right?); giving up", flush=True)
+                  f"{self.connect_timeout:g} s (is it running, and are the address and port right?); giving up", flush=True)
         else:
             print(f"fedlpp node: the SuperNode stopped with exit code {code}; its last lines are above", flush=True)
         return code or 1

@@ -6,9 +6,9 @@ Neither is configurable in Flower 1.41, and both cost every message of a round:
   3 s before it asks the SuperLink again, and waits for its ClientApp's reply in steps of
   0.5 s (``flwr/supernode/start_client_internal.py``: ``time.sleep(3)`` once,
   ``time.sleep(0.5)`` twice). :func:`shorten_supernode_poll` gives that one module a ``time``
-  whose ``sleep`` turns the 0.5 s into an :class:`IdlePoll` from 0.02 s back up to 0.5 s (a
-  SecAgg step's reply is seen at once, a long training step is not polled 50 times a
-  second) and the 3 s into one that starts at 0.02 s after a
+  whose ``sleep`` turns the 0.5 s into a :class:`WaitedPoll`, a twentieth of the time waited
+  so far, 0.02 s to 0.5 s (a SecAgg step's reply is seen at once, a long training step is not
+  polled 50 times a second), and the 3 s into an :class:`IdlePoll` that starts at 0.02 s after a
   message, growing by half each empty look to ``FEDLPP_NODE_POLL_S`` (default 0.25 s) — a
   node in a round picks up its next message at once, an idle node asks the SuperLink (whose
   CPU pays for every look) four times a second.
@@ -16,8 +16,8 @@ Neither is configurable in Flower 1.41, and both cost every message of a round:
   arrived (the sender pushes the message, then its objects), and a receiver that finds an
   object not yet there backs off 1 s, doubling to 10 s (``pull_objects``'s defaults in
   ``flwr/supercore/inflatable/inflatable_utils.py``): measured here, 1 s stalls in about
-  half the rounds. :func:`shorten_pull_backoff` starts it at 0.02 s, capped at 1 s, bounded
-  by the same total time (2 h) instead of a count of tries.
+  half the rounds. :func:`shorten_pull_backoff` starts it at 0.02 s, capped at 1 s, with
+  Flower's 500 tries per object and 2 h in all.
 
 No fork and no copy of Flower's code: both check that the installed Flower is the pinned
 version and that the code still holds exactly what was read (:func:`check_flower`), and
@@ -42,7 +42,7 @@ FIRST_POLL_S = 0.02  # ... and this soon after it has answered a message (SecAgg
 REPLY_POLL_S = 0.02  # how soon it first looks for its ClientApp's reply (Flower: every 0.5 s)
 WAITS = {"time.sleep(3)": 1, "time.sleep(0.5)": 2}  # the literal waits in start_client_internal, and how often each occurs
 PULL_DEFAULTS = {"initial_backoff": 1, "backoff_cap": 10, "max_tries_per_object": 500, "max_time": 7200}  # as read in 1.41
-SHORT_PULL = {"initial_backoff": 0.02, "backoff_cap": 1.0, "max_tries_per_object": None}  # max_time stays 7200 s
+SHORT_PULL = {"initial_backoff": 0.02, "backoff_cap": 1.0}  # tries (500) and total time (2 h) as Flower has them
 
 
 class FlowerChanged(RuntimeError):
@@ -64,7 +64,10 @@ def check_flower() -> None:
 def _supernode_loop() -> types.ModuleType:
     from flwr.supernode import start_client_internal
 
-    source = inspect.getsource(start_client_internal)
+    try:
+        source = inspect.getsource(start_client_internal)
+    except OSError as e:
+        raise FlowerChanged(f"flwr's source cannot be read ({e}): reinstall flwr {FLOWER_VERSION} with ./install.sh") from None
     found = {literal: source.count(literal) for literal in WAITS}
     calls = len(re.findall(r"\btime\.[a-z_]", source))
     if found != WAITS or calls != sum(WAITS.values()):
@@ -119,10 +122,28 @@ class IdlePoll:
         self.current = self.first
 
 
+class WaitedPoll:
+    """Waits while something is under way: a twentieth of the time waited so far (an answer is seen at most ~5% late),
+    between ``first`` and ``cap`` — soon for a SecAgg step's short answer, rarely during a long training step."""
+
+    def __init__(self, first: float, cap: float, fraction: float = 0.05) -> None:
+        self.first, self.cap, self.fraction = first, cap, fraction
+        self.since: float | None = None
+
+    def next(self) -> float:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        return min(self.cap, max(self.first, (now - self.since) * self.fraction))
+
+    def reset(self) -> None:
+        self.since = None
+
+
 def short_waits(poll_s: float) -> types.SimpleNamespace:
     """A stand-in for the ``time`` module: Flower's 3 s idle wait becomes an IdlePoll up to ``poll_s``, and its 0.5 s
-    wait for the worker's reply one from REPLY_POLL_S back up to 0.5 s; each kind of wait restarts the other."""
-    idle, reply = IdlePoll(FIRST_POLL_S, poll_s), IdlePoll(REPLY_POLL_S, 0.5)
+    wait for the worker's reply a WaitedPoll from REPLY_POLL_S up to 0.5 s; each kind of wait restarts the other."""
+    idle, reply = IdlePoll(FIRST_POLL_S, poll_s), WaitedPoll(REPLY_POLL_S, 0.5)
 
     def sleep(seconds: float) -> None:
         if seconds >= 3:

@@ -164,8 +164,10 @@ def main(grid: Grid, context: Context) -> None:
     if isinstance(audit, str) and audit:
         grid = RecordingGrid(grid, AuditLog(Path(audit), prefix=str(context.run_id)))  # type: ignore[assignment]
     summary = serve_on_grid(grid, cfg, Path(out), resume)
+    log.info("fedlpp: run finished into %s: %s", out, {k: summary[k] for k in ("rounds", "global", "proxy")})
     from fedlpp.reporting import write_report
 
-    written = write_report([Path(out)], Path(out))  # the run directory is a run like any other: report.md and the plots
-    log.info("fedlpp: run finished into %s: %s; report: %s", out, {k: summary[k] for k in ("rounds", "global", "proxy")},
-             ", ".join(p.name for p in written))
+    try:  # the run directory is a run like any other: report.md and the plots
+        log.info("fedlpp: report: %s", ", ".join(p.name for p in write_report([Path(out)], Path(out))))
+    except Exception as e:  # noqa: BLE001 - the run itself is done and saved; `fedlpp report` can write it later
+        log.warning("fedlpp: the run is complete but its report could not be written (%s); run `fedlpp report %s`", e, out)

@@ -22,7 +22,7 @@ def test_bytes_that_are_not_utf8_are_named_with_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"devset\.csv, line 3: not UTF-8 text \(byte 0xe9"):
         read_table(path, ("mr", "ref"))
     jsonl = tmp_path / "client.jsonl"
-    jsonl.write_bytes(b'{"prompt": "a", "target": "b"}\n{"prompt": "\xff"}\n')
+    jsonl.write_bytes(b'{"input": "a", "output": "b"}\n{"input": "\xff"}\n')
     with pytest.raises(ExamplesFileError, match=r"client\.jsonl, line 2: not UTF-8"):
         read_examples(jsonl)
 
@@ -42,7 +42,7 @@ def test_a_row_with_too_few_fields_names_its_line(tmp_path):
 
 def test_deeply_nested_json_in_a_clients_file_is_an_error_not_a_crash(tmp_path):
     path = tmp_path / "client.jsonl"
-    path.write_text('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    path.write_text('{"input": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
     with pytest.raises(ExamplesFileError, match=r"client\.jsonl, line 1"):
         read_examples(path)
 
@@ -54,7 +54,7 @@ def test_a_line_separator_inside_a_json_string_is_text_not_a_line_break(tmp_path
     from fedlpp.data.examples_file import write_examples
 
     path = tmp_path / "client.jsonl"
-    path.write_text(json.dumps({"prompt": "a\u2028b\x85c", "target": "d"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    path.write_text(json.dumps({"input": "a\u2028b\x85c", "output": "d"}, ensure_ascii=False) + "\n", encoding="utf-8")
     assert read_examples(path)[0].prompt == "a\u2028b\x85c"
     write_examples(path, [Example(prompt="p", target="t")])
     assert len(read_examples(path)) == 1

@@ -123,7 +123,7 @@ def command_deploy_run(deploy, connection, args: argparse.Namespace) -> int:  # 
     print(f"fedlpp: submitted run {run_id}; the ServerApp writes {args.out.resolve()}", flush=True)
     if args.no_wait:
         return 0
-    status, details = deploy.follow(connection, run_id, args.out)
+    status, details = deploy.follow(connection, run_id, args.out, since=submitted)
     if status != "finished:completed":
         print(f"fedlpp: run {run_id} ended {status}: {details}\n{connection.log(run_id)[-4000:]}")
         return 1

@@ -13,7 +13,7 @@ from fedlpp.data.examples_file import ExamplesFileError, line_of, read_examples,
 from fedlpp.data.jsonl import load_jsonl
 from fedlpp.data.schema import Example
 from fedlpp.engine.flower import pinned
-from fedlpp.engine.flower.messages import reply_poll
+from fedlpp.engine.flower.messages import REPLY_POLL
 from fedlpp.engine.flower.node import APP_DIR, NodeError, check_app, fedlpp_app, task_poll_seconds
 
 
@@ -78,7 +78,7 @@ def test_poll_settings_are_checked(raw, ok):
 
 
 def test_the_server_looks_for_replies_every_twentieth_of_the_time_waited():
-    assert reply_poll(0) == 0.02 and reply_poll(3) == pytest.approx(0.15) and reply_poll(600) == 0.5
+    assert REPLY_POLL.after(0) == 0.02 and REPLY_POLL.after(3) == pytest.approx(0.15) and REPLY_POLL.after(600) == 0.5
 
 
 def _fab(pyproject: str) -> bytes:

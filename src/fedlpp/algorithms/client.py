@@ -149,7 +149,7 @@ def train_client(
     losses = []
     model.train()
     try:
-        with steps.attach(model, params, base) as optimizer, _forked_rng(machine):
+        with steps.attach(model, params, base) as optimizer, forked_rng(machine):
             torch.manual_seed(seed)
             for batch in batches:
                 losses.append(steps.backward(model, kind, batch, params))
@@ -161,7 +161,7 @@ def train_client(
     return LocalResult({n: after[n] - start[n] for n in trained}, tuple(losses))
 
 
-def _forked_rng(machine: Machine) -> ContextManager[None]:
+def forked_rng(machine: Machine) -> ContextManager[None]:
     """The seeded steps leave the global generators as they were (the device's too: dropout runs there)."""
     device = machine.torch_device
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])

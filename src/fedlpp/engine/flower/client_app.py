@@ -17,7 +17,6 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -85,7 +84,16 @@ def simulated_partitions(cfg: ExperimentConfig) -> list[list[Example]]:
     return client_partitions(cfg, load_task_data(cfg))
 
 
-MODEL_LOADS = [0]  # backbones this process has built (a warm node: one per run)
+@dataclass
+class HeldModel:
+    """The one model this process holds, what it was built for (config, kind, labels), and how many it has built."""
+
+    key: tuple[ExperimentConfig, str, int] | None = None
+    side: ModelSide | None = None
+    loads: int = 0
+
+
+HELD = HeldModel()
 
 
 def model_side(cfg: ExperimentConfig, kind: str, num_labels: int) -> ModelSide:
@@ -95,16 +103,14 @@ def model_side(cfg: ExperimentConfig, kind: str, num_labels: int) -> ModelSide:
     never sit in memory at once.
     """
     key = (cfg, kind, num_labels)
-    if _MODEL.get("key") != key:
-        _MODEL.clear()
+    if HELD.key != key:
+        HELD.key, HELD.side = None, None
         own_data.cache_clear()
-        MODEL_LOADS[0] += 1
-        log.info("model load %d in this process: %s (%s)", MODEL_LOADS[0], cfg.model.name, kind)
-        _MODEL["side"], _MODEL["key"] = build_model(cfg, kind, num_labels), key
-    return _MODEL["side"]
-
-
-_MODEL: dict[str, Any] = {}  # the one model this process holds, and the (config, kind, labels) it was built for
+        HELD.loads += 1
+        log.info("model load %d in this process: %s (%s)", HELD.loads, cfg.model.name, kind)
+        HELD.side, HELD.key = build_model(cfg, kind, num_labels), key
+    assert HELD.side is not None
+    return HELD.side
 
 
 @functools.lru_cache(maxsize=CACHED_PARTITIONS)
@@ -170,17 +176,15 @@ def warm_up_training(side: ModelSide, data: ClientData, cfg: ExperimentConfig) -
 
     No optimizer step and the adapter untouched; the global random generators are left as they were (every client step
     seeds its own dropout anyway)."""
-    import torch
-
-    from fedlpp.algorithms.client import shuffled_batches
+    from fedlpp.algorithms.client import forked_rng, shuffled_batches
     from fedlpp.engine.setup import machine_of
     from fedlpp.models.objective import example_losses
 
     batch = next(shuffled_batches(data.features, 1, cfg.train.batch_size, data.pad_id, seed=0))
-    model = side.model
+    model, machine = side.model, machine_of(cfg)
     model.train()
     try:
-        with torch.random.fork_rng(devices=[]), machine_of(cfg).autocast():
+        with forked_rng(machine), machine.autocast():
             loss = example_losses(model, batch, side.kind).sum()
             if loss.requires_grad:
                 loss.backward()

@@ -18,11 +18,15 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedlpp.engine.flower.polls import WaitedPoll
+
 RECORD = "fedlpp"  # the ConfigRecord of plain fields
 BLOBS = "fedlpp.bytes"  # the ArrayRecord of byte-string fields
 BYTES_STYPE = "fedlpp.bytes"  # an Array whose data is a byte string as it is (no numpy header)
 SMALL_BYTES = 4096  # shorter byte strings ride in the ConfigRecord
-POLL_MIN_S, POLL_MAX_S = 0.02, 0.5  # look for replies every twentieth of the time waited so far, within these bounds
+REPLY_POLL = WaitedPoll(0.02, 0.5)  # look for replies every twentieth of the time waited so far, 0.02 s to 0.5 s: each
+# look is a request to the SuperLink, which a fixed short poll would keep busy through a long round (Grid.send_and_receive
+# looks every 3 s)
 POLL_S = 0.2  # how often to look for nodes at start-up
 QUERY = "query"  # the server asks a node who it is (client id, number of examples)
 TRAIN = "train"  # a broadcast in, an update out
@@ -89,14 +93,5 @@ def exchange(grid: Grid, messages: Mapping[int, Message], timeout: float) -> dic
         waited = time.monotonic() - start
         if not waiting or waited >= timeout:
             break
-        time.sleep(reply_poll(waited))
+        time.sleep(REPLY_POLL.after(waited))
     return replies
-
-
-def reply_poll(waited: float) -> float:
-    """Seconds until the next look for replies: a twentieth of the time waited (a reply is seen at most ~5% late), bounded.
-
-    Every look is a request to the SuperLink; a fixed short poll would cost the server's
-    machine CPU for the whole of a long round (Grid.send_and_receive looks every 3 s).
-    """
-    return min(POLL_MAX_S, max(POLL_MIN_S, waited / 20))

@@ -111,7 +111,7 @@ def check_app(fab_id: str, fab_version: str, fab_content: bytes, expected: AppId
 
 def task_poll_seconds(environ: Any = os.environ) -> float:
     """The worker's poll for tasks: Flower's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (0.01 to 60 s) if set."""
-    from fedlpp.engine.flower.pinned import seconds_setting
+    from fedlpp.engine.flower.polls import seconds_setting
 
     return seconds_setting(environ, TASK_POLL_ENV, DEFAULT_TASK_POLL_S, 60)
 
@@ -356,7 +356,7 @@ class NodeProcess:
     def _loop(self, worker: Worker) -> int:
         import httpx
 
-        from fedlpp.engine.flower.pinned import IdlePoll
+        from fedlpp.engine.flower.polls import IdlePoll
 
         idle = IdlePoll(FIRST_TASK_POLL_S, worker.poll_s)
         while not self._stop.is_set():

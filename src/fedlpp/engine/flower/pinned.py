@@ -28,12 +28,13 @@ the suite fails loudly instead of a patch silently doing nothing.
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import re
 import time
 import types
 from collections.abc import Mapping
+
+from fedlpp.engine.flower.polls import IdlePoll, WaitedPoll, seconds_setting
 
 FLOWER_VERSION = "1.41.0"  # the only Flower whose code these patches were read against
 POLL_ENV = "FEDLPP_NODE_POLL_S"
@@ -91,53 +92,6 @@ def _pull_functions() -> list[types.FunctionType]:
 def poll_seconds(environ: Mapping[str, str] = os.environ) -> float:
     """The SuperNode's idle poll from ``FEDLPP_NODE_POLL_S`` (seconds, 0.01 to 3)."""
     return seconds_setting(environ, POLL_ENV, DEFAULT_POLL_S, 3)
-
-
-def seconds_setting(environ: Mapping[str, str], name: str, default: float, most: float) -> float:
-    """A number of seconds from the environment variable ``name`` (0.01 to ``most``); ``default`` when unset."""
-    raw = environ.get(name, "")
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not 0.01 <= value <= most:
-        raise ValueError(f"{name}={raw!r}: expected seconds between 0.01 and {most:g}")
-    return value
-
-
-class IdlePoll:
-    """Waits between empty looks for work: ``first`` after some work, then half as long again each time, up to ``cap``."""
-
-    def __init__(self, first: float, cap: float, growth: float = 1.5) -> None:
-        self.first, self.cap, self.growth = min(first, cap), cap, growth
-        self.current = self.first
-
-    def next(self) -> float:
-        wait, self.current = self.current, min(self.cap, self.current * self.growth)
-        return wait
-
-    def reset(self) -> None:
-        self.current = self.first
-
-
-class WaitedPoll:
-    """Waits while something is under way: a twentieth of the time waited so far (an answer is seen at most ~5% late),
-    between ``first`` and ``cap`` — soon for a SecAgg step's short answer, rarely during a long training step."""
-
-    def __init__(self, first: float, cap: float, fraction: float = 0.05) -> None:
-        self.first, self.cap, self.fraction = first, cap, fraction
-        self.since: float | None = None
-
-    def next(self) -> float:
-        now = time.monotonic()
-        if self.since is None:
-            self.since = now
-        return min(self.cap, max(self.first, (now - self.since) * self.fraction))
-
-    def reset(self) -> None:
-        self.since = None
 
 
 def short_waits(poll_s: float) -> types.SimpleNamespace:

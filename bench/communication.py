@@ -26,14 +26,14 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from fedlpp.algorithms.round import make_broadcast, make_update  # noqa: E402
-from fedlpp.algorithms.spec import AlgorithmSpec, get_algorithm  # noqa: E402
-from fedlpp.config import QuantConfig  # noqa: E402
-from fedlpp.models.backbone import load_backbone  # noqa: E402
-from fedlpp.models.lora import Adapter, adapter_shapes, attach_lora, initial_adapter  # noqa: E402
-from fedlpp.quant import QuantSpec, storage_bits  # noqa: E402
+from fedlpp.algorithms.round import make_broadcast, make_update
+from fedlpp.algorithms.spec import AlgorithmSpec, get_algorithm
+from fedlpp.config import QuantConfig
+from fedlpp.models.backbone import load_backbone
+from fedlpp.models.lora import Adapter, adapter_shapes, attach_lora, initial_adapter
+from fedlpp.quant import QuantSpec, storage_bits
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "communication.json"
 SEED = 0
@@ -207,7 +207,12 @@ def main() -> None:
         "lora_r": args.r,
         "adapter_values": total,
         "adapter_tensors": len(shapes),
-        "reference": {"algorithm": "fedavg_lora float32", "down_bytes": down_ref, "down_header_bytes": head_ref, "up_bytes": up_ref},
+        "reference": {
+            "algorithm": "fedavg_lora float32",
+            "down_bytes": down_ref,
+            "down_header_bytes": head_ref,
+            "up_bytes": up_ref,
+        },
         "config_default_quant": asdict(QuantConfig()),
         "rows": [asdict(r) for r in rows],
         "targets": checks,

@@ -26,12 +26,12 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from fedlpp.config import load_config  # noqa: E402
-from fedlpp.data.formatting import encode_prompts  # noqa: E402
-from fedlpp.engine.setup import build_model, load_task_data  # noqa: E402
-from fedlpp.evaluation.evaluate import Decoding, generate, stop_token_ids  # noqa: E402
+from fedlpp.config import load_config
+from fedlpp.data.formatting import encode_prompts
+from fedlpp.engine.setup import build_model, load_task_data
+from fedlpp.evaluation.evaluate import Decoding, generate, stop_token_ids
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "decode.json"
 TARGET = 1.0
@@ -44,9 +44,14 @@ def plain_generate(model: Any, tokenizer: Any, prompts: list[list[int]], decodin
     with torch.no_grad():
         for prompt in prompts:
             ids = torch.tensor([prompt])
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), eos_token_id=stops,
-                                 pad_token_id=tokenizer.pad_token_id, **decoding.generate_kwargs())
-            text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
+                **decoding.generate_kwargs(),
+            )
+            text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
             outputs.append(text.strip().split("\n", 1)[0].strip())
     return outputs
 
@@ -78,8 +83,10 @@ def main() -> None:
     times: dict[str, list[float]] = {"fedlpp": [], "plain": []}
     outputs: dict[str, list[str]] = {}
     for rep in range(args.reps + 1):
-        for side_name, run in (("fedlpp", lambda: generate(model, tok, prompts, decoding)),
-                               ("plain", lambda: plain_generate(model, tok, prompts, decoding))):
+        for side_name, run in (
+            ("fedlpp", lambda: generate(model, tok, prompts, decoding)),
+            ("plain", lambda: plain_generate(model, tok, prompts, decoding)),
+        ):
             t0 = time.perf_counter()
             outputs[side_name] = run()
             elapsed = time.perf_counter() - t0
@@ -89,12 +96,25 @@ def main() -> None:
     tokens = {k: token_count(tok, v) for k, v in outputs.items()}
     rate = {k: tokens[k] / statistics.median(times[k]) for k in times}
     same = sum(a == b for a, b in zip(outputs["fedlpp"], outputs["plain"], strict=True))
-    report = {"model": args.model, "prompts": len(prompts), "batch_size": args.batch_size, "num_beams": args.num_beams,
-              "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(), "seconds": times,
-              "tokens": tokens, "tokens_per_s": rate, "ratio": rate["fedlpp"] / rate["plain"], "target": TARGET,
-              "identical_outputs": same, "outputs_compared": len(prompts)}
-    print(f"fedlpp {rate['fedlpp']:.1f} tok/s, plain loop {rate['plain']:.1f} tok/s: ratio {report['ratio']:.2f} "
-          f"(target >= {TARGET}); identical outputs {same}/{len(prompts)}")
+    report = {
+        "model": args.model,
+        "prompts": len(prompts),
+        "batch_size": args.batch_size,
+        "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens,
+        "threads": torch.get_num_threads(),
+        "seconds": times,
+        "tokens": tokens,
+        "tokens_per_s": rate,
+        "ratio": rate["fedlpp"] / rate["plain"],
+        "target": TARGET,
+        "identical_outputs": same,
+        "outputs_compared": len(prompts),
+    }
+    print(
+        f"fedlpp {rate['fedlpp']:.1f} tok/s, plain loop {rate['plain']:.1f} tok/s: ratio {report['ratio']:.2f} "
+        f"(target >= {TARGET}); identical outputs {same}/{len(prompts)}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written: {args.out}")

@@ -30,16 +30,16 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from opacus import GradSampleModule  # noqa: E402
+import torch
+from opacus import GradSampleModule
 
-from fedlpp.config import DP_SGD_DEFAULTS, load_config  # noqa: E402
-from fedlpp.algorithms.client import PlainSteps, shuffled_batches  # noqa: E402
-from fedlpp.engine.setup import LocalRun, build_run  # noqa: E402
-from fedlpp.models.lora import adapter_parameters, set_adapter, set_trainable  # noqa: E402
-from fedlpp.models.objective import example_losses  # noqa: E402
-from fedlpp.privacy.dp_sgd import NoisyOptimizer, per_example_backward  # noqa: E402
-from fedlpp.privacy.randomness import SeededRandomness  # noqa: E402
+from fedlpp.algorithms.client import PlainSteps, shuffled_batches
+from fedlpp.config import DP_SGD_DEFAULTS, load_config
+from fedlpp.engine.setup import LocalRun, build_run
+from fedlpp.models.lora import adapter_parameters, set_adapter, set_trainable
+from fedlpp.models.objective import example_losses
+from fedlpp.privacy.dp_sgd import NoisyOptimizer, per_example_backward
+from fedlpp.privacy.randomness import SeededRandomness
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "dp_overhead.json"
 DEFAULT_SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
@@ -50,8 +50,19 @@ RECIPE_LENGTH = 32  # configs/sst2_dp_sweep.toml's model.max_length
 
 def context(model: str, algorithm: str, batch: int, sst2: Path, max_length: int = 64) -> LocalRun:
     data = ["data.task=weather"] if model != "minilm-l6" else ["data.task=sst2", f"data.path={sst2}", "data.num_train=2000"]
-    return build_run(load_config(None, [f"model.name={model}", f"algorithm.name={algorithm}", f"train.batch_size={batch}",
-                                        f"model.max_length={max_length}", "data.num_eval=2", *data]))
+    return build_run(
+        load_config(
+            None,
+            [
+                f"model.name={model}",
+                f"algorithm.name={algorithm}",
+                f"train.batch_size={batch}",
+                f"model.max_length={max_length}",
+                "data.num_eval=2",
+                *data,
+            ],
+        )
+    )
 
 
 def timed_block(step, steps: int) -> float:
@@ -84,8 +95,14 @@ def measure(run: LocalRun, batch_size: int, steps: int, reps: int) -> dict[str, 
     def dp_block() -> tuple[float, float]:
         t0 = time.perf_counter()
         wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
-        dp_opt = NoisyOptimizer(torch.optim.AdamW(params, lr=1e-4), noise=SeededRandomness(0), noise_multiplier=1.0,
-                                max_grad_norm=1.0, expected_batch_size=batch_size, loss_reduction="mean")
+        dp_opt = NoisyOptimizer(
+            torch.optim.AdamW(params, lr=1e-4),
+            noise=SeededRandomness(0),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=batch_size,
+            loss_reduction="mean",
+        )
         wrap = time.perf_counter() - t0
 
         def dp_step() -> None:
@@ -107,10 +124,19 @@ def measure(run: LocalRun, batch_size: int, steps: int, reps: int) -> dict[str, 
         wraps.append(wrap)
     model.eval()
     p, d, w = statistics.median(plain), statistics.median(dp), statistics.median(whole)
-    return {"plain_s_per_step": p, "dp_s_per_step": d, "ratio": d / p, "wrap_s": statistics.median(wraps),
-            "whole_batch_plain_s_per_step": w, "chunking_speedup": w / p,
-            "plain_all": plain, "whole_all": whole, "dp_all": dp, "trained_values": sum(q.numel() for q in params),
-            "batch_tokens": list(batch["input_ids"].shape)}
+    return {
+        "plain_s_per_step": p,
+        "dp_s_per_step": d,
+        "ratio": d / p,
+        "wrap_s": statistics.median(wraps),
+        "whole_batch_plain_s_per_step": w,
+        "chunking_speedup": w / p,
+        "plain_all": plain,
+        "whole_all": whole,
+        "dp_all": dp,
+        "trained_values": sum(q.numel() for q in params),
+        "batch_tokens": list(batch["input_ids"].shape),
+    }
 
 
 def main() -> None:
@@ -122,11 +148,22 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="timed blocks per side")
     parser.add_argument("--sst2", type=Path, default=DEFAULT_SST2, help="SST-2 folder (train.tsv) for MiniLM")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--recipe-steps", type=int, default=2, help="steps per timed block at the DP recipe's batch (0 = skip it)")
+    parser.add_argument(
+        "--recipe-steps", type=int, default=2, help="steps per timed block at the DP recipe's batch (0 = skip it)"
+    )
     args = parser.parse_args()
-    results = {"torch_threads": torch.get_num_threads(), "algorithm": args.algorithm, "batch": args.batch,
-               "steps": args.steps, "reps": args.reps, "target": TARGET, "models": {}}
-    print(f"torch threads: {results['torch_threads']}; {args.algorithm}; batch {args.batch}; {args.reps} x {args.steps} steps a side")
+    results = {
+        "torch_threads": torch.get_num_threads(),
+        "algorithm": args.algorithm,
+        "batch": args.batch,
+        "steps": args.steps,
+        "reps": args.reps,
+        "target": TARGET,
+        "models": {},
+    }
+    print(
+        f"torch threads: {results['torch_threads']}; {args.algorithm}; batch {args.batch}; {args.reps} x {args.steps} steps a side"
+    )
     runs = [(name, name, args.batch, 64, args.steps) for name in args.models.split(",")]
     if args.recipe_steps:  # privacy.mode=dp_sgd's default batch on SST-2 (README, "DP that learns")
         runs.append(("minilm-l6 @ DP recipe", "minilm-l6", RECIPE_BATCH, RECIPE_LENGTH, args.recipe_steps))
@@ -134,10 +171,12 @@ def main() -> None:
         r = measure(context(name, args.algorithm, batch, args.sst2, length), batch, steps, args.reps)
         results["models"][label] = r
         verdict = "meets" if r["ratio"] <= TARGET else "MISSES"
-        print(f"{label:<22} plain {r['plain_s_per_step']:.3f} s/step   DP {r['dp_s_per_step']:.3f} s/step   "
-              f"ratio {r['ratio']:.3f}x ({verdict} <= {TARGET}x)   wrap once per client {r['wrap_s'] * 1000:.1f} ms   "
-              f"batch x tokens {r['batch_tokens']}   one padded pass {r['whole_batch_plain_s_per_step']:.3f} s/step "
-              f"(chunks save {r['chunking_speedup']:.2f}x)")
+        print(
+            f"{label:<22} plain {r['plain_s_per_step']:.3f} s/step   DP {r['dp_s_per_step']:.3f} s/step   "
+            f"ratio {r['ratio']:.3f}x ({verdict} <= {TARGET}x)   wrap once per client {r['wrap_s'] * 1000:.1f} ms   "
+            f"batch x tokens {r['batch_tokens']}   one padded pass {r['whole_batch_plain_s_per_step']:.3f} s/step "
+            f"(chunks save {r['chunking_speedup']:.2f}x)"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -48,12 +48,12 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fedlpp.config import load_config, write_toml  # noqa: E402
-from fedlpp.data.examples_file import write_examples  # noqa: E402
-from fedlpp.engine import rundir  # noqa: E402
-from fedlpp.engine.flower.deploy import LocalDeployment  # noqa: E402
-from fedlpp.engine.flower.node import ANSWERED  # noqa: E402
-from fedlpp.engine.setup import client_partitions, load_task_data  # noqa: E402
+from fedlpp.config import load_config, write_toml
+from fedlpp.data.examples_file import write_examples
+from fedlpp.engine import rundir
+from fedlpp.engine.flower.deploy import LocalDeployment
+from fedlpp.engine.flower.node import ANSWERED
+from fedlpp.engine.setup import client_partitions, load_task_data
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "engines.json"
 FEDLPP = [sys.executable, "-m", "fedlpp.cli"]
@@ -63,9 +63,20 @@ DEPLOY_TARGET = {"tiny-llama": 2.0, "smollm2-135m": 1.3}  # a deployed round aga
 
 def experiment(model: str, rounds: int, clients: int, per_round: int, steps: int) -> list[str]:
     data = ["data.num_train=400", "model.max_length=64"] if model == "tiny-llama" else ["data.num_train=400"]
-    return [f"model.name={model}", "algorithm.name=fedlpp", f"fl.rounds={rounds}", f"fl.num_clients={clients}",
-            f"fl.clients_per_round={per_round}", f"fl.local_steps={steps}", "train.batch_size=8", "data.num_eval=4",
-            f"eval.every={rounds}", "eval.max_new_tokens=8", "seed=0", *data]
+    return [
+        f"model.name={model}",
+        "algorithm.name=fedlpp",
+        f"fl.rounds={rounds}",
+        f"fl.num_clients={clients}",
+        f"fl.clients_per_round={per_round}",
+        f"fl.local_steps={steps}",
+        "train.batch_size=8",
+        "data.num_eval=4",
+        f"eval.every={rounds}",
+        "eval.max_new_tokens=8",
+        "seed=0",
+        *data,
+    ]
 
 
 def timed(command: list[str], timeout: float = 3600) -> float:
@@ -80,8 +91,12 @@ def figures(total_s: float, out: Path) -> dict[str, float]:
     rows = rundir.read_metrics(out)
     rounds = [r["wall_s"] for r in rows]
     before_last = rounds[:-1] or rounds
-    return {"total_s": total_s, "startup_s": total_s - sum(rounds), "per_round_s": statistics.median(before_last),
-            "rounds_s": rounds}
+    return {
+        "total_s": total_s,
+        "startup_s": total_s - sum(rounds),
+        "per_round_s": statistics.median(before_last),
+        "rounds_s": rounds,
+    }
 
 
 def run_local(overrides: list[str], out: Path) -> dict[str, float]:
@@ -99,7 +114,7 @@ def run_deployment(overrides: list[str], work: Path) -> dict[str, object]:
     slowest node's time answering its train message, read from the nodes' logs: the transport,
     the polls and the server's own step) and the number of model loads per node.
     """
-    cfg = load_config(None, overrides + ["flower.connect_timeout=300"])
+    cfg = load_config(None, [*overrides, "flower.connect_timeout=300"])
     write_toml(cfg, work / "experiment.toml")
     for k, part in enumerate(client_partitions(cfg, load_task_data(cfg))):
         write_examples(work / f"client-{k}.jsonl", part)
@@ -108,8 +123,21 @@ def run_deployment(overrides: list[str], work: Path) -> dict[str, object]:
         federation.start_superlink()
         for k in range(cfg.fl.num_clients):
             federation.start_node(k, work / f"client-{k}.jsonl", client_id=k)
-        timed([*FEDLPP, "deploy", "run", "--superlink", federation.connection.superlink, "--ca", str(federation.ca),
-               "--config", str(work / "experiment.toml"), "--out", str(work / "run")])
+        timed(
+            [
+                *FEDLPP,
+                "deploy",
+                "run",
+                "--superlink",
+                federation.connection.superlink,
+                "--ca",
+                str(federation.ca),
+                "--config",
+                str(work / "experiment.toml"),
+                "--out",
+                str(work / "run"),
+            ]
+        )
         total = time.perf_counter() - start
         logs = [federation.log(f"node-{k}") for k in range(cfg.fl.num_clients)]
     row: dict[str, object] = dict(figures(total, work / "run"))
@@ -167,8 +195,12 @@ def _rss(p: psutil.Process) -> int:
 
 def simulation_memory(overrides: list[str], out: Path) -> dict[str, float]:
     start = time.perf_counter()
-    process = subprocess.Popen([*FEDLPP, "run", "--engine", "flower", *overrides, "--out", str(out), "--quiet"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [*FEDLPP, "run", "--engine", "flower", *overrides, "--out", str(out), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     meter = PeakMemory(process.pid)
     _, err = process.communicate(timeout=3600)
     peak = meter.stop()
@@ -190,13 +222,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     overrides = experiment(args.model, args.rounds, args.clients, args.per_round, args.steps)
-    report: dict[str, object] = {"model": args.model, "rounds": args.rounds, "clients": args.clients, "per_round": args.per_round,
-                                 "local_steps": args.steps, "cpu_count": os.cpu_count(), "python": platform.python_version()}
+    report: dict[str, object] = {
+        "model": args.model,
+        "rounds": args.rounds,
+        "clients": args.clients,
+        "per_round": args.per_round,
+        "local_steps": args.steps,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
     with TemporaryDirectory(prefix="fedlpp-bench-") as tmp:
         work = Path(tmp)
         (work / "deploy").mkdir()
-        rows = {"local": run_local(overrides, work / "local"), "simulation": run_simulation(overrides, work / "simulation"),
-                "deployment": run_deployment(overrides, work / "deploy")}
+        rows = {
+            "local": run_local(overrides, work / "local"),
+            "simulation": run_simulation(overrides, work / "simulation"),
+            "deployment": run_deployment(overrides, work / "deploy"),
+        }
         report["runtimes"] = rows
         report["max_abs_adapter_difference"] = {
             "simulation": same_adapter(work / "local", work / "simulation"),
@@ -205,8 +247,10 @@ def main() -> None:
         report["per_round_ratio"] = ratios(rows, args.model)
         print_table(rows)
         print(f"adapters equal to the local engine's within {max(report['max_abs_adapter_difference'].values()):.2g}")
-        print(f"deployment: outside the ClientApps {_spread(rows['deployment']['outside_client_app_s'])} per round; "
-              f"model loads per node {rows['deployment']['model_loads_per_node']}")
+        print(
+            f"deployment: outside the ClientApps {_spread(rows['deployment']['outside_client_app_s'])} per round; "
+            f"model loads per node {rows['deployment']['model_loads_per_node']}"
+        )
         if args.secagg:
             report["secagg"] = secagg_deployment(args, work)
         if not args.skip_memory:
@@ -227,8 +271,10 @@ def ratios(rows: dict[str, dict], model: str) -> dict[str, dict[str, object]]:
 def print_table(rows: dict[str, dict]) -> None:
     print(f"{'runtime':<11} {'start-up':>9} {'per round':>10} {'rounds before the last':>26} {'ratio':>7}")
     for name, row in rows.items():
-        print(f"{name:<11} {row['startup_s']:8.2f}s {row['per_round_s']:9.2f}s {_spread(row['rounds_s'][:-1] or row['rounds_s']):>26} "
-              f"{row['per_round_s'] / rows['local']['per_round_s']:6.2f}x")
+        print(
+            f"{name:<11} {row['startup_s']:8.2f}s {row['per_round_s']:9.2f}s {_spread(row['rounds_s'][:-1] or row['rounds_s']):>26} "
+            f"{row['per_round_s'] / rows['local']['per_round_s']:6.2f}x"
+        )
 
 
 def _spread(values: list[float]) -> str:
@@ -241,8 +287,10 @@ def secagg_deployment(args: argparse.Namespace, work: Path) -> dict[str, object]
     plain = run_deployment(base, _fresh(work / "secagg-plain"))
     secure = run_deployment([*base, "secagg.enabled=true"], _fresh(work / "secagg-on"))
     ratio = secure["per_round_s"] / plain["per_round_s"]
-    print(f"secure aggregation over a deployment (3 nodes): {_spread(secure['rounds_s'][:-1])} per round against "
-          f"{_spread(plain['rounds_s'][:-1])} plain, ratio {ratio:.2f}x (target <= {SECAGG_TARGET})")
+    print(
+        f"secure aggregation over a deployment (3 nodes): {_spread(secure['rounds_s'][:-1])} per round against "
+        f"{_spread(plain['rounds_s'][:-1])} plain, ratio {ratio:.2f}x (target <= {SECAGG_TARGET})"
+    )
     return {"plain": plain, "secagg": secure, "ratio": ratio, "target": SECAGG_TARGET, "holds": ratio <= SECAGG_TARGET}
 
 
@@ -253,16 +301,36 @@ def _fresh(path: Path) -> Path:
 
 def memory(args: argparse.Namespace, work: Path) -> dict[str, object]:
     """Peak memory of the simulation with many virtual clients vs. with 10 (same data, 10 per round)."""
-    base = ["model.name=tiny-llama", "algorithm.name=fedlpp", "fl.rounds=3", "fl.clients_per_round=10", "fl.local_steps=2",
-            "train.batch_size=4", f"data.num_train={4 * args.memory_clients}", "data.num_eval=2", "eval.max_new_tokens=2",
-            "model.max_length=48", "eval.every=3", "seed=0", "flower.connect_timeout=600"]
+    base = [
+        "model.name=tiny-llama",
+        "algorithm.name=fedlpp",
+        "fl.rounds=3",
+        "fl.clients_per_round=10",
+        "fl.local_steps=2",
+        "train.batch_size=4",
+        f"data.num_train={4 * args.memory_clients}",
+        "data.num_eval=2",
+        "eval.max_new_tokens=2",
+        "model.max_length=48",
+        "eval.every=3",
+        "seed=0",
+        "flower.connect_timeout=600",
+    ]
     few = simulation_memory([*base, "fl.num_clients=10"], work / "memory-10")
     many = simulation_memory([*base, f"fl.num_clients={args.memory_clients}"], work / f"memory-{args.memory_clients}")
     ratio = many["peak_rss_mib"] / few["peak_rss_mib"]
-    print(f"peak memory: {args.memory_clients} clients {many['peak_rss_mib']:.0f} MiB, 10 clients {few['peak_rss_mib']:.0f} MiB, "
-          f"ratio {ratio:.3f} (target <= {MEMORY_TARGET}); run time {many['total_s']:.0f} s vs {few['total_s']:.0f} s")
-    return {"clients": args.memory_clients, "many": many, "ten": few, "ratio": ratio, "target": MEMORY_TARGET,
-            "holds": ratio <= MEMORY_TARGET}
+    print(
+        f"peak memory: {args.memory_clients} clients {many['peak_rss_mib']:.0f} MiB, 10 clients {few['peak_rss_mib']:.0f} MiB, "
+        f"ratio {ratio:.3f} (target <= {MEMORY_TARGET}); run time {many['total_s']:.0f} s vs {few['total_s']:.0f} s"
+    )
+    return {
+        "clients": args.memory_clients,
+        "many": many,
+        "ten": few,
+        "ratio": ratio,
+        "target": MEMORY_TARGET,
+        "holds": ratio <= MEMORY_TARGET,
+    }
 
 
 if __name__ == "__main__":

@@ -27,15 +27,15 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fedlpp.algorithms.fedlpp import proxy_of  # noqa: E402
-from fedlpp.algorithms.layout import layout_of  # noqa: E402
-from fedlpp.cli import quiet_libraries  # noqa: E402
-from fedlpp.config import load_config  # noqa: E402
-from fedlpp.engine import rundir  # noqa: E402
-from fedlpp.engine.local import run_experiment  # noqa: E402
-from fedlpp.engine.setup import build_run  # noqa: E402
-from fedlpp.evaluation.evaluate import evaluate_adapter  # noqa: E402
-from fedlpp.quant import QuantSpec  # noqa: E402
+from fedlpp.algorithms.fedlpp import proxy_of
+from fedlpp.algorithms.layout import layout_of
+from fedlpp.cli import quiet_libraries
+from fedlpp.config import load_config
+from fedlpp.engine import rundir
+from fedlpp.engine.local import run_experiment
+from fedlpp.engine.setup import build_run
+from fedlpp.evaluation.evaluate import evaluate_adapter
+from fedlpp.quant import QuantSpec
 
 ARMS = {
     "fedavg_lora": ["algorithm.name=fedavg_lora"],
@@ -48,10 +48,20 @@ PROXY_SETTINGS = [(w, g) for w in (1, 2, 3) for g in ("block", "row", "tensor")]
 
 def base_overrides(data: str, rounds: int, num_eval: int, model: str) -> list[str]:
     return [
-        f"model.name={model}", "data.task=e2e", f"data.path={data}", f"data.num_eval={num_eval}",
-        "fl.num_clients=4", "fl.clients_per_round=2", "fl.local_steps=10", f"fl.rounds={rounds}",
-        "train.batch_size=8", "train.lr=1e-3", "quant.bits=2", f"eval.every={rounds}",
-        "eval.max_new_tokens=64", "seed=0",
+        f"model.name={model}",
+        "data.task=e2e",
+        f"data.path={data}",
+        f"data.num_eval={num_eval}",
+        "fl.num_clients=4",
+        "fl.clients_per_round=2",
+        "fl.local_steps=10",
+        f"fl.rounds={rounds}",
+        "train.batch_size=8",
+        "train.lr=1e-3",
+        "quant.bits=2",
+        f"eval.every={rounds}",
+        "eval.max_new_tokens=64",
+        "seed=0",
     ]
 
 
@@ -67,7 +77,7 @@ def run_arms(base: list[str], workdir: Path) -> dict[str, dict]:
 
 def proxy_gap(base: list[str], fedavg_dir: Path) -> list[dict]:
     """Score the proxies of FedAvg's trained adapter under each quantizer setting."""
-    ctx = build_run(load_config(None, base + ["algorithm.name=fedavg_lora"]))
+    ctx = build_run(load_config(None, [*base, "algorithm.name=fedavg_lora"]))
     adapter, _ = rundir.load_checkpoint(fedavg_dir)  # type: ignore[misc]
     layout = layout_of(ctx.shapes, sorted(ctx.shapes))
     tok = ctx.backbone.tokenizer

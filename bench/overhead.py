@@ -29,16 +29,16 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from fedlpp.algorithms import round as rnd  # noqa: E402
-from fedlpp.config import load_config  # noqa: E402
-from fedlpp.algorithms.client import shuffled_batches  # noqa: E402
-from fedlpp.engine.local import LocalFederation, PlainExchange  # noqa: E402
-from fedlpp.engine.setup import LocalRun, build_run  # noqa: E402
-from fedlpp.models.lora import Adapter, adapter_parameters, set_adapter, set_trainable  # noqa: E402
-from fedlpp.models.objective import example_losses  # noqa: E402
-from fedlpp.seeding import derive_seed  # noqa: E402
+from fedlpp.algorithms import round as rnd
+from fedlpp.algorithms.client import shuffled_batches
+from fedlpp.config import load_config
+from fedlpp.engine.local import LocalFederation, PlainExchange
+from fedlpp.engine.setup import LocalRun, build_run
+from fedlpp.models.lora import Adapter, adapter_parameters, set_adapter, set_trainable
+from fedlpp.models.objective import example_losses
+from fedlpp.seeding import derive_seed
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "overhead.json"
 ROUND = 1
@@ -112,7 +112,7 @@ def measure(run: LocalRun, reps: int) -> dict[str, list[float]]:
 def summarise(times: dict[str, list[float]]) -> dict[str, Any]:
     engine, bare = statistics.median(times["engine"]), statistics.median(times["bare"])
     ratio = engine / bare
-    pairwise = statistics.median(e / b for e, b in zip(times["engine"], times["bare"]))
+    pairwise = statistics.median(e / b for e, b in zip(times["engine"], times["bare"], strict=True))
     return {
         "engine_median_s": engine,
         "bare_median_s": bare,
@@ -135,13 +135,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
 
-    cfg = load_config(None, [
-        f"model.name={args.model}", f"algorithm.name={args.algorithm}", "fl.rounds=1",
-        # One client per round: the "mean" rule refuses K=1 (it would hand that client the server's adapter).
-        "fl.clients_per_round=1", "algorithm.server_rule=delta",
-        f"fl.local_steps={args.steps}", f"train.batch_size={args.batch_size}",
-        "eval.every=1000000", "data.num_eval=8",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={args.model}",
+            f"algorithm.name={args.algorithm}",
+            "fl.rounds=1",
+            # One client per round: the "mean" rule refuses K=1 (it would hand that client the server's adapter).
+            "fl.clients_per_round=1",
+            "algorithm.server_rule=delta",
+            f"fl.local_steps={args.steps}",
+            f"train.batch_size={args.batch_size}",
+            "eval.every=1000000",
+            "data.num_eval=8",
+        ],
+    )
     threads = torch.get_num_threads()
     print(f"torch threads: {threads} (torch's default; os.cpu_count()={os.cpu_count()})")
     run = build_run(cfg)
@@ -155,9 +163,16 @@ def main() -> None:
         f"target <= {TARGET}: {'HOLDS' if summary['holds'] else 'FAILS'}"
     )
     report = {
-        "model": args.model, "algorithm": ctx.spec.name, "quant": repr(q), "local_steps": args.steps,
-        "batch_size": args.batch_size, "reps": args.reps, "torch_threads": threads, "cpu_count": os.cpu_count(),
-        "torch_version": torch.__version__, **summary,
+        "model": args.model,
+        "algorithm": ctx.spec.name,
+        "quant": repr(q),
+        "local_steps": args.steps,
+        "batch_size": args.batch_size,
+        "reps": args.reps,
+        "torch_threads": threads,
+        "cpu_count": os.cpu_count(),
+        "torch_version": torch.__version__,
+        **summary,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

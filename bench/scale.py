@@ -28,6 +28,7 @@ starts over), so a long run can be resumed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -49,15 +50,42 @@ GOALS = {("llama-3.2-1b", "nf4", True): 0.30, ("llama-3.2-1b", "bf16", False): 0
 # Exact shapes of the public configurations (config.json of each model on the Hugging Face Hub).
 SHAPES: dict[str, dict[str, Any] | None] = {
     "smollm2-135m": None,  # the shipped weights
-    "smollm2-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
-                         num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
-                         rope_theta=100000.0, rms_norm_eps=1e-5),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
-                         max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5),
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096,
-                       rms_norm_eps=1e-5),
+    "smollm2-360m": {
+        "hidden_size": 960,
+        "intermediate_size": 2560,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 15,
+        "num_key_value_heads": 5,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+    },
+    "llama-3.2-1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 131072,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+    },
+    "llama-2-7b": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+    },
 }
 BACKBONES = (("fp32", "none"), ("bf16", "none"), ("bf16", "nf4"))  # (train.precision, model.quantize)
 
@@ -85,8 +113,12 @@ def build_checkpoint(shape: str) -> None:
 
     target = checkpoint_dir(shape)
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir()))
-    config = LlamaConfig(**SHAPES[shape], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        **SHAPES[shape],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     tmp = target.with_name(target.name + ".partial")
@@ -140,9 +172,20 @@ def run_cell(shape: str, precision: str, quantize: str, checkpointing: bool, ste
     rss_loaded = peak_rss_bytes()
     start = get_adapter(model)
     stamps: list[float] = []
-    batches = timed(random_batches(min(backbone.model.config.vocab_size, len(backbone.tokenizer)), steps, backbone.tokenizer.pad_token_id), stamps)
-    result = train_client(model, "generation", start, list(adapter_parameters(model)), batches,
-                          LocalTraining(lr=1e-4, weight_decay=0.0, max_grad_norm=0.0), seed=0, machine=machine)
+    batches = timed(
+        random_batches(min(backbone.model.config.vocab_size, len(backbone.tokenizer)), steps, backbone.tokenizer.pad_token_id),
+        stamps,
+    )
+    result = train_client(
+        model,
+        "generation",
+        start,
+        list(adapter_parameters(model)),
+        batches,
+        LocalTraining(lr=1e-4, weight_decay=0.0, max_grad_norm=0.0),
+        seed=0,
+        machine=machine,
+    )
     return _report(machine.peak_memory(), stamps, result.losses, loaded, rss_loaded, peak_rss_bytes())
 
 
@@ -180,15 +223,27 @@ def run_plain(shape: str, precision: str, steps: int, device: str) -> dict[str, 
     return _report(machine.peak_memory(), stamps, losses, loaded, rss_loaded, peak_rss_bytes())
 
 
-def _report(peak: dict[str, Any], stamps: list[float], losses: list[float] | tuple[float, ...], loaded: float,
-            rss_loaded: int, rss_peak: int) -> dict[str, Any]:
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+def _report(
+    peak: dict[str, Any],
+    stamps: list[float],
+    losses: list[float] | tuple[float, ...],
+    loaded: float,
+    rss_loaded: int,
+    rss_peak: int,
+) -> dict[str, Any]:
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     per_step = statistics.median(gaps[1:]) if len(gaps) > 1 else gaps[0]
     return {
-        "peak_bytes": peak["bytes"], "peak_kind": peak["kind"], "device": peak["device"],
-        "peak_rss_after_load_bytes": rss_loaded, "peak_rss_bytes": rss_peak,
-        "load_s": round(loaded, 2), "s_per_step": round(per_step, 3), "step_s": [round(g, 3) for g in gaps],
-        "tokens_per_s": round(BATCH * LENGTH / per_step, 1), "losses": [round(float(v), 4) for v in losses],
+        "peak_bytes": peak["bytes"],
+        "peak_kind": peak["kind"],
+        "device": peak["device"],
+        "peak_rss_after_load_bytes": rss_loaded,
+        "peak_rss_bytes": rss_peak,
+        "load_s": round(loaded, 2),
+        "s_per_step": round(per_step, 3),
+        "step_s": [round(g, 3) for g in gaps],
+        "tokens_per_s": round(BATCH * LENGTH / per_step, 1),
+        "losses": [round(float(v), 4) for v in losses],
         "loss_finite": all(v == v and abs(v) != float("inf") for v in losses),
     }
 
@@ -207,11 +262,22 @@ def cells_for(args: argparse.Namespace) -> list[dict[str, Any]]:
     for shape in args.shapes:
         for precision, quantize in BACKBONES:
             for checkpointing in (False, True):
-                cells.append({"kind": "fedlpp", "shape": shape, "precision": precision, "quantize": quantize,
-                              "checkpointing": checkpointing, "steps": args.steps, "device": args.device})
+                cells.append(
+                    {
+                        "kind": "fedlpp",
+                        "shape": shape,
+                        "precision": precision,
+                        "quantize": quantize,
+                        "checkpointing": checkpointing,
+                        "steps": args.steps,
+                        "device": args.device,
+                    }
+                )
     if args.plain:
         for precision in ("fp32", "bf16"):
-            cells.append({"kind": "plain", "shape": args.shapes[0], "precision": precision, "steps": args.steps, "device": args.device})
+            cells.append(
+                {"kind": "plain", "shape": args.shapes[0], "precision": precision, "steps": args.steps, "device": args.device}
+            )
     return cells
 
 
@@ -226,17 +292,30 @@ def measure(cell: dict[str, Any], repeats: int) -> dict[str, Any]:
             tail = proc.stderr.strip().splitlines()[-3:]
             return {**cell, "error": " | ".join(tail) or f"exit {proc.returncode}"}
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    median = {k: statistics.median(r[k] for r in runs) for k in ("peak_bytes", "peak_rss_after_load_bytes", "s_per_step", "load_s")}
-    return {**cell, **runs[0], **median, "tokens_per_s": round(BATCH * LENGTH / median["s_per_step"], 1),
-            "peak_bytes_runs": [r["peak_bytes"] for r in runs], "s_per_step_runs": [r["s_per_step"] for r in runs]}
+    median = {
+        k: statistics.median(r[k] for r in runs) for k in ("peak_bytes", "peak_rss_after_load_bytes", "s_per_step", "load_s")
+    }
+    return {
+        **cell,
+        **runs[0],
+        **median,
+        "tokens_per_s": round(BATCH * LENGTH / median["s_per_step"], 1),
+        "peak_bytes_runs": [r["peak_bytes"] for r in runs],
+        "s_per_step_runs": [r["s_per_step"] for r in runs],
+    }
 
 
 def ratios(rows: list[dict[str, Any]]) -> None:
     """Each cell's peak and step time against the fp32 cell (no checkpointing) of its shape and device, measured in
     the same run of this script (a cell kept from an earlier run is compared only with cells of that run)."""
-    base = {(r["shape"], r["device"], r.get("run")): r for r in rows
-            if r["kind"] == "fedlpp" and r["precision"] == "fp32" and not r["checkpointing"] and "error" not in r}
-    plain = {(r["shape"], r["precision"], r["device"], r.get("run")): r for r in rows if r["kind"] == "plain" and "error" not in r}
+    base = {
+        (r["shape"], r["device"], r.get("run")): r
+        for r in rows
+        if r["kind"] == "fedlpp" and r["precision"] == "fp32" and not r["checkpointing"] and "error" not in r
+    }
+    plain = {
+        (r["shape"], r["precision"], r["device"], r.get("run")): r for r in rows if r["kind"] == "plain" and "error" not in r
+    }
     for r in rows:
         ref = base.get((r["shape"], r["device"], r.get("run")))
         if "error" in r or ref is None:
@@ -245,14 +324,18 @@ def ratios(rows: list[dict[str, Any]]) -> None:
         twin = plain.get((r["shape"], r["precision"], r["device"], r.get("run")))
         if r["kind"] == "fedlpp" and r["quantize"] == "none" and not r["checkpointing"] and twin is not None:
             r["time_vs_plain_loop"] = round(r["s_per_step"] / twin["s_per_step"], 3)
-        goal = GOALS.get((r["shape"], r.get("quantize") if r.get("quantize") == "nf4" else r["precision"], r.get("checkpointing")))
+        goal = GOALS.get(
+            (r["shape"], r.get("quantize") if r.get("quantize") == "nf4" else r["precision"], r.get("checkpointing"))
+        )
         if goal is not None and r["kind"] == "fedlpp":
             r["goal_peak_vs_fp32"], r["goal_met"] = goal, r["peak_vs_fp32"] <= goal
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| shape | backbone | checkpointing | peak | vs fp32 | s/step | tokens/s | load s | last loss | vs plain loop |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| shape | backbone | checkpointing | peak | vs fp32 | s/step | tokens/s | load s | last loss | vs plain loop |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         lines.append("| " + " | ".join(_row_cells(r)) + " |")
     return "\n".join(lines)
@@ -272,8 +355,18 @@ def _row_cells(r: dict[str, Any]) -> list[str]:
     if "goal_met" in r:
         vs_fp32 += f" (goal <= {r['goal_peak_vs_fp32']:.2f}x: {'met' if r['goal_met'] else 'missed'})"
     vs_plain = f"{r['time_vs_plain_loop']:.2f}x" if "time_vs_plain_loop" in r else ""
-    return [r["shape"], backbone, checkpointing, f"{r['peak_bytes'] / 2**30:.2f} GiB{spread}", vs_fp32, f"{r['s_per_step']:.2f}",
-            f"{r['tokens_per_s']:.0f}", f"{r['load_s']:.0f}", f"{r['losses'][-1]:.3f}", vs_plain]
+    return [
+        r["shape"],
+        backbone,
+        checkpointing,
+        f"{r['peak_bytes'] / 2**30:.2f} GiB{spread}",
+        vs_fp32,
+        f"{r['s_per_step']:.2f}",
+        f"{r['tokens_per_s']:.0f}",
+        f"{r['load_s']:.0f}",
+        f"{r['losses'][-1]:.3f}",
+        vs_plain,
+    ]
 
 
 def main() -> None:
@@ -297,7 +390,9 @@ def main() -> None:
         if cell["kind"] == "plain":
             out = run_plain(cell["shape"], cell["precision"], cell["steps"], cell["device"])
         else:
-            out = run_cell(cell["shape"], cell["precision"], cell["quantize"], cell["checkpointing"], cell["steps"], cell["device"])
+            out = run_cell(
+                cell["shape"], cell["precision"], cell["quantize"], cell["checkpointing"], cell["steps"], cell["device"]
+            )
         print(json.dumps(out))
         return
     args.shapes = args.shapes or (["smollm2-135m"] if args.quick else ["smollm2-135m", "smollm2-360m", "llama-3.2-1b"])
@@ -314,8 +409,12 @@ def main() -> None:
         print(f"[{i}/{len(cells)}] {key} ...", file=sys.stderr, flush=True)
         t = time.perf_counter()
         rows.append({**measure(cell, args.repeats), "run": run})
-        print(f"    {time.perf_counter() - t:.0f} s: " + (rows[-1].get("error") or f"peak {rows[-1]['peak_bytes'] / 2**30:.2f} GiB, "
-              f"{rows[-1]['s_per_step']:.2f} s/step"), file=sys.stderr, flush=True)
+        print(
+            f"    {time.perf_counter() - t:.0f} s: "
+            + (rows[-1].get("error") or f"peak {rows[-1]['peak_bytes'] / 2**30:.2f} GiB, {rows[-1]['s_per_step']:.2f} s/step"),
+            file=sys.stderr,
+            flush=True,
+        )
         ratios(rows)
         save(out, rows)
     ratios(rows)
@@ -330,10 +429,18 @@ def save(out: Path, rows: list[dict[str, Any]]) -> None:
     import torch
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "machine": platform.machine(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "batch": BATCH, "length": LENGTH, "lora_r": RANK, "targets": list(TARGETS)}
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "batch": BATCH,
+        "length": LENGTH,
+        "lora_r": RANK,
+        "targets": list(TARGETS),
+    }
     out.write_text(json.dumps({"meta": meta, "cells": rows}, indent=1))
 
 

@@ -55,10 +55,10 @@ import numpy as np
 import torch
 
 from fedlpp.algorithms import round as rnd
-from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.algorithms.secure import SecureEncoding, SecureInput, SecureMean
-from fedlpp.engine.secure import SecureAggregator, make_aggregator, secure_aggregate
+from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.config import SecAggConfig
+from fedlpp.engine.secure import SecureAggregator, make_aggregator, secure_aggregate
 from fedlpp.engine.setup import secagg_params
 from fedlpp.models.lora import Adapter
 from fedlpp.secagg import graph_degree
@@ -147,8 +147,7 @@ def lora_adapter(values: int, generator: torch.Generator) -> Adapter:
 
 def client_deltas(adapter: Adapter, n: int, generator: torch.Generator) -> dict[int, tuple[Adapter, int]]:
     """One delta per client (|x| well inside the range) and an example count."""
-    return {c: ({k: torch.randn(t.shape, generator=generator) * 1e-3 for k, t in adapter.items()}, 100 + c)
-            for c in range(n)}
+    return {c: ({k: torch.randn(t.shape, generator=generator) * 1e-3 for k, t in adapter.items()}, 100 + c) for c in range(n)}
 
 
 def plain_round(adapter: Adapter, deltas: dict[int, tuple[Adapter, int]], round_: int) -> tuple[Clock, Adapter, int]:
@@ -217,22 +216,47 @@ def measure(n: int, values: int, graph: str, prg: str, reps: int) -> Row:
             plain, plain_adapter, plain_up = plain_round(adapter, deltas, rep + 1)
             secure, secure_adapter, up, down = secure_round(agg, adapter, deltas, rep + 1)
         samples["bare"].append(bare_sum(deltas))
-        for key, value in (("plain", plain.round_s()), ("plain_cpu", plain.cpu_s), ("round", secure.round_s()),
-                           ("setup", setup_s(secure)), ("cpu", secure.cpu_s)):
+        for key, value in (
+            ("plain", plain.round_s()),
+            ("plain_cpu", plain.cpu_s),
+            ("round", secure.round_s()),
+            ("setup", setup_s(secure)),
+            ("cpu", secure.cpu_s),
+        ):
             samples[key].append(value)
         error = max(error, max(float((plain_adapter[k] - secure_adapter[k]).abs().max()) for k in adapter))
     resolution = n / agg.encoding.params.scale  # the mean of n fixed-point roundings, scaled by n_max / sum n_k <= 1
     assert error <= resolution, f"secure mean off by {error} (resolution {resolution})"
     m = {k: statistics.median(v) for k, v in samples.items()}
     online = m["round"] - m["setup"]
-    return Row(n, values, graph, graph_degree(agg.encoding.params, n), prg, m["bare"], m["plain"], m["plain_cpu"], m["round"],
-               m["setup"], online, m["cpu"], m["round"] / m["plain"], online / m["plain"], m["cpu"] / m["plain_cpu"],
-               plain_up, up, down, error)
+    return Row(
+        n,
+        values,
+        graph,
+        graph_degree(agg.encoding.params, n),
+        prg,
+        m["bare"],
+        m["plain"],
+        m["plain_cpu"],
+        m["round"],
+        m["setup"],
+        online,
+        m["cpu"],
+        m["round"] / m["plain"],
+        online / m["plain"],
+        m["cpu"] / m["plain_cpu"],
+        plain_up,
+        up,
+        down,
+        error,
+    )
 
 
-HEADER = (f"{'n':>3} {'values':>9} {'graph':>8} {'k':>3} | {'bare sum':>8} | {'plain':>7} {'secagg':>7} {'ratio':>6} | "
-          f"{'setup':>7} {'online':>7} {'ratio':>6} | {'plain cpu':>9} {'secagg cpu':>10} {'ratio':>6} | "
-          f"{'up B/client (plain)':>23} {'down B':>9}")
+HEADER = (
+    f"{'n':>3} {'values':>9} {'graph':>8} {'k':>3} | {'bare sum':>8} | {'plain':>7} {'secagg':>7} {'ratio':>6} | "
+    f"{'setup':>7} {'online':>7} {'ratio':>6} | {'plain cpu':>9} {'secagg cpu':>10} {'ratio':>6} | "
+    f"{'up B/client (plain)':>23} {'down B':>9}"
+)
 
 
 def format_row(r: Row) -> str:
@@ -291,8 +315,14 @@ def main() -> None:
             reps = args.reps or (7 if args.quick else 5 if n * values <= 6 * 10**6 else 3 if n * values <= 2 * 10**7 else 1)
             rows.append(measure(n, values, graph, args.prg, reps))
             print(format_row(rows[-1]), flush=True)
-    result = {"machine": platform.processor() or platform.machine(), "prg": args.prg, "torch_threads": 1, "allocator": allocator,
-              "verdict": verdict(rows), "rows": [asdict(r) for r in rows]}
+    result = {
+        "machine": platform.processor() or platform.machine(),
+        "prg": args.prg,
+        "torch_threads": 1,
+        "allocator": allocator,
+        "verdict": verdict(rows),
+        "rows": [asdict(r) for r in rows],
+    }
     print(json.dumps(result["verdict"], indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

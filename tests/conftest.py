@@ -8,6 +8,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from fedlpp.models.machine import import_bitsandbytes  # noqa: E402
+from fedlpp.models.machine import import_bitsandbytes
 
 import_bitsandbytes()  # first, as fedlpp does: a test that imports peft directly must not try the Hub either

@@ -19,9 +19,20 @@ from fedlpp.engine.setup import build_run
 pytestmark = pytest.mark.integration
 
 TINY = [
-    "model.name=tiny-llama", "model.max_length=48", "data.num_train=120", "data.num_eval=3", "algorithm.name=fedlpp",
-    "fl.num_clients=4", "fl.clients_per_round=2", "fl.local_steps=3", "train.batch_size=4", "train.lr=0.02",
-    "eval.every=3", "eval.max_new_tokens=3", "fl.rounds=3", "seed=0",
+    "model.name=tiny-llama",
+    "model.max_length=48",
+    "data.num_train=120",
+    "data.num_eval=3",
+    "algorithm.name=fedlpp",
+    "fl.num_clients=4",
+    "fl.clients_per_round=2",
+    "fl.local_steps=3",
+    "train.batch_size=4",
+    "train.lr=0.02",
+    "eval.every=3",
+    "eval.max_new_tokens=3",
+    "fl.rounds=3",
+    "seed=0",
 ]
 
 
@@ -35,7 +46,9 @@ def run(tmp_path_factory, request):
     def recording(model, payload, data, recipe, on_step=None):
         result = original(model, payload, data, recipe, on_step)
         start, round_ = rnd.read_broadcast(payload, recipe.shapes)
-        delta = rnd.validate_update(result.upload, data.client_id, rnd.update_layout(recipe.spec, recipe.shapes, round_), round_).delta
+        delta = rnd.validate_update(
+            result.upload, data.client_id, rnd.update_layout(recipe.spec, recipe.shapes, round_), round_
+        ).delta
         held[(data.client_id, round_)] = {n: start[n] + delta[n] if n in delta else start[n] for n in start}
         return result
 
@@ -131,7 +144,11 @@ def test_the_default_attacker_is_a_client_of_the_last_round(run):
     rows = rundir.read_metrics(out)
     report = attack.run_attack(out, "last", [2], collude=1)
     assert report["client"] == attack.trained_clients(rows)[0] and report["client"] in rows[-1]["clients"]
-    assert attack.trained_clients([{"round": 1, "clients": [0, 3]}, {"round": 2, "clients": [2, 3], "failed": {"3": "x"}}]) == [2, 0, 3]
+    assert attack.trained_clients([{"round": 1, "clients": [0, 3]}, {"round": 2, "clients": [2, 3], "failed": {"3": "x"}}]) == [
+        2,
+        0,
+        3,
+    ]
 
 
 def test_value_taken_is_the_share_of_the_federations_gain():
@@ -152,9 +169,18 @@ def test_an_attacker_that_never_trained_or_does_not_exist_is_refused(run):
 VARIANTS = {
     "fedlpp_ffa": ["algorithm.name=fedlpp_ffa"],
     "fedlpp+secagg": ["fl.clients_per_round=3", "secagg.enabled=true"],
-    "ffa_lora+dp_sgd": ["algorithm.name=ffa_lora", "privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", "train.max_grad_norm=0"],
-    "fedavg_lora+client_dp": ["algorithm.name=fedavg_lora", "privacy.mode=client_dp", "privacy.noise_multiplier=0.5",
-                              "privacy.clip_norm=1.0"],
+    "ffa_lora+dp_sgd": [
+        "algorithm.name=ffa_lora",
+        "privacy.mode=dp_sgd",
+        "privacy.noise_multiplier=1.0",
+        "train.max_grad_norm=0",
+    ],
+    "fedavg_lora+client_dp": [
+        "algorithm.name=fedavg_lora",
+        "privacy.mode=client_dp",
+        "privacy.noise_multiplier=0.5",
+        "privacy.clip_norm=1.0",
+    ],
 }
 
 

@@ -22,7 +22,17 @@ def test_bad_config_is_refused_before_anything_loads(tmp_path: Path, capsys):
 
 
 def test_missing_data_path_is_a_clear_error(tmp_path: Path, capsys):
-    code = main(["run", "model.name=tiny-llama", "data.task=e2e", f"data.path={tmp_path / 'nope'}", "--out", str(tmp_path / "r"), "--quiet"])
+    code = main(
+        [
+            "run",
+            "model.name=tiny-llama",
+            "data.task=e2e",
+            f"data.path={tmp_path / 'nope'}",
+            "--out",
+            str(tmp_path / "r"),
+            "--quiet",
+        ]
+    )
     assert code == 1
     assert "nope" in capsys.readouterr().err
     assert not (tmp_path / "r" / "config.toml").exists(), "a failed start leaves nothing that blocks --out"
@@ -75,11 +85,16 @@ def test_eval_scores_the_saved_adapter_and_its_proxy_and_writes_predictions(tmp_
     capsys.readouterr()
     assert main(["eval", str(out), "--quiet"]) == 0
     report = json.loads((out / "eval.json").read_text())
-    assert report["global"] == pytest.approx(summary["global"]) and report["proxy"] == pytest.approx(summary["proxy"])  # the run's own final scores
+    assert report["global"] == pytest.approx(summary["global"]) and report["proxy"] == pytest.approx(
+        summary["proxy"]
+    )  # the run's own final scores
     lines = (out / "predictions" / "global.txt").read_text().splitlines()
     assert len(lines) == report["examples"] and (out / "predictions" / "proxy.txt").is_file()
     assert "global" in capsys.readouterr().out
-    assert set(report["official"]["global"]) == {"bleu", "rouge_l"}  # weather: the generic set (e2e: BLEU, NIST, METEOR, ROUGE-L, CIDEr)
+    assert set(report["official"]["global"]) == {
+        "bleu",
+        "rouge_l",
+    }  # weather: the generic set (e2e: BLEU, NIST, METEOR, ROUGE-L, CIDEr)
     assert main(["eval", str(out), "data.num_eval=5", "--quiet"]) == 0
     assert json.loads((out / "eval.json").read_text())["examples"] == 5
     assert main(["eval", str(out), "fl.rounds=9", "--quiet"]) == 2
@@ -88,24 +103,55 @@ def test_eval_scores_the_saved_adapter_and_its_proxy_and_writes_predictions(tmp_
 
 def test_beam_search_decoding_runs_and_eval_can_change_it(tmp_path: Path):
     out = tmp_path / "r"
-    assert main(["run", *SMOKE.split(), "eval.num_beams=3", "eval.length_penalty=0.9", "eval.no_repeat_ngram_size=2",
-                 "eval.max_new_tokens=6", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                *SMOKE.split(),
+                "eval.num_beams=3",
+                "eval.length_penalty=0.9",
+                "eval.no_repeat_ngram_size=2",
+                "eval.max_new_tokens=6",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert main(["eval", str(out), "eval.num_beams=1", "eval.no_repeat_ngram_size=0", "data.num_eval=4", "--quiet"]) == 0
-    assert json.loads((out / "eval.json").read_text())["changed"] == {"data.num_eval": 4, "eval.num_beams": 1, "eval.no_repeat_ngram_size": 0}
+    assert json.loads((out / "eval.json").read_text())["changed"] == {
+        "data.num_eval": 4,
+        "eval.num_beams": 1,
+        "eval.no_repeat_ngram_size": 0,
+    }
 
 
 def test_report_compares_runs_named_by_what_differs_and_plots_them(tmp_path: Path, capsys):
     plain, private = tmp_path / "plain", tmp_path / "private"
-    common = ["model.name=tiny-llama", "algorithm.name=ffa_lora", "fl.rounds=2", "fl.num_clients=3", "fl.clients_per_round=3",
-              "eval.every=1", "eval.max_new_tokens=4", "data.num_eval=8",
-              "train.batch_size=8", "train.lr=1e-3", "train.weight_decay=0.01"]  # pinned: dp_sgd would fill in its own
+    common = [
+        "model.name=tiny-llama",
+        "algorithm.name=ffa_lora",
+        "fl.rounds=2",
+        "fl.num_clients=3",
+        "fl.clients_per_round=3",
+        "eval.every=1",
+        "eval.max_new_tokens=4",
+        "data.num_eval=8",
+        "train.batch_size=8",
+        "train.lr=1e-3",
+        "train.weight_decay=0.01",
+    ]  # pinned: dp_sgd would fill in its own
     assert main(["run", *common, "--out", str(plain), "--quiet"]) == 0
     assert (plain / "report.md").is_file() and (plain / "metrics.png").is_file()  # every run writes its own report
     assert main(["run", *common, "privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", "--out", str(private), "--quiet"]) == 0
     capsys.readouterr()
     assert main(["report", str(plain), str(private), "--out", str(tmp_path / "both")]) == 0
     text = (tmp_path / "both" / "report.md").read_text()
-    assert "| privacy.mode=none, privacy.noise_multiplier=0.0 | 2 |" in text and "| privacy.mode=dp_sgd, privacy.noise_multiplier=1.0 | 2 |" in text
+    assert (
+        "| privacy.mode=none, privacy.noise_multiplier=0.0 | 2 |" in text
+        and "| privacy.mode=dp_sgd, privacy.noise_multiplier=1.0 | 2 |" in text
+    )
     for png in ("metrics.png", "bytes.png", "epsilon.png"):
         assert (tmp_path / "both" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["report", str(tmp_path / "nothing-here")]) == 2

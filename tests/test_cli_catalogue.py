@@ -44,9 +44,14 @@ def test_list_names_every_registered_model_task_and_algorithm(capsys):
 
 
 def test_config_show_gives_every_key_its_value_and_reason_and_reads_back(capsys):
-    assert main(["config", "show", "--config", "configs/e2e_fedlpp_w2.toml", "fl.rounds=3", "lora.target_modules=q_proj,v_proj"]) == 0
+    assert (
+        main(["config", "show", "--config", "configs/e2e_fedlpp_w2.toml", "fl.rounds=3", "lora.target_modules=q_proj,v_proj"])
+        == 0
+    )
     out = capsys.readouterr().out
-    assert build_config(tomllib.loads(out)) == load_config("configs/e2e_fedlpp_w2.toml", ["fl.rounds=3", "lora.target_modules=q_proj,v_proj"])
+    assert build_config(tomllib.loads(out)) == load_config(
+        "configs/e2e_fedlpp_w2.toml", ["fl.rounds=3", "lora.target_modules=q_proj,v_proj"]
+    )
     assert "rounds = 3  " in out and "# communication rounds" in out
     section, explained = "", set()
     for line in out.splitlines():
@@ -69,8 +74,21 @@ def test_config_show_refuses_a_bad_value(capsys):
 
 
 def test_overrides_may_follow_options(capsys):
-    assert main(["config", "show", "--config", "configs/e2e_fedlpp_w2.toml", "fl.rounds=3", "--config", "configs/e2e_fedlpp_w2.toml",
-                 "seed=4"]) == 0
+    assert (
+        main(
+            [
+                "config",
+                "show",
+                "--config",
+                "configs/e2e_fedlpp_w2.toml",
+                "fl.rounds=3",
+                "--config",
+                "configs/e2e_fedlpp_w2.toml",
+                "seed=4",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "rounds = 3 " in out and "seed = 4 " in out
     assert main(["config", "show", "--fl.rounds", "5", "--data.num_eval=7"]) == 0  # the --option spelling of a key

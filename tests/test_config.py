@@ -26,7 +26,10 @@ def test_toml_file_then_overrides(tmp_path: Path):
     "override, fragment",
     [
         (["fl.roundz=2"], "fl.roundz: unknown key; valid keys in [fl] are clients_per_round, local_steps, num_clients, rounds"),
-        (["algorithm.name=fedprox"], "algorithm.name: got 'fedprox'; valid choices are 'fedavg_lora', 'fedlpp', 'ffa_lora', 'fedlpp_ffa', 'rolora'"),
+        (
+            ["algorithm.name=fedprox"],
+            "algorithm.name: got 'fedprox'; valid choices are 'fedavg_lora', 'fedlpp', 'ffa_lora', 'fedlpp_ffa', 'rolora'",
+        ),
         (["quant.bits=5"], "quant.bits: got 5; valid choices are 1, 2, 3, 4, 8"),
         (["quant.granularity=channel"], "quant.granularity: got 'channel'"),
         (["fl.rounds=two"], "fl.rounds: expected an integer, got 'two'"),
@@ -39,7 +42,7 @@ def test_toml_file_then_overrides(tmp_path: Path):
         (["quant.granularity=row"], "quant.granularity: 'row' gives each lora_B row its own scale over only lora.r=8"),
         (["fl.clients_per_round=1"], "fl.clients_per_round: must be >= 2 with algorithm.server_rule='mean'"),
         (["train.optimizer=adam"], "train.optimizer: got 'adam'; valid choices are 'adamw', 'sgd'"),
-        (["train.momentum=0.9"], "train.momentum: applies to train.optimizer = \"sgd\" only"),
+        (["train.momentum=0.9"], 'train.momentum: applies to train.optimizer = "sgd" only'),
         (["train.optimizer=sgd", "train.momentum=1"], "train.momentum: must be in [0, 1)"),
         (["train.lr=2"], "train.lr: must be in (0, 1] (AdamW's step size)"),
     ],
@@ -90,7 +93,7 @@ def test_bad_toml_and_missing_file_are_clear(tmp_path: Path):
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path: Path):
-    cfg = load_config(None, SMOKE.split() + ["lora.target_modules=q_proj,v_proj"])
+    cfg = load_config(None, [*SMOKE.split(), "lora.target_modules=q_proj,v_proj"])
     write_toml(cfg, tmp_path / "c.toml")
     assert load_config(tmp_path / "c.toml") == cfg
     assert build_config(to_tree(cfg)) == cfg
@@ -124,8 +127,17 @@ def test_shipped_configs_are_valid(path: Path):
         (["privacy.mode=dp_sgd", "privacy.epsilon=3", "privacy.budget=2"], "privacy.budget"),
         (["privacy.mode=dp_sgd", "privacy.epsilon=3", "train.max_grad_norm=1"], "train.max_grad_norm"),
         (["privacy.secure_noise=true"], "privacy.secure_noise"),
-        (["privacy.mode=client_dp", "privacy.epsilon=3", "privacy.client_sampling=poisson", "secagg.enabled=true",
-          "fl.num_clients=5", "fl.clients_per_round=3"], "privacy.client_sampling"),
+        (
+            [
+                "privacy.mode=client_dp",
+                "privacy.epsilon=3",
+                "privacy.client_sampling=poisson",
+                "secagg.enabled=true",
+                "fl.num_clients=5",
+                "fl.clients_per_round=3",
+            ],
+            "privacy.client_sampling",
+        ),
     ],
 )
 def test_bad_privacy_settings_name_the_key(overrides, key):

@@ -23,7 +23,11 @@ def test_a_nested_bar_writes_a_line_at_start_at_most_every_interval_and_at_the_e
             bar.update(1)
     lines = out.getvalue().splitlines()
     assert lines[0] == "round 1 client steps: 0/100 (0 s)"
-    assert lines[1:4] == ["round 1 client steps: 30/100 (30 s)", "round 1 client steps: 60/100 (60 s)", "round 1 client steps: 90/100 (90 s)"]
+    assert lines[1:4] == [
+        "round 1 client steps: 30/100 (30 s)",
+        "round 1 client steps: 60/100 (60 s)",
+        "round 1 client steps: 90/100 (90 s)",
+    ]
     assert lines[-1] == "round 1 client steps: 100/100 done in 100 s" and len(lines) == 5
 
 

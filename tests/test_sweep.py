@@ -57,8 +57,13 @@ def test_finished_points_are_kept_and_the_table_has_mean_and_std(tmp_path):
         calls.append((cfg.algorithm.name, cfg.seed, resume))
         directory.mkdir(parents=True)
         eps = cfg.privacy.epsilon or None
-        summary = {"rounds": 2, "global": {"accuracy": 80.0 + cfg.seed}, "proxy": {"accuracy": 80.0}, "wall_s": 1.0,
-                   **({"privacy": {"epsilon": eps, "noise_multiplier": 1.1}} if eps else {})}
+        summary = {
+            "rounds": 2,
+            "global": {"accuracy": 80.0 + cfg.seed},
+            "proxy": {"accuracy": 80.0},
+            "wall_s": 1.0,
+            **({"privacy": {"epsilon": eps, "noise_multiplier": 1.1}} if eps else {}),
+        }
         (directory / "summary.json").write_text(json.dumps(summary))
         return summary
 
@@ -104,10 +109,16 @@ def _fake_run(calls):
     def run(cfg, directory, resume):
         calls.append((cfg.algorithm.name, cfg.privacy.mode, cfg.seed))
         directory.mkdir(parents=True)
-        summary = {"rounds": 2, "global": {"loss": 1.0, "bleu": 40.0 + cfg.seed}, "proxy": {"loss": 2.0, "bleu": 10.0}, "wall_s": 1.0}
+        summary = {
+            "rounds": 2,
+            "global": {"loss": 1.0, "bleu": 40.0 + cfg.seed},
+            "proxy": {"loss": 2.0, "bleu": 10.0},
+            "wall_s": 1.0,
+        }
         (directory / "summary.json").write_text(json.dumps(summary))
         (directory / "metrics.jsonl").write_text(json.dumps({"round": 2, "clients": [3, 1]}) + "\n")
         return summary
+
     return run
 
 
@@ -117,9 +128,17 @@ def _fake_attack(attacks):
         theta = json.loads((directory / "summary.json").read_text())["global"]["bleu"]
         scores = {"theta": {"bleu": theta}, "proxy": {"bleu": 10.0}, "keep": {"bleu": 30.0}, "alone": {"bleu": 20.0}}
         taken = {k: {"bleu": (v["bleu"] - 20.0) / (theta - 20.0)} for k, v in scores.items() if k not in ("theta", "alone")}
-        report = {"client": 1, "colluders": [1, 3], "finetune_steps": [3], "requested": {"collude": 2, "steps": [3]}, "scores": scores, "value_taken": taken}
+        report = {
+            "client": 1,
+            "colluders": [1, 3],
+            "finetune_steps": [3],
+            "requested": {"collude": 2, "steps": [3]},
+            "scores": scores,
+            "value_taken": taken,
+        }
         (directory / "attack-client-1.json").write_text(json.dumps(report))  # the last round's first client, lowest id first
         return report
+
     return attack
 
 
@@ -161,10 +180,16 @@ def test_only_also_limits_which_runs_are_attacked_so_two_sweeps_can_share_a_fold
     assert len(attacks) == 2  # its own sweep attacks it; the LoRA report is kept
 
 
-@pytest.mark.parametrize("attack, message", [
-    ("client = -1", "sweep.attack.client"), ("collude = 0", "sweep.attack.collude"), ("steps = [0]", "sweep.attack.steps"),
-    ("rounds = 2", "unknown key"), ("client = 9", "not a client of every run"),
-])
+@pytest.mark.parametrize(
+    "attack, message",
+    [
+        ("client = -1", "sweep.attack.client"),
+        ("collude = 0", "sweep.attack.collude"),
+        ("steps = [0]", "sweep.attack.steps"),
+        ("rounds = 2", "unknown key"),
+        ("client = 9", "not a client of every run"),
+    ],
+)
 def test_a_bad_attack_table_is_refused(tmp_path, attack, message):
     with pytest.raises(ConfigError, match=message):
         load_sweep(_write(tmp_path, SWEEP.replace("[sweep.axes.privacy]", f"[sweep.attack]\n{attack}\n[sweep.axes.privacy]")), [])

@@ -30,9 +30,9 @@ import torch
 
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms import wire
-from fedlpp.algorithms.fedavg_lora import weighted_mean
 from fedlpp.algorithms.client import LocalTraining, shuffled_batches, train_client
 from fedlpp.algorithms.factors import trained_names
+from fedlpp.algorithms.fedavg_lora import weighted_mean
 from fedlpp.config import ExperimentConfig, to_tree
 from fedlpp.engine import rundir
 from fedlpp.engine.setup import LocalRun, build_run, client_recipe
@@ -40,7 +40,6 @@ from fedlpp.evaluation.evaluate import evaluate_adapter, evaluation_work
 from fedlpp.models.lora import Adapter, initial_adapter
 from fedlpp.progress import open_bar
 from fedlpp.seeding import derive_seed
-
 
 LAST = "last"  # the attacker by default: a client of the last round (it holds the freshest training)
 
@@ -91,7 +90,10 @@ def keep_adapter(run: LocalRun, out: Path, client: int, rows: Sequence[Mapping[s
     ctx = run.server
     start, round_ = rnd.read_broadcast(rundir.load_broadcast(out, joined[-1]), ctx.shapes)
     recipe = client_recipe(ctx.cfg, ctx.side, ctx.spec, sigma, None)
-    return _moved(start, recipe.training.train(ctx.model, ctx.side.kind, start, recipe.trained(round_), run.clients[client], round_, None).delta)
+    return _moved(
+        start,
+        recipe.training.train(ctx.model, ctx.side.kind, start, recipe.trained(round_), run.clients[client], round_, None).delta,
+    )
 
 
 def finetune_adapter(run: LocalRun, out: Path, client: int, steps: int) -> Adapter:
@@ -111,9 +113,19 @@ def alone_adapter(run: LocalRun, client: int, steps: int) -> Adapter:
 def _trained(run: LocalRun, client: int, start: Adapter, trained: Sequence[str], steps: int, purpose: str) -> Adapter:
     cfg, data = run.server.cfg, run.clients[client]
     opts = LocalTraining.of(cfg.train)
-    batches = shuffled_batches(data.features, steps, cfg.train.batch_size, data.pad_id, derive_seed(cfg.seed, f"attack-{purpose}", client, steps))
-    delta = train_client(run.server.model, run.server.side.kind, start, trained, batches, opts,
-                         derive_seed(cfg.seed, f"attack-{purpose}-dropout", client), machine=run.server.side.machine).delta
+    batches = shuffled_batches(
+        data.features, steps, cfg.train.batch_size, data.pad_id, derive_seed(cfg.seed, f"attack-{purpose}", client, steps)
+    )
+    delta = train_client(
+        run.server.model,
+        run.server.side.kind,
+        start,
+        trained,
+        batches,
+        opts,
+        derive_seed(cfg.seed, f"attack-{purpose}-dropout", client),
+        machine=run.server.side.machine,
+    ).delta
     return _moved(start, delta)
 
 
@@ -132,8 +144,15 @@ def alone_steps(cfg: ExperimentConfig, rows: Sequence[Mapping[str, Any]], client
     return len(rounds_joined(rows, client)) * cfg.fl.local_steps
 
 
-def client_side_adapters(run: LocalRun, out: Path, plan: AttackPlan, rows: Sequence[Mapping[str, Any]], sigma: float,
-                         with_alone: bool = True, say: Callable[[str], None] = lambda _: None) -> dict[str, Adapter]:
+def client_side_adapters(
+    run: LocalRun,
+    out: Path,
+    plan: AttackPlan,
+    rows: Sequence[Mapping[str, Any]],
+    sigma: float,
+    with_alone: bool = True,
+    say: Callable[[str], None] = lambda _: None,
+) -> dict[str, Adapter]:
     """Every adapter the attacker (and its colluders) can build, from client-side information only."""
     attacker = plan.clients[0]
     say(f"attack: client {attacker} retrains its last round (keep)")
@@ -192,8 +211,10 @@ def check_finished(out: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         raise rundir.RunDirError(f"{out}: no round finished, nothing to attack")
     _, meta = wire.decode(rundir.load_broadcast(out, rundir.FINAL_BROADCAST), rnd.BROADCAST)
     if meta.get("round") != rows[-1]["round"] + 1:
-        raise rundir.RunDirError(f"{out}: the run has not finished (its final broadcast is from before round "
-                                 f"{rows[-1]['round']}); finish it with `fedlpp run --resume {out}` first")
+        raise rundir.RunDirError(
+            f"{out}: the run has not finished (its final broadcast is from before round "
+            f"{rows[-1]['round']}); finish it with `fedlpp run --resume {out}` first"
+        )
 
 
 def recorded_scores(out: Path, round_: int) -> dict[str, dict[str, float]] | None:
@@ -204,8 +225,9 @@ def recorded_scores(out: Path, round_: int) -> dict[str, dict[str, float]] | Non
     return {"theta": summary["global"], "proxy": summary["proxy"]}
 
 
-def score(run: LocalRun, out: Path, held: Mapping[str, Adapter], alone: Mapping[str, float] | None = None,
-          progress: bool = False) -> dict[str, Any]:
+def score(
+    run: LocalRun, out: Path, held: Mapping[str, Adapter], alone: Mapping[str, float] | None = None, progress: bool = False
+) -> dict[str, Any]:
     """Scores of theta (the checkpoint, read only here), Q(theta) and every held adapter; the value each takes.
 
     theta's and Q(theta)'s scores are the run's own final evaluation when it made one (the same
@@ -226,13 +248,22 @@ def score(run: LocalRun, out: Path, held: Mapping[str, Adapter], alone: Mapping[
             scores[name] = evaluate_adapter(ctx.model, adapter, ctx.evalset, tok, ctx.decoding, bar.update, ctx.side.machine)
     if alone is not None:
         scores["alone"] = dict(alone)
-    taken = {name: {m: value_taken(scores[name][m], scores["alone"][m], scores["theta"][m]) for m in scores["theta"]}
-             for name in scores if name not in ("theta", "alone")}
+    taken = {
+        name: {m: value_taken(scores[name][m], scores["alone"][m], scores["theta"][m]) for m in scores["theta"]}
+        for name in scores
+        if name not in ("theta", "alone")
+    }
     return {"scores": scores, "value_taken": taken}
 
 
-def run_attack(out: Path, client: int | str = LAST, finetune_steps: Sequence[int] | None = None, collude: int = 1,
-               cache: Path | None = None, progress: bool = False) -> dict[str, Any]:
+def run_attack(
+    out: Path,
+    client: int | str = LAST,
+    finetune_steps: Sequence[int] | None = None,
+    collude: int = 1,
+    cache: Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """The whole check for one attacking client; written to RUN_DIR/attack-client-K.json.
 
     ``cache``: a folder where ``alone``'s score is kept under a fingerprint of what it depends
@@ -243,8 +274,9 @@ def run_attack(out: Path, client: int | str = LAST, finetune_steps: Sequence[int
         return _attack(out, client, finetune_steps, collude, cache, progress)
 
 
-def _attack(out: Path, client: int | str, finetune_steps: Sequence[int] | None, collude: int, cache: Path | None,
-            progress: bool) -> dict[str, Any]:
+def _attack(
+    out: Path, client: int | str, finetune_steps: Sequence[int] | None, collude: int, cache: Path | None, progress: bool
+) -> dict[str, Any]:
     cfg = rundir.load_run_config(out, [])
     rows = rundir.read_metrics(out)
     check_finished(out, rows)
@@ -254,16 +286,30 @@ def _attack(out: Path, client: int | str, finetune_steps: Sequence[int] | None, 
     plan = default_plan(cfg, rows, client, collude)
     if finetune_steps:
         plan = AttackPlan(plan.clients, tuple(finetune_steps))
-    sigma = float(rundir.read_summary(out).get("privacy", {}).get("noise_multiplier", 0.0))  # sent to every client with the broadcasts
+    sigma = float(
+        rundir.read_summary(out).get("privacy", {}).get("noise_multiplier", 0.0)
+    )  # sent to every client with the broadcasts
     budget = alone_steps(cfg, rows, client)
     key = alone_key(cfg, client, budget)
     alone = cached_alone(cache, key)
     run = build_run(cfg)
-    report = {"client": client, "colluders": list(plan.clients), "finetune_steps": list(plan.finetune_steps),
-              "requested": {"collude": collude, "steps": list(finetune_steps or [])},
-              "rounds_joined": rounds_joined(rows, client), "alone_steps": budget,
-              **score(run, out, client_side_adapters(run, out, plan, rows, sigma, with_alone=alone is None,
-                                                     say=_stderr if progress else lambda _: None), alone, progress)}
+    report = {
+        "client": client,
+        "colluders": list(plan.clients),
+        "finetune_steps": list(plan.finetune_steps),
+        "requested": {"collude": collude, "steps": list(finetune_steps or [])},
+        "rounds_joined": rounds_joined(rows, client),
+        "alone_steps": budget,
+        **score(
+            run,
+            out,
+            client_side_adapters(
+                run, out, plan, rows, sigma, with_alone=alone is None, say=_stderr if progress else lambda _: None
+            ),
+            alone,
+            progress,
+        ),
+    }
     cache_alone(cache, key, report["scores"]["alone"])
     rundir.write_json(out / f"attack-client-{client}.json", report)
     return report
@@ -276,8 +322,11 @@ def _stderr(line: str) -> None:
 def format_attack(report: Mapping[str, Any]) -> str:
     scores, taken = report["scores"], report["value_taken"]
     metrics = list(scores["theta"])
-    lines = [f"client {report['client']} (trained in rounds {report['rounds_joined']}); value taken = (attack - alone) / (theta - alone)",
-             "", f"{'adapter':<16}" + "".join(f"{m:>10}" for m in metrics) + "".join(f"{'taken ' + m:>16}" for m in metrics)]
+    lines = [
+        f"client {report['client']} (trained in rounds {report['rounds_joined']}); value taken = (attack - alone) / (theta - alone)",
+        "",
+        f"{'adapter':<16}" + "".join(f"{m:>10}" for m in metrics) + "".join(f"{'taken ' + m:>16}" for m in metrics),
+    ]
     for name, row in scores.items():
         shares = taken.get(name, {})
         cells = "".join(f"{'' if shares.get(m) is None else format(shares[m], '.2f'):>16}" for m in metrics) if shares else ""

@@ -69,11 +69,15 @@ def _first_comment(path: Path) -> str:
 def field_reasons(cls: type) -> dict[str, str]:
     """A config dataclass's fields and the comment written beside each in its source (``x: int = 1  # why``)."""
     source = inspect.getsource(cls)
-    comments = {tok.start[0]: tok.string.lstrip("# ").strip()
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    comments = {
+        tok.start[0]: tok.string.lstrip("# ").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
     body = ast.parse(source).body[0]
-    lines = {node.target.id: node.lineno for node in body.body
-             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+    lines = {
+        node.target.id: node.lineno for node in body.body if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+    }
     return {f.name: comments.get(lines.get(f.name, -1), "") for f in dataclasses.fields(cls)}
 
 

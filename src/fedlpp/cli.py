@@ -40,42 +40,79 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--out", type=Path, help="run directory to create (default: runs/<algorithm>-<time>)")
     where.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR (also: extend it with fl.rounds=N)")
     run.add_argument("--quiet", action="store_true", help="no progress (bars on a terminal, timed lines in a log)")
-    run.add_argument("--engine", choices=ENGINES, default="local",
-                     help="local: every client in this process; flower: Flower's simulation runtime (Ray), one virtual SuperNode per client")
+    run.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="local: every client in this process; flower: Flower's simulation runtime (Ray), one virtual SuperNode per client",
+    )
     sweep = sub.add_parser("sweep", help="run every combination and seed of a sweep file; write a mean ± std table")
     sweep.add_argument("config", type=Path, help="sweep file: a run config plus a [sweep] table (see configs/sst2_dp_sweep.toml)")
     sweep.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every run, e.g. data.path=...")
     sweep.add_argument("--out", type=Path, help="folder of the sweep's runs and tables (default: runs/sweep-<name>)")
-    sweep.add_argument("--only", action="append", default=[], metavar="TEXT",
-                       help="run only the points whose name ('label / label seed N') contains TEXT (repeatable); finished ones are still tabulated")
-    attack = sub.add_parser("attack", help="what a client can hold (keep, fine-tune, alone, collude) scored beside theta and Q(theta)")
+    sweep.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="run only the points whose name ('label / label seed N') contains TEXT (repeatable); finished ones are still tabulated",
+    )
+    attack = sub.add_parser(
+        "attack", help="what a client can hold (keep, fine-tune, alone, collude) scored beside theta and Q(theta)"
+    )
     attack.add_argument("run_dir", type=Path, help="a finished run directory")
-    attack.add_argument("--client", type=_client_or_last, default="last",
-                        help="the attacking client (default 'last': the first client of the last round)")
-    attack.add_argument("--steps", type=int, nargs="+", help="fine-tuning steps on Q(theta) (default: one and ten rounds' budget)")
-    attack.add_argument("--collude", type=int, default=2,
-                        help="clients averaging what they keep: the attacker and those that trained most recently (1: none)")
-    attack.add_argument("--cache", type=Path, help="a folder keeping 'alone' scores, shared by runs that differ only in algorithm/quant/privacy")
+    attack.add_argument(
+        "--client",
+        type=_client_or_last,
+        default="last",
+        help="the attacking client (default 'last': the first client of the last round)",
+    )
+    attack.add_argument(
+        "--steps", type=int, nargs="+", help="fine-tuning steps on Q(theta) (default: one and ten rounds' budget)"
+    )
+    attack.add_argument(
+        "--collude",
+        type=int,
+        default=2,
+        help="clients averaging what they keep: the attacker and those that trained most recently (1: none)",
+    )
+    attack.add_argument(
+        "--cache", type=Path, help="a folder keeping 'alone' scores, shared by runs that differ only in algorithm/quant/privacy"
+    )
     attack.add_argument("--quiet", action="store_true", help="no progress")
     evaluate = sub.add_parser("eval", help="score a run's saved adapter theta and the proxy built from it; write predictions")
     evaluate.add_argument("run_dir", type=Path, help="a run directory with a checkpoint")
-    evaluate.add_argument("overrides", nargs="*", metavar="section.key=value",
-                          help="other evaluation data or decoding: data.path, data.hf_id, data.eval_path, data.num_eval "
-                               "(0: the whole split), eval.batch_size, eval.max_new_tokens, eval.num_beams, "
-                               "eval.length_penalty, eval.no_repeat_ngram_size, train.device")
-    evaluate.add_argument("--split", choices=("dev", "test"), default="dev",
-                          help="dev: the split the run evaluated on; test: the task's test split (e2e testset_w_refs.csv, dart, "
-                               "dialogsum, gsm8k test files or hub splits)")
+    evaluate.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="other evaluation data or decoding: data.path, data.hf_id, data.eval_path, data.num_eval "
+        "(0: the whole split), eval.batch_size, eval.max_new_tokens, eval.num_beams, "
+        "eval.length_penalty, eval.no_repeat_ngram_size, train.device",
+    )
+    evaluate.add_argument(
+        "--split",
+        choices=("dev", "test"),
+        default="dev",
+        help="dev: the split the run evaluated on; test: the task's test split (e2e testset_w_refs.csv, dart, "
+        "dialogsum, gsm8k test files or hub splits)",
+    )
     evaluate.add_argument("--quiet", action="store_true", help="no progress")
     score = sub.add_parser("score", help="score any system's outputs with a task's metric set (the papers'); prints JSON")
     score.add_argument("--task", required=True, help="e2e, dart, dialogsum, gsm8k, sst2, rte (else BLEU and ROUGE-L)")
-    score.add_argument("references", type=Path, help="text (references of an input on consecutive lines, blank line between), "
-                                                      "CSV with mr,ref columns, or JSONL")
+    score.add_argument(
+        "references",
+        type=Path,
+        help="text (references of an input on consecutive lines, blank line between), CSV with mr,ref columns, or JSONL",
+    )
     score.add_argument("predictions", type=Path, help="one output per line (or JSONL with an 'output' each)")
     report = sub.add_parser("report", help="a Markdown table and PNG plots comparing runs (metrics, bytes, epsilon vs round)")
     report.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
-    report.add_argument("--out", type=Path, help="folder for report.md and the plots (default: the run directory when one, "
-                                                 "else runs/report-<time>)")
+    report.add_argument(
+        "--out",
+        type=Path,
+        help="folder for report.md and the plots (default: the run directory when one, else runs/report-<time>)",
+    )
     deploy_cli.add_commands(sub)
     sub.add_parser("list", help="the models, tasks, algorithms and shipped configs, one line each")
     config = sub.add_parser("config", help="the resolved configuration")
@@ -132,8 +169,10 @@ def command_run(args: argparse.Namespace) -> int:
     from fedlpp.reporting import run_directory_line, write_report
 
     print("\n" + run_directory_line(out, write_report([out], out)))
-    print(f"the proxy is what a client receives, not what it can hold: `fedlpp attack {out}` scores its last local "
-          "adapter, Q(theta) fine-tuned on its data, the same training alone and clients colluding")
+    print(
+        f"the proxy is what a client receives, not what it can hold: `fedlpp attack {out}` scores its last local "
+        "adapter, Q(theta) fine-tuned on its data, the same training alone and clients colluding"
+    )
     return 0
 
 
@@ -179,8 +218,11 @@ def command_score(args: argparse.Namespace) -> int:
 def command_report(args: argparse.Namespace) -> int:
     from fedlpp.reporting import write_report
 
-    out = args.out or (args.run_dirs[0] if len(args.run_dirs) == 1 else
-                       Path("runs") / f"report-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    out = args.out or (
+        args.run_dirs[0]
+        if len(args.run_dirs) == 1
+        else Path("runs") / f"report-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    )
     written = write_report(args.run_dirs, out)
     print((out / written[0].name).read_text())
     print("written: " + ", ".join(str(p) for p in written))
@@ -194,13 +236,17 @@ def command_sweep(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"sweep-{args.config.stem}"
     print(f"{len(sweep.points)} runs into {out}")
     quiet_libraries()
+    from fedlpp.attack import run_attack
     from fedlpp.engine.local import run_experiment
 
-    from fedlpp.attack import run_attack
-
-    run_sweep(sweep, out, lambda cfg, directory, resume: run_experiment(cfg, directory, resume=resume, progress=False),
-              echo=lambda line: print(line, flush=True),
-              attack=lambda directory, a: run_attack(directory, a.client, a.steps, a.collude, out / "attack-cache"), only=args.only)
+    run_sweep(
+        sweep,
+        out,
+        lambda cfg, directory, resume: run_experiment(cfg, directory, resume=resume, progress=False),
+        echo=lambda line: print(line, flush=True),
+        attack=lambda directory, a: run_attack(directory, a.client, a.steps, a.collude, out / "attack-cache"),
+        only=args.only,
+    )
     print((out / SWEEP_MD).read_text())
     return 0
 
@@ -222,7 +268,9 @@ def command_list(args: argparse.Namespace) -> int:
     if not shipped:
         print("shipped configs: none found here (they are in the repository's configs/ folder)")
         return 0
-    block("run configs (fedlpp run --config FILE)", {str(p): line for p, line in shipped.items() if not catalogue.is_sweep_file(p)})
+    block(
+        "run configs (fedlpp run --config FILE)", {str(p): line for p, line in shipped.items() if not catalogue.is_sweep_file(p)}
+    )
     block("sweep files (fedlpp sweep FILE)", {str(p): line for p, line in shipped.items() if catalogue.is_sweep_file(p)})
     return 0
 
@@ -273,9 +321,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse(argv)
     try:
-        commands = {"run": command_run, "sweep": command_sweep, "attack": command_attack, "partition": deploy_cli.command_partition,
-                    "deploy": deploy_cli.command_deploy,
-                    "list": command_list, "config": command_config, "eval": command_eval, "score": command_score, "report": command_report}
+        commands = {
+            "run": command_run,
+            "sweep": command_sweep,
+            "attack": command_attack,
+            "partition": deploy_cli.command_partition,
+            "deploy": deploy_cli.command_deploy,
+            "list": command_list,
+            "config": command_config,
+            "eval": command_eval,
+            "score": command_score,
+            "report": command_report,
+        }
         return commands[args.command](args)
     except ConfigError as e:
         print(f"fedlpp: configuration error: {e}", file=sys.stderr)

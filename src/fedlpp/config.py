@@ -21,7 +21,6 @@ from typing import Any
 
 import tomli_w
 
-
 ALGORITHMS = ("fedavg_lora", "fedlpp", "ffa_lora", "fedlpp_ffa", "rolora")
 SERVER_RULES = ("mean", "delta")
 SERVER_OPTIMIZERS = ("none", "momentum")
@@ -108,7 +107,9 @@ class AlgorithmConfig:
     def __post_init__(self) -> None:
         _choice(self.name, "algorithm.name", ALGORITHMS)
         _choice(self.server_rule, "algorithm.server_rule", SERVER_RULES)
-        _require(0 < self.server_lr <= MAX_SERVER_LR, "algorithm.server_lr", f"must be in (0, {MAX_SERVER_LR:g}], got {self.server_lr}")
+        _require(
+            0 < self.server_lr <= MAX_SERVER_LR, "algorithm.server_lr", f"must be in (0, {MAX_SERVER_LR:g}], got {self.server_lr}"
+        )
         _choice(self.server_optimizer, "algorithm.server_optimizer", SERVER_OPTIMIZERS)
         _require(0.0 <= self.server_momentum < 1.0, "algorithm.server_momentum", f"must be in [0, 1), got {self.server_momentum}")
 
@@ -149,10 +150,16 @@ class DataConfig:
         _require(self.num_train >= 0, "data.num_train", "must be >= 0")
         _require(self.num_eval >= 0, "data.num_eval", "must be >= 0")
         _require(not (self.path and self.hf_id), "data.path", "set data.path or data.hf_id, not both")
-        _require(not self.key or self.partition in ("dirichlet", "by_key"), "data.key",
-                 f"is what a dirichlet or by_key partition splits on; data.partition is {self.partition!r}")
-        _require(not self.eval_path or self.task == "jsonl", "data.eval_path",
-                 f"is for data.task=jsonl; task {self.task!r} takes its evaluation split from its own files")
+        _require(
+            not self.key or self.partition in ("dirichlet", "by_key"),
+            "data.key",
+            f"is what a dirichlet or by_key partition splits on; data.partition is {self.partition!r}",
+        )
+        _require(
+            not self.eval_path or self.task == "jsonl",
+            "data.eval_path",
+            f"is for data.task=jsonl; task {self.task!r} takes its evaluation split from its own files",
+        )
         _require(self.task != "jsonl" or bool(self.path), "data.path", "data.task=jsonl needs data.path=FILE.jsonl")
 
 
@@ -188,13 +195,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(bool(DEVICE_PATTERN.fullmatch(self.device)), "train.device",
-                 f"got {self.device!r}; valid devices are auto, cpu, cuda, cuda:N (N = 0, 1, ...) and mps")
+        _require(
+            bool(DEVICE_PATTERN.fullmatch(self.device)),
+            "train.device",
+            f"got {self.device!r}; valid devices are auto, cpu, cuda, cuda:N (N = 0, 1, ...) and mps",
+        )
         _choice(self.precision, "train.precision", PRECISIONS)
         _choice(self.optimizer, "train.optimizer", OPTIMIZERS)
         if self.optimizer == "adamw":
             _require(0 < self.lr <= 1, "train.lr", f"must be in (0, 1] (AdamW's step size), got {self.lr}")
-            _require(self.momentum == 0, "train.momentum", "applies to train.optimizer = \"sgd\" only (AdamW has its own betas)")
+            _require(self.momentum == 0, "train.momentum", 'applies to train.optimizer = "sgd" only (AdamW has its own betas)')
         else:
             _require(0 < self.lr <= 100, "train.lr", f"must be in (0, 100] (SGD's step size), got {self.lr}")
             _require(0 <= self.momentum < 1, "train.momentum", f"must be in [0, 1), got {self.momentum}")
@@ -246,17 +256,32 @@ class FlowerConfig:
     client_gpus: float = 0.0  # simulation only: Ray GPUs per virtual client; 0.5 lets two share one GPU (0, in (0, 1], or whole)
 
     def __post_init__(self) -> None:
-        _require(math.isfinite(self.connect_timeout) and self.connect_timeout > 0, "flower.connect_timeout",
-                 f"must be a finite number of seconds > 0, got {self.connect_timeout}")
-        _require(math.isfinite(self.round_timeout) and self.round_timeout > 0, "flower.round_timeout",
-                 f"must be a finite number of seconds > 0, got {self.round_timeout}")
-        _require(math.isfinite(self.client_cpus) and self.client_cpus > 0, "flower.client_cpus",
-                 f"must be a finite number of CPUs > 0, got {self.client_cpus}")
-        _require(math.isfinite(self.client_gpus) and self.client_gpus >= 0, "flower.client_gpus",
-                 f"must be a finite number of GPUs >= 0, got {self.client_gpus}")
-        _require(self.client_gpus <= 1 or float(self.client_gpus).is_integer(), "flower.client_gpus",
-                 f"got {self.client_gpus}; Ray shares a GPU only by a fraction <= 1 (0.5: two clients per GPU), "
-                 "above 1 it must be a whole number of GPUs")
+        _require(
+            math.isfinite(self.connect_timeout) and self.connect_timeout > 0,
+            "flower.connect_timeout",
+            f"must be a finite number of seconds > 0, got {self.connect_timeout}",
+        )
+        _require(
+            math.isfinite(self.round_timeout) and self.round_timeout > 0,
+            "flower.round_timeout",
+            f"must be a finite number of seconds > 0, got {self.round_timeout}",
+        )
+        _require(
+            math.isfinite(self.client_cpus) and self.client_cpus > 0,
+            "flower.client_cpus",
+            f"must be a finite number of CPUs > 0, got {self.client_cpus}",
+        )
+        _require(
+            math.isfinite(self.client_gpus) and self.client_gpus >= 0,
+            "flower.client_gpus",
+            f"must be a finite number of GPUs >= 0, got {self.client_gpus}",
+        )
+        _require(
+            self.client_gpus <= 1 or float(self.client_gpus).is_integer(),
+            "flower.client_gpus",
+            f"got {self.client_gpus}; Ray shares a GPU only by a fraction <= 1 (0.5: two clients per GPU), "
+            "above 1 it must be a whole number of GPUs",
+        )
 
 
 @dataclass(frozen=True)
@@ -281,10 +306,17 @@ class PrivacyConfig:
         _require(self.clip_norm > 0, "privacy.clip_norm", f"must be > 0, got {self.clip_norm}")
         _require(self.budget >= 0, "privacy.budget", f"must be >= 0, got {self.budget}")
         if self.mode == "none":
-            unused = {"epsilon": self.epsilon, "noise_multiplier": self.noise_multiplier, "budget": self.budget,
-                      "client_sampling": self.client_sampling != "fixed", "secure_noise": self.secure_noise}
+            unused = {
+                "epsilon": self.epsilon,
+                "noise_multiplier": self.noise_multiplier,
+                "budget": self.budget,
+                "client_sampling": self.client_sampling != "fixed",
+                "secure_noise": self.secure_noise,
+            }
             for key, value in unused.items():
-                _require(not value, f"privacy.{key}", "is set but privacy.mode is 'none'; choose privacy.mode=dp_sgd or client_dp")
+                _require(
+                    not value, f"privacy.{key}", "is set but privacy.mode is 'none'; choose privacy.mode=dp_sgd or client_dp"
+                )
             return
         _require(
             (self.epsilon > 0) != (self.noise_multiplier > 0),
@@ -300,8 +332,7 @@ class PrivacyConfig:
         _require(
             not (self.mode == "client_dp" and self.client_sampling == "fixed" and self.accountant == "prv"),
             "privacy.accountant",
-            "'prv' assumes Poisson sampling; with fixed-size client sampling use 'rdp', "
-            "or set privacy.client_sampling=poisson",
+            "'prv' assumes Poisson sampling; with fixed-size client sampling use 'rdp', or set privacy.client_sampling=poisson",
         )
 
     @property
@@ -335,8 +366,7 @@ class ExperimentConfig:
         _require(
             not (self.privacy.mode == "dp_sgd" and self.train.max_grad_norm > 0),
             "train.max_grad_norm",
-            "with privacy.mode=dp_sgd every example's gradient is clipped to privacy.clip_norm; "
-            "leave train.max_grad_norm at 0",
+            "with privacy.mode=dp_sgd every example's gradient is clipped to privacy.clip_norm; leave train.max_grad_norm at 0",
         )
         _require(
             not (self.privacy.mode == "dp_sgd" and self.train.precision == "fp16"),
@@ -378,9 +408,7 @@ class ExperimentConfig:
 
 
 SECTIONS: dict[str, type] = {
-    f.name: typing.get_type_hints(ExperimentConfig)[f.name]
-    for f in dataclasses.fields(ExperimentConfig)
-    if f.name != "seed"
+    f.name: typing.get_type_hints(ExperimentConfig)[f.name] for f in dataclasses.fields(ExperimentConfig) if f.name != "seed"
 }
 
 
@@ -390,7 +418,7 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _coerce(value: Any, target: Any, key: str) -> Any:
     """Convert a TOML or command-line value to the field's declared type."""
-    if typing.get_origin(target) in (tuple, typing.Tuple):
+    if typing.get_origin(target) in (tuple, tuple):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         _require(isinstance(value, (list, tuple)), key, f"expected a list of strings, got {value!r}")
@@ -421,9 +449,7 @@ def _build_section(name: str, values: dict[str, Any]) -> Any:
     types_ = _field_types(cls)
     unknown = sorted(set(values) - set(types_))
     if unknown:
-        raise ConfigError(
-            f"{name}.{unknown[0]}: unknown key; valid keys in [{name}] are {', '.join(sorted(types_))}"
-        )
+        raise ConfigError(f"{name}.{unknown[0]}: unknown key; valid keys in [{name}] are {', '.join(sorted(types_))}")
     return cls(**{k: _coerce(v, types_[k], f"{name}.{k}") for k, v in values.items()})
 
 
@@ -451,9 +477,7 @@ def build_config(tree: dict[str, Any]) -> ExperimentConfig:
     tree = _with_mode_defaults(tree)
     unknown = sorted(set(tree) - set(SECTIONS) - {"seed"})
     if unknown:
-        raise ConfigError(
-            f"{unknown[0]}: unknown section or key; valid ones are seed, {', '.join(SECTIONS)}"
-        )
+        raise ConfigError(f"{unknown[0]}: unknown section or key; valid ones are seed, {', '.join(SECTIONS)}")
     kwargs: dict[str, Any] = {}
     if "seed" in tree:
         kwargs["seed"] = _coerce(tree["seed"], int, "seed")
@@ -538,4 +562,3 @@ def changed_keys(old: ExperimentConfig, new: ExperimentConfig) -> list[str]:
     """Dotted keys whose values differ between two configs."""
     a, b = flat_tree(to_tree(old)), flat_tree(to_tree(new))
     return [k for k in a if a[k] != b[k]]
-

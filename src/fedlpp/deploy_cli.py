@@ -1,12 +1,12 @@
 """``fedlpp partition`` and ``fedlpp deploy ...``: the commands of a real Flower deployment.
 
-    fedlpp partition --config E.toml --out parts/        each client's examples as parts/client-K.jsonl
-    fedlpp deploy keys keys/                              a test CA and the SuperLink's TLS certificate and key
-    fedlpp deploy node-key my-node                        a client's own key pair (only my-node.pub travels)
-    fedlpp deploy superlink --keys keys/                  the SuperLink: TLS, node authentication
-    fedlpp deploy register keys/node-0.pub ...            allow one node's key
-    fedlpp deploy supernode --key keys/node-0 --data parts/client-0.jsonl ...
-    fedlpp deploy run --config E.toml --out runs/x ...    submit the experiment and follow it to the end
+fedlpp partition --config E.toml --out parts/        each client's examples as parts/client-K.jsonl
+fedlpp deploy keys keys/                              a test CA and the SuperLink's TLS certificate and key
+fedlpp deploy node-key my-node                        a client's own key pair (only my-node.pub travels)
+fedlpp deploy superlink --keys keys/                  the SuperLink: TLS, node authentication
+fedlpp deploy register keys/node-0.pub ...            allow one node's key
+fedlpp deploy supernode --key keys/node-0 --data parts/client-0.jsonl ...
+fedlpp deploy run --config E.toml --out runs/x ...    submit the experiment and follow it to the end
 """
 
 from __future__ import annotations
@@ -51,15 +51,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     node.add_argument("--host", default="127.0.0.1", help="interface of the node's local API")
     node.add_argument("--port", type=int, default=9094, help="the node's local API port (each node on a machine needs its own)")
     node.add_argument("--flwr-home", type=Path, help="Flower's folder for this node (one per node on a machine)")
-    node.add_argument("--connect-timeout", type=float, default=300,
-                      help="give up after this many seconds without reaching the SuperLink (default 300)")
+    node.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=300,
+        help="give up after this many seconds without reaching the SuperLink (default 300)",
+    )
     node.add_argument("--threads", type=int, help="torch threads for training (default: torch's, one per core)")
     run = steps.add_parser("run", help="submit an experiment to the SuperLink and follow it to its end")
-    run.add_argument("overrides", nargs="*", metavar="section.key=value",
-                     help="applied on the server; with --resume only the keys a resume may change (fl.rounds=N extends the run)")
+    run.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="applied on the server; with --resume only the keys a resume may change (fl.rounds=N extends the run)",
+    )
     _connection_args(run)
-    run.add_argument("--config", type=Path, required=True, help="the experiment TOML, a path on the server (absolute when "
-                                                                "submitting from another machine)")
+    run.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        help="the experiment TOML, a path on the server (absolute when submitting from another machine)",
+    )
     run.add_argument("--out", type=Path, required=True, help="the run directory the ServerApp writes (on the server)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out")
     run.add_argument("--audit", type=Path, help="also write every message the ServerApp sends into this folder")
@@ -91,8 +103,10 @@ def command_deploy(args: argparse.Namespace) -> int:
 
     if args.step == "keys":
         nodes = deploy.make_keys(args.dir, args.nodes, args.host)
-        print(f"{args.dir}: ca.crt (give it to every client), server.pem, server.key (the SuperLink's)"
-              + "".join(f", {n.name} + {n.name}.pub" for n in nodes))
+        print(
+            f"{args.dir}: ca.crt (give it to every client), server.pem, server.key (the SuperLink's)"
+            + "".join(f", {n.name} + {n.name}.pub" for n in nodes)
+        )
         return 0
     if args.step == "node-key":
         deploy.make_node_key(args.path)
@@ -105,14 +119,16 @@ def command_deploy(args: argparse.Namespace) -> int:
         print(f"registered {args.public_key}: node id {connection.register(args.public_key)}")
         return 0
     if args.step == "supernode":
-        node_args = deploy.supernode_args(args.superlink, args.ca, args.key, args.data, args.client_id, args.host, args.port,
-                                          args.connect_timeout)
-        return deploy.run_node(node_args, args.host, args.port, args.superlink, args.connect_timeout, args.flwr_home,
-                               args.threads)
+        node_args = deploy.supernode_args(
+            args.superlink, args.ca, args.key, args.data, args.client_id, args.host, args.port, args.connect_timeout
+        )
+        return deploy.run_node(
+            node_args, args.host, args.port, args.superlink, args.connect_timeout, args.flwr_home, args.threads
+        )
     return command_deploy_run(deploy, connection, args)
 
 
-def command_deploy_run(deploy, connection, args: argparse.Namespace) -> int:  # noqa: ANN001 - module and Connection
+def command_deploy_run(deploy, connection, args: argparse.Namespace) -> int:
     # On the server's machine the files are here: refuse a bad experiment or resume now, not in the ServerApp.
     if args.resume and (args.out / "config.toml").is_file():
         resumed_config(args.out, args.overrides)
@@ -129,8 +145,10 @@ def command_deploy_run(deploy, connection, args: argparse.Namespace) -> int:  # 
         return 1
     summary_file = args.out / "summary.json"
     if not summary_file.is_file() or summary_file.stat().st_mtime < submitted:  # submitted from another machine
-        print(f"fedlpp: run {run_id} completed; its run directory {args.out} is on the server's machine\n"
-              f"{connection.log(run_id)[-2000:]}")
+        print(
+            f"fedlpp: run {run_id} completed; its run directory {args.out} is on the server's machine\n"
+            f"{connection.log(run_id)[-2000:]}"
+        )
         return 0
     from fedlpp.evaluation.report import format_summary
     from fedlpp.reporting import report_files, run_directory_line

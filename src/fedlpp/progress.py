@@ -30,8 +30,15 @@ Show = Callable[[int, str], Bar]  # (total, description) -> an open bar (a conte
 class LineBar:
     """A progress bar written as whole lines: readable in a log, no escape codes."""
 
-    def __init__(self, total: int, desc: str, initial: int = 0, file: TextIO | None = None,
-                 interval: float = LINE_INTERVAL_S, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        initial: int = 0,
+        file: TextIO | None = None,
+        interval: float = LINE_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.total, self.desc, self.n = total, desc, initial
         self.file, self.interval, self.clock = file or sys.stderr, interval, clock
         self.start = self.last = clock()
@@ -87,4 +94,3 @@ def shower(enabled: bool) -> Show | None:
     if not enabled:
         return None
     return lambda total, desc: open_bar(total, desc, nested=True)
-

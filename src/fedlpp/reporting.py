@@ -19,9 +19,16 @@ from fedlpp.engine import rundir
 
 REPORT_MD = "report.md"
 METRICS_PNG, BYTES_PNG, EPSILON_PNG = "metrics.png", "bytes.png", "epsilon.png"
-UNITS = {"loss": "held-out loss (nats)", "bleu": "BLEU (0-100)", "rouge_l": "ROUGE-L F (0-100)",
-         "rouge_1": "ROUGE-1 F (0-100)", "rouge_2": "ROUGE-2 F (0-100)", "accuracy": "accuracy (%)", "ter": "TER (lower is better)",
-         "exact_match": "exact match (%)"}
+UNITS = {
+    "loss": "held-out loss (nats)",
+    "bleu": "BLEU (0-100)",
+    "rouge_l": "ROUGE-L F (0-100)",
+    "rouge_1": "ROUGE-1 F (0-100)",
+    "rouge_2": "ROUGE-2 F (0-100)",
+    "accuracy": "accuracy (%)",
+    "ter": "TER (lower is better)",
+    "exact_match": "exact match (%)",
+}
 MIB = 1024 * 1024
 MARKERS = "os^Dvp*hX"  # one per run, so that runs whose lines coincide stay visible
 
@@ -61,17 +68,29 @@ def run_labels(runs: Sequence[RunRecord]) -> list[str]:
 
 def markdown(runs: Sequence[RunRecord], labels: Sequence[str]) -> str:
     metrics = list(dict.fromkeys(m for r in runs for row in r.evaluated for m in row["global"]))
-    header = ["run", "rounds", *(f"global {m}" for m in metrics), *(f"proxy {m}" for m in metrics if m != "loss"),
-              "KiB down / client / round", "KiB up / client / round", "epsilon"]
+    header = [
+        "run",
+        "rounds",
+        *(f"global {m}" for m in metrics),
+        *(f"proxy {m}" for m in metrics if m != "loss"),
+        "KiB down / client / round",
+        "KiB up / client / round",
+        "epsilon",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for run, label in zip(runs, labels, strict=True):
         last = run.evaluated[-1] if run.evaluated else {"global": {}, "proxy": {}}
         per = run.summary.get("bytes_per_client_per_round", {})
         eps = run.rows[-1].get("epsilon")
-        cells = [label, str(run.rows[-1]["round"]), *(_num(last["global"].get(m)) for m in metrics),
-                 *(_num(last["proxy"].get(m)) for m in metrics if m != "loss"),
-                 _num(per.get("down", 0) / 1024 if per else None), _num(per.get("up", 0) / 1024 if per else None),
-                 "∞ (non-private)" if eps is None else f"{eps:.3g}"]
+        cells = [
+            label,
+            str(run.rows[-1]["round"]),
+            *(_num(last["global"].get(m)) for m in metrics),
+            *(_num(last["proxy"].get(m)) for m in metrics if m != "loss"),
+            _num(per.get("down", 0) / 1024 if per else None),
+            _num(per.get("up", 0) / 1024 if per else None),
+            "∞ (non-private)" if eps is None else f"{eps:.3g}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -99,8 +118,10 @@ def write_report(directories: Sequence[Path], out: Path) -> list[Path]:
     if any("epsilon" in row for r in runs for row in r.rows):
         written.append(_plot_epsilon(runs, labels, out / EPSILON_PNG))
     written = [w for w in written if w is not None]
-    text = (f"# fedlpp report\n\n{markdown(runs, labels)}\n\nLast evaluated round of each run; global = the server's adapter θ, "
-            "proxy = what a client builds from the broadcast.\n\n" + "".join(f"![{p.stem}]({p.name})\n\n" for p in written))
+    text = (
+        f"# fedlpp report\n\n{markdown(runs, labels)}\n\nLast evaluated round of each run; global = the server's adapter θ, "
+        "proxy = what a client builds from the broadcast.\n\n" + "".join(f"![{p.stem}]({p.name})\n\n" for p in written)
+    )
     rundir.write_text(out / REPORT_MD, text)
     return [out / REPORT_MD, *written]
 
@@ -126,8 +147,15 @@ def _plot_metrics(runs: Sequence[RunRecord], labels: Sequence[str], path: Path) 
             rounds = [row["round"] for row in rows]
             color, marker = f"C{i % 10}", MARKERS[i % len(MARKERS)]
             ax.plot(rounds, [row["global"][metric] for row in rows], "-", marker=marker, color=color, label=f"{label} (global)")
-            ax.plot(rounds, [row["proxy"][metric] for row in rows], "--", marker=marker, markerfacecolor="none", color=color,
-                    label=f"{label} (proxy)")
+            ax.plot(
+                rounds,
+                [row["proxy"][metric] for row in rows],
+                "--",
+                marker=marker,
+                markerfacecolor="none",
+                color=color,
+                label=f"{label} (proxy)",
+            )
         _rounds_axis(ax)
         ax.set_ylabel(UNITS.get(metric, metric))
         ax.set_title(metric)
@@ -161,7 +189,13 @@ def _plot_epsilon(runs: Sequence[RunRecord], labels: Sequence[str], path: Path) 
         points = [(row["round"], row["epsilon"]) for row in run.rows if "epsilon" in row]
         if points:
             delta = next(row["delta"] for row in run.rows if "delta" in row)
-            ax.plot(*zip(*points, strict=True), "-", marker=MARKERS[i % len(MARKERS)], color=f"C{i % 10}", label=f"{label} (δ={delta:g})")
+            ax.plot(
+                *zip(*points, strict=True),
+                "-",
+                marker=MARKERS[i % len(MARKERS)],
+                color=f"C{i % 10}",
+                label=f"{label} (δ={delta:g})",
+            )
     _rounds_axis(ax)
     ax.set_ylim(bottom=0)
     ax.set_ylabel("ε spent (cumulative)")

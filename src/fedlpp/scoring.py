@@ -165,8 +165,10 @@ def score_files(task: str, references: Path, predictions: Path) -> dict[str, Any
             raise FileNotFoundError(f"{p}: file not found")
     refs, hyps = read_references(references), read_predictions(predictions)
     if len(refs) != len(hyps):
-        raise ValueError(f"{predictions} holds {len(hyps)} predictions but {references} has {len(refs)} inputs "
-                         "(one prediction per input, in the same order)")
+        raise ValueError(
+            f"{predictions} holds {len(hyps)} predictions but {references} has {len(refs)} inputs "
+            "(one prediction per input, in the same order)"
+        )
     return {"task": task, "inputs": len(refs), "references": sum(len(r) for r in refs), **official_metrics(task, hyps, refs)}
 
 

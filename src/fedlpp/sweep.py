@@ -113,8 +113,11 @@ def _attack_settings(spec: Any) -> AttackSettings:
     for key, least in (("client", 0), ("collude", 1)):
         value = spec.get(key, getattr(AttackSettings, key))
         if value != "last" and (not isinstance(value, int) or isinstance(value, bool) or value < least):
-            raise ConfigError(f"sweep.attack.{key}: expected an integer >= {least}" + (" or 'last'" if key == "client" else "")
-                              + f", got {value!r}")
+            raise ConfigError(
+                f"sweep.attack.{key}: expected an integer >= {least}"
+                + (" or 'last'" if key == "client" else "")
+                + f", got {value!r}"
+            )
     steps = spec.get("steps", [])
     if not isinstance(steps, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in steps):
         raise ConfigError(f"sweep.attack.steps: expected a list of integers >= 1, got {steps!r}")
@@ -125,8 +128,10 @@ def _check_distinct(points: Sequence[SweepPoint]) -> None:
     seen: dict[str, tuple[str, ...]] = {}
     for p in points:
         if p.directory in seen and seen[p.directory] != p.labels:
-            raise ConfigError(f"sweep.axes: labels {' / '.join(p.labels)!r} and {' / '.join(seen[p.directory])!r} "
-                              f"map to the same run directory {p.directory!r}; use labels that differ in letters or digits")
+            raise ConfigError(
+                f"sweep.axes: labels {' / '.join(p.labels)!r} and {' / '.join(seen[p.directory])!r} "
+                f"map to the same run directory {p.directory!r}; use labels that differ in letters or digits"
+            )
         seen[p.directory] = p.labels
 
 
@@ -136,30 +141,38 @@ def check_same_config(point: SweepPoint, directory: Path) -> None:
         return
     changed = changed_keys(load_config(directory / rundir.CONFIG), point.config)
     if changed:
-        raise ConfigError(f"{directory} holds a run of this sweep point with a different {changed[0]}: the sweep file "
-                          "changed since; remove that directory or choose another --out")
+        raise ConfigError(
+            f"{directory} holds a run of this sweep point with a different {changed[0]}: the sweep file "
+            "changed since; remove that directory or choose another --out"
+        )
 
 
 def _check_axes(axes: Any) -> None:
     if not isinstance(axes, dict):
-        raise ConfigError("sweep.axes: expected tables of label = [\"section.key=value\", ...]")
+        raise ConfigError('sweep.axes: expected tables of label = ["section.key=value", ...]')
     for axis, values in axes.items():
         if not isinstance(values, dict) or not values:
             raise ConfigError(f"sweep.axes.{axis}: expected a table of label = [overrides], got {values!r}")
         for label, extra in values.items():
             if not re.search(r"[A-Za-z0-9]", label):
-                raise ConfigError(f"sweep.axes.{axis}: label {label!r} is not a name (each names a run directory); "
-                                  "use letters or digits")
+                raise ConfigError(
+                    f"sweep.axes.{axis}: label {label!r} is not a name (each names a run directory); use letters or digits"
+                )
             if not isinstance(extra, list) or not all(isinstance(o, str) for o in extra):
-                raise ConfigError(f"sweep.axes.{axis}.{label}: expected a list of \"section.key=value\" strings")
+                raise ConfigError(f'sweep.axes.{axis}.{label}: expected a list of "section.key=value" strings')
 
 
 Attack = Callable[[Path, AttackSettings], dict[str, Any]]
 
 
-def run_sweep(sweep: Sweep, out: Path, run: Callable[[ExperimentConfig, Path, bool], dict[str, Any]],
-              echo: Callable[[str], None] = print, attack: Attack | None = None,
-              only: Sequence[str] = ()) -> list[dict[str, Any]]:
+def run_sweep(
+    sweep: Sweep,
+    out: Path,
+    run: Callable[[ExperimentConfig, Path, bool], dict[str, Any]],
+    echo: Callable[[str], None] = print,
+    attack: Attack | None = None,
+    only: Sequence[str] = (),
+) -> list[dict[str, Any]]:
     """Run every point not finished yet (``run(config, directory, resume)``), attack it if asked; write the tables.
 
     ``only``: run (and attack) just the points whose name ("label / label seed N") contains one of
@@ -194,8 +207,9 @@ def run_sweep(sweep: Sweep, out: Path, run: Callable[[ExperimentConfig, Path, bo
     return records
 
 
-def _attacked(directory: Path, settings: AttackSettings, attack: Attack | None, name: str,
-              echo: Callable[[str], None]) -> dict[str, Any] | None:
+def _attacked(
+    directory: Path, settings: AttackSettings, attack: Attack | None, name: str, echo: Callable[[str], None]
+) -> dict[str, Any] | None:
     """The run's attack report: the one it holds, or a new one (none when ``attack`` is None)."""
     from fedlpp.attack import resolve_attacker
 
@@ -211,8 +225,10 @@ def _attacked(directory: Path, settings: AttackSettings, attack: Attack | None, 
     taken = report["value_taken"]
     metric = _headline(report["scores"]["theta"])
     shares = ", ".join(f"{k} {v[metric]:.2f}" for k, v in taken.items() if v[metric] is not None)
-    echo(f"{name}: attacked ({time.perf_counter() - start:.0f} s); "
-         + (f"share of the value taken ({metric}): {shares}" if shares else f"theta is no better than alone in {metric}"))
+    echo(
+        f"{name}: attacked ({time.perf_counter() - start:.0f} s); "
+        + (f"share of the value taken ({metric}): {shares}" if shares else f"theta is no better than alone in {metric}")
+    )
     return report
 
 
@@ -276,8 +292,11 @@ def table(axes: Sequence[str], records: Sequence[Mapping[str, Any]]) -> str:
     header = [*axes, *metrics, f"proxy {headline}", "epsilon", "sigma", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for labels, rows in groups.items():
-        cells = [*labels, *(_mean_std([r["global"][m] for r in rows]) for m in metrics),
-                 _mean_std([r["proxy"][headline] for r in rows])]
+        cells = [
+            *labels,
+            *(_mean_std([r["global"][m] for r in rows]) for m in metrics),
+            _mean_std([r["proxy"][headline] for r in rows]),
+        ]
         eps = [r["epsilon"] for r in rows if r["epsilon"] is not None]
         sigma = [r["noise_multiplier"] for r in rows if r["noise_multiplier"] is not None]
         cells += [_mean_std(eps) if eps else "∞ (non-private)", f"{statistics.mean(sigma):.3f}" if sigma else "–", str(len(rows))]
@@ -292,8 +311,12 @@ def attack_table(axes: Sequence[str], records: Sequence[Mapping[str, Any]]) -> s
     adapters = list(dict.fromkeys(a for r in records for a in r["attack"]["scores"]))  # e.g. finetune-N differs with E
     takers = [a for a in adapters if a not in ("theta", "alone")]
     header = [*axes, *adapters, *(f"taken: {a}" for a in takers), "seeds"]
-    lines = [f"{metric} of what a client can hold, and the share of the federation's value (theta - alone) it takes",
-             "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines = [
+        f"{metric} of what a client can hold, and the share of the federation's value (theta - alone) it takes",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+    ]
     for labels, rows in groups.items():
         cells = [*labels]
         for a in adapters:

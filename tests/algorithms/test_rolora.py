@@ -75,14 +75,18 @@ def test_averaging_is_exact_the_global_product_is_the_mean_of_the_clients_produc
     sizes = [10, 30, 60]
     deltas = [{n: random_adapter(k + 1)[n] for n in trained} for k in range(len(sizes))]
     held = [{n: theta[n] + d[n] if n in d else theta[n] for n in SHAPES} for d in deltas]
-    out = rnd.aggregate(spec, theta, [(k, update_bytes(d, n, round_)) for k, (d, n) in enumerate(zip(deltas, sizes))], round_)
-    expected = sum(n / sum(sizes) * (h[B] @ h[A]) for h, n in zip(held, sizes))
+    out = rnd.aggregate(
+        spec, theta, [(k, update_bytes(d, n, round_)) for k, (d, n) in enumerate(zip(deltas, sizes, strict=True))], round_
+    )
+    expected = sum(n / sum(sizes) * (h[B] @ h[A]) for h, n in zip(held, sizes, strict=True))
     assert torch.allclose(out.adapter[B] @ out.adapter[A], expected, atol=1e-5)
     # FedAvg on both factors is not exact: the product of the means is not the mean of the products.
     both = [{n: random_adapter(k + 1)[n] for n in SHAPES} for k in range(len(sizes))]
-    mean_b = sum(n / sum(sizes) * h[B] for h, n in zip(both, sizes))
-    mean_a = sum(n / sum(sizes) * h[A] for h, n in zip(both, sizes))
-    assert not torch.allclose(mean_b @ mean_a, sum(n / sum(sizes) * (h[B] @ h[A]) for h, n in zip(both, sizes)), atol=1e-3)
+    mean_b = sum(n / sum(sizes) * h[B] for h, n in zip(both, sizes, strict=True))
+    mean_a = sum(n / sum(sizes) * h[A] for h, n in zip(both, sizes, strict=True))
+    assert not torch.allclose(
+        mean_b @ mean_a, sum(n / sum(sizes) * (h[B] @ h[A]) for h, n in zip(both, sizes, strict=True)), atol=1e-3
+    )
 
 
 def test_a_schedule_must_be_known_and_a_seeded_a_is_never_trained():
@@ -95,10 +99,21 @@ def test_a_schedule_must_be_known_and_a_seeded_a_is_never_trained():
 # --- the tiny model through the local engine -------------------------------------------------
 
 TINY = [
-    "model.name=tiny-llama", "model.max_length=64", "data.num_train=240", "data.num_eval=6",
-    "fl.num_clients=4", "fl.clients_per_round=2", "fl.local_steps=4", "train.batch_size=4",
-    "train.lr=0.02", "eval.every=4", "eval.max_new_tokens=4", "eval.batch_size=8", "seed=0",
-    "algorithm.name=rolora", "fl.rounds=4",
+    "model.name=tiny-llama",
+    "model.max_length=64",
+    "data.num_train=240",
+    "data.num_eval=6",
+    "fl.num_clients=4",
+    "fl.clients_per_round=2",
+    "fl.local_steps=4",
+    "train.batch_size=4",
+    "train.lr=0.02",
+    "eval.every=4",
+    "eval.max_new_tokens=4",
+    "eval.batch_size=8",
+    "seed=0",
+    "algorithm.name=rolora",
+    "fl.rounds=4",
 ]
 
 
@@ -116,7 +131,9 @@ def test_rolora_on_the_tiny_model_alternates_what_travels_and_aggregates_exactly
     def recording_client(model, payload, data, recipe, on_step=None):
         result = client_step(model, payload, data, recipe, on_step)
         start, round_ = rnd.read_broadcast(payload, recipe.shapes)
-        delta = rnd.validate_update(result.upload, data.client_id, rnd.update_layout(recipe.spec, recipe.shapes, round_), round_).delta
+        delta = rnd.validate_update(
+            result.upload, data.client_id, rnd.update_layout(recipe.spec, recipe.shapes, round_), round_
+        ).delta
         uploads.setdefault(round_, []).append(set(delta))
         held.setdefault(round_, []).append(({n: start[n] + delta.get(n, 0) for n in start}, result.num_examples))
         return result

@@ -7,8 +7,8 @@ import torch
 
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms import wire
-from fedlpp.algorithms.layout import fingerprint, layout_of
 from fedlpp.algorithms.fedavg_lora import server_step, weighted_mean
+from fedlpp.algorithms.layout import fingerprint, layout_of
 from fedlpp.algorithms.spec import get_algorithm
 from fedlpp.models.lora import lora_a_from_seed
 from fedlpp.quant import QuantSpec, fake_quantize
@@ -74,7 +74,7 @@ def test_fedlpp_mean_rule_moves_to_the_clients_mean_adapter():
 def test_fedlpp_broadcast_holds_only_codes_and_scales():
     theta = adapter()
     payload = rnd.make_broadcast(spec("fedlpp"), theta, a_seed=0, round_=3)
-    tensors, meta = wire.decode(payload, rnd.BROADCAST)
+    tensors, _meta = wire.decode(payload, rnd.BROADCAST)
     assert {n: t.dtype for n, t in tensors.items()} == {"codes": torch.uint8, "scales": torch.float16}
     # tensor granularity: one scale per tensor; 2 bits per value: A (8 values) 2 bytes + B (6 values) 2 bytes
     assert tensors["scales"].numel() == 2 and tensors["codes"].numel() == 4
@@ -88,7 +88,7 @@ def test_ffa_broadcast_sends_the_seed_not_a():
     theta = adapter(a_seed=11)
     for name in ("ffa_lora", "fedlpp_ffa"):
         payload = rnd.make_broadcast(spec(name), theta, a_seed=11, round_=1)
-        tensors, meta = wire.decode(payload, rnd.BROADCAST)
+        _tensors, meta = wire.decode(payload, rnd.BROADCAST)
         assert meta["a_seed"] == 11
         assert meta["layout"] == fingerprint(layout_of({B: (3, 2)}, [B])), "A is not in the message"
         start, _ = rnd.read_broadcast(payload, {A: (2, 4), B: (3, 2)})

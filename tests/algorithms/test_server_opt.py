@@ -57,8 +57,12 @@ def test_state_round_trips_and_is_refused_where_it_does_not_belong():
     opt.step(_adapter(0.0), _adapter(1.0))
     again = ServerMomentum(0.9)
     again.load(opt.state())
-    assert all(torch.equal(a, b) for a, b in zip(opt.step(_adapter(1.0), _adapter(3.0)).values(),
-                                                  again.step(_adapter(1.0), _adapter(3.0)).values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            opt.step(_adapter(1.0), _adapter(3.0)).values(), again.step(_adapter(1.0), _adapter(3.0)).values(), strict=True
+        )
+    )
     with pytest.raises(ValueError, match="has none"):
         NoServerOptimizer().load(opt.state())
     with pytest.raises(ValueError, match="momentum"):

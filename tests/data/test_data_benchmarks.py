@@ -18,8 +18,9 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def test_rte_pairs_reach_the_tokenizer_as_pairs(tmp_path, bert_tokenizer):
-    rows = ["index\tsentence1\tsentence2\tlabel"] + [f'{i}\tA "quoted" premise {i}.\tHypothesis {i}.\t{"entailment" if i % 2 else "not_entailment"}'
-                                                     for i in range(20)]
+    rows = ["index\tsentence1\tsentence2\tlabel"] + [
+        f'{i}\tA "quoted" premise {i}.\tHypothesis {i}.\t{"entailment" if i % 2 else "not_entailment"}' for i in range(20)
+    ]
     (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
     task = load_task("rte", path=str(tmp_path))
     assert task.kind == CLASSIFICATION and task.label_names == ("entailment", "not_entailment")
@@ -37,8 +38,10 @@ def test_rte_bad_label_is_named(tmp_path):
 
 
 def test_gsm8k_answers_span_lines_and_are_scored_by_their_final_number(tmp_path):
-    _jsonl(tmp_path / "train.jsonl", [{"question": f"What is {i}+{i}?", "answer": f"{i}+{i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}"}
-                                      for i in range(10)])
+    _jsonl(
+        tmp_path / "train.jsonl",
+        [{"question": f"What is {i}+{i}?", "answer": f"{i}+{i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}"} for i in range(10)],
+    )
     task = load_task("gsm8k", path=str(tmp_path))
     assert task.kind == GENERATION and task.multiline and task.metric_names == ("exact_match",)
     assert len(task.eval) == 1 and task.eval[0].references[0].endswith("#### " + task.eval[0].references[0].split()[-1])
@@ -49,10 +52,22 @@ def test_gsm8k_answers_span_lines_and_are_scored_by_their_final_number(tmp_path)
 
 
 def test_dialogsum_topics_are_groups_and_all_summaries_are_references(tmp_path):
-    _jsonl(tmp_path / "dialogsum.train.jsonl", [{"fname": f"t{i}", "dialogue": f"#Person1#: hi {i}\n#Person2#: bye", "summary": f"s{i}",
-                                                 "topic": ["food", "travel"][i % 2]} for i in range(6)])
-    _jsonl(tmp_path / "dialogsum.dev.jsonl", [{"fname": "d0", "dialogue": "#Person1#: x", "summary1": "a", "summary2": "b", "summary3": "c",
-                                               "topic": "food"}])
+    _jsonl(
+        tmp_path / "dialogsum.train.jsonl",
+        [
+            {
+                "fname": f"t{i}",
+                "dialogue": f"#Person1#: hi {i}\n#Person2#: bye",
+                "summary": f"s{i}",
+                "topic": ["food", "travel"][i % 2],
+            }
+            for i in range(6)
+        ],
+    )
+    _jsonl(
+        tmp_path / "dialogsum.dev.jsonl",
+        [{"fname": "d0", "dialogue": "#Person1#: x", "summary1": "a", "summary2": "b", "summary3": "c", "topic": "food"}],
+    )
     task = load_task("dialogsum", path=str(tmp_path))
     assert task.metric_names == ("rouge_1", "rouge_2", "rouge_l") and not task.multiline
     assert {e.group for e in task.train} == {"food", "travel"}
@@ -63,8 +78,14 @@ def test_dialogsum_topics_are_groups_and_all_summaries_are_references(tmp_path):
 
 
 def test_dart_linearises_triples_and_holds_out_triple_sets_when_only_dev_is_there(tmp_path):
-    sets = [{"tripleset": [[f"S{i}", "P", "O"], [f"S{i}", "Q", "R"]], "subtree_was_extended": False,
-             "annotations": [{"source": "webnlg", "text": f"S{i} p o."}, {"source": "webnlg", "text": f"S{i} q r."}]} for i in range(10)]
+    sets = [
+        {
+            "tripleset": [[f"S{i}", "P", "O"], [f"S{i}", "Q", "R"]],
+            "subtree_was_extended": False,
+            "annotations": [{"source": "webnlg", "text": f"S{i} p o."}, {"source": "webnlg", "text": f"S{i} q r."}],
+        }
+        for i in range(10)
+    ]
     (tmp_path / "dart-v1.1.1-full-dev.json").write_text(json.dumps(sets))
     task = load_task("dart", path=str(tmp_path), seed=1)
     assert task.metric_names == ("bleu", "ter")
@@ -80,13 +101,20 @@ def test_dart_linearises_triples_and_holds_out_triple_sets_when_only_dev_is_ther
 def test_a_clients_examples_file_keeps_the_pair(tmp_path):
     from fedlpp.data.schema import Example
 
-    examples = [Example(prompt="premise", pair="hypothesis", target="", label=1, group="1"), Example(prompt="alone", target="", label=0)]
+    examples = [
+        Example(prompt="premise", pair="hypothesis", target="", label=1, group="1"),
+        Example(prompt="alone", target="", label=0),
+    ]
     write_examples(tmp_path / "c.jsonl", examples)
     assert read_examples(tmp_path / "c.jsonl") == examples
 
 
-@pytest.mark.skipif(not (Path(__file__).resolve().parents[3] / "shared" / "data" / "rte").is_dir(), reason="../shared/data absent")
-@pytest.mark.parametrize("task, train, eval_", [("rte", 2241, 249), ("gsm8k", 6726, 747), ("dialogsum", 12460, 500), ("dart", 6307, 272)])
+@pytest.mark.skipif(
+    not (Path(__file__).resolve().parents[3] / "shared" / "data" / "rte").is_dir(), reason="../shared/data absent"
+)
+@pytest.mark.parametrize(
+    "task, train, eval_", [("rte", 2241, 249), ("gsm8k", 6726, 747), ("dialogsum", 12460, 500), ("dart", 6307, 272)]
+)
 def test_the_shared_copies_load(task, train, eval_):
     data = load_task(task, path=str(Path(__file__).resolve().parents[3] / "shared" / "data" / task))
     assert (len(data.train), len(data.eval)) == (train, eval_)
@@ -98,16 +126,49 @@ def test_runs_score_each_task_with_its_own_metrics(tmp_path):
 
     _jsonl(tmp_path / "train.jsonl", [{"question": f"What is {i}+{i}?", "answer": f"It is\n#### {2 * i}"} for i in range(20)])
     out = tmp_path / "gsm"
-    assert main(["run", "model.name=tiny-llama", "data.task=gsm8k", f"data.path={tmp_path}", "fl.rounds=1", "fl.num_clients=2",
-                 "fl.local_steps=1", "eval.max_new_tokens=8", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "model.name=tiny-llama",
+                "data.task=gsm8k",
+                f"data.path={tmp_path}",
+                "fl.rounds=1",
+                "fl.num_clients=2",
+                "fl.local_steps=1",
+                "eval.max_new_tokens=8",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert set(json.loads((out / "summary.json").read_text())["global"]) == {"loss", "exact_match"}
     rte = tmp_path / "rte"
     rte.mkdir()
-    (rte / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n"
-                                   + "".join(f"{i}\tp {i}\th {i}\t{['entailment', 'not_entailment'][i % 2]}\n" for i in range(20)))
+    (rte / "train.tsv").write_text(
+        "index\tsentence1\tsentence2\tlabel\n"
+        + "".join(f"{i}\tp {i}\th {i}\t{['entailment', 'not_entailment'][i % 2]}\n" for i in range(20))
+    )
     out = tmp_path / "rte-run"
-    assert main(["run", "model.name=tiny-bert", "data.task=rte", f"data.path={rte}", "fl.rounds=1", "fl.num_clients=2",
-                 "fl.local_steps=1", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "model.name=tiny-bert",
+                "data.task=rte",
+                f"data.path={rte}",
+                "fl.rounds=1",
+                "fl.num_clients=2",
+                "fl.local_steps=1",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert set(json.loads((out / "summary.json").read_text())["global"]) == {"loss", "accuracy"}
 
 
@@ -129,23 +190,52 @@ def test_hub_layouts(monkeypatch):
         def load(hf_id, config=None):
             calls.append((hf_id, config))
             return splits
+
         return load
 
-    monkeypatch.setattr(rte, "load_hub_splits", fake({"train": [{"sentence1": "p", "sentence2": "h", "label": 1, "idx": 0}],
-                                                       "validation": [{"sentence1": "q", "sentence2": "i", "label": 0, "idx": 0}]}))
+    monkeypatch.setattr(
+        rte,
+        "load_hub_splits",
+        fake(
+            {
+                "train": [{"sentence1": "p", "sentence2": "h", "label": 1, "idx": 0}],
+                "validation": [{"sentence1": "q", "sentence2": "i", "label": 0, "idx": 0}],
+            }
+        ),
+    )
     task = load_task("rte", hf_id="nyu-mll/glue")
     assert calls[-1] == ("nyu-mll/glue", "rte") and (task.train[0].pair, task.train[0].label, task.eval[0].label) == ("h", 1, 0)
-    monkeypatch.setattr(gsm8k, "load_hub_splits", fake({"train": [{"question": f"q{i}", "answer": "a\n#### 1"} for i in range(3)],
-                                                         "test": [{"question": "r", "answer": "b\n#### 2"}]}))
+    monkeypatch.setattr(
+        gsm8k,
+        "load_hub_splits",
+        fake(
+            {
+                "train": [{"question": f"q{i}", "answer": "a\n#### 1"} for i in range(3)],
+                "test": [{"question": "r", "answer": "b\n#### 2"}],
+            }
+        ),
+    )
     task = load_task("gsm8k", hf_id="openai/gsm8k", split="test")
     assert calls[-1] == ("openai/gsm8k", "main") and task.eval[0].references == ("b\n#### 2",)
-    monkeypatch.setattr(dialogsum, "load_hub_splits", fake({"train": [{"id": "t", "dialogue": "d", "summary": "s", "topic": "x"}],
-                                                             "validation": [{"id": "v", "dialogue": "e", "summary": "u", "topic": "y"}]}))
+    monkeypatch.setattr(
+        dialogsum,
+        "load_hub_splits",
+        fake(
+            {
+                "train": [{"id": "t", "dialogue": "d", "summary": "s", "topic": "x"}],
+                "validation": [{"id": "v", "dialogue": "e", "summary": "u", "topic": "y"}],
+            }
+        ),
+    )
     task = load_task("dialogsum", hf_id="knkarthick/dialogsum")
     assert calls[-1] == ("knkarthick/dialogsum", None) and (task.train[0].group, task.eval[0].references) == ("x", ("u",))
     from fedlpp.data import dart
 
-    row = {"tripleset": [["A", "p", "B"]], "subtree_was_extended": False, "annotations": {"source": ["webnlg", "webnlg"], "text": ["A p B.", "B is A's p."]}}
+    row = {
+        "tripleset": [["A", "p", "B"]],
+        "subtree_was_extended": False,
+        "annotations": {"source": ["webnlg", "webnlg"], "text": ["A p B.", "B is A's p."]},
+    }
     monkeypatch.setattr(dart, "load_hub_splits", fake({"train": [row], "validation": [row]}))
     task = load_task("dart", hf_id="dart")
     assert task.eval[0].references == ("A p B.", "B is A's p.") and task.train[0].group == "webnlg"
@@ -156,10 +246,14 @@ def test_test_splits_are_read_only_when_asked_for(tmp_path):
     e2e.mkdir()
     (e2e / "trainset.csv").write_text("mr,ref\n" + "".join(f'"name[A{i}], food[Thai]","A{i} is Thai."\n' for i in range(6)))
     (e2e / "devset.csv").write_text('mr,ref\n"name[D], food[Thai]","D is Thai."\n')
-    assert [e.prompt for e in load_task("e2e", path=str(e2e)).eval] == ["Describe the restaurant.\nData: name[D], food[Thai]\nText:"]
+    assert [e.prompt for e in load_task("e2e", path=str(e2e)).eval] == [
+        "Describe the restaurant.\nData: name[D], food[Thai]\nText:"
+    ]
     with pytest.raises(FileNotFoundError, match="testset_w_refs.csv"):
         load_task("e2e", path=str(e2e), split="test")
-    (e2e / "testset_w_refs.csv").write_text('mr,ref\n"name[T], food[Thai]","T is Thai."\n"name[T], food[Thai]","T serves Thai food."\n')
+    (e2e / "testset_w_refs.csv").write_text(
+        'mr,ref\n"name[T], food[Thai]","T is Thai."\n"name[T], food[Thai]","T serves Thai food."\n'
+    )
     assert load_task("e2e", path=str(e2e), split="test").eval[0].references == ("T is Thai.", "T serves Thai food.")
     gsm = tmp_path / "gsm"
     gsm.mkdir()
@@ -176,8 +270,25 @@ def test_eval_refuses_to_score_on_training_examples(tmp_path, capsys):
 
     _jsonl(tmp_path / "train.jsonl", [{"question": f"What is {i}+{i}?", "answer": f"#### {2 * i}"} for i in range(40)])
     out = tmp_path / "run"
-    assert main(["run", "model.name=tiny-llama", "data.task=gsm8k", f"data.path={tmp_path}", "data.num_eval=2", "fl.rounds=1",
-                 "fl.num_clients=2", "fl.local_steps=1", "eval.max_new_tokens=4", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "model.name=tiny-llama",
+                "data.task=gsm8k",
+                f"data.path={tmp_path}",
+                "data.num_eval=2",
+                "fl.rounds=1",
+                "fl.num_clients=2",
+                "fl.local_steps=1",
+                "eval.max_new_tokens=4",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["eval", str(out), "data.num_eval=20", "--quiet"]) == 1
     assert "of the 20 evaluation inputs were in the run's training data" in capsys.readouterr().err

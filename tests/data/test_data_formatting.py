@@ -49,14 +49,9 @@ def test_completion_decodes_to_space_target_newline_eos(
     causal_tokenizer: PreTrainedTokenizerBase,
 ) -> None:
     assert causal_tokenizer.eos_token == "<|im_end|>"
-    for feature, example in zip(
-        encode_for_generation(causal_tokenizer, EXAMPLES, 256), EXAMPLES, strict=True
-    ):
+    for feature, example in zip(encode_for_generation(causal_tokenizer, EXAMPLES, 256), EXAMPLES, strict=True):
         completion = feature["input_ids"][_prompt_len(feature) :]
-        assert (
-            causal_tokenizer.decode(completion)
-            == f" {example.target}\n{causal_tokenizer.eos_token}"
-        )
+        assert causal_tokenizer.decode(completion) == f" {example.target}\n{causal_tokenizer.eos_token}"
         prompt = feature["input_ids"][: _prompt_len(feature)]
         assert causal_tokenizer.decode(prompt, skip_special_tokens=True) == example.prompt
 
@@ -68,10 +63,7 @@ def test_bos_is_added_once_only_when_the_tokenizer_adds_it(
     # SmolLM2 (and BERT, which has no BOS) do not prepend one: the prompt is the plain ids.
     assert encode_prompts(causal_tokenizer, EXAMPLES[:1], 256)[0] == plain
     # A tokenizer that has a BOS token but does not add it (GPT-2 style) gets none either.
-    assert (
-        encode_prompts(_BosTokenizer(causal_tokenizer, adds_bos=False), EXAMPLES[:1], 256)[0]
-        == plain
-    )  # type: ignore[arg-type]
+    assert encode_prompts(_BosTokenizer(causal_tokenizer, adds_bos=False), EXAMPLES[:1], 256)[0] == plain  # type: ignore[arg-type]
     # One that does prepend BOS (as Llama's does) gets exactly one.
     with_bos = _BosTokenizer(causal_tokenizer, adds_bos=True)
     assert encode_prompts(with_bos, EXAMPLES[:1], 256)[0] == [with_bos.bos_token_id, *plain]  # type: ignore[arg-type]
@@ -94,11 +86,7 @@ class _BosTokenizer:
     def __call__(self, texts: str | list[str], add_special_tokens: bool = True) -> dict[str, list]:
         ids = self.inner(texts, add_special_tokens=False)["input_ids"]
         if add_special_tokens and self.adds_bos:
-            ids = (
-                [self.bos_token_id, *ids]
-                if isinstance(texts, str)
-                else [[self.bos_token_id, *i] for i in ids]
-            )
+            ids = [self.bos_token_id, *ids] if isinstance(texts, str) else [[self.bos_token_id, *i] for i in ids]
         return {"input_ids": ids}
 
 
@@ -125,10 +113,7 @@ def test_overlong_prompt_keeps_its_last_tokens_and_one_completion_token(
     assert len(cut["input_ids"]) == max_length
     assert _prompt_len(cut) == max_length - 1
     head = len(bos_prefix(causal_tokenizer))
-    assert (
-        cut["input_ids"][head : max_length - 1]
-        == full["input_ids"][n - (max_length - 1 - head) : n]
-    )
+    assert cut["input_ids"][head : max_length - 1] == full["input_ids"][n - (max_length - 1 - head) : n]
     assert cut["labels"][-1] == full["input_ids"][n]
     prompt = encode_prompts(causal_tokenizer, EXAMPLES[:1], max_length)[0]
     assert prompt == cut["input_ids"][:-1]
@@ -166,18 +151,14 @@ def test_collate_right_padding() -> None:
 
 
 def test_collate_left_padding_for_generation() -> None:
-    batch = collate(
-        [{"input_ids": [1, 2]}, {"input_ids": [3, 4, 5, 6]}], pad_id=99, padding_side="left"
-    )
+    batch = collate([{"input_ids": [1, 2]}, {"input_ids": [3, 4, 5, 6]}], pad_id=99, padding_side="left")
     assert batch["input_ids"].tolist() == [[99, 99, 1, 2], [3, 4, 5, 6]]
     assert batch["attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
     assert "labels" not in batch
 
 
 def test_collate_scalar_label_becomes_labels_vector() -> None:
-    batch = collate(
-        [{"input_ids": [101, 7, 102], "label": 1}, {"input_ids": [101, 102], "label": 0}], pad_id=0
-    )
+    batch = collate([{"input_ids": [101, 7, 102], "label": 1}, {"input_ids": [101, 102], "label": 0}], pad_id=0)
     assert batch["labels"].tolist() == [1, 0]
     assert batch["labels"].shape == (2,)
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
@@ -195,9 +176,7 @@ def test_encoded_generation_batch_round_trip(causal_tokenizer: PreTrainedTokeniz
     batch = collate(features, pad_id=eos_id(causal_tokenizer))
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     assert lengths == [len(f["input_ids"]) for f in features]
-    assert (batch["labels"] != IGNORE_INDEX).sum().item() == sum(
-        len(f["input_ids"]) - _prompt_len(f) for f in features
-    )
+    assert (batch["labels"] != IGNORE_INDEX).sum().item() == sum(len(f["input_ids"]) - _prompt_len(f) for f in features)
 
 
 def test_length_chunks_sort_by_length_and_cut_each_chunk_to_its_longest():

@@ -18,9 +18,17 @@ def _write(path: Path, rows: list) -> str:
 
 
 def test_generation_groups_every_reference_of_an_input_for_evaluation(tmp_path):
-    train = _write(tmp_path / "train.jsonl", [{"input": "Q: 1+1?\nA:", "output": "2"}, {"input": "Q: 2+2?\nA:", "outputs": ["4", "four"]}])
-    evals = _write(tmp_path / "eval.jsonl", [{"input": "Q: 3+3?\nA:", "output": "6"}, {"input": "Q: 3+3?\nA:", "output": "six"},
-                                             {"input": "Q: 5+5?\nA:", "outputs": ["10"]}])
+    train = _write(
+        tmp_path / "train.jsonl", [{"input": "Q: 1+1?\nA:", "output": "2"}, {"input": "Q: 2+2?\nA:", "outputs": ["4", "four"]}]
+    )
+    evals = _write(
+        tmp_path / "eval.jsonl",
+        [
+            {"input": "Q: 3+3?\nA:", "output": "6"},
+            {"input": "Q: 3+3?\nA:", "output": "six"},
+            {"input": "Q: 5+5?\nA:", "outputs": ["10"]},
+        ],
+    )
     task = load_task("jsonl", path=train, eval_path=evals)
     assert task.kind == GENERATION
     assert [(e.prompt, e.target) for e in task.train] == [("Q: 1+1?\nA:", "2"), ("Q: 2+2?\nA:", "4"), ("Q: 2+2?\nA:", "four")]
@@ -51,21 +59,30 @@ def test_classification_with_string_or_integer_labels(tmp_path):
     assert task.label_names == ("0", "1") and len(task.train) == 20 and [e.label for e in task.eval] == [1]
 
 
-@pytest.mark.parametrize("rows, message", [
-    (['{"input": "a", "output": "b"}', "{not json"], "line 2: not valid JSON"),
-    ([{"input": "a", "output": "b"}, {"input": "c"}], "line 2: give exactly one of 'output'"),
-    ([{"input": "a", "output": "b"}, {"text": "c", "label": 0}], "line 2: a classification example in a file of generation"),
-    ([{"input": "", "output": "b"}], "line 1: 'input' must be a non-empty string"),
-    ([{"input": "a", "outputs": []}], "line 1: 'outputs' must be a non-empty list"),
-    ([{"prompt": "a", "target": "b"}], "line 1: expected {\"input\", \"output\"} or {\"text\", \"label\"}"),
-    ([{"text": "a", "label": 0}, {"text": "b", "label": "pos"}], "line 2: labels mix integers and strings"),
-    ([{"text": "a", "label": -1}], "line 1: 'label' must be a non-negative integer or a string"),
-    ([{"text": "a", "label": 1}, {"text": "b", "label": 1}], "every example has the label"),
-    ([{"text": "a", "label": 1}, {"text": "b", "label": 5}], "line 2: integer labels must be 0..K-1 with every class present; 0 never"),
-    ([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"text": "a", "label": "y"}], "line 3: this text has label 'y' but"),
-    ([{"input": "a", "output": "b", "group": 3}], "line 1: 'group' must be a string"),
-    ([[1, 2]], "line 1: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (['{"input": "a", "output": "b"}', "{not json"], "line 2: not valid JSON"),
+        ([{"input": "a", "output": "b"}, {"input": "c"}], "line 2: give exactly one of 'output'"),
+        ([{"input": "a", "output": "b"}, {"text": "c", "label": 0}], "line 2: a classification example in a file of generation"),
+        ([{"input": "", "output": "b"}], "line 1: 'input' must be a non-empty string"),
+        ([{"input": "a", "outputs": []}], "line 1: 'outputs' must be a non-empty list"),
+        ([{"prompt": "a", "target": "b"}], 'line 1: expected {"input", "output"} or {"text", "label"}'),
+        ([{"text": "a", "label": 0}, {"text": "b", "label": "pos"}], "line 2: labels mix integers and strings"),
+        ([{"text": "a", "label": -1}], "line 1: 'label' must be a non-negative integer or a string"),
+        ([{"text": "a", "label": 1}, {"text": "b", "label": 1}], "every example has the label"),
+        (
+            [{"text": "a", "label": 1}, {"text": "b", "label": 5}],
+            "line 2: integer labels must be 0..K-1 with every class present; 0 never",
+        ),
+        (
+            [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}, {"text": "a", "label": "y"}],
+            "line 3: this text has label 'y' but",
+        ),
+        ([{"input": "a", "output": "b", "group": 3}], "line 1: 'group' must be a string"),
+        ([[1, 2]], "line 1: expected a JSON object"),
+    ],
+)
 def test_a_bad_line_is_named(tmp_path, rows, message):
     path = _write(tmp_path / "bad.jsonl", rows)
     with pytest.raises(ValueError, match="bad.jsonl") as error:
@@ -85,7 +102,9 @@ def test_classification_holds_out_whole_texts_and_needs_two_classes_to_train(tmp
 def test_outputs_that_span_lines_are_decoded_to_the_end(tmp_path):
     rows = [{"input": f"q{i}", "output": f"first\nsecond {i}"} for i in range(10)]
     assert load_task("jsonl", path=_write(tmp_path / "m.jsonl", rows)).multiline
-    assert not load_task("jsonl", path=_write(tmp_path / "s.jsonl", [{"input": f"q{i}", "output": "one"} for i in range(10)])).multiline
+    assert not load_task(
+        "jsonl", path=_write(tmp_path / "s.jsonl", [{"input": f"q{i}", "output": "one"} for i in range(10)])
+    ).multiline
 
 
 def test_dirichlet_needs_groups(tmp_path):
@@ -120,8 +139,23 @@ def test_a_run_on_your_own_file(tmp_path):
 
     path = _write(tmp_path / "mine.jsonl", [{"input": f"Spell {i}:", "output": " ".join(str(i))} for i in range(40)])
     out = tmp_path / "run"
-    assert main(["run", "model.name=tiny-llama", "data.task=jsonl", f"data.path={path}", "fl.rounds=1", "fl.num_clients=2",
-                 "fl.local_steps=1", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "model.name=tiny-llama",
+                "data.task=jsonl",
+                f"data.path={path}",
+                "fl.rounds=1",
+                "fl.num_clients=2",
+                "fl.local_steps=1",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["global"]) == {"loss", "bleu", "rouge_l"}
     assert summary["task"] == "jsonl" and summary["rounds"] == 1

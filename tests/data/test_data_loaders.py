@@ -60,8 +60,7 @@ def test_e2e_train_rows_keep_crlf_and_non_ascii(e2e_dir: Path) -> None:
     assert (task.name, task.kind, len(task.train)) == ("e2e", "generation", 4)
     first = task.train[0]
     assert first.prompt == (
-        "Describe the restaurant.\nData: name[The Vaults], eatType[pub], "
-        "priceRange[more than £30], near[Café Adriatic]\nText:"
+        "Describe the restaurant.\nData: name[The Vaults], eatType[pub], priceRange[more than £30], near[Café Adriatic]\nText:"
     )
     assert first.target == "The Vaults pub near Café Adriatic has prices over £30."
     assert task.train[2].target == "Aromi serves Chinese food by the river."
@@ -195,10 +194,7 @@ def _install_fake_datasets(
 def test_e2e_hub_gem_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     refs = ["Zizzi is a pub.", "Zizzi, a pub.", "A pub called Zizzi."]
     splits = {
-        "train": [
-            {"meaning_representation": "name[Zizzi], eatType[pub]", "target": r, "references": [r]}
-            for r in refs
-        ],
+        "train": [{"meaning_representation": "name[Zizzi], eatType[pub]", "target": r, "references": [r]} for r in refs],
         "validation": [
             {
                 "meaning_representation": "name[Aromi], eatType[restaurant]",
@@ -216,10 +212,7 @@ def test_e2e_hub_gem_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [e.group for e in task.train] == ["pub"] * 3
     assert len(task.eval) == 1
     assert task.eval[0].references == ("Aromi.", "The Aromi.")
-    assert (
-        task.eval[0].prompt
-        == "Describe the restaurant.\nData: name[Aromi], eatType[restaurant]\nText:"
-    )
+    assert task.eval[0].prompt == "Describe the restaurant.\nData: name[Aromi], eatType[restaurant]\nText:"
 
 
 def test_e2e_hub_tuetschek_fields(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -235,9 +228,7 @@ def test_e2e_hub_tuetschek_fields(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_hub_unknown_fields_and_splits_are_explained(monkeypatch: pytest.MonkeyPatch) -> None:
-    _install_fake_datasets(
-        monkeypatch, {"train": [{"input": "x", "output": "y"}], "validation": []}, []
-    )
+    _install_fake_datasets(monkeypatch, {"train": [{"input": "x", "output": "y"}], "validation": []}, [])
     with pytest.raises(ValueError, match=r"meaning_representation.*found \['input', 'output'\]"):
         load_task("e2e", hf_id="someone/e2e")
     _install_fake_datasets(monkeypatch, {"training": []}, [])
@@ -275,9 +266,7 @@ def test_hub_without_datasets_says_how_to_install(monkeypatch: pytest.MonkeyPatc
 
 def test_registry_lists_valid_names_and_refuses_duplicates(monkeypatch: pytest.MonkeyPatch) -> None:
     assert {"weather", "e2e", "sst2"} <= set(TASKS)
-    with pytest.raises(
-        ValueError, match=r"unknown task 'nope'; valid tasks: \[.*'e2e'.*'sst2'.*'weather'"
-    ):
+    with pytest.raises(ValueError, match=r"unknown task 'nope'; valid tasks: \[.*'e2e'.*'sst2'.*'weather'"):
         get_task_loader("nope")
     with pytest.raises(ValueError, match="already registered"):
         register_task("e2e", TASKS["e2e"])

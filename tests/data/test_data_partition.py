@@ -70,9 +70,7 @@ def test_impossible_min_size_is_a_clear_error() -> None:
 
 def test_small_alpha_gives_more_label_skew_than_iid() -> None:
     iid = np.mean([_mean_max_share(partition_iid(2000, 10, seed=s), LABELS) for s in range(5)])
-    skewed = np.mean(
-        [_mean_max_share(partition_dirichlet(LABELS, 10, 0.1, seed=s), LABELS) for s in range(5)]
-    )
+    skewed = np.mean([_mean_max_share(partition_dirichlet(LABELS, 10, 0.1, seed=s), LABELS) for s in range(5)])
     assert iid < 0.32  # four balanced labels: ~0.25 plus sampling noise
     assert skewed > 0.7
     assert skewed > iid + 0.3
@@ -80,9 +78,7 @@ def test_small_alpha_gives_more_label_skew_than_iid() -> None:
 
 def test_large_alpha_is_close_to_iid() -> None:
     iid = np.mean([_mean_max_share(partition_iid(2000, 10, seed=s), LABELS) for s in range(5)])
-    flat = np.mean(
-        [_mean_max_share(partition_dirichlet(LABELS, 10, 1000.0, seed=s), LABELS) for s in range(5)]
-    )
+    flat = np.mean([_mean_max_share(partition_dirichlet(LABELS, 10, 1000.0, seed=s), LABELS) for s in range(5)])
     assert abs(flat - iid) < 0.03
     sizes = [len(p) for p in partition_dirichlet(LABELS, 10, 1000.0, seed=0)]
     assert max(sizes) - min(sizes) < 40

@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Iterable, Mapping
 
 from flwr.app import Context, Error, Message, RecordDict
-
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlpp.engine.flower import client_app
@@ -22,8 +21,14 @@ CLIENT_APP_RAISED = 2  # Flower's error code for an exception in a ClientApp
 
 
 class LoopbackGrid:
-    def __init__(self, node_configs: Mapping[int, dict], raising: Iterable[int] = (), silent: Iterable[int] = (),
-                 vanish_at: Mapping[int, str | tuple[str, int]] | None = None, refused: Iterable[int] = ()) -> None:
+    def __init__(
+        self,
+        node_configs: Mapping[int, dict],
+        raising: Iterable[int] = (),
+        silent: Iterable[int] = (),
+        vanish_at: Mapping[int, str | tuple[str, int]] | None = None,
+        refused: Iterable[int] = (),
+    ) -> None:
         self.node_configs = dict(node_configs)
         self.raising, self.silent = set(raising), set(silent)
         self.refused = set(refused)  # messages to these nodes are refused at push (no message id, as the SuperLink does)
@@ -69,7 +74,7 @@ class LoopbackGrid:
             if node in self.raising and message.metadata.message_type == "train":
                 raise RuntimeError(f"node {node} failed on purpose")
             return client_app.app(message, context)
-        except Exception as e:  # what Flower turns a ClientApp's exception into
+        except Exception as e:  # noqa: BLE001 - what Flower turns a ClientApp's exception into
             return Message(Error(CLIENT_APP_RAISED, f"{type(e)}:<'{e}'>"), reply_to=message)
 
 

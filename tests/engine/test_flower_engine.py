@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from flower_harness import LoopbackGrid, simulated_nodes
 from flwr.app import ConfigRecord, Message
 
 from fedlpp.algorithms import round as rnd
@@ -23,20 +24,29 @@ from fedlpp.engine.flower.roster import FlowerRunError, assign_clients
 from fedlpp.engine.flower.server_app import serve_on_grid
 from fedlpp.engine.local import run_experiment
 from fedlpp.engine.setup import build_run, client_partitions, load_task_data, round_clients
-from flower_harness import LoopbackGrid, simulated_nodes
 
 pytestmark = pytest.mark.integration
 
 TINY = [
-    "model.name=tiny-llama", "model.max_length=48", "data.num_train=120", "data.num_eval=3",
-    "fl.num_clients=4", "fl.clients_per_round=2", "fl.local_steps=3", "train.batch_size=4",
-    "train.lr=0.02", "eval.every=1", "eval.max_new_tokens=3", "seed=0", "flower.connect_timeout=2",
+    "model.name=tiny-llama",
+    "model.max_length=48",
+    "data.num_train=120",
+    "data.num_eval=3",
+    "fl.num_clients=4",
+    "fl.clients_per_round=2",
+    "fl.local_steps=3",
+    "train.batch_size=4",
+    "train.lr=0.02",
+    "eval.every=1",
+    "eval.max_new_tokens=3",
+    "seed=0",
+    "flower.connect_timeout=2",
 ]
 EQUIVALENT = ("fedavg_lora", "fedlpp", "fedlpp_ffa")
 
 
 def tiny(*extra: str, rounds: int = 2):
-    return load_config(None, TINY + [f"fl.rounds={rounds}", *extra])
+    return load_config(None, [*TINY, f"fl.rounds={rounds}", *extra])
 
 
 def adapter(directory) -> dict[str, torch.Tensor]:
@@ -49,7 +59,7 @@ def theta_needles(theta: dict[str, torch.Tensor]) -> list[bytes]:
     for t in theta.values():
         flat = t.reshape(-1)
         if torch.count_nonzero(flat) and flat.numel() >= 8:
-            needles += [flat[:4].numpy().tobytes(), flat[flat.numel() // 2:][:4].numpy().tobytes()]
+            needles += [flat[:4].numpy().tobytes(), flat[flat.numel() // 2 :][:4].numpy().tobytes()]
     assert needles, "theta has values to look for"
     return needles
 
@@ -181,7 +191,9 @@ def test_a_deployed_node_refuses_dp_whose_noise_the_server_could_know(tmp_path):
 
 def test_too_few_nodes_is_a_clear_error_naming_how_many_connected(tmp_path):
     with pytest.raises(FlowerRunError, match="only 3 of the 4 expected nodes"):
-        serve_on_grid(LoopbackGrid(dict(list(simulated_nodes(4).items())[:3])), tiny("flower.connect_timeout=0.5"), tmp_path / "r")
+        serve_on_grid(
+            LoopbackGrid(dict(list(simulated_nodes(4).items())[:3])), tiny("flower.connect_timeout=0.5"), tmp_path / "r"
+        )
     assert not (tmp_path / "r").exists()
 
 
@@ -305,7 +317,7 @@ def test_a_node_refuses_a_second_secure_session_for_a_round_it_joined():
 
 def test_below_the_threshold_a_secure_round_aborts_loudly_and_keeps_the_adapter(tmp_path):
     nodes = simulated_nodes(4)
-    grid = LoopbackGrid(nodes, vanish_at={node: "masked_input" for node in list(nodes)[:2]})
+    grid = LoopbackGrid(nodes, vanish_at=dict.fromkeys(list(nodes)[:2], "masked_input"))
     serve_on_grid(grid, tiny("algorithm.name=fedavg_lora", *SECURE, rounds=1), tmp_path / "run")
     row = rundir.read_metrics(tmp_path / "run")[0]
     assert "secagg_abort" in row and row["secagg_survivors"] == []
@@ -322,14 +334,17 @@ def test_client_ids_are_distinct_and_unassigned_nodes_get_the_free_ones():
         assign_clients({1: (5, 3), 2: (-1, 3)}, 2)
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ('{"input": "a", "output": "b"}\n{"input": ', "line 2: not valid JSON"),
-    ('["a", "b"]\n', "line 1: expected a JSON object"),
-    ('{"output": "b"}\n', "line 1: expected {\"input\", \"output\"}"),
-    ('{"input": "a"}\n', "line 1: 'output' must be a non-empty string"),
-    ('{"text": "a", "label": "x"}\n', "line 1: 'label' must be the example's class id"),
-    ("\n\n", "holds no examples"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"input": "a", "output": "b"}\n{"input": ', "line 2: not valid JSON"),
+        ('["a", "b"]\n', "line 1: expected a JSON object"),
+        ('{"output": "b"}\n', 'line 1: expected {"input", "output"}'),
+        ('{"input": "a"}\n', "line 1: 'output' must be a non-empty string"),
+        ('{"text": "a", "label": "x"}\n', "line 1: 'label' must be the example's class id"),
+        ("\n\n", "holds no examples"),
+    ],
+)
 def test_a_malformed_data_file_is_refused_naming_file_and_line(tmp_path, text, message):
     path = tmp_path / "mine.jsonl"
     path.write_text(text)
@@ -340,10 +355,13 @@ def test_a_malformed_data_file_is_refused_naming_file_and_line(tmp_path, text, m
         read_examples(tmp_path / "absent.jsonl")
 
 
-@pytest.mark.parametrize("privacy", [
-    ("privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", "algorithm.name=ffa_lora"),
-    ("privacy.mode=client_dp", "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.5", "algorithm.name=fedavg_lora"),
-])
+@pytest.mark.parametrize(
+    "privacy",
+    [
+        ("privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", "algorithm.name=ffa_lora"),
+        ("privacy.mode=client_dp", "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.5", "algorithm.name=fedavg_lora"),
+    ],
+)
 def test_dp_runs_on_the_flower_apps_as_on_the_local_engine(tmp_path, privacy):
     """The same noise (seeded research mode), the same ledger: epsilon rows and the adapter agree."""
     cfg = tiny(*privacy)
@@ -370,8 +388,14 @@ def test_the_deployed_server_app_reads_its_run_config_and_extends_a_resumed_run(
     runs = iter(range(1, 100))  # Flower gives every run its own id
 
     def deployed(**run_config):
-        settings = {"config": str(tmp_path / "e.toml"), "out": str(out), "resume": False, "overrides": "", "audit": str(audit),
-                    **run_config}
+        settings = {
+            "config": str(tmp_path / "e.toml"),
+            "out": str(out),
+            "resume": False,
+            "overrides": "",
+            "audit": str(audit),
+            **run_config,
+        }
         server_app.main(LoopbackGrid(simulated_nodes(4)), Context(next(runs), 0, {}, RecordDict(), settings))
 
     deployed()
@@ -387,8 +411,13 @@ def test_the_deployed_server_app_reads_its_run_config_and_extends_a_resumed_run(
 
 def test_client_level_dp_noise_shares_under_secagg_over_flower_give_the_plain_private_mean(tmp_path):
     """Each client adds its share of the (here tiny) noise before masking; the server only sees the noised sum."""
-    common = ("privacy.mode=client_dp", "privacy.noise_multiplier=1e-9", "privacy.clip_norm=0.05", "fl.clients_per_round=3",
-              "flower.round_timeout=1")
+    common = (
+        "privacy.mode=client_dp",
+        "privacy.noise_multiplier=1e-9",
+        "privacy.clip_norm=0.05",
+        "fl.clients_per_round=3",
+        "flower.round_timeout=1",
+    )
     run_experiment(tiny(*common, rounds=1), tmp_path / "plain", progress=False)
     serve_on_grid(LoopbackGrid(simulated_nodes(4)), tiny(*common, "secagg.enabled=true", rounds=1), tmp_path / "secure")
     a, b = adapter(tmp_path / "plain"), adapter(tmp_path / "secure")

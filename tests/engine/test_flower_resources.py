@@ -84,21 +84,32 @@ def test_gpus_per_client_without_cuda_are_refused_before_ray_starts(given, tmp_p
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("overrides", [["flower.client_gpus=1"], ["flower.client_gpus=2"], ["flower.client_gpus=0.25"],
-                                       ["flower.client_cpus=0.5"], ["flower.client_cpus=4"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["flower.client_gpus=1"],
+        ["flower.client_gpus=2"],
+        ["flower.client_gpus=0.25"],
+        ["flower.client_cpus=0.5"],
+        ["flower.client_cpus=4"],
+    ],
+)
 def test_valid_resources_are_accepted(overrides):
     flower(*overrides)
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("flower.client_cpus=0", "flower.client_cpus: must be a finite number of CPUs > 0, got 0.0"),
-    ("flower.client_cpus=-1", "flower.client_cpus: must be a finite number of CPUs > 0, got -1.0"),
-    ("flower.client_cpus=inf", "flower.client_cpus: must be a finite number"),
-    ("flower.client_gpus=-0.5", "flower.client_gpus: must be a finite number of GPUs >= 0, got -0.5"),
-    ("flower.client_gpus=nan", "flower.client_gpus: must be a finite number"),
-    ("flower.client_gpus=1.5", "flower.client_gpus: got 1.5; Ray shares a GPU only by a fraction <= 1"),
-    ("flower.client_gpus=x", "flower.client_gpus: expected a number, got 'x'"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("flower.client_cpus=0", "flower.client_cpus: must be a finite number of CPUs > 0, got 0.0"),
+        ("flower.client_cpus=-1", "flower.client_cpus: must be a finite number of CPUs > 0, got -1.0"),
+        ("flower.client_cpus=inf", "flower.client_cpus: must be a finite number"),
+        ("flower.client_gpus=-0.5", "flower.client_gpus: must be a finite number of GPUs >= 0, got -0.5"),
+        ("flower.client_gpus=nan", "flower.client_gpus: must be a finite number"),
+        ("flower.client_gpus=1.5", "flower.client_gpus: got 1.5; Ray shares a GPU only by a fraction <= 1"),
+        ("flower.client_gpus=x", "flower.client_gpus: expected a number, got 'x'"),
+    ],
+)
 def test_invalid_resources_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError) as caught:
         flower(override)

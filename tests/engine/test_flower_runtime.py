@@ -37,9 +37,22 @@ pytestmark = pytest.mark.integration
 
 FEDLPP = [sys.executable, "-m", "fedlpp.cli"]
 EXPERIMENT = [
-    "model.name=tiny-llama", "model.max_length=48", "data.num_train=60", "data.num_eval=3", "algorithm.name=fedlpp",
-    "fl.rounds=2", "fl.num_clients=2", "fl.clients_per_round=2", "fl.local_steps=3", "train.batch_size=4",
-    "train.lr=0.02", "eval.every=1", "eval.max_new_tokens=3", "seed=0", "flower.connect_timeout=60", "flower.round_timeout=120",
+    "model.name=tiny-llama",
+    "model.max_length=48",
+    "data.num_train=60",
+    "data.num_eval=3",
+    "algorithm.name=fedlpp",
+    "fl.rounds=2",
+    "fl.num_clients=2",
+    "fl.clients_per_round=2",
+    "fl.local_steps=3",
+    "train.batch_size=4",
+    "train.lr=0.02",
+    "eval.every=1",
+    "eval.max_new_tokens=3",
+    "seed=0",
+    "flower.connect_timeout=60",
+    "flower.round_timeout=120",
 ]
 
 
@@ -55,9 +68,26 @@ def test_warm_nodes_load_the_model_once_and_a_deployed_run_equals_the_local_engi
         federation.start_node(1, tmp_path / "client-1.jsonl", client_id=1, threads=1)
         rogue = federation.start_node(2, tmp_path / "client-1.jsonl", register=False)
         out, audit = tmp_path / "run", tmp_path / "audit"
-        submit = subprocess.run([*FEDLPP, "deploy", "run", "--superlink", federation.connection.superlink, "--ca",
-                                 str(federation.ca), "--config", str(tmp_path / "experiment.toml"), "--out", str(out),
-                                 "--audit", str(audit)], capture_output=True, text=True, timeout=240)
+        submit = subprocess.run(
+            [
+                *FEDLPP,
+                "deploy",
+                "run",
+                "--superlink",
+                federation.connection.superlink,
+                "--ca",
+                str(federation.ca),
+                "--config",
+                str(tmp_path / "experiment.toml"),
+                "--out",
+                str(out),
+                "--audit",
+                str(audit),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert submit.returncode == 0, submit.stdout + submit.stderr
         assert "finished:completed" in submit.stdout
         assert f"run directory: {out} (report: report.md, metrics.png" in submit.stdout.splitlines()[-1]
@@ -99,9 +129,30 @@ def test_a_node_that_cannot_reach_its_superlink_gives_up_saying_so(tmp_path):
     data = tmp_path / "mine.jsonl"
     data.write_text('{"input": "a", "output": "b"}\n')
     superlink = f"127.0.0.1:{free_port()}"  # nothing listens there
-    done = subprocess.run([*FEDLPP, "deploy", "supernode", "--superlink", superlink, "--ca", str(tmp_path / "keys" / "ca.crt"),
-                           "--key", str(keys[0]), "--data", str(data), "--port", str(free_port()), "--connect-timeout", "3",
-                           "--flwr-home", str(tmp_path / "home")], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            *FEDLPP,
+            "deploy",
+            "supernode",
+            "--superlink",
+            superlink,
+            "--ca",
+            str(tmp_path / "keys" / "ca.crt"),
+            "--key",
+            str(keys[0]),
+            "--data",
+            str(data),
+            "--port",
+            str(free_port()),
+            "--connect-timeout",
+            "3",
+            "--flwr-home",
+            str(tmp_path / "home"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0
     assert f"could not reach the SuperLink at {superlink} within --connect-timeout=3 s" in done.stdout, done.stdout[-3000:]
 
@@ -119,8 +170,14 @@ def _round_one_adapter(tmp_path: Path, cfg) -> dict[str, torch.Tensor]:
     return rundir.load_checkpoint(tmp_path / "round-one")[0]
 
 
-@pytest.mark.parametrize(("content", "message"), [(None, "no such data file"), ('{"input": 3}\n', "line 1"),
-                                                  ('{"input": "a", "output": "b"}\n{"input": "c"}\n', "line 2: 'output'")])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such data file"),
+        ('{"input": 3}\n', "line 1"),
+        ('{"input": "a", "output": "b"}\n{"input": "c"}\n', "line 2: 'output'"),
+    ],
+)
 def test_a_supernode_with_missing_or_malformed_data_fails_at_start(tmp_path, content, message):
     keys = make_keys(tmp_path / "keys", nodes=1)
     assert keys[0].stat().st_mode & 0o777 == 0o600 and (tmp_path / "keys" / "server.key").stat().st_mode & 0o777 == 0o600
@@ -131,15 +188,34 @@ def test_a_supernode_with_missing_or_malformed_data_fails_at_start(tmp_path, con
     data = tmp_path / "mine.jsonl"
     if content is not None:
         data.write_text(content)
-    done = subprocess.run([*FEDLPP, "deploy", "supernode", "--superlink", "127.0.0.1:9", "--ca", str(tmp_path / "keys" / "ca.crt"),
-                           "--key", str(keys[0]), "--data", str(data)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            *FEDLPP,
+            "deploy",
+            "supernode",
+            "--superlink",
+            "127.0.0.1:9",
+            "--ca",
+            str(tmp_path / "keys" / "ca.crt"),
+            "--key",
+            str(keys[0]),
+            "--data",
+            str(data),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1 and message in done.stderr and str(data) in done.stderr
 
 
 def _private_network() -> list[str] | None:
     """A command prefix that runs a program in a network namespace of its own (only loopback), or None."""
-    probe = subprocess.run(["unshare", "-rn", "ip", "link", "set", "lo", "up"], capture_output=True, timeout=30, check=False) \
-        if shutil.which("unshare") and shutil.which("ip") else None
+    probe = (
+        subprocess.run(["unshare", "-rn", "ip", "link", "set", "lo", "up"], capture_output=True, timeout=30, check=False)
+        if shutil.which("unshare") and shutil.which("ip")
+        else None
+    )
     return ["unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"] if probe and probe.returncode == 0 else None
 
 
@@ -150,22 +226,38 @@ def test_the_simulation_runtime_ends_with_the_local_engines_adapter(tmp_path):
     if prefix is None:
         pytest.skip("no private network namespace here (unshare -rn): Ray would listen beyond 127.0.0.1")
     overrides = [*EXPERIMENT[:-2], "fl.num_clients=3", "fl.rounds=2"]
-    done = subprocess.run([*prefix, *FEDLPP, "run", "--engine", "flower", *overrides, "--out", str(tmp_path / "sim"), "--quiet"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*prefix, *FEDLPP, "run", "--engine", "flower", *overrides, "--out", str(tmp_path / "sim"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     with one_torch_thread():  # as each Ray actor runs torch: float sums in the same order on both sides
         run_experiment(load_config(None, overrides), tmp_path / "local", progress=False)
     a, b = rundir.load_checkpoint(tmp_path / "local")[0], rundir.load_checkpoint(tmp_path / "sim")[0]
     assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
-    assert [r["clients"] for r in rundir.read_metrics(tmp_path / "sim")] == [r["clients"] for r in rundir.read_metrics(tmp_path / "local")]
+    assert [r["clients"] for r in rundir.read_metrics(tmp_path / "sim")] == [
+        r["clients"] for r in rundir.read_metrics(tmp_path / "local")
+    ]
 
 
 def test_eight_nodes_under_secagg_plus_lose_one_mid_round_as_the_simulation_does(tmp_path):
     """8 warm nodes, 4 per round, SecAgg+ (sparse graph), 2 rounds; in round 2 one sampled node is killed (SIGKILL) as
     soon as its masked-input request is out. Round 1 (no failure) and round 2 (one dropout) end with the adapter of the
     same run over the in-process grid with that node vanishing at the same step of the same round."""
-    secure = [*EXPERIMENT[:-2], "algorithm.name=fedavg_lora", "fl.num_clients=8", "fl.clients_per_round=4", "fl.rounds=2",
-              "eval.every=2", "secagg.enabled=true", "secagg.graph=sparse", "flower.connect_timeout=180", "flower.round_timeout=20"]
+    secure = [
+        *EXPERIMENT[:-2],
+        "algorithm.name=fedavg_lora",
+        "fl.num_clients=8",
+        "fl.clients_per_round=4",
+        "fl.rounds=2",
+        "eval.every=2",
+        "secagg.enabled=true",
+        "secagg.graph=sparse",
+        "flower.connect_timeout=180",
+        "flower.round_timeout=20",
+    ]
     cfg = load_config(None, secure)
     write_toml(cfg, tmp_path / "experiment.toml")
     for k, part in enumerate(client_partitions(cfg, load_task_data(cfg))):
@@ -175,10 +267,29 @@ def test_eight_nodes_under_secagg_plus_lose_one_mid_round_as_the_simulation_does
     with LocalDeployment(tmp_path / "federation", nodes=8) as federation:
         federation.start_superlink()
         nodes = [federation.start_node(k, tmp_path / f"client-{k}.jsonl", client_id=k, threads=1) for k in range(8)]
-        submit = subprocess.Popen([*FEDLPP, "deploy", "run", "--superlink", federation.connection.superlink, "--ca", str(federation.ca),
-                                   "--config", str(tmp_path / "experiment.toml"), "--out", str(out), "--audit", str(audit)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        submit = subprocess.Popen(
+            [
+                *FEDLPP,
+                "deploy",
+                "run",
+                "--superlink",
+                federation.connection.superlink,
+                "--ca",
+                str(federation.ca),
+                "--config",
+                str(tmp_path / "experiment.toml"),
+                "--out",
+                str(out),
+                "--audit",
+                str(audit),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + 300
         while submit.poll() is None and not _asked(audit, f"node{federation.node_ids[victim]}", "masked_input", 2):
+            assert time.monotonic() < deadline, "round 2's masked_input step never reached the victim within 300 s"
             time.sleep(0.05)
         os.killpg(nodes[victim].pid, signal.SIGKILL)  # the node's worker and SuperNode, before it can answer
         output, _ = submit.communicate(timeout=300)
@@ -192,8 +303,10 @@ def test_eight_nodes_under_secagg_plus_lose_one_mid_round_as_the_simulation_does
     nodes_in_process = {100 + k: {"data-path": str(tmp_path / f"client-{k}.jsonl"), "client-id": k} for k in range(8)}
     with one_torch_thread():  # as each of the 8 nodes on this machine trains: float sums in the same order on both sides
         serve_on_grid(LoopbackGrid(nodes_in_process, vanish_at={100 + victim: ("masked_input", 2)}), cfg, tmp_path / "in-process")
-    assert [r["secagg_survivors"] for r in rundir.read_metrics(tmp_path / "in-process")] == [first["secagg_survivors"],
-                                                                                            second["secagg_survivors"]]
+    assert [r["secagg_survivors"] for r in rundir.read_metrics(tmp_path / "in-process")] == [
+        first["secagg_survivors"],
+        second["secagg_survivors"],
+    ]
     a, b = rundir.load_checkpoint(tmp_path / "in-process")[0], rundir.load_checkpoint(out)[0]
     assert any(torch.count_nonzero(a[n]) for n in a if ".lora_B." in n)
     assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a), "the survivors' mean, up to fixed point"

@@ -24,14 +24,24 @@ from fedlpp.quant import QuantSpec
 pytestmark = pytest.mark.integration
 
 TINY = [
-    "model.name=tiny-llama", "model.max_length=64", "data.num_train=240", "data.num_eval=6",
-    "fl.num_clients=4", "fl.clients_per_round=2", "fl.local_steps=4", "train.batch_size=4",
-    "train.lr=0.02", "eval.every=1", "eval.max_new_tokens=4", "eval.batch_size=8", "seed=0",
+    "model.name=tiny-llama",
+    "model.max_length=64",
+    "data.num_train=240",
+    "data.num_eval=6",
+    "fl.num_clients=4",
+    "fl.clients_per_round=2",
+    "fl.local_steps=4",
+    "train.batch_size=4",
+    "train.lr=0.02",
+    "eval.every=1",
+    "eval.max_new_tokens=4",
+    "eval.batch_size=8",
+    "seed=0",
 ]
 
 
 def tiny(*extra: str, rounds: int = 3):
-    return load_config(None, TINY + [f"fl.rounds={rounds}", *extra])
+    return load_config(None, [*TINY, f"fl.rounds={rounds}", *extra])
 
 
 class Recorder:
@@ -74,7 +84,7 @@ def test_loss_falls_and_both_models_are_evaluated(runs, name):
 
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_run_directory_contract(runs, name):
-    directory, summary, _ = runs[name]
+    directory, _summary, _ = runs[name]
     assert load_config(directory / rundir.CONFIG).algorithm.name == name
     assert json.loads((directory / rundir.SUMMARY).read_text())["rounds"] == 3
     ckpt, last = rundir.load_checkpoint(directory)
@@ -173,12 +183,23 @@ def test_classification_run_on_tiny_bert(tmp_path):
     rows = ["sentence\tlabel"] + [f"a truly {w} film\t1" for w in ("great", "lovely", "superb", "fine")] * 15
     rows += [f"a truly {w} film\t0" for w in ("awful", "boring", "dreadful", "bad")] * 15
     (data / "train.tsv").write_text("\n".join(rows) + "\n")
-    cfg = load_config(None, [
-        "model.name=tiny-bert", "data.task=sst2", f"data.path={data}", "data.num_eval=16",
-        "algorithm.name=fedlpp_ffa", "fl.rounds=3", "fl.num_clients=3", "fl.clients_per_round=2",
-        "fl.local_steps=5", "train.batch_size=8", "eval.every=1",
-        "train.lr=0.1",  # frozen A: FFA-LoRA needs a larger learning rate (FFA-LoRA paper, 2.3)
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.name=tiny-bert",
+            "data.task=sst2",
+            f"data.path={data}",
+            "data.num_eval=16",
+            "algorithm.name=fedlpp_ffa",
+            "fl.rounds=3",
+            "fl.num_clients=3",
+            "fl.clients_per_round=2",
+            "fl.local_steps=5",
+            "train.batch_size=8",
+            "eval.every=1",
+            "train.lr=0.1",  # frozen A: FFA-LoRA needs a larger learning rate (FFA-LoRA paper, 2.3)
+        ],
+    )
     summary = run_experiment(cfg, tmp_path / "run", progress=False)
     rows_out = rundir.read_metrics(tmp_path / "run")
     assert set(summary["global"]) == {"loss", "accuracy"}

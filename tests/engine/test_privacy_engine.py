@@ -20,14 +20,23 @@ from fedlpp.engine.setup import build_run, sample_clients
 pytestmark = pytest.mark.integration
 
 TINY = [
-    "model.name=tiny-llama", "model.max_length=48", "data.num_train=120", "data.num_eval=4",
-    "fl.num_clients=3", "fl.clients_per_round=2", "fl.local_steps=3", "train.batch_size=4",
-    "train.lr=0.02", "eval.every=99", "eval.max_new_tokens=2", "seed=0",
+    "model.name=tiny-llama",
+    "model.max_length=48",
+    "data.num_train=120",
+    "data.num_eval=4",
+    "fl.num_clients=3",
+    "fl.clients_per_round=2",
+    "fl.local_steps=3",
+    "train.batch_size=4",
+    "train.lr=0.02",
+    "eval.every=99",
+    "eval.max_new_tokens=2",
+    "seed=0",
 ]
 
 
 def tiny(*extra: str, rounds: int = 3):
-    return load_config(None, TINY + [f"fl.rounds={rounds}", *extra])
+    return load_config(None, [*TINY, f"fl.rounds={rounds}", *extra])
 
 
 def rows(directory: Path) -> list[dict]:
@@ -42,10 +51,28 @@ def _rdp(sigma: float, rate: float, steps: int, delta: float) -> float:
 
 def test_the_issue_smoke_command_reports_epsilon_every_round(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["run", "model.name=tiny-llama", "algorithm.name=ffa_lora", "fl.rounds=3", "fl.num_clients=3",
-                 "fl.clients_per_round=3", "privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", "privacy.accountant=rdp",
-                 "seed=0", "data.num_train=90", "data.num_eval=2", "fl.local_steps=2", "eval.max_new_tokens=2", "train.batch_size=8",
-                 "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "run",
+            "model.name=tiny-llama",
+            "algorithm.name=ffa_lora",
+            "fl.rounds=3",
+            "fl.num_clients=3",
+            "fl.clients_per_round=3",
+            "privacy.mode=dp_sgd",
+            "privacy.noise_multiplier=1.0",
+            "privacy.accountant=rdp",
+            "seed=0",
+            "data.num_train=90",
+            "data.num_eval=2",
+            "fl.local_steps=2",
+            "eval.max_new_tokens=2",
+            "train.batch_size=8",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     metrics = rows(out)
     assert [r["round"] for r in metrics] == [1, 2, 3]
@@ -58,8 +85,13 @@ def test_the_issue_smoke_command_reports_epsilon_every_round(tmp_path, capsys):
     assert "protected by" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("mode", [["privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0"],
-                                  ["privacy.mode=client_dp", "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.5"]])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        ["privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0"],
+        ["privacy.mode=client_dp", "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.5"],
+    ],
+)
 def test_rolora_trains_under_both_dp_modes_one_factor_per_round(tmp_path, mode):
     """Like FFA-LoRA, RoLoRA aggregates linearly, so it composes with DP-SGD and client-level DP as they are."""
     initial = build_run(tiny()).server.initial_adapter()
@@ -97,10 +129,14 @@ def test_target_epsilon_calibrates_sigma_and_the_run_ends_at_the_target(tmp_path
 def test_budget_exhaustion_stops_before_the_round_that_would_exceed_it(tmp_path):
     out = tmp_path / "run"
     # sigma 1 at q = 4/40: about 1.3 after round 1, 1.5 after round 2 (each client joins 2 of 3 rounds).
-    full = run_experiment(tiny("privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", rounds=3), tmp_path / "full", progress=False)
+    full = run_experiment(
+        tiny("privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", rounds=3), tmp_path / "full", progress=False
+    )
     eps = [r["epsilon"] for r in rows(tmp_path / "full")]
     budget = (eps[0] + eps[1]) / 2
-    summary = run_experiment(tiny("privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", f"privacy.budget={budget}"), out, progress=False)
+    summary = run_experiment(
+        tiny("privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", f"privacy.budget={budget}"), out, progress=False
+    )
     assert summary["rounds"] == 1 and "stopped" in summary and "privacy budget" in summary["stopped"]
     assert summary["privacy"]["epsilon"] <= budget
     adapter, last = rundir.load_checkpoint(out)
@@ -135,8 +171,9 @@ def test_resume_with_more_rounds_keeps_the_calibrated_sigma_and_stops_at_the_tar
 
 
 def test_client_level_dp_accounts_the_run_with_sampling_without_replacement(tmp_path):
-    summary = run_experiment(tiny("privacy.mode=client_dp", "privacy.noise_multiplier=2.0", "privacy.clip_norm=0.5"),
-                             tmp_path / "run", progress=False)
+    summary = run_experiment(
+        tiny("privacy.mode=client_dp", "privacy.noise_multiplier=2.0", "privacy.clip_norm=0.5"), tmp_path / "run", progress=False
+    )
     ref = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
     ref.compose(dp_accounting.SampledWithoutReplacementDpEvent(3, 2, dp_accounting.GaussianDpEvent(1.0)), 3)
     assert summary["privacy"]["epsilon"] == pytest.approx(ref.get_epsilon(1e-5), rel=0.01)
@@ -145,8 +182,13 @@ def test_client_level_dp_accounts_the_run_with_sampling_without_replacement(tmp_
 
 
 def test_client_level_dp_with_poisson_client_sampling(tmp_path):
-    cfg = tiny("privacy.mode=client_dp", "privacy.noise_multiplier=1.5", "privacy.client_sampling=poisson",
-               "privacy.accountant=prv", rounds=4)
+    cfg = tiny(
+        "privacy.mode=client_dp",
+        "privacy.noise_multiplier=1.5",
+        "privacy.client_sampling=poisson",
+        "privacy.accountant=prv",
+        rounds=4,
+    )
     summary = run_experiment(cfg, tmp_path / "run", progress=False)
     assert summary["privacy"]["epsilon"] == pytest.approx(_pld(1.5, 2 / 3, 4, 1e-5), rel=0.01)
     assert all(isinstance(r["clients"], list) for r in rows(tmp_path / "run"))
@@ -170,8 +212,13 @@ def test_client_level_dp_under_secure_aggregation_matches_the_plain_mean_without
 
 
 def test_noise_shares_that_cannot_fit_the_secagg_range_are_refused_before_training(tmp_path):
-    cfg = tiny("privacy.mode=client_dp", "privacy.noise_multiplier=1.0", "privacy.clip_norm=1.0", "fl.clients_per_round=3",
-               "secagg.enabled=true")
+    cfg = tiny(
+        "privacy.mode=client_dp",
+        "privacy.noise_multiplier=1.0",
+        "privacy.clip_norm=1.0",
+        "fl.clients_per_round=3",
+        "secagg.enabled=true",
+    )
     with pytest.raises(ConfigError, match="secagg.clip_range"):
         run_experiment(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()

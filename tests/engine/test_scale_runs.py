@@ -15,15 +15,23 @@ from fedlpp.cli import main
 from fedlpp.config import load_config
 from fedlpp.engine import rundir
 from fedlpp.engine.setup import check_privacy, client_partitions, load_task_data, round_clients
-from fedlpp.privacy.plan import Ledger
 from fedlpp.models.lora import PeftModel
 from fedlpp.models.shipped import smollm2_tokenizer_dir
+from fedlpp.privacy.plan import Ledger
 
 pytestmark = pytest.mark.integration
 
 SCALE = ["model.quantize=nf4", "train.precision=bf16", "train.gradient_checkpointing=true"]
-SMALL = ["fl.rounds=2", "fl.num_clients=3", "fl.clients_per_round=2", "fl.local_steps=2", "data.num_train=30",
-         "data.num_eval=4", "eval.max_new_tokens=6", "seed=0"]
+SMALL = [
+    "fl.rounds=2",
+    "fl.num_clients=3",
+    "fl.clients_per_round=2",
+    "fl.local_steps=2",
+    "data.num_train=30",
+    "data.num_eval=4",
+    "eval.max_new_tokens=6",
+    "seed=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +39,20 @@ def user_model(tmp_path_factory) -> Path:
     """A small random Llama with a real tokenizer, saved as a user's own checkpoint folder (one safetensors file)."""
     folder = tmp_path_factory.mktemp("my-llama")
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir()))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-                         initializer_range=0.1, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(5)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -90,9 +108,14 @@ def test_the_exported_adapter_is_an_ordinary_peft_adapter_that_merges_onto_fp32(
     torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", [["privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", "train.batch_size=4"],
-                                  ["privacy.mode=client_dp", "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.5"]],
-                         ids=["dp_sgd", "client_dp"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        ["privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", "train.batch_size=4"],
+        ["privacy.mode=client_dp", "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.5"],
+    ],
+    ids=["dp_sgd", "client_dp"],
+)
 def test_dp_runs_on_a_4bit_base_and_epsilon_does_not_depend_on_precision(mode, user_model, tmp_path):
     out = tmp_path / "nf4"
     assert main(["run", f"model.name={user_model}", *SMALL, *mode, *SCALE, "--out", str(out), "--quiet"]) == 0

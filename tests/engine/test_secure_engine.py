@@ -13,9 +13,19 @@ from fedlpp.engine.local import run_experiment
 pytestmark = pytest.mark.integration
 
 BASE = [
-    "model.name=tiny-llama", "model.max_length=64", "data.num_train=120", "data.num_eval=2",
-    "fl.num_clients=4", "fl.clients_per_round=3", "fl.local_steps=2", "train.batch_size=4",
-    "train.lr=0.02", "eval.every=100", "eval.max_new_tokens=2", "fl.rounds=1", "seed=0",
+    "model.name=tiny-llama",
+    "model.max_length=64",
+    "data.num_train=120",
+    "data.num_eval=2",
+    "fl.num_clients=4",
+    "fl.clients_per_round=3",
+    "fl.local_steps=2",
+    "train.batch_size=4",
+    "train.lr=0.02",
+    "eval.every=100",
+    "eval.max_new_tokens=2",
+    "fl.rounds=1",
+    "seed=0",
 ]
 
 
@@ -57,13 +67,17 @@ def test_the_server_never_receives_an_individual_update(tmp_path, monkeypatch):
         return original(spec, adapter, mean_delta, count, round_)
 
     monkeypatch.setattr(rnd, "apply_mean_delta", spy)
-    run_experiment(load_config(None, BASE + ["secagg.enabled=true", "fl.rounds=2"]), tmp_path / "r", progress=False)
+    run_experiment(load_config(None, [*BASE, "secagg.enabled=true", "fl.rounds=2"]), tmp_path / "r", progress=False)
     assert seen == [3, 3], "the server step only ever gets the mean over the round's clients"
 
 
 def test_out_of_range_clients_drop_out_and_a_void_round_keeps_the_adapter(tmp_path, caplog):
     out = tmp_path / "r"
-    run_experiment(load_config(None, BASE + ["secagg.enabled=true", "secagg.clip_range=1e-4", "algorithm.name=fedavg_lora"]), out, progress=False)
+    run_experiment(
+        load_config(None, [*BASE, "secagg.enabled=true", "secagg.clip_range=1e-4", "algorithm.name=fedavg_lora"]),
+        out,
+        progress=False,
+    )
     row = rundir.read_metrics(out)[0]
     assert sorted(row["out_of_range"]) == row["clients"]
     assert "secagg_abort" in row
@@ -83,7 +97,7 @@ def test_a_client_with_a_non_finite_update_drops_out_instead_of_breaking_the_rou
     from fedlpp.algorithms.secure import client_vector
     from fedlpp.engine.setup import secure_encoding
 
-    agg = secure_encoding(load_config(None, BASE + ["secagg.enabled=true"]), client_sizes=[10, 4, 7])
+    agg = secure_encoding(load_config(None, [*BASE, "secagg.enabled=true"]), client_sizes=[10, 4, 7])
     layout = layout_of({"b": (2, 2)}, ["b"])
     assert client_vector(agg, {"b": torch.full((2, 2), 0.5)}, layout, 5)[-1] == 5 / agg.params.scale
     for bad in (float("nan"), float("inf"), 3.0):  # 3.0 * 5/10 = 1.5 > clip_range 1

@@ -53,8 +53,11 @@ def test_the_object_pull_backoff_is_shortened_in_place_and_only_as_read(monkeypa
     from flwr.supercore.inflatable import inflatable_utils
 
     monkeypatch.setattr(inflatable_utils.pull_objects, "__kwdefaults__", dict(inflatable_utils.pull_objects.__kwdefaults__))
-    monkeypatch.setattr(inflatable_utils.pull_and_inflate_object_from_tree, "__kwdefaults__",
-                        dict(inflatable_utils.pull_and_inflate_object_from_tree.__kwdefaults__))
+    monkeypatch.setattr(
+        inflatable_utils.pull_and_inflate_object_from_tree,
+        "__kwdefaults__",
+        dict(inflatable_utils.pull_and_inflate_object_from_tree.__kwdefaults__),
+    )
     pinned.shorten_pull_backoff()
     assert inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] == 0.02
     assert inflatable_utils.pull_objects.__kwdefaults__["max_time"] == 7200
@@ -102,8 +105,9 @@ def test_a_warm_node_runs_only_fedlpps_own_app():
 
 
 def test_partition_files_use_the_fields_data_task_jsonl_reads(tmp_path):
-    generation = [Example("name[Aromi], food[Thai]", "Aromi serves Thai food.", group="Aromi",
-                          attributes=(("name", "Aromi"),))] * 3 + [Example("name[Bibimbap]", "Bibimbap is cheap.")] * 3
+    generation = [
+        Example("name[Aromi], food[Thai]", "Aromi serves Thai food.", group="Aromi", attributes=(("name", "Aromi"),))
+    ] * 3 + [Example("name[Bibimbap]", "Bibimbap is cheap.")] * 3
     write_examples(tmp_path / "gen.jsonl", generation)
     rows = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
     assert set(rows[0]) == {"input", "output", "group", "name"}
@@ -115,7 +119,9 @@ def test_partition_files_use_the_fields_data_task_jsonl_reads(tmp_path):
     write_examples(tmp_path / "cls.jsonl", classification)
     assert set(json.loads((tmp_path / "cls.jsonl").read_text().splitlines()[0])) == {"text", "label", "pair", "group"}
     assert read_examples(tmp_path / "cls.jsonl") == classification
-    task = load_jsonl(path=str(tmp_path / "cls.jsonl"), hf_id="", num_train=0, num_eval=0, seed=0, eval_path=str(tmp_path / "cls.jsonl"))
+    task = load_jsonl(
+        path=str(tmp_path / "cls.jsonl"), hf_id="", num_train=0, num_eval=0, seed=0, eval_path=str(tmp_path / "cls.jsonl")
+    )
     assert {(e.prompt, e.pair, e.label) for e in task.train} == {(e.prompt, e.pair, e.label) for e in classification}
     assert line_of(Example("p", "t"))["output"] == "t"
 
@@ -139,7 +145,10 @@ def test_the_old_spelling_is_read_with_a_warning_and_a_file_holds_one_kind(tmp_p
 def test_fedlpp_partition_writes_what_a_node_reads(tmp_path):
     from fedlpp.cli import main
 
-    assert main(["partition", "--out", str(tmp_path / "parts"), "model.name=tiny-llama", "data.num_train=40", "fl.num_clients=2"]) == 0
+    assert (
+        main(["partition", "--out", str(tmp_path / "parts"), "model.name=tiny-llama", "data.num_train=40", "fl.num_clients=2"])
+        == 0
+    )
     first = json.loads((tmp_path / "parts" / "client-0.jsonl").read_text().splitlines()[0])
     assert {"input", "output"} <= set(first) and "prompt" not in first
     assert sum(len(read_examples(tmp_path / "parts" / f"client-{k}.jsonl")) for k in range(2)) == 40

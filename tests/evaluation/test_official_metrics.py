@@ -11,16 +11,30 @@ from fedlpp.evaluation.mteval import bleu_nist, tokenize
 
 # A fixed set: varying reference counts, punctuation, digits with '.', '-' and '/', '£', upper case, a one-word
 # output (brevity penalty), an output with no matching 4-gram.
-OUTPUTS = ["The Eagle is a coffee shop near Burger King.", "Zizzi is an expensive pub.",
-           "The Phoenix serves French food for £20-25 in the city centre.", "Loch Fyne, rated 5 out of 5.", "Blue Spice"]
+OUTPUTS = [
+    "The Eagle is a coffee shop near Burger King.",
+    "Zizzi is an expensive pub.",
+    "The Phoenix serves French food for £20-25 in the city centre.",
+    "Loch Fyne, rated 5 out of 5.",
+    "Blue Spice",
+]
 REFERENCES = [
-    ["The Eagle is a coffee shop near Burger King.", "Near Burger King is The Eagle, a coffee shop.",
-     "The Eagle coffee shop is located near Burger King."],
+    [
+        "The Eagle is a coffee shop near Burger King.",
+        "Near Burger King is The Eagle, a coffee shop.",
+        "The Eagle coffee shop is located near Burger King.",
+    ],
     ["Zizzi is a cheap pub."],
-    ["The Phoenix is a French restaurant in the city centre with prices of £20-25.",
-     "In the city centre, The Phoenix offers French food at £20-25."],
-    ["Loch Fyne is a highly rated restaurant with a customer rating of 5 out of 5.", "Rated 5 out of 5, Loch Fyne is near The Rice Boat.",
-     "LOCH FYNE has a 5/5 rating.", "The restaurant Loch Fyne has 5.0 stars."],
+    [
+        "The Phoenix is a French restaurant in the city centre with prices of £20-25.",
+        "In the city centre, The Phoenix offers French food at £20-25.",
+    ],
+    [
+        "Loch Fyne is a highly rated restaurant with a customer rating of 5 out of 5.",
+        "Rated 5 out of 5, Loch Fyne is near The Rice Boat.",
+        "LOCH FYNE has a 5/5 rating.",
+        "The restaurant Loch Fyne has 5.0 stars.",
+    ],
     ["Blue Spice is a family friendly coffee shop by the riverside."],
 ]
 
@@ -46,7 +60,26 @@ def test_the_scripts_quirks_are_kept():
 
 def test_mteval_tokenization():
     assert tokenize('The Eagle, a £20-25 coffee-shop near "Burger King"; rated 5.0/5.') == [
-        "the", "eagle", ",", "a", "£20", "-", "25", "coffee-shop", "near", '"', "burger", "king", '"', ";", "rated", "5.0", "/", "5", "."]
+        "the",
+        "eagle",
+        ",",
+        "a",
+        "£20",
+        "-",
+        "25",
+        "coffee-shop",
+        "near",
+        '"',
+        "burger",
+        "king",
+        '"',
+        ";",
+        "rated",
+        "5.0",
+        "/",
+        "5",
+        ".",
+    ]
     assert tokenize("CAFÉ &amp; Bar") == ["cafÉ", "&", "bar"]  # only ASCII letters are lowercased, as in the script
 
 
@@ -98,7 +131,7 @@ def test_other_tasks_metric_sets(tmp_path, capsys):
 
 def test_score_reads_glue_tsv_and_class_ids_by_name(tmp_path, capsys):
     tsv = tmp_path / "dev.tsv"
-    tsv.write_text("sentence\tlabel\nit is \"good\"\t1\nbad\t0\n")
+    tsv.write_text('sentence\tlabel\nit is "good"\t1\nbad\t0\n')
     preds = tmp_path / "p.txt"
     preds.write_text("positive\nnegative\n")  # fedlpp eval writes class names
     assert main(["score", "--task", "sst2", str(tsv), str(preds)]) == 0

@@ -25,9 +25,19 @@ from fedlpp.models.backbone import load_backbone
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch sees none")]
 
 TINY = [
-    "model.name=tiny-llama", "model.max_length=48", "data.num_train=80", "data.num_eval=3",
-    "fl.num_clients=2", "fl.clients_per_round=2", "fl.rounds=2", "fl.local_steps=2", "train.batch_size=4",
-    "train.lr=0.02", "eval.every=1", "eval.max_new_tokens=3", "seed=0",
+    "model.name=tiny-llama",
+    "model.max_length=48",
+    "data.num_train=80",
+    "data.num_eval=3",
+    "fl.num_clients=2",
+    "fl.clients_per_round=2",
+    "fl.rounds=2",
+    "fl.local_steps=2",
+    "train.batch_size=4",
+    "train.lr=0.02",
+    "eval.every=1",
+    "eval.max_new_tokens=3",
+    "seed=0",
 ]
 FEDAVG = ["algorithm.name=fedavg_lora"]  # no quantized broadcast: a float difference cannot flip a 2-bit code
 NF4 = ["train.device=cuda", "model.quantize=nf4", "train.precision=bf16", "train.gradient_checkpointing=true"]
@@ -133,8 +143,11 @@ def _private_network() -> list[str] | None:
 
     As in tests/engine/test_flower_runtime.py: Ray listens on every interface it sees, so the tests start it only there.
     """
-    probe = subprocess.run(["unshare", "-rn", "ip", "link", "set", "lo", "up"], capture_output=True, timeout=30, check=False) \
-        if shutil.which("unshare") and shutil.which("ip") else None
+    probe = (
+        subprocess.run(["unshare", "-rn", "ip", "link", "set", "lo", "up"], capture_output=True, timeout=30, check=False)
+        if shutil.which("unshare") and shutil.which("ip")
+        else None
+    )
     return ["unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"] if probe and probe.returncode == 0 else None
 
 
@@ -145,8 +158,12 @@ def test_two_simulated_clients_share_one_gpu(fedavg_cuda, tmp_path):
         pytest.skip("no private network namespace here (unshare -rn): Ray would listen beyond 127.0.0.1")
     out = tmp_path / "sim"
     overrides = [*TINY, *FEDAVG, "train.device=cuda", "flower.client_gpus=0.5"]
-    done = subprocess.run([*prefix, sys.executable, "-m", "fedlpp.cli", "run", "--engine", "flower", *overrides,
-                           "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*prefix, sys.executable, "-m", "fedlpp.cli", "run", "--engine", "flower", *overrides, "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     summary = json.loads((out / rundir.SUMMARY).read_text())
     assert_finished(out, summary)

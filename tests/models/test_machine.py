@@ -58,12 +58,15 @@ def steps(model, features, machine: Machine = CPU, rule=None, n: int = 2):
 # --- configuration and device choice ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("train.device", "gpu", "valid devices are auto, cpu, cuda, cuda:N"),
-    ("train.device", "cuda:x", "valid devices"),
-    ("train.precision", "int8", "valid choices are 'fp32', 'bf16', 'fp16'"),
-    ("model.quantize", "int4", "valid choices are 'none', 'nf4'"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train.device", "gpu", "valid devices are auto, cpu, cuda, cuda:N"),
+        ("train.device", "cuda:x", "valid devices"),
+        ("train.precision", "int8", "valid choices are 'fp32', 'bf16', 'fp16'"),
+        ("model.quantize", "int4", "valid choices are 'none', 'nf4'"),
+    ],
+)
 def test_bad_machine_keys_are_refused_naming_the_key(key, value, message):
     with pytest.raises(ConfigError, match=f"{key}.*{message}"):
         load_config(None, [f"{key}={value}"])
@@ -126,8 +129,9 @@ def test_bf16_steps_follow_fp32_closely(features):
     def delta(machine):
         model = lora_model(machine)
         start = get_adapter(model)
-        result = train_client(model, "generation", start, list(start), shuffled_batches(features, 2, 8, 0, seed=1), sgd, 0,
-                              machine=machine)
+        result = train_client(
+            model, "generation", start, list(start), shuffled_batches(features, 2, 8, 0, seed=1), sgd, 0, machine=machine
+        )
         return torch.cat([t.flatten() for t in result.delta.values()])
 
     full, half = delta(CPU), delta(Machine("cpu", "bf16"))
@@ -145,8 +149,17 @@ def test_fp16_steps_unscale_before_clipping(features):
         assert isinstance(optimizer, ScaledOptimizer) and rule.scaler is not None
     start = get_adapter(model)
     sgd = LocalTraining(lr=1.0, weight_decay=0.0, max_grad_norm=1e-3, optimizer="sgd")
-    result = train_client(model, "generation", start, list(start), shuffled_batches(features, 1, 8, 0, seed=1), sgd, 0,
-                          PlainSteps(1e-3, machine), machine)
+    result = train_client(
+        model,
+        "generation",
+        start,
+        list(start),
+        shuffled_batches(features, 1, 8, 0, seed=1),
+        sgd,
+        0,
+        PlainSteps(1e-3, machine),
+        machine,
+    )
     moved = float(torch.cat([t.flatten() for t in result.delta.values()]).norm())
     assert 0.9e-3 < moved <= 1.0001e-3
 
@@ -172,16 +185,17 @@ def test_nf4_base_is_4bit_with_embeddings_in_the_compute_dtype():
     assert all(p.dtype == torch.float32 for p in adapter_parameters(model).values())
 
 
-@pytest.mark.skipif(not import_bitsandbytes().functional.has_avx512bf16(),
-                    reason="this CPU has no AVX512-BF16: bitsandbytes never repacks here, so there is nothing to catch")
+@pytest.mark.skipif(
+    not import_bitsandbytes().functional.has_avx512bf16(),
+    reason="this CPU has no AVX512-BF16: bitsandbytes never repacks here, so there is nothing to catch",
+)
 def test_training_after_an_evaluation_is_unaffected_on_a_4bit_base(features):
     """DESIGN 5.1: a no_grad forward must not repack the 4-bit weights under the model that keeps training."""
     model = nf4_model()
     start = get_adapter(model)
     before = steps(model, features, Machine("cpu", "bf16", "nf4"))
     set_adapter(model, start)
-    evaluation = encode_for_generation(load_backbone("tiny-llama", "generation").tokenizer,
-                                       make_weather(4, 4, 1).eval, 48)
+    evaluation = encode_for_generation(load_backbone("tiny-llama", "generation").tokenizer, make_weather(4, 4, 1).eval, 48)
     from fedlpp.evaluation.evaluate import EvalSet
 
     mean_loss(model, EvalSet("generation", tuple(evaluation)), 0, 4, machine=Machine("cpu", "bf16", "nf4"))
@@ -210,9 +224,8 @@ def test_bitsandbytes_is_imported_without_fetching_a_kernel():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "fetches 0" in out.stdout
-    with silent_kernel_fetch():
-        with pytest.raises(ImportError):
-            importlib.import_module("kernels")
+    with silent_kernel_fetch(), pytest.raises(ImportError):
+        importlib.import_module("kernels")
 
 
 def test_a_4bit_classifier_keeps_its_head_in_full_precision():
@@ -250,6 +263,7 @@ def test_checkpointing_takes_the_same_step(features):
 @pytest.mark.parametrize("base", [CPU, Machine("cpu", "bf16", "nf4")], ids=["fp32", "nf4"])
 def test_dp_sgd_with_checkpointing_takes_the_same_step(base, features):
     """Per-example clipping sees each example's gradient once: the recompute inside backward is not recorded."""
+
     def dp_step(machine, count=False):
         rule = DpSgdSteps(DpSgd(0.0, 1e-3, 8), SeededRandomness(0), machine)  # clip small: every example is clipped
         model = lora_model(machine)
@@ -318,7 +332,9 @@ def test_dp_sgd_clips_each_example_to_c_on_a_bf16_base(machine, features):
     model.train()
     for i in range(3):
         with rule.attach(model, params, torch.optim.SGD(params, lr=1.0)) as optimizer:
-            rule.backward(model, "generation", collate(features[i : i + 1], 0), params)  # one example: the sum is its clipped gradient
+            rule.backward(
+                model, "generation", collate(features[i : i + 1], 0), params
+            )  # one example: the sum is its clipped gradient
             optimizer.clip_and_accumulate()
             norm = torch.sqrt(sum((p.summed_grad.double() ** 2).sum() for p in params))
             assert clip * 0.99 < float(norm) <= clip * (1 + 1e-6)

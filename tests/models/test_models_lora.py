@@ -36,8 +36,9 @@ def test_default_targets_and_canonical_names(llama):
 
 
 def test_targets_chosen_by_the_user_are_wrapped():
-    model = attach_lora(load_backbone("tiny-llama", "generation"), "generation", r=2, alpha=4, dropout=0.0,
-                        targets=("k_proj", "self_attn.o_proj"))
+    model = attach_lora(
+        load_backbone("tiny-llama", "generation"), "generation", r=2, alpha=4, dropout=0.0, targets=("k_proj", "self_attn.o_proj")
+    )
     assert {n.split(".")[-3] for n in adapter_shapes(model)} == {"k_proj", "o_proj"}
 
 
@@ -138,8 +139,20 @@ def test_memory_does_not_grow_with_the_number_of_clients(tmp_path):
     counts = []
     baseline = _live_modules()
     for n in (4, 40):
-        cfg = load_config(None, ["model.name=tiny-llama", "data.num_train=400", "data.num_eval=2", f"fl.num_clients={n}",
-                                 "fl.clients_per_round=2", "fl.local_steps=1", "train.batch_size=2", "eval.every=99", "fl.rounds=2"])
+        cfg = load_config(
+            None,
+            [
+                "model.name=tiny-llama",
+                "data.num_train=400",
+                "data.num_eval=2",
+                f"fl.num_clients={n}",
+                "fl.clients_per_round=2",
+                "fl.local_steps=1",
+                "train.batch_size=2",
+                "eval.every=99",
+                "fl.rounds=2",
+            ],
+        )
         run = build_run(cfg)
         federation = LocalFederation(run.clients, make_exchange(run.server))
         adapter = run.server.initial_adapter()

@@ -37,7 +37,9 @@ def _setup(kind: str, pooling: str = "auto"):
     for module in model.modules():  # dropout off (BERT has its own): gradients are compared exactly
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    start = {n: t + 0.05 * torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) for n, t in get_adapter(model).items()}
+    start = {
+        n: t + 0.05 * torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) for n, t in get_adapter(model).items()
+    }
     return model, features, start, int(backbone.tokenizer.pad_token_id)
 
 
@@ -78,8 +80,14 @@ def _wrapped_sgd(model, start, lr: float, sigma: float, clip: float):
     set_trainable(model, list(start))
     params = [adapter_parameters(model)[n] for n in start]
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
-    optimizer = NoisyOptimizer(torch.optim.SGD(params, lr=lr), noise=SeededRandomness(0), noise_multiplier=sigma,
-                               max_grad_norm=clip, expected_batch_size=4, loss_reduction="mean")
+    optimizer = NoisyOptimizer(
+        torch.optim.SGD(params, lr=lr),
+        noise=SeededRandomness(0),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=4,
+        loss_reduction="mean",
+    )
     return params, wrapped, optimizer
 
 
@@ -100,7 +108,9 @@ def test_a_dp_step_really_changes_the_trained_adapter(freeze_a):
     trained = [n for n in start if is_lora_b(n)] if freeze_a else list(start)
     batches = poisson_batches(features, 2, 0.5, pad, SeededRandomness(0))
     # sigma = 0: only the clipped per-example gradients can move the adapter
-    result = train_client(model, "generation", start, trained, batches, OPTS, 0, DpSgdSteps(DpSgd(0.0, 1.0, 12), SeededRandomness(1)))
+    result = train_client(
+        model, "generation", start, trained, batches, OPTS, 0, DpSgdSteps(DpSgd(0.0, 1.0, 12), SeededRandomness(1))
+    )
     assert set(result.delta) == set(trained)
     assert all(float(d.abs().max()) > 0 for d in result.delta.values())
     after = get_adapter(model)
@@ -108,8 +118,16 @@ def test_a_dp_step_really_changes_the_trained_adapter(freeze_a):
         if n not in trained:
             assert torch.equal(after[n], start[n])  # FFA-LoRA: A never moves
     # A second client on the same shared model still trains (no stale hooks from the first).
-    again = train_client(model, "generation", start, trained, poisson_batches(features, 1, 0.5, pad, SeededRandomness(2)),
-                         OPTS, 0, DpSgdSteps(DpSgd(0.5, 1.0, 12), SeededRandomness(3)))
+    again = train_client(
+        model,
+        "generation",
+        start,
+        trained,
+        poisson_batches(features, 1, 0.5, pad, SeededRandomness(2)),
+        OPTS,
+        0,
+        DpSgdSteps(DpSgd(0.5, 1.0, 12), SeededRandomness(3)),
+    )
     assert all(float(d.abs().max()) > 0 for d in again.delta.values())
 
 
@@ -121,7 +139,9 @@ def test_sgd_under_dp_steps_in_proportion_to_the_clipped_gradient():
 
     def step(opts: LocalTraining, clip: float) -> torch.Tensor:
         batches = poisson_batches(features, 1, 0.5, pad, SeededRandomness(0))
-        delta = train_client(model, "generation", start, list(start), batches, opts, 0, DpSgdSteps(DpSgd(0.0, clip, 12), SeededRandomness(1))).delta
+        delta = train_client(
+            model, "generation", start, list(start), batches, opts, 0, DpSgdSteps(DpSgd(0.0, clip, 12), SeededRandomness(1))
+        ).delta
         return torch.cat([d.flatten() for d in delta.values()])
 
     small, large = step(sgd, 1e-4), step(sgd, 2e-4)
@@ -159,9 +179,11 @@ def test_a_large_batch_in_length_chunks_steps_as_one_batch(monkeypatch, rule, ki
 
 
 def test_an_empty_poisson_batch_is_a_noise_only_step():
-    model, features, start, pad = _setup("generation")
+    model, _features, start, _pad = _setup("generation")
     trained = list(start)
-    result = train_client(model, "generation", start, trained, iter([None]), OPTS, 0, DpSgdSteps(DpSgd(1.0, 1.0, 8), SeededRandomness(0)))
+    result = train_client(
+        model, "generation", start, trained, iter([None]), OPTS, 0, DpSgdSteps(DpSgd(1.0, 1.0, 8), SeededRandomness(0))
+    )
     assert math.isnan(result.losses[0])
     assert all(float(d.abs().max()) > 0 for d in result.delta.values())  # noise moved it
 
@@ -191,11 +213,20 @@ def test_noise_on_the_averaged_gradient_has_std_sigma_c_over_the_expected_batch(
 def test_a_client_smaller_than_the_batch_averages_over_all_its_examples():
     """At q = 1 the expected batch is the client's n, not train.batch_size: the step is the clipped mean."""
     model, features, start, pad = _setup("generation")
-    client = DpSgdTraining(local_steps=1, batch_size=1000, opts=OPTS_SGD, seed=0, noise_multiplier=0.0, clip_norm=1e-3,
-                           secure_noise=False)
+    client = DpSgdTraining(
+        local_steps=1, batch_size=1000, opts=OPTS_SGD, seed=0, noise_multiplier=0.0, clip_norm=1e-3, secure_noise=False
+    )
     result = client.train(model, "generation", start, list(start), ClientData(0, features, pad), 1, None)
-    mean = train_client(model, "generation", start, list(start), [collate(features, pad)], OPTS_SGD, 0,
-                        DpSgdSteps(DpSgd(0.0, 1e-3, len(features)), SeededRandomness(0)))
+    mean = train_client(
+        model,
+        "generation",
+        start,
+        list(start),
+        [collate(features, pad)],
+        OPTS_SGD,
+        0,
+        DpSgdSteps(DpSgd(0.0, 1e-3, len(features)), SeededRandomness(0)),
+    )
     assert len(features) < 1000 and float(mean.delta[next(iter(mean.delta))].abs().max()) > 0
     assert all(torch.allclose(result.delta[n], mean.delta[n], rtol=1e-4, atol=1e-8) for n in mean.delta)
 

@@ -23,7 +23,8 @@ from fedlpp.quant import (
 
 SHAPES = [(8, 576), (576, 8), (7, 13)]  # LoRA A (r x d), B (d x r) and an awkward size
 SPECS = [QuantSpec(w, g, 64) for w in SUPPORTED_BITS for g in GRANULARITIES] + [
-    QuantSpec(w, "block", 5) for w in SUPPORTED_BITS  # blocks that straddle rows
+    QuantSpec(w, "block", 5)
+    for w in SUPPORTED_BITS  # blocks that straddle rows
 ]
 
 
@@ -59,8 +60,7 @@ def test_error_within_half_largest_gap(spec: QuantSpec, shape: tuple[int, ...], 
     # 1e-6 relative slack covers float32 rounding of x / scale and level * scale.
     assert bool((err <= bound * (1 + 1e-6)).all())
     # The scale is the smallest float16 >= max |x| of its group (rounded up, never down).
-    amax = torch.zeros(q.scales.numel()).scatter_reduce(
-        0, _group_index(shape, spec), x.abs().reshape(-1), reduce="amax")
+    amax = torch.zeros(q.scales.numel()).scatter_reduce(0, _group_index(shape, spec), x.abs().reshape(-1), reduce="amax")
     previous = (q.scales.view(torch.int16) - 1).view(torch.float16).float()
     assert bool((q.scales.float() >= amax).all())
     assert bool((previous < amax).all())
@@ -173,9 +173,7 @@ def test_deterministic(spec: QuantSpec) -> None:
 def test_coarser_granularity_gives_larger_error() -> None:
     # Sanity for the privacy knob (DESIGN 2.2): fewer scales, worse proxy.
     x = _sample((8, 576), "heavy", 5)
-    errors = {
-        g: (fake_quantize(x, QuantSpec(2, g, 64)) - x).abs().mean().item() for g in GRANULARITIES
-    }
+    errors = {g: (fake_quantize(x, QuantSpec(2, g, 64)) - x).abs().mean().item() for g in GRANULARITIES}
     assert errors["tensor"] > errors["row"] > errors["block"]
 
 
@@ -187,8 +185,7 @@ def test_shapes_and_dtypes(shape: tuple[int, ...], granularity: str) -> None:
     q = quantize(x, spec)
     out = dequantize(q)
     assert q.shape == shape and out.shape == x.shape and out.dtype == torch.float32
-    expected_scales = {"block": -(-x.numel() // 4), "row": shape[0] if len(shape) >= 2 else 1,
-                       "tensor": 1}[granularity]
+    expected_scales = {"block": -(-x.numel() // 4), "row": shape[0] if len(shape) >= 2 else 1, "tensor": 1}[granularity]
     assert q.scales.numel() == expected_scales
     # NF3's widest half gap is below 0.5; the appended 0 keeps max() defined when x is empty.
     amax = torch.cat([x.abs().reshape(-1), torch.zeros(1, dtype=x.dtype)]).max()

@@ -50,8 +50,8 @@ def test_deeply_nested_json_in_a_clients_file_is_an_error_not_a_crash(tmp_path):
 def test_a_line_separator_inside_a_json_string_is_text_not_a_line_break(tmp_path):
     import json
 
-    from fedlpp.data.schema import Example
     from fedlpp.data.examples_file import write_examples
+    from fedlpp.data.schema import Example
 
     path = tmp_path / "client.jsonl"
     path.write_text(json.dumps({"input": "a\u2028b\x85c", "output": "d"}, ensure_ascii=False) + "\n", encoding="utf-8")

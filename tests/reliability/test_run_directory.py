@@ -21,9 +21,20 @@ from fedlpp.engine.local import run_experiment
 pytestmark = pytest.mark.integration
 
 TINY = [
-    "model.name=tiny-llama", "model.max_length=48", "data.num_train=120", "data.num_eval=3", "algorithm.name=fedlpp",
-    "fl.num_clients=4", "fl.clients_per_round=2", "fl.local_steps=2", "train.batch_size=4", "train.lr=0.02",
-    "eval.every=3", "eval.max_new_tokens=3", "fl.rounds=3", "seed=0",
+    "model.name=tiny-llama",
+    "model.max_length=48",
+    "data.num_train=120",
+    "data.num_eval=3",
+    "algorithm.name=fedlpp",
+    "fl.num_clients=4",
+    "fl.clients_per_round=2",
+    "fl.local_steps=2",
+    "train.batch_size=4",
+    "train.lr=0.02",
+    "eval.every=3",
+    "eval.max_new_tokens=3",
+    "fl.rounds=3",
+    "seed=0",
 ]
 
 
@@ -81,14 +92,21 @@ def test_a_damaged_or_foreign_checkpoint_is_refused_by_name(run, capsys, damage)
     if damage == "truncated":
         path.write_bytes(data[: len(data) // 2])
     elif damage == "random":
-        path.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+        path.write_bytes(
+            torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy().tobytes()
+        )
     else:
         tensors = load_file(str(path))
         if damage == "wrong shape":
             name = sorted(tensors)[0]
             tensors[name] = torch.zeros(3, 3)
         save_file(tensors, str(path), metadata=None if damage == "no round" else {"round": "3"})
-    expected = {"truncated": "is damaged", "random": "is damaged", "no round": "no valid 'round'", "wrong shape": "this run's adapter has"}
+    expected = {
+        "truncated": "is damaged",
+        "random": "is damaged",
+        "no round": "no valid 'round'",
+        "wrong shape": "this run's adapter has",
+    }
     resume_refused(run, capsys, "checkpoint.safetensors", expected[damage])
 
 
@@ -100,10 +118,18 @@ def test_resuming_with_an_edited_config_is_refused(run, capsys):
 def test_a_second_process_on_a_run_directory_is_refused_and_a_dead_holders_lock_recovered(run, capsys):
     with rundir.exclusive(run):
         resume_refused(run, capsys, f"is in use by process {os.getpid()}")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from fedlpp.engine import rundir\n"
-                               "with rundir.exclusive(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)", str(run)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from fedlpp.engine import rundir\n"
+            "with rundir.exclusive(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         resume_refused(run, capsys, f"is in use by process {holder.pid}")
@@ -183,7 +209,13 @@ def test_a_refused_new_run_leaves_the_run_it_found_untouched(run, tmp_path):
     before = snapshot(run)
     local_run = build_run(load_config(None, TINY))
     with pytest.raises(rundir.RunDirError, match="already holds a run"):
-        serve(local_run.server, LocalFederation(local_run.clients, make_exchange(local_run.server)), run, resume=False, progress=False)
+        serve(
+            local_run.server,
+            LocalFederation(local_run.clients, make_exchange(local_run.server)),
+            run,
+            resume=False,
+            progress=False,
+        )
     assert snapshot(run) == before
 
 

@@ -39,7 +39,9 @@ def nested(depth: int) -> bytes:
 
     base = json.dumps({"num_examples": 3, "round": 1, "layout": fingerprint(LAYOUT)})
     meta = base[:-1] + ', "extra": ' + "[" * depth + "1" + "]" * depth + "}"
-    return save({"values": torch.ones(14)}, metadata={"format": wire.FORMAT, "version": wire.VERSION, "kind": rnd.UPDATE, "meta": meta})
+    return save(
+        {"values": torch.ones(14)}, metadata={"format": wire.FORMAT, "version": wire.VERSION, "kind": rnd.UPDATE, "meta": meta}
+    )
 
 
 COMBINERS = {
@@ -49,20 +51,28 @@ COMBINERS = {
 
 
 @pytest.mark.parametrize("combiner", list(COMBINERS))
-@pytest.mark.parametrize("payload, reason", [
-    (crafted(num_examples=10**400), "num_examples 10000000000"),
-    (crafted(num_examples=True), "num_examples must be a positive integer"),
-    (crafted(num_examples=3.0), "num_examples must be a positive integer"),
-    (crafted(round=True), "expected 1"),
-    (crafted(round=1.0), "expected 1"),
-    (nested(100_000), "metadata"),
-    (nested(5_000), "metadata is missing or not a JSON object"),
-    (nested(3), "nests deeper"),
-    (crafted(extra="x" * 100_000), "characters, more than"),
-])
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (crafted(num_examples=10**400), "num_examples 10000000000"),
+        (crafted(num_examples=True), "num_examples must be a positive integer"),
+        (crafted(num_examples=3.0), "num_examples must be a positive integer"),
+        (crafted(round=True), "expected 1"),
+        (crafted(round=1.0), "expected 1"),
+        (nested(100_000), "metadata"),
+        (nested(5_000), "metadata is missing or not a JSON object"),
+        (nested(3), "nests deeper"),
+        (crafted(extra="x" * 100_000), "characters, more than"),
+    ],
+)
 def test_a_hostile_update_is_refused_by_reason_and_the_rest_aggregated(combiner, payload, reason):
-    out = rnd.server_step(get_algorithm("fedavg_lora", QuantSpec(bits=2)), theta(), [(7, payload), (1, good()), (2, good(2.0))],
-                          1, COMBINERS[combiner]())
+    out = rnd.server_step(
+        get_algorithm("fedavg_lora", QuantSpec(bits=2)),
+        theta(),
+        [(7, payload), (1, good()), (2, good(2.0))],
+        1,
+        COMBINERS[combiner](),
+    )
     assert reason in out.rejected[7]
     assert set(out.accepted) == {1, 2}
 
@@ -77,14 +87,21 @@ def test_the_same_client_twice_in_a_round_counts_for_nothing():
 
 
 def test_an_update_may_not_claim_more_examples_than_its_client_declared():
-    out = rnd.server_step(get_algorithm("fedavg_lora", QuantSpec(bits=2)), theta(), [(0, good(n=50)), (1, good(n=10))], 1,
-                          rnd.WeightedMean({0: 40, 1: 10}))
+    out = rnd.server_step(
+        get_algorithm("fedavg_lora", QuantSpec(bits=2)),
+        theta(),
+        [(0, good(n=50)), (1, good(n=10))],
+        1,
+        rnd.WeightedMean({0: 40, 1: 10}),
+    )
     assert "more than the 40 examples this client declared" in out.rejected[0]
     assert out.accepted == (1,)
 
 
 def test_metadata_nested_just_past_what_a_recursive_check_survives_is_refused():
-    out = rnd.server_step(get_algorithm("fedavg_lora", QuantSpec(bits=2)), theta(), [(7, nested(400)), (1, good())], 1, rnd.WeightedMean())
+    out = rnd.server_step(
+        get_algorithm("fedavg_lora", QuantSpec(bits=2)), theta(), [(7, nested(400)), (1, good())], 1, rnd.WeightedMean()
+    )
     assert "nests deeper" in out.rejected[7] and out.accepted == (1,)
 
 
@@ -100,10 +117,17 @@ def test_under_secagg_a_total_weight_no_honest_round_can_have_is_refused(total_w
     params = SecAggParams(scale=2.0**20, clip_range=1.0, max_clients=3)
     values = np.concatenate([np.full(14, 0.01), [total_weight / params.scale]])
     result = AggregateResult(np.zeros(15, dtype=np.uint32), values, (0, 1, 2), ())
-    out = rnd.server_step(get_algorithm("fedavg_lora", QuantSpec(bits=2)), theta(), result, 1, SecureMean(SecureEncoding(params, 40)))
+    out = rnd.server_step(
+        get_algorithm("fedavg_lora", QuantSpec(bits=2)), theta(), result, 1, SecureMean(SecureEncoding(params, 40))
+    )
     assert out.accepted == () and "outside [3, 3 x 40]" in out.notes["refused"]
     assert all(torch.equal(out.adapter[n], theta()[n]) for n in theta())
     ok = np.concatenate([np.full(14, 0.01), [60 / params.scale]])
-    fine = rnd.server_step(get_algorithm("fedavg_lora", QuantSpec(bits=2)), theta(), AggregateResult(np.zeros(15, dtype=np.uint32), ok, (0, 1, 2), ()),
-                           1, SecureMean(SecureEncoding(params, 40)))
+    fine = rnd.server_step(
+        get_algorithm("fedavg_lora", QuantSpec(bits=2)),
+        theta(),
+        AggregateResult(np.zeros(15, dtype=np.uint32), ok, (0, 1, 2), ()),
+        1,
+        SecureMean(SecureEncoding(params, 40)),
+    )
     assert fine.accepted == (0, 1, 2)

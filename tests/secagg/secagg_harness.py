@@ -45,8 +45,9 @@ class Round:
         return self.server.finish_share_keys()
 
     def mask(self, routed: dict[int, bytes], skip: Iterable[int] = ()) -> dict[int, bytes]:
-        self._exchange(routed, lambda c, m: self.clients[c].masked_input(m, self.inputs[c]),
-                       self.server.receive_masked_input, skip)
+        self._exchange(
+            routed, lambda c, m: self.clients[c].masked_input(m, self.inputs[c]), self.server.receive_masked_input, skip
+        )
         return self.server.finish_masked_input()
 
     def sign(self, views: dict[int, bytes], skip: Iterable[int] = ()) -> dict[int, bytes]:

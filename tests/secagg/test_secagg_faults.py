@@ -19,9 +19,10 @@ from fedlpp.secagg import (
     SecAggRangeError,
     ServerSession,
     generate_signing_key,
+    shamir,
+    wire,
 )
 from fedlpp.secagg import client as client_module
-from fedlpp.secagg import shamir, wire
 
 
 def _server_message(kind: MessageType, recipient: int, body: bytes, round_: int = 1) -> bytes:
@@ -43,8 +44,7 @@ def test_tampered_advertisement_signature_is_rejected_by_every_neighbour() -> No
         rnd.server.receive_advertisement(flip(advert, -1) if c == 2 else advert, c)
     key_lists = rnd.server.finish_advertise()
     for c in (0, 1, 3):
-        with pytest.raises(SecAggError, match="message from client 2 rejected: advertisement signature does not "
-                           "verify") as info:
+        with pytest.raises(SecAggError, match="message from client 2 rejected: advertisement signature does not verify") as info:
             rnd.clients[c].share_keys(key_lists[c])
         assert info.value.sender == "client 2"
 
@@ -325,8 +325,7 @@ def test_corrupt_revealed_share_aborts_instead_of_a_wrong_sum() -> None:
 def test_unmask_response_with_the_wrong_share_kind_is_rejected() -> None:
     rnd, views = _up_to_survivors()
     requests = rnd.sign(views)
-    reveals = wire.decode_reveals(wire.unpack(rnd.clients[2].unmask(requests[2]), MessageType.UNMASK_RESPONSE, 1,
-                                              SERVER_ID)[1])
+    reveals = wire.decode_reveals(wire.unpack(rnd.clients[2].unmask(requests[2]), MessageType.UNMASK_RESPONSE, 1, SERVER_ID)[1])
     wrong = [dataclasses.replace(reveals[0], kind=wire.ShareKind.MASKING_KEY), *reveals[1:]]
     forged = wire.pack(MessageType.UNMASK_RESPONSE, 1, 2, SERVER_ID, wire.encode_reveals(wrong))
     with pytest.raises(SecAggError, match="client 2 rejected: revealed shares do not match"):
@@ -336,8 +335,7 @@ def test_unmask_response_with_the_wrong_share_kind_is_rejected() -> None:
 def test_revealed_share_outside_the_field_is_rejected_naming_its_sender() -> None:
     rnd, views = _up_to_survivors()
     requests = rnd.sign(views)
-    reveals = wire.decode_reveals(wire.unpack(rnd.clients[2].unmask(requests[2]), MessageType.UNMASK_RESPONSE, 1,
-                                              SERVER_ID)[1])
+    reveals = wire.decode_reveals(wire.unpack(rnd.clients[2].unmask(requests[2]), MessageType.UNMASK_RESPONSE, 1, SERVER_ID)[1])
     outside = [dataclasses.replace(reveals[0], share=shamir.PRIME), *reveals[1:]]
     forged = wire.pack(MessageType.UNMASK_RESPONSE, 1, 2, SERVER_ID, wire.encode_reveals(outside))
     with pytest.raises(SecAggError, match="client 2 rejected: share about client 0 is not a field element"):

@@ -60,8 +60,15 @@ def test_config_without_headroom_is_rejected() -> None:
 
 @pytest.mark.parametrize(
     "field, value",
-    [("scale", 0.0), ("clip_range", -1.0), ("max_clients", 2), ("threshold_fraction", 0.5),
-     ("graph", "ring"), ("degree", -1), ("prg", "rc4")],
+    [
+        ("scale", 0.0),
+        ("clip_range", -1.0),
+        ("max_clients", 2),
+        ("threshold_fraction", 0.5),
+        ("graph", "ring"),
+        ("degree", -1),
+        ("prg", "rc4"),
+    ],
 )
 def test_invalid_params_name_the_field(field: str, value: object) -> None:
     with pytest.raises(SecAggParamsError, match=f"secagg.{field}"):
@@ -75,9 +82,9 @@ def test_weight_coordinate_sums_to_the_exact_total_weight() -> None:
     # Weighted mean: each client sends (n_k / n_max) * delta_k so the product stays in range.
     n_max = max(weights)
     total = np.zeros(3, dtype=np.uint64)
-    for k, (w, d) in enumerate(zip(weights, deltas)):
+    for k, (w, d) in enumerate(zip(weights, deltas, strict=True)):
         total += encode(append_weight(d * w / n_max, w, params), params, k)
     weighted_sum, weight_total = split_weight(decode_sum((total % 2**32).astype(np.uint32), params), params)
     assert weight_total == sum(weights)
-    expected = sum(w * d for w, d in zip(weights, deltas)) / n_max
+    expected = sum(w * d for w, d in zip(weights, deltas, strict=True)) / n_max
     np.testing.assert_allclose(weighted_sum, expected, atol=len(weights) / params.scale)

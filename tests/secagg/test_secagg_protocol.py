@@ -17,10 +17,10 @@ from fedlpp.secagg import (
     SecAggAbort,
     SecAggParams,
     SecAggParamsError,
+    crypto,
     generate_signing_key,
     run_local_round,
 )
-from fedlpp.secagg import crypto
 from fedlpp.secagg.params import PRGS
 
 
@@ -55,8 +55,7 @@ def test_clients_dropping_before_masking_are_left_out() -> None:
 
 @pytest.mark.parametrize(
     "stage, step",
-    [("advertise", "AdvertiseKeys"), ("share", "ShareKeys"), ("mask", "MaskedInputCollection"),
-     ("unmask", "Unmasking")],
+    [("advertise", "AdvertiseKeys"), ("share", "ShareKeys"), ("mask", "MaskedInputCollection"), ("unmask", "Unmasking")],
 )
 def test_below_threshold_aborts_with_a_clear_message(stage: str, step: str) -> None:
     rnd = make_round(5)  # complete graph: degree 4, t = ceil(0.6 * 4) = 3
@@ -95,7 +94,7 @@ def test_sparse_graph_sums_exactly_with_dropouts_and_sends_k_boxes() -> None:
     for c, m in key_lists.items():
         shares = rnd.clients[c].share_keys(m)
         assert rnd.clients[c].graph == graph  # derived by the client from the published seed
-        assert int.from_bytes(shares[HEADER_BYTES:HEADER_BYTES + 4], "big") == 12  # boxes: k, not n - 1
+        assert int.from_bytes(shares[HEADER_BYTES : HEADER_BYTES + 4], "big") == 12  # boxes: k, not n - 1
         rnd.server.receive_shares(shares, c)
     views = rnd.mask(rnd.server.finish_share_keys(), skip=[3, 11])
     result = rnd.unmask(rnd.sign(views), skip=[7, 20])
@@ -161,8 +160,14 @@ def test_all_secrets_come_from_the_os_csprng(monkeypatch: pytest.MonkeyPatch) ->
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("a non-cryptographic generator was used")
 
-    for target, name in [(np.random, "default_rng"), (np.random, "RandomState"), (np.random, "seed"),
-                         (random, "random"), (random, "getrandbits"), (random, "seed")]:
+    for target, name in [
+        (np.random, "default_rng"),
+        (np.random, "RandomState"),
+        (np.random, "seed"),
+        (random, "random"),
+        (random, "getrandbits"),
+        (random, "seed"),
+    ]:
         monkeypatch.setattr(target, name, forbidden)
     calls: list[int] = []
     real = secrets.token_bytes
@@ -210,7 +215,7 @@ def test_parties_see_each_clients_six_steps_and_the_sum_is_unchanged() -> None:
     recorder = _Recorder()
     result = run_local_round(params, keys, inputs, 1, parties=recorder)  # type: ignore[arg-type]
     # session start, advertise, share keys, masked input, signature, unmask
-    assert recorder.client_calls == {c: 6 for c in keys} and recorder.steps == 6
+    assert recorder.client_calls == dict.fromkeys(keys, 6) and recorder.steps == 6
     # session, then per step: one receive per client and one finish
     assert recorder.server_calls == 1 + 5 * (4 + 1)
     assert np.allclose(result.values, sum(inputs.values()), atol=4 / params.scale)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ContextManager, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -61,7 +62,9 @@ class LocalResult:
 class StepRule(Protocol):
     """How a batch becomes gradients, and the optimizer that applies them."""
 
-    def attach(self, model: nn.Module, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> ContextManager[torch.optim.Optimizer]:
+    def attach(
+        self, model: nn.Module, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer
+    ) -> AbstractContextManager[torch.optim.Optimizer]:
         """The optimizer to step with while the context is open (hooks are removed on exit)."""
         ...
 
@@ -82,7 +85,9 @@ class PlainSteps:
         self.machine = machine
         self.scaler: torch.amp.GradScaler | None = None
 
-    def attach(self, model: nn.Module, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> ContextManager[torch.optim.Optimizer]:
+    def attach(
+        self, model: nn.Module, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer
+    ) -> AbstractContextManager[torch.optim.Optimizer]:
         self.scaler = self.machine.grad_scaler()
         if self.scaler is None:
             return contextlib.nullcontext(optimizer)
@@ -105,8 +110,9 @@ class PlainSteps:
 class ScaledOptimizer:
     """fp16's optimizer step: unscale the gradients, clip them if asked, step through the scaler."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: Sequence[nn.Parameter],
-                 max_grad_norm: float) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: Sequence[nn.Parameter], max_grad_norm: float
+    ) -> None:
         self.optimizer, self.scaler, self.params, self.max_grad_norm = optimizer, scaler, params, max_grad_norm
 
     def step(self) -> None:
@@ -117,8 +123,10 @@ class ScaledOptimizer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.scaler.get_scale() < scale:  # the gradients overflowed in fp16: this step was skipped
-            log.warning("fp16: a local step's gradients overflowed; the step was skipped and the loss scale lowered to %g",
-                        self.scaler.get_scale())
+            log.warning(
+                "fp16: a local step's gradients overflowed; the step was skipped and the loss scale lowered to %g",
+                self.scaler.get_scale(),
+            )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -161,13 +169,15 @@ def train_client(
     return LocalResult({n: after[n] - start[n] for n in trained}, tuple(losses))
 
 
-def forked_rng(machine: Machine) -> ContextManager[None]:
+def forked_rng(machine: Machine) -> AbstractContextManager[None]:
     """The seeded steps leave the global generators as they were (the device's too: dropout runs there)."""
     device = machine.torch_device
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
-def shuffled_batches(features: Sequence[dict], steps: int, batch_size: int, pad_id: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+def shuffled_batches(
+    features: Sequence[dict], steps: int, batch_size: int, pad_id: int, seed: int
+) -> Iterator[dict[str, torch.Tensor]]:
     """``steps`` batches drawn by reshuffled passes over the client's data (seeded)."""
     rng = np.random.default_rng(seed)
     order: list[int] = []

@@ -172,7 +172,7 @@ def _check_magnitude(values: torch.Tensor) -> None:
     if not values.numel():
         return
     low, high = (float(x) for x in torch.aminmax(values))  # NaN anywhere makes both NaN
-    if -MAX_ABS_VALUE <= low and high <= MAX_ABS_VALUE:
+    if low >= -MAX_ABS_VALUE and high <= MAX_ABS_VALUE:
         return
     if not torch.isfinite(values).all():
         raise ValueError("contains NaN or Inf")
@@ -224,7 +224,11 @@ class WeightedMean:
     declared: Mapping[int, int] | None = None  # client id -> number of examples, where the server knows it
 
     def __call__(
-        self, spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor], inputs: Sequence[tuple[int, bytes]], round_: int,
+        self,
+        spec: AlgorithmSpec,
+        adapter: Mapping[str, torch.Tensor],
+        inputs: Sequence[tuple[int, bytes]],
+        round_: int,
         notes: dict[str, Any],
     ) -> Combined:
         updates, rejected = validate_all(spec, adapter, inputs, round_, self.declared)
@@ -247,7 +251,11 @@ class ClientDpMean:
     declared: Mapping[int, int] | None = None
 
     def __call__(
-        self, spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor], inputs: Sequence[tuple[int, bytes]], round_: int,
+        self,
+        spec: AlgorithmSpec,
+        adapter: Mapping[str, torch.Tensor],
+        inputs: Sequence[tuple[int, bytes]],
+        round_: int,
         notes: dict[str, Any],
     ) -> Combined:
         updates, rejected = validate_all(spec, adapter, inputs, round_, self.declared)
@@ -279,7 +287,10 @@ def aggregate(
 
 
 def validate_all(
-    spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor], payloads: Sequence[tuple[int, bytes]], round_: int,
+    spec: AlgorithmSpec,
+    adapter: Mapping[str, torch.Tensor],
+    payloads: Sequence[tuple[int, bytes]],
+    round_: int,
     declared: Mapping[int, int] | None = None,
 ) -> tuple[list[ClientUpdate], dict[int, str]]:
     """The valid updates, and why each other one was refused (logged).
@@ -293,7 +304,9 @@ def validate_all(
     for client_id, payload in payloads:
         try:
             if counts[client_id] > 1:
-                raise ValueError(f"{counts[client_id]} updates from this client in one round; one per client per round is accepted")
+                raise ValueError(
+                    f"{counts[client_id]} updates from this client in one round; one per client per round is accepted"
+                )
             updates.append(validate_update(payload, client_id, layout, round_, (declared or {}).get(client_id)))
         except (ValueError, wire.WireError) as e:
             if client_id not in rejected:
@@ -315,7 +328,9 @@ def aggregate_private(
 
 def within_broadcast_range(adapter: Mapping[str, torch.Tensor]) -> bool:
     """Every value finite and within MAX_ABS_VALUE: what the broadcast's float16 scales can carry."""
-    return all(bool(torch.isfinite(t).all()) and (not t.numel() or float(t.abs().max()) <= MAX_ABS_VALUE) for t in adapter.values())
+    return all(
+        bool(torch.isfinite(t).all()) and (not t.numel() or float(t.abs().max()) <= MAX_ABS_VALUE) for t in adapter.values()
+    )
 
 
 def apply_mean_delta(
@@ -327,8 +342,11 @@ def apply_mean_delta(
     the mean over ``count`` clients, never an individual update.
     """
     if spec.quant is not None and spec.server_rule == "mean" and count < MIN_UPDATES_FOR_MEAN:
-        log.warning("round %d: one valid update; the mean rule would hand that client the server's adapter, "
-                    "so the global adapter is unchanged", round_)
+        log.warning(
+            "round %d: one valid update; the mean rule would hand that client the server's adapter, "
+            "so the global adapter is unchanged",
+            round_,
+        )
         return None
     proxy = proxy_point(spec, adapter) if spec.server_rule == "mean" else dict(adapter)
     new = fedavg_lora.server_step(adapter, proxy, mean_delta, spec.server_rule, spec.server_lr)

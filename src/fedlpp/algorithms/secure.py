@@ -72,7 +72,9 @@ def client_vector(enc: SecureEncoding, delta: Mapping[str, torch.Tensor], layout
     return vector
 
 
-def noised_client_vector(enc: SecureEncoding, delta: Mapping[str, torch.Tensor], layout: Layout, dp: NoiseShares) -> np.ndarray | None:
+def noised_client_vector(
+    enc: SecureEncoding, delta: Mapping[str, torch.Tensor], layout: Layout, dp: NoiseShares
+) -> np.ndarray | None:
     """Client-level DP: the clipped delta plus this client's share of the noise (OS CSPRNG), weight 1."""
     flat = flatten(delta, layout).to(torch.float64).numpy()
     share = SystemRandomness().normal(flat.shape, dp.share_std).numpy().astype(np.float64) if flat.size else flat
@@ -102,7 +104,12 @@ class SecureMean:
     noise: NoiseShares | None = None
 
     def __call__(
-        self, spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor], result: AggregateResult, round_: int, notes: dict[str, Any]
+        self,
+        spec: AlgorithmSpec,
+        adapter: Mapping[str, torch.Tensor],
+        result: AggregateResult,
+        round_: int,
+        notes: dict[str, Any],
     ) -> rnd.Combined:
         layout = rnd.update_layout(spec, {n: tuple(t.shape) for n, t in adapter.items()}, round_)
         weighted_sum, total_weight = split_weight(result.values, self.encoding.params)
@@ -110,8 +117,10 @@ class SecureMean:
             survivors = len(result.survivors)
             if not survivors <= total_weight <= survivors * self.encoding.weight_bound:
                 # Each weight is masked, so only the sum can be checked: every honest client weighs 1..weight_bound.
-                reason = (f"the survivors' total weight {total_weight} is outside [{survivors}, {survivors} x "
-                          f"{self.encoding.weight_bound}]: a client sent a weight it does not have")
+                reason = (
+                    f"the survivors' total weight {total_weight} is outside [{survivors}, {survivors} x "
+                    f"{self.encoding.weight_bound}]: a client sent a weight it does not have"
+                )
                 log.warning("round %d: secure aggregation: %s; the global adapter is unchanged", round_, reason)
                 notes["refused"] = reason
                 return rnd.Combined(None, (), {})
@@ -127,5 +136,7 @@ def _topped_up(noised_sum: np.ndarray, dp: NoiseShares, survivors: int, notes: d
     if std == 0:
         return noised_sum
     notes["dp_noise_topped_up"] = {"survivors": survivors, "expected": dp.denominator}
-    log.warning("secure aggregation: %d of %g expected clients survived; the server adds the missing noise", survivors, dp.denominator)
+    log.warning(
+        "secure aggregation: %d of %g expected clients survived; the server adds the missing noise", survivors, dp.denominator
+    )
     return noised_sum + SystemRandomness().normal(noised_sum.shape, std).numpy().astype(np.float64)

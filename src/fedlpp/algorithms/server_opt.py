@@ -67,8 +67,11 @@ class ServerMomentum:
             velocity[name] = step
             moved[name] = value + step
         if not within_broadcast_range(moved):
-            log.warning("server momentum would take the adapter beyond %g (or to NaN); this round takes the proposed "
-                        "step without momentum and the velocity is kept", MAX_ABS_VALUE)
+            log.warning(
+                "server momentum would take the adapter beyond %g (or to NaN); this round takes the proposed "
+                "step without momentum and the velocity is kept",
+                MAX_ABS_VALUE,
+            )
             return proposed
         self.velocity = velocity
         return moved

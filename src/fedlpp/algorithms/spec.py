@@ -72,4 +72,6 @@ register_algorithm("ffa_lora", lambda q, rule, lr: AlgorithmSpec("ffa_lora", Non
 register_algorithm("fedlpp", lambda q, rule, lr: AlgorithmSpec("fedlpp", q, server_rule=rule, server_lr=lr))
 register_algorithm("fedlpp_ffa", lambda q, rule, lr: AlgorithmSpec("fedlpp_ffa", q, True, "b", rule, lr))
 # RoLoRA (arXiv 2502.01755): full-precision broadcast of A and B, one factor trained per round.
-register_algorithm("rolora", lambda q, rule, lr: AlgorithmSpec("rolora", None, trains="alternate", server_rule="delta", server_lr=lr))
+register_algorithm(
+    "rolora", lambda q, rule, lr: AlgorithmSpec("rolora", None, trains="alternate", server_rule="delta", server_lr=lr)
+)

@@ -53,7 +53,14 @@ class LocalTrainingPlan(Protocol):
     machine: Machine
 
     def train(
-        self, model: nn.Module, kind: str, start: Adapter, trained: Sequence[str], data: ClientData, round_: int, on_step: OnStep | None
+        self,
+        model: nn.Module,
+        kind: str,
+        start: Adapter,
+        trained: Sequence[str],
+        data: ClientData,
+        round_: int,
+        on_step: OnStep | None,
     ) -> LocalResult: ...
 
 
@@ -68,7 +75,14 @@ class SgdTraining:
     machine: Machine = CPU  # where the client's model runs, in what precision
 
     def train(
-        self, model: nn.Module, kind: str, start: Adapter, trained: Sequence[str], data: ClientData, round_: int, on_step: OnStep | None
+        self,
+        model: nn.Module,
+        kind: str,
+        start: Adapter,
+        trained: Sequence[str],
+        data: ClientData,
+        round_: int,
+        on_step: OnStep | None,
     ) -> LocalResult:
         seed = derive_seed(self.seed, "batches", round_, data.client_id)
         batches = shuffled_batches(data.features, self.local_steps, self.batch_size, data.pad_id, seed)
@@ -90,7 +104,14 @@ class DpSgdTraining:
     machine: Machine = CPU  # where the client's model runs, in what precision
 
     def train(
-        self, model: nn.Module, kind: str, start: Adapter, trained: Sequence[str], data: ClientData, round_: int, on_step: OnStep | None
+        self,
+        model: nn.Module,
+        kind: str,
+        start: Adapter,
+        trained: Sequence[str],
+        data: ClientData,
+        round_: int,
+        on_step: OnStep | None,
     ) -> LocalResult:
         sampler = randomness(self.secure_noise, derive_seed(self.seed, "poisson", round_, data.client_id))
         noise = randomness(self.secure_noise, derive_seed(self.seed, "dp_noise", round_, data.client_id))

@@ -38,7 +38,7 @@ def decode(data: bytes, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, o
     try:
         header = _header(data)  # bounded before anything else is parsed
         tensors = st_load(bytes(data))
-    except Exception as e:  # untrusted bytes: whatever the parser raises means "not a message"
+    except Exception as e:  # noqa: BLE001 - untrusted bytes: whatever the parser raises means "not a message"
         raise WireError(f"not a fedlpp message: {e}") from None
     if header.get("format") != FORMAT or header.get("version") != VERSION:
         raise WireError(f"unsupported message format {header.get('format')!r} version {header.get('version')!r}")

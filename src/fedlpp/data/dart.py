@@ -55,8 +55,11 @@ def _entry(item: object, where: str) -> Entry:
     if isinstance(notes, dict) and isinstance(notes.get("text"), list):  # the hub's columnar layout: {source: [...], text: [...]}
         sources = notes.get("source") or [""] * len(notes["text"])
         notes = [{"source": src, "text": text} for src, text in zip(sources, notes["text"], strict=False)]
-    if (not isinstance(triples, list) or not triples
-            or not all(isinstance(t, list) and len(t) == 3 and all(isinstance(x, str) for x in t) for t in triples)):
+    if (
+        not isinstance(triples, list)
+        or not triples
+        or not all(isinstance(t, list) and len(t) == 3 and all(isinstance(x, str) for x in t) for t in triples)
+    ):
         raise ValueError(f"{where}: 'tripleset' must be a list of [subject, predicate, object] strings")
     if not isinstance(notes, list) or not notes or not all(isinstance(n, dict) and isinstance(n.get("text"), str) for n in notes):
         raise ValueError(f"{where}: 'annotations' must be a list of objects with a 'text'")
@@ -65,12 +68,16 @@ def _entry(item: object, where: str) -> Entry:
 
 
 def _train(entries: list[Entry]) -> list[Example]:
-    return [Example(prompt=p, target=ref, group=group, attributes=(("source", group),)) for p, group, refs in entries for ref in refs]
+    return [
+        Example(prompt=p, target=ref, group=group, attributes=(("source", group),)) for p, group, refs in entries for ref in refs
+    ]
 
 
 def _eval(entries: list[Entry]) -> list[Example]:
-    return [Example(prompt=p, target=refs[0], group=group, references=refs, attributes=(("source", group),))
-            for p, group, refs in entries]
+    return [
+        Example(prompt=p, target=refs[0], group=group, references=refs, attributes=(("source", group),))
+        for p, group, refs in entries
+    ]
 
 
 def load_dart_hub(hf_id: str, num_train: int, num_eval: int, seed: int, split: str = "dev") -> TaskData:

@@ -27,8 +27,13 @@ def to_example(row: Row, where: str) -> Example:
     summaries = [row[f].strip() for f in SUMMARY_FIELDS if isinstance(row.get(f), str) and row[f].strip()]
     if not isinstance(dialogue, str) or not dialogue.strip() or not summaries or not isinstance(topic, str):
         raise ValueError(f"{where}: expected a 'dialogue', a 'summary' (or summary1..3) and a 'topic' string")
-    return Example(prompt=PROMPT.format(dialogue=dialogue.strip()), target=summaries[0], group=topic.strip(),
-                   references=tuple(summaries), attributes=(("topic", topic.strip()),))
+    return Example(
+        prompt=PROMPT.format(dialogue=dialogue.strip()),
+        target=summaries[0],
+        group=topic.strip(),
+        references=tuple(summaries),
+        attributes=(("topic", topic.strip()),),
+    )
 
 
 def _task(train: Sequence[Example], eval_: Sequence[Example], num_train: int, num_eval: int, seed: int) -> TaskData:
@@ -62,5 +67,7 @@ def load_dialogsum(*, path: str, hf_id: str, num_train: int, num_eval: int, seed
         return load_dialogsum_files(path, num_train, num_eval, seed, split)
     if hf_id:
         return load_dialogsum_hub(hf_id, num_train, num_eval, seed, split)
-    raise ValueError("task 'dialogsum' needs path= (a folder holding dialogsum.train.jsonl and .dev.jsonl) "
-                     "or hf_id= (e.g. 'knkarthick/dialogsum')")
+    raise ValueError(
+        "task 'dialogsum' needs path= (a folder holding dialogsum.train.jsonl and .dev.jsonl) "
+        "or hf_id= (e.g. 'knkarthick/dialogsum')"
+    )

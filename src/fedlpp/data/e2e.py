@@ -60,16 +60,17 @@ def group_references(pairs: Iterable[tuple[str, str]]) -> tuple[Example, ...]:
         refs_by_mr.setdefault(mr.strip(), []).append(ref.strip())
     return tuple(
         Example(
-            prompt=PROMPT.format(mr=mr), target=refs[0], group=eat_type(mr), references=tuple(refs),
+            prompt=PROMPT.format(mr=mr),
+            target=refs[0],
+            group=eat_type(mr),
+            references=tuple(refs),
             attributes=attributes(mr),
         )
         for mr, refs in refs_by_mr.items()
     )
 
 
-def _task(
-    train: Sequence[Example], eval_: Sequence[Example], num_train: int, num_eval: int, seed: int
-) -> TaskData:
+def _task(train: Sequence[Example], eval_: Sequence[Example], num_train: int, num_eval: int, seed: int) -> TaskData:
     return TaskData(
         name=NAME,
         kind=GENERATION,
@@ -135,7 +136,4 @@ def load_e2e(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: int,
         return load_e2e_files(path, num_train, num_eval, seed, split)
     if hf_id:
         return load_e2e_hub(hf_id, num_train, num_eval, seed, split)
-    raise ValueError(
-        "task 'e2e' needs path= (a folder holding trainset.csv and devset.csv) "
-        "or hf_id= (e.g. 'GEM/e2e_nlg')"
-    )
+    raise ValueError("task 'e2e' needs path= (a folder holding trainset.csv and devset.csv) or hf_id= (e.g. 'GEM/e2e_nlg')")

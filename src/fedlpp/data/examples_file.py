@@ -55,18 +55,25 @@ def read_examples(path: str | Path) -> list[Example]:
         rows = read_json_lines(p)
     except ValueError as e:
         raise ExamplesFileError(str(e)) from None
-    if any(OLD_FIELDS[0] in row for _, row in rows):  # a FutureWarning: shown to the user by default (a DeprecationWarning is not)
-        warnings.warn(f"{p}: 'prompt'/'target' is the old spelling of 'input'/'output' (classification: 'text'/'label'); "
-                      "it is still read but will be refused in a later release — rewrite the file with `fedlpp partition`",
-                      FutureWarning, stacklevel=2)
+    if any(
+        OLD_FIELDS[0] in row for _, row in rows
+    ):  # a FutureWarning: shown to the user by default (a DeprecationWarning is not)
+        warnings.warn(
+            f"{p}: 'prompt'/'target' is the old spelling of 'input'/'output' (classification: 'text'/'label'); "
+            "it is still read but will be refused in a later release — rewrite the file with `fedlpp partition`",
+            FutureWarning,
+            stacklevel=2,
+        )
     examples = [_example(row, f"{p}, line {number}") for number, row in rows]
     if not examples:
         raise ExamplesFileError(f"{p}: holds no examples")
     kinds = [e.label is None for e in examples]
     if any(k != kinds[0] for k in kinds):
         number = rows[kinds.index(not kinds[0])][0]
-        raise ExamplesFileError(f"{p}, line {number}: a {'generation' if kinds[0] is False else 'classification'} example in a "
-                                f"file of {'generation' if kinds[0] else 'classification'} examples")
+        raise ExamplesFileError(
+            f"{p}, line {number}: a {'generation' if kinds[0] is False else 'classification'} example in a "
+            f"file of {'generation' if kinds[0] else 'classification'} examples"
+        )
     return examples
 
 
@@ -74,8 +81,12 @@ def _example(row: dict[str, Any], where: str) -> Example:
     if OLD_FIELDS[0] in row:
         row = _new_spelling(row)
     if "input" in row and "text" not in row:
-        return Example(prompt=_text(row, "input", where), target=_text(row, "output", where), group=_group(row, where, ""),
-                       attributes=_attributes(row))
+        return Example(
+            prompt=_text(row, "input", where),
+            target=_text(row, "output", where),
+            group=_group(row, where, ""),
+            attributes=_attributes(row),
+        )
     if "text" in row and "input" not in row:
         label = row.get("label")
         if not isinstance(label, int) or isinstance(label, bool) or label < 0:
@@ -83,10 +94,18 @@ def _example(row: dict[str, Any], where: str) -> Example:
         pair = row.get("pair", "")
         if not isinstance(pair, str):
             raise ExamplesFileError(f"{where}: 'pair' must be a string, got {pair!r}")
-        return Example(prompt=_text(row, "text", where), target="", label=label, pair=pair, group=_group(row, where, str(label)),
-                       attributes=_attributes(row))
-    raise ExamplesFileError(f"{where}: expected {{\"input\", \"output\"}} (generation) or {{\"text\", \"label\"}} "
-                            f"(classification), got the keys {sorted(row)}")
+        return Example(
+            prompt=_text(row, "text", where),
+            target="",
+            label=label,
+            pair=pair,
+            group=_group(row, where, str(label)),
+            attributes=_attributes(row),
+        )
+    raise ExamplesFileError(
+        f'{where}: expected {{"input", "output"}} (generation) or {{"text", "label"}} '
+        f"(classification), got the keys {sorted(row)}"
+    )
 
 
 def _new_spelling(row: dict[str, Any]) -> dict[str, Any]:

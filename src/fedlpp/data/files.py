@@ -13,9 +13,7 @@ def require_dir(path: str, task: str, expected: str) -> Path:
     """`path` as a directory, or an error saying what the task expects there."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(
-            f"task {task!r}: {folder} is not a directory; expected a folder holding {expected}"
-        )
+        raise FileNotFoundError(f"task {task!r}: {folder} is not a directory; expected a folder holding {expected}")
     return folder
 
 
@@ -35,9 +33,7 @@ def read_table(
     beyond the csv module's size limit) is a ValueError naming the file and line.
     """
     if not file.is_file():
-        raise FileNotFoundError(
-            f"{file}: file not found; expected a file with columns {list(columns)}"
-        )
+        raise FileNotFoundError(f"{file}: file not found; expected a file with columns {list(columns)}")
     text = read_text(file)
     reader = (
         csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=csv.QUOTE_NONE)
@@ -60,7 +56,9 @@ def read_table(
 
 def _check_fields(file: Path, line: int, row: dict, columns: Sequence[str], header: list[str]) -> None:
     if None in row:  # DictReader's key for fields beyond the header
-        raise ValueError(f"{file}, line {line}: {len(header) + len(row[None])} fields, more than the header's {len(header)} {header}")
+        raise ValueError(
+            f"{file}, line {line}: {len(header) + len(row[None])} fields, more than the header's {len(header)} {header}"
+        )
     if any(row.get(c) is None for c in columns):
         raise ValueError(f"{file}, line {line}: fewer fields than the header {header}")
 

@@ -50,9 +50,7 @@ def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
-def _prompt_ids(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]
-) -> tuple[list[list[int]], int]:
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]) -> tuple[list[list[int]], int]:
     """Prompt ids with BOS where the tokenizer wants it, and the BOS length (0 or 1)."""
     bos = bos_prefix(tokenizer)
     prompts = []
@@ -74,14 +72,10 @@ def _fit_prompt(ids: list[int], max_length: int, head: int) -> list[int]:
 
 def _check_max_length(max_length: int) -> None:
     if max_length < 2:
-        raise ValueError(
-            f"max_length must be >= 2 (a prompt token and a completion token), got {max_length}"
-        )
+        raise ValueError(f"max_length must be >= 2 (a prompt token and a completion token), got {max_length}")
 
 
-def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int
-) -> list[list[int]]:
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int) -> list[list[int]]:
     """Prompt-only ids for generation at eval time (the prompt part of `encode_for_generation`)."""
     _check_max_length(max_length)
     prompts, head = _prompt_ids(tokenizer, examples)
@@ -104,9 +98,7 @@ def encode_for_generation(
     for prompt, completion in zip(prompts, completions, strict=True):
         prompt = _fit_prompt(prompt, max_length, head)
         completion = ([*completion, eos])[: max_length - len(prompt)]
-        features.append(
-            {"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion}
-        )
+        features.append({"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion})
     return features
 
 
@@ -131,18 +123,11 @@ def encode_for_classification(
 
 
 def _pad(rows: Sequence[Sequence[int]], width: int, value: int, side: str) -> torch.Tensor:
-    padded = [
-        [value] * (width - len(r)) + list(r)
-        if side == "left"
-        else list(r) + [value] * (width - len(r))
-        for r in rows
-    ]
+    padded = [[value] * (width - len(r)) + list(r) if side == "left" else list(r) + [value] * (width - len(r)) for r in rows]
     return torch.tensor(padded, dtype=torch.long)
 
 
-def collate(
-    features: Sequence[dict[str, Any]], pad_id: int, padding_side: str = "right"
-) -> dict[str, torch.Tensor]:
+def collate(features: Sequence[dict[str, Any]], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad a batch: input_ids with pad_id, labels with -100, attention_mask 1 on real tokens.
 
     Returns input_ids, attention_mask [B, T]; labels [B, T] for token labels or

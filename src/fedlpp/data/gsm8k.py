@@ -58,8 +58,11 @@ def load_gsm8k_hub(hf_id: str, num_train: int, num_eval: int, seed: int, split: 
     repo, config = split_hf_id(hf_id)
     splits = load_hub_splits(repo, config or "main")
     train = [to_example(r, f"{hf_id} train row {i}") for i, r in enumerate(get_split(splits, ("train",), hf_id), 1)]
-    test = ([to_example(r, f"{hf_id} test row {i}") for i, r in enumerate(get_split(splits, ("test",), hf_id), 1)]
-            if split == "test" else None)
+    test = (
+        [to_example(r, f"{hf_id} test row {i}") for i, r in enumerate(get_split(splits, ("test",), hf_id), 1)]
+        if split == "test"
+        else None
+    )
     return _split(train, test, num_train, num_eval, seed)
 
 

@@ -49,7 +49,4 @@ def pick_field(row: Row, candidates: Sequence[str], hf_id: str, meaning: str) ->
     for name in candidates:
         if name in row:
             return name
-    raise ValueError(
-        f"{hf_id}: no field for the {meaning}; expected one of {list(candidates)}, "
-        f"found {sorted(row)}"
-    )
+    raise ValueError(f"{hf_id}: no field for the {meaning}; expected one of {list(candidates)}, found {sorted(row)}")

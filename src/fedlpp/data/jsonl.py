@@ -34,7 +34,9 @@ def load_jsonl(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: in
     if hf_id:
         raise ValueError("task 'jsonl' reads a local file: give data.path=FILE.jsonl, not data.hf_id")
     if not path:
-        raise ValueError("task 'jsonl' needs data.path=FILE.jsonl (one {\"input\", \"output\"} or {\"text\", \"label\"} object per line)")
+        raise ValueError(
+            'task \'jsonl\' needs data.path=FILE.jsonl (one {"input", "output"} or {"text", "label"} object per line)'
+        )
     lines = _lines(Path(path).expanduser())
     kind = _kind(lines)
     eval_lines = _lines(Path(eval_path).expanduser()) if eval_path else []
@@ -56,12 +58,13 @@ def _lines(file: Path) -> list[Line]:
 
 def _kind(lines: Sequence[Line]) -> str:
     """generation when the first object has "input", classification when it has "text"; every line the same."""
+
     def kind_of(where: str, row: dict[str, Any]) -> str:
         if "input" in row and "text" not in row:
             return GENERATION
         if "text" in row and "input" not in row:
             return CLASSIFICATION
-        raise ValueError(f"{where}: expected {{\"input\", \"output\"}} or {{\"text\", \"label\"}}, got keys {sorted(row)}")
+        raise ValueError(f'{where}: expected {{"input", "output"}} or {{"text", "label"}}, got keys {sorted(row)}')
 
     first = kind_of(*lines[0])
     for where, row in lines[1:]:
@@ -125,10 +128,15 @@ def _generation(lines: Sequence[Line], eval_lines: Sequence[Line], num_train: in
         eval_inputs = {p: v for p, v in train_inputs.items() if p in held}
         train_inputs = {p: v for p, v in train_inputs.items() if p not in held}
         num_eval = 0  # the held-out part already has the requested size
-    train = [Example(prompt=p, target=ref, group=group, attributes=attrs) for p, (refs, group, attrs) in train_inputs.items()
-             for ref in refs]
-    eval_ = [Example(prompt=p, target=refs[0], group=group, references=tuple(refs), attributes=attrs)
-             for p, (refs, group, attrs) in eval_inputs.items()]
+    train = [
+        Example(prompt=p, target=ref, group=group, attributes=attrs)
+        for p, (refs, group, attrs) in train_inputs.items()
+        for ref in refs
+    ]
+    eval_ = [
+        Example(prompt=p, target=refs[0], group=group, references=tuple(refs), attributes=attrs)
+        for p, (refs, group, attrs) in eval_inputs.items()
+    ]
     multiline = any("\n" in e.target for e in train) or any("\n" in r for e in eval_ for r in e.references)
     return sized_task(NAME, GENERATION, train, eval_, num_train, num_eval, seed, multiline=multiline)
 
@@ -146,8 +154,9 @@ def _classification(lines: Sequence[Line], eval_lines: Sequence[Line], num_train
         num_eval = 0
     if len({e.label for e in train}) < 2:
         raise ValueError(f"{lines[0][0].rsplit(', line', 1)[0]}: the training examples have one class only")
-    return sized_task(NAME, CLASSIFICATION, train, eval_, num_train, num_eval, seed, num_labels=len(names),
-                      label_names=tuple(names))
+    return sized_task(
+        NAME, CLASSIFICATION, train, eval_, num_train, num_eval, seed, num_labels=len(names), label_names=tuple(names)
+    )
 
 
 def _distinct_texts(lines: Sequence[Line], names: Sequence[str]) -> list[Example]:
@@ -177,13 +186,17 @@ def _label_names(lines: Sequence[Line]) -> list[str]:
         raise ValueError(f"{where}: labels mix integers and strings; use one or the other")
     present = sorted({label for _, label in labels})
     if len(present) < 2:
-        raise ValueError(f"{lines[0][0].rsplit(', line', 1)[0]}: every example has the label {labels[0][1]!r}; "
-                         "classification needs two classes or more")
+        raise ValueError(
+            f"{lines[0][0].rsplit(', line', 1)[0]}: every example has the label {labels[0][1]!r}; "
+            "classification needs two classes or more"
+        )
     if kinds == {int} and present != list(range(len(present))):
         missing = next(i for i in range(len(present)) if i not in present)
         where = next(w for w, label in labels if label >= len(present))
-        raise ValueError(f"{where}: integer labels must be 0..K-1 with every class present; {missing} never occurs "
-                         "(use string labels to name classes freely)")
+        raise ValueError(
+            f"{where}: integer labels must be 0..K-1 with every class present; {missing} never occurs "
+            "(use string labels to name classes freely)"
+        )
     return [str(label) for label in present]
 
 
@@ -192,8 +205,14 @@ def _labelled(where: str, row: dict[str, Any], names: Sequence[str]) -> Example:
     if not isinstance(pair, str):
         raise ValueError(f"{where}: 'pair' must be a string, got {pair!r}")
     value = names.index(str(label))
-    return Example(prompt=_text(where, row, "text").strip(), target="", label=value, group=_group(where, row, str(value)),
-                   pair=pair, attributes=_attributes(row))
+    return Example(
+        prompt=_text(where, row, "text").strip(),
+        target="",
+        label=value,
+        group=_group(where, row, str(value)),
+        pair=pair,
+        attributes=_attributes(row),
+    )
 
 
 def _held_out(keys: Sequence[Any], num_eval: int, seed: int) -> tuple[list[Any], list[Any]]:

@@ -54,9 +54,7 @@ def _split_by_proportions(indices: np.ndarray, proportions: np.ndarray) -> list[
     return np.split(indices, cuts)
 
 
-def _dirichlet_draw(
-    by_group: Sequence[np.ndarray], num_clients: int, alpha: float, rng: np.random.Generator
-) -> list[list[int]]:
+def _dirichlet_draw(by_group: Sequence[np.ndarray], num_clients: int, alpha: float, rng: np.random.Generator) -> list[list[int]]:
     """One draw: each group's indices are shuffled and cut by their own Dirichlet proportions."""
     parts: list[list[int]] = [[] for _ in range(num_clients)]
     for indices in by_group:
@@ -76,9 +74,7 @@ def _rebalance(parts: list[list[int]], min_size: int) -> list[list[int]]:
     return parts
 
 
-def partition_dirichlet(
-    groups: Sequence[str], num_clients: int, alpha: float, seed: int, min_size: int = 1
-) -> list[list[int]]:
+def partition_dirichlet(groups: Sequence[str], num_clients: int, alpha: float, seed: int, min_size: int = 1) -> list[list[int]]:
     """Label/group skew: per group, split its indices by Dirichlet(alpha) proportions.
 
     The label-wise Dirichlet split popularised by Hsu et al. 2019 ("Measuring the
@@ -90,9 +86,11 @@ def partition_dirichlet(
     _check(len(groups), num_clients, min_size)
     _check_alpha(alpha)
     if len(set(groups)) < 2:
-        raise ValueError(f"partition 'dirichlet' splits on the examples' groups (labels, an attribute), but every example "
-                         f"has the group {groups[0]!r}: give the data a group (jsonl: a \"group\" string) or use "
-                         "data.partition=quantity_skew")
+        raise ValueError(
+            f"partition 'dirichlet' splits on the examples' groups (labels, an attribute), but every example "
+            f'has the group {groups[0]!r}: give the data a group (jsonl: a "group" string) or use '
+            "data.partition=quantity_skew"
+        )
     rng = np.random.default_rng(seed)
     labels = np.asarray(groups, dtype=object)
     by_group = [np.flatnonzero(labels == g) for g in sorted(set(groups))]
@@ -104,9 +102,7 @@ def partition_dirichlet(
     return _finish(_rebalance(parts, min_size))
 
 
-def partition_quantity_skew(
-    n: int, num_clients: int, alpha: float, seed: int, min_size: int = 1
-) -> list[list[int]]:
+def partition_quantity_skew(n: int, num_clients: int, alpha: float, seed: int, min_size: int = 1) -> list[list[int]]:
     """Sizes ~ min_size + Multinomial(rest, Dirichlet(alpha)); IID content."""
     _check(n, num_clients, min_size)
     _check_alpha(alpha)
@@ -124,8 +120,10 @@ def partition_by_key(groups: Sequence[str], num_clients: int, seed: int, min_siz
     _check(len(groups), num_clients, min_size)
     values = sorted(set(groups))
     if len(values) < num_clients:
-        raise ValueError(f"partition 'by_key': the key has {len(values)} values ({', '.join(map(repr, values[:8]))}) "
-                         f"but there are {num_clients} clients; every client needs a value of its own")
+        raise ValueError(
+            f"partition 'by_key': the key has {len(values)} values ({', '.join(map(repr, values[:8]))}) "
+            f"but there are {num_clients} clients; every client needs a value of its own"
+        )
     rng = np.random.default_rng(seed)
     by_value = {v: [i for i, g in enumerate(groups) if g == v] for v in values}
     order = sorted(rng.permutation(len(values)).tolist(), key=lambda j: -len(by_value[values[j]]))
@@ -144,9 +142,7 @@ def _by_scheme(scheme: str) -> Callable[[Sequence[Example], int, float, int, int
         "by_key": lambda ex, k, a, s, m: partition_by_key([e.group for e in ex], k, s, m),
     }
     if scheme not in schemes:
-        raise ValueError(
-            f"unknown partition scheme {scheme!r}; valid schemes: {list(PARTITIONERS)}"
-        )
+        raise ValueError(f"unknown partition scheme {scheme!r}; valid schemes: {list(PARTITIONERS)}")
     return schemes[scheme]
 
 

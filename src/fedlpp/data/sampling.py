@@ -50,10 +50,16 @@ def hold_out(items: Sequence[T], num_eval: int, seed: int, what: str, fraction: 
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
-def sized_task(name: str, kind: str, train: Sequence[Any], eval_: Sequence[Any], num_train: int, num_eval: int, seed: int,
-               **fields: Any) -> Any:
+def sized_task(
+    name: str, kind: str, train: Sequence[Any], eval_: Sequence[Any], num_train: int, num_eval: int, seed: int, **fields: Any
+) -> Any:
     """A TaskData of seeded ``num_train`` / ``num_eval`` subsets (0: all) of ``train`` and ``eval_``."""
     from fedlpp.data.schema import TaskData
 
-    return TaskData(name=name, kind=kind, train=seeded_subset(train, num_train, seed, TRAIN_STREAM, f"{name} train"),
-                    eval=seeded_subset(eval_, num_eval, seed, EVAL_STREAM, f"{name} eval"), **fields)
+    return TaskData(
+        name=name,
+        kind=kind,
+        train=seeded_subset(train, num_train, seed, TRAIN_STREAM, f"{name} train"),
+        eval=seeded_subset(eval_, num_eval, seed, EVAL_STREAM, f"{name} eval"),
+        **fields,
+    )

@@ -76,7 +76,4 @@ class TaskData:
         if self.kind == CLASSIFICATION and self.num_labels < 2:
             raise ValueError(f"classification task {self.name!r} needs num_labels >= 2")
         if self.label_names and len(self.label_names) != self.num_labels:
-            raise ValueError(
-                f"task {self.name!r}: {len(self.label_names)} label_names for "
-                f"{self.num_labels} labels"
-            )
+            raise ValueError(f"task {self.name!r}: {len(self.label_names)} label_names for {self.num_labels} labels")

@@ -42,9 +42,7 @@ def to_example(sentence: str, label: Any, where: str) -> Example:
 
 
 def read_examples(file_rows: Iterable[tuple[str, Any]], where: str) -> list[Example]:
-    return [
-        to_example(text, label, f"{where} row {i}") for i, (text, label) in enumerate(file_rows, 1)
-    ]
+    return [to_example(text, label, f"{where} row {i}") for i, (text, label) in enumerate(file_rows, 1)]
 
 
 def read_tsv(file: Path) -> list[Example]:
@@ -53,16 +51,12 @@ def read_tsv(file: Path) -> list[Example]:
     return read_examples(((r["sentence"], r["label"]) for r in rows), str(file))
 
 
-def hold_out(
-    examples: Sequence[Example], num_eval: int, seed: int
-) -> tuple[list[Example], list[Example]]:
+def hold_out(examples: Sequence[Example], num_eval: int, seed: int) -> tuple[list[Example], list[Example]]:
     """(train, eval): a seeded held-out eval part; both keep the file order."""
     n = len(examples)
     k = num_eval or min(DEFAULT_NUM_EVAL, max(1, n // MAX_HOLDOUT_FRACTION))
     if n < 2 or k >= n:
-        raise ValueError(
-            f"sst2: cannot hold out {k} eval examples from {n} rows and keep some for training"
-        )
+        raise ValueError(f"sst2: cannot hold out {k} eval examples from {n} rows and keep some for training")
     order = make_rng(seed, HOLDOUT_STREAM).permutation(n)
     held = {int(i) for i in order[:k]}
     train = [e for i, e in enumerate(examples) if i not in held]
@@ -70,9 +64,7 @@ def hold_out(
     return train, eval_
 
 
-def _task(
-    train: Sequence[Example], eval_: Sequence[Example], num_train: int, num_eval: int, seed: int
-) -> TaskData:
+def _task(train: Sequence[Example], eval_: Sequence[Example], num_train: int, num_eval: int, seed: int) -> TaskData:
     return TaskData(
         name=NAME,
         kind=CLASSIFICATION,
@@ -117,6 +109,4 @@ def load_sst2(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: int
         return load_sst2_files(path, num_train, num_eval, seed)
     if hf_id:
         return load_sst2_hub(hf_id, num_train, num_eval, seed)
-    raise ValueError(
-        "task 'sst2' needs path= (a folder holding train.tsv) or hf_id= (e.g. 'stanfordnlp/sst2')"
-    )
+    raise ValueError("task 'sst2' needs path= (a folder holding train.tsv) or hf_id= (e.g. 'stanfordnlp/sst2')")

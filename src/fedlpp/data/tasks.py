@@ -13,8 +13,8 @@ from fedlpp.data.dialogsum import load_dialogsum
 from fedlpp.data.e2e import load_e2e
 from fedlpp.data.gsm8k import load_gsm8k
 from fedlpp.data.jsonl import load_jsonl
-from fedlpp.data.schema import Example, TaskData
 from fedlpp.data.rte import load_rte
+from fedlpp.data.schema import Example, TaskData
 from fedlpp.data.sst2 import load_sst2
 from fedlpp.data.weather import load_weather
 
@@ -32,9 +32,7 @@ __all__ = [
 class TaskLoader(Protocol):
     """Builds a task from local files (`path`), the hub (`hf_id`) or nothing."""
 
-    def __call__(
-        self, *, path: str, hf_id: str, num_train: int, num_eval: int, seed: int
-    ) -> TaskData: ...
+    def __call__(self, *, path: str, hf_id: str, num_train: int, num_eval: int, seed: int) -> TaskData: ...
 
 
 TASKS: dict[str, TaskLoader] = {}
@@ -85,23 +83,23 @@ def load_task(
     if path and hf_id:
         raise ValueError(f"task {name!r}: give path or hf_id, not both (got {path!r}, {hf_id!r})")
     if min(num_train, num_eval, seed) < 0:
-        raise ValueError(
-            f"task {name!r}: num_train, num_eval and seed must be >= 0, "
-            f"got {num_train}, {num_eval}, {seed}"
-        )
+        raise ValueError(f"task {name!r}: num_train, num_eval and seed must be >= 0, got {num_train}, {num_eval}, {seed}")
     loader = get_task_loader(name)
     extra: dict[str, str] = {}
     if eval_path:
         if name not in EVAL_FILE_TASKS:
-            raise ValueError(f"task {name!r} takes its evaluation split from its own files; eval_path is for "
-                             f"{', '.join(EVAL_FILE_TASKS)}")
+            raise ValueError(
+                f"task {name!r} takes its evaluation split from its own files; eval_path is for {', '.join(EVAL_FILE_TASKS)}"
+            )
         extra["eval_path"] = eval_path
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: valid splits are {', '.join(SPLITS)}")
     if split == "test":
         if name not in TEST_SPLIT_TASKS:
-            raise ValueError(f"task {name!r} has no test split with references here (tasks with one: "
-                             f"{', '.join(TEST_SPLIT_TASKS)}; GLUE's test labels are not public; jsonl: use data.eval_path)")
+            raise ValueError(
+                f"task {name!r} has no test split with references here (tasks with one: "
+                f"{', '.join(TEST_SPLIT_TASKS)}; GLUE's test labels are not public; jsonl: use data.eval_path)"
+            )
         extra["split"] = split
     return loader(path=path, hf_id=hf_id, num_train=num_train, num_eval=num_eval, seed=seed, **extra)
 

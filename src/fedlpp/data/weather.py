@@ -253,10 +253,7 @@ def make_weather(num_train: int, num_eval: int, seed: int) -> TaskData:
     train_rng = random.Random(f"weather/{seed}/train")
     eval_records = _draw_records(eval_rng, num_eval, exclude=set())
     train_records = _draw_records(train_rng, num_train, exclude=set(eval_records))
-    eval_examples = tuple(
-        _example(r, _distinct_renderings(r, eval_rng, eval_rng.choice((2, 3))), True)
-        for r in eval_records
-    )
+    eval_examples = tuple(_example(r, _distinct_renderings(r, eval_rng, eval_rng.choice((2, 3))), True) for r in eval_records)
     train_examples = tuple(_example(r, (render(r, train_rng),), False) for r in train_records)
     return TaskData(name=NAME, kind=GENERATION, train=train_examples, eval=eval_examples)
 
@@ -269,10 +266,7 @@ MAX_RECORDS = 200_000
 def load_weather(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: int) -> TaskData:
     """Task loader: the weather task is generated, so it takes no path or hub id."""
     if path or hf_id:
-        raise ValueError(
-            f"task 'weather' is generated in memory and takes no path or hf_id "
-            f"(got path={path!r}, hf_id={hf_id!r})"
-        )
+        raise ValueError(f"task 'weather' is generated in memory and takes no path or hf_id (got path={path!r}, hf_id={hf_id!r})")
     if num_train + num_eval > MAX_RECORDS:
         raise ValueError(
             f"task 'weather' can generate at most {MAX_RECORDS:,} distinct records; "

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-
 from fedlpp.algorithms.steps import ClientData, client_step
 from fedlpp.config import ExperimentConfig
 from fedlpp.engine import rundir
@@ -42,7 +41,9 @@ class SecAggExchange:
 
     aggregator: SecureAggregator
 
-    def server_side(self, ctx: ServerContext, adapter: Adapter, uploads: Mapping[int, Any], round_: int) -> tuple[Adapter, dict[str, Any]]:
+    def server_side(
+        self, ctx: ServerContext, adapter: Adapter, uploads: Mapping[int, Any], round_: int
+    ) -> tuple[Adapter, dict[str, Any]]:
         inputs = {c: functools.partial(_given, v) for c, v in uploads.items()}
         out = secure_aggregate(self.aggregator, ctx.spec, adapter, inputs, round_, secure_combiner(ctx))
         return out.next_adapter(adapter), out.row()
@@ -60,8 +61,9 @@ class LocalFederation:
     exchange: Exchange
     on_send: OnSend | None = None
 
-    def round_trip(self, ctx: ServerContext, adapter: Adapter, payload: bytes, clients: Sequence[int], round_: int,
-                   bar: Bar | None) -> Exchanged:
+    def round_trip(
+        self, ctx: ServerContext, adapter: Adapter, payload: bytes, clients: Sequence[int], round_: int, bar: Bar | None
+    ) -> Exchanged:
         recipe = client_recipe(ctx.cfg, ctx.side, ctx.spec, ctx.sigma, ctx.secure)
         uploads, losses, peaks = {}, [], []
         for client in clients:

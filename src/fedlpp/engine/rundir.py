@@ -111,8 +111,9 @@ def exclusive(out: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise RunDirError(f"{out} is in use by process {holder} (it holds {path}); wait for that run to end "
-                              "or stop it") from None
+            raise RunDirError(
+                f"{out} is in use by process {holder} (it holds {path}); wait for that run to end or stop it"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         try:
@@ -162,8 +163,14 @@ def check_extends(out: Path, rounds: int) -> None:
 
 # Keys that may change when a run is resumed: everything else would make the continued
 # run differ from one configured that way from the start.
-RESUMABLE_KEYS = ("fl.rounds", "flower.connect_timeout", "flower.round_timeout", "flower.client_cpus", "flower.client_gpus",
-                  "train.device")  # where it runs, not what it computes
+RESUMABLE_KEYS = (
+    "fl.rounds",
+    "flower.connect_timeout",
+    "flower.round_timeout",
+    "flower.client_cpus",
+    "flower.client_gpus",
+    "train.device",
+)  # where it runs, not what it computes
 
 
 def load_run_config(out: Path, overrides: list[str]) -> ExperimentConfig:
@@ -201,8 +208,13 @@ CONFIG_KEY = "config"  # checkpoint metadata: the configuration it was made with
 SERVER_STATE_PREFIX = "server_state."  # checkpoint tensors that are the server optimizer's, not the adapter's
 
 
-def save_checkpoint(out: Path, adapter: Mapping[str, torch.Tensor], round_: int, extra: Mapping[str, str] | None = None,
-                    server_state: Mapping[str, torch.Tensor] | None = None) -> None:
+def save_checkpoint(
+    out: Path,
+    adapter: Mapping[str, torch.Tensor],
+    round_: int,
+    extra: Mapping[str, str] | None = None,
+    server_state: Mapping[str, torch.Tensor] | None = None,
+) -> None:
     """The adapter after ``round_``, with ``extra`` metadata (the privacy ledger) and the server
     optimizer's state, in one atomic file."""
     tensors = {n: t.contiguous() for n, t in adapter.items()}
@@ -223,7 +235,7 @@ def load_checkpoint_metadata(out: Path) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
-    except Exception as e:  # whatever safetensors raises on a damaged file
+    except Exception as e:  # noqa: BLE001 - whatever safetensors raises on a damaged file
         raise RunDirError(f"{path} is damaged and cannot be read ({e}); the run cannot be resumed from it") from None
 
 
@@ -232,7 +244,7 @@ def _checkpoint_tensors(out: Path) -> dict[str, torch.Tensor]:
 
     try:
         return load_file(str(out / CHECKPOINT))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - whatever safetensors raises on a damaged file
         raise RunDirError(f"{out / CHECKPOINT} is damaged and cannot be read ({e}); the run cannot be resumed from it") from None
 
 
@@ -243,8 +255,9 @@ def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], int] | None:
     metadata = load_checkpoint_metadata(out)
     round_ = metadata.get("round", "")
     if not round_.isdigit() or int(round_) < 1:
-        raise RunDirError(f"{out / CHECKPOINT} has no valid 'round' in its metadata (got {round_!r}): "
-                          "it is not a checkpoint fedlpp wrote")
+        raise RunDirError(
+            f"{out / CHECKPOINT} has no valid 'round' in its metadata (got {round_!r}): it is not a checkpoint fedlpp wrote"
+        )
     adapter = {n: t for n, t in _checkpoint_tensors(out).items() if not n.startswith(SERVER_STATE_PREFIX)}
     return adapter, int(round_)
 
@@ -276,15 +289,19 @@ def check_checkpoint_config(out: Path, cfg: ExperimentConfig) -> None:
     defaults.update(OLDER_RUNS_USED)  # or what older runs did
     changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k, defaults.get(k)))
     if changed:
-        raise RunDirError(f"{out}: {changed[0]} differs from the configuration the checkpoint was made with "
-                          f"({CONFIG} was edited since?); only {', '.join(RESUMABLE_KEYS)} may change on resume")
+        raise RunDirError(
+            f"{out}: {changed[0]} differs from the configuration the checkpoint was made with "
+            f"({CONFIG} was edited since?); only {', '.join(RESUMABLE_KEYS)} may change on resume"
+        )
 
 
 def load_server_state(out: Path) -> dict[str, torch.Tensor]:
     """The server optimizer's state saved with the checkpoint ({} when there is none)."""
     if not (out / CHECKPOINT).exists():
         return {}
-    return {n.removeprefix(SERVER_STATE_PREFIX): t for n, t in _checkpoint_tensors(out).items() if n.startswith(SERVER_STATE_PREFIX)}
+    return {
+        n.removeprefix(SERVER_STATE_PREFIX): t for n, t in _checkpoint_tensors(out).items() if n.startswith(SERVER_STATE_PREFIX)
+    }
 
 
 def broadcast_path(out: Path, round_: int | str) -> Path:
@@ -334,8 +351,10 @@ def read_metrics(out: Path) -> list[dict[str, Any]]:
         except ValueError:
             if number == len(lines):
                 break  # a line cut short by a kill
-            raise RunDirError(f"{path}, line {number}: not valid JSON; the run's history is damaged "
-                              "(repair or remove the line, or start a new run)") from None
+            raise RunDirError(
+                f"{path}, line {number}: not valid JSON; the run's history is damaged "
+                "(repair or remove the line, or start a new run)"
+            ) from None
         _check_row(path, number, row, rows[-1]["round"] if rows else 0)
         rows.append(row)
     return rows
@@ -346,8 +365,9 @@ def _check_row(path: Path, number: int, row: Any, previous: int) -> None:
         raise RunDirError(f"{path}, line {number}: expected a JSON object (one round's metrics), got {type(row).__name__}")
     r = row.get("round")
     if type(r) is not int or r <= previous:
-        raise RunDirError(f"{path}, line {number}: round {r!r} does not follow round {previous}; "
-                          "the file mixes runs or is damaged")
+        raise RunDirError(
+            f"{path}, line {number}: round {r!r} does not follow round {previous}; the file mixes runs or is damaged"
+        )
 
 
 def truncate_metrics(out: Path, last_round: int) -> list[dict[str, Any]]:

@@ -85,13 +85,24 @@ def secure_aggregate(
     present, notes = {c: v for c, v in vectors.items() if v is not None}, {}
     for client in sorted(set(vectors) - set(present)):
         notes.setdefault("out_of_range", []).append(client)
-        log.warning("round %d: client %d's update is not finite or exceeds secagg.clip_range=%g; it drops out of the round",
-                    round_, client, agg.encoding.params.clip_range)
+        log.warning(
+            "round %d: client %d's update is not finite or exceeds secagg.clip_range=%g; it drops out of the round",
+            round_,
+            client,
+            agg.encoding.params.clip_range,
+        )
     traffic = Traffic()
     if not present:
         return void_round(SecAggAbort("masked input", "no client is in range", 0, 1), round_, notes, traffic)
-    protocol = partial(run_local_round, agg.encoding.params, {c: agg.identities[c] for c in present}, present, round_,
-                       traffic=traffic, parties=run)
+    protocol = partial(
+        run_local_round,
+        agg.encoding.params,
+        {c: agg.identities[c] for c in present},
+        present,
+        round_,
+        traffic=traffic,
+        parties=run,
+    )
     return finish_round(protocol, spec, adapter, round_, combiner, notes, traffic, run)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.server_opt import ServerOptimizer, make_server_optimizer
 from fedlpp.algorithms.spec import AlgorithmSpec
@@ -50,14 +51,17 @@ class Exchanged:
 class Federation(Protocol):
     """Carries one round: the broadcast to the clients, their uploads back, the server's step."""
 
-    def round_trip(self, ctx: ServerContext, adapter: Adapter, payload: bytes, clients: Sequence[int], round_: int,
-                   bar: Bar | None) -> Exchanged: ...
+    def round_trip(
+        self, ctx: ServerContext, adapter: Adapter, payload: bytes, clients: Sequence[int], round_: int, bar: Bar | None
+    ) -> Exchanged: ...
 
 
 class Exchange(Protocol):
     """How the round's uploads reach the server: as they are, or through the SecAgg protocol."""
 
-    def server_side(self, ctx: ServerContext, adapter: Adapter, uploads: Mapping[int, Any], round_: int) -> tuple[Adapter, dict[str, Any]]:
+    def server_side(
+        self, ctx: ServerContext, adapter: Adapter, uploads: Mapping[int, Any], round_: int
+    ) -> tuple[Adapter, dict[str, Any]]:
         """The next adapter and what the metrics row says about the exchange (bytes up, rejections, survivors)."""
         ...
 
@@ -65,7 +69,9 @@ class Exchange(Protocol):
 class PlainExchange:
     """Every client's update bytes go to the server, which combines them (``round.server_step``)."""
 
-    def server_side(self, ctx: ServerContext, adapter: Adapter, uploads: Mapping[int, Any], round_: int) -> tuple[Adapter, dict[str, Any]]:
+    def server_side(
+        self, ctx: ServerContext, adapter: Adapter, uploads: Mapping[int, Any], round_: int
+    ) -> tuple[Adapter, dict[str, Any]]:
         updates = list(uploads.items())
         result = rnd.server_step(ctx.spec, adapter, updates, round_, server_combiner(ctx, round_))
         row: dict[str, Any] = {"bytes_up": sum(len(u) for _, u in updates)}
@@ -81,12 +87,23 @@ class RoundOutcome:
     broadcast: bytes  # what the round's clients received
 
 
-def run_round(ctx: ServerContext, federation: Federation, adapter: Adapter, round_: int, clients: Sequence[int],
-              show: Show | None = None, optimizer: ServerOptimizer | None = None) -> RoundOutcome:
+def run_round(
+    ctx: ServerContext,
+    federation: Federation,
+    adapter: Adapter,
+    round_: int,
+    clients: Sequence[int],
+    show: Show | None = None,
+    optimizer: ServerOptimizer | None = None,
+) -> RoundOutcome:
     """One round: broadcast, the clients' exchange, the server's step, evaluation when due. ``show`` draws progress."""
     t0 = time.perf_counter()
     payload = rnd.make_broadcast(ctx.spec, adapter, ctx.a_seed, round_)
-    with contextlib.nullcontext() if show is None else show(len(clients) * ctx.cfg.fl.local_steps, f"round {round_} client steps") as bar:
+    with (
+        contextlib.nullcontext()
+        if show is None
+        else show(len(clients) * ctx.cfg.fl.local_steps, f"round {round_} client steps") as bar
+    ):
         out = federation.round_trip(ctx, adapter, payload, clients, round_, bar)
     if optimizer is not None:
         out.adapter = optimizer.step(adapter, out.adapter)
@@ -102,18 +119,27 @@ def run_round(ctx: ServerContext, federation: Federation, adapter: Adapter, roun
     return RoundOutcome(out.adapter, row, payload)
 
 
-def evaluate_round(ctx: ServerContext, adapter: Mapping[str, torch.Tensor], show: Show | None = None,
-                   desc: str = "evaluation") -> dict[str, dict[str, float]]:
+def evaluate_round(
+    ctx: ServerContext, adapter: Mapping[str, torch.Tensor], show: Show | None = None, desc: str = "evaluation"
+) -> dict[str, dict[str, float]]:
     """Global (server's full-precision) and proxy (what clients can build) side by side."""
     tok = ctx.side.backbone.tokenizer
     proxy = rnd.proxy_point(ctx.spec, adapter)
     same = all(torch.equal(proxy[n], adapter[n]) for n in adapter)
     total = (1 if same else 2) * evaluation_work(ctx.evalset)
-    with contextlib.nullcontext() if show is None else show(total, f"{desc}{'' if same else ', global then proxy'} (examples)") as bar:
+    with (
+        contextlib.nullcontext()
+        if show is None
+        else show(total, f"{desc}{'' if same else ', global then proxy'} (examples)") as bar
+    ):
         on_batch = bar.update if bar is not None else None
         machine = ctx.side.machine
         global_metrics = evaluate_adapter(ctx.model, adapter, ctx.evalset, tok, ctx.decoding, on_batch, machine)
-        proxy_metrics = dict(global_metrics) if same else evaluate_adapter(ctx.model, proxy, ctx.evalset, tok, ctx.decoding, on_batch, machine)
+        proxy_metrics = (
+            dict(global_metrics)
+            if same
+            else evaluate_adapter(ctx.model, proxy, ctx.evalset, tok, ctx.decoding, on_batch, machine)
+        )
     return {"global": global_metrics, "proxy": proxy_metrics}
 
 
@@ -188,8 +214,10 @@ def start_or_resume(ctx: ServerContext, out: Path, resume: bool) -> tuple[Adapte
         # A kill between round 1's metrics row and its checkpoint leaves a row and no checkpoint: that run
         # restarts. A row of a later round means a checkpoint existed and is gone.
         if resume and any(r["round"] >= 2 for r in rundir.read_metrics(out)):
-            raise rundir.RunDirError(f"{out / rundir.CHECKPOINT} is missing but {rundir.METRICS} records finished rounds: "
-                                     "resuming would silently restart the run (and any privacy accounting) from round 0")
+            raise rundir.RunDirError(
+                f"{out / rundir.CHECKPOINT} is missing but {rundir.METRICS} records finished rounds: "
+                "resuming would silently restart the run (and any privacy accounting) from round 0"
+            )
         return ctx.initial_adapter(), 0, (rundir.truncate_metrics(out, 0) if resume else [])
     adapter, last = ckpt
     rundir.check_checkpoint_config(out, ctx.cfg)
@@ -203,12 +231,16 @@ def check_adapter_shapes(out: Path, adapter: Mapping[str, torch.Tensor], shapes:
     path = out / rundir.CHECKPOINT
     if set(adapter) != set(shapes):
         extra, missing = sorted(set(adapter) - set(shapes)), sorted(set(shapes) - set(adapter))
-        raise rundir.RunDirError(f"{path} does not hold this run's adapter: "
-                                 + (f"unexpected tensor {extra[0]}" if extra else f"no tensor {missing[0]}"))
+        raise rundir.RunDirError(
+            f"{path} does not hold this run's adapter: "
+            + (f"unexpected tensor {extra[0]}" if extra else f"no tensor {missing[0]}")
+        )
     for name, tensor in adapter.items():
         if tuple(tensor.shape) != tuple(shapes[name]) or tensor.dtype != torch.float32:
-            raise rundir.RunDirError(f"{path}: {name} is {tuple(tensor.shape)} {tensor.dtype}, this run's adapter has "
-                                     f"{tuple(shapes[name])} torch.float32")
+            raise rundir.RunDirError(
+                f"{path}: {name} is {tuple(tensor.shape)} {tensor.dtype}, this run's adapter has "
+                f"{tuple(shapes[name])} torch.float32"
+            )
 
 
 def start_server_optimizer(ctx: ServerContext, out: Path, resume: bool) -> ServerOptimizer:
@@ -232,8 +264,10 @@ def start_ledger(ctx: ServerContext, out: Path, resume: bool) -> Ledger | None:
     stored = rundir.load_checkpoint_metadata(out).get(LEDGER_KEY) if resume else None
     if stored is None:
         if resume and (out / rundir.CHECKPOINT).exists():
-            raise rundir.RunDirError(f"{out / rundir.CHECKPOINT} has no privacy ledger: the rounds it finished "
-                                     "could not be accounted for, so the run cannot continue under DP")
+            raise rundir.RunDirError(
+                f"{out / rundir.CHECKPOINT} has no privacy ledger: the rounds it finished "
+                "could not be accounted for, so the run cannot continue under DP"
+            )
         return Ledger(plan.noise_multiplier)
     try:
         ledger = Ledger.from_json(stored)
@@ -246,8 +280,10 @@ def start_ledger(ctx: ServerContext, out: Path, resume: bool) -> Ledger | None:
 
 
 def budget_stop(plan: PrivacyPlan, ledger: Ledger, spent: Ledger, round_: int) -> str:
-    reason = (f"privacy budget: round {round_} would raise epsilon from {ledger.epsilon:.4g} to {spent.epsilon:.4g}, "
-              f"above {plan.stop_at:g}; stopped after round {round_ - 1} with its checkpoint")
+    reason = (
+        f"privacy budget: round {round_} would raise epsilon from {ledger.epsilon:.4g} to {spent.epsilon:.4g}, "
+        f"above {plan.stop_at:g}; stopped after round {round_ - 1} with its checkpoint"
+    )
     log.warning("%s", reason)
     return reason
 
@@ -269,7 +305,12 @@ def _postfix(row: Mapping[str, Any]) -> dict[str, str]:
 
 
 def finish(
-    ctx: ServerContext, out: Path, adapter: Adapter, rows: list[dict[str, Any]], ledger: Ledger | None = None, stopped: str | None = None
+    ctx: ServerContext,
+    out: Path,
+    adapter: Adapter,
+    rows: list[dict[str, Any]],
+    ledger: Ledger | None = None,
+    stopped: str | None = None,
 ) -> dict[str, Any]:
     """Save the final adapter in peft format and the broadcast a next round would send; write summary.json."""
     save_peft_adapter(ctx.model, adapter, out / rundir.ADAPTER, ctx.side.backbone.source)
@@ -310,8 +351,12 @@ def peak_memory_summary(ctx: ServerContext, rows: list[dict[str, Any]]) -> dict[
     (in the local engine, the clients' too)."""
     machine = ctx.side.machine
     summary: dict[str, Any] = {
-        "machine": {"device": machine.device, "precision": machine.precision, "quantize": machine.quantize,
-                    "gradient_checkpointing": machine.gradient_checkpointing},
+        "machine": {
+            "device": machine.device,
+            "precision": machine.precision,
+            "quantize": machine.quantize,
+            "gradient_checkpointing": machine.gradient_checkpointing,
+        },
         "model_load_peak_memory_bytes": ctx.side.load_peak_memory,
     }
     peaks = [r["client_peak_memory_bytes"] for r in rows if "client_peak_memory_bytes" in r]

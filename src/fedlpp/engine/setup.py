@@ -41,8 +41,8 @@ from fedlpp.models.machine import Machine, resolve_device
 from fedlpp.privacy.client_dp import NoisedSum
 from fedlpp.privacy.plan import PrivacyPlan, make_plan
 from fedlpp.privacy.randomness import randomness
-from fedlpp.secagg import SecAggParams
 from fedlpp.quant import QuantSpec
+from fedlpp.secagg import SecAggParams
 from fedlpp.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,16 @@ def algorithm_spec(cfg: ExperimentConfig) -> AlgorithmSpec:
 def load_task_data(cfg: ExperimentConfig, split: str = "dev") -> TaskData:
     """The task's data; ``split="test"`` evaluates on its test split instead (``fedlpp eval --split test``)."""
     d = cfg.data
-    return load_task(d.task, path=d.path, hf_id=d.hf_id, num_train=d.num_train, num_eval=d.num_eval, seed=cfg.seed,
-                     eval_path=d.eval_path, split=split)
+    return load_task(
+        d.task,
+        path=d.path,
+        hf_id=d.hf_id,
+        num_train=d.num_train,
+        num_eval=d.num_eval,
+        seed=cfg.seed,
+        eval_path=d.eval_path,
+        split=split,
+    )
 
 
 def client_partitions(cfg: ExperimentConfig, task: TaskData) -> list[list[Example]]:
@@ -178,7 +186,9 @@ def eval_only(task: TaskData) -> TaskData:
     return dataclasses.replace(task, train=())
 
 
-def build_server(cfg: ExperimentConfig, task: TaskData, side: ModelSide, client_sizes: list[int], plan: PrivacyPlan | None) -> ServerContext:
+def build_server(
+    cfg: ExperimentConfig, task: TaskData, side: ModelSide, client_sizes: list[int], plan: PrivacyPlan | None
+) -> ServerContext:
     """The server's side of a run; ``task`` supplies only its name and evaluation examples."""
     return ServerContext(
         cfg=cfg,
@@ -202,29 +212,47 @@ def secure_encoding(cfg: ExperimentConfig, client_sizes: Sequence[int]) -> Secur
     weight = 1 if cfg.privacy.mode == "client_dp" else max(client_sizes)
     capacity = cfg.secagg.clip_range * 2.0**cfg.secagg.scale_bits
     if weight > capacity:
-        raise ConfigError(f"secagg.clip_range: {cfg.secagg.clip_range:g} x 2^{cfg.secagg.scale_bits} (secagg.scale_bits) = "
-                          f"{capacity:g} cannot carry a client's weight of {weight} in SecAgg's fixed point, so every round "
-                          "would abort; raise secagg.clip_range or secagg.scale_bits")
+        raise ConfigError(
+            f"secagg.clip_range: {cfg.secagg.clip_range:g} x 2^{cfg.secagg.scale_bits} (secagg.scale_bits) = "
+            f"{capacity:g} cannot carry a client's weight of {weight} in SecAgg's fixed point, so every round "
+            "would abort; raise secagg.clip_range or secagg.scale_bits"
+        )
     # max_clients: the config requires >= 3 per round (secagg's MIN_CLIENTS)
     return SecureEncoding(secagg_params(cfg.secagg, cfg.fl.clients_per_round), max(client_sizes))
 
 
 def secagg_params(cfg: SecAggConfig, clients_per_round: int) -> SecAggParams:
-    return SecAggParams(scale=2.0**cfg.scale_bits, clip_range=cfg.clip_range, max_clients=clients_per_round,
-                        threshold_fraction=cfg.threshold, graph=cfg.graph, prg=cfg.prg)
+    return SecAggParams(
+        scale=2.0**cfg.scale_bits,
+        clip_range=cfg.clip_range,
+        max_clients=clients_per_round,
+        threshold_fraction=cfg.threshold,
+        graph=cfg.graph,
+        prg=cfg.prg,
+    )
 
 
 # --- the round's composable steps, chosen once from the config -------------------------------
 
 
-def client_recipe(cfg: ExperimentConfig, side: ModelSide, spec: AlgorithmSpec, sigma: float, encoding: SecureEncoding | None) -> ClientRecipe:
+def client_recipe(
+    cfg: ExperimentConfig, side: ModelSide, spec: AlgorithmSpec, sigma: float, encoding: SecureEncoding | None
+) -> ClientRecipe:
     """What every client does with a broadcast; ``sigma`` is the server's current noise multiplier (DP only)."""
     mode = cfg.privacy.mode
     opts = LocalTraining.of(cfg.train)
     training: LocalTrainingPlan = SgdTraining(cfg.fl.local_steps, cfg.train.batch_size, opts, cfg.seed, side.machine)
     if mode == "dp_sgd":
-        training = DpSgdTraining(cfg.fl.local_steps, cfg.train.batch_size, opts, cfg.seed, sigma, cfg.privacy.clip_norm,
-                                 cfg.privacy.secure_noise, side.machine)
+        training = DpSgdTraining(
+            cfg.fl.local_steps,
+            cfg.train.batch_size,
+            opts,
+            cfg.seed,
+            sigma,
+            cfg.privacy.clip_norm,
+            cfg.privacy.secure_noise,
+            side.machine,
+        )
     transforms: tuple[DeltaTransform, ...] = (ClipToNorm(cfg.privacy.clip_norm),) if mode == "client_dp" else ()
     encode: Encoder = UpdateBytes()
     if encoding is not None:
@@ -267,7 +295,9 @@ def privacy_plan(cfg: ExperimentConfig, client_sizes: list[int]) -> PrivacyPlan:
     for round_ in range(1, fl.rounds + 1):
         for c in sample_clients(cfg.seed, round_, fl.num_clients, fl.clients_per_round):
             participation[c] += 1
-    return make_plan(cfg.privacy, client_sizes, cfg.train.batch_size, fl.local_steps, participation, fl.rounds, fl.clients_per_round)
+    return make_plan(
+        cfg.privacy, client_sizes, cfg.train.batch_size, fl.local_steps, participation, fl.rounds, fl.clients_per_round
+    )
 
 
 # A client's noise share may reach this many standard deviations on some coordinate without

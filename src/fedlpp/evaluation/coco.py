@@ -47,5 +47,8 @@ def coco_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) 
             del meteor  # stops its Java process
     except (OSError, ValueError, subprocess.SubprocessError) as e:  # a java that does not run the jars
         raise RuntimeError(f"the Java metrics failed to run ({type(e).__name__}: {e})") from None
-    return {"meteor": 100.0 * float(meteor_score), "rouge_l": 100.0 * float(Rouge().compute_score(refs, hyps)[0]),
-            "cider": float(Cider().compute_score(refs, hyps)[0])}
+    return {
+        "meteor": 100.0 * float(meteor_score),
+        "rouge_l": 100.0 * float(Rouge().compute_score(refs, hyps)[0]),
+        "cider": float(Cider().compute_score(refs, hyps)[0]),
+    }

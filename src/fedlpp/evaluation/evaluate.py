@@ -46,8 +46,13 @@ class Decoding:
     @classmethod
     def of(cls, eval_cfg: Any) -> Decoding:
         """The decoding an ``EvalConfig`` asks for."""
-        return cls(eval_cfg.batch_size, eval_cfg.max_new_tokens, eval_cfg.num_beams, eval_cfg.length_penalty,
-                   eval_cfg.no_repeat_ngram_size)
+        return cls(
+            eval_cfg.batch_size,
+            eval_cfg.max_new_tokens,
+            eval_cfg.num_beams,
+            eval_cfg.length_penalty,
+            eval_cfg.no_repeat_ngram_size,
+        )
 
     def generate_kwargs(self) -> dict[str, Any]:
         """What ``model.generate`` takes for it (batched, KV cache on, each sequence stopped at its own end)."""
@@ -72,8 +77,9 @@ def _batches(items: Sequence, size: int) -> list[Sequence]:
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, evalset: EvalSet, pad_id: int, batch_size: int,
-              on_batch: OnBatch | None = None, machine: Machine = CPU) -> tuple[float, list[int]]:
+def mean_loss(
+    model: nn.Module, evalset: EvalSet, pad_id: int, batch_size: int, on_batch: OnBatch | None = None, machine: Machine = CPU
+) -> tuple[float, list[int]]:
     """Mean per-example loss, and for classifiers the predicted labels."""
     total, count, predictions = 0.0, 0, []
     for chunk in _batches(evalset.features, batch_size):
@@ -99,8 +105,15 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, multiline: bool = False) 
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]], decoding: Decoding,
-             on_batch: OnBatch | None = None, multiline: bool = False, machine: Machine = CPU) -> list[str]:
+def generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[int]],
+    decoding: Decoding,
+    on_batch: OnBatch | None = None,
+    multiline: bool = False,
+    machine: Machine = CPU,
+) -> list[str]:
     """Batched greedy decoding; returns each continuation stripped (its first line unless ``multiline``)."""
     outputs: list[str] = []
     stops = stop_token_ids(tokenizer, multiline)

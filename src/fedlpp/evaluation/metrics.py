@@ -46,6 +46,7 @@ def _rouge(kind: str) -> Callable[[Sequence[str], Sequence[Sequence[str]]], floa
             return 0.0
         scores = [_ROUGE.score_multi(list(refs), hyp)[kind].fmeasure for hyp, refs in zip(hypotheses, references, strict=True)]
         return 100.0 * sum(scores) / len(scores)
+
     return score
 
 
@@ -74,13 +75,20 @@ def exact_match(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) 
     _check_lengths(hypotheses, references)
     if not hypotheses:
         return 0.0
-    hits = [(answer := final_number(hyp)) is not None and answer in {final_number(r) for r in refs}
-            for hyp, refs in zip(hypotheses, references, strict=True)]
+    hits = [
+        (answer := final_number(hyp)) is not None and answer in {final_number(r) for r in refs}
+        for hyp, refs in zip(hypotheses, references, strict=True)
+    ]
     return 100.0 * sum(hits) / len(hits)
 
 
 GENERATION_METRICS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]], float]] = {
-    "bleu": bleu, "rouge_1": rouge_1, "rouge_2": rouge_2, "rouge_l": rouge_l, "ter": ter, "exact_match": exact_match,
+    "bleu": bleu,
+    "rouge_1": rouge_1,
+    "rouge_2": rouge_2,
+    "rouge_l": rouge_l,
+    "ter": ter,
+    "exact_match": exact_match,
 }
 
 

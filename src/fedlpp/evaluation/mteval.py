@@ -53,7 +53,7 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 
 
 def _ngrams(words: Sequence[str], max_n: int) -> Counter[tuple[str, ...]]:
-    return Counter(tuple(words[i:i + n]) for n in range(1, max_n + 1) for i in range(len(words) - n + 1))
+    return Counter(tuple(words[i : i + n]) for n in range(1, max_n + 1) for i in range(len(words) - n + 1))
 
 
 def _information(references: Sequence[Sequence[list[str]]]) -> dict[tuple[str, ...], float]:

@@ -21,7 +21,11 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     ]
     for name in names:
         lines.append(f"{name:<22}{g[name]:>12.3f}{p[name]:>12.3f}{g[name] - p[name]:>+10.3f}")
-    b, ref, ratio = summary["bytes_per_client_per_round"], summary["fedavg_lora_bytes_per_client_per_round"], summary["ratio_to_fedavg_lora"]
+    b, ref, ratio = (
+        summary["bytes_per_client_per_round"],
+        summary["fedavg_lora_bytes_per_client_per_round"],
+        summary["ratio_to_fedavg_lora"],
+    )
     lines += [
         "",
         f"{'bytes / client / round':<22}{'this run':>14}{'FedAvg+LoRA':>14}{'ratio':>10}",

@@ -26,8 +26,18 @@ from fedlpp.scoring import official_metrics
 EVAL_JSON = "eval.json"
 PREDICTIONS = "predictions"
 # What an evaluation may change: where the evaluation data comes from, how much of it, how to decode.
-EVAL_KEYS = ("data.path", "data.hf_id", "data.eval_path", "data.num_eval", "eval.batch_size", "eval.max_new_tokens",
-             "eval.num_beams", "eval.length_penalty", "eval.no_repeat_ngram_size", "train.device")
+EVAL_KEYS = (
+    "data.path",
+    "data.hf_id",
+    "data.eval_path",
+    "data.num_eval",
+    "eval.batch_size",
+    "eval.max_new_tokens",
+    "eval.num_beams",
+    "eval.length_penalty",
+    "eval.no_repeat_ngram_size",
+    "train.device",
+)
 
 
 def evaluate_run(out: Path, overrides: Sequence[str], progress: bool = True, split: str = "dev") -> dict[str, Any]:
@@ -53,12 +63,21 @@ def evaluate_run(out: Path, overrides: Sequence[str], progress: bool = True, spl
         scored: dict[str, Scored] = {}
         for name, adapter in adapters.items():
             with open_bar(evaluation_work(evalset), f"{name} (examples)", enabled=progress, nested=True) as bar:
-                scored[name] = score_adapter(side.model, adapter, evalset, side.backbone.tokenizer, decoding, bar.update, side.machine)
+                scored[name] = score_adapter(
+                    side.model, adapter, evalset, side.backbone.tokenizer, decoding, bar.update, side.machine
+                )
         written = write_predictions(out, task, scored)
-        report = {"round": round_, "task": task.name, "split": split, "examples": len(task.eval),
-                  "changed": {k: flat_tree(to_tree(cfg))[k] for k in changed_keys(run_cfg, cfg)},
-                  "global": scored["global"].metrics, "proxy": scored["proxy"].metrics,
-                  "official": official(task, scored), "predictions": [str(p.relative_to(out)) for p in written]}
+        report = {
+            "round": round_,
+            "task": task.name,
+            "split": split,
+            "examples": len(task.eval),
+            "changed": {k: flat_tree(to_tree(cfg))[k] for k in changed_keys(run_cfg, cfg)},
+            "global": scored["global"].metrics,
+            "proxy": scored["proxy"].metrics,
+            "official": official(task, scored),
+            "predictions": [str(p.relative_to(out)) for p in written],
+        }
         rundir.write_json(out / EVAL_JSON, report)
         return report
 
@@ -69,9 +88,11 @@ def check_unseen(task: Any, trained_on: Any) -> None:
     seen = {(e.prompt, e.pair) for e in trained_on.train}
     shared = sum((e.prompt, e.pair) in seen for e in task.eval)
     if shared:
-        raise ValueError(f"{shared} of the {len(task.eval)} evaluation inputs were in the run's training data "
-                         f"(task {task.name!r} holds its dev split out of its training file, so a different "
-                         "data.num_eval takes other examples); evaluate on a split the run did not train on")
+        raise ValueError(
+            f"{shared} of the {len(task.eval)} evaluation inputs were in the run's training data "
+            f"(task {task.name!r} holds its dev split out of its training file, so a different "
+            "data.num_eval takes other examples); evaluate on a split the run did not train on"
+        )
 
 
 def official(task: Any, scored: dict[str, Scored]) -> dict[str, Any]:
@@ -103,9 +124,12 @@ def write_predictions(out: Path, task: Any, scored: dict[str, Scored]) -> list[P
 
 def format_eval(report: dict[str, Any]) -> str:
     metrics = list(report["global"])
-    lines = [f"{report['task']}: theta after round {report['round']} and its proxy on {report['examples']} "
-             f"{report.get('split', 'dev')} examples", "",
-             f"{'metric':<16}{'global':>12}{'proxy':>12}{'gap':>10}"]
+    lines = [
+        f"{report['task']}: theta after round {report['round']} and its proxy on {report['examples']} "
+        f"{report.get('split', 'dev')} examples",
+        "",
+        f"{'metric':<16}{'global':>12}{'proxy':>12}{'gap':>10}",
+    ]
     for m in metrics:
         g, p = report["global"][m], report["proxy"][m]
         lines.append(f"{m:<16}{g:>12.3f}{p:>12.3f}{g - p:>+10.3f}")

@@ -19,10 +19,10 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
-    GenerationConfig,
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -119,8 +119,9 @@ def _load_weights(path: str, kind: str, num_labels: int, machine: Machine) -> Pr
             return auto.from_pretrained(path, **head, **_load_kwargs(machine))
         config = AutoConfig.from_pretrained(path, **head)
         with _read_tensor_by_tensor(files) as state_dict:
-            model = _get_model_class(config, auto._model_mapping).from_pretrained(None, config=config, state_dict=state_dict,
-                                                                                 **_load_kwargs(machine))
+            model = _get_model_class(config, auto._model_mapping).from_pretrained(
+                None, config=config, state_dict=state_dict, **_load_kwargs(machine)
+            )
         return _as_if_loaded_from(model, path)
 
 
@@ -157,7 +158,7 @@ def _read_tensor_by_tensor(files: list[Path]) -> Iterator[dict[str, Any]]:
         state: dict[str, Any] = {}
         for file in files:
             handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu", backend="pread"))
-            state.update({key: handle.get_slice(key) for key in handle.keys()})
+            state.update({key: handle.get_slice(key) for key in handle})
         yield state
 
 
@@ -209,8 +210,13 @@ def _load_kwargs(machine: Machine) -> dict[str, Any]:
     from transformers import BitsAndBytesConfig
 
     # A classifier's new head is trained (peft copies it): never quantized.
-    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=machine.dtype, llm_int8_skip_modules=list(NOT_QUANTIZED))
+    nf4 = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=machine.dtype,
+        llm_int8_skip_modules=list(NOT_QUANTIZED),
+    )
     # Embeddings, norms and the LM head stay unquantized in the compute dtype (not upcast to fp32 as
     # peft's prepare_model_for_kbit_training would: +1 GB at a 128k vocabulary).
     return {"dtype": machine.dtype, "quantization_config": nf4, "device_map": {"": machine.device}}
@@ -298,7 +304,9 @@ def load_backbone(name: str, kind: str, num_labels: int = 0, pooling: str = "aut
     if machine.gradient_checkpointing:
         # Non-reentrant: gradients reach the LoRA weights inside each block although the block's inputs
         # need none (transformers 5 wants the choice explicit, DESIGN 5.1).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_contexts})
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_contexts}
+        )
     _ensure_pad(tokenizer)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

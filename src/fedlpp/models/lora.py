@@ -44,9 +44,7 @@ def is_lora_b(name: str) -> bool:
     return ".lora_B." in name
 
 
-def attach_lora(
-    backbone: Backbone, kind: str, r: int, alpha: float, dropout: float, targets: Iterable[str] = ()
-) -> PeftModel:
+def attach_lora(backbone: Backbone, kind: str, r: int, alpha: float, dropout: float, targets: Iterable[str] = ()) -> PeftModel:
     """Wrap the frozen backbone with a LoRA adapter (and a trainable head for classifiers)."""
     task_type = TaskType.CAUSAL_LM if kind == "generation" else TaskType.SEQ_CLS
     targets = list(targets) or list(backbone.default_targets)
@@ -75,11 +73,13 @@ def keep_adapter_float32(model: nn.Module) -> None:
 
 def layer_names(model: nn.Module) -> list[str]:
     """The short names (last path component) of the model's matrix layers (linear, embedding), sorted."""
-    return sorted({
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if name and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
-    })
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if name and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
+        }
+    )
 
 
 def check_targets(model: nn.Module, targets: Iterable[str]) -> None:
@@ -95,11 +95,7 @@ def check_targets(model: nn.Module, targets: Iterable[str]) -> None:
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Canonical name -> the live parameter, for every adapter tensor, in a fixed (sorted) order."""
-    params = {
-        canonical_name(n): p
-        for n, p in model.named_parameters()
-        if ".lora_" in n or ".modules_to_save." in n
-    }
+    params = {canonical_name(n): p for n, p in model.named_parameters() if ".lora_" in n or ".modules_to_save." in n}
     if not params:
         raise ValueError("the model has no LoRA parameters: call attach_lora first")
     return dict(sorted(params.items()))

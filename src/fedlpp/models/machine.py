@@ -16,8 +16,9 @@ import logging
 import resource
 import sys
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 
@@ -45,12 +46,16 @@ def resolve_device(name: str) -> str:
         return "mps"
     index = int(name.partition(":")[2] or 0)
     if not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} was asked for but torch sees no CUDA GPU (this torch is "
-                          f"{torch.__version__}: a CPU build has no CUDA; the README says how to install a CUDA one); "
-                          "use train.device=auto or cpu")
+        raise ConfigError(
+            f"train.device: {name!r} was asked for but torch sees no CUDA GPU (this torch is "
+            f"{torch.__version__}: a CPU build has no CUDA; the README says how to install a CUDA one); "
+            "use train.device=auto or cpu"
+        )
     if index >= torch.cuda.device_count():
-        raise ConfigError(f"train.device: {name!r} was asked for but torch sees {torch.cuda.device_count()} CUDA GPU(s) "
-                          f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        raise ConfigError(
+            f"train.device: {name!r} was asked for but torch sees {torch.cuda.device_count()} CUDA GPU(s) "
+            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+        )
     return f"cuda:{index}"
 
 
@@ -80,7 +85,7 @@ class Machine:
         """The frozen backbone's dtype (nf4: of what is not quantized, and of the 4-bit matmuls' compute)."""
         return PRECISIONS[self.precision]
 
-    def autocast(self) -> ContextManager[Any]:
+    def autocast(self) -> AbstractContextManager[Any]:
         """Compute under autocast in the backbone's dtype (nothing to do in fp32)."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
@@ -101,7 +106,11 @@ class Machine:
         """The peak since ``reset_peak_memory``: CUDA's allocated bytes, else the process's peak RSS (the
         process's lifetime peak where the kernel cannot reset it: ``kind`` says which)."""
         if self.torch_device.type == "cuda":
-            return {"device": self.device, "kind": "cuda_max_allocated", "bytes": int(torch.cuda.max_memory_allocated(self.torch_device))}
+            return {
+                "device": self.device,
+                "kind": "cuda_max_allocated",
+                "bytes": int(torch.cuda.max_memory_allocated(self.torch_device)),
+            }
         since_reset = rss_high_water_mark()
         if since_reset is not None:
             return {"device": self.device, "kind": "process_peak_rss", "bytes": since_reset}
@@ -127,7 +136,7 @@ def _marked_recompute() -> Iterator[None]:
         _recomputing.reset(token)
 
 
-def checkpoint_contexts() -> tuple[ContextManager[Any], ContextManager[Any]]:
+def checkpoint_contexts() -> tuple[AbstractContextManager[Any][Any]]:
     """torch.utils.checkpoint's ``context_fn``: nothing around the first forward, a mark around the recompute.
 
     Forward hooks fire again when a checkpointed block is recomputed; DP-SGD's per-example hooks must
@@ -145,9 +154,8 @@ def peak_rss_bytes() -> int:
 
 def reset_peak_rss() -> None:
     """Reset the kernel's record of this process's peak RSS (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``)."""
-    with contextlib.suppress(OSError):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def rss_high_water_mark() -> int | None:

@@ -36,14 +36,18 @@ class MaskedMeanPooler(nn.Module):
 
 
 def declared_pooling(checkpoint: str | Path) -> str:
-    """"mean" when the checkpoint's sentence-transformers pooling file says mean, else "cls".
+    """ "mean" when the checkpoint's sentence-transformers pooling file says mean, else "cls".
 
     A local folder is read directly; a hub id's file comes with the model the user asked for.
     """
     path = Path(checkpoint) / POOLING_FILE
     if not Path(checkpoint).exists():
-        found = cached_file(str(checkpoint), POOLING_FILE, _raise_exceptions_for_missing_entries=False,
-                            _raise_exceptions_for_connection_errors=False)
+        found = cached_file(
+            str(checkpoint),
+            POOLING_FILE,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
         path = Path(found) if found else path
     if not path.is_file():
         return "cls"

@@ -33,8 +33,7 @@ def _packaged_file(dist: str, relative: str) -> Path:
         path = Path(str(importlib.metadata.distribution(dist).locate_file(relative)))
     except importlib.metadata.PackageNotFoundError:
         raise FileNotFoundError(
-            f"the package {dist!r} is not installed; run the README's install command "
-            f"(it installs {dist} with --no-deps)"
+            f"the package {dist!r} is not installed; run the README's install command (it installs {dist} with --no-deps)"
         ) from None
     if not path.exists():
         raise FileNotFoundError(f"{dist} is installed but {relative} is missing from it: reinstall {dist}")

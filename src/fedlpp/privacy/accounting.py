@@ -31,7 +31,7 @@ from fedlpp.config import ConfigError
 Step = tuple[float, float, int]  # (noise multiplier, sampling rate, number of steps)
 
 # Opacus's default RDP orders plus larger ones: small noise or few steps put the optimum beyond 63.
-RDP_ORDERS = RDPAccountant.DEFAULT_ALPHAS + [80, 96, 128, 160, 192, 256, 384, 512, 1024]
+RDP_ORDERS = [*RDPAccountant.DEFAULT_ALPHAS, 80, 96, 128, 160, 192, 256, 384, 512, 1024]
 SIGMA_MAX = 1e4  # calibration gives up beyond this: the target cannot be met by noise
 
 
@@ -95,7 +95,7 @@ def worst_epsilon(sigma: float, schedules: Sequence[tuple[float, int]], acc: Acc
 
 def undominated(schedules: Sequence[tuple[float, int]]) -> list[tuple[float, int]]:
     """Schedules that no other schedule beats in both rate and steps (epsilon grows with each)."""
-    unique = sorted(set((float(q), int(t)) for q, t in schedules if t > 0))
+    unique = sorted({(float(q), int(t)) for q, t in schedules if t > 0})
     return [s for s in unique if not any(o != s and o[0] >= s[0] and o[1] >= s[1] for o in unique)]
 
 
@@ -107,8 +107,10 @@ def calibrate(target: float, schedules: Sequence[tuple[float, int]], acc: Accoun
     while worst_epsilon(high, schedules, acc) > target:
         low, high = high, 2 * high
         if high > SIGMA_MAX:
-            raise CalibrationError(f"privacy.epsilon: {target} at delta {acc.delta} cannot be reached with any noise "
-                                   f"multiplier <= {SIGMA_MAX:g}; allow a larger epsilon or fewer steps (fl.rounds, fl.local_steps)")
+            raise CalibrationError(
+                f"privacy.epsilon: {target} at delta {acc.delta} cannot be reached with any noise "
+                f"multiplier <= {SIGMA_MAX:g}; allow a larger epsilon or fewer steps (fl.rounds, fl.local_steps)"
+            )
     while high - low > rel_tol * high:
         mid = (low + high) / 2
         if worst_epsilon(mid, schedules, acc) > target:

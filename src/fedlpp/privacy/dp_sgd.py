@@ -95,7 +95,9 @@ class PerExampleGradients(GradSampleModule):
     pairs each backprop with the first forward's inputs, which the recompute reproduces exactly.
     """
 
-    def capture_activations_hook(self, module: nn.Module, forward_input: list[torch.Tensor], _forward_output: torch.Tensor) -> None:
+    def capture_activations_hook(
+        self, module: nn.Module, forward_input: list[torch.Tensor], _forward_output: torch.Tensor
+    ) -> None:
         if recomputing():
             return
         super().capture_activations_hook(module, forward_input, _forward_output)
@@ -117,7 +119,9 @@ class DpSgdSteps:
         self.machine = machine
 
     @contextlib.contextmanager
-    def attach(self, model: nn.Module, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> Iterator[torch.optim.Optimizer]:
+    def attach(
+        self, model: nn.Module, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer
+    ) -> Iterator[torch.optim.Optimizer]:
         wrapped = PerExampleGradients(model, batch_first=True, loss_reduction="mean", strict=False)
         try:
             yield NoisyOptimizer(
@@ -135,7 +139,9 @@ class DpSgdSteps:
         return per_example_backward(model, kind, batch, params, self.machine)
 
 
-def per_example_backward(model: nn.Module, kind: str, batch: Batch, params: Sequence[nn.Parameter], machine: Machine = CPU) -> float:
+def per_example_backward(
+    model: nn.Module, kind: str, batch: Batch, params: Sequence[nn.Parameter], machine: Machine = CPU
+) -> float:
     """Per-example gradients into ``p.grad_sample``; the batch's mean loss."""
     if batch is None:
         for p in params:

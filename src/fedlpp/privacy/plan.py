@@ -72,8 +72,13 @@ def make_plan(
     sigma = cfg.noise_multiplier
     if cfg.epsilon > 0:
         sigma = calibrate(cfg.epsilon, schedules, accounting)
-        log.info("privacy: noise multiplier %.4f calibrated to epsilon %g at delta %g (%s accountant)",
-                 sigma, cfg.epsilon, cfg.delta, cfg.accountant)
+        log.info(
+            "privacy: noise multiplier %.4f calibrated to epsilon %g at delta %g (%s accountant)",
+            sigma,
+            cfg.epsilon,
+            cfg.delta,
+            cfg.accountant,
+        )
     return PrivacyPlan(
         mode=cfg.mode,
         noise_multiplier=sigma,
@@ -92,10 +97,15 @@ def _warn_whole_clients(batch_size: int, client_sizes: Sequence[int]) -> None:
     """DP-SGD's sampling amplification needs a batch smaller than the client; say when it is not."""
     whole = [c for c, size in enumerate(client_sizes) if size <= batch_size]
     if whole:
-        log.warning("privacy: train.batch_size=%d is at least the %d examples of client %d%s: each of their DP-SGD "
-                    "steps takes the whole client (sampling rate 1, no amplification by sampling); "
-                    "set a smaller train.batch_size", batch_size, client_sizes[whole[0]], whole[0],
-                    f" and {len(whole) - 1} more" if len(whole) > 1 else "")
+        log.warning(
+            "privacy: train.batch_size=%d is at least the %d examples of client %d%s: each of their DP-SGD "
+            "steps takes the whole client (sampling rate 1, no amplification by sampling); "
+            "set a smaller train.batch_size",
+            batch_size,
+            client_sizes[whole[0]],
+            whole[0],
+            f" and {len(whole) - 1} more" if len(whole) > 1 else "",
+        )
 
 
 @dataclass(frozen=True)
@@ -136,7 +146,11 @@ class Ledger:
 def guarantee(plan: PrivacyPlan, ledger: Ledger) -> dict[str, object]:
     """The summary's privacy block, with one sentence a reader can quote."""
     eps, delta = ledger.epsilon, plan.accounting.delta
-    mechanism = "DP-SGD on every client (Opacus)" if plan.mode == "dp_sgd" else "DP-FedAvg (clipped client deltas, Gaussian noise on the sum)"
+    mechanism = (
+        "DP-SGD on every client (Opacus)"
+        if plan.mode == "dp_sgd"
+        else "DP-FedAvg (clipped client deltas, Gaussian noise on the sum)"
+    )
     sampling = "Poisson" if plan.accounting.sampling == "poisson" else "fixed-size (replace-one)"
     norm = "C" if plan.mode == "dp_sgd" else "S"
     statement = (
@@ -145,8 +159,10 @@ def guarantee(plan: PrivacyPlan, ledger: Ledger) -> dict[str, object]:
         f"{sampling} sampling, {plan.accounting.accountant.upper()} accountant."
     )
     if not plan.secure_noise:
-        statement += (" The noise was drawn from the run's seed (reproducible research mode): the guarantee holds "
-                      "only against parties who do not know it; privacy.secure_noise=true draws it from the OS CSPRNG.")
+        statement += (
+            " The noise was drawn from the run's seed (reproducible research mode): the guarantee holds "
+            "only against parties who do not know it; privacy.secure_noise=true draws it from the OS CSPRNG."
+        )
     return {
         "mode": plan.mode,
         "unit": plan.protected_unit,

@@ -1,6 +1,6 @@
 """Normal-quantile (NF-w) codebooks for the FedLPP broadcast quantizer (DESIGN 2.2)."""
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 from scipy.stats import norm
@@ -59,7 +59,7 @@ def nf_codebook(bits: int) -> torch.Tensor:
     return torch.tensor(_levels(bits), dtype=torch.float32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _levels(bits: int) -> tuple[float, ...]:
     if bits == 1:
         return (-1.0, 0.0, 1.0)

@@ -101,8 +101,7 @@ def _checked_codes(codes: torch.Tensor, bits: int) -> np.ndarray:
         raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
     flat = codes.detach().reshape(-1).cpu()
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= levels):
-        raise ValueError(f"codes for bits={bits} must lie in [0, {levels}), got range "
-                         f"[{int(flat.min())}, {int(flat.max())}]")
+        raise ValueError(f"codes for bits={bits} must lie in [0, {levels}), got range [{int(flat.min())}, {int(flat.max())}]")
     return flat.to(torch.uint8).numpy()
 
 

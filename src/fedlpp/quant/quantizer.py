@@ -36,9 +36,7 @@ class QuantSpec:
     def __post_init__(self) -> None:
         check_bits(self.bits)
         if self.granularity not in GRANULARITIES:
-            raise ValueError(
-                f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
-            )
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         size = self.block_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"block_size must be an int >= 1, got {self.block_size!r}")
@@ -67,11 +65,9 @@ class QuantizedTensor:
         count = _numel(self.shape)
         groups, _ = _group_layout(self.shape, self.spec)
         if self.scales.dtype != torch.float16 or self.scales.shape != (groups,):
-            raise ValueError(f"scales must be float16 of shape ({groups},), got "
-                             f"{self.scales.dtype} {tuple(self.scales.shape)}")
+            raise ValueError(f"scales must be float16 of shape ({groups},), got {self.scales.dtype} {tuple(self.scales.shape)}")
         if len(self.codes) != packed_nbytes(count, self.spec.bits):
-            raise ValueError(f"codes must be {packed_nbytes(count, self.spec.bits)} bytes, "
-                             f"got {len(self.codes)}")
+            raise ValueError(f"codes must be {packed_nbytes(count, self.spec.bits)} bytes, got {len(self.codes)}")
 
     @property
     def nbytes(self) -> int:

@@ -229,12 +229,21 @@ class ClientSession:
         node's own ``context.state``). The expanded masks are not kept; ``masked_input``
         expands them again from the secrets.
         """
-        peers = [[a.client, a.c_public.hex(), a.s_public.hex(), a.seed_commitment.hex(), a.signature.hex()]
-                 for a in self._peers.values()]
+        peers = [
+            [a.client, a.c_public.hex(), a.s_public.hex(), a.seed_commitment.hex(), a.signature.hex()]
+            for a in self._peers.values()
+        ]
         state = {
-            "client": self.client_id, "round": self.round, "dim": self.dim, "step": self._step,
-            "c": self._c.private_bytes().hex(), "s": self._s.private_bytes().hex(), "b": self._b.hex(),
-            "participants": list(self._graph_source[0]), "graph_seed": self._graph_source[1].hex(), "peers": peers,
+            "client": self.client_id,
+            "round": self.round,
+            "dim": self.dim,
+            "step": self._step,
+            "c": self._c.private_bytes().hex(),
+            "s": self._s.private_bytes().hex(),
+            "b": self._b.hex(),
+            "participants": list(self._graph_source[0]),
+            "graph_seed": self._graph_source[1].hex(),
+            "peers": peers,
             "box": {str(v): k.hex() for v, k in self._box_secrets.items()},
             "mask": {str(v): k.hex() for v, k in self._mask_secrets.items()},
             "held": {str(v): [str(b), str(sk)] for v, (b, sk) in self._held.items()},
@@ -244,12 +253,17 @@ class ClientSession:
         return json.dumps(state).encode()
 
     @classmethod
-    def restore(cls, data: bytes, signing_key: Ed25519PrivateKey, registry: Mapping[int, bytes], params: SecAggParams) -> ClientSession:
+    def restore(
+        cls, data: bytes, signing_key: Ed25519PrivateKey, registry: Mapping[int, bytes], params: SecAggParams
+    ) -> ClientSession:
         """The session ``export_state`` saved, ready for its next step."""
         state = json.loads(data)
         session = cls(state["client"], signing_key, registry, params, state["round"], state["dim"])
         session._step = state["step"]
-        session._c, session._s = key_pair_from_private(bytes.fromhex(state["c"])), key_pair_from_private(bytes.fromhex(state["s"]))
+        session._c, session._s = (
+            key_pair_from_private(bytes.fromhex(state["c"])),
+            key_pair_from_private(bytes.fromhex(state["s"])),
+        )
         session._b = bytes.fromhex(state["b"])
         if state["participants"]:
             session._graph_source = (tuple(state["participants"]), bytes.fromhex(state["graph_seed"]))
@@ -267,8 +281,11 @@ class ClientSession:
         if keys.params_fingerprint != self.params.fingerprint():
             raise SecAggError(SERVER_ID, "protocol parameters differ between server and client")
         if self.client_id not in keys.participants or len(keys.participants) > self.params.max_clients:
-            raise SecAggError(SERVER_ID, f"participant list has {len(keys.participants)} clients, "
-                              f"must include this one and not exceed max_clients={self.params.max_clients}")
+            raise SecAggError(
+                SERVER_ID,
+                f"participant list has {len(keys.participants)} clients, "
+                f"must include this one and not exceed max_clients={self.params.max_clients}",
+            )
         graph = build_graph(keys.participants, keys.graph_seed, self.params)
         mine = graph.neighbours[self.client_id]
         if tuple(a.client for a in keys.adverts) != tuple(sorted(mine)):
@@ -286,8 +303,11 @@ class ClientSession:
             raise SecAggError(advert.client, "not in the client registry (forwarded by the server)")
         signed = wire.advert_signed_bytes(advert, self.round)
         if not verify(load_verify_key(self._registry[advert.client]), advert.signature, signed):
-            raise SecAggError(advert.client, "advertisement signature does not verify (forwarded unchecked by "
-                              "the server: the client sent a bad one, or the server altered it)")
+            raise SecAggError(
+                advert.client,
+                "advertisement signature does not verify (forwarded unchecked by "
+                "the server: the client sent a bad one, or the server altered it)",
+            )
 
     def _check_distinct_keys(self, adverts: tuple[SignedKeys, ...]) -> None:
         # Bonawitz et al. 2017, round 1: a repeated key would mean a replayed advertisement.
@@ -298,8 +318,11 @@ class ClientSession:
     def _check_view(self, view: Survivors) -> None:
         both = set(view.survivors) & set(view.dropped)
         if both:
-            raise SecAggError(SERVER_ID, f"lists client(s) {sorted(both)} as both survived and dropped: revealing "
-                              "both shares would unmask an individual input; refused")
+            raise SecAggError(
+                SERVER_ID,
+                f"lists client(s) {sorted(both)} as both survived and dropped: revealing "
+                "both shares would unmask an individual input; refused",
+            )
         if self.client_id not in view.survivors:
             raise SecAggError(SERVER_ID, f"omits client {self.client_id} from the survivors although it sent its input")
         listed = set(view.survivors) | set(view.dropped)
@@ -320,9 +343,12 @@ class ClientSession:
                 if signature != self._view_signature:
                     raise SecAggError(SERVER_ID, "forwards this client's own signature altered")
             elif not verify(load_verify_key(self._registry[signer]), signature, signed):
-                raise SecAggError(signer, "signature of the survivor list does not verify (forwarded unchecked by "
-                                  "the server: the signer sent a bad one, or the server altered it or is showing "
-                                  "clients different views)")
+                raise SecAggError(
+                    signer,
+                    "signature of the survivor list does not verify (forwarded unchecked by "
+                    "the server: the signer sent a bad one, or the server altered it or is showing "
+                    "clients different views)",
+                )
         threshold = self._own_threshold()
         if len(signatures) < threshold:
             raise SecAggAbort("Unmasking", "clients that signed the survivor list", len(signatures), threshold)

@@ -53,8 +53,7 @@ class SecAggAbort(RuntimeError):
         self.threshold = threshold
         what = f"{count} {detail}, threshold is {threshold}" if count is not None else detail
         super().__init__(
-            f"secagg round aborted at {step}: {what}; the aggregate is not revealed and the "
-            "caller's state must stay unchanged"
+            f"secagg round aborted at {step}: {what}; the aggregate is not revealed and the caller's state must stay unchanged"
         )
 
 

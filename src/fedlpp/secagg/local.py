@@ -22,7 +22,6 @@ from fedlpp.secagg.crypto import verify_key_bytes
 from fedlpp.secagg.params import SecAggParams
 from fedlpp.secagg.server import AggregateResult, ServerSession
 
-
 T = TypeVar("T")
 
 
@@ -121,7 +120,9 @@ def run_local_round(
         """A step: the server's messages travel down, the clients still there answer (in parallel)."""
         t.count(t.down, inbox)
         gone = getattr(dropouts, DROPOUT_FIELD[step])
-        sent = _step(run, {c: partial(answer_step, clients[c], step, m, inputs[c]) for c, m in sorted(inbox.items()) if c not in gone})
+        sent = _step(
+            run, {c: partial(answer_step, clients[c], step, m, inputs[c]) for c, m in sorted(inbox.items()) if c not in gone}
+        )
         t.count(t.up, sent)
         return sent
 
@@ -129,8 +130,13 @@ def run_local_round(
 
 
 # The ``Dropouts`` field of each step: who vanishes before sending that step's message.
-DROPOUT_FIELD = {"advertise": "advertise", "share_keys": "shares", "masked_input": "masked_input",
-                 "sign_survivors": "signature", "unmask": "unmask"}
+DROPOUT_FIELD = {
+    "advertise": "advertise",
+    "share_keys": "shares",
+    "masked_input": "masked_input",
+    "sign_survivors": "signature",
+    "unmask": "unmask",
+}
 STEPS = tuple(DROPOUT_FIELD)
 Ask = Callable[[str, Mapping[int, bytes]], Mapping[int, bytes]]  # (step, {client: server's message}) -> {client: reply}
 
@@ -141,8 +147,11 @@ def answer_step(session: ClientSession, step: str, message: bytes, values: npt.A
         return session.advertise()
     if step == "masked_input":
         return session.masked_input(message, values)
-    calls: dict[str, Callable[[bytes], bytes]] = {"share_keys": session.share_keys, "sign_survivors": session.sign_survivors,
-                                                  "unmask": session.unmask}
+    calls: dict[str, Callable[[bytes], bytes]] = {
+        "share_keys": session.share_keys,
+        "sign_survivors": session.sign_survivors,
+        "unmask": session.unmask,
+    }
     return calls[step](message)
 
 
@@ -153,12 +162,20 @@ def drive_round(server: ServerSession, ask: Ask, clients: Sequence[int], run: Pa
     session decides whether the round can still be unmasked (``SecAggAbort`` if not).
     """
     run = run or InProcess()
-    receive = {"advertise": server.receive_advertisement, "share_keys": server.receive_shares,
-               "masked_input": server.receive_masked_input, "sign_survivors": server.receive_signature,
-               "unmask": server.receive_unmask}
-    finish = {"advertise": server.finish_advertise, "share_keys": server.finish_share_keys,
-              "masked_input": server.finish_masked_input, "sign_survivors": server.finish_consistency}
-    inbox: Mapping[int, bytes] = {c: b"" for c in clients}
+    receive = {
+        "advertise": server.receive_advertisement,
+        "share_keys": server.receive_shares,
+        "masked_input": server.receive_masked_input,
+        "sign_survivors": server.receive_signature,
+        "unmask": server.receive_unmask,
+    }
+    finish = {
+        "advertise": server.finish_advertise,
+        "share_keys": server.finish_share_keys,
+        "masked_input": server.finish_masked_input,
+        "sign_survivors": server.finish_consistency,
+    }
+    inbox: Mapping[int, bytes] = dict.fromkeys(clients, b"")
     for step in STEPS:
         for client, message in ask(step, inbox).items():
             run.server(partial(receive[step], message, client))

@@ -113,8 +113,10 @@ class ServerSession:
         participants = tuple(sorted(self._adverts))
         _require(len(participants), MIN_CLIENTS, "AdvertiseKeys", "clients that advertised keys")
         if len(participants) > self.params.max_clients:
-            raise SecAggParamsError(f"secagg.max_clients: {len(participants)} clients advertised, the fixed-point "
-                                    f"headroom allows {self.params.max_clients}")
+            raise SecAggParamsError(
+                f"secagg.max_clients: {len(participants)} clients advertised, the fixed-point "
+                f"headroom allows {self.params.max_clients}"
+            )
         # The seed is public; drawing it from the CSPRNG keeps the graph unpredictable to clients.
         seed = random_bytes(KEY_BYTES)
         graph = build_graph(participants, seed, self.params)
@@ -154,8 +156,7 @@ class ServerSession:
             # u's secrets are held by these neighbours only; below t they could not be rebuilt.
             _require(len(senders), graph.thresholds[u], "ShareKeys", f"neighbours of client {u} that shared keys")
             self._masked_from[u] = tuple(senders)
-            routed[u] = self._pack(MessageType.ROUTED_SHARES, u, wire.encode_ciphertexts(
-                {v: self._boxes[v][u] for v in senders}))
+            routed[u] = self._pack(MessageType.ROUTED_SHARES, u, wire.encode_ciphertexts({v: self._boxes[v][u] for v in senders}))
         return routed
 
     # ------------------------------------------------------------ step 2: MaskedInputCollection
@@ -199,8 +200,7 @@ class ServerSession:
         """Accept one survivor's signature of the survivor/dropped view (verified by the clients it is forwarded to)."""
         self._at("consistency", data, origin)
         assert self._view is not None
-        sender, reader = self._unpack(data, MessageType.SURVIVORS_SIGNATURE, origin,
-                                      self._view.survivors, self._signatures)
+        sender, reader = self._unpack(data, MessageType.SURVIVORS_SIGNATURE, origin, self._view.survivors, self._signatures)
         signature = reader.take(SIGNATURE_BYTES, "signature")
         reader.finish()
         self._signatures[sender] = signature
@@ -231,8 +231,7 @@ class ServerSession:
     def _expected_reveals(self, holder: int) -> set[tuple[int, ShareKind]]:
         assert self._view is not None
         survivors = set(self._view.survivors)
-        return {(v, ShareKind.SELF_MASK_SEED if v in survivors else ShareKind.MASKING_KEY)
-                for v in self._masked_from[holder]}
+        return {(v, ShareKind.SELF_MASK_SEED if v in survivors else ShareKind.MASKING_KEY) for v in self._masked_from[holder]}
 
     def finish_unmask(self) -> AggregateResult:
         """Rebuild the secrets, remove the remaining masks and decode the sum.
@@ -247,8 +246,10 @@ class ServerSession:
         for u in self._view.survivors:
             seed = self._rebuild(u, ShareKind.SELF_MASK_SEED)
             if seed_commitment(seed, self.round, u) != self._adverts[u].seed_commitment:
-                raise SecAggAbort("Unmasking", f"rebuilt self-mask seed of client {u} does not match its "
-                                  "commitment: some revealed share is corrupt")
+                raise SecAggAbort(
+                    "Unmasking",
+                    f"rebuilt self-mask seed of client {u} does not match its commitment: some revealed share is corrupt",
+                )
             np.subtract(total, prg.expand(self_mask_key(seed, self.round, u)), out=total)
         survivors = set(self._view.survivors)
         for v in self._view.dropped:
@@ -261,19 +262,23 @@ class ServerSession:
             return
         keys = key_pair_from_private(self._rebuild(v, ShareKind.MASKING_KEY))
         if keys.public != self._adverts[v].s_public:
-            raise SecAggAbort("Unmasking", f"rebuilt masking key of client {v} does not match its advertised "
-                              "key: some revealed share is corrupt")
+            raise SecAggAbort(
+                "Unmasking",
+                f"rebuilt masking key of client {v} does not match its advertised key: some revealed share is corrupt",
+            )
         for u in peers:
             try:
                 shared = exchange(keys.private, self._adverts[u].s_public)
             except ValueError as err:  # its neighbours, who must refuse such a key, did not
-                raise SecAggAbort("Unmasking", f"client {u} advertised an invalid (low-order) masking key and "
-                                  "its neighbours used it") from err
+                raise SecAggAbort(
+                    "Unmasking", f"client {u} advertised an invalid (low-order) masking key and its neighbours used it"
+                ) from err
             remove_pairwise(total, prg.expand(pairwise_key(shared, self.round, v, u)), u, v)
 
     def _rebuild(self, about: int, kind: ShareKind) -> bytes:
-        shares = {holder: r.share for holder, reveals in self._reveals.items()
-                  for r in reveals if r.about == about and r.kind == kind}
+        shares = {
+            holder: r.share for holder, reveals in self._reveals.items() for r in reveals if r.about == about and r.kind == kind
+        }
         threshold = self._require_graph().thresholds[about]
         _require(len(shares), threshold, "Unmasking", f"shares of client {about}'s {kind.name.lower()}")
         try:

@@ -9,6 +9,7 @@ naming the sender, so any transport (the local engine, Flower) can carry raw byt
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -145,13 +146,11 @@ class Reader:
 
 
 def _check_increasing(reader: Reader, ids: Sequence[int], what: str) -> None:
-    if any(b <= a for a, b in zip(ids, ids[1:])):
+    if any(b <= a for a, b in itertools.pairwise(ids)):
         raise reader.error(f"{what} are not strictly increasing (duplicate or unordered ids)")
 
 
-def unpack(
-    data: bytes, kind: MessageType, round_: int, recipient: int, origin: int | None = None
-) -> tuple[Header, Reader]:
+def unpack(data: bytes, kind: MessageType, round_: int, recipient: int, origin: int | None = None) -> tuple[Header, Reader]:
     """Check a message's header and return it with a reader over the body.
 
     Args:
@@ -357,4 +356,3 @@ def _decode_reveal(reader: Reader) -> ShareReveal:
     except ValueError as err:
         raise reader.error(f"share about {party_name(about)} is {err}") from err
     return ShareReveal(about, ShareKind(kind), share)
-

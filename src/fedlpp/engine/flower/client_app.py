@@ -28,7 +28,15 @@ from fedlpp.data.examples_file import read_examples
 from fedlpp.engine.flower import secure
 from fedlpp.engine.flower.messages import QUERY, TRAIN, MessageError, content, fields_of, require
 from fedlpp.engine.flower.roster import UNASSIGNED
-from fedlpp.engine.setup import ModelSide, algorithm_spec, build_model, client_data, client_partitions, client_recipe, load_task_data
+from fedlpp.engine.setup import (
+    ModelSide,
+    algorithm_spec,
+    build_model,
+    client_data,
+    client_partitions,
+    client_recipe,
+    load_task_data,
+)
 
 DATA_PATH, CLIENT_ID = "data-path", "client-id"  # node config keys of a deployed SuperNode
 PARTITION_ID = "partition-id"  # set by Flower's simulation runtime
@@ -66,7 +74,9 @@ class DataSource:
             return DataSource(client_id, path, stamp)
         if PARTITION_ID in node_config:
             return DataSource(int(node_config[PARTITION_ID]))  # type: ignore[call-overload]
-        raise MessageError(f"this node has no {DATA_PATH!r} in its node config: start it with --node-config \"{DATA_PATH}='...'\"")
+        raise MessageError(
+            f"this node has no {DATA_PATH!r} in its node config: start it with --node-config \"{DATA_PATH}='...'\""
+        )
 
     def examples(self, cfg: ExperimentConfig) -> list[Example]:
         if self.path:
@@ -127,7 +137,9 @@ class PlainReplies:
     def encoding(self, cfg: ExperimentConfig, fields: Mapping[str, object]) -> None:
         return None
 
-    def reply(self, state: RecordDict, cfg: ExperimentConfig, fields: Mapping[str, object], client_id: int, upload: object) -> dict[str, object]:
+    def reply(
+        self, state: RecordDict, cfg: ExperimentConfig, fields: Mapping[str, object], client_id: int, upload: object
+    ) -> dict[str, object]:
         return {"upload": upload}
 
 
@@ -139,8 +151,10 @@ def replies_for(cfg: ExperimentConfig) -> PlainReplies | secure.SecureReplies:
 def check_own_privacy(source: DataSource, cfg: ExperimentConfig) -> None:
     """A deployed node adds DP-SGD noise only from its own CSPRNG: the run's seed is the server's."""
     if source.path and cfg.privacy.mode == "dp_sgd" and not cfg.privacy.secure_noise:
-        raise MessageError("privacy.secure_noise=false: this node's DP-SGD noise would follow from the server's seed, so "
-                           "the server could remove it; a deployed node trains under DP only with privacy.secure_noise=true")
+        raise MessageError(
+            "privacy.secure_noise=false: this node's DP-SGD noise would follow from the server's seed, so "
+            "the server could remove it; a deployed node trains under DP only with privacy.secure_noise=true"
+        )
 
 
 @app.query()
@@ -149,7 +163,11 @@ def query(message: Message, context: Context) -> Message:
     cfg = config_of(fields_of(message))
     source = DataSource.of(context.node_config)
     check_own_privacy(source, cfg)
-    answer = {"client_id": source.client_id, "num_examples": len(source.examples(cfg)), **replies_for(cfg).identify(context.state)}
+    answer = {
+        "client_id": source.client_id,
+        "num_examples": len(source.examples(cfg)),
+        **replies_for(cfg).identify(context.state),
+    }
     return Message(content(kind=QUERY, **answer), reply_to=message)
 
 
@@ -210,8 +228,9 @@ def train(message: Message, context: Context) -> Message:
         raise MessageError(f"the message says round {fields['round']} but its broadcast is for round {out.round_}")
     loss = math.nan if out.loss is None else out.loss
     answer = replies.reply(context.state, cfg, fields, client_id, out.upload)
-    return Message(content(kind=TRAIN, num_examples=out.num_examples, loss=loss, peak_memory=out.peak_memory, **answer),
-                   reply_to=message)
+    return Message(
+        content(kind=TRAIN, num_examples=out.num_examples, loss=loss, peak_memory=out.peak_memory, **answer), reply_to=message
+    )
 
 
 @app.train(secure.ACTION)

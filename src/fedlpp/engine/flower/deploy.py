@@ -9,6 +9,7 @@ before its SuperNode starts; the experiment submitted as the Flower App in ``flo
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -68,8 +69,10 @@ def make_keys(directory: Path, nodes: int, hosts: Sequence[str] = ()) -> list[Pa
     server = _certificate(_name("localhost"), ca.subject, server_key.public_key(), ca_key, is_ca=False, hosts=hosts)
     (directory / CA_CERT).write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     (directory / SERVER_CERT).write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    _write_private(directory / SERVER_KEY, server_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    _write_private(
+        directory / SERVER_KEY,
+        server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
     return [make_node_key(directory / f"node-{k}") for k in range(nodes)]
 
 
@@ -80,8 +83,9 @@ def make_node_key(path: Path) -> Path:
         raise DeployError(f"{path if path.exists() else public} exists; keys are never overwritten")
     path.parent.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
-    _write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                           serialization.NoEncryption()))
+    _write_private(
+        path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
     line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     public.write_bytes(line + f" {path.name}\n".encode())
     return path
@@ -91,19 +95,35 @@ def _name(common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
-def _certificate(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey, signer: ec.EllipticCurvePrivateKey,
-                 is_ca: bool, hosts: Sequence[str] = ()) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
-               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=365))
-               .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True))
+def _certificate(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    signer: ec.EllipticCurvePrivateKey,
+    is_ca: bool,
+    hosts: Sequence[str] = (),
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+    )
     if not is_ca:
-        names: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                         x509.IPAddress(ipaddress.ip_address("::1"))]
+        names: list[x509.GeneralName] = [
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("::1")),
+        ]
         names += [_general_name(h) for h in hosts]
-        builder = (builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False).add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
     return builder.sign(signer, hashes.SHA256())
 
 
@@ -148,13 +168,25 @@ def superlink_command(keys: Path, host: str, port: int) -> list[str]:
     for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
         if not (keys / name).is_file():
             raise DeployError(f"{keys / name} is missing: make the keys with `fedlpp deploy keys {keys}`")
-    return [program("flower-superlink"), "--host", host, "--port", str(port),
-            "--ssl-ca-certfile", str(keys / CA_CERT), "--ssl-certfile", str(keys / SERVER_CERT),
-            "--ssl-keyfile", str(keys / SERVER_KEY), "--enable-supernode-auth"]
+    return [
+        program("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--ssl-ca-certfile",
+        str(keys / CA_CERT),
+        "--ssl-certfile",
+        str(keys / SERVER_CERT),
+        "--ssl-keyfile",
+        str(keys / SERVER_KEY),
+        "--enable-supernode-auth",
+    ]
 
 
-def supernode_args(superlink: str, ca: Path, key: Path, data: Path, client_id: int | None, host: str, port: int,
-                   connect_timeout: float) -> list[str]:
+def supernode_args(
+    superlink: str, ca: Path, key: Path, data: Path, client_id: int | None, host: str, port: int, connect_timeout: float
+) -> list[str]:
     """Flower's SuperNode arguments, after checking the node's data file parses (a clear error, not a failed round later).
 
     ``--isolation process``: the SuperNode launches no ClientApp processes; fedlpp's warm
@@ -170,13 +202,29 @@ def supernode_args(superlink: str, ca: Path, key: Path, data: Path, client_id: i
         raise DeployError(f"--connect-timeout={connect_timeout:g}: expected a positive number of seconds")
     node_config = f'data-path="{_quotable(data.resolve())}"' + (f" client-id={client_id}" if client_id is not None else "")
     print(f"fedlpp: {data} holds {len(examples)} examples; starting a SuperNode for {superlink}", flush=True)
-    return ["--superlink", superlink, "--root-certificates", str(ca.resolve()), "--auth-supernode-private-key", str(key.resolve()),
-            "--host", host, "--port", str(port), "--isolation", "process", "--max-wait-time", f"{connect_timeout:g}",
-            "--node-config", node_config]
+    return [
+        "--superlink",
+        superlink,
+        "--root-certificates",
+        str(ca.resolve()),
+        "--auth-supernode-private-key",
+        str(key.resolve()),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--isolation",
+        "process",
+        "--max-wait-time",
+        f"{connect_timeout:g}",
+        "--node-config",
+        node_config,
+    ]
 
 
-def run_node(args: list[str], host: str, port: int, superlink: str, connect_timeout: float, flwr_home: Path | None,
-             threads: int | None) -> int:
+def run_node(
+    args: list[str], host: str, port: int, superlink: str, connect_timeout: float, flwr_home: Path | None, threads: int | None
+) -> int:
     """This node until it is stopped: its SuperNode and fedlpp's warm worker (``node.py``); the exit code."""
     from fedlpp.engine.flower.node import NodeProcess
 
@@ -219,11 +267,16 @@ class Connection:
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         with tempfile.TemporaryDirectory(prefix="fedlpp-flwr-") as home:
-            config = {"superlink": {"default": CONNECTION,
-                                    CONNECTION: {"address": self.superlink, "root-certificates": str(self.ca.resolve())}}}
+            config = {
+                "superlink": {
+                    "default": CONNECTION,
+                    CONNECTION: {"address": self.superlink, "root-certificates": str(self.ca.resolve())},
+                }
+            }
             (Path(home) / "config.toml").write_text(tomli_w.dumps(config))
-            return subprocess.run([program("flwr"), *args], capture_output=True, text=True, timeout=timeout,
-                                  env=flower_env(Path(home)), check=False)
+            return subprocess.run(
+                [program("flwr"), *args], capture_output=True, text=True, timeout=timeout, env=flower_env(Path(home)), check=False
+            )
 
     def flwr_json(self, *args: str) -> dict:
         done = self.flwr(*args, "--format", "json")
@@ -244,8 +297,10 @@ class Connection:
         audit_path = _quotable(audit.resolve()) if audit is not None else ""
         if any(c in o for o in overrides for c in "'\"\\ \n"):
             raise DeployError(f"overrides {list(overrides)}: quotes, backslashes and spaces cannot travel in Flower's run config")
-        run_config = (f"config='{_quotable(config.resolve())}' out='{_quotable(out.resolve())}' "
-                      f"resume={'true' if resume else 'false'} audit='{audit_path}' overrides='{' '.join(overrides)}'")
+        run_config = (
+            f"config='{_quotable(config.resolve())}' out='{_quotable(out.resolve())}' "
+            f"resume={'true' if resume else 'false'} audit='{audit_path}' overrides='{' '.join(overrides)}'"
+        )
         return int(self.flwr_json("run", str(APP_DIR), CONNECTION, "--run-config", run_config)["run-id"])
 
     def status(self, run_id: int) -> tuple[str, str]:
@@ -259,8 +314,9 @@ class Connection:
 STATUS_EVERY_S = 10.0  # how often `deploy run` asks the SuperLink how the run is (each ask starts a `flwr` process)
 
 
-def follow(connection: Connection, run_id: int, out: Path, since: float = 0.0, poll: float = 1.0,
-           status_every: float = STATUS_EVERY_S) -> tuple[str, str]:
+def follow(
+    connection: Connection, run_id: int, out: Path, since: float = 0.0, poll: float = 1.0, status_every: float = STATUS_EVERY_S
+) -> tuple[str, str]:
     """Print the run's status changes and each metrics row as it lands; the final (status, details).
 
     Metrics rows are read from the run directory each ``poll`` seconds (when it is on this
@@ -339,8 +395,19 @@ class LocalDeployment:
         self.stop()
 
     def start_superlink(self, timeout: float = 30) -> None:
-        self._start(["deploy", "superlink", "--keys", str(self.directory / "keys"), "--port", str(self.port),
-                     "--flwr-home", str(self.directory / "home-superlink")], "superlink")
+        self._start(
+            [
+                "deploy",
+                "superlink",
+                "--keys",
+                str(self.directory / "keys"),
+                "--port",
+                str(self.port),
+                "--flwr-home",
+                str(self.directory / "home-superlink"),
+            ],
+            "superlink",
+        )
         context = ssl.create_default_context(cafile=str(self.ca))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -351,8 +418,15 @@ class LocalDeployment:
                 time.sleep(0.2)
         raise DeployError(f"the SuperLink did not answer on {LOOPBACK}:{self.port} within {timeout:g} s")
 
-    def start_node(self, k: int, data: Path, client_id: int | None = None, register: bool = True,
-                   connect_timeout: float = 300, threads: int | None = None) -> subprocess.Popen:
+    def start_node(
+        self,
+        k: int,
+        data: Path,
+        client_id: int | None = None,
+        register: bool = True,
+        connect_timeout: float = 300,
+        threads: int | None = None,
+    ) -> subprocess.Popen:
         """SuperNode with key node-k on ``data``; ``register=False`` leaves its key unknown to the SuperLink.
 
         The nodes share this machine's cores: each trains with ``threads`` torch threads
@@ -361,9 +435,26 @@ class LocalDeployment:
         threads = threads or max(1, (os.cpu_count() or 1) // len(self.keys))
         if register:
             self.node_ids[k] = self.connection.register(self.keys[k].with_name(self.keys[k].name + ".pub"))
-        args = ["deploy", "supernode", "--superlink", self.connection.superlink, "--ca", str(self.ca), "--key", str(self.keys[k]),
-                "--data", str(data), "--port", str(free_port()), "--flwr-home", str(self.directory / f"home-node-{k}"),
-                "--connect-timeout", f"{connect_timeout:g}", "--threads", str(threads)]
+        args = [
+            "deploy",
+            "supernode",
+            "--superlink",
+            self.connection.superlink,
+            "--ca",
+            str(self.ca),
+            "--key",
+            str(self.keys[k]),
+            "--data",
+            str(data),
+            "--port",
+            str(free_port()),
+            "--flwr-home",
+            str(self.directory / f"home-node-{k}"),
+            "--connect-timeout",
+            f"{connect_timeout:g}",
+            "--threads",
+            str(threads),
+        ]
         return self._start(args + (["--client-id", str(client_id)] if client_id is not None else []), f"node-{k}")
 
     def log(self, name: str) -> str:
@@ -371,8 +462,13 @@ class LocalDeployment:
 
     def _start(self, args: list[str], name: str) -> subprocess.Popen:
         with (self.directory / f"{name}.log").open("wb") as log:
-            p = subprocess.Popen([sys.executable, "-m", "fedlpp.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True, env=flower_env())
+            p = subprocess.Popen(
+                [sys.executable, "-m", "fedlpp.cli", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=flower_env(),
+            )
         self.processes.append(p)
         self._handles.append(psutil.Process(p.pid))
         return p
@@ -409,14 +505,10 @@ class LocalDeployment:
 
 
 def _signal(p: psutil.Process, sig: int) -> None:
-    try:
+    with contextlib.suppress(psutil.NoSuchProcess):
         p.send_signal(sig)
-    except psutil.NoSuchProcess:
-        pass
 
 
 def _signal_session(p: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(p.pid, sig)
-    except ProcessLookupError:
-        pass

@@ -44,8 +44,11 @@ def content(**fields: Value) -> RecordDict:
     Every record, Array and chunk is one more object each hop fetches with a request of its
     own: a key advertisement or a share list (bytes to a few KiB) is cheaper inline.
     """
-    blobs = {name: Array(dtype="uint8", shape=(len(v),), stype=BYTES_STYPE, data=bytes(v))
-             for name, v in fields.items() if isinstance(v, bytes) and len(v) >= SMALL_BYTES}
+    blobs = {
+        name: Array(dtype="uint8", shape=(len(v),), stype=BYTES_STYPE, data=bytes(v))
+        for name, v in fields.items()
+        if isinstance(v, bytes) and len(v) >= SMALL_BYTES
+    }
     plain = {name: v for name, v in fields.items() if name not in blobs}
     records: dict[str, ConfigRecord | ArrayRecord] = {RECORD: ConfigRecord(plain)}
     if blobs:

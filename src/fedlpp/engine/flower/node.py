@@ -81,8 +81,11 @@ class AppIdentity:
         tree = tomllib.loads(text)
         app = tree.get("tool", {}).get("flwr", {}).get("app", {})
         project = tree.get("project", {})
-        return AppIdentity(f"{app.get('publisher', '')}/{project.get('name', '')}", str(project.get("version", "")),
-                           dict(app.get("components", {})))
+        return AppIdentity(
+            f"{app.get('publisher', '')}/{project.get('name', '')}",
+            str(project.get("version", "")),
+            dict(app.get("components", {})),
+        )
 
 
 def fedlpp_app() -> AppIdentity:
@@ -92,8 +95,10 @@ def fedlpp_app() -> AppIdentity:
 def check_app(fab_id: str, fab_version: str, fab_content: bytes, expected: AppIdentity) -> None:
     """Refuse (NodeError) a run whose app is not fedlpp's: this worker runs no other code."""
     if (fab_id, fab_version) != (expected.fab_id, expected.version):
-        raise NodeError(f"this node runs only fedlpp's app {expected.fab_id} {expected.version}; the run carries "
-                        f"{fab_id or '?'} {fab_version or '?'}")
+        raise NodeError(
+            f"this node runs only fedlpp's app {expected.fab_id} {expected.version}; the run carries "
+            f"{fab_id or '?'} {fab_version or '?'}"
+        )
     try:
         with zipfile.ZipFile(BytesIO(fab_content)) as fab:
             if fab.getinfo("pyproject.toml").file_size > MAX_PYPROJECT_BYTES:
@@ -102,8 +107,10 @@ def check_app(fab_id: str, fab_version: str, fab_content: bytes, expected: AppId
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise NodeError(f"the run's app bundle cannot be read ({e}); this node runs only fedlpp's app") from None
     if shipped != expected:
-        raise NodeError(f"the run's app bundle names {shipped.fab_id} {shipped.version} with components {shipped.components}; "
-                        f"this node runs only fedlpp's ({expected.components})")
+        raise NodeError(
+            f"the run's app bundle names {shipped.fab_id} {shipped.version} with components {shipped.components}; "
+            f"this node runs only fedlpp's ({expected.components})"
+        )
 
 
 # --- the worker: one task after another over the SuperNode's Runtime API --------------------------------
@@ -144,8 +151,13 @@ class Worker:
         self.expected = fedlpp_app()
         self.served = 0
         auth = SuperExecAuthHttpInterceptor(master_secret=auth_secret, protected_methods=AUTH_METHODS)
-        self._client = RuntimeHttpClient.from_server_address(server_address=runtime_address, insecure=True, root_certificates=None,
-                                                             interceptors=[*_interceptors(), auth], retry_invoker=_invoker(1, None))
+        self._client = RuntimeHttpClient.from_server_address(
+            server_address=runtime_address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[*_interceptors(), auth],
+            retry_invoker=_invoker(1, None),
+        )
 
     def next_task(self) -> tuple[str, int] | None:
         """Claim the oldest pending task: (its token, its type), or None when there is none.
@@ -171,12 +183,18 @@ class Worker:
         from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
         invoker = _invoker(None, TASK_CALL_TIMEOUT_S)
-        client = RuntimeHttpClient.from_server_address(server_address=self.address, insecure=True, root_certificates=None,
-                                                       interceptors=[*_interceptors(), RuntimeTokenHttpInterceptor(token)],
-                                                       retry_invoker=invoker)
+        client = RuntimeHttpClient.from_server_address(
+            server_address=self.address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[*_interceptors(), RuntimeTokenHttpInterceptor(token)],
+            retry_invoker=invoker,
+        )
         if task_type != TaskType.CLIENT_APP:
             log.error("refused an AgentApp task: this node runs only fedlpp's ClientApp")
-            push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details="this node runs only fedlpp's ClientApp")
+            push_task_output(
+                client=client, context=None, sub_status=SubStatus.FAILED, details="this node runs only fedlpp's ClientApp"
+            )
             client.close()
             return
         heartbeat = HeartbeatSender(_task_heartbeat(client))
@@ -194,9 +212,11 @@ class Worker:
         except KeyboardInterrupt:
             invoker.max_tries = 1  # stopping: the last calls get one try each, no waits
             raise
-        except Exception as e:  # noqa: BLE001 - the error goes back to the server as the reply, as Flower's ClientApp does
+        except Exception as e:
             details = f"{type(e)}:<'{e}'>"
-            log.error("message %s: %s", message.metadata.message_type if message else "?", e, exc_info=not isinstance(e, NodeError))
+            log.error(
+                "message %s: %s", message.metadata.message_type if message else "?", e, exc_info=not isinstance(e, NodeError)
+            )
             if message is not None:
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
         finally:
@@ -247,10 +267,12 @@ class Worker:
         except (httpx.HTTPStatusError, RunNotRunningException) as e:
             raise TaskGone(str(e)) from None
         node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
-        message = pull_and_inflate_object_from_tree(tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
-                                                    make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node,
-                                                                                              context.run_id),
-                                                    return_type=Message)
+        message = pull_and_inflate_object_from_tree(
+            tree,
+            make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+            make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+            return_type=Message,
+        )
         message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message does not carry its own id
         return message, context
 
@@ -274,8 +296,13 @@ def _invoker(max_tries: int | None, max_time: float | None) -> Any:
     def give_up(exc: Exception) -> bool:
         return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code not in (502, 503, 504)
 
-    return RetryInvoker(lambda: exponential(max_delay=2), (httpx.TransportError, httpx.HTTPStatusError), max_tries, max_time,
-                        should_giveup=give_up)
+    return RetryInvoker(
+        lambda: exponential(max_delay=2),
+        (httpx.TransportError, httpx.HTTPStatusError),
+        max_tries,
+        max_time,
+        should_giveup=give_up,
+    )
 
 
 def answered(message_type: str, group: str, seconds: float) -> str:
@@ -317,8 +344,9 @@ class NodeProcess:
     message naming the cause when the SuperNode stopped by itself.
     """
 
-    def __init__(self, supernode_args: Sequence[str], runtime_address: str, superlink: str, env: dict[str, str],
-                 connect_timeout: float) -> None:
+    def __init__(
+        self, supernode_args: Sequence[str], runtime_address: str, superlink: str, env: dict[str, str], connect_timeout: float
+    ) -> None:
         self.supernode_args, self.runtime_address, self.superlink = list(supernode_args), runtime_address, superlink
         self.env, self.connect_timeout = env, connect_timeout
         self.tail: collections.deque[str] = collections.deque(maxlen=200)  # the SuperNode's last lines, for the diagnosis
@@ -335,9 +363,19 @@ class NodeProcess:
             secret_file.write_bytes(secret)
             try:
                 self.supernode = subprocess.Popen(
-                    [sys.executable, "-m", "fedlpp.engine.flower.supernode", *self.supernode_args,
-                     "--superexec-auth-secret-file", str(secret_file)],
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env, preexec_fn=_die_with_parent)
+                    [
+                        sys.executable,
+                        "-m",
+                        "fedlpp.engine.flower.supernode",
+                        *self.supernode_args,
+                        "--superexec-auth-secret-file",
+                        str(secret_file),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    preexec_fn=_die_with_parent,
+                )
                 self._relay_thread = threading.Thread(target=self._relay, args=(self.supernode.stdout,), daemon=True)
                 self._relay_thread.start()
                 worker = Worker(self.runtime_address, task_poll_seconds(self.env), secret)
@@ -390,12 +428,18 @@ class NodeProcess:
         self._relay_thread.join(timeout=5)  # the SuperNode's last lines first (the relay ends with its output)
         said = "".join(self.tail)
         if NOT_REGISTERED in said:
-            print(f"fedlpp node: this node's public key is not registered with the SuperLink at {self.superlink} "
-                  "(or another node with the same key is connected): ask the model owner to run "
-                  "`fedlpp deploy register <this node's .pub>`", flush=True)
+            print(
+                f"fedlpp node: this node's public key is not registered with the SuperLink at {self.superlink} "
+                "(or another node with the same key is connected): ask the model owner to run "
+                "`fedlpp deploy register <this node's .pub>`",
+                flush=True,
+            )
         elif CONNECTION_FAILED in said or GAVE_UP in said:
-            print(f"fedlpp node: could not reach the SuperLink at {self.superlink} within --connect-timeout="
-                  f"{self.connect_timeout:g} s (is it running, and are the address and port right?); giving up", flush=True)
+            print(
+                f"fedlpp node: could not reach the SuperLink at {self.superlink} within --connect-timeout="
+                f"{self.connect_timeout:g} s (is it running, and are the address and port right?); giving up",
+                flush=True,
+            )
         else:
             print(f"fedlpp node: the SuperNode stopped with exit code {code}; its last lines are above", flush=True)
         return code or 1

@@ -56,8 +56,10 @@ def check_flower() -> None:
 
     installed = version("flwr")
     if installed != FLOWER_VERSION:
-        raise FlowerChanged(f"flwr {installed} is installed; fedlpp's shortened waits were read against flwr {FLOWER_VERSION} "
-                            "(reinstall with ./install.sh)")
+        raise FlowerChanged(
+            f"flwr {installed} is installed; fedlpp's shortened waits were read against flwr {FLOWER_VERSION} "
+            "(reinstall with ./install.sh)"
+        )
     _supernode_loop()
     _pull_functions()
 
@@ -72,8 +74,10 @@ def _supernode_loop() -> types.ModuleType:
     found = {literal: source.count(literal) for literal in WAITS}
     calls = len(re.findall(r"\btime\.[a-z_]", source))
     if found != WAITS or calls != sum(WAITS.values()):
-        raise FlowerChanged(f"flwr/supernode/start_client_internal.py no longer holds the waits {WAITS} and nothing else from "
-                            f"`time` (found {found}, {calls} uses of time); re-read it before shortening its poll")
+        raise FlowerChanged(
+            f"flwr/supernode/start_client_internal.py no longer holds the waits {WAITS} and nothing else from "
+            f"`time` (found {found}, {calls} uses of time); re-read it before shortening its poll"
+        )
     return start_client_internal
 
 
@@ -84,8 +88,10 @@ def _pull_functions() -> list[types.FunctionType]:
     for function in functions:
         defaults = {k: (function.__kwdefaults__ or {}).get(k) for k in PULL_DEFAULTS}
         if defaults != PULL_DEFAULTS and defaults != {**PULL_DEFAULTS, **SHORT_PULL}:
-            raise FlowerChanged(f"flwr's {function.__name__} has the pull defaults {defaults}, not {PULL_DEFAULTS} as read; "
-                                "re-read flwr/supercore/inflatable/inflatable_utils.py before shortening its back-off")
+            raise FlowerChanged(
+                f"flwr's {function.__name__} has the pull defaults {defaults}, not {PULL_DEFAULTS} as read; "
+                "re-read flwr/supercore/inflatable/inflatable_utils.py before shortening its back-off"
+            )
     return functions
 
 

@@ -42,26 +42,33 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) > expected:
-            raise FlowerRunError(f"{len(nodes)} nodes are connected but fl.num_clients={expected}: stop or unregister "
-                                 "the extra nodes (flwr supernode list/unregister), or raise fl.num_clients")
+            raise FlowerRunError(
+                f"{len(nodes)} nodes are connected but fl.num_clients={expected}: stop or unregister "
+                "the extra nodes (flwr supernode list/unregister), or raise fl.num_clients"
+            )
         if len(nodes) == expected:
             return nodes
         if time.monotonic() > deadline:
-            raise FlowerRunError(f"only {len(nodes)} of the {expected} expected nodes (fl.num_clients) connected "
-                                 f"within flower.connect_timeout={timeout:g} s")
+            raise FlowerRunError(
+                f"only {len(nodes)} of the {expected} expected nodes (fl.num_clients) connected "
+                f"within flower.connect_timeout={timeout:g} s"
+            )
         time.sleep(POLL_S)
 
 
-def query_nodes(grid: Grid, nodes: Sequence[int], config_text: str, timeout: float, secure: bool = False, kind: str = "",
-                num_labels: int = 0) -> Roster:
+def query_nodes(
+    grid: Grid, nodes: Sequence[int], config_text: str, timeout: float, secure: bool = False, kind: str = "", num_labels: int = 0
+) -> Roster:
     """Ask every node who it is; nodes without a client id get the free ids in node-id order.
 
     With ``secure`` every node must also announce its SecAgg verify key. The query names the
     task's kind and number of labels, so that a warm node can build its model right after
     answering, before the first round.
     """
-    asks = {n: Message(content(config=config_text, kind=kind, num_labels=num_labels), dst_node_id=n, message_type=QUERY,
-                       ttl=timeout) for n in nodes}
+    asks = {
+        n: Message(content(config=config_text, kind=kind, num_labels=num_labels), dst_node_id=n, message_type=QUERY, ttl=timeout)
+        for n in nodes
+    }
     answers: dict[int, tuple[int, int]] = {}
     keys: dict[int, bytes] = {}
     for node, reply in exchange(grid, asks, timeout).items():

@@ -38,7 +38,16 @@ from fedlpp.engine.flower.roster import Roster
 from fedlpp.engine.secure import finish_round, void_round
 from fedlpp.engine.setup import ServerContext, secagg_params, secure_combiner
 from fedlpp.models.lora import Adapter
-from fedlpp.secagg import AggregateResult, ClientSession, SecAggAbort, SecAggParams, ServerSession, Traffic, generate_signing_key, verify_key_bytes
+from fedlpp.secagg import (
+    AggregateResult,
+    ClientSession,
+    SecAggAbort,
+    SecAggParams,
+    ServerSession,
+    Traffic,
+    generate_signing_key,
+    verify_key_bytes,
+)
 from fedlpp.secagg.local import answer_step, drive_round
 
 if TYPE_CHECKING:
@@ -80,7 +89,9 @@ class SecureReplies:
     def encoding(self, cfg: ExperimentConfig, fields: Mapping[str, Any]) -> SecureEncoding:
         return encoding_of(cfg, fields)
 
-    def reply(self, state: RecordDict, cfg: ExperimentConfig, fields: Mapping[str, Any], client_id: int, upload: Any) -> dict[str, Any]:
+    def reply(
+        self, state: RecordDict, cfg: ExperimentConfig, fields: Mapping[str, Any], client_id: int, upload: Any
+    ) -> dict[str, Any]:
         return start_session(state, cfg, encoding_of(cfg, fields), fields, client_id, upload)
 
 
@@ -89,8 +100,14 @@ def encoding_of(cfg: ExperimentConfig, fields: Mapping[str, Any]) -> SecureEncod
     return SecureEncoding(secagg_params(cfg.secagg, cfg.fl.clients_per_round), require(fields, "weight_bound", int))
 
 
-def start_session(state: RecordDict, cfg: ExperimentConfig, encoding: SecureEncoding, fields: Mapping[str, Any], client_id: int,
-                  vector: np.ndarray | None) -> dict[str, Any]:
+def start_session(
+    state: RecordDict,
+    cfg: ExperimentConfig,
+    encoding: SecureEncoding,
+    fields: Mapping[str, Any],
+    client_id: int,
+    vector: np.ndarray | None,
+) -> dict[str, Any]:
     """After training: a new session keeps the input vector; the reply is its advertisement (or out_of_range).
 
     ``fields["round"]`` has been checked against the broadcast's own round (ClientApp). A node
@@ -100,15 +117,24 @@ def start_session(state: RecordDict, cfg: ExperimentConfig, encoding: SecureEnco
     round_ = require(fields, "round", int)
     joined = state.config_records.get(JOINED)
     if joined is not None and joined["round"] >= round_:
-        raise MessageError(f"this node already took part in secure aggregation for round {joined['round']}; refusing round {round_}")
+        raise MessageError(
+            f"this node already took part in secure aggregation for round {joined['round']}; refusing round {round_}"
+        )
     state[JOINED] = ConfigRecord({"round": round_})
     if vector is None:
         return {"out_of_range": True}
     registry_text = require(fields, "registry", str)
     session = ClientSession(client_id, _identity(state), registry_from_text(registry_text), encoding.params, round_, vector.size)
     advert = session.advertise()
-    state[SESSION] = ConfigRecord({"session": session.export_state(), "input": vector.astype(np.float64).tobytes(), "round": round_,
-                                   "registry": registry_text, "params": json.dumps(dataclasses.asdict(encoding.params))})
+    state[SESSION] = ConfigRecord(
+        {
+            "session": session.export_state(),
+            "input": vector.astype(np.float64).tobytes(),
+            "round": round_,
+            "registry": registry_text,
+            "params": json.dumps(dataclasses.asdict(encoding.params)),
+        }
+    )
     return {"message": advert}
 
 
@@ -157,8 +183,16 @@ class ProtocolOverGrid:
             self.traffic.count(self.traffic.up, self.adverts)
             return dict(self.adverts)
         self.traffic.count(self.traffic.down, inbox)
-        messages = {c: Message(content(step=step, round=self.round_, message=m), dst_node_id=self.node_of[c],
-                               message_type=MESSAGE_TYPE, group_id=str(self.round_), ttl=self.timeout) for c, m in inbox.items()}
+        messages = {
+            c: Message(
+                content(step=step, round=self.round_, message=m),
+                dst_node_id=self.node_of[c],
+                message_type=MESSAGE_TYPE,
+                group_id=str(self.round_),
+                ttl=self.timeout,
+            )
+            for c, m in inbox.items()
+        }
         answers = {}
         for client, reply in exchange(self.grid, messages, self.timeout).items():
             if reply.has_error():
@@ -193,21 +227,36 @@ class SecureAggregation:
         if not fields.get("out_of_range"):
             require(fields, "message", bytes)
 
-    def combine(self, federation: FlowerFederation, ctx: ServerContext, adapter: Adapter, answers: Mapping[int, dict[str, Any]],
-                round_: int, failed: dict[int, str]) -> tuple[Adapter, dict[str, Any]]:
+    def combine(
+        self,
+        federation: FlowerFederation,
+        ctx: ServerContext,
+        adapter: Adapter,
+        answers: Mapping[int, dict[str, Any]],
+        round_: int,
+        failed: dict[int, str],
+    ) -> tuple[Adapter, dict[str, Any]]:
         assert ctx.secure is not None
         notes: dict[str, Any] = {}
         adverts = {c: fields["message"] for c, fields in answers.items() if not fields.get("out_of_range")}
         if len(adverts) < len(answers):
             notes["out_of_range"] = sorted(set(answers) - set(adverts))
         traffic = Traffic()
-        protocol = ProtocolOverGrid(federation.grid, federation.roster.node_of, round_, federation.round_timeout, adverts,
-                                    traffic, failed)
+        protocol = ProtocolOverGrid(
+            federation.grid, federation.roster.node_of, round_, federation.round_timeout, adverts, traffic, failed
+        )
         registry = {c: federation.roster.verify_keys[c] for c in adverts}
         dim = sum(math.prod(ctx.shapes[n]) for n in ctx.trained(round_)) + 1  # the delta, then the weight coordinate
         if not adverts:
             out = void_round(SecAggAbort("advertise", "clients that trained and are in range", 0, 1), round_, notes, traffic)
         else:
-            out = finish_round(partial(protocol.run, ctx.secure.params, registry, dim), ctx.spec, adapter, round_,
-                               secure_combiner(ctx), notes, traffic)
+            out = finish_round(
+                partial(protocol.run, ctx.secure.params, registry, dim),
+                ctx.spec,
+                adapter,
+                round_,
+                secure_combiner(ctx),
+                notes,
+                traffic,
+            )
         return out.next_adapter(adapter), out.row()

@@ -54,8 +54,15 @@ class Aggregation(Protocol):
         """Refuse (MessageError) a training reply that lacks what ``combine`` needs."""
         ...
 
-    def combine(self, federation: FlowerFederation, ctx: ServerContext, adapter: Adapter, answers: Mapping[int, dict[str, Any]],
-                round_: int, failed: dict[int, str]) -> tuple[Adapter, dict[str, Any]]:
+    def combine(
+        self,
+        federation: FlowerFederation,
+        ctx: ServerContext,
+        adapter: Adapter,
+        answers: Mapping[int, dict[str, Any]],
+        round_: int,
+        failed: dict[int, str],
+    ) -> tuple[Adapter, dict[str, Any]]:
         """The next adapter and the exchange's part of the metrics row; adds to ``failed``."""
         ...
 
@@ -69,8 +76,15 @@ class PlainAggregation:
     def read(self, fields: Mapping[str, Any]) -> None:
         require(fields, "upload", bytes)
 
-    def combine(self, federation: FlowerFederation, ctx: ServerContext, adapter: Adapter, answers: Mapping[int, dict[str, Any]],
-                round_: int, failed: dict[int, str]) -> tuple[Adapter, dict[str, Any]]:
+    def combine(
+        self,
+        federation: FlowerFederation,
+        ctx: ServerContext,
+        adapter: Adapter,
+        answers: Mapping[int, dict[str, Any]],
+        round_: int,
+        failed: dict[int, str],
+    ) -> tuple[Adapter, dict[str, Any]]:
         uploads = {c: fields["upload"] for c, fields in answers.items()}
         return PlainExchange().server_side(ctx, adapter, uploads, round_)
 
@@ -87,8 +101,9 @@ class FlowerFederation:
     round_timeout: float
     aggregation: Aggregation
 
-    def round_trip(self, ctx: ServerContext, adapter: Adapter, payload: bytes, clients: Sequence[int], round_: int,
-                   bar: Bar | None) -> Exchanged:
+    def round_trip(
+        self, ctx: ServerContext, adapter: Adapter, payload: bytes, clients: Sequence[int], round_: int, bar: Bar | None
+    ) -> Exchanged:
         extra = self.aggregation.train_fields(ctx, self.roster, clients)
         messages = {c: self._train_message(payload, c, float(ctx.sigma), round_, extra) for c in clients}
         replies = exchange(self.grid, messages, self.round_timeout)
@@ -110,10 +125,19 @@ class FlowerFederation:
         return Exchanged(new, row, losses, delivered=len(clients), peak_memory=peaks)
 
     def _train_message(self, payload: bytes, client: int, sigma: float, round_: int, extra: Mapping[str, Any]) -> Message:
-        fields = content(config=self.config_text, kind=self.kind, num_labels=self.num_labels, client_id=client, sigma=sigma,
-                         round=round_, payload=payload, **extra)
-        return Message(fields, dst_node_id=self.roster.node_of[client], message_type=TRAIN, group_id=str(round_),
-                       ttl=self.round_timeout)  # a late node never trains a round that is over
+        fields = content(
+            config=self.config_text,
+            kind=self.kind,
+            num_labels=self.num_labels,
+            client_id=client,
+            sigma=sigma,
+            round=round_,
+            payload=payload,
+            **extra,
+        )
+        return Message(
+            fields, dst_node_id=self.roster.node_of[client], message_type=TRAIN, group_id=str(round_), ttl=self.round_timeout
+        )  # a late node never trains a round that is over
 
     def _read_reply(self, reply: Message | None) -> tuple[dict[str, Any], float | None]:
         if reply is None:
@@ -139,8 +163,9 @@ def serve_on_grid(grid: Grid, cfg: ExperimentConfig, out: Path, resume: bool = F
     task = eval_only(load_task_data(cfg))  # before waiting for nodes: a bad data path fails at once
     config_text = tomli_w.dumps(to_tree(cfg))
     nodes = wait_for_nodes(grid, cfg.fl.num_clients, cfg.flower.connect_timeout)
-    roster = query_nodes(grid, nodes, config_text, cfg.flower.round_timeout, secure=cfg.secagg.enabled, kind=task.kind,
-                         num_labels=task.num_labels)
+    roster = query_nodes(
+        grid, nodes, config_text, cfg.flower.round_timeout, secure=cfg.secagg.enabled, kind=task.kind, num_labels=task.num_labels
+    )
     ctx = build_server(cfg, task, build_model(cfg, task.kind, task.num_labels), roster.sizes, check_privacy(cfg, roster.sizes))
     aggregation: Aggregation = SecureAggregation() if ctx.secure is not None else PlainAggregation()
     federation = FlowerFederation(grid, roster, config_text, ctx.side.kind, ctx.num_labels, cfg.flower.round_timeout, aggregation)
@@ -159,8 +184,10 @@ def main(grid: Grid, context: Context) -> None:
     overrides = str(run_config.get("overrides", "")).split()
     cfg = rundir.resumed_config(Path(out), overrides) if resume else load_config(path, overrides)
     if cfg.privacy.enabled and not cfg.privacy.secure_noise:
-        raise ConfigError("privacy.secure_noise: a deployment needs true — the clients' DP noise must come from their own "
-                          "OS CSPRNG, not from the run's seed, which the server knows")
+        raise ConfigError(
+            "privacy.secure_noise: a deployment needs true — the clients' DP noise must come from their own "
+            "OS CSPRNG, not from the run's seed, which the server knows"
+        )
     if isinstance(audit, str) and audit:
         grid = RecordingGrid(grid, AuditLog(Path(audit), prefix=str(context.run_id)))  # type: ignore[assignment]
     summary = serve_on_grid(grid, cfg, Path(out), resume)

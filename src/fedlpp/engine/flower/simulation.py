@@ -40,15 +40,20 @@ def quiet_flower() -> None:
     logging.getLogger("flwr").addFilter(lambda record: "run_simulation` function is deprecated" not in record.getMessage())
 
 
-def backend_config(num_cpus: int | None = None, client_cpus: float = 1.0, client_gpus: float = 0.0,
-                   num_gpus: int | None = None) -> dict[str, Any]:
+def backend_config(
+    num_cpus: int | None = None, client_cpus: float = 1.0, client_gpus: float = 0.0, num_gpus: int | None = None
+) -> dict[str, Any]:
     """Each virtual client's Ray resources (``flower.client_cpus``, ``flower.client_gpus``) and Ray's own.
 
     Ray is given ``num_cpus`` CPUs (default: the cores; each actor runs torch with one thread) and, when the
     clients ask for GPUs, ``num_gpus`` (default: the GPUs torch sees); it runs as many actors as fit.
     """
-    init_args: dict[str, Any] = {"num_cpus": num_cpus or os.cpu_count() or 1, "include_dashboard": False,
-                                 "_node_ip_address": LOOPBACK, "log_to_driver": False}
+    init_args: dict[str, Any] = {
+        "num_cpus": num_cpus or os.cpu_count() or 1,
+        "include_dashboard": False,
+        "_node_ip_address": LOOPBACK,
+        "log_to_driver": False,
+    }
     if client_gpus > 0:
         if num_gpus is None:
             import torch
@@ -65,12 +70,16 @@ def cuda_gpus_for(client_gpus: float) -> int | None:
     import torch
 
     if not torch.cuda.is_available():
-        raise ConfigError(f"flower.client_gpus: {client_gpus:g} GPU(s) per virtual client were asked for but torch sees no "
-                          f"CUDA GPU (this torch is {torch.__version__}); use flower.client_gpus=0")
+        raise ConfigError(
+            f"flower.client_gpus: {client_gpus:g} GPU(s) per virtual client were asked for but torch sees no "
+            f"CUDA GPU (this torch is {torch.__version__}); use flower.client_gpus=0"
+        )
     count = torch.cuda.device_count()
     if client_gpus > count:
-        raise ConfigError(f"flower.client_gpus: {client_gpus:g} GPUs per virtual client, but torch sees only {count}: "
-                          "Ray could never place a client")
+        raise ConfigError(
+            f"flower.client_gpus: {client_gpus:g} GPUs per virtual client, but torch sees only {count}: "
+            "Ray could never place a client"
+        )
     return count
 
 
@@ -80,12 +89,16 @@ def check_client_device(cfg: ExperimentConfig) -> None:
 
     device = resolve_device(cfg.train.device)
     if device.startswith("cuda") and cfg.flower.client_gpus == 0:
-        raise ConfigError(f"flower.client_gpus: train.device={cfg.train.device!r} puts every virtual client on {device}, "
-                          "but Ray would not count them and would start one per core there; set flower.client_gpus "
-                          "(0.5: two clients share a GPU) or train.device=cpu")
+        raise ConfigError(
+            f"flower.client_gpus: train.device={cfg.train.device!r} puts every virtual client on {device}, "
+            "but Ray would not count them and would start one per core there; set flower.client_gpus "
+            "(0.5: two clients share a GPU) or train.device=cpu"
+        )
     if device.startswith("cuda:") and device != "cuda:0" and cfg.flower.client_gpus > 0:
-        raise ConfigError(f"train.device: {cfg.train.device!r}, but inside a Ray actor the GPU Ray gave it is cuda:0; "
-                          "use train.device=cuda (or auto) with flower.client_gpus")
+        raise ConfigError(
+            f"train.device: {cfg.train.device!r}, but inside a Ray actor the GPU Ray gave it is cuda:0; "
+            "use train.device=cuda (or auto) with flower.client_gpus"
+        )
 
 
 def run_simulated(
@@ -108,9 +121,13 @@ def run_simulated(
         seen = RecordingGrid(grid, on_message) if on_message is not None else grid
         result["summary"] = serve_on_grid(seen, cfg, out, resume, progress)  # type: ignore[arg-type]
 
-    run_simulation(server, client_app.app, num_supernodes=cfg.fl.num_clients, backend_name="ray",
-                   backend_config=backend_config(num_cpus, cfg.flower.client_cpus, cfg.flower.client_gpus,
-                                                 num_gpus))  # type: ignore[arg-type]
+    run_simulation(
+        server,
+        client_app.app,
+        num_supernodes=cfg.fl.num_clients,
+        backend_name="ray",
+        backend_config=backend_config(num_cpus, cfg.flower.client_cpus, cfg.flower.client_gpus, num_gpus),
+    )  # type: ignore[arg-type]
     if "summary" not in result:
         raise RuntimeError("the Flower simulation ended without finishing the run (see the log above)")
     return result["summary"]

@@ -34,7 +34,8 @@ import torch
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.client import shuffled_batches
 from fedlpp.config import load_config
-from fedlpp.engine.local import LocalFederation, PlainExchange
+from fedlpp.engine.local import local_transport
+from fedlpp.engine.server import start_round_steps
 from fedlpp.engine.setup import LocalRun, build_run
 from fedlpp.models.lora import Adapter, adapter_parameters, set_adapter, set_trainable
 from fedlpp.models.objective import example_losses
@@ -60,8 +61,10 @@ def engine_round(run: LocalRun, adapter: Adapter) -> Adapter:
     """One round for one client, as the server's run_round does it, without evaluation."""
     ctx = run.server
     payload = rnd.make_broadcast(ctx.spec, adapter, ctx.a_seed, ROUND)
-    federation = LocalFederation(run.clients, PlainExchange())  # client_step: decode, E steps, encode; then validate, aggregate
-    return federation.round_trip(ctx, adapter, payload, [CLIENT], ROUND, None).adapter
+    steps = start_round_steps(ctx, Path(), resume=False)
+    transport = local_transport(run)  # client_step: decode, E steps, encode; then validate, aggregate
+    replies = transport.train(payload, [CLIENT], ROUND, {"sigma": ctx.sigma}, None)
+    return steps.optimizer.step(adapter, steps.aggregation.combine(adapter, replies, ROUND, transport).adapter)
 
 
 def prepare_bare(run: LocalRun, start: Adapter) -> None:

@@ -28,16 +28,17 @@ def test_version(capsys):
 
 
 def test_list_names_every_registered_model_task_and_algorithm(capsys):
+    from fedlpp import registry
     from fedlpp.algorithms.spec import algorithm_names
     from fedlpp.data.tasks import TASKS
-    from fedlpp.models.backbone import SHORT_NAMES
 
-    assert set(catalogue.MODELS) == set(SHORT_NAMES)
-    assert set(catalogue.TASKS) == set(TASKS)
-    assert set(catalogue.ALGORITHMS) == set(algorithm_names())
+    models, tasks, algorithms = (catalogue.summaries(r) for r in (registry.MODELS, registry.TASKS, registry.ALGORITHMS))
+    assert {"smollm2-135m", "minilm-l6", "tiny-llama", "tiny-bert"} == set(models)
+    assert set(tasks) == set(TASKS)
+    assert set(algorithms) == set(algorithm_names())
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in [*catalogue.MODELS, *catalogue.TASKS, *catalogue.ALGORITHMS, "configs/e2e_fedlpp_w2.toml"]:
+    for name in [*models, *tasks, *algorithms, "configs/e2e_fedlpp_w2.toml"]:
         assert f"  {name} " in out
     runs, sweeps = out.split("run configs (fedlpp run --config FILE):")[1].split("sweep files (fedlpp sweep FILE):")
     assert "configs/sst2_dp_sweep.toml" in sweeps and "configs/sst2_dp_sweep.toml" not in runs and "e2e_fedlpp_w2" in runs

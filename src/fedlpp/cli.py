@@ -252,7 +252,7 @@ def command_sweep(args: argparse.Namespace) -> int:
 
 
 def command_list(args: argparse.Namespace) -> int:
-    from fedlpp import catalogue
+    from fedlpp import catalogue, registry
 
     def block(title: str, entries: dict[str, str]) -> None:
         width = max(map(len, entries), default=0)
@@ -260,10 +260,10 @@ def command_list(args: argparse.Namespace) -> int:
         for name, line in entries.items():
             print(f"  {name:<{width}}  {line}")
 
-    block("models (model.name)", catalogue.MODELS)
-    print(f"  ({catalogue.MODEL_NOTE})")
-    block("tasks (data.task)", catalogue.TASKS)
-    block("algorithms (algorithm.name)", catalogue.ALGORITHMS)
+    block("models (model.name)", catalogue.summaries(registry.MODELS))
+    print(f"  ({registry.MODEL_NOTE})")
+    for kind in (registry.TASKS, registry.ALGORITHMS, registry.SERVER_OPTIMIZERS, registry.PARTITIONERS):
+        block(f"{kind.kind}s ({kind.key})", catalogue.summaries(kind))
     shipped = catalogue.shipped_configs()
     if not shipped:
         print("shipped configs: none found here (they are in the repository's configs/ folder)")

@@ -21,13 +21,11 @@ from typing import Any
 
 import tomli_w
 
-ALGORITHMS = ("fedavg_lora", "fedlpp", "ffa_lora", "fedlpp_ffa", "rolora")
+from fedlpp import registry
+
 SERVER_RULES = ("mean", "delta")
-SERVER_OPTIMIZERS = ("none", "momentum")
 GRANULARITIES = ("block", "row", "tensor")
 QUANT_BITS = (1, 2, 3, 4, 8)
-TASKS = ("weather", "e2e", "dart", "dialogsum", "gsm8k", "sst2", "rte", "jsonl")
-PARTITIONS = ("iid", "dirichlet", "quantity_skew", "by_key")
 PRIVACY_MODES = ("none", "dp_sgd", "client_dp")
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -36,7 +34,6 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 POOLINGS = ("auto", "cls", "mean")  # auto: what the checkpoint declares (models.pooling.declared_pooling)
 ACCOUNTANTS = ("rdp", "prv")
 CLIENT_SAMPLING = ("fixed", "poisson")
-QUANTIZED = ("fedlpp", "fedlpp_ffa")
 MIN_GROUP = 16  # fewest values per quantization scale (model privacy, see QuantConfig)
 # Beyond these a run can only diverge: alpha / r scales every LoRA update (8 to 64 is usual), and the
 # server's step is the clients' mean step times server_lr (FedOpt papers use up to ~3).
@@ -69,6 +66,11 @@ def _choice(value: object, key: str, choices: tuple[Any, ...]) -> None:
     _require(value in choices, key, f"got {value!r}; valid choices are {', '.join(map(repr, choices))}")
 
 
+def _registered(value: str, names: registry.Registry) -> None:
+    """A name the registry of its kind holds (``fedlpp/registry.py``: built in or from an installed plugin)."""
+    _choice(value, names.key, names.names())
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "smollm2-135m"  # short name (smollm2-135m, minilm-l6, tiny-llama, tiny-bert), HF id or local path
@@ -98,20 +100,26 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: str = "fedlpp"  # fedavg_lora | fedlpp | ffa_lora | fedlpp_ffa | rolora
+    name: str = "fedlpp"  # fedavg_lora | fedlpp | ffa_lora | fedlpp_ffa | rolora (fedlpp list: all registered)
     server_lr: float = 1.0  # eta_s in DESIGN 2.1/2.2; 1.0 is plain FedAvg
     server_rule: str = "mean"  # FedLPP only: "mean" = move to the clients' mean adapter, "delta" = add mean delta to theta
-    server_optimizer: str = "none"  # "momentum" = FedAvgM on the server's step (state clients never see)
-    server_momentum: float = 0.9  # beta of server_optimizer = "momentum"
+    server_optimizer: str = "none"  # none | momentum (FedAvgM) | adam (FedAdam) | yogi (FedYogi): on the server's step
+    server_momentum: float = 0.9  # beta of "momentum"; beta1 of "adam" and "yogi"
+    server_beta2: float = 0.99  # beta2 of "adam" and "yogi" (Reddi et al. 2021)
+    server_tau: float = 1e-3  # tau of "adam" and "yogi": the adaptivity floor (Reddi et al. 2021)
+    server_opt_lr: float = 0.01  # eta of "adam" and "yogi": each coordinate moves about this much per round; tune it
 
     def __post_init__(self) -> None:
-        _choice(self.name, "algorithm.name", ALGORITHMS)
+        _registered(self.name, registry.ALGORITHMS)
         _choice(self.server_rule, "algorithm.server_rule", SERVER_RULES)
         _require(
             0 < self.server_lr <= MAX_SERVER_LR, "algorithm.server_lr", f"must be in (0, {MAX_SERVER_LR:g}], got {self.server_lr}"
         )
-        _choice(self.server_optimizer, "algorithm.server_optimizer", SERVER_OPTIMIZERS)
+        _registered(self.server_optimizer, registry.SERVER_OPTIMIZERS)
         _require(0.0 <= self.server_momentum < 1.0, "algorithm.server_momentum", f"must be in [0, 1), got {self.server_momentum}")
+        _require(0.0 <= self.server_beta2 < 1.0, "algorithm.server_beta2", f"must be in [0, 1), got {self.server_beta2}")
+        _require(self.server_tau > 0, "algorithm.server_tau", f"must be > 0, got {self.server_tau}")
+        _require(0 < self.server_opt_lr <= 1, "algorithm.server_opt_lr", f"must be in (0, 1], got {self.server_opt_lr}")
 
 
 @dataclass(frozen=True)
@@ -144,19 +152,20 @@ class DataConfig:
     alpha: float = 0.5  # Dirichlet concentration for dirichlet / quantity_skew
 
     def __post_init__(self) -> None:
-        _choice(self.task, "data.task", TASKS)
-        _choice(self.partition, "data.partition", PARTITIONS)
+        _registered(self.task, registry.TASKS)
+        _registered(self.partition, registry.PARTITIONERS)
         _require(self.alpha > 0, "data.alpha", f"must be > 0, got {self.alpha}")
         _require(self.num_train >= 0, "data.num_train", "must be >= 0")
         _require(self.num_eval >= 0, "data.num_eval", "must be >= 0")
         _require(not (self.path and self.hf_id), "data.path", "set data.path or data.hf_id, not both")
+        by_group = [e.name for e in registry.PARTITIONERS.entries() if e.traits.get("by_group")]
         _require(
-            not self.key or self.partition in ("dirichlet", "by_key"),
+            not self.key or self.partition in by_group,
             "data.key",
-            f"is what a dirichlet or by_key partition splits on; data.partition is {self.partition!r}",
+            f"is what a {' or '.join(by_group)} partition splits on; data.partition is {self.partition!r}",
         )
         _require(
-            not self.eval_path or self.task == "jsonl",
+            not self.eval_path or registry.TASKS.get(self.task).traits.get("eval_file", False),
             "data.eval_path",
             f"is for data.task=jsonl; task {self.task!r} takes its evaluation split from its own files",
         )
@@ -189,6 +198,7 @@ class TrainConfig:
     momentum: float = 0.0  # sgd only: heavy-ball momentum within a round
     weight_decay: float = 0.01  # decoupled (adamw) or L2 (sgd) weight decay (DP-SGD's default: 0)
     max_grad_norm: float = 0.0  # 0 = no gradient clipping
+    proximal_mu: float = 0.0  # FedProx (Li et al. 2020): adds (mu/2)||w - w_start||^2 to each local step's loss; 0 = off
     device: str = "auto"  # where clients train and evaluate: auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps
     precision: str = "fp32"  # the frozen backbone's dtype, compute under autocast: fp32 | bf16 | fp16 (LoRA stays fp32)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower steps
@@ -210,6 +220,7 @@ class TrainConfig:
             _require(0 <= self.momentum < 1, "train.momentum", f"must be in [0, 1), got {self.momentum}")
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0")
+        _require(self.proximal_mu >= 0, "train.proximal_mu", f"must be >= 0, got {self.proximal_mu}")
 
 
 @dataclass(frozen=True)
@@ -369,6 +380,12 @@ class ExperimentConfig:
             "with privacy.mode=dp_sgd every example's gradient is clipped to privacy.clip_norm; leave train.max_grad_norm at 0",
         )
         _require(
+            not (self.privacy.mode == "dp_sgd" and self.train.proximal_mu > 0),
+            "train.proximal_mu",
+            "FedProx's term is not supported with privacy.mode=dp_sgd (Opacus makes each step's gradient itself); "
+            "use privacy.mode=client_dp or train.proximal_mu=0",
+        )
+        _require(
             not (self.privacy.mode == "dp_sgd" and self.train.precision == "fp16"),
             "train.precision",
             "fp16 needs loss scaling, which scales each example's gradient before DP-SGD clips it to "
@@ -391,8 +408,8 @@ class ExperimentConfig:
             "fl.clients_per_round",
             "must be >= 3 with secagg.enabled: with two clients the sum reveals the other's update",
         )
-        if self.algorithm.name not in QUANTIZED:
-            return
+        if not registry.ALGORITHMS.get(self.algorithm.name).traits.get("quantized_broadcast"):
+            return  # the model-privacy checks below are about a quantized broadcast
         _require(
             not (self.quant.granularity == "row" and self.lora.r < MIN_GROUP),
             "quant.granularity",

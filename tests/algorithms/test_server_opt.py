@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -66,9 +68,9 @@ def test_state_round_trips_and_is_refused_where_it_does_not_belong():
     with pytest.raises(ValueError, match="has none"):
         NoServerOptimizer().load(opt.state())
     with pytest.raises(ValueError, match="momentum"):
-        make_server_optimizer("momentum", 1.0)
+        make_server_optimizer(SimpleNamespace(server_optimizer="momentum", server_momentum=1.0))
     with pytest.raises(ValueError, match="valid choices"):
-        make_server_optimizer("adam", 0.9)
+        make_server_optimizer(SimpleNamespace(server_optimizer="nope", server_momentum=0.9))
 
 
 def test_momentum_that_would_leave_the_broadcast_range_is_not_taken():

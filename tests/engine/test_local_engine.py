@@ -227,3 +227,40 @@ def test_server_momentum_resumes_exactly_and_never_leaves_the_server(tmp_path):
     assert [len(p) for _, p in recorder.sent] == [len(p) for _, p in plain_sent.sent]
     (first, meta), (plain_first, plain_meta) = (wire.decode(r.sent[0][1], rnd.BROADCAST) for r in (recorder, plain_sent))
     assert meta == plain_meta and all(torch.equal(first[n], plain_first[n]) for n in first)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "yogi"])
+def test_adaptive_server_optimizers_resume_exactly_with_their_moments_on_the_server(tmp_path, optimizer):
+    adaptive = (
+        "algorithm.name=fedlpp",
+        f"algorithm.server_optimizer={optimizer}",
+        "algorithm.server_opt_lr=0.005",
+        "eval.every=10",
+    )
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run_experiment(tiny(*adaptive), full, progress=False)
+    run_experiment(tiny(*adaptive, rounds=2), killed, progress=False)
+    rundir.save_config(killed, tiny(*adaptive))
+    (killed / rundir.SUMMARY).unlink()
+    run_experiment(tiny(*adaptive), killed, resume=True, progress=False)
+    a, b = _final_adapter(full), _final_adapter(killed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    adapter, _ = rundir.load_checkpoint(full)
+    assert set(rundir.load_server_state(full)) == {f"{part}.{n}" for part in ("m", "v") for n in adapter}
+
+
+def test_fedprox_runs_and_keeps_the_clients_nearer_their_start(tmp_path):
+    plain = run_experiment(tiny("eval.every=10", rounds=1), tmp_path / "plain", progress=False)
+    prox = run_experiment(tiny("eval.every=10", "train.proximal_mu=5.0", rounds=1), tmp_path / "prox", progress=False)
+    start = initial_adapter_of(tmp_path / "plain")
+    moved = {
+        k: sum(float((rundir.load_checkpoint(tmp_path / k)[0][n] - start[n]).norm()) for n in start) for k in ("plain", "prox")
+    }
+    assert moved["prox"] < moved["plain"]
+    assert prox["rounds"] == plain["rounds"] == 1
+
+
+def initial_adapter_of(out: Path) -> dict[str, torch.Tensor]:
+    from fedlpp.engine.setup import build_run
+
+    return build_run(rundir.resumed_config(out, [])).server.initial_adapter()

@@ -132,8 +132,8 @@ def _live_modules() -> int:
 def test_memory_does_not_grow_with_the_number_of_clients(tmp_path):
     """One backbone for all clients: a round with N=40 creates no more modules than with N=4."""
     from fedlpp.config import load_config
-    from fedlpp.engine.local import LocalFederation, make_exchange
-    from fedlpp.engine.server import run_round
+    from fedlpp.engine.local import local_transport
+    from fedlpp.engine.server import run_round, start_round_steps
     from fedlpp.engine.setup import build_run, round_clients
 
     counts = []
@@ -154,10 +154,10 @@ def test_memory_does_not_grow_with_the_number_of_clients(tmp_path):
             ],
         )
         run = build_run(cfg)
-        federation = LocalFederation(run.clients, make_exchange(run.server))
+        transport, steps = local_transport(run), start_round_steps(run.server, tmp_path, resume=False)
         adapter = run.server.initial_adapter()
         for round_ in (1, 2):
-            adapter = run_round(run.server, federation, adapter, round_, round_clients(cfg, round_), None).adapter
+            adapter = run_round(run.server, steps, transport, adapter, round_, round_clients(cfg, round_), None).adapter
         counts.append(_live_modules() - baseline)  # building and running included
-        del run, federation
+        del run, transport, steps
     assert counts[0] == counts[1] > 0, counts

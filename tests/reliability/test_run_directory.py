@@ -201,7 +201,7 @@ def test_a_new_run_that_fails_in_its_first_round_leaves_nothing_and_the_same_out
 
 def test_a_refused_new_run_leaves_the_run_it_found_untouched(run, tmp_path):
     """The refusal comes before anything is written or cleaned up, whichever engine serves."""
-    from fedlpp.engine.local import LocalFederation, make_exchange
+    from fedlpp.engine.local import local_transport
     from fedlpp.engine.server import serve
     from fedlpp.engine.setup import build_run
 
@@ -211,7 +211,7 @@ def test_a_refused_new_run_leaves_the_run_it_found_untouched(run, tmp_path):
     with pytest.raises(rundir.RunDirError, match="already holds a run"):
         serve(
             local_run.server,
-            LocalFederation(local_run.clients, make_exchange(local_run.server)),
+            local_transport(local_run),
             run,
             resume=False,
             progress=False,

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedlpp.algorithms.fedprox import ProximalTerm
 from fedlpp.data import collate, length_chunks
 from fedlpp.models.lora import Adapter, adapter_parameters, get_adapter, set_adapter, set_trainable
 from fedlpp.models.machine import CPU, Machine
@@ -40,11 +41,16 @@ class LocalTraining:
     max_grad_norm: float  # 0 = off (plain steps only: DP-SGD clips each example's gradient instead)
     optimizer: str = "adamw"  # adamw | sgd
     momentum: float = 0.0  # sgd only
+    proximal_mu: float = 0.0  # FedProx's mu (plain steps only); 0 = off
 
     @classmethod
     def of(cls, train: TrainConfig) -> LocalTraining:
         """From the config's ``[train]`` section."""
-        return cls(train.lr, train.weight_decay, train.max_grad_norm, train.optimizer, train.momentum)
+        return cls(train.lr, train.weight_decay, train.max_grad_norm, train.optimizer, train.momentum, train.proximal_mu)
+
+    def penalty(self) -> Penalty | None:
+        """What the plain steps add to each batch's loss: FedProx's proximal term when mu > 0."""
+        return ProximalTerm(self.proximal_mu) if self.proximal_mu > 0 else None
 
     def new_optimizer(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
         """A fresh optimizer over ``params`` (every round: clients keep no state between rounds)."""
@@ -73,21 +79,35 @@ class StepRule(Protocol):
         ...
 
 
+class Penalty(Protocol):
+    """A term added to every step's loss that depends only on the trained tensors (FedProx's proximal term)."""
+
+    def anchor(self, params: Sequence[nn.Parameter]) -> None:
+        """Called once before the round's first step."""
+        ...
+
+    def __call__(self, params: Sequence[nn.Parameter]) -> torch.Tensor: ...
+
+
 class PlainSteps:
-    """Mean loss over the batch, one backward pass (gradient clipped to ``max_grad_norm`` if > 0), the optimizer as it is.
+    """Mean loss over the batch (plus ``penalty``), one backward pass (gradient clipped to ``max_grad_norm`` if > 0),
+    the optimizer as it is.
 
     Under fp16 the loss is scaled before backward and the optimizer steps through the scaler
     (``torch.amp.GradScaler``: a step whose gradients overflowed is skipped and the scale lowered).
     """
 
-    def __init__(self, max_grad_norm: float = 0.0, machine: Machine = CPU) -> None:
+    def __init__(self, max_grad_norm: float = 0.0, machine: Machine = CPU, penalty: Penalty | None = None) -> None:
         self.max_grad_norm = max_grad_norm
         self.machine = machine
+        self.penalty = penalty
         self.scaler: torch.amp.GradScaler | None = None
 
     def attach(
         self, model: nn.Module, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer
     ) -> AbstractContextManager[torch.optim.Optimizer]:
+        if self.penalty is not None:
+            self.penalty.anchor(params)
         self.scaler = self.machine.grad_scaler()
         if self.scaler is None:
             return contextlib.nullcontext(optimizer)
@@ -102,6 +122,9 @@ class PlainSteps:
                 loss = example_losses(model, chunk, kind).sum() / size
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             total += float(loss.detach())
+        if self.penalty is not None:  # not part of the reported loss: that stays the data's
+            term = self.penalty(params)
+            (term if self.scaler is None else self.scaler.scale(term)).backward()
         if self.max_grad_norm > 0 and self.scaler is None:  # scaled gradients are clipped by ScaledOptimizer
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         return total
@@ -147,9 +170,9 @@ def train_client(
 
     A fresh optimizer every round (DESIGN 2.2) keeps clients stateless between rounds;
     ``seed`` fixes dropout so a client step is reproducible. ``steps`` defaults to
-    ``PlainSteps(opts.max_grad_norm, machine)``. The delta comes back as float32 CPU tensors.
+    ``PlainSteps(opts.max_grad_norm, machine, opts.penalty())``. The delta comes back as float32 CPU tensors.
     """
-    steps = steps or PlainSteps(opts.max_grad_norm, machine)
+    steps = steps or PlainSteps(opts.max_grad_norm, machine, opts.penalty())
     set_adapter(model, start)
     set_trainable(model, trained)
     params = [adapter_parameters(model)[n] for n in trained]

@@ -4,7 +4,11 @@ A round's combiner and server rule propose the next adapter θ' (DESIGN 2.1/2.2)
 server optimizer turns the proposed step d = θ' − θ into the step it takes:
 
 - ``none``: θ' as proposed (FedAvg's server, the default);
-- ``momentum`` (FedAvgM, Hsu et al. 2019, arXiv:1909.06335): m ← β·m + d, θ ← θ + m.
+- ``momentum`` (FedAvgM, Hsu et al. 2019, arXiv:1909.06335): m ← β·m + d, θ ← θ + m;
+- ``adam`` / ``yogi`` (FedAdam / FedYogi, Reddi et al. 2021): ``fedopt.py``.
+
+Each is registered in ``fedlpp.registry.SERVER_OPTIMIZERS`` with a factory that takes the
+run's ``[algorithm]`` config.
 
 Momentum is a model-privacy candidate (issue 11): the clients only ever receive Q(θ) and
 train from it; m lives on the server and is kept in the checkpoint so that ``--resume``
@@ -16,15 +20,45 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from fedlpp import registry
 from fedlpp.algorithms.round import MAX_ABS_VALUE, within_broadcast_range
 from fedlpp.models.lora import Adapter
 
+if TYPE_CHECKING:
+    from fedlpp.config import AlgorithmConfig
+
 log = logging.getLogger(__name__)
 
-SERVER_OPTIMIZERS = ("none", "momentum")
+
+class ServerOptimizer(Protocol):
+    """Turns the round's proposed adapter into the one the server keeps; its state goes into the checkpoint."""
+
+    def step(self, adapter: Mapping[str, torch.Tensor], proposed: Adapter) -> Adapter: ...
+
+    def state(self) -> dict[str, torch.Tensor]: ...
+
+    def load(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore the state a checkpoint holds (a ValueError names what does not fit)."""
+        ...
+
+    def check(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """The restored state must match the adapter it moves (a ValueError otherwise)."""
+        ...
+
+
+def is_void(adapter: Mapping[str, torch.Tensor], proposed: Mapping[str, torch.Tensor]) -> bool:
+    """A void round (every update refused, a SecAgg abort): nothing was learned, so nothing moves."""
+    return all(torch.equal(proposed[n], adapter[n]) for n in adapter)
+
+
+def check_state_shapes(what: str, state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    for name, v in state.items():
+        if name not in shapes or tuple(v.shape) != tuple(shapes[name]):
+            raise ValueError(f"the checkpoint's server {what} for {name!r} does not match the adapter")
 
 
 class NoServerOptimizer:
@@ -54,8 +88,8 @@ class ServerMomentum:
         self.velocity: dict[str, torch.Tensor] = {}
 
     def step(self, adapter: Mapping[str, torch.Tensor], proposed: Adapter) -> Adapter:
-        if all(torch.equal(proposed[n], adapter[n]) for n in adapter):
-            return proposed  # a void round: nothing was learned, so nothing moves
+        if is_void(adapter, proposed):
+            return proposed
         velocity, moved = dict(self.velocity), {}
         for name, value in adapter.items():
             if torch.equal(proposed[name], value):
@@ -87,17 +121,17 @@ class ServerMomentum:
 
     def check(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """The restored velocity must match the adapter it moves (names and shapes)."""
-        for name, v in self.velocity.items():
-            if name not in shapes or tuple(v.shape) != tuple(shapes[name]):
-                raise ValueError(f"the checkpoint's server velocity for {name!r} does not match the adapter")
+        check_state_shapes("velocity", self.velocity, shapes)
 
 
-ServerOptimizer = NoServerOptimizer | ServerMomentum
+def plain(cfg: AlgorithmConfig) -> NoServerOptimizer:
+    return NoServerOptimizer()
 
 
-def make_server_optimizer(name: str, momentum: float) -> ServerOptimizer:
-    if name == "none":
-        return NoServerOptimizer()
-    if name == "momentum":
-        return ServerMomentum(momentum)
-    raise ValueError(f"unknown server optimizer {name!r}; valid choices are {', '.join(SERVER_OPTIMIZERS)}")
+def momentum(cfg: AlgorithmConfig) -> ServerMomentum:
+    return ServerMomentum(cfg.server_momentum)
+
+
+def make_server_optimizer(cfg: AlgorithmConfig) -> ServerOptimizer:
+    """The registered server optimizer ``cfg.server_optimizer``, built from the run's algorithm config."""
+    return registry.SERVER_OPTIMIZERS.get(cfg.server_optimizer).load()(cfg)

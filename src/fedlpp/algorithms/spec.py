@@ -3,15 +3,16 @@
 FedAvg+LoRA, FedLPP, FFA-LoRA, FedLPP+FFA-LoRA and RoLoRA differ in four choices
 (DESIGN 2): whether the broadcast is quantized, whether A is derived from a seed and never
 sent, which LoRA factors clients train in each round (``factors.py``), and the server's
-update rule. One frozen spec holds them; the round functions in ``round.py`` read it. A
-small registry maps config names to specs.
+update rule. One frozen spec holds them; the round functions in ``round.py`` read it. The
+algorithms themselves are declared, as these four choices, in ``fedlpp.registry.ALGORITHMS``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from fedlpp import registry
 from fedlpp.algorithms import factors
 from fedlpp.quant import QuantSpec
 
@@ -46,32 +47,20 @@ class AlgorithmSpec:
         return factors.broadcast_names(shapes, self.a_from_seed)
 
 
-SpecFactory = Callable[[QuantSpec, str, float], AlgorithmSpec]
-_REGISTRY: dict[str, SpecFactory] = {}
-
-
-def register_algorithm(name: str, factory: SpecFactory) -> None:
-    if name in _REGISTRY:
-        raise ValueError(f"algorithm {name!r} is already registered")
-    _REGISTRY[name] = factory
-
-
 def get_algorithm(name: str, quant: QuantSpec, server_rule: str = "mean", server_lr: float = 1.0) -> AlgorithmSpec:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown algorithm {name!r}; valid names are {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](quant, server_rule, server_lr)
+    """The spec of the registered algorithm ``name`` (``fedlpp.registry.ALGORITHMS``), with the run's choices."""
+    if name not in registry.ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r}; valid names are {', '.join(sorted(registry.ALGORITHMS.names()))}")
+    traits = registry.ALGORITHMS.get(name).traits
+    return AlgorithmSpec(
+        name,
+        quant if traits.get("quantized_broadcast") else None,
+        a_from_seed=bool(traits.get("a_from_seed", False)),
+        trains=str(traits.get("trains", "both")),
+        server_rule=traits.get("server_rule") or server_rule,  # fixed by the algorithm, or the config's
+        server_lr=server_lr,
+    )
 
 
 def algorithm_names() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
-
-
-# Without quantization the proxy point equals theta, so both server rules coincide.
-register_algorithm("fedavg_lora", lambda q, rule, lr: AlgorithmSpec("fedavg_lora", None, server_rule="delta", server_lr=lr))
-register_algorithm("ffa_lora", lambda q, rule, lr: AlgorithmSpec("ffa_lora", None, True, "b", "delta", lr))
-register_algorithm("fedlpp", lambda q, rule, lr: AlgorithmSpec("fedlpp", q, server_rule=rule, server_lr=lr))
-register_algorithm("fedlpp_ffa", lambda q, rule, lr: AlgorithmSpec("fedlpp_ffa", q, True, "b", rule, lr))
-# RoLoRA (arXiv 2502.01755): full-precision broadcast of A and B, one factor trained per round.
-register_algorithm(
-    "rolora", lambda q, rule, lr: AlgorithmSpec("rolora", None, trains="alternate", server_rule="delta", server_lr=lr)
-)
+    return tuple(sorted(registry.ALGORITHMS.names()))

@@ -7,7 +7,7 @@ upload (``UpdateBytes``, or SecAgg's ``algorithms.secure.SecureInput``, whose ve
 protocol then masks). Server: ``round.server_step(spec, adapter, inputs, round, combiner)``.
 
 Privacy and secure aggregation enter as these steps, chosen once when a run is set up
-(``engine.setup.client_recipe`` / ``server_combiner``); the engines only move bytes.
+(``engine.setup.client_recipe`` / ``make_aggregation``); the transports only move messages.
 """
 
 from __future__ import annotations

@@ -9,13 +9,13 @@ from fedlpp.data.formatting import (
     length_chunks,
 )
 from fedlpp.data.partition import (
-    PARTITIONERS,
     partition,
     partition_dirichlet,
     partition_iid,
     partition_quantity_skew,
 )
 from fedlpp.data.tasks import TASKS, Example, TaskData, get_task_loader, load_task, register_task
+from fedlpp.registry import PARTITIONERS
 
 __all__ = [
     "IGNORE_INDEX",

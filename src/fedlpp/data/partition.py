@@ -7,14 +7,13 @@ on its explicit `seed` (numpy Generator; never the global numpy state).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 from fedlpp.data.schema import Example
 
-PARTITIONERS = ("iid", "dirichlet", "quantity_skew", "by_key")
 # Fresh Dirichlet draws tried before moving examples to under-filled clients.
 # Redrawing keeps the intended skew; the fallback only makes the result certain.
 MAX_DIRICHLET_TRIES = 10
@@ -134,16 +133,21 @@ def partition_by_key(groups: Sequence[str], num_clients: int, seed: int, min_siz
     return _finish(parts)
 
 
-def _by_scheme(scheme: str) -> Callable[[Sequence[Example], int, float, int, int], list[list[int]]]:
-    schemes: dict[str, Callable[[Sequence[Example], int, float, int, int], list[list[int]]]] = {
-        "iid": lambda ex, k, a, s, m: partition_iid(len(ex), k, s, m),
-        "dirichlet": lambda ex, k, a, s, m: partition_dirichlet([e.group for e in ex], k, a, s, m),
-        "quantity_skew": lambda ex, k, a, s, m: partition_quantity_skew(len(ex), k, a, s, m),
-        "by_key": lambda ex, k, a, s, m: partition_by_key([e.group for e in ex], k, s, m),
-    }
-    if scheme not in schemes:
-        raise ValueError(f"unknown partition scheme {scheme!r}; valid schemes: {list(PARTITIONERS)}")
-    return schemes[scheme]
+# The registered partitioners (``fedlpp.registry.PARTITIONERS``): (examples, num_clients, alpha, seed, min_size).
+def iid(examples: Sequence[Example], num_clients: int, alpha: float, seed: int, min_size: int) -> list[list[int]]:
+    return partition_iid(len(examples), num_clients, seed, min_size)
+
+
+def dirichlet(examples: Sequence[Example], num_clients: int, alpha: float, seed: int, min_size: int) -> list[list[int]]:
+    return partition_dirichlet([e.group for e in examples], num_clients, alpha, seed, min_size)
+
+
+def quantity_skew(examples: Sequence[Example], num_clients: int, alpha: float, seed: int, min_size: int) -> list[list[int]]:
+    return partition_quantity_skew(len(examples), num_clients, alpha, seed, min_size)
+
+
+def by_key(examples: Sequence[Example], num_clients: int, alpha: float, seed: int, min_size: int) -> list[list[int]]:
+    return partition_by_key([e.group for e in examples], num_clients, seed, min_size)
 
 
 def partition(
@@ -160,7 +164,13 @@ def partition(
     "dirichlet" and "by_key" split on `Example.group` (the label for classification; see
     `with_key` for another attribute).
     """
-    return _by_scheme(scheme)(examples, num_clients, alpha, seed, min_size)
+    from fedlpp.registry import PARTITIONERS, UnknownName
+
+    try:
+        partitioner = PARTITIONERS.get(scheme).load()
+    except UnknownName:
+        raise ValueError(f"unknown partition scheme {scheme!r}; valid schemes: {list(PARTITIONERS.names())}") from None
+    return partitioner(examples, num_clients, alpha, seed, min_size)
 
 
 def with_key(examples: Sequence[Example], key: str) -> list[Example]:

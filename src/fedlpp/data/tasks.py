@@ -1,22 +1,17 @@
-"""The task registry: a name maps to a loader that returns a `TaskData`.
+"""Tasks by name: each registered task (``fedlpp.registry.TASKS``) names a loader that returns a `TaskData`.
 
 Loaders take keyword arguments only (path, hf_id, num_train, num_eval, seed);
-see `load_task` for their meaning. New tasks join with `register_task`.
+see `load_task` for their meaning. New tasks join with `register_task` (in process) or
+through the ``fedlpp.tasks`` entry point (``fedlpp/registry.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, MutableMapping
 from typing import Protocol
 
-from fedlpp.data.dart import load_dart
-from fedlpp.data.dialogsum import load_dialogsum
-from fedlpp.data.e2e import load_e2e
-from fedlpp.data.gsm8k import load_gsm8k
-from fedlpp.data.jsonl import load_jsonl
-from fedlpp.data.rte import load_rte
+from fedlpp import registry
 from fedlpp.data.schema import Example, TaskData
-from fedlpp.data.sst2 import load_sst2
-from fedlpp.data.weather import load_weather
 
 __all__ = [
     "TASKS",
@@ -35,24 +30,48 @@ class TaskLoader(Protocol):
     def __call__(self, *, path: str, hf_id: str, num_train: int, num_eval: int, seed: int) -> TaskData: ...
 
 
-TASKS: dict[str, TaskLoader] = {}
+class _Loaders(MutableMapping[str, TaskLoader]):
+    """The registered tasks (``fedlpp.registry.TASKS``) as name -> loader; a loader's module is imported when asked for."""
+
+    def __getitem__(self, name: str) -> TaskLoader:
+        if name not in registry.TASKS:
+            raise KeyError(name)
+        return registry.TASKS.get(name).load()
+
+    def __setitem__(self, name: str, fn: TaskLoader) -> None:
+        registry.TASKS.unregister(name)
+        registry.TASKS.register(name, f"{name} (registered in this process)", fn)
+
+    def __delitem__(self, name: str) -> None:
+        registry.TASKS.unregister(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(registry.TASKS.names())
+
+    def __len__(self) -> int:
+        return len(registry.TASKS.names())
 
 
-def register_task(name: str, fn: TaskLoader) -> None:
+TASKS = _Loaders()
+
+
+def register_task(name: str, fn: TaskLoader, summary: str = "", **traits: bool) -> None:
     """Add a loader under `name`; a name is registered once (no silent override)."""
     if not name:
         raise ValueError("a task name must be non-empty")
-    if name in TASKS:
-        raise ValueError(f"task {name!r} is already registered")
-    TASKS[name] = fn
+    registry.TASKS.register(name, summary or f"{name} (registered in this process)", fn, **traits)
 
 
 def get_task_loader(name: str) -> TaskLoader:
     """The loader for `name`; the error lists the registered tasks."""
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {sorted(TASKS)}") from None
+    if name not in registry.TASKS:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {sorted(registry.TASKS.names())}")
+    return TASKS[name]
+
+
+def tasks_with(trait: str) -> tuple[str, ...]:
+    """The registered tasks that have ``trait`` (``eval_file``: they read data.eval_path; ``test_split``)."""
+    return tuple(e.name for e in registry.TASKS.entries() if e.traits.get(trait))
 
 
 def load_task(
@@ -76,9 +95,9 @@ def load_task(
             seeded random subset, kept in file order.
         num_eval: Eval examples (distinct inputs for generation); 0 = all/default.
         seed: Drives every random choice; the same seed gives the same data.
-        eval_path: A separate evaluation file, for the tasks that read one (EVAL_FILE_TASKS).
+        eval_path: A separate evaluation file, for the tasks that read one (trait eval_file).
         split: The evaluation split: "dev" (what runs use) or "test" (its test file or hub
-            split, for the tasks that have one with references: TEST_SPLIT_TASKS).
+            split, for the tasks that have one with references: trait test_split).
     """
     if path and hf_id:
         raise ValueError(f"task {name!r}: give path or hf_id, not both (got {path!r}, {hf_id!r})")
@@ -87,31 +106,21 @@ def load_task(
     loader = get_task_loader(name)
     extra: dict[str, str] = {}
     if eval_path:
-        if name not in EVAL_FILE_TASKS:
+        if name not in tasks_with("eval_file"):
             raise ValueError(
-                f"task {name!r} takes its evaluation split from its own files; eval_path is for {', '.join(EVAL_FILE_TASKS)}"
+                f"task {name!r} takes its evaluation split from its own files; eval_path is for {', '.join(tasks_with('eval_file'))}"
             )
         extra["eval_path"] = eval_path
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: valid splits are {', '.join(SPLITS)}")
     if split == "test":
-        if name not in TEST_SPLIT_TASKS:
+        if name not in tasks_with("test_split"):
             raise ValueError(
                 f"task {name!r} has no test split with references here (tasks with one: "
-                f"{', '.join(TEST_SPLIT_TASKS)}; GLUE's test labels are not public; jsonl: use data.eval_path)"
+                f"{', '.join(tasks_with('test_split'))}; GLUE's test labels are not public; jsonl: use data.eval_path)"
             )
         extra["split"] = split
     return loader(path=path, hf_id=hf_id, num_train=num_train, num_eval=num_eval, seed=seed, **extra)
 
 
-register_task("weather", load_weather)
-register_task("e2e", load_e2e)
-register_task("sst2", load_sst2)
-register_task("rte", load_rte)
-register_task("dart", load_dart)
-register_task("dialogsum", load_dialogsum)
-register_task("gsm8k", load_gsm8k)
-register_task("jsonl", load_jsonl)
-EVAL_FILE_TASKS = ("jsonl",)  # loaders that also take eval_path=
-TEST_SPLIT_TASKS = ("e2e", "dart", "dialogsum", "gsm8k")  # loaders that also take split="test"
 SPLITS = ("dev", "test")

@@ -1,86 +1,114 @@
 """The local engine: every client in one process, sharing one backbone in memory.
 
-It only moves bytes: the server's broadcast to each sampled client's ``client_step``
-(swapping only the adapter, so memory does not grow with N), and the clients' uploads to
-the server — as they are (``PlainExchange``) or through the SecAgg protocol run in process
-(``SecAggExchange``). The rounds, evaluation, ledger and run directory are the server's
-loop (``engine/server.py``), shared with the Flower engine.
+Its transport (``LocalTransport``) only moves messages: the server's broadcast to each
+sampled client's ``LocalClient`` (which runs ``client_step``, swapping only the adapter, so
+memory does not grow with N) and the clients' replies back, as plain fields — the same
+fields a Flower node answers with. What the replies hold (update bytes, or a SecAgg
+advertisement and the protocol's later steps) is decided by the steps composed at setup.
+The rounds, evaluation, accountant and run directory are the server's loop
+(``engine/server.py``), shared with the Flower engine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol
 
-from fedlpp.algorithms.steps import ClientData, client_step
+from fedlpp.algorithms.steps import ClientData, ClientRecipe, client_step
 from fedlpp.config import ExperimentConfig
 from fedlpp.engine import rundir
-from fedlpp.engine.secure import SecureAggregator, make_aggregator, secure_aggregate
-from fedlpp.engine.server import LEDGER_KEY, Exchange, Exchanged, PlainExchange, serve
-from fedlpp.engine.setup import ServerContext, build_run, client_recipe, secure_combiner
-from fedlpp.models.lora import Adapter
+from fedlpp.engine.secure import SecAggClient
+from fedlpp.engine.server import LEDGER_KEY, serve
+from fedlpp.engine.setup import LocalRun, ServerContext, build_run, client_recipe, secagg_params
+from fedlpp.engine.transport import Fields, MessageError, Replies, require
+from fedlpp.models.lora import PeftModel
 from fedlpp.progress import Bar
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LEDGER_KEY", "LocalFederation", "PlainExchange", "run_experiment"]
-
-T = TypeVar("T")
+__all__ = ["LEDGER_KEY", "LocalClient", "LocalTransport", "local_transport", "run_experiment"]
 
 # Called with (client id, bytes) for every message the server sends: tests record them.
 OnSend = Callable[[int, bytes], None]
 
 
-@dataclass(frozen=True)
-class SecAggExchange:
-    """The clients' input vectors go through the SecAgg protocol; the server only ever holds the sum."""
+class Participant(Protocol):
+    """What a client's reply carries after training, and how it answers the steps that follow (SecAgg)."""
 
-    aggregator: SecureAggregator
+    def reply(self, client_id: int, fields: Fields, upload: Any) -> Fields: ...
 
-    def server_side(
-        self, ctx: ServerContext, adapter: Adapter, uploads: Mapping[int, Any], round_: int
-    ) -> tuple[Adapter, dict[str, Any]]:
-        inputs = {c: functools.partial(_given, v) for c, v in uploads.items()}
-        out = secure_aggregate(self.aggregator, ctx.spec, adapter, inputs, round_, secure_combiner(ctx))
-        return out.next_adapter(adapter), out.row()
+    def answer(self, fields: Fields) -> Fields: ...
 
 
-def _given(value: T) -> T:
-    return value
+class PlainUpload:
+    """The update bytes go back as they are; nothing follows training."""
+
+    def reply(self, client_id: int, fields: Fields, upload: Any) -> Fields:
+        return {"upload": upload}
+
+    def answer(self, fields: Fields) -> Fields:
+        raise MessageError("this client has no step after training")
 
 
 @dataclass
-class LocalFederation:
-    """Every sampled client's ``client_step`` in this process, on the server's model."""
+class LocalClient:
+    """One simulated client: its data, its recipe (by the noise multiplier it is sent) and its participant."""
 
-    clients: list[ClientData]
-    exchange: Exchange
+    data: ClientData
+    recipe_for: Callable[[float], ClientRecipe]  # sigma -> what the client does with a broadcast
+    participant: Participant
+
+    def train(self, model: PeftModel, payload: bytes, fields: Fields, on_step: Callable[[], None] | None) -> Fields:
+        out = client_step(model, payload, self.data, self.recipe_for(require(fields, "sigma", float)), on_step)
+        loss = math.nan if out.loss is None else out.loss
+        answer = self.participant.reply(self.data.client_id, fields, out.upload)
+        return {"num_examples": out.num_examples, "loss": loss, "peak_memory": out.peak_memory, **answer}
+
+
+@dataclass
+class LocalTransport:
+    """Calls each sampled client's ``LocalClient`` in this process, on the server's model."""
+
+    model: PeftModel
+    clients: list[LocalClient]
     on_send: OnSend | None = None
 
-    def round_trip(
-        self, ctx: ServerContext, adapter: Adapter, payload: bytes, clients: Sequence[int], round_: int, bar: Bar | None
-    ) -> Exchanged:
-        recipe = client_recipe(ctx.cfg, ctx.side, ctx.spec, ctx.sigma, ctx.secure)
-        uploads, losses, peaks = {}, [], []
+    def train(self, payload: bytes, clients: Sequence[int], round_: int, fields: Mapping[str, Any], bar: Bar | None) -> Replies:
+        replies = Replies()
         for client in clients:
             if self.on_send is not None:
                 self.on_send(client, payload)
-            out = client_step(ctx.model, payload, self.clients[client], recipe, bar.update if bar is not None else None)
-            uploads[client] = out.upload
-            losses.append(out.loss)
-            peaks.append(out.peak_memory)
-        new, row = self.exchange.server_side(ctx, adapter, uploads, round_)
-        return Exchanged(new, row, losses, delivered=len(clients), peak_memory=peaks)
+            message = {**fields, "round": round_, "client_id": client}
+            replies.answers[client] = self.clients[client].train(self.model, payload, message, bar.update if bar else None)
+        return replies
+
+    def ask(self, action: str, round_: int, messages: Mapping[int, Fields]) -> Replies:
+        return Replies({c: self.clients[c].participant.answer(dict(m)) for c, m in messages.items()})
+
+    @property
+    def verify_keys(self) -> dict[int, bytes]:
+        """Each client's SecAgg verify key (the clients that have one)."""
+        return {k: c.participant.verify_key for k, c in enumerate(self.clients) if isinstance(c.participant, SecAggClient)}
 
 
-def make_exchange(ctx: ServerContext) -> Exchange:
-    if ctx.secure is None:
-        return PlainExchange()
-    return SecAggExchange(make_aggregator(ctx.secure, ctx.cfg.fl.num_clients))
+def local_transport(run: LocalRun, on_send: OnSend | None = None) -> LocalTransport:
+    """The clients of a local run, each with its own SecAgg identity when secagg.enabled."""
+    ctx = run.server
+    recipe_for = functools.lru_cache(maxsize=4)(functools.partial(_recipe, ctx))
+    participant: Callable[[], Participant] = PlainUpload
+    if ctx.secure is not None:
+        participant = functools.partial(SecAggClient, secagg_params(ctx.cfg.secagg, ctx.cfg.fl.clients_per_round))
+    return LocalTransport(ctx.model, [LocalClient(data, recipe_for, participant()) for data in run.clients], on_send)
+
+
+def _recipe(ctx: ServerContext, sigma: float) -> ClientRecipe:
+    return client_recipe(ctx.cfg, ctx.side, ctx.spec, sigma, ctx.secure)
 
 
 def run_experiment(
@@ -90,5 +118,6 @@ def run_experiment(
     if not resume:
         rundir.check_new(out)
     run = build_run(cfg)  # data and model errors surface before anything is written
-    federation = LocalFederation(run.clients, make_exchange(run.server), on_send)
-    return serve(run.server, federation, out, resume, progress)
+    transport = local_transport(run, on_send)
+    ctx = dataclasses.replace(run.server, verify_keys=transport.verify_keys)
+    return serve(ctx, transport, out, resume, progress)

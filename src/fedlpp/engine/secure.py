@@ -1,16 +1,20 @@
-"""Secure aggregation in the local engine: the in-process protocol driver for one round.
+"""Secure aggregation's ends of a round, whatever carries its messages.
 
-Each client's input vector comes from its ``client_step`` (SecAgg's encoder,
-``algorithms.secure.SecureInput``); the protocol (``fedlpp.secagg``) masks and sums them;
-the server's ``SecureMean`` turns the sum into the mean delta and ``round.server_step``
-applies it — the server never holds an individual update.
+A client's input vector comes from its ``client_step`` (SecAgg's encoder,
+``algorithms.secure.SecureInput``); ``SecAggClient`` then holds its session for the round
+(the local engine's clients; a deployed node keeps the same in its Flower state,
+``engine/flower/secure.py``). The server's side runs the protocol over the transport
+(``engine/aggregation.SecureAggregation``) and ``finish_round`` applies the mean delta that
+``SecureMean`` derives from the sum — the server never holds an individual update.
+``secure_aggregate`` runs a whole round in process (the benchmark's reference).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -21,19 +25,77 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.secure import SecureEncoding, SecureMean
 from fedlpp.algorithms.spec import AlgorithmSpec
+from fedlpp.engine.transport import Fields, MessageError, require
 from fedlpp.models.lora import Adapter, copy_adapter
 from fedlpp.secagg import (
     AggregateResult,
+    ClientSession,
     InProcess,
     Parties,
     SecAggAbort,
     SecAggError,
+    SecAggParams,
     Traffic,
     generate_signing_key,
     run_local_round,
+    verify_key_bytes,
 )
+from fedlpp.secagg.local import answer_step
 
 log = logging.getLogger(__name__)
+
+ACTION = "secagg"  # the transport's ``ask`` action of the protocol's steps after the advertisement
+
+
+def registry_text(registry: Mapping[int, bytes]) -> str:
+    """The round's registry {client id: verify key} as it travels in a train message."""
+    return json.dumps({str(c): key.hex() for c, key in sorted(registry.items())})
+
+
+def registry_from_text(text: str) -> dict[int, bytes]:
+    return {int(c): bytes.fromhex(key) for c, key in json.loads(text).items()}
+
+
+@dataclass
+class SecAggClient:
+    """One client's side of SecAgg held in memory: its long-term identity and the session of the round it is in.
+
+    A client opens one session per round, ever: two sums over different sets of clients for
+    one round would reveal its input by subtraction.
+    """
+
+    params: SecAggParams
+    identity: Ed25519PrivateKey = field(default_factory=generate_signing_key)  # OS CSPRNG
+    session: ClientSession | None = None
+    vector: np.ndarray | None = None  # the round's input, kept until unmask
+    joined: int = 0  # the last round it opened a session for
+
+    @property
+    def verify_key(self) -> bytes:
+        return verify_key_bytes(self.identity)
+
+    def reply(self, client_id: int, fields: Fields, vector: np.ndarray | None) -> Fields:
+        """After training: its advertisement, or ``out_of_range`` when its vector cannot be encoded."""
+        round_ = require(fields, "round", int)
+        if self.joined >= round_:
+            raise MessageError(f"this client already took part in secure aggregation for round {self.joined}; refusing {round_}")
+        self.joined, self.session, self.vector = round_, None, None
+        if vector is None:
+            return {"out_of_range": True}
+        registry = registry_from_text(require(fields, "registry", str))
+        self.session = ClientSession(client_id, self.identity, registry, self.params, round_, vector.size)
+        self.vector = vector
+        return {"message": self.session.advertise()}
+
+    def answer(self, fields: Fields) -> Fields:
+        """One protocol step; the session is forgotten after unmask."""
+        step, round_ = require(fields, "step", str), require(fields, "round", int)
+        if self.session is None or self.vector is None or self.joined != round_:
+            raise MessageError(f"no SecAgg session for round {round_} on this client")
+        reply = answer_step(self.session, step, require(fields, "message", bytes), self.vector)
+        if step == "unmask":
+            self.session, self.vector = None, None
+        return {"message": reply}
 
 
 @dataclass(frozen=True)

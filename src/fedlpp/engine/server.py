@@ -1,11 +1,12 @@
-"""The server's run, whatever carries the messages: rounds, evaluation, ledger, run directory.
+"""The server's run, whatever carries the messages: rounds, evaluation, accountant, run directory.
 
-Each round: sample the clients (seeded by the run's seed and the round), check the privacy
-budget, build the broadcast, hand it to a ``Federation`` (the local engine calls every
-client's ``client_step`` in process; the Flower engine sends messages to SuperNodes), which
-brings back the next adapter; evaluate the global and the proxy adapter, append a metrics
-row, checkpoint. All randomness derives from (seed, round, client), so ``--resume``
-reproduces an uninterrupted run exactly.
+A round (``run_round``) reads top to bottom: broadcast (the algorithm) -> the transport moves
+it to the sampled clients and their replies back (local, simulation or deployment) -> the
+aggregation pipeline combines them (decode, [client-level DP], [SecAgg], mean, server rule)
+-> the server optimizer -> the next adapter, evaluated when due. The steps are chosen once
+when the run starts (``RoundSteps``); the loop (``_serve``) asks the privacy accountant
+before each round and checkpoints after it. All randomness derives from (seed, round,
+client), so ``--resume`` reproduces an uninterrupted run exactly.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -26,58 +27,28 @@ from fedlpp.algorithms.server_opt import ServerOptimizer, make_server_optimizer
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.algorithms.steps import mean_finite
 from fedlpp.engine import rundir
-from fedlpp.engine.setup import ServerContext, round_clients, server_combiner
+from fedlpp.engine.aggregation import Aggregation, Proposal
+from fedlpp.engine.setup import ServerContext, client_selection, make_aggregation
+from fedlpp.engine.transport import Replies, Transport
 from fedlpp.evaluation.evaluate import evaluate_adapter, evaluation_work
 from fedlpp.models.lora import Adapter, save_peft_adapter
-from fedlpp.privacy.plan import Ledger, PrivacyPlan, guarantee
+from fedlpp.privacy.accountant import LEDGER_KEY, Accountant, LedgerAccountant, NoPrivacy
+from fedlpp.privacy.plan import Ledger
 from fedlpp.progress import Bar, Show, open_bar, shower
 
 log = logging.getLogger(__name__)
 
-LEDGER_KEY = "privacy_ledger"  # checkpoint metadata: the accountant's history, saved with the adapter
+__all__ = ["LEDGER_KEY", "RoundSteps", "run_round", "serve"]
 
 
 @dataclass
-class Exchanged:
-    """What came back from a round's clients, after the server's step."""
+class RoundSteps:
+    """A run's round, as steps chosen once when it starts (or resumes)."""
 
-    adapter: Adapter  # the next global adapter (the old one when the round was void)
-    row: dict[str, Any]  # bytes_up / bytes_down beyond the broadcast, rejected, failed, SecAgg notes
-    losses: list[float | None] = field(default_factory=list)  # each client's mean training loss
-    delivered: int = 0  # clients the broadcast reached
-    peak_memory: list[int] = field(default_factory=list)  # each client's peak memory during its step (bytes, as it reported)
-
-
-class Federation(Protocol):
-    """Carries one round: the broadcast to the clients, their uploads back, the server's step."""
-
-    def round_trip(
-        self, ctx: ServerContext, adapter: Adapter, payload: bytes, clients: Sequence[int], round_: int, bar: Bar | None
-    ) -> Exchanged: ...
-
-
-class Exchange(Protocol):
-    """How the round's uploads reach the server: as they are, or through the SecAgg protocol."""
-
-    def server_side(
-        self, ctx: ServerContext, adapter: Adapter, uploads: Mapping[int, Any], round_: int
-    ) -> tuple[Adapter, dict[str, Any]]:
-        """The next adapter and what the metrics row says about the exchange (bytes up, rejections, survivors)."""
-        ...
-
-
-class PlainExchange:
-    """Every client's update bytes go to the server, which combines them (``round.server_step``)."""
-
-    def server_side(
-        self, ctx: ServerContext, adapter: Adapter, uploads: Mapping[int, Any], round_: int
-    ) -> tuple[Adapter, dict[str, Any]]:
-        updates = list(uploads.items())
-        result = rnd.server_step(ctx.spec, adapter, updates, round_, server_combiner(ctx, round_))
-        row: dict[str, Any] = {"bytes_up": sum(len(u) for _, u in updates)}
-        if result.rejected:
-            row["rejected"] = {str(k): v for k, v in result.rejected.items()}
-        return result.adapter, row
+    select: Callable[[int], list[int]]  # round -> its clients
+    aggregation: Aggregation  # replies -> the proposed adapter
+    optimizer: ServerOptimizer  # the proposed step -> the step taken (state clients never see)
+    accountant: Accountant  # privacy: may the round run, what it spent
 
 
 @dataclass
@@ -89,34 +60,57 @@ class RoundOutcome:
 
 def run_round(
     ctx: ServerContext,
-    federation: Federation,
+    steps: RoundSteps,
+    transport: Transport,
     adapter: Adapter,
     round_: int,
     clients: Sequence[int],
     show: Show | None = None,
-    optimizer: ServerOptimizer | None = None,
 ) -> RoundOutcome:
-    """One round: broadcast, the clients' exchange, the server's step, evaluation when due. ``show`` draws progress."""
+    """One round: broadcast, the transport's exchange, the aggregation, the server optimizer, evaluation when due."""
     t0 = time.perf_counter()
     payload = rnd.make_broadcast(ctx.spec, adapter, ctx.a_seed, round_)
-    with (
-        contextlib.nullcontext()
-        if show is None
-        else show(len(clients) * ctx.cfg.fl.local_steps, f"round {round_} client steps") as bar
-    ):
-        out = federation.round_trip(ctx, adapter, payload, clients, round_, bar)
-    if optimizer is not None:
-        out.adapter = optimizer.step(adapter, out.adapter)
-    row = {"round": round_, "clients": list(clients), **out.row}
-    if ctx.privacy is None:  # the clients' training loss is computed from their data without noise
-        row["train_loss"] = mean_finite([v for v in out.losses if v is not None])
-    row["bytes_down"] = row.get("bytes_down", 0) + len(payload) * out.delivered
-    if out.peak_memory:
-        row["client_peak_memory_bytes"] = max(out.peak_memory)
+    fields = {"sigma": float(ctx.sigma), **steps.aggregation.train_fields(round_, clients)}
+    with _progress(show, len(clients) * ctx.cfg.fl.local_steps, f"round {round_} client steps") as bar:
+        replies = transport.train(payload, clients, round_, fields, bar)
+    proposal = steps.aggregation.combine(adapter, replies, round_, transport)
+    new = steps.optimizer.step(adapter, proposal.adapter)
+    row = round_row(round_, clients, proposal, replies, len(payload), steps.accountant.shows_training_loss)
     if round_ % ctx.cfg.eval.every == 0 or round_ == ctx.cfg.fl.rounds:
-        row.update(evaluate_round(ctx, out.adapter, show, f"round {round_} evaluation"))
+        row.update(evaluate_round(ctx, new, show, f"round {round_} evaluation"))
     row["wall_s"] = round(time.perf_counter() - t0, 3)
-    return RoundOutcome(out.adapter, row, payload)
+    return RoundOutcome(new, row, payload)
+
+
+def round_row(
+    round_: int, clients: Sequence[int], proposal: Proposal, replies: Replies, broadcast_bytes: int, with_loss: bool
+) -> dict[str, Any]:
+    """The round's metrics row: who took part, what failed, the training loss (not under DP), bytes, peak memory."""
+    row = {"round": round_, "clients": list(clients), **proposal.row}
+    if replies.failed:
+        row["failed"] = {str(c): reason for c, reason in sorted(replies.failed.items())}
+    if with_loss:  # under DP the clients' loss is computed from their data without noise: it is not released
+        row["train_loss"] = mean_finite([v for f in replies.answers.values() if isinstance(v := f.get("loss"), float)])
+    row["bytes_down"] = row.get("bytes_down", 0) + broadcast_bytes * len(clients)
+    peaks = [_peak_memory(f) for f in replies.answers.values()]
+    if peaks:
+        row["client_peak_memory_bytes"] = max(peaks)
+    return row
+
+
+def _peak_memory(fields: Mapping[str, Any]) -> int:
+    """What a client reports of its step's peak memory (0 when it reports none): shown, never trusted."""
+    value = fields.get("peak_memory", 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+@contextlib.contextmanager
+def _progress(show: Show | None, total: int, desc: str) -> Iterator[Bar | None]:
+    if show is None:
+        yield None
+        return
+    with show(total, desc) as bar:
+        yield bar
 
 
 def evaluate_round(
@@ -152,7 +146,7 @@ def open_run_dir(out: Path, ctx: ServerContext, resume: bool) -> None:
         rundir.prepare_new(out, ctx.cfg)
 
 
-def serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def serve(ctx: ServerContext, transport: Transport, out: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run (or continue) the rounds into the run directory ``out`` and return the summary.
 
     The directory is held for the whole run (``rundir.exclusive``): a second process on it is refused.
@@ -160,43 +154,55 @@ def serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool = 
     with rundir.exclusive(out):
         open_run_dir(out, ctx, resume)  # refuses a folder holding another run before anything is written
         try:
-            return _serve(ctx, federation, out, resume, progress)
+            return _serve(ctx, transport, out, resume, progress)
         except BaseException:
             if not resume:
                 rundir.discard_unstarted(out)  # this new run never finished a round: it leaves nothing behind
             raise
 
 
-def _serve(ctx: ServerContext, federation: Federation, out: Path, resume: bool, show_progress: bool) -> dict[str, Any]:
+def _serve(ctx: ServerContext, transport: Transport, out: Path, resume: bool, show_progress: bool) -> dict[str, Any]:
     cfg = ctx.cfg
     adapter, last, rows = start_or_resume(ctx, out, resume)
-    ledger = start_ledger(ctx, out, resume)
-    optimizer = start_server_optimizer(ctx, out, resume)
-    recorded = {rundir.CONFIG_KEY: rundir.config_record(cfg)}
+    steps = start_round_steps(ctx, out, resume)
     stopped = None
     rounds_bar = open_bar(cfg.fl.rounds, "rounds", enabled=show_progress, initial=last)
     show = shower(show_progress)
     try:
         for round_ in range(last + 1, cfg.fl.rounds + 1):
-            clients = round_clients(cfg, round_)
-            spent = ledger.after_round(ctx.privacy, clients) if ledger is not None else None
-            if spent is not None and spent.exceeds(ctx.privacy):
-                stopped = budget_stop(ctx.privacy, ledger, spent, round_)
+            clients = steps.select(round_)
+            stopped = steps.accountant.admit(round_, clients)
+            if stopped is not None:
                 break
-            outcome = run_round(ctx, federation, adapter, round_, clients, show, optimizer)
-            adapter, ledger = outcome.adapter, spent
-            if ledger is not None:
-                outcome.row.update(privacy_row(ctx.privacy, ledger))
-            rundir.save_broadcast(out, round_, outcome.broadcast)
-            rundir.append_metrics(out, outcome.row)
-            metadata = {**recorded, **({LEDGER_KEY: ledger.to_json()} if ledger is not None else {})}
-            rundir.save_checkpoint(out, adapter, round_, metadata, optimizer.state())
+            outcome = run_round(ctx, steps, transport, adapter, round_, clients, show)
+            steps.accountant.commit()
+            adapter = outcome.adapter
+            outcome.row.update(steps.accountant.row())
+            record_round(out, ctx, steps, outcome, round_)
             rows.append(outcome.row)
             rounds_bar.set_postfix(_postfix(outcome.row), refresh=False)
             rounds_bar.update(1)
     finally:
         rounds_bar.close()
-    return finish(ctx, out, adapter, rows, ledger, stopped)
+    return finish(ctx, out, adapter, rows, steps.accountant, stopped)
+
+
+def start_round_steps(ctx: ServerContext, out: Path, resume: bool) -> RoundSteps:
+    """The round's steps; on resume the accountant and the server optimizer continue from the checkpoint.
+
+    The accountant comes first: a resumed run keeps the noise multiplier it was calibrated with,
+    which the aggregation's DP steps then use.
+    """
+    accountant = start_accountant(ctx, out, resume)
+    return RoundSteps(client_selection(ctx.cfg), make_aggregation(ctx), start_server_optimizer(ctx, out, resume), accountant)
+
+
+def record_round(out: Path, ctx: ServerContext, steps: RoundSteps, outcome: RoundOutcome, round_: int) -> None:
+    """The round's broadcast, metrics row and checkpoint (adapter, config, accountant, server optimizer state)."""
+    rundir.save_broadcast(out, round_, outcome.broadcast)
+    rundir.append_metrics(out, outcome.row)
+    metadata = {rundir.CONFIG_KEY: rundir.config_record(ctx.cfg), **steps.accountant.checkpoint()}
+    rundir.save_checkpoint(out, outcome.adapter, round_, metadata, steps.optimizer.state())
 
 
 def fedavg_reference_bytes(ctx: ServerContext, adapter: Adapter) -> dict[str, int]:
@@ -245,8 +251,7 @@ def check_adapter_shapes(out: Path, adapter: Mapping[str, torch.Tensor], shapes:
 
 def start_server_optimizer(ctx: ServerContext, out: Path, resume: bool) -> ServerOptimizer:
     """The server optimizer, with the state it had at the checkpoint when resuming."""
-    algorithm = ctx.cfg.algorithm
-    optimizer = make_server_optimizer(algorithm.server_optimizer, algorithm.server_momentum)
+    optimizer = make_server_optimizer(ctx.cfg.algorithm)
     if resume:
         try:
             optimizer.load(rundir.load_server_state(out))
@@ -256,11 +261,11 @@ def start_server_optimizer(ctx: ServerContext, out: Path, resume: bool) -> Serve
     return optimizer
 
 
-def start_ledger(ctx: ServerContext, out: Path, resume: bool) -> Ledger | None:
-    """The privacy ledger so far: restored from the checkpoint on resume, never restarted from zero."""
+def start_accountant(ctx: ServerContext, out: Path, resume: bool) -> Accountant:
+    """The privacy accountant: restored from the checkpoint on resume, never restarted from zero."""
     plan = ctx.privacy
     if plan is None:
-        return None
+        return NoPrivacy()
     stored = rundir.load_checkpoint_metadata(out).get(LEDGER_KEY) if resume else None
     if stored is None:
         if resume and (out / rundir.CHECKPOINT).exists():
@@ -268,32 +273,15 @@ def start_ledger(ctx: ServerContext, out: Path, resume: bool) -> Ledger | None:
                 f"{out / rundir.CHECKPOINT} has no privacy ledger: the rounds it finished "
                 "could not be accounted for, so the run cannot continue under DP"
             )
-        return Ledger(plan.noise_multiplier)
+        return LedgerAccountant.start(plan)
     try:
         ledger = Ledger.from_json(stored)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise rundir.RunDirError(f"{out / rundir.CHECKPOINT}: its privacy ledger is damaged ({e})") from None
     if ledger.noise_multiplier != plan.noise_multiplier:
         # fl.rounds grew: sigma stays what the run was calibrated with (the budget then stops it).
-        ctx.privacy = dataclasses.replace(plan, noise_multiplier=ledger.noise_multiplier)
-    return ledger
-
-
-def budget_stop(plan: PrivacyPlan, ledger: Ledger, spent: Ledger, round_: int) -> str:
-    reason = (
-        f"privacy budget: round {round_} would raise epsilon from {ledger.epsilon:.4g} to {spent.epsilon:.4g}, "
-        f"above {plan.stop_at:g}; stopped after round {round_ - 1} with its checkpoint"
-    )
-    log.warning("%s", reason)
-    return reason
-
-
-def privacy_row(plan: PrivacyPlan, ledger: Ledger) -> dict[str, Any]:
-    """epsilon (cumulative, at delta) for the metrics row; per client under DP-SGD."""
-    row: dict[str, Any] = {"epsilon": ledger.epsilon, "delta": plan.accounting.delta}
-    if plan.mode == "dp_sgd":
-        row["epsilon_per_client"] = dict(sorted(ledger.epsilons.items(), key=lambda kv: int(kv[0])))
-    return row
+        ctx.privacy = plan = dataclasses.replace(plan, noise_multiplier=ledger.noise_multiplier)
+    return LedgerAccountant(plan, ledger)
 
 
 def _postfix(row: Mapping[str, Any]) -> dict[str, str]:
@@ -309,7 +297,7 @@ def finish(
     out: Path,
     adapter: Adapter,
     rows: list[dict[str, Any]],
-    ledger: Ledger | None = None,
+    accountant: Accountant | None = None,
     stopped: str | None = None,
 ) -> dict[str, Any]:
     """Save the final adapter in peft format and the broadcast a next round would send; write summary.json."""
@@ -337,8 +325,7 @@ def finish(
         **peak_memory_summary(ctx, rows),
         "adapter_dir": rundir.ADAPTER,
     }
-    if ledger is not None and ctx.privacy is not None:
-        summary["privacy"] = guarantee(ctx.privacy, ledger)
+    summary.update((accountant or NoPrivacy()).summary())
     if stopped is not None:
         summary["stopped"] = stopped
     rundir.write_summary(out, summary)

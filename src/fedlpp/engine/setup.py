@@ -10,8 +10,9 @@ apps build each in its own process.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,7 @@ from fedlpp.algorithms.steps import (
 from fedlpp.config import ConfigError, ExperimentConfig, SecAggConfig
 from fedlpp.data import Example, TaskData, encode_for_classification, encode_for_generation, encode_prompts, load_task, partition
 from fedlpp.data.partition import with_key
+from fedlpp.engine.aggregation import Aggregation, CombinerFor, PlainAggregation, SecureAggregation
 from fedlpp.evaluation.evaluate import Decoding, EvalSet
 from fedlpp.models.backbone import Backbone, load_backbone
 from fedlpp.models.lora import Adapter, PeftModel, adapter_shapes, attach_lora, initial_adapter
@@ -82,6 +84,7 @@ class ServerContext:
     client_sizes: list[int]  # each client's number of examples (public: the DP rates and the SecAgg weight bound)
     privacy: PrivacyPlan | None = None  # set when privacy.mode is not none
     secure: SecureEncoding | None = None  # set when secagg.enabled: the server sees only sums
+    verify_keys: dict[int, bytes] = dataclasses.field(default_factory=dict)  # secagg: each client's announced verify key
 
     @property
     def model(self) -> PeftModel:
@@ -187,7 +190,12 @@ def eval_only(task: TaskData) -> TaskData:
 
 
 def build_server(
-    cfg: ExperimentConfig, task: TaskData, side: ModelSide, client_sizes: list[int], plan: PrivacyPlan | None
+    cfg: ExperimentConfig,
+    task: TaskData,
+    side: ModelSide,
+    client_sizes: list[int],
+    plan: PrivacyPlan | None,
+    verify_keys: dict[int, bytes] | None = None,
 ) -> ServerContext:
     """The server's side of a run; ``task`` supplies only its name and evaluation examples."""
     return ServerContext(
@@ -202,6 +210,7 @@ def build_server(
         client_sizes=list(client_sizes),
         privacy=plan,
         secure=secure_encoding(cfg, client_sizes) if cfg.secagg.enabled else None,
+        verify_keys=dict(verify_keys or {}),
     )
 
 
@@ -267,15 +276,25 @@ def noise_shares(cfg: ExperimentConfig, sigma: float) -> NoiseShares | None:
     return NoiseShares(cfg.privacy.clip_norm, sigma, float(cfg.fl.clients_per_round))
 
 
-def server_combiner(ctx: ServerContext, round_: int) -> rnd.Combiner:
-    """How the server combines this round's inputs: plain mean, client-level DP's noised sum, or SecAgg's sum."""
+def make_aggregation(ctx: ServerContext) -> Aggregation:
+    """The server's pipeline for the run: through SecAgg's protocol, or on the update bytes themselves."""
     if ctx.secure is not None:
-        return secure_combiner(ctx)
+        return SecureAggregation(ctx.spec, ctx.secure, secure_combiner(ctx), ctx.verify_keys, ctx.shapes)
+    return PlainAggregation(ctx.spec, combiner_for(ctx))
+
+
+def combiner_for(ctx: ServerContext) -> CombinerFor:
+    """Each round's combiner: the example-weighted mean, or client-level DP's clipped and noised mean."""
     plan = ctx.privacy
     if plan is not None and plan.mode == "client_dp":
-        rng = randomness(plan.secure_noise, derive_seed(ctx.cfg.seed, "client_dp_noise", round_))
-        return rnd.ClientDpMean(NoisedSum(plan.clip_norm, plan.noise_multiplier, plan.expected_clients, rng), ctx.declared_sizes)
-    return rnd.WeightedMean(ctx.declared_sizes)
+        return functools.partial(client_dp_mean, plan, ctx.cfg.seed, ctx.declared_sizes)
+    return lambda round_: rnd.WeightedMean(ctx.declared_sizes)
+
+
+def client_dp_mean(plan: PrivacyPlan, seed: int, declared: dict[int, int], round_: int) -> rnd.ClientDpMean:
+    """Client-level DP's combiner for ``round_``: its noise from the OS CSPRNG in secure mode, else from (seed, round)."""
+    rng = randomness(plan.secure_noise, derive_seed(seed, "client_dp_noise", round_))
+    return rnd.ClientDpMean(NoisedSum(plan.clip_norm, plan.noise_multiplier, plan.expected_clients, rng), declared)
 
 
 def secure_combiner(ctx: ServerContext) -> SecureMean:
@@ -317,13 +336,23 @@ def check_noise_fits_range(cfg: ExperimentConfig, plan: PrivacyPlan) -> None:
         )
 
 
-def round_clients(cfg: ExperimentConfig, round_: int) -> list[int]:
-    """This round's clients: K of N, or each with probability K/N under Poisson client sampling."""
+def client_selection(cfg: ExperimentConfig) -> Callable[[int], list[int]]:
+    """round -> its clients: K of N, or each with probability K/N under client-level DP's Poisson client sampling."""
     fl = cfg.fl
     if cfg.privacy.mode == "client_dp" and cfg.privacy.client_sampling == "poisson":
-        rng = randomness(cfg.privacy.secure_noise, derive_seed(cfg.seed, "client_sampling", round_))
-        return [int(c) for c in (rng.uniform(fl.num_clients) < fl.clients_per_round / fl.num_clients).nonzero()[0]]
-    return sample_clients(cfg.seed, round_, fl.num_clients, fl.clients_per_round)
+        return functools.partial(poisson_clients, cfg.privacy.secure_noise, cfg.seed, fl.num_clients, fl.clients_per_round)
+    return functools.partial(sample_clients, cfg.seed, num_clients=fl.num_clients, k=fl.clients_per_round)
+
+
+def round_clients(cfg: ExperimentConfig, round_: int) -> list[int]:
+    """This round's clients (``client_selection`` of the config)."""
+    return client_selection(cfg)(round_)
+
+
+def poisson_clients(secure: bool, seed: int, num_clients: int, k: int, round_: int) -> list[int]:
+    """Each client independently with probability K/N, from the OS CSPRNG in secure mode."""
+    rng = randomness(secure, derive_seed(seed, "client_sampling", round_))
+    return [int(c) for c in (rng.uniform(num_clients) < k / num_clients).nonzero()[0]]
 
 
 def sample_clients(seed: int, round_: int, num_clients: int, k: int) -> list[int]:

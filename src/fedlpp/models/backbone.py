@@ -30,6 +30,7 @@ from transformers import (
 )
 from transformers.models.auto.auto_factory import _get_model_class
 
+from fedlpp import registry
 from fedlpp.models import shipped
 from fedlpp.models.machine import CPU, Machine, checkpoint_contexts, require_bitsandbytes
 from fedlpp.models.pooling import declared_pooling, use_mean_pooling
@@ -158,7 +159,7 @@ def _read_tensor_by_tensor(files: list[Path]) -> Iterator[dict[str, Any]]:
         state: dict[str, Any] = {}
         for file in files:
             handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu", backend="pread"))
-            state.update({key: handle.get_slice(key) for key in handle})
+            state.update({key: handle.get_slice(key) for key in handle.keys()})  # noqa: SIM118 - safe_open is not iterable
         yield state
 
 
@@ -242,22 +243,26 @@ def _tiny(build: Callable[[str, int], tuple[PreTrainedModel, PreTrainedTokenizer
     return placed
 
 
-SHORT_NAMES: dict[str, Builder] = {
-    "smollm2-135m": lambda kind, n, machine: _pretrained(str(shipped.smollm2_dir()), kind, n, machine),
-    "minilm-l6": lambda kind, n, machine: _pretrained(str(shipped.minilm_dir()), kind, n, machine),
-    "tiny-llama": _tiny(_tiny_llama),
-    "tiny-bert": _tiny(_tiny_bert),
-}
+# The builders of the registered short names (``fedlpp.registry.MODELS``).
+def shipped_smollm2(kind: str, num_labels: int, machine: Machine) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    return _pretrained(str(shipped.smollm2_dir()), kind, num_labels, machine)
 
-CHECKPOINT_DIRS: dict[str, Callable[[], Path]] = {"minilm-l6": shipped.minilm_dir}  # short names that may declare a pooling
+
+def shipped_minilm(kind: str, num_labels: int, machine: Machine) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    return _pretrained(str(shipped.minilm_dir()), kind, num_labels, machine)
+
+
+tiny_llama: Builder = _tiny(_tiny_llama)
+tiny_bert: Builder = _tiny(_tiny_bert)
 
 
 def _resolved_pooling(name: str, pooling: str) -> str:
     if pooling != "auto":
         return pooling
-    if name in CHECKPOINT_DIRS:
-        return declared_pooling(CHECKPOINT_DIRS[name]())
-    return "cls" if name in SHORT_NAMES else declared_pooling(name)
+    if name not in registry.MODELS:
+        return declared_pooling(name)
+    checkpoint_dir = registry.MODELS.get(name).traits.get("checkpoint_dir")  # a short name whose checkpoint declares one
+    return declared_pooling(registry.load_object(checkpoint_dir)()) if checkpoint_dir else "cls"
 
 
 _TARGETS = {"llama": ("q_proj", "v_proj"), "bert": ("query", "value")}
@@ -284,12 +289,12 @@ def load_backbone(name: str, kind: str, num_labels: int = 0, pooling: str = "aut
     """
     if kind not in KINDS:
         raise ValueError(f"task kind {kind!r}: valid kinds are {', '.join(KINDS)}")
-    if name in SHORT_NAMES:
-        model, tokenizer = SHORT_NAMES[name](kind, num_labels, machine)
+    if name in registry.MODELS:
+        model, tokenizer = registry.MODELS.get(name).load()(kind, num_labels, machine)
     else:
         if not Path(name).exists() and "/" not in name:
             raise ValueError(
-                f"model.name={name!r} is neither a short name ({', '.join(SHORT_NAMES)}), "
+                f"model.name={name!r} is neither a short name ({', '.join(registry.MODELS.names())}), "
                 "a local path, nor a Hugging Face id (owner/name)"
             )
         model, tokenizer = _pretrained(name, kind, num_labels, machine)

@@ -19,6 +19,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedlpp.engine.flower.polls import WaitedPoll
+from fedlpp.engine.transport import MessageError, require
+
+__all__ = ["QUERY", "TRAIN", "MessageError", "content", "exchange", "fields_of", "require"]
 
 RECORD = "fedlpp"  # the ConfigRecord of plain fields
 BLOBS = "fedlpp.bytes"  # the ArrayRecord of byte-string fields
@@ -32,10 +35,6 @@ QUERY = "query"  # the server asks a node who it is (client id, number of exampl
 TRAIN = "train"  # a broadcast in, an update out
 
 Value = int | float | str | bytes | bool
-
-
-class MessageError(ValueError):
-    """A message lacks a field or holds a value of the wrong type."""
 
 
 def content(**fields: Value) -> RecordDict:
@@ -69,14 +68,6 @@ def fields_of(message: Message) -> dict[str, Any]:
             raise MessageError(f"field {name!r}: expected a byte string, got an Array of {array.dtype} ({array.stype})")
         fields[name] = array.data
     return fields
-
-
-def require(fields: Mapping[str, Any], name: str, kind: type) -> Any:
-    """The field's value, which must be of ``kind`` (a bool is not an int here)."""
-    value = fields.get(name)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise MessageError(f"field {name!r}: expected {kind.__name__}, got {type(value).__name__}")
-    return value
 
 
 def exchange(grid: Grid, messages: Mapping[int, Message], timeout: float) -> dict[int, Message]:

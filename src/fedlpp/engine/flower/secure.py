@@ -1,11 +1,12 @@
-"""fedlpp's own SecAgg(+) protocol over Flower messages (Flower's SecAgg+ lives only on its legacy path).
+"""A node's side of fedlpp's own SecAgg(+) protocol over Flower messages (Flower's SecAgg+ lives only on its legacy path).
 
 A round under ``secagg.enabled``: the train message carries the broadcast plus the round's
 registry of clients' verify keys; each client trains, turns its delta into the protocol's
 input vector and answers with its signed key advertisement. The server then drives the
-protocol's remaining four steps (``secagg.drive_round``) as ``train.secagg`` messages; a
-client that fails or stays silent at a step has dropped out, and the server recovers its
-masks from the others' shares — or, below the threshold, aborts loudly and keeps the adapter.
+protocol's remaining four steps (``engine/aggregation.SecureAggregation``) as ``train.secagg``
+messages (``FlowerTransport.ask``); a client that fails or stays silent at a step has dropped
+out, and the server recovers its masks from the others' shares — or, below the threshold,
+aborts loudly and keeps the adapter.
 
 Each ClientApp call is a fresh process in a deployment, so a client keeps its session
 (round keys, shares, its input vector) between messages in its node's own
@@ -20,43 +21,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import ConfigRecord, RecordDict
 
 from fedlpp.algorithms.secure import SecureEncoding
 from fedlpp.config import ExperimentConfig
-from fedlpp.engine.flower.messages import MessageError, content, exchange, fields_of, require
-from fedlpp.engine.flower.roster import Roster
-from fedlpp.engine.secure import finish_round, void_round
-from fedlpp.engine.setup import ServerContext, secagg_params, secure_combiner
-from fedlpp.models.lora import Adapter
+from fedlpp.engine.flower.messages import MessageError, require
+from fedlpp.engine.secure import ACTION, registry_from_text, registry_text
+from fedlpp.engine.setup import secagg_params
 from fedlpp.secagg import (
-    AggregateResult,
     ClientSession,
-    SecAggAbort,
     SecAggParams,
-    ServerSession,
-    Traffic,
     generate_signing_key,
     verify_key_bytes,
 )
-from fedlpp.secagg.local import answer_step, drive_round
-
-if TYPE_CHECKING:
-    from fedlpp.engine.flower.server_app import FlowerFederation
+from fedlpp.secagg.local import answer_step
 
 log = logging.getLogger(__name__)
 
-ACTION = "secagg"  # message type "train.secagg": one protocol step
-MESSAGE_TYPE = f"train.{ACTION}"
+__all__ = ["ACTION", "SecureReplies", "next_step", "registry_text", "start_session", "verify_key"]
+
 IDENTITY, SESSION = "fedlpp.secagg.identity", "fedlpp.secagg.session"  # records in a node's context.state
 JOINED = "fedlpp.secagg.joined"  # the last round this node opened a session for
 
@@ -153,110 +141,3 @@ def next_step(state: RecordDict, fields: Mapping[str, Any]) -> bytes:
         record["session"] = session.export_state()
         state[SESSION] = record
     return reply
-
-
-def registry_text(registry: Mapping[int, bytes]) -> str:
-    return json.dumps({str(c): key.hex() for c, key in sorted(registry.items())})
-
-
-def registry_from_text(text: str) -> dict[int, bytes]:
-    return {int(c): bytes.fromhex(key) for c, key in json.loads(text).items()}
-
-
-# --- the server's side ------------------------------------------------------------------------------
-
-
-@dataclass
-class ProtocolOverGrid:
-    """Carries the protocol's steps after the advertisement as ``train.secagg`` messages to the clients' nodes."""
-
-    grid: Grid
-    node_of: Mapping[int, int]  # client id -> node id
-    round_: int
-    timeout: float
-    adverts: dict[int, bytes]  # what each client answered to the train message
-    traffic: Traffic
-    failed: dict[int, str]  # client -> why it dropped out (filled as steps go)
-
-    def ask(self, step: str, inbox: Mapping[int, bytes]) -> dict[int, bytes]:
-        if step == "advertise":
-            self.traffic.count(self.traffic.up, self.adverts)
-            return dict(self.adverts)
-        self.traffic.count(self.traffic.down, inbox)
-        messages = {
-            c: Message(
-                content(step=step, round=self.round_, message=m),
-                dst_node_id=self.node_of[c],
-                message_type=MESSAGE_TYPE,
-                group_id=str(self.round_),
-                ttl=self.timeout,
-            )
-            for c, m in inbox.items()
-        }
-        answers = {}
-        for client, reply in exchange(self.grid, messages, self.timeout).items():
-            if reply.has_error():
-                self._drop(client, step, f"error reply: {reply.error.reason}")
-                continue
-            try:
-                answers[client] = require(fields_of(reply), "message", bytes)
-            except MessageError as e:
-                self._drop(client, step, str(e))
-        for client in sorted(set(inbox) - set(answers) - set(self.failed)):
-            self._drop(client, step, f"no reply within flower.round_timeout={self.timeout:g} s")
-        self.traffic.count(self.traffic.up, answers)
-        return answers
-
-    def _drop(self, client: int, step: str, reason: str) -> None:
-        self.failed[client] = f"secagg {step}: {reason}"
-        log.warning("round %d: client %d dropped out of secure aggregation at %s: %s", self.round_, client, step, reason)
-
-    def run(self, params: SecAggParams, registry: Mapping[int, bytes], dim: int) -> AggregateResult:
-        server = ServerSession(params, registry, self.round_, dim)
-        return drive_round(server, self.ask, sorted(self.adverts))
-
-
-class SecureAggregation:
-    """The Flower engine's aggregation under ``secagg.enabled``: the train replies carry advertisements."""
-
-    def train_fields(self, ctx: ServerContext, roster: Roster, clients: Sequence[int]) -> dict[str, Any]:
-        assert ctx.secure is not None
-        return {"registry": registry_text({c: roster.verify_keys[c] for c in clients}), "weight_bound": ctx.secure.weight_bound}
-
-    def read(self, fields: Mapping[str, Any]) -> None:
-        if not fields.get("out_of_range"):
-            require(fields, "message", bytes)
-
-    def combine(
-        self,
-        federation: FlowerFederation,
-        ctx: ServerContext,
-        adapter: Adapter,
-        answers: Mapping[int, dict[str, Any]],
-        round_: int,
-        failed: dict[int, str],
-    ) -> tuple[Adapter, dict[str, Any]]:
-        assert ctx.secure is not None
-        notes: dict[str, Any] = {}
-        adverts = {c: fields["message"] for c, fields in answers.items() if not fields.get("out_of_range")}
-        if len(adverts) < len(answers):
-            notes["out_of_range"] = sorted(set(answers) - set(adverts))
-        traffic = Traffic()
-        protocol = ProtocolOverGrid(
-            federation.grid, federation.roster.node_of, round_, federation.round_timeout, adverts, traffic, failed
-        )
-        registry = {c: federation.roster.verify_keys[c] for c in adverts}
-        dim = sum(math.prod(ctx.shapes[n]) for n in ctx.trained(round_)) + 1  # the delta, then the weight coordinate
-        if not adverts:
-            out = void_round(SecAggAbort("advertise", "clients that trained and are in range", 0, 1), round_, notes, traffic)
-        else:
-            out = finish_round(
-                partial(protocol.run, ctx.secure.params, registry, dim),
-                ctx.spec,
-                adapter,
-                round_,
-                secure_combiner(ctx),
-                notes,
-                traffic,
-            )
-        return out.next_adapter(adapter), out.row()

@@ -3,10 +3,10 @@
 Start-up waits until the expected population of nodes is connected (round-1 sampling
 otherwise races their registration), asks each node its client id and number of
 examples, and builds the server's side: config, model, evaluation set, public counts —
-never a client's data. Each round sends the broadcast to the sampled clients' nodes and
-combines the replies with ``round.server_step``; a node that fails, times out or answers
-with an error is listed under ``failed`` in the round's metrics row and the round goes on
-with the others.
+never a client's data. ``FlowerTransport`` then carries each round's messages to the
+sampled clients' nodes and back, and the server's loop (``engine/server.py``) combines the
+replies; a node that fails, times out or answers with an error is listed under ``failed``
+in the round's metrics row and the round goes on with the others.
 
 Deployed (``flwr run``), the run config names the experiment file and the run directory:
 ``config`` (a path on the server's machine), ``out``, and optionally ``resume = true`` and
@@ -16,11 +16,10 @@ Deployed (``flwr run``), the run config names the experiment file and the run di
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import tomli_w
 from flwr.app import Context, Message
@@ -30,12 +29,11 @@ from fedlpp.config import ConfigError, ExperimentConfig, load_config, to_tree
 from fedlpp.engine import rundir
 from fedlpp.engine.flower import pinned
 from fedlpp.engine.flower.audit import AuditLog, RecordingGrid
-from fedlpp.engine.flower.messages import TRAIN, MessageError, content, exchange, fields_of, require
+from fedlpp.engine.flower.messages import TRAIN, content, exchange, fields_of
 from fedlpp.engine.flower.roster import FlowerRunError, Roster, query_nodes, wait_for_nodes
-from fedlpp.engine.flower.secure import SecureAggregation
-from fedlpp.engine.server import Exchanged, PlainExchange, serve
-from fedlpp.engine.setup import ServerContext, build_model, build_server, check_privacy, eval_only, load_task_data
-from fedlpp.models.lora import Adapter
+from fedlpp.engine.server import serve
+from fedlpp.engine.setup import build_model, build_server, check_privacy, eval_only, load_task_data
+from fedlpp.engine.transport import Fields, MessageError, Replies, require
 from fedlpp.progress import Bar
 
 log = logging.getLogger(__name__)
@@ -43,55 +41,9 @@ log = logging.getLogger(__name__)
 app = ServerApp()
 
 
-class Aggregation(Protocol):
-    """How a round's training replies become the next adapter: as update bytes, or through SecAgg (chosen once)."""
-
-    def train_fields(self, ctx: ServerContext, roster: Roster, clients: Sequence[int]) -> dict[str, Any]:
-        """What every train message of the round carries besides the broadcast."""
-        ...
-
-    def read(self, fields: Mapping[str, Any]) -> None:
-        """Refuse (MessageError) a training reply that lacks what ``combine`` needs."""
-        ...
-
-    def combine(
-        self,
-        federation: FlowerFederation,
-        ctx: ServerContext,
-        adapter: Adapter,
-        answers: Mapping[int, dict[str, Any]],
-        round_: int,
-        failed: dict[int, str],
-    ) -> tuple[Adapter, dict[str, Any]]:
-        """The next adapter and the exchange's part of the metrics row; adds to ``failed``."""
-        ...
-
-
-class PlainAggregation:
-    """Every client's update bytes are combined by ``round.server_step``."""
-
-    def train_fields(self, ctx: ServerContext, roster: Roster, clients: Sequence[int]) -> dict[str, Any]:
-        return {}
-
-    def read(self, fields: Mapping[str, Any]) -> None:
-        require(fields, "upload", bytes)
-
-    def combine(
-        self,
-        federation: FlowerFederation,
-        ctx: ServerContext,
-        adapter: Adapter,
-        answers: Mapping[int, dict[str, Any]],
-        round_: int,
-        failed: dict[int, str],
-    ) -> tuple[Adapter, dict[str, Any]]:
-        uploads = {c: fields["upload"] for c, fields in answers.items()}
-        return PlainExchange().server_side(ctx, adapter, uploads, round_)
-
-
 @dataclass
-class FlowerFederation:
-    """Sends each round's broadcast to the sampled clients' nodes and combines the replies."""
+class FlowerTransport:
+    """Sends each round's messages to the sampled clients' nodes and brings their replies back."""
 
     grid: Grid
     roster: Roster
@@ -99,61 +51,52 @@ class FlowerFederation:
     kind: str
     num_labels: int
     round_timeout: float
-    aggregation: Aggregation
+    local_steps: int  # each trained reply advances the progress bar by this many steps
 
-    def round_trip(
-        self, ctx: ServerContext, adapter: Adapter, payload: bytes, clients: Sequence[int], round_: int, bar: Bar | None
-    ) -> Exchanged:
-        extra = self.aggregation.train_fields(ctx, self.roster, clients)
-        messages = {c: self._train_message(payload, c, float(ctx.sigma), round_, extra) for c in clients}
-        replies = exchange(self.grid, messages, self.round_timeout)
-        answers, losses, peaks, failed = {}, [], [], {}
-        for client in clients:
+    def train(self, payload: bytes, clients: Sequence[int], round_: int, fields: Mapping[str, Any], bar: Bar | None) -> Replies:
+        setup = {"config": self.config_text, "kind": self.kind, "num_labels": self.num_labels}
+        messages = {c: {**setup, "client_id": c, **fields, "round": round_, "payload": payload} for c in clients}
+        replies = self._exchange(TRAIN, round_, messages)
+        for client, answer in list(replies.answers.items()):
             try:
-                answers[client], loss = self._read_reply(replies.get(client))
-                peaks.append(_peak_memory(answers[client]))
-            except (MessageError, FlowerRunError) as e:
-                failed[client] = str(e)
-                log.warning("round %d: client %d failed: %s", round_, client, e)
+                require(answer, "loss", float)
+            except MessageError as e:
+                replies.refuse(client, str(e))
                 continue
-            losses.append(loss)
             if bar is not None:
-                bar.update(ctx.cfg.fl.local_steps)
-        new, row = self.aggregation.combine(self, ctx, adapter, answers, round_, failed)
-        if failed:
-            row["failed"] = {str(c): reason for c, reason in sorted(failed.items())}
-        return Exchanged(new, row, losses, delivered=len(clients), peak_memory=peaks)
+                bar.update(self.local_steps)
+        return replies
 
-    def _train_message(self, payload: bytes, client: int, sigma: float, round_: int, extra: Mapping[str, Any]) -> Message:
-        fields = content(
-            config=self.config_text,
-            kind=self.kind,
-            num_labels=self.num_labels,
-            client_id=client,
-            sigma=sigma,
-            round=round_,
-            payload=payload,
-            **extra,
-        )
-        return Message(
-            fields, dst_node_id=self.roster.node_of[client], message_type=TRAIN, group_id=str(round_), ttl=self.round_timeout
-        )  # a late node never trains a round that is over
+    def ask(self, action: str, round_: int, messages: Mapping[int, Fields]) -> Replies:
+        return self._exchange(f"{TRAIN}.{action}", round_, messages)
 
-    def _read_reply(self, reply: Message | None) -> tuple[dict[str, Any], float | None]:
+    def _exchange(self, message_type: str, round_: int, messages: Mapping[int, Mapping[str, Any]]) -> Replies:
+        out = {
+            c: Message(
+                content(**fields),
+                dst_node_id=self.roster.node_of[c],
+                message_type=message_type,
+                group_id=str(round_),
+                ttl=self.round_timeout,  # a late node never answers a round that is over
+            )
+            for c, fields in messages.items()
+        }
+        received = exchange(self.grid, out, self.round_timeout)
+        replies = Replies()
+        for client in messages:
+            try:
+                replies.answers[client] = self._read(received.get(client))
+            except (MessageError, FlowerRunError) as e:
+                replies.failed[client] = str(e)
+                log.warning("round %d: client %d failed: %s", round_, client, e)
+        return replies
+
+    def _read(self, reply: Message | None) -> Fields:
         if reply is None:
             raise FlowerRunError(f"no reply within flower.round_timeout={self.round_timeout:g} s")
         if reply.has_error():
             raise FlowerRunError(f"error reply: {reply.error.reason}")
-        fields = fields_of(reply)
-        loss = require(fields, "loss", float)
-        self.aggregation.read(fields)
-        return fields, (None if math.isnan(loss) else loss)
-
-
-def _peak_memory(fields: Mapping[str, Any]) -> int:
-    """What a node reports of its step's peak memory (0 from a node that reports none): shown, never trusted."""
-    value = fields.get("peak_memory", 0)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+        return fields_of(reply)
 
 
 def serve_on_grid(grid: Grid, cfg: ExperimentConfig, out: Path, resume: bool = False, progress: bool = False) -> dict[str, Any]:
@@ -166,10 +109,12 @@ def serve_on_grid(grid: Grid, cfg: ExperimentConfig, out: Path, resume: bool = F
     roster = query_nodes(
         grid, nodes, config_text, cfg.flower.round_timeout, secure=cfg.secagg.enabled, kind=task.kind, num_labels=task.num_labels
     )
-    ctx = build_server(cfg, task, build_model(cfg, task.kind, task.num_labels), roster.sizes, check_privacy(cfg, roster.sizes))
-    aggregation: Aggregation = SecureAggregation() if ctx.secure is not None else PlainAggregation()
-    federation = FlowerFederation(grid, roster, config_text, ctx.side.kind, ctx.num_labels, cfg.flower.round_timeout, aggregation)
-    return serve(ctx, federation, out, resume, progress)
+    side = build_model(cfg, task.kind, task.num_labels)
+    ctx = build_server(cfg, task, side, roster.sizes, check_privacy(cfg, roster.sizes), roster.verify_keys)
+    transport = FlowerTransport(
+        grid, roster, config_text, side.kind, ctx.num_labels, cfg.flower.round_timeout, cfg.fl.local_steps
+    )
+    return serve(ctx, transport, out, resume, progress)
 
 
 @app.main()

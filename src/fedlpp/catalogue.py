@@ -55,6 +55,7 @@ def field_reasons(cls: type) -> dict[str, str]:
         if tok.type == tokenize.COMMENT
     }
     body = ast.parse(source).body[0]
+    assert isinstance(body, ast.ClassDef)
     lines = {
         node.target.id: node.lineno for node in body.body if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
     }

@@ -22,6 +22,8 @@ class Bar(Protocol):
     def update(self, n: int = 1) -> Any: ...
     def set_postfix(self, ordered_dict: Mapping[str, Any] | None = None, refresh: bool = True, **kwargs: Any) -> Any: ...
     def close(self) -> Any: ...
+    def __enter__(self) -> Any: ...
+    def __exit__(self, kind: Any, value: Any, traceback: Any, /) -> Any: ...
 
 
 Show = Callable[[int, str], Bar]  # (total, description) -> an open bar (a context manager as well)
@@ -74,7 +76,7 @@ class LineBar:
     def __enter__(self) -> LineBar:
         return self
 
-    def __exit__(self, kind: object, *exc: object) -> None:
+    def __exit__(self, kind: object, value: object, traceback: object, /) -> None:
         self.close(failed=kind is not None)
 
 

@@ -117,13 +117,13 @@ def write_report(directories: Sequence[Path], out: Path) -> list[Path]:
     written = [_plot_metrics(runs, labels, out / METRICS_PNG), _plot_bytes(runs, labels, out / BYTES_PNG)]
     if any("epsilon" in row for r in runs for row in r.rows):
         written.append(_plot_epsilon(runs, labels, out / EPSILON_PNG))
-    written = [w for w in written if w is not None]
+    plots = [w for w in written if w is not None]
     text = (
         f"# fedlpp report\n\n{markdown(runs, labels)}\n\nLast evaluated round of each run; global = the server's adapter θ, "
-        "proxy = what a client builds from the broadcast.\n\n" + "".join(f"![{p.stem}]({p.name})\n\n" for p in written)
+        "proxy = what a client builds from the broadcast.\n\n" + "".join(f"![{p.stem}]({p.name})\n\n" for p in plots)
     )
     rundir.write_text(out / REPORT_MD, text)
-    return [out / REPORT_MD, *written]
+    return [out / REPORT_MD, *plots]
 
 
 def _pyplot() -> Any:

@@ -79,7 +79,7 @@ def _label_accuracy_of(task: str) -> Callable[[Sequence[str], Sequence[Sequence[
     """Accuracy with labels compared by name: a class id (GLUE's SST-2 0/1) is read as the task's class name."""
     from fedlpp.data import rte, sst2
 
-    names = {"rte": rte.LABEL_NAMES, "sst2": sst2.LABEL_NAMES}[task]
+    names: Sequence[str] = {"rte": rte.LABEL_NAMES, "sst2": sst2.LABEL_NAMES}[task]
 
     def named(label: str) -> str:
         label = label.strip()

@@ -107,10 +107,11 @@ class SecureMean:
         self,
         spec: AlgorithmSpec,
         adapter: Mapping[str, torch.Tensor],
-        result: AggregateResult,
+        inputs: AggregateResult,
         round_: int,
         notes: dict[str, Any],
     ) -> rnd.Combined:
+        result = inputs  # the protocol's sum over the survivors
         layout = rnd.update_layout(spec, {n: tuple(t.shape) for n, t in adapter.items()}, round_)
         weighted_sum, total_weight = split_weight(result.values, self.encoding.params)
         if self.noise is None:

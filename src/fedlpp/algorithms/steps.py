@@ -50,7 +50,8 @@ class ClientData:
 class LocalTrainingPlan(Protocol):
     """How a client trains in a round: which batches, which step rule, on which machine."""
 
-    machine: Machine
+    @property
+    def machine(self) -> Machine: ...
 
     def train(
         self,

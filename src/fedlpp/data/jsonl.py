@@ -159,6 +159,10 @@ def _classification(lines: Sequence[Line], eval_lines: Sequence[Line], num_train
     )
 
 
+def _label_name(names: Sequence[str], label: int | None) -> str | None:
+    return None if label is None else names[label]
+
+
 def _distinct_texts(lines: Sequence[Line], names: Sequence[str]) -> list[Example]:
     """One example per line; a text given two different labels is an error naming both lines."""
     seen: dict[str, tuple[str, int | None]] = {}
@@ -167,7 +171,10 @@ def _distinct_texts(lines: Sequence[Line], names: Sequence[str]) -> list[Example
         example = _labelled(where, row, names)
         first = seen.setdefault(example.prompt, (where, example.label))
         if first[1] != example.label:
-            raise ValueError(f"{where}: this text has label {names[example.label]!r} but {first[0]} gave it {names[first[1]]!r}")
+            raise ValueError(
+                f"{where}: this text has label {_label_name(names, example.label)!r} but {first[0]} gave it "
+                f"{_label_name(names, first[1])!r}"
+            )
         examples.append(example)
     return examples
 
@@ -192,7 +199,7 @@ def _label_names(lines: Sequence[Line]) -> list[str]:
         )
     if kinds == {int} and present != list(range(len(present))):
         missing = next(i for i in range(len(present)) if i not in present)
-        where = next(w for w, label in labels if label >= len(present))
+        where = next(w for w, label in labels if isinstance(label, int) and label >= len(present))
         raise ValueError(
             f"{where}: integer labels must be 0..K-1 with every class present; {missing} never occurs "
             "(use string labels to name classes freely)"

@@ -144,7 +144,8 @@ def secure_aggregate(
     run = parties or InProcess()
     vectors = {c: run.client(c, make) for c, make in sorted(inputs.items())}
     run.end_step()
-    present, notes = {c: v for c, v in vectors.items() if v is not None}, {}
+    present = {c: v for c, v in vectors.items() if v is not None}
+    notes: dict[str, Any] = {}
     for client in sorted(set(vectors) - set(present)):
         notes.setdefault("out_of_range", []).append(client)
         log.warning(

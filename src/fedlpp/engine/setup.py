@@ -155,6 +155,7 @@ def build_model(cfg: ExperimentConfig, kind: str, num_labels: int) -> ModelSide:
 def client_data(side: ModelSide, examples: Sequence[Example], client_id: int, max_length: int) -> ClientData:
     """A client's examples, tokenised for its model."""
     tok = side.backbone.tokenizer
+    features: Sequence[dict]
     if side.kind == "classification":
         features = encode_for_classification(tok, examples, max_length)
     else:

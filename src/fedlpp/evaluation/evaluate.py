@@ -121,7 +121,7 @@ def generate(
     for chunk in _batches(prompts, decoding.batch_size):
         batch = collate([{"input_ids": p} for p in chunk], tokenizer.pad_token_id, padding_side="left")
         with machine.autocast():
-            generated = model.generate(
+            generated = model.generate(  # type: ignore[operator]  # a peft / transformers model
                 input_ids=batch["input_ids"].to(device),
                 attention_mask=batch["attention_mask"].to(device),
                 eos_token_id=stops,

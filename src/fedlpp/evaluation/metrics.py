@@ -21,13 +21,13 @@ def _streams(references: Sequence[Sequence[str]]) -> list[list[str | None]]:
 def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Corpus BLEU (sacrebleu, 13a tokenisation) with any number of references per hypothesis."""
     _check_lengths(hypotheses, references)
-    return float(sacrebleu.corpus_bleu(list(hypotheses), _streams(references)).score)
+    return float(sacrebleu.corpus_bleu(list(hypotheses), _streams(references)).score)  # type: ignore[arg-type]  # None: no reference
 
 
 def ter(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Corpus TER (sacrebleu; lower is better), each hypothesis against its closest reference."""
     _check_lengths(hypotheses, references)
-    return float(sacrebleu.corpus_ter(list(hypotheses), _streams(references)).score)
+    return float(sacrebleu.corpus_ter(list(hypotheses), _streams(references)).score)  # type: ignore[arg-type]  # None: no reference
 
 
 def _check_lengths(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> None:
@@ -92,7 +92,7 @@ GENERATION_METRICS: dict[str, Callable[[Sequence[str], Sequence[Sequence[str]]],
 }
 
 
-def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
+def accuracy(predictions: Sequence[object], labels: Sequence[object]) -> float:
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions but {len(labels)} labels")
     if not labels:

@@ -91,7 +91,7 @@ def _tiny_bert(kind: str, num_labels: int) -> tuple[PreTrainedModel, PreTrainedT
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=512,
-        num_labels=num_labels,
+        num_labels=num_labels,  # type: ignore[call-arg]  # one of PretrainedConfig's **kwargs
     )
     with torch.random.fork_rng():
         torch.manual_seed(TINY_SEED)
@@ -113,7 +113,7 @@ def _load_weights(path: str, kind: str, num_labels: int, machine: Machine) -> Pr
     """The checkpoint at ``path`` in the machine's dtype (nf4: its linear layers in 4 bits) on its device."""
     auto = AutoModelForCausalLM if kind == "generation" else AutoModelForSequenceClassification
     # The classification head is new; its initial values come from the caller's seed.
-    head = {"num_labels": num_labels} if kind == "classification" else {}
+    head: dict[str, Any] = {"num_labels": num_labels} if kind == "classification" else {}
     files = _local_safetensors(path)
     with _large_allocations_returned():
         if not files:
@@ -226,7 +226,7 @@ def _load_kwargs(machine: Machine) -> dict[str, Any]:
 def _placed(model: PreTrainedModel, kind: str, num_labels: int, machine: Machine) -> PreTrainedModel:
     """A model built in memory (the tiny ones) as the machine wants it: nf4 goes through a saved copy."""
     if machine.quantize == "none":
-        return model.to(device=machine.torch_device, dtype=machine.dtype)
+        return model.to(device=machine.torch_device, dtype=machine.dtype)  # type: ignore[call-arg]  # transformers' wrapped .to
     with tempfile.TemporaryDirectory(prefix="fedlpp-tiny-") as tmp:
         model.save_pretrained(tmp)
         return _load_weights(tmp, kind, num_labels, machine)

@@ -52,7 +52,7 @@ def attach_lora(backbone: Backbone, kind: str, r: int, alpha: float, dropout: fl
     config = PeftLoraConfig(
         task_type=task_type,
         r=r,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates an int but scales by it as a float
         lora_dropout=dropout,
         target_modules=targets,
         bias="none",

@@ -136,7 +136,7 @@ def _marked_recompute() -> Iterator[None]:
         _recomputing.reset(token)
 
 
-def checkpoint_contexts() -> tuple[AbstractContextManager[Any][Any]]:
+def checkpoint_contexts() -> tuple[AbstractContextManager[Any], AbstractContextManager[Any]]:
     """torch.utils.checkpoint's ``context_fn``: nothing around the first forward, a mark around the recompute.
 
     Forward hooks fire again when a checkpointed block is recomputed; DP-SGD's per-example hooks must

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ def forward_logits(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: st
     head over a 49k vocabulary is most of a small model's cost.
     """
     device = model_device(model)  # batches are collated on the CPU; the model may be elsewhere
-    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
     labels = batch["labels"].to(device)
     keep = _positions_to_keep(labels) if kind == "generation" and _accepts_logits_to_keep(model) else 0
     if keep:
@@ -52,7 +53,8 @@ def _positions_to_keep(labels: torch.Tensor) -> int:
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base_model = getattr(model, "get_base_model", None)  # a peft model: the transformers model inside
+    base: Any = get_base_model() if get_base_model is not None else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 

@@ -89,7 +89,7 @@ def smollm2_dir() -> Path:
         log.info("converting SmolLM2-135M-Instruct from %s to safetensors (once, ~15 s)", gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # The GGUF loader leaves quantizer state behind that save_pretrained refuses (DESIGN 5).
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)

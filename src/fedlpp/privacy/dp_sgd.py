@@ -46,7 +46,7 @@ def poisson_batches(features: Sequence[dict], steps: int, rate: float, pad_id: i
     """``steps`` Poisson-sampled batches of ``features`` (None when no example was drawn)."""
     for _ in range(steps):
         chosen = (rng.uniform(len(features)) < rate).nonzero()[0]
-        yield collate([features[i] for i in chosen], pad_id) if len(chosen) else None
+        yield collate([features[int(i)] for i in chosen], pad_id) if len(chosen) else None
 
 
 class NoisyOptimizer(DPOptimizer):
@@ -145,7 +145,7 @@ def per_example_backward(
     """Per-example gradients into ``p.grad_sample``; the batch's mean loss."""
     if batch is None:
         for p in params:
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]  # Opacus' attribute
         return float("nan")
     # The hooks sit on the wrapped modules, so calling the peft model itself records them
     # (and keeps its logits_to_keep fast path, which the wrapper would hide). Opacus stacks

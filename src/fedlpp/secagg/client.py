@@ -217,7 +217,7 @@ class ClientSession:
         _, reader = wire.unpack(data, kind, self.round, self.client_id, origin=SERVER_ID)
         return reader
 
-    def _pack(self, kind: MessageType, body: bytes) -> bytes:
+    def _pack(self, kind: MessageType, body: bytes | memoryview) -> bytes:
         return wire.pack(kind, self.round, self.client_id, SERVER_ID, body)
 
     # ------------------------------------------------------------ between messages

@@ -293,7 +293,7 @@ def encode_masked(values: npt.NDArray[np.uint32]) -> memoryview:
 
     A view of ``values`` (no copy on little-endian machines): ``pack`` copies it once into the message.
     """
-    return memoryview(np.ascontiguousarray(values, dtype="<u4")).cast("B")
+    return memoryview(np.ascontiguousarray(values, dtype="<u4")).cast("B")  # type: ignore[arg-type]  # an ndarray is a buffer
 
 
 def decode_masked(reader: Reader, dim: int) -> npt.NDArray[np.uint32]:

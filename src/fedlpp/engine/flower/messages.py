@@ -48,8 +48,8 @@ def content(**fields: Value) -> RecordDict:
         for name, v in fields.items()
         if isinstance(v, bytes) and len(v) >= SMALL_BYTES
     }
-    plain = {name: v for name, v in fields.items() if name not in blobs}
-    records: dict[str, ConfigRecord | ArrayRecord] = {RECORD: ConfigRecord(plain)}
+    plain: dict[str, Any] = {name: v for name, v in fields.items() if name not in blobs}
+    records: dict[str, Any] = {RECORD: ConfigRecord(plain)}
     if blobs:
         records[BLOBS] = ArrayRecord(blobs)
     return RecordDict(records)

@@ -33,6 +33,7 @@ import re
 import time
 import types
 from collections.abc import Mapping
+from typing import Any
 
 from fedlpp.engine.flower.polls import IdlePoll, WaitedPoll, seconds_setting
 
@@ -81,7 +82,7 @@ def _supernode_loop() -> types.ModuleType:
     return start_client_internal
 
 
-def _pull_functions() -> list[types.FunctionType]:
+def _pull_functions() -> list[Any]:
     from flwr.supercore.inflatable import inflatable_utils
 
     functions = [inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree]

@@ -65,7 +65,7 @@ def _identity(state: RecordDict, create: bool = False) -> Ed25519PrivateKey:
         key = generate_signing_key()
         state[IDENTITY] = ConfigRecord({"private": key.private_bytes_raw()})
         return key
-    return Ed25519PrivateKey.from_private_bytes(record["private"])
+    return Ed25519PrivateKey.from_private_bytes(require(record, "private", bytes))
 
 
 class SecureReplies:
@@ -106,7 +106,7 @@ def start_session(
     joined = state.config_records.get(JOINED)
     if joined is not None and joined["round"] >= round_:
         raise MessageError(
-            f"this node already took part in secure aggregation for round {joined['round']}; refusing round {round_}"
+            f"this node already took part in secure aggregation for round {joined['round']!r}; refusing round {round_}"
         )
     state[JOINED] = ConfigRecord({"round": round_})
     if vector is None:
@@ -132,9 +132,11 @@ def next_step(state: RecordDict, fields: Mapping[str, Any]) -> bytes:
     step, round_ = require(fields, "step", str), require(fields, "round", int)
     if record is None or record["round"] != round_:
         raise MessageError(f"no SecAgg session for round {round_} on this node")
-    params = SecAggParams(**json.loads(record["params"]))
-    session = ClientSession.restore(record["session"], _identity(state), registry_from_text(record["registry"]), params)
-    reply = answer_step(session, step, require(fields, "message", bytes), np.frombuffer(record["input"], dtype=np.float64))
+    params = SecAggParams(**json.loads(require(record, "params", str)))
+    registry = registry_from_text(require(record, "registry", str))
+    session = ClientSession.restore(require(record, "session", bytes), _identity(state), registry, params)
+    values = np.frombuffer(require(record, "input", bytes), dtype=np.float64)
+    reply = answer_step(session, step, require(fields, "message", bytes), values)
     if step == "unmask":
         del state[SESSION]
     else:

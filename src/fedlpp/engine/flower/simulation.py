@@ -127,7 +127,7 @@ def run_simulated(
         num_supernodes=cfg.fl.num_clients,
         backend_name="ray",
         backend_config=backend_config(num_cpus, cfg.flower.client_cpus, cfg.flower.client_gpus, num_gpus),
-    )  # type: ignore[arg-type]
+    )
     if "summary" not in result:
         raise RuntimeError("the Flower simulation ended without finishing the run (see the log above)")
     return result["summary"]

@@ -48,9 +48,9 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from fedlpp import rundir
 from fedlpp.config import load_config, write_toml
 from fedlpp.data.examples_file import write_examples
-from fedlpp.engine import rundir
 from fedlpp.engine.flower.deploy import LocalDeployment
 from fedlpp.engine.flower.node import ANSWERED
 from fedlpp.engine.setup import client_partitions, load_task_data

@@ -8,13 +8,13 @@ import shutil
 import pytest
 import torch
 
-from fedlpp import attack
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms import steps
 from fedlpp.cli import main
 from fedlpp.config import load_config
 from fedlpp.engine import local, rundir
 from fedlpp.engine.setup import build_run
+from fedlpp.experiments import attack
 
 pytestmark = pytest.mark.integration
 

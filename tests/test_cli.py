@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from fedlpp import rundir
 from fedlpp.cli import main
-from fedlpp.engine import rundir
 
 SMOKE = "model.name=tiny-llama algorithm.name=fedlpp quant.bits=2 fl.rounds=2 fl.num_clients=4 fl.clients_per_round=2 seed=0"
 
@@ -155,3 +155,25 @@ def test_report_compares_runs_named_by_what_differs_and_plots_them(tmp_path: Pat
     for png in ("metrics.png", "bytes.png", "epsilon.png"):
         assert (tmp_path / "both" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["report", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_a_bad_model_name_or_data_path_is_refused_before_anything_is_printed_or_loaded(tmp_path: Path, capsys):
+    assert main(["run", "model.name=smolm2", "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert "run directory" not in out and "model.name: 'smolm2' is not a short name (smollm2-135m" in err
+    assert main(["run", "model.name=./no-such-model", "--out", str(tmp_path / "r"), "--quiet"]) == 1
+    assert "model.name: no such folder: ./no-such-model" in capsys.readouterr().err
+
+
+def test_eval_attack_and_report_on_a_folder_without_a_run_say_no_run_here(tmp_path: Path, capsys):
+    for command in (["eval", str(tmp_path)], ["attack", str(tmp_path)], ["report", str(tmp_path)]):
+        assert main(command) == 2, command
+        assert f"no run here: {tmp_path} has no config.toml" in capsys.readouterr().err
+
+
+def test_config_show_says_where_each_value_came_from(tmp_path: Path, capsys):
+    assert main(["config", "show", "--config", "configs/e2e_fedlpp_w2.toml", "fl.rounds=3"]) == 0
+    lines = {line.split(" = ")[0]: line for line in capsys.readouterr().out.splitlines() if " = " in line}
+    assert lines["rounds"].endswith("[override]")
+    assert lines["bits"].endswith("[file]")
+    assert lines["quantize"].endswith("[default]")

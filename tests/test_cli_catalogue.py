@@ -8,8 +8,7 @@ import tomllib
 
 import pytest
 
-from fedlpp import catalogue
-from fedlpp.cli import main
+from fedlpp.cli import catalogue, main
 from fedlpp.config import SECTIONS, ExperimentConfig, build_config, load_config, to_tree
 
 

@@ -107,7 +107,7 @@ def test_changed_keys_lists_dotted_differences():
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path: Path):
-    from fedlpp.sweep import load_sweep
+    from fedlpp.experiments.sweep import load_sweep
 
     configs = [p.config for p in load_sweep(path, []).points] if "[sweep]" in path.read_text() else [load_config(path)]
     assert all(cfg.data.path == "" for cfg in configs), "shipped configs leave data.path empty; users set it with an override"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedlpp.config import ConfigError
-from fedlpp.sweep import SWEEP_JSON, SWEEP_MD, load_sweep, run_sweep, table
+from fedlpp.experiments.sweep import SWEEP_JSON, SWEEP_MD, load_sweep, run_sweep, table
 
 SWEEP = """
 [fl]
@@ -196,7 +196,7 @@ def test_a_bad_attack_table_is_refused(tmp_path, attack, message):
 
 
 def test_the_attack_table_takes_every_runs_columns():
-    from fedlpp.sweep import attack_table
+    from fedlpp.experiments.sweep import attack_table
 
     def record(variant, steps):
         scores = {"theta": {"bleu": 50.0}, "alone": {"bleu": 30.0}, f"finetune-{steps}": {"bleu": 40.0}}

@@ -101,7 +101,7 @@ class LoraConfig:
 @dataclass(frozen=True)
 class AlgorithmConfig:
     name: str = "fedlpp"  # fedavg_lora | fedlpp | ffa_lora | fedlpp_ffa | rolora (fedlpp list: all registered)
-    server_lr: float = 1.0  # eta_s in DESIGN 2.1/2.2; 1.0 is plain FedAvg
+    server_lr: float = 1.0  # the server rule's step size eta_s (docs/algorithms.md); 1.0 is plain FedAvg
     server_rule: str = "mean"  # FedLPP only: "mean" = move to the clients' mean adapter, "delta" = add mean delta to theta
     server_optimizer: str = "none"  # none | momentum (FedAvgM) | adam (FedAdam) | yogi (FedYogi): on the server's step
     server_momentum: float = 0.9  # beta of "momentum"; beta1 of "adam" and "yogi"
@@ -125,7 +125,7 @@ class AlgorithmConfig:
 @dataclass(frozen=True)
 class QuantConfig:
     bits: int = 2  # w: bits per value of the broadcast adapter (FedLPP)
-    granularity: str = "block"  # one absmax scale per block / row / tensor: the model-privacy knob (README, measured)
+    granularity: str = "block"  # one absmax scale per block / row / tensor: the model-privacy knob (docs/model-privacy.md)
     block_size: int = 64  # values per scale when granularity = "block"
 
     def __post_init__(self) -> None:
@@ -193,7 +193,7 @@ class FLConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 8  # examples per local step (the expected Poisson batch under DP-SGD; its default there: 256)
-    optimizer: str = "adamw"  # adamw | sgd (a fresh optimizer every round, DESIGN 2.2)
+    optimizer: str = "adamw"  # adamw | sgd (a fresh optimizer every round: clients keep no state between rounds)
     lr: float = 1e-3  # client learning rate (DP-SGD's default: 1e-2)
     momentum: float = 0.0  # sgd only: heavy-ball momentum within a round
     weight_decay: float = 0.01  # decoupled (adamw) or L2 (sgd) weight decay (DP-SGD's default: 0)

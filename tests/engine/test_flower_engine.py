@@ -14,11 +14,11 @@ import torch
 from flower_harness import LoopbackGrid, simulated_nodes
 from flwr.app import ConfigRecord, Message
 
+from fedlpp import rundir
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms import wire
 from fedlpp.config import ConfigError, load_config
 from fedlpp.data.examples_file import ExamplesFileError, read_examples, write_examples
-from fedlpp.engine import rundir
 from fedlpp.engine.flower.messages import BLOBS, RECORD, SMALL_BYTES, content, fields_of
 from fedlpp.engine.flower.roster import FlowerRunError, assign_clients
 from fedlpp.engine.flower.server_app import serve_on_grid

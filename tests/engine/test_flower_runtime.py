@@ -23,11 +23,11 @@ import torch
 from flower_harness import LoopbackGrid
 from test_flower_engine import theta_needles
 
+from fedlpp import rundir
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms import wire
 from fedlpp.config import load_config, write_toml
 from fedlpp.data.examples_file import write_examples
-from fedlpp.engine import rundir
 from fedlpp.engine.flower.deploy import DeployError, LocalDeployment, _quotable, free_port, make_keys, make_node_key
 from fedlpp.engine.flower.server_app import serve_on_grid
 from fedlpp.engine.local import run_experiment

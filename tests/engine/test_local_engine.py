@@ -11,11 +11,11 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from fedlpp import rundir
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms import wire
 from fedlpp.algorithms.spec import get_algorithm
 from fedlpp.config import load_config
-from fedlpp.engine import rundir
 from fedlpp.engine.local import run_experiment
 from fedlpp.models.backbone import load_backbone
 from fedlpp.models.lora import is_lora_a

@@ -11,9 +11,9 @@ import torch
 from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp import RdpAccountant
 
+from fedlpp import rundir
 from fedlpp.cli import main
 from fedlpp.config import ConfigError, load_config
-from fedlpp.engine import rundir
 from fedlpp.engine.local import LEDGER_KEY, run_experiment
 from fedlpp.engine.setup import build_run, sample_clients
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from fedlpp import rundir
 from fedlpp.cli import main
 from fedlpp.config import load_config
-from fedlpp.engine import rundir
 from fedlpp.engine.setup import check_privacy, client_partitions, load_task_data, round_clients
 from fedlpp.models.lora import PeftModel
 from fedlpp.models.shipped import smollm2_tokenizer_dir

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedlpp import rundir
 from fedlpp.algorithms import round as rnd
 from fedlpp.config import ConfigError, load_config
-from fedlpp.engine import rundir
 from fedlpp.engine.local import run_experiment
 
 pytestmark = pytest.mark.integration

@@ -17,8 +17,8 @@ import pytest
 import torch
 from peft import PeftModel
 
+from fedlpp import rundir
 from fedlpp.config import load_config
-from fedlpp.engine import rundir
 from fedlpp.engine.local import run_experiment
 from fedlpp.models.backbone import load_backbone
 

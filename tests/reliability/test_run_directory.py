@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedlpp import rundir
 from fedlpp.cli import main
 from fedlpp.config import load_config, write_toml
-from fedlpp.engine import rundir
 from fedlpp.engine.local import run_experiment
 
 pytestmark = pytest.mark.integration
@@ -123,7 +123,7 @@ def test_a_second_process_on_a_run_directory_is_refused_and_a_dead_holders_lock_
             sys.executable,
             "-c",
             "import sys, time; from pathlib import Path; "
-            "from fedlpp.engine import rundir\n"
+            "from fedlpp import rundir\n"
             "with rundir.exclusive(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)",
             str(run),
         ],
@@ -169,7 +169,7 @@ def test_a_failed_checkpoint_write_is_one_error_and_the_last_good_checkpoint_sta
 
 def test_a_sweep_label_is_a_name_not_a_path(tmp_path):
     from fedlpp.config import ConfigError
-    from fedlpp.sweep import load_sweep
+    from fedlpp.experiments.sweep import load_sweep
 
     path = tmp_path / "sweep.toml"
     path.write_text('[sweep]\nseeds = [0]\n[sweep.axes.x]\n".." = []\n')

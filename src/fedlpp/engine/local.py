@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from fedlpp import rundir
 from fedlpp.algorithms.steps import ClientData, ClientRecipe, client_step
 from fedlpp.config import ExperimentConfig
-from fedlpp.engine import rundir
 from fedlpp.engine.secure import SecAggClient
 from fedlpp.engine.server import LEDGER_KEY, serve
 from fedlpp.engine.setup import LocalRun, ServerContext, build_run, client_recipe, secagg_params

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
+from fedlpp import rundir
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.server_opt import ServerOptimizer, make_server_optimizer
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.algorithms.steps import mean_finite
-from fedlpp.engine import rundir
 from fedlpp.engine.aggregation import Aggregation, Proposal
 from fedlpp.engine.setup import ServerContext, client_selection, make_aggregation
 from fedlpp.engine.transport import Replies, Transport

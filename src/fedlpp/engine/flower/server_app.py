@@ -25,8 +25,8 @@ import tomli_w
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from fedlpp import rundir
 from fedlpp.config import ConfigError, ExperimentConfig, load_config, to_tree
-from fedlpp.engine import rundir
 from fedlpp.engine.flower import pinned
 from fedlpp.engine.flower.audit import AuditLog, RecordingGrid
 from fedlpp.engine.flower.messages import TRAIN, content, exchange, fields_of
@@ -137,7 +137,7 @@ def main(grid: Grid, context: Context) -> None:
         grid = RecordingGrid(grid, AuditLog(Path(audit), prefix=str(context.run_id)))  # type: ignore[assignment]
     summary = serve_on_grid(grid, cfg, Path(out), resume)
     log.info("fedlpp: run finished into %s: %s", out, {k: summary[k] for k in ("rounds", "global", "proxy")})
-    from fedlpp.reporting import write_report
+    from fedlpp.evaluation.report import write_report
 
     try:  # the run directory is a run like any other: report.md and the plots
         log.info("fedlpp: report: %s", ", ".join(p.name for p in write_report([Path(out)], Path(out))))

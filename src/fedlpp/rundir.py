@@ -174,8 +174,9 @@ RESUMABLE_KEYS = (
 
 
 def load_run_config(out: Path, overrides: list[str]) -> ExperimentConfig:
+    """The configuration a run directory recorded, with ``overrides``."""
     if not (out / CONFIG).is_file():
-        raise RunDirError(f"{out} holds no run to resume (no {CONFIG})")
+        raise RunDirError(f"no run here: {out} has no {CONFIG} (a run directory is the folder `fedlpp run` wrote)")
     return load_config(out / CONFIG, [*_keys_older_runs_used(out / CONFIG), *overrides])
 
 
@@ -193,6 +194,8 @@ def _keys_older_runs_used(path: Path) -> list[str]:
 
 def resumed_config(out: Path, overrides: list[str]) -> ExperimentConfig:
     """The run's stored config with ``overrides`` of the keys a resume may change (others are refused)."""
+    if not (out / CONFIG).is_file():
+        raise RunDirError(f"{out} holds no run to resume (no {CONFIG})")
     new = load_run_config(out, overrides)
     bad = [k for k in changed_keys(load_run_config(out, []), new) if k not in RESUMABLE_KEYS]
     if bad:

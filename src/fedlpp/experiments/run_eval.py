@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedlpp import rundir
 from fedlpp.algorithms import round as rnd
 from fedlpp.config import ConfigError, changed_keys, flat_tree, to_tree
-from fedlpp.engine import rundir
 from fedlpp.engine.setup import algorithm_spec, build_evalset, build_model, load_task_data
 from fedlpp.evaluation.evaluate import Decoding, Scored, evaluation_work, score_adapter
+from fedlpp.evaluation.scoring import official_metrics
 from fedlpp.progress import open_bar
-from fedlpp.scoring import official_metrics
 
 EVAL_JSON = "eval.json"
 PREDICTIONS = "predictions"

@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
+from fedlpp import rundir
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms import wire
 from fedlpp.algorithms.client import LocalTraining, shuffled_batches, train_client
 from fedlpp.algorithms.factors import trained_names
 from fedlpp.algorithms.fedavg_lora import weighted_mean
 from fedlpp.config import ExperimentConfig, to_tree
-from fedlpp.engine import rundir
 from fedlpp.engine.setup import LocalRun, build_run, client_recipe
 from fedlpp.evaluation.evaluate import evaluate_adapter, evaluation_work
 from fedlpp.models.lora import Adapter, initial_adapter

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from fedlpp.config import load_config
-from fedlpp.engine.rundir import resumed_config
+from fedlpp.rundir import resumed_config
 
 DEFAULT_SUPERLINK = "127.0.0.1:8000"
 
@@ -150,8 +150,7 @@ def command_deploy_run(deploy, connection, args: argparse.Namespace) -> int:
             f"{connection.log(run_id)[-2000:]}"
         )
         return 0
-    from fedlpp.evaluation.report import format_summary
-    from fedlpp.reporting import report_files, run_directory_line
+    from fedlpp.evaluation.report import format_summary, report_files, run_directory_line
 
     print(format_summary(json.loads(summary_file.read_text())))
     print("\n" + run_directory_line(args.out, report_files(args.out)))

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedlpp import rundir
 from fedlpp.config import ConfigError, ExperimentConfig, apply_overrides, build_config, changed_keys, load_config, read_toml
-from fedlpp.engine import rundir
 
 SWEEP_JSON, SWEEP_MD = "sweep.json", "sweep.md"
 
@@ -211,7 +211,7 @@ def _attacked(
     directory: Path, settings: AttackSettings, attack: Attack | None, name: str, echo: Callable[[str], None]
 ) -> dict[str, Any] | None:
     """The run's attack report: the one it holds, or a new one (none when ``attack`` is None)."""
-    from fedlpp.attack import resolve_attacker
+    from fedlpp.experiments.attack import resolve_attacker
 
     path = directory / f"attack-client-{resolve_attacker(rundir.read_metrics(directory), settings.client)}.json"
     if path.is_file():

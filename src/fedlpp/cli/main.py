@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedlpp import deploy_cli
+from fedlpp.cli import deploy as deploy_cli
 from fedlpp.config import ConfigError, ExperimentConfig, load_config
-from fedlpp.engine.rundir import RunDirError, resumed_config
+from fedlpp.rundir import RunDirError, resumed_config
 
 ENGINES = ("local", "flower")
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="section.key=value", help="override any config key, e.g. fl.rounds=3")
     run.add_argument("--config", type=Path, help="TOML experiment file (see configs/)")
     where = run.add_mutually_exclusive_group()
-    where.add_argument("--out", type=Path, help="run directory to create (default: runs/<algorithm>-<time>)")
+    where.add_argument("--out", type=Path, help="run directory to create (default: runs/<algorithm>-<model>-<time>)")
     where.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR (also: extend it with fl.rounds=N)")
     run.add_argument("--quiet", action="store_true", help="no progress (bars on a terminal, timed lines in a log)")
     run.add_argument(
@@ -143,6 +143,29 @@ def default_out(cfg: ExperimentConfig) -> Path:
     return Path("runs") / f"{cfg.algorithm.name}-{cfg.model.name.replace('/', '_')}-{stamp}"
 
 
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
+
+
+def check_names_and_paths(cfg: ExperimentConfig) -> None:
+    """What can be checked before anything loads: the model is a short name, a folder here or a hub id, and the data
+    files named exist (a run would otherwise find out only after loading the model). A bad name is a configuration
+    error (exit 2), a missing file or folder an error (exit 1)."""
+    from fedlpp import registry
+
+    name = cfg.model.name
+    if name not in registry.MODELS and not Path(name).expanduser().exists():
+        if name.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"model.name: no such folder: {name}")
+        if not HUB_ID.fullmatch(name):
+            raise ConfigError(
+                f"model.name: {name!r} is not a short name ({', '.join(registry.MODELS.names())}), "
+                "a folder here, nor a Hugging Face model id (owner/name)"
+            )
+    for key, value in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
+        if value and not Path(value).expanduser().exists():
+            raise FileNotFoundError(f"{key}: no such file or folder: {value}")
+
+
 def quiet_libraries() -> None:
     """Keep the terminal for our own progress and results."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -160,13 +183,14 @@ def command_run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         out, resume = args.out or default_out(cfg), False
+    check_names_and_paths(cfg)  # before anything is printed or loaded
     print(f"run directory: {out}", flush=True)
     quiet_libraries()
     from fedlpp.evaluation.report import format_summary
 
     summary = run_engine(args.engine)(cfg, out, resume=resume, progress=not args.quiet)
     print(format_summary(summary))
-    from fedlpp.reporting import run_directory_line, write_report
+    from fedlpp.evaluation.report import run_directory_line, write_report
 
     print("\n" + run_directory_line(out, write_report([out], out)))
     print(
@@ -189,7 +213,7 @@ def run_engine(name: str) -> Callable[..., dict[str, Any]]:
 
 def command_attack(args: argparse.Namespace) -> int:
     quiet_libraries()
-    from fedlpp.attack import format_attack, run_attack
+    from fedlpp.experiments.attack import format_attack, run_attack
 
     report = run_attack(args.run_dir, args.client, args.steps, args.collude, args.cache, progress=not args.quiet)
     print(format_attack(report))
@@ -200,7 +224,7 @@ def command_attack(args: argparse.Namespace) -> int:
 
 def command_eval(args: argparse.Namespace) -> int:
     quiet_libraries()
-    from fedlpp.evaluation.run_eval import EVAL_JSON, evaluate_run, format_eval
+    from fedlpp.experiments.run_eval import EVAL_JSON, evaluate_run, format_eval
 
     report = evaluate_run(args.run_dir, args.overrides, progress=not args.quiet, split=args.split)
     print(format_eval(report))
@@ -209,14 +233,14 @@ def command_eval(args: argparse.Namespace) -> int:
 
 
 def command_score(args: argparse.Namespace) -> int:
-    from fedlpp.scoring import dumps, score_files
+    from fedlpp.evaluation.scoring import dumps, score_files
 
     print(dumps(score_files(args.task, args.references, args.predictions)))
     return 0
 
 
 def command_report(args: argparse.Namespace) -> int:
-    from fedlpp.reporting import write_report
+    from fedlpp.evaluation.report import write_report
 
     out = args.out or (
         args.run_dirs[0]
@@ -230,14 +254,14 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_sweep(args: argparse.Namespace) -> int:
-    from fedlpp.sweep import SWEEP_MD, load_sweep, run_sweep
+    from fedlpp.experiments.sweep import SWEEP_MD, load_sweep, run_sweep
 
     sweep = load_sweep(args.config, args.overrides)  # every point's config is validated before the first run
     out = args.out or Path("runs") / f"sweep-{args.config.stem}"
     print(f"{len(sweep.points)} runs into {out}")
     quiet_libraries()
-    from fedlpp.attack import run_attack
     from fedlpp.engine.local import run_experiment
+    from fedlpp.experiments.attack import run_attack
 
     run_sweep(
         sweep,
@@ -252,7 +276,8 @@ def command_sweep(args: argparse.Namespace) -> int:
 
 
 def command_list(args: argparse.Namespace) -> int:
-    from fedlpp import catalogue, registry
+    from fedlpp import registry
+    from fedlpp.cli import catalogue
 
     def block(title: str, entries: dict[str, str]) -> None:
         width = max(map(len, entries), default=0)
@@ -276,12 +301,13 @@ def command_list(args: argparse.Namespace) -> int:
 
 
 def command_config(args: argparse.Namespace) -> int:
-    from fedlpp import catalogue
+    from fedlpp.cli import catalogue
     from fedlpp.config import SECTIONS, ExperimentConfig, to_tree
 
     cfg = load_config(args.config, args.overrides)
     reasons = {"": catalogue.field_reasons(ExperimentConfig), **{n: catalogue.field_reasons(c) for n, c in SECTIONS.items()}}
-    print(catalogue.annotated_toml(to_tree(cfg), reasons), end="")
+    sources = catalogue.value_sources(cfg, args.config, args.overrides)
+    print(catalogue.annotated_toml(to_tree(cfg), catalogue.with_sources(reasons, sources)), end="")
     return 0
 
 
@@ -340,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunDirError as e:
         print(f"fedlpp: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`fedlpp list | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (OSError, ImportError, ValueError, RuntimeError) as e:  # OSError: missing files, offline hub
         print(f"fedlpp: error: {e}", file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ def summaries(names: Registry) -> dict[str, str]:
 
 def shipped_configs() -> dict[Path, str]:
     """Each configs/*.toml of the repository (the working folder's, else the one beside the package): its first line."""
-    for folder in (Path("configs"), Path(__file__).resolve().parents[2] / "configs"):
+    for folder in (Path("configs"), Path(__file__).resolve().parents[3] / "configs"):
         if folder.is_dir():
             return {path: _first_comment(path) for path in sorted(folder.glob("*.toml"))}
     return {}
@@ -60,6 +60,38 @@ def field_reasons(cls: type) -> dict[str, str]:
         node.target.id: node.lineno for node in body.body if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
     }
     return {f.name: comments.get(lines.get(f.name, -1), "") for f in dataclasses.fields(cls)}
+
+
+def value_sources(cfg: object, path: str | Path | None, overrides: list[str]) -> dict[str, str]:
+    """Where each dotted key's value came from: "override" (the command line), "file" (the config file),
+    "dp_sgd default" (privacy.mode = "dp_sgd"'s own defaults) or "default"."""
+    from fedlpp.config import DP_SGD_DEFAULTS, flat_tree, read_toml, to_tree
+
+    given = flat_tree(read_toml(path)) if path else {}
+    overridden = {text.partition("=")[0].strip() for text in overrides}
+    mode_defaults = {f"{s}.{k}" for s, keys in DP_SGD_DEFAULTS.items() for k in keys}
+    dp_sgd = getattr(getattr(cfg, "privacy", None), "mode", "") == "dp_sgd"
+    sources = {}
+    for key in flat_tree(to_tree(cfg)):  # type: ignore[arg-type]
+        if key in overridden:
+            sources[key] = "override"
+        elif key in given:
+            sources[key] = "file"
+        elif dp_sgd and key in mode_defaults:
+            sources[key] = "dp_sgd default"
+        else:
+            sources[key] = "default"
+    return sources
+
+
+def with_sources(reasons: dict[str, dict[str, str]], sources: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Each key's reason followed by where its value came from, e.g. ``communication rounds  [override]``."""
+    out: dict[str, dict[str, str]] = {}
+    for key, source in sources.items():
+        section, _, name = key.rpartition(".")
+        why = reasons.get(section, {}).get(name, "")
+        out.setdefault(section, {})[name] = f"{why}  [{source}]" if why else f"[{source}]"
+    return out
 
 
 def annotated_toml(tree: dict[str, object], reasons: dict[str, dict[str, str]]) -> str:

@@ -8,11 +8,12 @@ import shutil
 import pytest
 import torch
 
+from fedlpp import rundir
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms import steps
 from fedlpp.cli import main
 from fedlpp.config import load_config
-from fedlpp.engine import local, rundir
+from fedlpp.engine import local
 from fedlpp.engine.setup import build_run
 from fedlpp.experiments import attack
 

@@ -57,6 +57,12 @@ class Aggregation(Protocol):
         ...
 
 
+def refuse(replies: Replies, client: int, reason: str, round_: int) -> None:
+    """A reply the pipeline cannot use: the client failed this round (logged, and listed in the metrics row)."""
+    replies.refuse(client, reason)
+    log.warning("round %d: client %d failed: %s", round_, client, reason)
+
+
 @dataclass(frozen=True)
 class PlainAggregation:
     """Every client's update bytes reach the server, which combines them (``round.server_step``)."""
@@ -73,7 +79,7 @@ class PlainAggregation:
             try:
                 uploads.append((client, require(fields, "upload", bytes)))
             except MessageError as e:
-                replies.refuse(client, str(e))
+                refuse(replies, client, str(e), round_)
         result = rnd.server_step(self.spec, adapter, uploads, round_, self.combiner_for(round_))
         row: dict[str, Any] = {"bytes_up": sum(len(u) for _, u in uploads)}
         if result.rejected:
@@ -123,7 +129,7 @@ class SecureAggregation:
             try:
                 adverts[client] = require(fields, "message", bytes)
             except MessageError as e:
-                replies.refuse(client, str(e))
+                refuse(replies, client, str(e), round_)
         return adverts, ({"out_of_range": out_of_range} if out_of_range else {})
 
 

@@ -85,7 +85,7 @@ class LocalTransport:
             if self.on_send is not None:
                 self.on_send(client, payload)
             message = {**fields, "round": round_, "client_id": client}
-            replies.answers[client] = self.clients[client].train(self.model, payload, message, bar.update if bar else None)
+            replies.answers[client] = self.clients[client].train(self.model, payload, message, bar.update if bar is not None else None)
         return replies
 
     def ask(self, action: str, round_: int, messages: Mapping[int, Fields]) -> Replies:

@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from fedlpp import rundir
 from fedlpp.algorithms.fedlpp import proxy_of
 from fedlpp.algorithms.layout import layout_of
-from fedlpp.cli import quiet_libraries
+from fedlpp.cli.main import quiet_libraries
 from fedlpp.config import load_config
 from fedlpp.engine.local import run_experiment
 from fedlpp.engine.setup import build_run

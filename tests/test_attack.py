@@ -211,3 +211,9 @@ def test_an_unfinished_run_is_refused_rather_than_mixing_rounds(run, tmp_path):
     shutil.copy(rundir.broadcast_path(copy, 2), rundir.broadcast_path(copy, rundir.FINAL_BROADCAST))
     with pytest.raises(rundir.RunDirError, match="has not finished"):
         attack.run_attack(copy, "last", [2], collude=1)
+
+
+def test_the_attacker_is_not_bound_by_fedprox():
+    """FedProx binds the clients' training in the federation, not what an attacking client does with what it holds."""
+    plain, prox = load_config(None, []), load_config(None, ["train.proximal_mu=0.5"])
+    assert attack.alone_key(plain, 0, 8) == attack.alone_key(prox, 0, 8)

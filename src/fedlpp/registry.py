@@ -26,6 +26,7 @@ They are loaded the first time a registry is asked for its names.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 from collections.abc import Iterator, Mapping
@@ -69,7 +70,6 @@ class Registry:
         self.key = key  # the config key that names one, e.g. "algorithm.name"
         self.group = group  # the entry-point group other packages register through
         self._entries: dict[str, Entry] = {}
-        self._plugins_loaded = False
 
     def register(self, name: str, summary: str, target: Any = "", **traits: Any) -> Entry:
         if not name or not name.strip():
@@ -77,6 +77,12 @@ class Registry:
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         entry = Entry(name, summary, target, dict(traits))
+        self._entries[name] = entry
+        return entry
+
+    def replace(self, name: str, target: Any) -> Entry:
+        """Swap a registered entry's target, keeping its summary, traits and place (tests, notebooks)."""
+        entry = dataclasses.replace(self.get(name), target=target)
         self._entries[name] = entry
         return entry
 
@@ -104,19 +110,36 @@ class Registry:
         return self._entries[name]
 
     def _load_plugins(self) -> None:
-        if self._plugins_loaded:
-            return
-        self._plugins_loaded = True
-        import importlib.metadata  # here: 15 ms that `fedlpp --help` need not pay
+        load_plugins()
 
-        for point in importlib.metadata.entry_points(group=self.group):
+
+_plugins_loaded = False
+
+
+def load_plugins() -> None:
+    """Import every installed plugin once, all groups together (a plugin may register entries of several kinds).
+
+    A plugin that fails is named in a warning and ignored; entries it registered before failing stay.
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    import importlib.metadata  # here: 15 ms that `fedlpp --help` need not pay
+
+    seen: set[str] = set()  # a module named by several entry points is imported (or called) once
+    for kind in (ALGORITHMS, TASKS, MODELS, PARTITIONERS, SERVER_OPTIMIZERS):
+        for point in importlib.metadata.entry_points(group=kind.group):
+            if point.value in seen:
+                continue
+            seen.add(point.value)
             try:
                 loaded = point.load()
                 if callable(loaded):
                     loaded()
             except Exception as e:  # noqa: BLE001 - a broken plugin must not take fedlpp down; it is named
                 log.warning(
-                    "the %s plugin %r (%s) could not be loaded and is ignored: %s", self.group, point.name, point.value, e
+                    "the %s plugin %r (%s) could not be loaded and is ignored: %s", kind.group, point.name, point.value, e
                 )
 
 
@@ -172,7 +195,8 @@ ALGORITHMS.register(
 )
 
 # --- tasks: target is the loader (path, hf_id, num_train, num_eval, seed -> TaskData) -------------------
-# Traits: eval_file (also reads data.eval_path), test_split (has a test split with references).
+# Traits: eval_file (also reads data.eval_path), test_split (has a test split with references), local_files (data.path
+# names local files: `fedlpp run` checks they exist before loading anything).
 TASKS.register(
     "weather",
     "built-in generated weather reports -> sentence (generation, BLEU/ROUGE-L; the default, no files)",
@@ -183,40 +207,47 @@ TASKS.register(
     "E2E NLG: restaurant meaning representation -> text (generation, BLEU/ROUGE-L; data.path or data.hf_id)",
     "fedlpp.data.e2e:load_e2e",
     test_split=True,
+    local_files=True,
 )
 TASKS.register(
     "dart",
     "DART: RDF triples -> text (generation, BLEU/TER; the release's JSON files in data.path or data.hf_id)",
     "fedlpp.data.dart:load_dart",
     test_split=True,
+    local_files=True,
 )
 TASKS.register(
     "dialogsum",
     "DialogSum: dialogue -> summary (generation, ROUGE-1/2/L; JSONL in data.path or data.hf_id; raise model.max_length)",
     "fedlpp.data.dialogsum:load_dialogsum",
     test_split=True,
+    local_files=True,
 )
 TASKS.register(
     "gsm8k",
     "GSM8K: maths question -> worked answer (generation to EOS, exact match of the final number)",
     "fedlpp.data.gsm8k:load_gsm8k",
     test_split=True,
+    local_files=True,
 )
 TASKS.register(
     "sst2",
     "SST-2 sentence sentiment (classification, accuracy; GLUE TSV in data.path or data.hf_id)",
     "fedlpp.data.sst2:load_sst2",
+    local_files=True,
 )
 TASKS.register(
     "rte",
     "GLUE RTE: premise, hypothesis -> entailment (classification of a pair, accuracy; GLUE TSV or data.hf_id)",
     "fedlpp.data.rte:load_rte",
+    local_files=True,
 )
 TASKS.register(
     "jsonl",
     "your own JSON Lines file: {input, output(s)} (generation) or {text, label} (classification); data.eval_path",
     "fedlpp.data.jsonl:load_jsonl",
     eval_file=True,
+    local_files=True,
 )
 
 # --- models: short names; any Hugging Face id or local folder is accepted besides ---------------------

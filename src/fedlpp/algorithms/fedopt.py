@@ -82,7 +82,7 @@ class AdaptiveServer:
         return {**{f"m.{n}": t for n, t in self.m.items()}, **{f"v.{n}": t for n, t in self.v.items()}}
 
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
-        unknown = [k for k in state if k.partition(".")[0] not in PARTS]
+        unknown = [k for k in state if "." not in k or k.partition(".")[0] not in PARTS]
         if unknown:
             raise ValueError(f"the adaptive server optimizer cannot restore {unknown[0]!r} from the checkpoint")
         self.m = {k.removeprefix("m."): t.clone() for k, t in state.items() if k.startswith("m.")}

@@ -153,7 +153,7 @@ def check_names_and_paths(cfg: ExperimentConfig) -> None:
     from fedlpp import registry
 
     name = cfg.model.name
-    if name not in registry.MODELS and not Path(name).expanduser().exists():
+    if name not in registry.MODELS and not Path(name).exists():
         if name.startswith((".", "/", "~")):
             raise FileNotFoundError(f"model.name: no such folder: {name}")
         if not HUB_ID.fullmatch(name):
@@ -161,8 +161,9 @@ def check_names_and_paths(cfg: ExperimentConfig) -> None:
                 f"model.name: {name!r} is not a short name ({', '.join(registry.MODELS.names())}), "
                 "a folder here, nor a Hugging Face model id (owner/name)"
             )
+    local = registry.TASKS.get(cfg.data.task).traits.get("local_files", False)  # a plugin's task may read data.path otherwise
     for key, value in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
-        if value and not Path(value).expanduser().exists():
+        if local and value and not Path(value).exists():
             raise FileNotFoundError(f"{key}: no such file or folder: {value}")
 
 

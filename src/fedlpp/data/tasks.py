@@ -39,11 +39,17 @@ class _Loaders(MutableMapping[str, TaskLoader]):
         return registry.TASKS.get(name).load()
 
     def __setitem__(self, name: str, fn: TaskLoader) -> None:
-        registry.TASKS.unregister(name)
-        registry.TASKS.register(name, f"{name} (registered in this process)", fn)
+        """Register ``fn`` under ``name``, or swap the loader of a registered task (its summary and traits kept)."""
+        if name in registry.TASKS:
+            registry.TASKS.replace(name, fn)
+        else:
+            registry.TASKS.register(name, f"{name} (registered in this process)", fn)
 
     def __delitem__(self, name: str) -> None:
         registry.TASKS.unregister(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in registry.TASKS
 
     def __iter__(self) -> Iterator[str]:
         return iter(registry.TASKS.names())

@@ -29,6 +29,7 @@ from fedlpp.engine.setup import LocalRun, ServerContext, build_run, client_recip
 from fedlpp.engine.transport import Fields, MessageError, Replies, require
 from fedlpp.models.lora import PeftModel
 from fedlpp.progress import Bar
+from fedlpp.secagg import SecAggError
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +86,30 @@ class LocalTransport:
             if self.on_send is not None:
                 self.on_send(client, payload)
             message = {**fields, "round": round_, "client_id": client}
-            replies.answers[client] = self.clients[client].train(self.model, payload, message, bar.update if bar is not None else None)
+            on_step = bar.update if bar is not None else None
+            answer(replies, client, round_, functools.partial(self.clients[client].train, self.model, payload, message, on_step))
         return replies
 
     def ask(self, action: str, round_: int, messages: Mapping[int, Fields]) -> Replies:
-        return Replies({c: self.clients[c].participant.answer(dict(m)) for c, m in messages.items()})
+        replies = Replies()
+        for client, message in messages.items():
+            answer(replies, client, round_, functools.partial(self.clients[client].participant.answer, dict(message)))
+        return replies
 
     @property
     def verify_keys(self) -> dict[int, bytes]:
         """Each client's SecAgg verify key (the clients that have one)."""
         return {k: c.participant.verify_key for k, c in enumerate(self.clients) if isinstance(c.participant, SecAggClient)}
+
+
+def answer(replies: Replies, client: int, round_: int, work: Callable[[], Fields]) -> None:
+    """A client's reply; a refusal of the protocol's (a bad message, a SecAgg check) fails that client alone, as a
+    node's error reply does. Anything else is a bug and stops the run."""
+    try:
+        replies.answers[client] = work()
+    except (MessageError, SecAggError) as e:
+        replies.failed[client] = f"error reply: {e}"
+        log.warning("round %d: client %d failed: %s", round_, client, e)
 
 
 def local_transport(run: LocalRun, on_send: OnSend | None = None) -> LocalTransport:

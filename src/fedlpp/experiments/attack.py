@@ -18,6 +18,7 @@ of the federation's value a client takes: (attack − alone) / (θ − alone), p
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -112,7 +113,7 @@ def alone_adapter(run: LocalRun, client: int, steps: int) -> Adapter:
 
 def _trained(run: LocalRun, client: int, start: Adapter, trained: Sequence[str], steps: int, purpose: str) -> Adapter:
     cfg, data = run.server.cfg, run.clients[client]
-    opts = LocalTraining.of(cfg.train)
+    opts = dataclasses.replace(LocalTraining.of(cfg.train), proximal_mu=0.0)  # an attacker is not bound by FedProx
     batches = shuffled_batches(
         data.features, steps, cfg.train.batch_size, data.pad_id, derive_seed(cfg.seed, f"attack-{purpose}", client, steps)
     )
@@ -180,6 +181,7 @@ def alone_key(cfg: ExperimentConfig, client: int, steps: int) -> str:
     """A fingerprint of everything ``alone``'s score depends on (the client's data, the model, training, evaluation)."""
     tree = {k: v for k, v in to_tree(cfg).items() if k not in ALONE_INDEPENDENT}
     tree["fl"] = {k: v for k, v in tree["fl"].items() if k in ("num_clients",)}
+    tree["train"] = {k: v for k, v in tree["train"].items() if k != "proximal_mu"}  # the attacker trains without it
     text = json.dumps({"config": tree, "client": client, "steps": steps}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -65,6 +65,8 @@ class FlowerTransport:
                 continue
             if bar is not None:
                 bar.update(self.local_steps)
+        for client, reason in replies.failed.items():
+            log.warning("round %d: client %d failed: %s", round_, client, reason)
         return replies
 
     def ask(self, action: str, round_: int, messages: Mapping[int, Fields]) -> Replies:
@@ -87,8 +89,7 @@ class FlowerTransport:
             try:
                 replies.answers[client] = self._read(received.get(client))
             except (MessageError, FlowerRunError) as e:
-                replies.failed[client] = str(e)
-                log.warning("round %d: client %d failed: %s", round_, client, e)
+                replies.failed[client] = str(e)  # logged by whoever asked (train, or the SecAgg driver)
         return replies
 
     def _read(self, reply: Message | None) -> Fields:

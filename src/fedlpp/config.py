@@ -73,7 +73,7 @@ def _registered(value: str, names: registry.Registry) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "smollm2-135m"  # short name (smollm2-135m, minilm-l6, tiny-llama, tiny-bert), HF id or local path
+    name: str = "smollm2-135m"  # the frozen backbone the adapter is trained on
     max_length: int = 96  # tokens per training sequence (prompt + completion)
     pooling: str = "auto"  # classifiers: auto (what the checkpoint declares: mean for minilm-l6) | cls | mean
     quantize: str = "none"  # the frozen backbone in 4 bits: none | nf4 (QLoRA via bitsandbytes; quant.* is FedLPP's broadcast)
@@ -100,10 +100,10 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: str = "fedlpp"  # fedavg_lora | fedlpp | ffa_lora | fedlpp_ffa | rolora (fedlpp list: all registered)
+    name: str = "fedlpp"  # the algorithm: what is broadcast, what is trained, how the server moves
     server_lr: float = 1.0  # the server rule's step size eta_s (docs/algorithms.md); 1.0 is plain FedAvg
     server_rule: str = "mean"  # FedLPP only: "mean" = move to the clients' mean adapter, "delta" = add mean delta to theta
-    server_optimizer: str = "none"  # none | momentum (FedAvgM) | adam (FedAdam) | yogi (FedYogi): on the server's step
+    server_optimizer: str = "none"  # what the server does with each round's proposed step (state clients never see)
     server_momentum: float = 0.9  # beta of "momentum"; beta1 of "adam" and "yogi"
     server_beta2: float = 0.99  # beta2 of "adam" and "yogi" (Reddi et al. 2021)
     server_tau: float = 1e-3  # tau of "adam" and "yogi": the adaptivity floor (Reddi et al. 2021)
@@ -141,13 +141,13 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    task: str = "weather"  # weather (built in) | e2e | dart | dialogsum | gsm8k | sst2 | rte | jsonl (your own file)
+    task: str = "weather"  # the task: weather is built in, jsonl is your own file
     path: str = ""  # local dataset directory (e.g. ../shared/data/e2e), or the file for jsonl; empty = built in / hub
     eval_path: str = ""  # jsonl only: a separate evaluation file; empty = hold out a tenth of data.path
     hf_id: str = ""  # Hugging Face dataset id, downloaded only when given
     num_train: int = 0  # 0 = all (weather: 2000)
     num_eval: int = 0  # 0 = the task's default held-out size
-    partition: str = "iid"  # iid | dirichlet | quantity_skew | by_key (each value of data.key on one client)
+    partition: str = "iid"  # how the training examples are split across the clients
     key: str = ""  # what dirichlet / by_key split on: an attribute (e2e: eatType, food, area...; dialogsum: topic; dart: source); empty = the task's own (label, eatType, topic, source)
     alpha: float = 0.5  # Dirichlet concentration for dirichlet / quantity_skew
 

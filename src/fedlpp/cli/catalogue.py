@@ -85,11 +85,20 @@ def value_sources(cfg: object, path: str | Path | None, overrides: list[str]) ->
 
 
 def with_sources(reasons: dict[str, dict[str, str]], sources: dict[str, str]) -> dict[str, dict[str, str]]:
-    """Each key's reason followed by where its value came from, e.g. ``communication rounds  [override]``."""
+    """Each key's reason, the names its registry holds (for the keys that name a component), and where its value
+    came from, e.g. ``the task: weather is built in, jsonl is your own file (weather | e2e | ...)  [file]``."""
+    from fedlpp import registry
+
+    choices = {
+        kind.key: " | ".join(kind.names()) + (", or any Hugging Face model id or local folder" if kind is registry.MODELS else "")
+        for kind in (registry.ALGORITHMS, registry.TASKS, registry.MODELS, registry.PARTITIONERS, registry.SERVER_OPTIMIZERS)
+    }
     out: dict[str, dict[str, str]] = {}
     for key, source in sources.items():
         section, _, name = key.rpartition(".")
         why = reasons.get(section, {}).get(name, "")
+        if key in choices:
+            why = f"{why} ({choices[key]})"
         out.setdefault(section, {})[name] = f"{why}  [{source}]" if why else f"[{source}]"
     return out
 

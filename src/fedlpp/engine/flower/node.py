@@ -159,7 +159,7 @@ class Worker:
             retry_invoker=_invoker(1, None),
         )
 
-    def next_task(self) -> tuple[str, int] | None:
+    def next_task(self) -> tuple[str, str] | None:
         """Claim the oldest pending task: (its token, its type), or None when there is none.
 
         AgentApp tasks are claimed too, only to be refused: nothing else would ever finish
@@ -169,7 +169,7 @@ class Worker:
         from flwr.supercore.constant import TaskType
 
         res = self._client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP, TaskType.AGENT_APP]))
-        return (res.token, int(res.task.type)) if res.HasField("task") and res.token else None
+        return (res.token, res.task.type) if res.HasField("task") and res.token else None
 
     def serve(self, token: str, task_type: Any) -> None:
         """Run one task: pull its message and context, answer it with fedlpp's ClientApp, push the reply and the context."""

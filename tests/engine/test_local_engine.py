@@ -206,15 +206,23 @@ def test_classification_run_on_tiny_bert(tmp_path):
     assert rows_out[-1]["global"]["loss"] < rows_out[0]["global"]["loss"]
 
 
+def _full_and_killed_then_resumed(
+    tmp_path: Path, overrides: tuple[str, ...], recorder: Recorder | None = None
+) -> tuple[Path, Path]:
+    """Three rounds in one go, and the same run stopped after round 2 (no summary) then resumed to round 3."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run_experiment(tiny(*overrides), full, progress=False, on_send=recorder)
+    run_experiment(tiny(*overrides, rounds=2), killed, progress=False)
+    rundir.save_config(killed, tiny(*overrides))
+    (killed / rundir.SUMMARY).unlink()
+    run_experiment(tiny(*overrides), killed, resume=True, progress=False)
+    return full, killed
+
+
 def test_server_momentum_resumes_exactly_and_never_leaves_the_server(tmp_path):
     momentum = ("algorithm.name=fedlpp", "algorithm.server_optimizer=momentum", "algorithm.server_momentum=0.5", "eval.every=10")
-    full, killed = tmp_path / "full", tmp_path / "killed"
     recorder = Recorder()
-    run_experiment(tiny(*momentum), full, progress=False, on_send=recorder)
-    run_experiment(tiny(*momentum, rounds=2), killed, progress=False)
-    rundir.save_config(killed, tiny(*momentum))
-    (killed / rundir.SUMMARY).unlink()
-    run_experiment(tiny(*momentum), killed, resume=True, progress=False)
+    full, killed = _full_and_killed_then_resumed(tmp_path, momentum, recorder)
     a, b = _final_adapter(full), _final_adapter(killed)
     assert all(torch.equal(a[n], b[n]) for n in a)
     adapter, _ = rundir.load_checkpoint(full)
@@ -237,12 +245,7 @@ def test_adaptive_server_optimizers_resume_exactly_with_their_moments_on_the_ser
         "algorithm.server_opt_lr=0.005",
         "eval.every=10",
     )
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    run_experiment(tiny(*adaptive), full, progress=False)
-    run_experiment(tiny(*adaptive, rounds=2), killed, progress=False)
-    rundir.save_config(killed, tiny(*adaptive))
-    (killed / rundir.SUMMARY).unlink()
-    run_experiment(tiny(*adaptive), killed, resume=True, progress=False)
+    full, killed = _full_and_killed_then_resumed(tmp_path, adaptive)
     a, b = _final_adapter(full), _final_adapter(killed)
     assert all(torch.equal(a[n], b[n]) for n in a)
     adapter, _ = rundir.load_checkpoint(full)

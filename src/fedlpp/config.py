@@ -39,6 +39,44 @@ MIN_GROUP = 16  # fewest values per quantization scale (model privacy, see Quant
 # server's step is the clients' mean step times server_lr (FedOpt papers use up to ~3).
 MAX_LORA_ALPHA = 4096.0
 MAX_SERVER_LR = 10.0
+MAX_DELTA = 0.1  # a delta this large is no guarantee at all
+MIN_NOISE = 1e-12  # a smaller sigma makes the accountant divide by zero (1e-300 did); 1e-9 is a test's "no noise"
+# Every numeric key's range: beyond it a run could only hang (an accountant precomputing 10^12 rounds, decoding
+# 10^9 tokens), run out of memory, or overflow and divide by zero; a real run is far inside each.
+LIMITS: dict[str, tuple[float, float]] = {
+    "seed": (0, 2**63 - 1),
+    "model.max_length": (8, 131_072),
+    "lora.r": (1, 1024),
+    "quant.block_size": (MIN_GROUP, 1 << 20),
+    "data.num_train": (0, 100_000_000),
+    "data.num_eval": (0, 10_000_000),
+    "data.alpha": (1e-3, 1e6),
+    "fl.rounds": (1, 100_000),
+    "fl.num_clients": (1, 1_000_000),
+    "fl.clients_per_round": (1, 1_000_000),
+    "fl.local_steps": (1, 100_000),
+    "train.batch_size": (1, 65_536),
+    "train.lr": (1e-12, 100),
+    "train.weight_decay": (0, 10),
+    "train.max_grad_norm": (0, 1e6),
+    "train.proximal_mu": (0, 1e6),
+    "eval.every": (1, 100_000),
+    "eval.batch_size": (1, 4096),
+    "eval.max_new_tokens": (1, 4096),
+    "eval.num_beams": (1, 64),
+    "eval.no_repeat_ngram_size": (0, 64),
+    "eval.length_penalty": (-10, 10),
+    "algorithm.server_tau": (1e-12, 1),
+    "secagg.clip_range": (1e-12, 1e6),
+    "privacy.epsilon": (0, 1000),
+    "privacy.noise_multiplier": (0, 1000),
+    "privacy.clip_norm": (1e-6, 1e6),
+    "privacy.budget": (0, 1000),
+    "flower.connect_timeout": (0, 7 * 24 * 3600),
+    "flower.round_timeout": (0, 7 * 24 * 3600),
+    "flower.client_cpus": (0, 1024),
+    "flower.client_gpus": (0, 64),
+}
 
 
 class ConfigError(ValueError):
@@ -60,6 +98,18 @@ def _require_finite(cfg: Any) -> None:
             value = getattr(values, f.name)
             if isinstance(value, float):
                 _require(math.isfinite(value), f"{section.name}.{f.name}", f"must be a finite number, got {value}")
+
+
+def _require_limits(cfg: Any) -> None:
+    """Every key of LIMITS within its range (the sections have checked the finer rules already)."""
+    values = flat_tree(to_tree(cfg))
+    for key, (low, high) in LIMITS.items():
+        value = values[key]
+        _require(
+            low <= value <= high,
+            key,
+            f"must be in [{low:g}, {high:g}], got {value}: a run beyond it could only hang, run out of memory or overflow",
+        )
 
 
 def _choice(value: object, key: str, choices: tuple[Any, ...]) -> None:
@@ -313,7 +363,18 @@ class PrivacyConfig:
         _choice(self.client_sampling, "privacy.client_sampling", CLIENT_SAMPLING)
         _require(self.epsilon >= 0, "privacy.epsilon", f"must be >= 0, got {self.epsilon}")
         _require(self.noise_multiplier >= 0, "privacy.noise_multiplier", f"must be >= 0, got {self.noise_multiplier}")
-        _require(0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), got {self.delta}")
+        _require(
+            0 < self.delta < MAX_DELTA,
+            "privacy.delta",
+            f"must be in (0, {MAX_DELTA:g}), got {self.delta}: delta is the chance the guarantee fails outright "
+            "(the convention: below 1 / the number of examples or clients)",
+        )
+        _require(
+            self.noise_multiplier == 0 or self.noise_multiplier >= MIN_NOISE,
+            "privacy.noise_multiplier",
+            f"must be 0 (not set) or at least {MIN_NOISE:g}, got {self.noise_multiplier}: below it the accountant's "
+            "arithmetic overflows or divides by zero",
+        )
         _require(self.clip_norm > 0, "privacy.clip_norm", f"must be > 0, got {self.clip_norm}")
         _require(self.budget >= 0, "privacy.budget", f"must be >= 0, got {self.budget}")
         if self.mode == "none":
@@ -374,6 +435,7 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         _require_finite(self)
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        _require_limits(self)
         _require(
             not (self.privacy.mode == "dp_sgd" and self.train.max_grad_norm > 0),
             "train.max_grad_norm",
@@ -546,10 +608,11 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def read_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+        raise ConfigError(f"config file not found: {p}" if not p.exists() else f"{p} is not a file")
     try:
-        with p.open("rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(p.read_bytes().decode("utf-8-sig"))  # a byte-order mark (Windows editors) is read past
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML ({e})") from None
 

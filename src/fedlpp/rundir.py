@@ -14,13 +14,22 @@ finished round. Any other damage is refused by name, never repaired by dropping 
 a bad metrics line before the last, a missing, unreadable or foreign checkpoint, or a
 configuration that differs from the one the checkpoint records. One process at a time
 writes a run (an flock on DIR/.lock).
+
+The directory is its owner's: a run refuses one in which a file it writes is a symbolic link
+(it would write through it, outside the run), appends and locks never follow links, and the
+files that hold θ (the checkpoint, adapter/) are readable by the owner only. The checkpoint
+carries a SHA-256 digest of its tensors and metadata, and of the metrics rows up to its round:
+damage to either (a flipped bit, a row edited, missing or copied from another run) is refused
+on resume and by ``fedlpp eval``. A digest detects damage, not a forger who rewrites both.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -33,6 +42,8 @@ from fedlpp.config import ConfigError, ExperimentConfig, changed_keys, flat_tree
 if TYPE_CHECKING:  # torch and safetensors load where checkpoints are touched: the command line's --help stays fast
     import torch
 
+log = logging.getLogger(__name__)
+
 CONFIG, METRICS, CHECKPOINT, SUMMARY, ADAPTER, BROADCASTS = (
     "config.toml",
     "metrics.jsonl",
@@ -42,18 +53,20 @@ CONFIG, METRICS, CHECKPOINT, SUMMARY, ADAPTER, BROADCASTS = (
     "broadcasts",
 )
 FINAL_BROADCAST = "final"  # what the round after the last would send: the clients' view of the final adapter
+PRIVATE = 0o600  # files that hold θ, the model owner's secret
 
 
 class RunDirError(RuntimeError):
     """The run directory cannot be used as asked (e.g. resuming a directory with no run)."""
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def _atomic_write(path: Path, write: Any, mode: int | None = None) -> None:
     """Write to a temporary file of its own, then rename it over ``path``: the old file stays whole until the
     new one is, and the new one is on disk (fsync'ed, with its folder) before the rename counts.
 
     Any failure (a full disk, a read-only or immutable folder, a writer's own error) is one
-    RunDirError naming the file; the temporary file is removed.
+    RunDirError naming the file; the temporary file is removed. ``mode``: the file's permissions (default: the
+    usual ones under the umask); the temporary file is created private, so the content is never readable by others.
     """
     tmp = None
     try:
@@ -61,7 +74,7 @@ def _atomic_write(path: Path, write: Any) -> None:
         os.close(fd)
         tmp = Path(name)
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (and writers may recreate it): the usual permissions
+        os.chmod(tmp, (0o666 & ~_umask()) if mode is None else mode)  # mkstemp made it private; writers may recreate it
         with tmp.open("rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -105,7 +118,11 @@ def exclusive(out: Path) -> Iterator[None]:
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    check_no_links(out)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise RunDirError(f"cannot open the run's lock {path}: {e}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -120,11 +137,35 @@ def exclusive(out: Path) -> Iterator[None]:
             yield
         finally:
             os.ftruncate(fd, 0)
-            if created and {p.name for p in out.iterdir()} == {LOCK}:
-                path.unlink()  # a new run that wrote nothing leaves no folder either
-                out.rmdir()
+            if {p.name for p in out.iterdir()} == {LOCK}:  # a new run that wrote nothing leaves nothing behind
+                path.unlink()
+                if created:
+                    out.rmdir()
     finally:
         os.close(fd)  # releases the lock
+
+
+# Everything a run, eval, attack or report writes in the run directory: none of them may be a symbolic link.
+WRITTEN = (CONFIG, METRICS, CHECKPOINT, SUMMARY, ADAPTER, BROADCASTS, LOCK, "report.md", "eval.json", "predictions")
+
+
+def check_no_links(out: Path) -> None:
+    """Refuse a run directory in which a file or folder fedlpp writes is a symbolic link: writing through it would
+    truncate or create a file outside the run (the run directory itself may be a link: that is its owner's choice)."""
+    for name in WRITTEN:
+        if (out / name).is_symlink():
+            raise RunDirError(f"{out / name} is a symbolic link; fedlpp does not write through links (remove it)")
+    for folder in (out / BROADCASTS, out / ADAPTER, out / "predictions"):
+        if folder.is_dir():
+            link = next((p for p in folder.iterdir() if p.is_symlink()), None)
+            if link is not None:
+                raise RunDirError(f"{link} is a symbolic link; fedlpp does not write through links (remove it)")
+
+
+def make_private(path: Path) -> None:
+    """``path`` (a file, or every file in a folder) readable and writable by the owner only: it holds θ."""
+    for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):
+        os.chmod(file, PRIVATE)
 
 
 def discard_unstarted(out: Path) -> None:
@@ -175,6 +216,7 @@ RESUMABLE_KEYS = (
 
 def load_run_config(out: Path, overrides: list[str]) -> ExperimentConfig:
     """The configuration a run directory recorded, with ``overrides``."""
+    check_no_links(out)
     if not (out / CONFIG).is_file():
         raise RunDirError(f"no run here: {out} has no {CONFIG} (a run directory is the folder `fedlpp run` wrote)")
     return load_config(out / CONFIG, [*_keys_older_runs_used(out / CONFIG), *overrides])
@@ -225,7 +267,41 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     metadata = {**(extra or {}), "round": str(round_)}
-    _atomic_write(out / CHECKPOINT, lambda p: save_file(tensors, str(p), metadata=metadata))
+    metadata[DIGEST_KEY] = checkpoint_digest(tensors, metadata)
+    _atomic_write(out / CHECKPOINT, lambda p: save_file(tensors, str(p), metadata=metadata), mode=PRIVATE)
+
+
+DIGEST_KEY = "digest"  # checkpoint metadata: SHA-256 of its tensors and of the rest of its metadata
+METRICS_DIGEST_KEY = "metrics_digest"  # checkpoint metadata: SHA-256 of the metrics rows up to its round
+
+
+def checkpoint_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes) and every metadata entry but the digest itself."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for key in sorted(k for k in metadata if k != DIGEST_KEY):
+        h.update(f"{key}={metadata[key]}\n".encode())
+    return h.hexdigest()
+
+
+def metrics_digest(rows: list[dict[str, Any]]) -> str:
+    """SHA-256 of the rows as metrics.jsonl holds them (one JSON object per line)."""
+    return hashlib.sha256("".join(json.dumps(r) + "\n" for r in rows).encode()).hexdigest()
+
+
+def check_metrics(out: Path, rows: list[dict[str, Any]]) -> None:
+    """The metrics rows up to the checkpoint's round must be the ones the checkpoint was written after."""
+    expected = load_checkpoint_metadata(out).get(METRICS_DIGEST_KEY)
+    if expected is not None and metrics_digest(rows) != expected:
+        raise RunDirError(
+            f"{out / METRICS} does not match {out / CHECKPOINT}: rows up to its round were edited, removed or come from "
+            "another run; the run's history cannot be trusted, so it is not resumed"
+        )
 
 
 def load_checkpoint_metadata(out: Path) -> dict[str, str]:
@@ -246,9 +322,19 @@ def _checkpoint_tensors(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(out / CHECKPOINT))
+        tensors = load_file(str(out / CHECKPOINT))
     except Exception as e:  # noqa: BLE001 - whatever safetensors raises on a damaged file
         raise RunDirError(f"{out / CHECKPOINT} is damaged and cannot be read ({e}); the run cannot be resumed from it") from None
+    metadata = load_checkpoint_metadata(out)
+    stored = metadata.get(DIGEST_KEY)
+    if stored is None:
+        log.warning("%s has no digest (written by an older fedlpp): damage to it cannot be detected", out / CHECKPOINT)
+    elif checkpoint_digest(tensors, metadata) != stored:
+        raise RunDirError(
+            f"{out / CHECKPOINT} is damaged: its tensors or metadata no longer match the digest written with them "
+            "(a changed bit replays a round silently, so it is not used)"
+        )
+    return tensors
 
 
 def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], int] | None:
@@ -327,10 +413,15 @@ def load_broadcast(out: Path, round_: int | str) -> bytes:
 
 
 def append_metrics(out: Path, row: Mapping[str, Any]) -> None:
-    with (out / METRICS).open("a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    path = out / METRICS
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise RunDirError(f"could not append to {path}: {e}") from None
 
 
 def read_metrics(out: Path) -> list[dict[str, Any]]:
@@ -353,7 +444,8 @@ def read_metrics(out: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except ValueError:
             if number == len(lines):
-                break  # a line cut short by a kill
+                log.warning("%s, line %d: a row cut short (the run was killed while writing it) is left out", path, number)
+                break
             raise RunDirError(
                 f"{path}, line {number}: not valid JSON; the run's history is damaged "
                 "(repair or remove the line, or start a new run)"
@@ -373,9 +465,14 @@ def _check_row(path: Path, number: int, row: Any, previous: int) -> None:
         )
 
 
+def metrics_up_to(out: Path, last_round: int) -> list[dict[str, Any]]:
+    """The rows up to the checkpointed round (a kill may leave later or partial rows); nothing is written."""
+    return [r for r in read_metrics(out) if r.get("round", 0) <= last_round]
+
+
 def truncate_metrics(out: Path, last_round: int) -> list[dict[str, Any]]:
-    """Keep only rows up to the checkpointed round (a kill may leave later or partial rows)."""
-    rows = [r for r in read_metrics(out) if r.get("round", 0) <= last_round]
+    """Keep only rows up to the checkpointed round in the file."""
+    rows = metrics_up_to(out, last_round)
     _atomic_write(out / METRICS, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
     return rows
 

@@ -64,13 +64,29 @@ def _check_fields(file: Path, line: int, row: dict, columns: Sequence[str], head
 
 
 def read_text(file: Path) -> str:
-    """The file as UTF-8 text (a byte-order mark allowed), or an error naming the file and line of the first bad byte."""
+    """The file as UTF-8 text (a byte-order mark allowed), or an error naming the file and line of the first bad byte.
+
+    A folder, a FIFO or a device is refused by name (reading a FIFO would wait for a writer for good).
+    """
+    check_regular_file(file)
     data = file.read_bytes()
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise ValueError(f"{file}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def check_regular_file(file: Path) -> None:
+    if file.is_dir():
+        raise ValueError(f"{file} is a directory, not a file")
+    if file.exists() and not file.is_file():
+        raise ValueError(f"{file} is not a regular file (a FIFO, socket or device); give a file")
+
+
+# The longest JSON line read: json.loads of a 50 MB line took 6.5 GB of memory, and no example of a
+# task's data is near this (DialogSum's longest dialogue is ~10 kB).
+MAX_JSON_LINE = 1 << 20
 
 
 def read_json_lines(file: Path) -> list[tuple[int, dict]]:
@@ -83,6 +99,8 @@ def read_json_lines(file: Path) -> list[tuple[int, dict]]:
         if not line.strip():
             continue
         where = f"{file}, line {number}"
+        if len(line) > MAX_JSON_LINE:
+            raise ValueError(f"{where}: {len(line):,} characters, more than the {MAX_JSON_LINE:,} a line may hold")
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:

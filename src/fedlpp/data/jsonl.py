@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedlpp.data.files import read_json_lines
+from fedlpp.data.files import check_regular_file, read_json_lines
 from fedlpp.data.sampling import hold_out, sized_task
 from fedlpp.data.schema import CLASSIFICATION, GENERATION, Example, TaskData
 
@@ -48,6 +48,7 @@ def load_jsonl(*, path: str, hf_id: str, num_train: int, num_eval: int, seed: in
 
 
 def _lines(file: Path) -> list[Line]:
+    check_regular_file(file)  # a folder or a FIFO is named as such, not as "not found"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: file not found; task 'jsonl' expects a JSON Lines file")
     lines = [(f"{file}, line {number}", row) for number, row in read_json_lines(file)]

@@ -43,6 +43,7 @@ class Proposal:
 
     adapter: Adapter  # the next adapter (a copy of the old one when the round is void)
     row: dict[str, Any]  # the exchange's part of the metrics row: bytes up, rejections, SecAgg survivors
+    void: bool = False  # nothing was combined (every update refused, a SecAgg abort): the adapter is the old one
 
 
 class Aggregation(Protocol):
@@ -84,7 +85,7 @@ class PlainAggregation:
         row: dict[str, Any] = {"bytes_up": sum(len(u) for _, u in uploads)}
         if result.rejected:
             row["rejected"] = {str(k): v for k, v in result.rejected.items()}
-        return Proposal(result.adapter, row)
+        return Proposal(result.adapter, row, void=not result.accepted)
 
 
 @dataclass(frozen=True)
@@ -105,13 +106,13 @@ class SecureAggregation:
         traffic = Traffic()
         if not adverts:
             out = void_round(SecAggAbort("advertise", "clients that trained and are in range", 0, 1), round_, notes, traffic)
-            return Proposal(out.next_adapter(adapter), out.row())
+            return Proposal(out.next_adapter(adapter), out.row(), void=True)
         protocol = ProtocolOverTransport(transport, round_, adverts, traffic, replies.failed)
         registry = {c: self.verify_keys[c] for c in adverts}
         dim = sum(math.prod(self.shapes[n]) for n in self.spec.trained_names(self.shapes, round_)) + 1  # delta, then weight
         run = partial(protocol.run, self.encoding.params, registry, dim)
         out = finish_round(run, self.spec, adapter, round_, self.combiner, notes, traffic)
-        return Proposal(out.next_adapter(adapter), out.row())
+        return Proposal(out.next_adapter(adapter), out.row(), void=out.adapter is None)
 
     def _adverts(self, replies: Replies, round_: int) -> tuple[dict[int, bytes], dict[str, Any]]:
         """Each in-range client's advertisement; the clients out of range are noted (they drop out)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.server_opt import ServerOptimizer, make_server_optimizer
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.algorithms.steps import mean_finite
+from fedlpp.config import LIMITS, MIN_NOISE
 from fedlpp.engine.aggregation import Aggregation, Proposal
 from fedlpp.engine.setup import ServerContext, client_selection, make_aggregation
 from fedlpp.engine.transport import Replies, Transport
@@ -87,6 +89,8 @@ def round_row(
 ) -> dict[str, Any]:
     """The round's metrics row: who took part, what failed, the training loss (not under DP), bytes, peak memory."""
     row = {"round": round_, "clients": list(clients), **proposal.row}
+    if proposal.void:
+        row["void"] = True  # the adapter is the previous round's: nothing was combined
     if replies.failed:
         row["failed"] = {str(c): reason for c, reason in sorted(replies.failed.items())}
     if with_loss:  # under DP the clients' loss is computed from their data without noise: it is not released
@@ -138,12 +142,18 @@ def evaluate_round(
 
 
 def open_run_dir(out: Path, ctx: ServerContext, resume: bool) -> None:
-    """Write the config of a new run, or check that a resumed one may grow to fl.rounds."""
+    """Write the config of a new run, or check (writing nothing) that a resumed one may grow to fl.rounds."""
     if resume:
         rundir.check_extends(out, ctx.cfg.fl.rounds)
-        rundir.save_config(out, ctx.cfg)
     else:
         rundir.prepare_new(out, ctx.cfg)
+
+
+def commit_resume(out: Path, ctx: ServerContext, last: int) -> None:
+    """Once every check of a resume has passed: the config with its new fl.rounds, metrics cut to the checkpoint.
+    A refused resume writes nothing."""
+    rundir.truncate_metrics(out, last)
+    rundir.save_config(out, ctx.cfg)
 
 
 def serve(ctx: ServerContext, transport: Transport, out: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -164,7 +174,9 @@ def serve(ctx: ServerContext, transport: Transport, out: Path, resume: bool = Fa
 def _serve(ctx: ServerContext, transport: Transport, out: Path, resume: bool, show_progress: bool) -> dict[str, Any]:
     cfg = ctx.cfg
     adapter, last, rows = start_or_resume(ctx, out, resume)
-    steps = start_round_steps(ctx, out, resume)
+    steps = start_round_steps(ctx, out, resume, rows)
+    if resume:
+        commit_resume(out, ctx, last)
     stopped = None
     rounds_bar = open_bar(cfg.fl.rounds, "rounds", enabled=show_progress, initial=last)
     show = shower(show_progress)
@@ -178,8 +190,8 @@ def _serve(ctx: ServerContext, transport: Transport, out: Path, resume: bool, sh
             steps.accountant.commit()
             adapter = outcome.adapter
             outcome.row.update(steps.accountant.row())
-            record_round(out, ctx, steps, outcome, round_)
             rows.append(outcome.row)
+            record_round(out, ctx, steps, outcome, round_, rows)
             rounds_bar.set_postfix(_postfix(outcome.row), refresh=False)
             rounds_bar.update(1)
     finally:
@@ -187,21 +199,28 @@ def _serve(ctx: ServerContext, transport: Transport, out: Path, resume: bool, sh
     return finish(ctx, out, adapter, rows, steps.accountant, stopped)
 
 
-def start_round_steps(ctx: ServerContext, out: Path, resume: bool) -> RoundSteps:
+def start_round_steps(ctx: ServerContext, out: Path, resume: bool, rows: Sequence[Mapping[str, Any]] = ()) -> RoundSteps:
     """The round's steps; on resume the accountant and the server optimizer continue from the checkpoint.
 
     The accountant comes first: a resumed run keeps the noise multiplier it was calibrated with,
     which the aggregation's DP steps then use.
     """
-    accountant = start_accountant(ctx, out, resume)
+    accountant = start_accountant(ctx, out, resume, rows)
     return RoundSteps(client_selection(ctx.cfg), make_aggregation(ctx), start_server_optimizer(ctx, out, resume), accountant)
 
 
-def record_round(out: Path, ctx: ServerContext, steps: RoundSteps, outcome: RoundOutcome, round_: int) -> None:
-    """The round's broadcast, metrics row and checkpoint (adapter, config, accountant, server optimizer state)."""
+def record_round(
+    out: Path, ctx: ServerContext, steps: RoundSteps, outcome: RoundOutcome, round_: int, rows: list[dict[str, Any]]
+) -> None:
+    """The round's broadcast, metrics row and checkpoint (adapter, config, accountant, server optimizer state, the
+    digest of every metrics row so far)."""
     rundir.save_broadcast(out, round_, outcome.broadcast)
     rundir.append_metrics(out, outcome.row)
-    metadata = {rundir.CONFIG_KEY: rundir.config_record(ctx.cfg), **steps.accountant.checkpoint()}
+    metadata = {
+        rundir.CONFIG_KEY: rundir.config_record(ctx.cfg),
+        **steps.accountant.checkpoint(),
+        rundir.METRICS_DIGEST_KEY: rundir.metrics_digest(rows),
+    }
     rundir.save_checkpoint(out, outcome.adapter, round_, metadata, steps.optimizer.state())
 
 
@@ -224,12 +243,14 @@ def start_or_resume(ctx: ServerContext, out: Path, resume: bool) -> tuple[Adapte
                 f"{out / rundir.CHECKPOINT} is missing but {rundir.METRICS} records finished rounds: "
                 "resuming would silently restart the run (and any privacy accounting) from round 0"
             )
-        return ctx.initial_adapter(), 0, (rundir.truncate_metrics(out, 0) if resume else [])
+        return ctx.initial_adapter(), 0, []
     adapter, last = ckpt
     rundir.check_checkpoint_config(out, ctx.cfg)
     check_adapter_shapes(out, adapter, ctx.shapes)
+    rows = rundir.metrics_up_to(out, last)
+    rundir.check_metrics(out, rows)
     log.info("resuming %s after round %d", out, last)
-    return adapter, last, rundir.truncate_metrics(out, last)
+    return adapter, last, rows
 
 
 def check_adapter_shapes(out: Path, adapter: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:
@@ -261,8 +282,10 @@ def start_server_optimizer(ctx: ServerContext, out: Path, resume: bool) -> Serve
     return optimizer
 
 
-def start_accountant(ctx: ServerContext, out: Path, resume: bool) -> Accountant:
-    """The privacy accountant: restored from the checkpoint on resume, never restarted from zero."""
+def start_accountant(ctx: ServerContext, out: Path, resume: bool, rows: Sequence[Mapping[str, Any]] = ()) -> Accountant:
+    """The privacy accountant. On resume its ledger is replayed from the rounds the run recorded (each round's
+    clients in metrics.jsonl, which the checkpoint's digest ties to it) and must equal the ledger the checkpoint
+    holds: epsilon is computed, never read back, and an edited ledger is refused rather than believed."""
     plan = ctx.privacy
     if plan is None:
         return NoPrivacy()
@@ -274,14 +297,32 @@ def start_accountant(ctx: ServerContext, out: Path, resume: bool) -> Accountant:
                 "could not be accounted for, so the run cannot continue under DP"
             )
         return LedgerAccountant.start(plan)
+    ledger = _stored_ledger(out, stored)
+    if ledger.noise_multiplier != plan.noise_multiplier:
+        # fl.rounds grew: sigma stays what the run was calibrated with (the budget then stops it).
+        ctx.privacy = plan = dataclasses.replace(plan, noise_multiplier=ledger.noise_multiplier)
+    replayed = LedgerAccountant.replayed(plan, [row["clients"] for row in rows])
+    if replayed.ledger.histories != ledger.histories:
+        raise rundir.RunDirError(
+            f"{out / rundir.CHECKPOINT}: its privacy ledger does not match the rounds {rundir.METRICS} records "
+            f"(epsilon {ledger.epsilon:.4g} stored, {replayed.ledger.epsilon:.4g} from the rounds run): "
+            "the run cannot continue under DP on a ledger that was changed"
+        )
+    return replayed
+
+
+def _stored_ledger(out: Path, stored: str) -> Ledger:
+    """The checkpoint's ledger, whose noise multiplier must be one a run could have used."""
     try:
         ledger = Ledger.from_json(stored)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise rundir.RunDirError(f"{out / rundir.CHECKPOINT}: its privacy ledger is damaged ({e})") from None
-    if ledger.noise_multiplier != plan.noise_multiplier:
-        # fl.rounds grew: sigma stays what the run was calibrated with (the budget then stops it).
-        ctx.privacy = plan = dataclasses.replace(plan, noise_multiplier=ledger.noise_multiplier)
-    return LedgerAccountant(plan, ledger)
+    sigma = ledger.noise_multiplier
+    if not (math.isfinite(sigma) and MIN_NOISE <= sigma <= LIMITS["privacy.noise_multiplier"][1]):
+        raise rundir.RunDirError(
+            f"{out / rundir.CHECKPOINT}: its privacy ledger holds noise multiplier {sigma}, which no run uses"
+        )
+    return ledger
 
 
 def _postfix(row: Mapping[str, Any]) -> dict[str, str]:
@@ -302,6 +343,7 @@ def finish(
 ) -> dict[str, Any]:
     """Save the final adapter in peft format and the broadcast a next round would send; write summary.json."""
     save_peft_adapter(ctx.model, adapter, out / rundir.ADAPTER, ctx.side.backbone.source)
+    rundir.make_private(out / rundir.ADAPTER)  # it is θ
     last = rows[-1]["round"] if rows else 0
     rundir.save_broadcast(out, rundir.FINAL_BROADCAST, rnd.make_broadcast(ctx.spec, adapter, ctx.a_seed, last + 1))
     reference = fedavg_reference_bytes(ctx, adapter)

@@ -79,6 +79,14 @@ class LedgerAccountant:
     def start(cls, plan: PrivacyPlan) -> LedgerAccountant:
         return cls(plan, Ledger(plan.noise_multiplier))
 
+    @classmethod
+    def replayed(cls, plan: PrivacyPlan, rounds: Sequence[Sequence[int]]) -> LedgerAccountant:
+        """The accountant after ``rounds`` (each round's clients, in order): epsilon computed, never read back."""
+        ledger = Ledger(plan.noise_multiplier)
+        for clients in rounds:
+            ledger = ledger.after_round(plan, clients)
+        return cls(plan, ledger)
+
     def admit(self, round_: int, clients: Sequence[int]) -> str | None:
         spent = self.ledger.after_round(self.plan, clients)
         if spent.exceeds(self.plan):

@@ -17,6 +17,7 @@ Two sampling schemes are accounted exactly:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,8 +60,22 @@ def add_steps(history: Sequence[Step], sigma: float, rate: float, steps: int) ->
     return out  # type: ignore[return-value]
 
 
+class AccountingError(RuntimeError):
+    """The accountant produced no meaningful epsilon (never stored, never printed)."""
+
+
 def epsilon(history: Sequence[Step], acc: Accounting) -> float:
-    """Cumulative epsilon at ``acc.delta`` after every step in ``history``."""
+    """Cumulative epsilon at ``acc.delta`` after every step in ``history``; finite and >= 0, or an AccountingError."""
+    value = _epsilon(history, acc)
+    if not math.isfinite(value) or value < 0:
+        raise AccountingError(
+            f"the accountant gave epsilon = {value} for delta = {acc.delta:g} and steps {list(history)[:3]}...: "
+            "that is no privacy guarantee, so the run stops here rather than report it"
+        )
+    return value
+
+
+def _epsilon(history: Sequence[Step], acc: Accounting) -> float:
     history = [(float(s), float(q), int(t)) for s, q, t in history if int(t) > 0]
     if not history:
         return 0.0

@@ -58,6 +58,7 @@ def make_plan(
 ) -> PrivacyPlan:
     """Sigma and per-unit rates; ``participation`` is how many of the ``rounds`` each client joins."""
     n = len(client_sizes)
+    _warn_large_delta(cfg, client_sizes)
     if cfg.mode == "dp_sgd":
         rates = {str(c): sampling_rate(batch_size, size) for c, size in enumerate(client_sizes)}
         _warn_whole_clients(batch_size, client_sizes)
@@ -91,6 +92,21 @@ def make_plan(
         expected_clients=float(clients_per_round),
         secure_noise=cfg.secure_noise,
     )
+
+
+def _warn_large_delta(cfg: PrivacyConfig, client_sizes: Sequence[int]) -> None:
+    """delta above 1 / (the number of units a run protects) lets a mechanism reveal one of them outright: say so."""
+    units = min(client_sizes, default=0) if cfg.mode == "dp_sgd" else len(client_sizes)
+    if units and cfg.delta > 1 / units:
+        who = "examples of the smallest client" if cfg.mode == "dp_sgd" else "clients"
+        log.warning(
+            "privacy: privacy.delta=%g is above 1/%d (the run protects %d %s): a guarantee with this delta allows one "
+            "of them to be revealed outright; the convention is delta < 1/n",
+            cfg.delta,
+            units,
+            units,
+            who,
+        )
 
 
 def _warn_whole_clients(batch_size: int, client_sizes: Sequence[int]) -> None:

@@ -58,6 +58,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="give up after this many seconds without reaching the SuperLink (default 300)",
     )
     node.add_argument("--threads", type=int, help="torch threads for training (default: torch's, one per core)")
+    node.add_argument(
+        "--min-noise-multiplier",
+        type=float,
+        default=0.0,
+        help="refuse rounds whose DP noise (added by this node) is below this multiplier (default: no minimum)",
+    )
+    node.add_argument("--max-clip-norm", type=float, default=0.0, help="refuse rounds that clip above this norm (default: none)")
+    node.add_argument("--require-secagg", action="store_true", help="refuse rounds without secure aggregation")
     run = steps.add_parser("run", help="submit an experiment to the SuperLink and follow it to its end")
     run.add_argument(
         "overrides",
@@ -119,8 +127,17 @@ def command_deploy(args: argparse.Namespace) -> int:
         print(f"registered {args.public_key}: node id {connection.register(args.public_key)}")
         return 0
     if args.step == "supernode":
+        policy = {"min-noise-multiplier": args.min_noise_multiplier, "max-clip-norm": args.max_clip_norm}
         node_args = deploy.supernode_args(
-            args.superlink, args.ca, args.key, args.data, args.client_id, args.host, args.port, args.connect_timeout
+            args.superlink,
+            args.ca,
+            args.key,
+            args.data,
+            args.client_id,
+            args.host,
+            args.port,
+            args.connect_timeout,
+            {**policy, "require-secagg": args.require_secagg},
         )
         return deploy.run_node(
             node_args, args.host, args.port, args.superlink, args.connect_timeout, args.flwr_home, args.threads

@@ -27,6 +27,7 @@ from fedlpp.data import Example
 from fedlpp.data.examples_file import read_examples
 from fedlpp.engine.flower import secure
 from fedlpp.engine.flower.messages import QUERY, TRAIN, MessageError, content, fields_of, require
+from fedlpp.engine.flower.node_policy import NodePolicy
 from fedlpp.engine.flower.roster import UNASSIGNED
 from fedlpp.engine.setup import (
     ModelSide,
@@ -220,6 +221,7 @@ def train(message: Message, context: Context) -> Message:
     client_id, sigma = require(fields, "client_id", int), require(fields, "sigma", float)
     source = DataSource.of(context.node_config)
     check_own_privacy(source, cfg)
+    NodePolicy.of(context.node_config).check(cfg, sigma)  # the privacy this node requires, whatever the server asks
     replies = replies_for(cfg)
     side = model_side(cfg, kind, num_labels)
     recipe = client_recipe(cfg, side, algorithm_spec(cfg), sigma, replies.encoding(cfg, fields))

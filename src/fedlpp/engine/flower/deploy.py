@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,8 +184,24 @@ def superlink_command(keys: Path, host: str, port: int) -> list[str]:
     ]
 
 
+def _node_value(value: float | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if not (value >= 0 and value < float("inf")):
+        raise DeployError(f"expected a non-negative number, got {value!r}")
+    return repr(float(value))
+
+
 def supernode_args(
-    superlink: str, ca: Path, key: Path, data: Path, client_id: int | None, host: str, port: int, connect_timeout: float
+    superlink: str,
+    ca: Path,
+    key: Path,
+    data: Path,
+    client_id: int | None,
+    host: str,
+    port: int,
+    connect_timeout: float,
+    policy: Mapping[str, float | bool] | None = None,
 ) -> list[str]:
     """Flower's SuperNode arguments, after checking the node's data file parses (a clear error, not a failed round later).
 
@@ -201,6 +217,7 @@ def supernode_args(
     if not connect_timeout > 0:
         raise DeployError(f"--connect-timeout={connect_timeout:g}: expected a positive number of seconds")
     node_config = f'data-path="{_quotable(data.resolve())}"' + (f" client-id={client_id}" if client_id is not None else "")
+    node_config += "".join(f" {k}={_node_value(v)}" for k, v in (policy or {}).items() if v)  # what this node requires
     print(f"fedlpp: {data} holds {len(examples)} examples; starting a SuperNode for {superlink}", flush=True)
     return [
         "--superlink",

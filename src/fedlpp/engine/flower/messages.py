@@ -11,6 +11,7 @@ text so that a client builds exactly the server's model and recipe.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +23,8 @@ from fedlpp.engine.flower.polls import WaitedPoll
 from fedlpp.engine.transport import MessageError, require
 
 __all__ = ["QUERY", "TRAIN", "MessageError", "content", "exchange", "fields_of", "require"]
+
+log = logging.getLogger(__name__)
 
 RECORD = "fedlpp"  # the ConfigRecord of plain fields
 BLOBS = "fedlpp.bytes"  # the ArrayRecord of byte-string fields
@@ -74,7 +77,8 @@ def exchange(grid: Grid, messages: Mapping[int, Message], timeout: float) -> dic
     """Send ``{key: message}``; the replies that came within ``timeout`` seconds, by the same keys.
 
     Replies are matched by the message they answer: the error reply for a node that died
-    comes from the SuperLink, not from the node.
+    comes from the SuperLink, not from the node. The first reply to a message counts; another
+    one is refused and logged (it must not replace what was already received).
     """
     pushed = list(grid.push_messages(messages.values()))
     key_of = {m.metadata.message_id: key for key, m in messages.items()}
@@ -82,8 +86,12 @@ def exchange(grid: Grid, messages: Mapping[int, Message], timeout: float) -> dic
     start = time.monotonic()  # from the moment every message is out
     while waiting:
         for reply in grid.pull_messages(waiting):
-            waiting.discard(reply.metadata.reply_to_message_id)
-            replies[key_of[reply.metadata.reply_to_message_id]] = reply
+            answered = reply.metadata.reply_to_message_id
+            if answered not in key_of or key_of[answered] in replies:
+                log.warning("a second reply to message %s (for %s) is refused; the first counts", answered, key_of.get(answered))
+                continue
+            waiting.discard(answered)
+            replies[key_of[answered]] = reply
         waited = time.monotonic() - start
         if not waiting or waited >= timeout:
             break

@@ -1,0 +1,120 @@
+"""A node enforces the privacy it requires: a round that asks for less is refused by that node, named in the server's
+failure record, and the run goes on without it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedlpp import rundir
+from fedlpp.config import load_config
+from fedlpp.data.examples_file import write_examples
+from fedlpp.engine.flower.node_policy import NodePolicy
+from fedlpp.engine.flower.server_app import serve_on_grid
+from fedlpp.engine.setup import client_partitions, load_task_data
+from fedlpp.engine.transport import MessageError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))  # the in-process Flower grid the engine tests use
+from flower_harness import LoopbackGrid
+
+TINY = [
+    "model.name=tiny-llama",
+    "model.max_length=48",
+    "data.num_train=120",
+    "data.num_eval=3",
+    "fl.num_clients=3",
+    "fl.clients_per_round=3",
+    "fl.local_steps=2",
+    "train.batch_size=4",
+    "eval.every=1",
+    "eval.max_new_tokens=3",
+    "fl.rounds=1",
+    "seed=0",
+    "flower.connect_timeout=2",
+    "algorithm.name=ffa_lora",
+    "privacy.mode=dp_sgd",
+    "privacy.noise_multiplier=1.0",
+    "privacy.secure_noise=true",
+]
+
+
+@pytest.mark.integration
+def test_a_node_that_requires_more_noise_refuses_the_round_and_the_others_train(tmp_path):
+    cfg = load_config(None, TINY)
+    nodes = {}
+    for k, part in enumerate(client_partitions(cfg, load_task_data(cfg))):
+        write_examples(tmp_path / f"client-{k}.jsonl", part)
+        nodes[10 + k] = {"data-path": str(tmp_path / f"client-{k}.jsonl"), "client-id": k}
+    nodes[12]["min-noise-multiplier"] = 2.0
+    serve_on_grid(LoopbackGrid(nodes), cfg, tmp_path / "run")
+    (row,) = rundir.read_metrics(tmp_path / "run")
+    assert list(row["failed"]) == ["2"]
+    assert "below this node's minimum min-noise-multiplier=2" in row["failed"]["2"]
+    assert "void" not in row  # clients 0 and 1 trained and were combined
+
+
+@pytest.mark.parametrize(
+    ("policy", "overrides", "message"),
+    [
+        ({"require-secagg": True}, [], "requires secure aggregation (require-secagg) and the round has none"),
+        (
+            {"min-noise-multiplier": 1.0},
+            [],
+            "requires DP noise it adds itself (min-noise-multiplier=1): the round asks for privacy.mode=none",
+        ),
+        (
+            {"min-noise-multiplier": 1.0},
+            ["privacy.mode=client_dp", "privacy.noise_multiplier=1", "fl.clients_per_round=3"],
+            "privacy.mode=client_dp without secure aggregation",
+        ),
+        ({"max-clip-norm": 0.5}, ["privacy.mode=dp_sgd", "privacy.noise_multiplier=1"], "clip norm 1, above this node's maximum"),
+    ],
+)
+def test_each_requirement_refuses_the_round_that_asks_for_less(policy, overrides, message):
+    cfg = load_config(None, ["algorithm.name=ffa_lora", *overrides])
+    with pytest.raises(MessageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        NodePolicy.of(policy).check(cfg, cfg.privacy.noise_multiplier)
+
+
+def test_a_node_policy_that_asks_for_no_more_accepts_and_bad_values_are_named():
+    cfg = load_config(None, ["algorithm.name=ffa_lora", "privacy.mode=dp_sgd", "privacy.noise_multiplier=2"])
+    NodePolicy.of({"min-noise-multiplier": 1.5, "max-clip-norm": 1.0}).check(cfg, 2.0)
+    with pytest.raises(MessageError, match="node config min-noise-multiplier: expected a non-negative number"):
+        NodePolicy.of({"min-noise-multiplier": "lots"})
+
+
+def test_deploy_supernode_writes_the_requirements_into_the_node_config(tmp_path):
+    from fedlpp.engine.flower import deploy
+
+    (tmp_path / "ca.crt").write_text("x")
+    (tmp_path / "node").write_text("x")
+    write_examples(tmp_path / "data.jsonl", load_task_data(load_config(None, ["data.num_train=4"])).train[:4])
+    args = deploy.supernode_args(
+        "127.0.0.1:1",
+        tmp_path / "ca.crt",
+        tmp_path / "node",
+        tmp_path / "data.jsonl",
+        0,
+        "127.0.0.1",
+        9,
+        5.0,
+        {"min-noise-multiplier": 1.5, "max-clip-norm": 0.0, "require-secagg": True},
+    )
+    node_config = args[args.index("--node-config") + 1]
+    assert "min-noise-multiplier=1.5" in node_config and "require-secagg=true" in node_config
+    assert "max-clip-norm" not in node_config  # 0: no requirement
+
+
+def test_a_second_reply_to_one_message_is_refused_and_the_first_counts(caplog):
+    from types import SimpleNamespace
+
+    from fedlpp.engine.flower.messages import exchange
+
+    sent = {7: SimpleNamespace(metadata=SimpleNamespace(message_id="m1"))}
+    first, second = (SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="m1"), n=n) for n in (1, 2))
+    grid = SimpleNamespace(push_messages=lambda messages: ["m1"], pull_messages=lambda waiting: [first, second])
+    replies = exchange(grid, sent, timeout=1.0)  # type: ignore[arg-type]
+    assert replies == {7: first}
+    assert "a second reply to message m1 (for 7) is refused" in caplog.text

@@ -34,6 +34,7 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 POOLINGS = ("auto", "cls", "mean")  # auto: what the checkpoint declares (models.pooling.declared_pooling)
 ACCOUNTANTS = ("rdp", "prv")
 CLIENT_SAMPLING = ("fixed", "poisson")
+WEIGHTINGS = ("auto", "examples", "uniform")  # fl.weighting: what a client's update weighs in the mean
 MIN_GROUP = 16  # fewest values per quantization scale (model privacy, see QuantConfig)
 # Beyond these a run can only diverge: alpha / r scales every LoRA update (8 to 64 is usual), and the
 # server's step is the clients' mean step times server_lr (FedOpt papers use up to ~3).
@@ -228,8 +229,10 @@ class FLConfig:
     num_clients: int = 4  # N: clients holding data
     clients_per_round: int = 2  # K: clients sampled each round (without replacement)
     local_steps: int = 8  # E: optimizer steps per sampled client per round
+    weighting: str = "auto"  # a client's weight in the mean: auto (examples where the server split the data, uniform in a deployment) | examples | uniform
 
     def __post_init__(self) -> None:
+        _choice(self.weighting, "fl.weighting", WEIGHTINGS)
         _require(self.rounds >= 1, "fl.rounds", f"must be >= 1, got {self.rounds}")
         _require(self.num_clients >= 1, "fl.num_clients", f"must be >= 1, got {self.num_clients}")
         _require(

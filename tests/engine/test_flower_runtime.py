@@ -302,7 +302,8 @@ def test_eight_nodes_under_secagg_plus_lose_one_mid_round_as_the_simulation_does
     assert "secagg masked_input" in second["failed"][str(victim)]
     nodes_in_process = {100 + k: {"data-path": str(tmp_path / f"client-{k}.jsonl"), "client-id": k} for k in range(8)}
     with one_torch_thread():  # as each of the 8 nodes on this machine trains: float sums in the same order on both sides
-        serve_on_grid(LoopbackGrid(nodes_in_process, vanish_at={100 + victim: ("masked_input", 2)}), cfg, tmp_path / "in-process")
+        grid = LoopbackGrid(nodes_in_process, vanish_at={100 + victim: ("masked_input", 2)})
+        serve_on_grid(grid, cfg, tmp_path / "in-process", data_assigned=False)  # nodes with their own data, as deployed
     assert [r["secagg_survivors"] for r in rundir.read_metrics(tmp_path / "in-process")] == [
         first["secagg_survivors"],
         second["secagg_survivors"],

@@ -222,6 +222,7 @@ class WeightedMean:
     """Plain FedAvg: every valid update, weighted by its example count (at most what its client declared)."""
 
     declared: Mapping[int, int] | None = None  # client id -> number of examples, where the server knows it
+    uniform: bool = False  # every update weighs the same, whatever count it claims (fl.weighting)
 
     def __call__(
         self,
@@ -235,7 +236,8 @@ class WeightedMean:
         if not updates:
             log.warning("round %d: no valid update; the global adapter is unchanged", round_)
             return Combined(None, (), rejected)
-        mean = fedavg_lora.weighted_mean([u.values for u in updates], [u.num_examples for u in updates])
+        weights = [1] * len(updates) if self.uniform else [u.num_examples for u in updates]
+        mean = fedavg_lora.weighted_mean([u.values for u in updates], weights)
         return Combined(unflatten(mean, updates[0].layout), tuple(u.client_id for u in updates), rejected)
 
 

@@ -114,6 +114,11 @@ class SecureMean:
         result = inputs  # the protocol's sum over the survivors
         layout = rnd.update_layout(spec, {n: tuple(t.shape) for n, t in adapter.items()}, round_)
         weighted_sum, total_weight = split_weight(result.values, self.encoding.params)
+        beyond = _beyond(weighted_sum, self.encoding.params, len(result.survivors))
+        if beyond is not None:
+            log.warning("round %d: secure aggregation: %s; the global adapter is unchanged", round_, beyond)
+            notes["refused"] = beyond
+            return rnd.Combined(None, (), {})
         if self.noise is None:
             survivors = len(result.survivors)
             if not survivors <= total_weight <= survivors * self.encoding.weight_bound:
@@ -130,6 +135,26 @@ class SecureMean:
             total, factor = _topped_up(weighted_sum, self.noise, len(result.survivors), notes), 1.0 / self.noise.denominator
         mean = np.multiply(total, factor, out=np.empty(total.size, dtype=np.float32), casting="same_kind")  # float64 math
         return rnd.Combined(unflatten(torch.from_numpy(mean), layout), tuple(result.survivors), {})
+
+
+def _beyond(weighted_sum: np.ndarray, params: SecAggParams, survivors: int) -> str | None:
+    """Why the sum cannot come from inputs within the range (SecAgg hides each input, so only the sum is checked),
+    or None. A node inside its range can still send a bad update: bounding it further is robust aggregation's job."""
+    if not weighted_sum.size:
+        return None
+    peak, bound = float(np.abs(weighted_sum).max()), _sum_bound(params, survivors)
+    if peak <= bound:
+        return None
+    return (
+        f"the unmasked sum reaches {peak:.4g}, more than {survivors} survivors within secagg.clip_range="
+        f"{params.clip_range:g} can add up to ({bound:.4g}): a node sent values outside its range"
+    )
+
+
+def _sum_bound(params: SecAggParams, survivors: int) -> float:
+    """The most one coordinate of the survivors' sum can reach when every input keeps to the declared range
+    (each value rounded to the fixed point's step)."""
+    return survivors * (params.clip_range + 1.0 / params.scale)
 
 
 def _topped_up(noised_sum: np.ndarray, dp: NoiseShares, survivors: int, notes: dict[str, Any]) -> np.ndarray:

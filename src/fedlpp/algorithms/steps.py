@@ -162,6 +162,7 @@ class ClientRecipe:
     training: LocalTrainingPlan
     transforms: tuple[DeltaTransform, ...]
     encode: Encoder
+    uniform_weight: bool = False  # the update weighs 1 in the mean, not its example count (fl.weighting)
 
     def trained(self, round_: int) -> list[str]:
         """The adapter tensors it trains and sends in ``round_``."""
@@ -188,7 +189,7 @@ def client_step(
     delta = result.delta
     for transform in recipe.transforms:
         delta = transform(delta)
-    upload = recipe.encode(delta, data.num_examples, round_)
+    upload = recipe.encode(delta, 1 if recipe.uniform_weight else data.num_examples, round_)
     return ClientOutput(upload, data.num_examples, mean_finite(result.losses), round_, machine.peak_memory()["bytes"])
 
 

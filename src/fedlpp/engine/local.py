@@ -62,11 +62,12 @@ class LocalClient:
     """One simulated client: its data, its recipe (by the noise multiplier it is sent) and its participant."""
 
     data: ClientData
-    recipe_for: Callable[[float], ClientRecipe]  # sigma -> what the client does with a broadcast
+    recipe_for: Callable[[float, bool], ClientRecipe]  # (sigma, uniform weight) -> what the client does with a broadcast
     participant: Participant
 
     def train(self, model: PeftModel, payload: bytes, fields: Fields, on_step: Callable[[], None] | None) -> Fields:
-        out = client_step(model, payload, self.data, self.recipe_for(require(fields, "sigma", float)), on_step)
+        recipe = self.recipe_for(require(fields, "sigma", float), fields.get("weighting") == "uniform")
+        out = client_step(model, payload, self.data, recipe, on_step)
         loss = math.nan if out.loss is None else out.loss
         answer = self.participant.reply(self.data.client_id, fields, out.upload)
         return {"num_examples": out.num_examples, "loss": loss, "peak_memory": out.peak_memory, **answer}
@@ -122,8 +123,8 @@ def local_transport(run: LocalRun, on_send: OnSend | None = None) -> LocalTransp
     return LocalTransport(ctx.model, [LocalClient(data, recipe_for, participant()) for data in run.clients], on_send)
 
 
-def _recipe(ctx: ServerContext, sigma: float) -> ClientRecipe:
-    return client_recipe(ctx.cfg, ctx.side, ctx.spec, sigma, ctx.secure)
+def _recipe(ctx: ServerContext, sigma: float, uniform_weight: bool) -> ClientRecipe:
+    return client_recipe(ctx.cfg, ctx.side, ctx.spec, sigma, ctx.secure, uniform_weight)
 
 
 def run_experiment(

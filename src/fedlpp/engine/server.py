@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 __all__ = ["LEDGER_KEY", "RoundSteps", "run_round", "serve"]
 
 
+WEIGHTING = {True: "uniform", False: "examples"}  # what the train message tells the clients their update weighs
+
+
 @dataclass
 class RoundSteps:
     """A run's round, as steps chosen once when it starts (or resumes)."""
@@ -72,7 +75,11 @@ def run_round(
     """One round: broadcast, the transport's exchange, the aggregation, the server optimizer, evaluation when due."""
     t0 = time.perf_counter()
     payload = rnd.make_broadcast(ctx.spec, adapter, ctx.a_seed, round_)
-    fields = {"sigma": float(ctx.sigma), **steps.aggregation.train_fields(round_, clients)}
+    fields = {
+        "sigma": float(ctx.sigma),
+        "weighting": WEIGHTING[ctx.uniform_weights],
+        **steps.aggregation.train_fields(round_, clients),
+    }
     with _progress(show, len(clients) * ctx.cfg.fl.local_steps, f"round {round_} client steps") as bar:
         replies = transport.train(payload, clients, round_, fields, bar)
     proposal = steps.aggregation.combine(adapter, replies, round_, transport)

@@ -85,6 +85,7 @@ class ServerContext:
     privacy: PrivacyPlan | None = None  # set when privacy.mode is not none
     secure: SecureEncoding | None = None  # set when secagg.enabled: the server sees only sums
     verify_keys: dict[int, bytes] = dataclasses.field(default_factory=dict)  # secagg: each client's announced verify key
+    uniform_weights: bool = False  # every client weighs 1 in the mean (fl.weighting), not the examples it claims
 
     @property
     def model(self) -> PeftModel:
@@ -197,8 +198,12 @@ def build_server(
     client_sizes: list[int],
     plan: PrivacyPlan | None,
     verify_keys: dict[int, bytes] | None = None,
+    data_assigned: bool = True,
 ) -> ServerContext:
-    """The server's side of a run; ``task`` supplies only its name and evaluation examples."""
+    """The server's side of a run; ``task`` supplies only its name and evaluation examples. ``data_assigned``: the
+    server split the data itself (local engine, simulation), so the clients' example counts are its own; in a
+    deployment they are what each node declared, and fl.weighting=auto weighs every client the same."""
+    uniform = uniform_weighting(cfg, data_assigned)
     return ServerContext(
         cfg=cfg,
         task_name=task.name,
@@ -210,16 +215,26 @@ def build_server(
         a_seed=derive_seed(cfg.seed, "lora_a") % (2**31),
         client_sizes=list(client_sizes),
         privacy=plan,
-        secure=secure_encoding(cfg, client_sizes) if cfg.secagg.enabled else None,
+        secure=secure_encoding(cfg, client_sizes, uniform) if cfg.secagg.enabled else None,
         verify_keys=dict(verify_keys or {}),
+        uniform_weights=uniform,
     )
 
 
-def secure_encoding(cfg: ExperimentConfig, client_sizes: Sequence[int]) -> SecureEncoding:
-    """What both ends of SecAgg agree on; refused when the fixed point cannot carry a client's weight."""
+def uniform_weighting(cfg: ExperimentConfig, data_assigned: bool) -> bool:
+    """fl.weighting resolved: auto is uniform where the clients' counts are only what they declare."""
+    return cfg.fl.weighting == "uniform" or (cfg.fl.weighting == "auto" and not data_assigned)
+
+
+def secure_encoding(cfg: ExperimentConfig, client_sizes: Sequence[int], uniform: bool = False) -> SecureEncoding:
+    """What both ends of SecAgg agree on; refused when the fixed point cannot carry a client's weight.
+
+    Under uniform weighting every input weighs 1 and the weight bound is 1, so the server checks after unmasking
+    that the weights add up to exactly the number of survivors: no node can weigh more than one.
+    """
     # Each input carries its weight (the client's number of examples; 1 under client-level DP) as a
     # coordinate that must encode within clip_range * 2^scale_bits: beyond it every client drops out.
-    weight = 1 if cfg.privacy.mode == "client_dp" else max(client_sizes)
+    weight = 1 if cfg.privacy.mode == "client_dp" or uniform else max(client_sizes)
     capacity = cfg.secagg.clip_range * 2.0**cfg.secagg.scale_bits
     if weight > capacity:
         raise ConfigError(
@@ -228,7 +243,7 @@ def secure_encoding(cfg: ExperimentConfig, client_sizes: Sequence[int]) -> Secur
             "would abort; raise secagg.clip_range or secagg.scale_bits"
         )
     # max_clients: the config requires >= 3 per round (secagg's MIN_CLIENTS)
-    return SecureEncoding(secagg_params(cfg.secagg, cfg.fl.clients_per_round), max(client_sizes))
+    return SecureEncoding(secagg_params(cfg.secagg, cfg.fl.clients_per_round), 1 if uniform else max(client_sizes))
 
 
 def secagg_params(cfg: SecAggConfig, clients_per_round: int) -> SecAggParams:
@@ -246,9 +261,15 @@ def secagg_params(cfg: SecAggConfig, clients_per_round: int) -> SecAggParams:
 
 
 def client_recipe(
-    cfg: ExperimentConfig, side: ModelSide, spec: AlgorithmSpec, sigma: float, encoding: SecureEncoding | None
+    cfg: ExperimentConfig,
+    side: ModelSide,
+    spec: AlgorithmSpec,
+    sigma: float,
+    encoding: SecureEncoding | None,
+    uniform_weight: bool = False,
 ) -> ClientRecipe:
-    """What every client does with a broadcast; ``sigma`` is the server's current noise multiplier (DP only)."""
+    """What every client does with a broadcast; ``sigma`` is the server's current noise multiplier (DP only) and
+    ``uniform_weight`` whether the server weighs every update the same (it says so in its train message)."""
     mode = cfg.privacy.mode
     opts = LocalTraining.of(cfg.train)
     training: LocalTrainingPlan = SgdTraining(cfg.fl.local_steps, cfg.train.batch_size, opts, cfg.seed, side.machine)
@@ -267,7 +288,7 @@ def client_recipe(
     encode: Encoder = UpdateBytes()
     if encoding is not None:
         encode = SecureInput(encoding, noise_shares(cfg, sigma))
-    return ClientRecipe(side.kind, side.shapes, spec, training, transforms, encode)
+    return ClientRecipe(side.kind, side.shapes, spec, training, transforms, encode, uniform_weight)
 
 
 def noise_shares(cfg: ExperimentConfig, sigma: float) -> NoiseShares | None:
@@ -289,7 +310,7 @@ def combiner_for(ctx: ServerContext) -> CombinerFor:
     plan = ctx.privacy
     if plan is not None and plan.mode == "client_dp":
         return functools.partial(client_dp_mean, plan, ctx.cfg.seed, ctx.declared_sizes)
-    return lambda round_: rnd.WeightedMean(ctx.declared_sizes)
+    return lambda round_: rnd.WeightedMean(ctx.declared_sizes, ctx.uniform_weights)
 
 
 def client_dp_mean(plan: PrivacyPlan, seed: int, declared: dict[int, int], round_: int) -> rnd.ClientDpMean:

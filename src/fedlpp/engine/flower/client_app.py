@@ -224,7 +224,8 @@ def train(message: Message, context: Context) -> Message:
     NodePolicy.of(context.node_config).check(cfg, sigma)  # the privacy this node requires, whatever the server asks
     replies = replies_for(cfg)
     side = model_side(cfg, kind, num_labels)
-    recipe = client_recipe(cfg, side, algorithm_spec(cfg), sigma, replies.encoding(cfg, fields))
+    uniform = fields.get("weighting") == "uniform"  # the server weighs every update the same: this one weighs 1
+    recipe = client_recipe(cfg, side, algorithm_spec(cfg), sigma, replies.encoding(cfg, fields), uniform)
     out = client_step(side.model, require(fields, "payload", bytes), own_data(cfg, kind, num_labels, source, client_id), recipe)
     if out.round_ != require(fields, "round", int):  # the round the server says must be the broadcast's own
         raise MessageError(f"the message says round {fields['round']} but its broadcast is for round {out.round_}")

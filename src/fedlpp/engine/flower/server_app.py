@@ -100,8 +100,14 @@ class FlowerTransport:
         return fields_of(reply)
 
 
-def serve_on_grid(grid: Grid, cfg: ExperimentConfig, out: Path, resume: bool = False, progress: bool = False) -> dict[str, Any]:
-    """The whole run on a Grid: wait for the nodes, build the server's side, run the rounds into ``out``."""
+def serve_on_grid(
+    grid: Grid, cfg: ExperimentConfig, out: Path, resume: bool = False, progress: bool = False, data_assigned: bool = True
+) -> dict[str, Any]:
+    """The whole run on a Grid: wait for the nodes, build the server's side, run the rounds into ``out``.
+
+    ``data_assigned``: the clients' data is the partition the server cut (simulation); a deployment's nodes bring
+    their own, and their example counts are only what they declare (fl.weighting=auto then weighs them the same).
+    """
     if not resume:
         rundir.check_new(out)
     task = eval_only(load_task_data(cfg))  # before waiting for nodes: a bad data path fails at once
@@ -111,7 +117,7 @@ def serve_on_grid(grid: Grid, cfg: ExperimentConfig, out: Path, resume: bool = F
         grid, nodes, config_text, cfg.flower.round_timeout, secure=cfg.secagg.enabled, kind=task.kind, num_labels=task.num_labels
     )
     side = build_model(cfg, task.kind, task.num_labels)
-    ctx = build_server(cfg, task, side, roster.sizes, check_privacy(cfg, roster.sizes), roster.verify_keys)
+    ctx = build_server(cfg, task, side, roster.sizes, check_privacy(cfg, roster.sizes), roster.verify_keys, data_assigned)
     transport = FlowerTransport(
         grid, roster, config_text, side.kind, ctx.num_labels, cfg.flower.round_timeout, cfg.fl.local_steps
     )
@@ -136,7 +142,7 @@ def main(grid: Grid, context: Context) -> None:
         )
     if isinstance(audit, str) and audit:
         grid = RecordingGrid(grid, AuditLog(Path(audit), prefix=str(context.run_id)))  # type: ignore[assignment]
-    summary = serve_on_grid(grid, cfg, Path(out), resume)
+    summary = serve_on_grid(grid, cfg, Path(out), resume, data_assigned=False)  # the nodes' data is their own
     log.info("fedlpp: run finished into %s: %s", out, {k: summary[k] for k in ("rounds", "global", "proxy")})
     from fedlpp.evaluation.report import write_report
 

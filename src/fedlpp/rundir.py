@@ -18,9 +18,10 @@ writes a run (an flock on DIR/.lock).
 The directory is its owner's: a run refuses one in which a file it writes is a symbolic link
 (it would write through it, outside the run), appends and locks never follow links, and the
 files that hold θ (the checkpoint, adapter/) are readable by the owner only. The checkpoint
-carries a SHA-256 digest of its tensors and metadata, and of the metrics rows up to its round:
-damage to either (a flipped bit, a row edited, missing or copied from another run) is refused
-on resume and by ``fedlpp eval``. A digest detects damage, not a forger who rewrites both.
+carries a SHA-256 digest of its tensors and metadata (checked on resume and by ``fedlpp eval``)
+and of the metrics rows up to its round (checked on resume): a flipped bit, a row edited, missing
+or copied from another run is refused. A digest detects damage, not a forger who rewrites both
+(or removes them: a checkpoint without one, as older versions wrote, is accepted with a warning).
 """
 
 from __future__ import annotations
@@ -146,7 +147,10 @@ def exclusive(out: Path) -> Iterator[None]:
 
 
 # Everything a run, eval, attack or report writes in the run directory: none of them may be a symbolic link.
-WRITTEN = (CONFIG, METRICS, CHECKPOINT, SUMMARY, ADAPTER, BROADCASTS, LOCK, "report.md", "eval.json", "predictions")
+WRITTEN = (
+    *(CONFIG, METRICS, CHECKPOINT, SUMMARY, ADAPTER, BROADCASTS, LOCK),
+    *("report.md", "metrics.png", "bytes.png", "epsilon.png", "eval.json", "predictions", "sweep.json", "sweep.md"),
+)
 
 
 def check_no_links(out: Path) -> None:
@@ -225,7 +229,7 @@ def load_run_config(out: Path, overrides: list[str]) -> ExperimentConfig:
 # Keys added after runs were saved without them, where the new default does otherwise: what those
 # runs did. model.pooling (default auto, the checkpoint's own) came later, and every classifier before
 # it read BERT's CLS pooler, so a resumed or re-scored old run keeps reading it.
-OLDER_RUNS_USED = {"model.pooling": "cls"}
+OLDER_RUNS_USED = {"model.pooling": "cls", "fl.weighting": "examples"}  # fl.weighting came later too: runs weighed by examples
 
 
 def _keys_older_runs_used(path: Path) -> list[str]:
@@ -485,6 +489,11 @@ def write_json(path: Path, value: Any) -> None:
 def write_text(path: Path, text: str) -> None:
     """UTF-8 text, written atomically."""
     _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Bytes (a plot), written atomically."""
+    _atomic_write(path, lambda p: p.write_bytes(data))
 
 
 def write_summary(out: Path, summary: Mapping[str, Any]) -> None:

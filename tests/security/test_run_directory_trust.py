@@ -152,15 +152,24 @@ def _rewrite_ledger(run: Path, edit) -> None:
     rundir.save_checkpoint(run, adapter, int(metadata["round"]), extra)
 
 
+def _noisier_past(ledger: dict) -> None:
+    """sigma raised in the ledger and in every step of its histories: the replay would agree, epsilon would drop."""
+    ledger["noise_multiplier"] = 50.0
+    for history in ledger["histories"].values():
+        for step in history:
+            step[0] = 50.0
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
         (lambda led: led["histories"]["0"].pop(), "privacy ledger does not match the rounds"),
         (lambda led: led.update(noise_multiplier=0.0), "noise multiplier 0.0, which no run uses"),
         (lambda led: led.update(noise_multiplier=float("nan")), "noise multiplier nan, which no run uses"),
-        (lambda led: led.update(noise_multiplier=50.0), "privacy ledger does not match the rounds"),
+        (lambda led: led.update(noise_multiplier=50.0), "holds noise multiplier 50, but this run's config gives 1"),
+        (_noisier_past, "holds noise multiplier 50, but this run's config gives 1"),
     ],
-    ids=["fewer steps", "no noise", "nan", "another sigma"],
+    ids=["fewer steps", "no noise", "nan", "another sigma", "another sigma everywhere"],
 )
 def test_epsilon_is_computed_from_the_rounds_run_never_read_back(private, tmp_path, capsys, edit, message):
     run = _copy(private, tmp_path)
@@ -183,3 +192,20 @@ def test_a_data_path_that_is_a_folder_or_a_fifo_is_named(tmp_path, capsys):
     for path, text in ((tmp_path, "is a directory, not a file"), (fifo, "is not a regular file")):
         assert main(["run", *TINY, "data.task=jsonl", f"data.path={path}", "--out", str(tmp_path / "r"), "--quiet"]) != 0
         assert text in capsys.readouterr().err
+
+
+def test_appends_and_the_lock_do_not_follow_a_link_planted_after_the_check(finished, tmp_path):
+    """check_no_links refuses links up front; a link swapped in later is not followed by the appends or the lock."""
+    run = _copy(finished, tmp_path)
+    target = tmp_path / "outside"
+    target.write_text("the owner's other file\n")
+    (run / rundir.METRICS).unlink()
+    (run / rundir.METRICS).symlink_to(target)
+    with pytest.raises(rundir.RunDirError, match="could not append to"):
+        rundir.append_metrics(run, {"round": 9})
+    (run / rundir.METRICS).unlink()
+    (run / rundir.LOCK).unlink(missing_ok=True)
+    (run / rundir.LOCK).symlink_to(target)
+    with pytest.raises(rundir.RunDirError), rundir.exclusive(run):
+        pass
+    assert target.read_text() == "the owner's other file\n"

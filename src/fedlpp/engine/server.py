@@ -28,14 +28,15 @@ from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.server_opt import ServerOptimizer, make_server_optimizer
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.algorithms.steps import mean_finite
-from fedlpp.config import LIMITS, MIN_NOISE
+from fedlpp.config import MIN_NOISE
 from fedlpp.engine.aggregation import Aggregation, Proposal
 from fedlpp.engine.setup import ServerContext, client_selection, make_aggregation
 from fedlpp.engine.transport import Replies, Transport
 from fedlpp.evaluation.evaluate import evaluate_adapter, evaluation_work
 from fedlpp.models.lora import Adapter, save_peft_adapter
 from fedlpp.privacy.accountant import LEDGER_KEY, Accountant, LedgerAccountant, NoPrivacy
-from fedlpp.privacy.plan import Ledger
+from fedlpp.privacy.accounting import SIGMA_MAX
+from fedlpp.privacy.plan import Ledger, PrivacyPlan
 from fedlpp.progress import Bar, Show, open_bar, shower
 
 log = logging.getLogger(__name__)
@@ -305,6 +306,7 @@ def start_accountant(ctx: ServerContext, out: Path, resume: bool, rows: Sequence
             )
         return LedgerAccountant.start(plan)
     ledger = _stored_ledger(out, stored)
+    _check_sigma(out, ledger.noise_multiplier, plan)
     if ledger.noise_multiplier != plan.noise_multiplier:
         # fl.rounds grew: sigma stays what the run was calibrated with (the budget then stops it).
         ctx.privacy = plan = dataclasses.replace(plan, noise_multiplier=ledger.noise_multiplier)
@@ -318,6 +320,19 @@ def start_accountant(ctx: ServerContext, out: Path, resume: bool, rows: Sequence
     return replayed
 
 
+def _check_sigma(out: Path, stored: float, plan: PrivacyPlan) -> None:
+    """The ledger's noise multiplier must be the one this config gives: the same when sigma is given; when it is
+    calibrated, no more than the config's (calibrated for fl.rounds now, which a resume may only raise: more rounds
+    need more noise). A larger sigma would account the past rounds as noisier than they were."""
+    given = plan.calibrated_for == 0
+    if (given and stored != plan.noise_multiplier) or (not given and stored > plan.noise_multiplier * (1 + 1e-9)):
+        raise rundir.RunDirError(
+            f"{out / rundir.CHECKPOINT}: its privacy ledger holds noise multiplier {stored:g}, but this run's config "
+            f"{'gives' if given else 'calibrates at most'} {plan.noise_multiplier:g}: the past rounds cannot be "
+            "accounted with a noise they did not have"
+        )
+
+
 def _stored_ledger(out: Path, stored: str) -> Ledger:
     """The checkpoint's ledger, whose noise multiplier must be one a run could have used."""
     try:
@@ -325,7 +340,7 @@ def _stored_ledger(out: Path, stored: str) -> Ledger:
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise rundir.RunDirError(f"{out / rundir.CHECKPOINT}: its privacy ledger is damaged ({e})") from None
     sigma = ledger.noise_multiplier
-    if not (math.isfinite(sigma) and MIN_NOISE <= sigma <= LIMITS["privacy.noise_multiplier"][1]):
+    if not (math.isfinite(sigma) and MIN_NOISE <= sigma <= SIGMA_MAX):
         raise rundir.RunDirError(
             f"{out / rundir.CHECKPOINT}: its privacy ledger holds noise multiplier {sigma}, which no run uses"
         )

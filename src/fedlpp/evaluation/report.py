@@ -9,6 +9,7 @@ round when a run is private. Runs are named by what differs between their config
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -234,8 +235,10 @@ def _save(fig: Any, path: Path, plt: Any) -> Path:
     room = 0.24 * rows + 0.2  # inches under the plots for the legend
     fig.set_size_inches(width, height + room)
     fig.tight_layout(rect=(0, room / (height + room), 1, 1))
-    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)  # a legend wider than the plots is not cut
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110, bbox_inches="tight", pad_inches=0.15)  # a legend wider than the plots is not cut
     plt.close(fig)
+    rundir.write_bytes(path, image.getvalue())  # atomically, never through a link planted at the name
     return path
 
 

@@ -261,12 +261,12 @@ def _record(point: SweepPoint, axes: Sequence[str], summary: Mapping[str, Any]) 
 
 
 def _write(out: Path, sweep: Sweep, records: list[dict[str, Any]]) -> None:
-    (out / SWEEP_JSON).write_text(json.dumps({"axes": list(sweep.axes), "runs": records}, indent=2) + "\n")
+    rundir.write_json(out / SWEEP_JSON, {"axes": list(sweep.axes), "runs": records})
     text = table(sweep.axes, records)
     attacked = [r for r in records if "attack" in r]
     if attacked:
         text += "\n\n" + attack_table(sweep.axes, attacked)
-    (out / SWEEP_MD).write_text(text + "\n")
+    rundir.write_text(out / SWEEP_MD, text + "\n")
 
 
 def _mean_std(values: Sequence[float]) -> str:

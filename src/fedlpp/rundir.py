@@ -166,6 +166,27 @@ def check_no_links(out: Path) -> None:
                 raise RunDirError(f"{link} is a symbolic link; fedlpp does not write through links (remove it)")
 
 
+def save_private_folder(path: Path, write: Any) -> None:
+    """A folder that holds θ (adapter/): written by ``write(folder)`` into a private temporary folder (0700), its files
+    made 0600, then renamed into place — never readable by others, never written through a link at ``path``."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        make_private(tmp)
+        os.chmod(tmp, 0o700)
+        if path.is_symlink():
+            raise RunDirError(f"{path} is a symbolic link; fedlpp does not write through links (remove it)")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except RunDirError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunDirError(f"could not write {path}: {e}") from e
+
+
 def make_private(path: Path) -> None:
     """``path`` (a file, or every file in a folder) readable and writable by the owner only: it holds θ."""
     for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):

@@ -118,3 +118,12 @@ def test_a_second_reply_to_one_message_is_refused_and_the_first_counts(caplog):
     replies = exchange(grid, sent, timeout=1.0)  # type: ignore[arg-type]
     assert replies == {7: first}
     assert "a second reply to message m1 (for 7) is refused" in caplog.text
+
+
+def test_a_node_adding_a_client_level_noise_share_needs_the_round_to_have_the_clients_the_share_is_sized_for():
+    dp = ["algorithm.name=fedavg_lora", "privacy.mode=client_dp", "privacy.noise_multiplier=1", "secagg.enabled=true"]
+    cfg = load_config(None, [*dp, "fl.num_clients=10", "fl.clients_per_round=10", "secagg.clip_range=10"])
+    policy = NodePolicy.of({"min-noise-multiplier": 1.0})
+    policy.check(cfg, 1.0, participants=10)
+    with pytest.raises(MessageError, match="sized for fl.clients_per_round=10 clients but the round's registry lists 3"):
+        policy.check(cfg, 1.0, participants=3)

@@ -312,10 +312,16 @@ def start_accountant(ctx: ServerContext, out: Path, resume: bool, rows: Sequence
         ctx.privacy = plan = dataclasses.replace(plan, noise_multiplier=ledger.noise_multiplier)
     replayed = LedgerAccountant.replayed(plan, [row["clients"] for row in rows])
     if replayed.ledger.histories != ledger.histories:
+        unit = next(
+            u
+            for u in sorted(set(ledger.histories) | set(replayed.ledger.histories))
+            if ledger.histories.get(u) != replayed.ledger.histories.get(u)
+        )
         raise rundir.RunDirError(
             f"{out / rundir.CHECKPOINT}: its privacy ledger does not match the rounds {rundir.METRICS} records "
-            f"(epsilon {ledger.epsilon:.4g} stored, {replayed.ledger.epsilon:.4g} from the rounds run): "
-            "the run cannot continue under DP on a ledger that was changed"
+            f"(epsilon {ledger.epsilon:.4g} stored, {replayed.ledger.epsilon:.4g} from the rounds run; first difference: "
+            f"unit {unit!r}, stored {ledger.histories.get(unit)} against {replayed.ledger.histories.get(unit)} — a changed "
+            "ledger, or a client whose number of examples, and so its sampling rate, changed): the run cannot continue under DP"
         )
     return replayed
 
@@ -364,8 +370,9 @@ def finish(
     stopped: str | None = None,
 ) -> dict[str, Any]:
     """Save the final adapter in peft format and the broadcast a next round would send; write summary.json."""
-    save_peft_adapter(ctx.model, adapter, out / rundir.ADAPTER, ctx.side.backbone.source)
-    rundir.make_private(out / rundir.ADAPTER)  # it is θ
+    rundir.save_private_folder(
+        out / rundir.ADAPTER, lambda folder: save_peft_adapter(ctx.model, adapter, folder, ctx.side.backbone.source)
+    )
     last = rows[-1]["round"] if rows else 0
     rundir.save_broadcast(out, rundir.FINAL_BROADCAST, rnd.make_broadcast(ctx.spec, adapter, ctx.a_seed, last + 1))
     reference = fedavg_reference_bytes(ctx, adapter)

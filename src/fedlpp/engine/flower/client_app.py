@@ -221,7 +221,9 @@ def train(message: Message, context: Context) -> Message:
     client_id, sigma = require(fields, "client_id", int), require(fields, "sigma", float)
     source = DataSource.of(context.node_config)
     check_own_privacy(source, cfg)
-    NodePolicy.of(context.node_config).check(cfg, sigma)  # the privacy this node requires, whatever the server asks
+    registry = fields.get("registry")  # under SecAgg: the round's participants
+    participants = len(secure.registry_from_text(registry)) if isinstance(registry, str) else None
+    NodePolicy.of(context.node_config).check(cfg, sigma, participants)  # the privacy this node requires, whatever is asked
     replies = replies_for(cfg)
     side = model_side(cfg, kind, num_labels)
     uniform = fields.get("weighting") == "uniform"  # the server weighs every update the same: this one weighs 1

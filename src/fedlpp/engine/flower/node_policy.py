@@ -28,8 +28,9 @@ class NodePolicy:
     def of(node_config: Mapping[str, object]) -> NodePolicy:
         return NodePolicy(_number(node_config, MIN_NOISE), _number(node_config, MAX_CLIP), _flag(node_config, REQUIRE_SECAGG))
 
-    def check(self, cfg: ExperimentConfig, sigma: float) -> None:
-        """Refuse (MessageError) a round that asks this node for less privacy than it requires."""
+    def check(self, cfg: ExperimentConfig, sigma: float, participants: int | None = None) -> None:
+        """Refuse (MessageError) a round that asks this node for less privacy than it requires; ``participants``: how
+        many clients the round's SecAgg registry lists (client-level DP's noise shares only add up when enough do)."""
         if self.require_secagg and not cfg.secagg.enabled:
             raise MessageError(f"this node requires secure aggregation ({REQUIRE_SECAGG}) and the round has none")
         if self.min_noise > 0:
@@ -43,6 +44,12 @@ class NodePolicy:
             if sigma < self.min_noise:
                 raise MessageError(
                     f"the round asks for noise multiplier {sigma:g}, below this node's minimum {MIN_NOISE}={self.min_noise:g}"
+                )
+            expected = cfg.fl.clients_per_round
+            if mode == "client_dp" and (participants is None or participants < expected):
+                raise MessageError(
+                    f"each noise share is sized for fl.clients_per_round={expected} clients but the round's registry lists "
+                    f"{participants}: together they would add less noise than sigma={sigma:g} asks"
                 )
         if self.max_clip > 0 and (cfg.privacy.mode == "none" or cfg.privacy.clip_norm > self.max_clip):
             clip = "no clipping" if cfg.privacy.mode == "none" else f"clip norm {cfg.privacy.clip_norm:g}"

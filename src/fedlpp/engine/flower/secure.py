@@ -43,7 +43,7 @@ from fedlpp.secagg.local import answer_step
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ACTION", "SecureReplies", "next_step", "registry_text", "start_session", "verify_key"]
+__all__ = ["ACTION", "SecureReplies", "next_step", "registry_from_text", "registry_text", "start_session", "verify_key"]
 
 IDENTITY, SESSION = "fedlpp.secagg.identity", "fedlpp.secagg.session"  # records in a node's context.state
 JOINED = "fedlpp.secagg.joined"  # the last round this node opened a session for

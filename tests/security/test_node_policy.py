@@ -127,3 +127,27 @@ def test_a_node_adding_a_client_level_noise_share_needs_the_round_to_have_the_cl
     policy.check(cfg, 1.0, participants=10)
     with pytest.raises(MessageError, match="sized for fl.clients_per_round=10 clients but the round's registry lists 3"):
         policy.check(cfg, 1.0, participants=3)
+
+
+@pytest.mark.integration
+def test_a_node_with_its_own_epsilon_budget_trains_until_the_round_that_would_pass_it(tmp_path):
+    from fedlpp.privacy.accounting import Accounting, add_steps, epsilon
+    from fedlpp.privacy.dp_sgd import sampling_rate
+
+    cfg = load_config(None, [*TINY, "fl.rounds=3", "eval.every=5"])
+    nodes = {}
+    parts = client_partitions(cfg, load_task_data(cfg))
+    for k, part in enumerate(parts):
+        write_examples(tmp_path / f"client-{k}.jsonl", part)
+        nodes[10 + k] = {"data-path": str(tmp_path / f"client-{k}.jsonl"), "client-id": k}
+    rate = sampling_rate(cfg.train.batch_size, len(parts[2]))
+    one_round = add_steps([], 1.0, rate, cfg.fl.local_steps)
+    two_rounds = add_steps(one_round, 1.0, rate, cfg.fl.local_steps)
+    accounting = Accounting("rdp", "poisson", 1e-5)
+    budget = (epsilon(one_round, accounting) + epsilon(two_rounds, accounting)) / 2  # room for one round, not two
+    nodes[12]["max-epsilon"] = budget
+    serve_on_grid(LoopbackGrid(nodes), cfg, tmp_path / "run")
+    rows = rundir.read_metrics(tmp_path / "run")
+    assert "failed" not in rows[0]  # every client takes part in every round here (3 of 3)
+    for row in rows[1:]:
+        assert list(row["failed"]) == ["2"] and f"above its max-epsilon={budget:g}" in row["failed"]["2"]

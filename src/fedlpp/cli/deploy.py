@@ -66,6 +66,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     node.add_argument("--max-clip-norm", type=float, default=0.0, help="refuse rounds that clip above this norm (default: none)")
     node.add_argument("--require-secagg", action="store_true", help="refuse rounds without secure aggregation")
+    node.add_argument(
+        "--max-epsilon",
+        type=float,
+        default=0.0,
+        help="this node's own DP-SGD budget for a run: refuse the round that would take its epsilon past it (default: none)",
+    )
     run = steps.add_parser("run", help="submit an experiment to the SuperLink and follow it to its end")
     run.add_argument(
         "overrides",
@@ -127,7 +133,11 @@ def command_deploy(args: argparse.Namespace) -> int:
         print(f"registered {args.public_key}: node id {connection.register(args.public_key)}")
         return 0
     if args.step == "supernode":
-        policy = {"min-noise-multiplier": args.min_noise_multiplier, "max-clip-norm": args.max_clip_norm}
+        policy = {
+            "min-noise-multiplier": args.min_noise_multiplier,
+            "max-clip-norm": args.max_clip_norm,
+            "max-epsilon": args.max_epsilon,
+        }
         node_args = deploy.supernode_args(
             args.superlink,
             args.ca,

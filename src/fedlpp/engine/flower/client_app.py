@@ -223,12 +223,15 @@ def train(message: Message, context: Context) -> Message:
     check_own_privacy(source, cfg)
     registry = fields.get("registry")  # under SecAgg: the round's participants
     participants = len(secure.registry_from_text(registry)) if isinstance(registry, str) else None
-    NodePolicy.of(context.node_config).check(cfg, sigma, participants)  # the privacy this node requires, whatever is asked
+    policy = NodePolicy.of(context.node_config)
+    policy.check(cfg, sigma, participants)  # the privacy this node requires, whatever the server asks
     replies = replies_for(cfg)
     side = model_side(cfg, kind, num_labels)
+    data = own_data(cfg, kind, num_labels, source, client_id)
+    policy.spend(context.state, cfg, sigma, data.num_examples)
     uniform = fields.get("weighting") == "uniform"  # the server weighs every update the same: this one weighs 1
     recipe = client_recipe(cfg, side, algorithm_spec(cfg), sigma, replies.encoding(cfg, fields), uniform)
-    out = client_step(side.model, require(fields, "payload", bytes), own_data(cfg, kind, num_labels, source, client_id), recipe)
+    out = client_step(side.model, require(fields, "payload", bytes), data, recipe)
     if out.round_ != require(fields, "round", int):  # the round the server says must be the broadcast's own
         raise MessageError(f"the message says round {fields['round']} but its broadcast is for round {out.round_}")
     loss = math.nan if out.loss is None else out.loss

@@ -2,20 +2,33 @@
 
 The noise multiplier, the clip norm and whether secure aggregation is on come to a node in the
 server's message (its config and sigma). A node that requires more says so in its node config
-(``fedlpp deploy supernode --min-noise-multiplier 1.0 --max-clip-norm 1.0 --require-secagg``) and
-refuses a round that asks for less: the reason is in its own log and, as its error reply, in the
-server's failure record for the round; the run goes on without it.
+(``fedlpp deploy supernode --min-noise-multiplier 1.0 --max-clip-norm 1.0 --require-secagg
+--max-epsilon 8``) and refuses a round that asks for less: the reason is in its own log and, as its
+error reply, in the server's failure record for the round; the run goes on without it.
+
+``--max-epsilon`` is the node's own accountant: under DP-SGD (the noise it adds itself) it charges
+each round's steps at the round's sigma and its own sampling rate to a ledger kept in its state
+for the run, at delta = min(the round's, 1e-5), and refuses the round that would take its epsilon
+past the limit — whatever batch size, local steps or number of rounds the server's config asks for.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from flwr.app import ConfigRecord, RecordDict
+
 from fedlpp.config import ExperimentConfig
 from fedlpp.engine.transport import MessageError
+from fedlpp.privacy.accounting import Accounting, add_steps, epsilon
+from fedlpp.privacy.dp_sgd import sampling_rate
 
 MIN_NOISE, MAX_CLIP, REQUIRE_SECAGG = "min-noise-multiplier", "max-clip-norm", "require-secagg"  # node config keys
+MAX_EPSILON = "max-epsilon"
+LEDGER = "fedlpp.privacy.node_ledger"  # the node's own accountant, in its state
+NODE_DELTA = 1e-5  # the node accounts at the round's delta or this, whichever is smaller (a larger delta is a weaker claim)
 
 
 @dataclass(frozen=True)
@@ -23,10 +36,37 @@ class NodePolicy:
     min_noise: float = 0.0  # the least DP noise multiplier this node trains with (0: none required)
     max_clip: float = 0.0  # the largest clip norm it accepts (0: none required)
     require_secagg: bool = False  # it sends its update only into secure aggregation
+    max_epsilon: float = 0.0  # the most epsilon its own accountant lets DP-SGD spend on its data in a run (0: no limit)
 
     @staticmethod
     def of(node_config: Mapping[str, object]) -> NodePolicy:
-        return NodePolicy(_number(node_config, MIN_NOISE), _number(node_config, MAX_CLIP), _flag(node_config, REQUIRE_SECAGG))
+        return NodePolicy(
+            _number(node_config, MIN_NOISE),
+            _number(node_config, MAX_CLIP),
+            _flag(node_config, REQUIRE_SECAGG),
+            _number(node_config, MAX_EPSILON),
+        )
+
+    def spend(self, state: RecordDict, cfg: ExperimentConfig, sigma: float, num_examples: int) -> None:
+        """Charge this round to the node's own ledger, or refuse it (MessageError) when it would pass max-epsilon."""
+        if self.max_epsilon <= 0:
+            return
+        if cfg.privacy.mode != "dp_sgd":
+            raise MessageError(
+                f"this node enforces {MAX_EPSILON}={self.max_epsilon:g} on DP-SGD, the noise it adds itself; the round asks "
+                f"for privacy.mode={cfg.privacy.mode}"
+            )
+        record = state.config_records.get(LEDGER)
+        history = [tuple(step) for step in json.loads(str(record["history"]))] if record is not None else []
+        accounting = Accounting("rdp", "poisson", min(cfg.privacy.delta, NODE_DELTA))
+        after = add_steps(history, sigma, sampling_rate(cfg.train.batch_size, num_examples), cfg.fl.local_steps)
+        spent, would = epsilon(history, accounting), epsilon(after, accounting)
+        if would > self.max_epsilon:
+            raise MessageError(
+                f"this round would take this node's epsilon from {spent:.4g} to {would:.4g} (delta {accounting.delta:g}), "
+                f"above its {MAX_EPSILON}={self.max_epsilon:g}"
+            )
+        state[LEDGER] = ConfigRecord({"history": json.dumps(after)})  # charged before training: a failed round counts
 
     def check(self, cfg: ExperimentConfig, sigma: float, participants: int | None = None) -> None:
         """Refuse (MessageError) a round that asks this node for less privacy than it requires; ``participants``: how

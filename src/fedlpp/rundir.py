@@ -34,7 +34,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -314,9 +314,25 @@ def checkpoint_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
     return h.hexdigest()
 
 
-def metrics_digest(rows: list[dict[str, Any]]) -> str:
-    """SHA-256 of the rows as metrics.jsonl holds them (one JSON object per line)."""
-    return hashlib.sha256("".join(json.dumps(r) + "\n" for r in rows).encode()).hexdigest()
+class MetricsDigest:
+    """The SHA-256 of metrics.jsonl's rows as the file holds them (one JSON object per line), kept up to date one
+    row at a time: a run's checkpoints each record it without hashing the whole history again."""
+
+    def __init__(self, rows: Iterable[Mapping[str, Any]] = ()) -> None:
+        self._hash = hashlib.sha256()
+        for row in rows:
+            self.add(row)
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        self._hash.update((json.dumps(row) + "\n").encode())
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def metrics_digest(rows: Iterable[Mapping[str, Any]]) -> str:
+    """SHA-256 of the rows as metrics.jsonl holds them."""
+    return MetricsDigest(rows).hexdigest()
 
 
 def check_metrics(out: Path, rows: list[dict[str, Any]]) -> None:

@@ -185,6 +185,7 @@ def _serve(ctx: ServerContext, transport: Transport, out: Path, resume: bool, sh
     steps = start_round_steps(ctx, out, resume, rows)
     if resume:
         commit_resume(out, ctx, last)
+    history = rundir.MetricsDigest(rows)  # each checkpoint records the digest of every row so far
     stopped = None
     rounds_bar = open_bar(cfg.fl.rounds, "rounds", enabled=show_progress, initial=last)
     show = shower(show_progress)
@@ -199,7 +200,8 @@ def _serve(ctx: ServerContext, transport: Transport, out: Path, resume: bool, sh
             adapter = outcome.adapter
             outcome.row.update(steps.accountant.row())
             rows.append(outcome.row)
-            record_round(out, ctx, steps, outcome, round_, rows)
+            history.add(outcome.row)
+            record_round(out, ctx, steps, outcome, round_, history.hexdigest())
             rounds_bar.set_postfix(_postfix(outcome.row), refresh=False)
             rounds_bar.update(1)
     finally:
@@ -217,9 +219,7 @@ def start_round_steps(ctx: ServerContext, out: Path, resume: bool, rows: Sequenc
     return RoundSteps(client_selection(ctx.cfg), make_aggregation(ctx), start_server_optimizer(ctx, out, resume), accountant)
 
 
-def record_round(
-    out: Path, ctx: ServerContext, steps: RoundSteps, outcome: RoundOutcome, round_: int, rows: list[dict[str, Any]]
-) -> None:
+def record_round(out: Path, ctx: ServerContext, steps: RoundSteps, outcome: RoundOutcome, round_: int, history: str) -> None:
     """The round's broadcast, metrics row and checkpoint (adapter, config, accountant, server optimizer state, the
     digest of every metrics row so far)."""
     rundir.save_broadcast(out, round_, outcome.broadcast)
@@ -227,7 +227,7 @@ def record_round(
     metadata = {
         rundir.CONFIG_KEY: rundir.config_record(ctx.cfg),
         **steps.accountant.checkpoint(),
-        rundir.METRICS_DIGEST_KEY: rundir.metrics_digest(rows),
+        rundir.METRICS_DIGEST_KEY: history,
     }
     rundir.save_checkpoint(out, outcome.adapter, round_, metadata, steps.optimizer.state())
 

@@ -38,6 +38,7 @@ from fedlpp.engine.flower import FLOWER_ENV
 from fedlpp.engine.flower.node import TASK_POLL_ENV
 
 CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "server.pem", "server.key"
+FEDLPP_MODULE = ("-m", "fedlpp.cli")  # what Python runs for the ``fedlpp`` command
 CONNECTION = "fedlpp"  # the connection name in the private FLWR_HOME of a fedlpp command
 APP_DIR = Path(__file__).resolve().parents[2] / "assets" / "flower-app"  # the Flower App: a pyproject.toml naming fedlpp's apps
 DONE = "finished:"
@@ -443,11 +444,13 @@ class LocalDeployment:
         register: bool = True,
         connect_timeout: float = 300,
         threads: int | None = None,
+        launcher: Sequence[str] = FEDLPP_MODULE,
     ) -> subprocess.Popen:
         """SuperNode with key node-k on ``data``; ``register=False`` leaves its key unknown to the SuperLink.
 
         The nodes share this machine's cores: each trains with ``threads`` torch threads
-        (default ``cores // nodes``, at least 1).
+        (default ``cores // nodes``, at least 1). ``launcher``: what Python runs with the
+        ``fedlpp`` arguments (a test starts a modified node from a script of its own).
         """
         threads = threads or max(1, (os.cpu_count() or 1) // len(self.keys))
         if register:
@@ -472,15 +475,15 @@ class LocalDeployment:
             "--threads",
             str(threads),
         ]
-        return self._start(args + (["--client-id", str(client_id)] if client_id is not None else []), f"node-{k}")
+        return self._start(args + (["--client-id", str(client_id)] if client_id is not None else []), f"node-{k}", launcher)
 
     def log(self, name: str) -> str:
         return (self.directory / f"{name}.log").read_text(errors="replace")
 
-    def _start(self, args: list[str], name: str) -> subprocess.Popen:
+    def _start(self, args: list[str], name: str, launcher: Sequence[str] = FEDLPP_MODULE) -> subprocess.Popen:
         with (self.directory / f"{name}.log").open("wb") as log:
             p = subprocess.Popen(
-                [sys.executable, "-m", "fedlpp.cli", *args],
+                [sys.executable, *launcher, *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -3,6 +3,7 @@ refused command writes nothing."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -209,3 +210,20 @@ def test_appends_and_the_lock_do_not_follow_a_link_planted_after_the_check(finis
     with pytest.raises(rundir.RunDirError), rundir.exclusive(run):
         pass
     assert target.read_text() == "the owner's other file\n"
+
+
+def test_a_full_disk_names_the_file_keeps_the_last_good_round_and_the_run_resumes_later(finished, tmp_path, capsys, monkeypatch):
+    run = _copy(finished, tmp_path)
+    before = snapshot(run)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as disk:
+        disk.setattr(os, "fsync", full)
+        assert main(["run", "--resume", str(run), "fl.rounds=4", "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert f"could not write {run / rundir.METRICS}: [Errno 28] No space left on device" in err and "Traceback" not in err
+    assert snapshot(run) == before, "round 3's checkpoint and metrics stay as they were"
+    assert main(["run", "--resume", str(run), "fl.rounds=4", "--quiet"]) == 0, "with space again, the same command goes on"
+    assert [r["round"] for r in rundir.read_metrics(run)] == [1, 2, 3, 4]

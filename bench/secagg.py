@@ -165,7 +165,7 @@ def secure_round(
     """fedlpp's aggregation with SecAgg; returns the clock, the new adapter and bytes up/down per client."""
     clock = Clock()
     encode = SecureInput(agg.encoding)
-    inputs = {c: partial(encode, d, n, round_) for c, (d, n) in deltas.items()}
+    inputs = {c: partial(encode, d, n, round_, c) for c, (d, n) in deltas.items()}
     outcome = secure_aggregate(agg, SPEC, adapter, inputs, round_, SecureMean(agg.encoding), parties=clock)
     assert outcome.adapter is not None, outcome.notes
     n = len(deltas)

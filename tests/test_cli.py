@@ -173,7 +173,13 @@ def test_eval_attack_and_report_on_a_folder_without_a_run_say_no_run_here(tmp_pa
 
 def test_config_show_says_where_each_value_came_from(tmp_path: Path, capsys):
     assert main(["config", "show", "--config", "configs/e2e_fedlpp_w2.toml", "fl.rounds=3"]) == 0
-    lines = {line.split(" = ")[0]: line for line in capsys.readouterr().out.splitlines() if " = " in line}
-    assert lines["rounds"].endswith("[override]")
-    assert lines["bits"].endswith("[file]")
-    assert lines["quantize"].endswith("[default]")
+    lines, section = {}, ""
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif " = " in line:
+            lines[f"{section}.{line.split(' = ')[0].strip()}"] = line
+    assert lines["fl.rounds"].endswith("[override]")
+    assert lines["quant.bits"].endswith("[file]")
+    assert lines["uplink.bits"].endswith("[default]")
+    assert lines["model.quantize"].endswith("[default]")

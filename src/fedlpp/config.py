@@ -26,6 +26,7 @@ from fedlpp import registry
 SERVER_RULES = ("mean", "delta")
 GRANULARITIES = ("block", "row", "tensor")
 QUANT_BITS = (1, 2, 3, 4, 8)
+UPLINK_BITS = (32, 8, 4, 2)  # uplink.bits: 32 sends the update as float32; fewer bits round it stochastically
 PRIVACY_MODES = ("none", "dp_sgd", "client_dp")
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -49,6 +50,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "model.max_length": (8, 131_072),
     "lora.r": (1, 1024),
     "quant.block_size": (MIN_GROUP, 1 << 20),
+    "uplink.block_size": (1, 1 << 20),
     "data.num_train": (0, 100_000_000),
     "data.num_eval": (0, 10_000_000),
     "data.alpha": (1e-3, 1e6),
@@ -188,6 +190,16 @@ class QuantConfig:
             f"must be >= {MIN_GROUP}, got {self.block_size}: with tiny blocks the float16 scales are "
             "themselves a copy of the adapter, and the broadcast protects nothing",
         )
+
+
+@dataclass(frozen=True)
+class UplinkConfig:
+    bits: int = 32  # b: bits per value of each client's update; 32 = float32, 8 | 4 | 2 = unbiased stochastic rounding
+    block_size: int = 64  # values per float16 scale of a compressed update
+
+    def __post_init__(self) -> None:
+        _choice(self.bits, "uplink.bits", UPLINK_BITS)
+        _require(self.block_size >= 1, "uplink.block_size", f"must be >= 1, got {self.block_size}")
 
 
 @dataclass(frozen=True)
@@ -427,6 +439,7 @@ class ExperimentConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)
     data: DataConfig = field(default_factory=DataConfig)
     fl: FLConfig = field(default_factory=FLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -455,6 +468,18 @@ class ExperimentConfig:
             "train.precision",
             "fp16 needs loss scaling, which scales each example's gradient before DP-SGD clips it to "
             "privacy.clip_norm (the clip would then bound the wrong quantity); use bf16 or fp32 with privacy.mode=dp_sgd",
+        )
+        _require(
+            not (self.uplink.bits < 32 and self.secagg.enabled),
+            "uplink.bits",
+            f"{self.uplink.bits}: secure aggregation sums float32-range fixed point in Z_2^32; a compressed uplink "
+            "under SecAgg is not built yet, use uplink.bits=32 with secagg.enabled",
+        )
+        _require(
+            not (self.uplink.bits < 32 and self.privacy.mode == "client_dp"),
+            "uplink.bits",
+            f"{self.uplink.bits}: client-level DP refuses an update whose norm exceeds privacy.clip_norm, and random "
+            "rounding can push a clipped update past it; use uplink.bits=32 with privacy.mode=client_dp",
         )
         _require(
             not (self.secagg.enabled and self.privacy.client_sampling == "poisson"),

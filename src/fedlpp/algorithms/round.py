@@ -19,10 +19,13 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from fedlpp.algorithms import factors, fedavg_lora, fedlpp, wire
-from fedlpp.algorithms.layout import Layout, check_length, fingerprint, layout_of, unflatten
+from fedlpp.algorithms.layout import Layout, check_length, fingerprint, flatten, layout_of, unflatten
 from fedlpp.algorithms.spec import AlgorithmSpec
+from fedlpp.algorithms.uplink import compressed_payload, decompressed_values
 from fedlpp.models.lora import Adapter, copy_adapter, lora_a_from_seed
 from fedlpp.privacy.client_dp import NoisedSum, clip_delta, within_norm
+from fedlpp.privacy.randomness import Randomness
+from fedlpp.quant.stochastic import UplinkSpec
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +119,23 @@ def read_broadcast(payload: bytes, shapes: Mapping[str, tuple[int, ...]]) -> tup
     return start, int(meta["round"])  # type: ignore[call-overload]
 
 
-def make_update(delta: Mapping[str, torch.Tensor], num_examples: int, round_: int) -> bytes:
-    """A client's update: its delta as one float32 vector in wire order."""
+def make_update(
+    delta: Mapping[str, torch.Tensor],
+    num_examples: int,
+    round_: int,
+    uplink: UplinkSpec | None = None,
+    rng: Randomness | None = None,
+) -> bytes:
+    """A client's update: its delta as one float32 vector in wire order, or (``uplink``) its b-bit
+    stochastic rounding with one float16 scale per block, the rounding drawn from ``rng``."""
     layout = layout_of(_shapes(delta), sorted(delta))
-    meta = {"num_examples": num_examples, "round": round_, "layout": fingerprint(layout)}
-    return wire.encode(UPDATE, fedavg_lora.full_precision_payload(delta, layout), meta)
+    meta: dict[str, object] = {"num_examples": num_examples, "round": round_, "layout": fingerprint(layout)}
+    if uplink is None:
+        return wire.encode(UPDATE, fedavg_lora.full_precision_payload(delta, layout), meta)
+    if rng is None:
+        raise ValueError("a compressed update needs the randomness its rounding draws from")
+    meta["uplink"] = uplink.as_meta()
+    return wire.encode(UPDATE, compressed_payload(flatten(delta, layout), uplink, rng), meta)
 
 
 def proxy_point(spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor]) -> Adapter:
@@ -130,24 +145,25 @@ def proxy_point(spec: AlgorithmSpec, adapter: Mapping[str, torch.Tensor]) -> Ada
     return fedlpp.proxy_of(adapter, broadcast_layout(spec, _shapes(adapter)), spec.quant)
 
 
-def validate_update(payload: bytes, client_id: int, layout: Layout, round_: int, declared: int | None = None) -> ClientUpdate:
-    """Decode one update and check layout (names, shapes), dtype, size, finiteness, round, count.
+def validate_update(
+    payload: bytes,
+    client_id: int,
+    layout: Layout,
+    round_: int,
+    declared: int | None = None,
+    uplink: UplinkSpec | None = None,
+) -> ClientUpdate:
+    """Decode one update and check layout (names, shapes), encoding, dtype, size, finiteness, round, count.
 
     ``declared``: the client's number of examples as the server knows it (its partition, or
     what the node said when it joined); an update may not claim more. Where it is unknown the
     count is only bounded by MAX_NUM_EXAMPLES: the server cannot check a client's data.
+    ``uplink``: the run's compressed encoding (None: float32 values); no other is accepted.
     """
     tensors, meta = wire.decode(payload, UPDATE)
     if meta.get("layout") != fingerprint(layout):
         raise ValueError("tensor layout (names or shapes) differs from the server's adapter")
-    values = tensors.get(fedavg_lora.VALUES)
-    if values is None or set(tensors) != {fedavg_lora.VALUES}:
-        raise ValueError(f"expected one {fedavg_lora.VALUES!r} tensor, got {sorted(tensors)}")
-    if values.dtype != torch.float32:
-        raise ValueError(f"dtype {values.dtype}, expected torch.float32")
-    if values.ndim != 1:
-        raise ValueError(f"values must be a flat vector, got shape {tuple(values.shape)}")
-    check_length(values, layout)
+    values = _float_values(tensors, meta, layout) if uplink is None else decompressed_values(tensors, meta, uplink, layout)
     _check_magnitude(values)
     r = meta.get("round")
     if type(r) is not int or r != round_:  # exactly an int: true or 1.0 is not a round number
@@ -160,6 +176,21 @@ def validate_update(payload: bytes, client_id: int, layout: Layout, round_: int,
     if n > MAX_NUM_EXAMPLES:
         raise ValueError(f"num_examples {_brief(n)} is more than {MAX_NUM_EXAMPLES}")
     return ClientUpdate(client_id, values, layout, n)
+
+
+def _float_values(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, object], layout: Layout) -> torch.Tensor:
+    """A plain update's one float32 vector, checked against the layout."""
+    if "uplink" in meta:
+        raise ValueError(f"a compressed update ({meta['uplink']!r}) where the run sends float32 (uplink.bits = 32)")
+    values = tensors.get(fedavg_lora.VALUES)
+    if values is None or set(tensors) != {fedavg_lora.VALUES}:
+        raise ValueError(f"expected one {fedavg_lora.VALUES!r} tensor, got {sorted(tensors)}")
+    if values.dtype != torch.float32:
+        raise ValueError(f"dtype {values.dtype}, expected torch.float32")
+    if values.ndim != 1:
+        raise ValueError(f"values must be a flat vector, got shape {tuple(values.shape)}")
+    check_length(values, layout)
+    return values
 
 
 def _brief(value: object) -> str:
@@ -309,7 +340,7 @@ def validate_all(
                 raise ValueError(
                     f"{counts[client_id]} updates from this client in one round; one per client per round is accepted"
                 )
-            updates.append(validate_update(payload, client_id, layout, round_, (declared or {}).get(client_id)))
+            updates.append(validate_update(payload, client_id, layout, round_, (declared or {}).get(client_id), spec.uplink))
         except (ValueError, wire.WireError) as e:
             if client_id not in rejected:
                 log.warning("round %d: rejected the update of client %d: %s", round_, client_id, e)

@@ -89,7 +89,7 @@ class SecureInput:
     encoding: SecureEncoding
     noise: NoiseShares | None = None  # client-level DP's share of the noise
 
-    def __call__(self, delta: Mapping[str, torch.Tensor], num_examples: int, round_: int) -> np.ndarray | None:
+    def __call__(self, delta: Mapping[str, torch.Tensor], num_examples: int, round_: int, client_id: int) -> np.ndarray | None:
         layout = layout_of({n: tuple(t.shape) for n, t in delta.items()}, sorted(delta))
         if self.noise is None:
             return client_vector(self.encoding, delta, layout, num_examples)

@@ -1,4 +1,4 @@
-"""The algorithms as data: what is broadcast, what is trained, how the server moves.
+"""The algorithms as data: what is broadcast, what is trained and sent, how the server moves.
 
 FedAvg+LoRA, FedLPP, FFA-LoRA, FedLPP+FFA-LoRA and RoLoRA differ in four choices
 (DESIGN 2): whether the broadcast is quantized, whether A is derived from a seed and never
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from fedlpp import registry
 from fedlpp.algorithms import factors
 from fedlpp.quant import QuantSpec
+from fedlpp.quant.stochastic import UplinkSpec
 
 SERVER_RULES = ("mean", "delta")
 
@@ -27,6 +28,7 @@ class AlgorithmSpec:
     trains: str = "both"  # LoRA factors clients train and send: "both", "b" (FFA-LoRA), "alternate" (RoLoRA)
     server_rule: str = "mean"  # "mean": theta += lr*(Q(theta)+mean_delta-theta); "delta": theta += lr*mean_delta
     server_lr: float = 1.0
+    uplink: UplinkSpec | None = None  # clients' updates as b-bit stochastic rounding (uplink.*); None = float32
 
     def __post_init__(self) -> None:
         if self.trains not in factors.SCHEDULES:
@@ -47,7 +49,9 @@ class AlgorithmSpec:
         return factors.broadcast_names(shapes, self.a_from_seed)
 
 
-def get_algorithm(name: str, quant: QuantSpec, server_rule: str = "mean", server_lr: float = 1.0) -> AlgorithmSpec:
+def get_algorithm(
+    name: str, quant: QuantSpec, server_rule: str = "mean", server_lr: float = 1.0, uplink: UplinkSpec | None = None
+) -> AlgorithmSpec:
     """The spec of the registered algorithm ``name`` (``fedlpp.registry.ALGORITHMS``), with the run's choices."""
     if name not in registry.ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; valid names are {', '.join(sorted(registry.ALGORITHMS.names()))}")
@@ -59,6 +63,7 @@ def get_algorithm(name: str, quant: QuantSpec, server_rule: str = "mean", server
         trains=str(traits.get("trains", "both")),
         server_rule=traits.get("server_rule") or server_rule,  # fixed by the algorithm, or the config's
         server_lr=server_lr,
+        uplink=uplink,
     )
 
 

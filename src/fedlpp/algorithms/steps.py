@@ -3,7 +3,7 @@
 Client: ``client_step(model, broadcast bytes, the client's own data, recipe)`` decodes the
 broadcast, trains (``SgdTraining``, or ``DpSgdTraining``, which wraps the same trainer with
 Opacus), applies the delta transforms in order (client-level DP's clip), and encodes the
-upload (``UpdateBytes``, or SecAgg's ``algorithms.secure.SecureInput``, whose vector the
+upload (``UpdateBytes``, ``CompressedUpdateBytes``, or SecAgg's ``algorithms.secure.SecureInput``, whose vector the
 protocol then masks). Server: ``round.server_step(spec, adapter, inputs, round, combiner)``.
 
 Privacy and secure aggregation enter as these steps, chosen once when a run is set up
@@ -28,6 +28,7 @@ from fedlpp.models.machine import CPU, Machine
 from fedlpp.privacy.client_dp import clip_delta
 from fedlpp.privacy.dp_sgd import DpSgd, DpSgdSteps, poisson_batches, sampling_rate
 from fedlpp.privacy.randomness import randomness
+from fedlpp.quant.stochastic import UplinkSpec
 from fedlpp.seeding import derive_seed
 
 T = TypeVar("T")
@@ -144,12 +145,26 @@ class ClipToNorm:
 class UpdateBytes:
     """The plain encoder: the delta as one float32 vector in an update message."""
 
-    def __call__(self, delta: Mapping[str, torch.Tensor], num_examples: int, round_: int) -> bytes:
+    def __call__(self, delta: Mapping[str, torch.Tensor], num_examples: int, round_: int, client_id: int) -> bytes:
         return rnd.make_update(delta, num_examples, round_)
 
 
+@dataclass(frozen=True)
+class CompressedUpdateBytes:
+    """The compressed encoder (``uplink.bits`` < 32): b-bit stochastic rounding, its draws seeded by
+    (seed, round, client), or from the OS CSPRNG with ``privacy.secure_noise``."""
+
+    spec: UplinkSpec
+    seed: int
+    secure: bool
+
+    def __call__(self, delta: Mapping[str, torch.Tensor], num_examples: int, round_: int, client_id: int) -> bytes:
+        rng = randomness(self.secure, derive_seed(self.seed, "uplink_rounding", round_, client_id))
+        return rnd.make_update(delta, num_examples, round_, self.spec, rng)
+
+
 DeltaTransform = Callable[[Adapter], Adapter]
-Encoder = Callable[[Mapping[str, torch.Tensor], int, int], Any]  # (delta, n_k, round) -> the upload
+Encoder = Callable[[Mapping[str, torch.Tensor], int, int, int], Any]  # (delta, n_k, round, client id) -> the upload
 
 
 @dataclass(frozen=True)
@@ -189,7 +204,7 @@ def client_step(
     delta = result.delta
     for transform in recipe.transforms:
         delta = transform(delta)
-    upload = recipe.encode(delta, 1 if recipe.uniform_weight else data.num_examples, round_)
+    upload = recipe.encode(delta, 1 if recipe.uniform_weight else data.num_examples, round_, data.client_id)
     return ClientOutput(upload, data.num_examples, mean_finite(result.losses), round_, machine.peak_memory()["bytes"])
 
 

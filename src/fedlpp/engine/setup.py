@@ -25,6 +25,7 @@ from fedlpp.algorithms.steps import (
     ClientData,
     ClientRecipe,
     ClipToNorm,
+    CompressedUpdateBytes,
     DeltaTransform,
     DpSgdTraining,
     Encoder,
@@ -44,6 +45,7 @@ from fedlpp.privacy.client_dp import NoisedSum
 from fedlpp.privacy.plan import PrivacyPlan, make_plan
 from fedlpp.privacy.randomness import randomness
 from fedlpp.quant import QuantSpec
+from fedlpp.quant.stochastic import UplinkSpec
 from fedlpp.secagg import SecAggParams
 from fedlpp.seeding import derive_seed
 
@@ -116,7 +118,8 @@ class ServerContext:
 
 def algorithm_spec(cfg: ExperimentConfig) -> AlgorithmSpec:
     quant = QuantSpec(bits=cfg.quant.bits, granularity=cfg.quant.granularity, block_size=cfg.quant.block_size)
-    return get_algorithm(cfg.algorithm.name, quant, cfg.algorithm.server_rule, cfg.algorithm.server_lr)
+    uplink = UplinkSpec(cfg.uplink.bits, cfg.uplink.block_size) if cfg.uplink.bits < 32 else None
+    return get_algorithm(cfg.algorithm.name, quant, cfg.algorithm.server_rule, cfg.algorithm.server_lr, uplink)
 
 
 def load_task_data(cfg: ExperimentConfig, split: str = "dev") -> TaskData:
@@ -286,6 +289,8 @@ def client_recipe(
         )
     transforms: tuple[DeltaTransform, ...] = (ClipToNorm(cfg.privacy.clip_norm),) if mode == "client_dp" else ()
     encode: Encoder = UpdateBytes()
+    if spec.uplink is not None:
+        encode = CompressedUpdateBytes(spec.uplink, cfg.seed, cfg.privacy.secure_noise)
     if encoding is not None:
         encode = SecureInput(encoding, noise_shares(cfg, sigma))
     return ClientRecipe(side.kind, side.shapes, spec, training, transforms, encode, uniform_weight)

@@ -92,9 +92,9 @@ def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
         ValueError: If ``x`` holds non-finite values or magnitudes beyond float16 range.
     """
     x32 = x.detach().to(dtype=torch.float32, device="cpu")
-    _check_representable(x32)
+    check_representable(x32)
     groups = _to_groups(x32, spec)  # (num_groups, group_len), zero-padded for blocks
-    scales = _ceil_to_float16(_group_absmax(groups))
+    scales = ceil_to_float16(_group_absmax(groups))
     # A zero scale only occurs for an all-zero group; divide by 1 there so 0/0 never happens.
     divisor = torch.where(scales == 0, torch.ones_like(scales), scales).float()
     normalised = groups / divisor[:, None]  # in [-1, 1] because every scale >= max |x|
@@ -171,7 +171,7 @@ def _to_groups(x32: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return padded.reshape(groups, group_len)
 
 
-def _check_representable(x32: torch.Tensor) -> None:
+def check_representable(x32: torch.Tensor) -> None:
     if not bool(torch.isfinite(x32).all()):
         raise ValueError("cannot quantize a tensor with non-finite values")
     if x32.numel() and float(x32.abs().max()) > _FLOAT16_MAX:
@@ -184,7 +184,7 @@ def _group_absmax(groups: torch.Tensor) -> torch.Tensor:
     return groups.abs().amax(dim=1)
 
 
-def _ceil_to_float16(amax: torch.Tensor) -> torch.Tensor:
+def ceil_to_float16(amax: torch.Tensor) -> torch.Tensor:
     """Smallest float16 >= amax, so that |x| / scale <= 1 holds for every value."""
     scales = amax.to(torch.float16)
     rounded_down = scales.float() < amax

@@ -10,7 +10,8 @@ for the downlink and ``make_update`` (over the tensors a client trains) for the 
 model's real q_proj/v_proj LoRA adapter with A from its seed and B ~ N(0, 0.01²) (sizes do not
 depend on values, but nothing here is computed from a formula). Ratios are against
 FedAvg+LoRA in float32 ("down x": whole message; "data x": tensor bytes only, header left out
-on both sides). The theory column is the payload alone, w + 16/group bits per value (w=1
+on both sides; "up x": the uplink, float32 or ``uplink.bits`` b-bit stochastic rounding with a
+float16 scale per 64 values, whose rounding draws come from a seeded generator here). The theory column is the payload alone, w + 16/group bits per value (w=1
 ternary is packed 5 trits per byte, i.e. 1.6 bits: the "packed" column); the difference to the
 measured bits/value is the safetensors header (tensor index + message metadata JSON).
 """
@@ -33,7 +34,9 @@ from fedlpp.algorithms.spec import AlgorithmSpec, get_algorithm
 from fedlpp.config import QuantConfig
 from fedlpp.models.backbone import load_backbone
 from fedlpp.models.lora import Adapter, adapter_shapes, attach_lora, initial_adapter
+from fedlpp.privacy.randomness import SeededRandomness
 from fedlpp.quant import QuantSpec, storage_bits
+from fedlpp.quant.stochastic import UplinkSpec
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "communication.json"
 SEED = 0
@@ -42,6 +45,8 @@ NUM_EXAMPLES = 250
 BITS = (1, 2, 3, 4, 8)
 GRANULARITIES = (("block", 64), ("row", 64), ("tensor", 64))
 TARGETS = {"fedlpp": 0.075, "fedlpp_ffa": 0.04}  # downlink / FedAvg+LoRA at w=2, block 64
+UPLINK_BITS = (8, 4, 2)  # uplink.bits rows, for FedAvg+LoRA and FedLPP+FFA w=2 block 64
+UPLINK_TARGETS = {"fedavg_lora": (4, 0.15)}  # uplink / FedAvg+LoRA float32 at b=4 (issue: plain uplink compression)
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class Row:
     bits_per_value_measured: float  # 8 * down_bytes / values_down
     bits_per_value_theory: float | None  # w + 16/block (block granularity)
     bits_per_value_packed: float | None  # storage bits (1.6 for ternary) + scale bits, no header
+    uplink_bits: int = 32  # 32 = float32 updates; else uplink.bits
 
 
 def realistic_adapter(shapes: Mapping[str, tuple[int, ...]], seed: int) -> Adapter:
@@ -94,7 +100,8 @@ def measure(spec: AlgorithmSpec, adapter: Adapter, a_seed: int) -> tuple[int, in
     ups, values_up = [], []
     for round_ in (ROUND, ROUND + 1):
         names = spec.trained_names(shapes, round_)
-        ups.append(len(make_update(client_delta(adapter, names, SEED), NUM_EXAMPLES, round_)))
+        delta = client_delta(adapter, names, SEED)
+        ups.append(len(make_update(delta, NUM_EXAMPLES, round_, spec.uplink, SeededRandomness(SEED))))
         values_up.append(sum(adapter[n].numel() for n in names))
     return len(down), header_bytes(down), sum(ups) / 2, values_down, sum(values_up) / 2
 
@@ -132,6 +139,7 @@ def row_for(spec: AlgorithmSpec, adapter: Adapter, a_seed: int, reference: tuple
         bits_per_value_measured=8 * down / v_down,
         bits_per_value_theory=theory,
         bits_per_value_packed=packed,
+        uplink_bits=spec.uplink.bits if spec.uplink else 32,
     )
 
 
@@ -142,11 +150,15 @@ def all_specs() -> list[AlgorithmSpec]:
         for granularity, block in GRANULARITIES:
             for bits in BITS:
                 specs.append(get_algorithm(name, QuantSpec(bits, granularity, block), "mean", 1.0))
+    for name in ("fedavg_lora", "fedlpp_ffa"):
+        for bits in UPLINK_BITS:
+            specs.append(get_algorithm(name, QuantSpec(bits=2), "mean", 1.0, UplinkSpec(bits)))
     return specs
 
 
 def format_row(r: Row) -> str:
     quant = "float32" if r.bits is None else f"w={r.bits} {r.granularity}{r.block_size or ''}"
+    quant += "" if r.uplink_bits == 32 else f" up{r.uplink_bits}"
     theory = "" if r.bits_per_value_theory is None else f"{r.bits_per_value_theory:7.3f} {r.bits_per_value_packed:7.3f}"
     return (
         f"{r.algorithm:<11} {quant:<16} {r.down_bytes:>10,} {r.down_ratio:>8.4f} {r.up_bytes:>10,.0f} {r.up_ratio:>7.4f}"
@@ -163,8 +175,12 @@ def print_table(rows: list[Row]) -> None:
         print(format_row(r))
 
 
-def find(rows: list[Row], algorithm: str, bits: int, granularity: str) -> Row:
-    return next(r for r in rows if r.algorithm == algorithm and r.bits == bits and r.granularity == granularity)
+def find(rows: list[Row], algorithm: str, bits: int | None, granularity: str | None, uplink_bits: int = 32) -> Row:
+    return next(
+        r
+        for r in rows
+        if r.algorithm == algorithm and r.bits == bits and r.granularity == granularity and r.uplink_bits == uplink_bits
+    )
 
 
 def check_targets(rows: list[Row]) -> dict[str, dict[str, object]]:
@@ -178,6 +194,21 @@ def check_targets(rows: list[Row]) -> dict[str, dict[str, object]]:
             checks[key] = {"down_ratio": r.down_ratio, "limit": limit, "holds": r.down_ratio <= limit}
             print(f"target {key:<40} down {r.down_ratio:.4f}x <= {limit}x: {'HOLDS' if r.down_ratio <= limit else 'FAILS'}")
     return checks
+
+
+def uplink_table(rows: list[Row]) -> dict[str, dict[str, object]]:
+    """Each uplink configuration's bytes and ratio to FedAvg+LoRA's float32 update, and the b=4 target."""
+    table: dict[str, dict[str, object]] = {}
+    for r in rows:
+        if r.granularity not in (None, "block") or (r.bits not in (None, 2)) or r.algorithm not in ("fedavg_lora", "fedlpp_ffa"):
+            continue
+        key = f"{r.algorithm} uplink {'float32' if r.uplink_bits == 32 else f'{r.uplink_bits}-bit'}"
+        table[key] = {"up_bytes": r.up_bytes, "uplink_ratio": r.up_ratio}
+        limit = UPLINK_TARGETS.get(r.algorithm)
+        if limit and r.uplink_bits == limit[0]:
+            table[key].update({"limit": limit[1], "holds": r.up_ratio <= limit[1]})
+            print(f"target {key:<40} up {r.up_ratio:.4f}x <= {limit[1]}x: {'HOLDS' if r.up_ratio <= limit[1] else 'FAILS'}")
+    return table
 
 
 def main() -> None:
@@ -200,6 +231,7 @@ def main() -> None:
     rows = [row_for(s, adapter, a_seed, (down_ref, head_ref, up_ref)) for s in specs]
     print_table(rows)
     checks = check_targets(rows)
+    uplink = uplink_table(rows)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
@@ -216,6 +248,7 @@ def main() -> None:
         "config_default_quant": asdict(QuantConfig()),
         "rows": [asdict(r) for r in rows],
         "targets": checks,
+        "uplink": uplink,
     }
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -75,11 +75,11 @@ class Round:
         return self.unmask(self.sign(self.mask(self.share(self.advertise()))))
 
     def expected(self, included: Iterable[int]) -> npt.NDArray[np.uint32]:
-        """Plain sum mod 2^32 of the included clients' fixed-point encodings."""
+        """Plain sum mod 2^b of the included clients' fixed-point encodings, without any mask."""
         total = np.zeros(len(next(iter(self.inputs.values()))), dtype=np.uint64)
         for c in included:
             total += encode(self.inputs[c], self.params, c)
-        return (total % 2**32).astype(np.uint32)
+        return (total % 2**self.params.modulus_bits).astype(np.uint32)
 
 
 def make_round(n: int, dim: int = 64, params: SecAggParams | None = None, round_: int = 1, seed: int = 0) -> Round:

@@ -146,7 +146,7 @@ class ClientSession:
             values: This client's (weighted) vector, shape (dim,), each |x| <= clip_range.
 
         Returns:
-            MASKED_INPUT: the 22-byte header and 4 d bytes.
+            MASKED_INPUT: the 22-byte header and 4 d bytes (ceil(d b / 8) in a b-bit field).
 
         Raises:
             SecAggRangeError: A value is out of the declared range (nothing is sent).
@@ -160,7 +160,7 @@ class ClientSession:
         boxes = wire.decode_ciphertexts(self._unpack(routed_shares, MessageType.ROUTED_SHARES))
         encoded = encode(values, self.params, self.client_id)  # range error before any share is used
         self._held = self._open_boxes(boxes)
-        message = self._pack(MessageType.MASKED_INPUT, wire.encode_masked(self._mask(encoded)))
+        message = self._pack(MessageType.MASKED_INPUT, wire.encode_masked(self._mask(encoded), self.params.modulus_bits))
         # The masks and the secrets behind them are not needed again: free d uint32s per client.
         self._masks, self._box_secrets, self._mask_secrets = None, {}, {}
         return self._done(message)

@@ -1,8 +1,11 @@
-"""Fixed-point encoding of client vectors into Z_{2^32} and decoding of their sum.
+"""Fixed-point encoding of client vectors into Z_{2^b} and decoding of their sum.
 
-A value x with |x| <= r becomes round(x * scale) mod 2^32. ``SecAggParams`` guarantees
-max_clients * ceil(r * scale) < 2^31, so the sum of up to max_clients encodings, read as
-a signed int32, is exactly the integer sum (DESIGN 3.3: headroom for n summands).
+A value x with |x| <= r becomes round(x * scale) mod 2^32; the protocol sums in Z_{2^32}
+and the field Z_{2^b} (``SecAggParams.modulus_bits``, 32 by default) is its low b bits, which
+is all a b-bit masked value carries. ``SecAggParams`` guarantees max_clients * ceil(r * scale)
+< 2^(b-1), so the sum of up to max_clients encodings, read as a signed b-bit integer, is
+exactly the integer sum (DESIGN 3.3: headroom for n summands) — unless the encoder bounds
+the sum itself (``sum_may_wrap``), when a wrapped sum is the encoder's rare, bounded failure.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def encode(values: npt.ArrayLike, params: SecAggParams, client: int) -> Encoded:
 
 
 def decode_sum(total: Encoded, params: SecAggParams) -> npt.NDArray[np.float64]:
-    """Decode a sum of encodings: read it as signed int32 and divide by the scale.
+    """Decode a sum of encodings: its low b bits read as a signed b-bit integer, divided by the scale.
 
     Args:
         total: Sum mod 2^32 of at most ``max_clients`` encodings, shape (d,).
@@ -77,7 +80,12 @@ def decode_sum(total: Encoded, params: SecAggParams) -> npt.NDArray[np.float64]:
     Returns:
         float64 array, shape (d,): the sum of the rounded inputs, exactly.
     """
-    return np.divide(np.asarray(total, dtype=np.uint32).view(np.int32), params.scale, dtype=np.float64)
+    total = np.asarray(total, dtype=np.uint32)
+    if params.modulus_bits < 32:
+        shift = np.uint32(32 - params.modulus_bits)  # the low b bits moved to the top: their sign is int32's sign
+        total = np.left_shift(total, shift).view(np.int32) >> shift
+        return np.divide(total, params.scale, dtype=np.float64)
+    return np.divide(total.view(np.int32), params.scale, dtype=np.float64)
 
 
 def append_weight(weighted: npt.ArrayLike, weight: int, params: SecAggParams) -> npt.NDArray[np.float64]:

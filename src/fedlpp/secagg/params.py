@@ -8,7 +8,8 @@ from dataclasses import astuple, dataclass
 
 GRAPHS = ("complete", "sparse")
 PRGS = ("aes256-ctr", "chacha20")
-MODULUS_BITS = 32  # masked values live in Z_{2^32}: 4 bytes each, 1.0x float32 (DESIGN 3.3)
+MODULUS_BITS = 32  # by default masked values live in Z_{2^32}: 4 bytes each, 1.0x float32 (DESIGN 3.3)
+MIN_MODULUS_BITS = 12  # a smaller field leaves no room for a useful update of a few clients
 MIN_CLIENTS = 3  # t >= 2 needs >= 2 neighbours; with 2 clients the sum reveals the other's input
 
 
@@ -25,6 +26,10 @@ class SecAggParams:
     graph: str = "complete"  # "complete" (SecAgg) or "sparse" random Harary graph (SecAgg+)
     degree: int = 0  # sparse graph degree k; 0 = ceil(3 * log2 n), capped at n - 1
     prg: str = "aes256-ctr"  # mask expansion; "chacha20" is faster on CPUs without AES instructions
+    modulus_bits: int = MODULUS_BITS  # b: everything is summed in Z_{2^b}; a masked value costs b bits on the wire
+    # True: the encoder wraps each value into the field itself and bounds the sum's chance to wrap (a rotation and a
+    # scale chosen for it, ``algorithms.rotated``), so only one value, not max_clients of them, must fit in 2^(b-1).
+    sum_may_wrap: bool = False
 
     def __post_init__(self) -> None:
         _check(self.scale > 0 and math.isfinite(self.scale), "scale", f"must be > 0, got {self.scale}")
@@ -36,17 +41,28 @@ class SecAggParams:
         _check(self.graph in GRAPHS, "graph", f"got {self.graph!r}; valid choices are {GRAPHS}")
         _check(self.prg in PRGS, "prg", f"got {self.prg!r}; valid choices are {PRGS}")
         _check(self.degree >= 0, "degree", f"must be >= 0 (0 = 3 log2 n), got {self.degree}")
+        _check(
+            MIN_MODULUS_BITS <= self.modulus_bits <= MODULUS_BITS,
+            "modulus_bits",
+            f"must be in [{MIN_MODULUS_BITS}, {MODULUS_BITS}], got {self.modulus_bits}",
+        )
         self._check_headroom()
 
+    @property
+    def modulus_mask(self) -> int:
+        """2^b - 1: a value of Z_{2^32} reduced into Z_{2^b} is its low b bits."""
+        return (1 << self.modulus_bits) - 1
+
     def _check_headroom(self) -> None:
-        # |round(x * scale)| <= ceil(r * scale); n such summands must stay inside int32 so
-        # the signed sum decodes exactly from Z_{2^32}.
-        worst = self.max_clients * math.ceil(self.clip_range * self.scale)
+        # |round(x * scale)| <= ceil(r * scale); n such summands must stay inside [-2^(b-1), 2^(b-1)) so the
+        # signed sum decodes exactly from Z_{2^b} (one summand only when the encoder bounds the sum itself).
+        summands = 1 if self.sum_may_wrap else self.max_clients
+        worst = summands * math.ceil(self.clip_range * self.scale)
         _check(
-            worst < 2 ** (MODULUS_BITS - 1),
+            worst < 2 ** (self.modulus_bits - 1),
             "scale",
-            f"no headroom: max_clients * ceil(clip_range * scale) = {worst} must be < 2^31; "
-            "lower scale, clip_range or max_clients",
+            f"no headroom: {'' if self.sum_may_wrap else 'max_clients * '}ceil(clip_range * scale) = {worst} must be "
+            f"< 2^{self.modulus_bits - 1}; lower scale, clip_range or max_clients",
         )
 
     def fingerprint(self) -> bytes:

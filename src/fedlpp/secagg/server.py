@@ -57,7 +57,7 @@ _STEPS = ("advertise", "share_keys", "masked_input", "consistency", "unmask", "d
 class AggregateResult:
     """What the server learns: the sum over survivors, and who they were."""
 
-    encoded: npt.NDArray[np.uint32]  # (d,) sum of the fixed-point encodings mod 2^32
+    encoded: npt.NDArray[np.uint32]  # (d,) sum of the fixed-point encodings mod 2^b
     values: npt.NDArray[np.float64]  # (d,) the same sum decoded: sum_u round(x_u * scale) / scale
     survivors: tuple[int, ...]  # U3: clients whose input is in the sum
     dropped: tuple[int, ...]  # clients that shared keys but whose input is not
@@ -162,10 +162,10 @@ class ServerSession:
     # ------------------------------------------------------------ step 2: MaskedInputCollection
 
     def receive_masked_input(self, data: bytes, origin: int | None = None) -> None:
-        """Add one client's masked vector y_u to the running sum (mod 2^32)."""
+        """Add one client's masked vector y_u to the running sum (mod 2^32; the field Z_{2^b} is its low b bits)."""
         self._at("masked_input", data, origin)
         sender, reader = self._unpack(data, MessageType.MASKED_INPUT, origin, self._masked_from, self._arrived)
-        np.add(self._total, wire.decode_masked(reader, self.dim), out=self._total)
+        np.add(self._total, wire.decode_masked(reader, self.dim, self.params.modulus_bits), out=self._total)
         self._arrived.add(sender)
 
     def finish_masked_input(self) -> dict[int, bytes]:
@@ -254,6 +254,8 @@ class ServerSession:
         survivors = set(self._view.survivors)
         for v in self._view.dropped:
             self._remove_dropped(total, prg, v, self._survivors_masked_with(v, survivors))
+        if self.params.modulus_bits < 32:
+            np.bitwise_and(total, np.uint32(self.params.modulus_mask), out=total)  # the field is the low b bits
         return AggregateResult(total, decode_sum(total, self.params), self._view.survivors, self._view.dropped)
 
     def _remove_dropped(self, total: npt.NDArray[np.uint32], prg: Prg, v: int, peers: list[int]) -> None:

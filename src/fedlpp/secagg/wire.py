@@ -34,7 +34,7 @@ class MessageType(IntEnum):
     KEY_LIST = 2  # server -> client: graph seed, participants, neighbours' adverts
     SHARES = 3  # client -> server: encrypted Shamir shares, one per neighbour
     ROUTED_SHARES = 4  # server -> client: the ciphertexts addressed to it
-    MASKED_INPUT = 5  # client -> server: y_u as uint32 little-endian
+    MASKED_INPUT = 5  # client -> server: y_u in Z_{2^b}, uint32 little-endian or b bits packed
     SURVIVORS = 6  # server -> client: who survived / dropped after masking
     SURVIVORS_SIGNATURE = 7  # client -> server: signature of that view
     UNMASK_REQUEST = 8  # server -> client: everyone's signatures of the same view
@@ -288,20 +288,38 @@ def _decode_ciphertext(reader: Reader) -> tuple[int, bytes]:
     return peer, reader.take(reader.u32("ciphertext length"), f"ciphertext of {party_name(peer)}")
 
 
-def encode_masked(values: npt.NDArray[np.uint32]) -> memoryview:
-    """Body: the masked vector as uint32 little-endian, 4 bytes per value (1.0x float32).
+def encode_masked(values: npt.NDArray[np.uint32], bits: int = 32) -> memoryview | bytes:
+    """Body: the masked vector in Z_{2^bits}: uint32 little-endian (4 bytes per value, 1.0x float32), or for
+    bits < 32 each value's low ``bits`` bits, packed least-significant bit first (ceil(d bits / 8) bytes).
 
-    A view of ``values`` (no copy on little-endian machines): ``pack`` copies it once into the message.
+    At 32 bits a view of ``values`` (no copy on little-endian machines): ``pack`` copies it once into the message.
     """
-    return memoryview(np.ascontiguousarray(values, dtype="<u4")).cast("B")  # type: ignore[arg-type]  # an ndarray is a buffer
+    words = np.ascontiguousarray(values, dtype="<u4")
+    if bits == 32:
+        return memoryview(words).cast("B")  # type: ignore[arg-type]  # an ndarray is a buffer
+    stream = np.unpackbits(words.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")[:, :bits]
+    return np.packbits(stream.reshape(-1), bitorder="little").tobytes()
 
 
-def decode_masked(reader: Reader, dim: int) -> npt.NDArray[np.uint32]:
-    """Parse a masked vector of exactly ``dim`` values (a read-only view, no copy)."""
+def masked_nbytes(dim: int, bits: int = 32) -> int:
+    """Bytes of a masked vector of ``dim`` values in Z_{2^bits}."""
+    return -(-dim * bits // 8)
+
+
+def decode_masked(reader: Reader, dim: int, bits: int = 32) -> npt.NDArray[np.uint32]:
+    """Parse a masked vector of exactly ``dim`` values in Z_{2^bits} (at 32 bits a read-only view, no copy)."""
     body = reader.rest()
-    if len(body) != 4 * dim:
-        raise reader.error(f"masked input has {len(body)} bytes, expected {4 * dim} ({dim} uint32 values)")
-    return np.frombuffer(body, dtype="<u4")
+    expected = masked_nbytes(dim, bits)
+    if len(body) != expected:
+        raise reader.error(f"masked input has {len(body)} bytes, expected {expected} ({dim} values of {bits} bits)")
+    if bits == 32:
+        return np.frombuffer(body, dtype="<u4")
+    stream = np.unpackbits(np.frombuffer(body, dtype=np.uint8), bitorder="little")
+    if stream[dim * bits :].any():
+        raise reader.error("masked input sets padding bits after its last value")
+    words = np.zeros((dim, 32), dtype=np.uint8)
+    words[:, :bits] = stream[: dim * bits].reshape(dim, bits)
+    return np.packbits(words, axis=1, bitorder="little").view("<u4").reshape(dim)
 
 
 def encode_survivors(view: Survivors) -> bytes:

@@ -1,0 +1,78 @@
+"""SecAgg in a b-bit field (secagg.modulus_bits < 32): the same protocol, b bits a value on the wire, the exact sum mod 2^b."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from secagg_harness import flip, make_round
+
+from fedlpp.secagg import SecAggError, SecAggParams, decode_sum
+from fedlpp.secagg import wire as swire
+from fedlpp.secagg.params import SecAggParamsError
+from fedlpp.secagg.wire import HEADER_BYTES
+
+
+def small(bits: int, clients: int = 8, **extra) -> SecAggParams:
+    """The finest scale whose headroom holds for ``clients`` inputs in [-1, 1] in Z_{2^bits}."""
+    scale = 2.0 ** (bits - 2 - int(np.ceil(np.log2(clients))))
+    return SecAggParams(scale=scale, clip_range=1.0, max_clients=clients, modulus_bits=bits, **extra)
+
+
+@pytest.mark.parametrize("bits", [12, 16, 20, 31])
+def test_the_unmasked_sum_is_the_sum_of_the_same_encodings_without_masks_exactly(bits):
+    rnd = make_round(8, dim=777, params=small(bits))
+    views = rnd.mask(rnd.share(rnd.advertise()), skip=[5])  # and one client drops out after sharing its keys
+    result = rnd.unmask(rnd.sign(views))
+    survivors = [c for c in range(8) if c != 5]
+    assert result.dropped == (5,) and np.array_equal(result.encoded, rnd.expected(survivors))
+    assert np.max(np.abs(result.values - sum(rnd.inputs[c] for c in survivors))) <= 7 / rnd.params.scale
+
+
+@pytest.mark.parametrize("bits", [12, 16, 24])
+def test_a_masked_value_costs_b_bits(bits):
+    for dim in (1, 1000, 12345):
+        rnd = make_round(3, dim=dim, params=small(bits, clients=3))
+        routed = rnd.share(rnd.advertise())
+        assert len(rnd.clients[0].masked_input(routed[0], rnd.inputs[0])) == HEADER_BYTES + -(-dim * bits // 8)
+
+
+def test_packing_keeps_each_values_low_bits_and_refuses_set_padding_bits():
+    words = np.random.default_rng(0).integers(0, 2**32, 13, dtype=np.uint64).astype(np.uint32)
+    body = swire.encode_masked(words, 12)
+    assert len(body) == 20  # 13 x 12 bits = 156 bits
+    back = swire.decode_masked(swire.Reader(bytes(body), "test"), 13, 12)
+    assert np.array_equal(back, words & np.uint32(0xFFF))
+    padded = bytes(body[:-1]) + bytes([body[-1] | 0x80])
+    with pytest.raises(SecAggError, match="padding bits"):
+        swire.decode_masked(swire.Reader(padded, "test"), 13, 12)
+
+
+def test_a_sum_decodes_as_a_signed_b_bit_number():
+    params = small(12, clients=3)
+    assert decode_sum(np.array([0, 1, 2047, 2048, 4095], dtype=np.uint32), params).tolist() == [
+        v / params.scale for v in (0, 1, 2047, -2048, -1)
+    ]
+
+
+def test_a_field_too_small_or_without_headroom_is_refused_by_name():
+    with pytest.raises(SecAggParamsError, match="secagg.modulus_bits: must be in \\[12, 32\\]"):
+        SecAggParams(modulus_bits=8)
+    with pytest.raises(SecAggParamsError, match="secagg.scale: no headroom.* must be < 2\\^15"):
+        SecAggParams(scale=2.0**20, modulus_bits=16, max_clients=3)
+
+
+def test_a_flipped_bit_in_a_small_masked_input_moves_one_coordinate_of_the_sum_by_that_bit():
+    """Masking is a one-time pad mod 2^b: a flipped bit is not detectable by the protocol (SecAgg has no integrity
+    for inputs), so the sum moves by exactly that bit's value — the check on the sum is the caller's (SecureMean)."""
+    rnd = make_round(4, dim=50, params=small(16, clients=4))
+    masked = rnd.share(rnd.advertise())
+    for c, message in masked.items():
+        rnd.server.receive_masked_input(
+            flip(rnd.clients[c].masked_input(message, rnd.inputs[c]), -1)
+            if c == 0
+            else rnd.clients[c].masked_input(message, rnd.inputs[c]),
+            c,
+        )
+    result = rnd.unmask(rnd.sign(rnd.server.finish_masked_input()))
+    diff = (result.encoded.astype(np.int64) - rnd.expected(range(4)).astype(np.int64)) % 2**16
+    assert np.count_nonzero(diff) == 1

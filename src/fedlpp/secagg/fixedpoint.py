@@ -80,12 +80,11 @@ def decode_sum(total: Encoded, params: SecAggParams) -> npt.NDArray[np.float64]:
     Returns:
         float64 array, shape (d,): the sum of the rounded inputs, exactly.
     """
-    total = np.asarray(total, dtype=np.uint32)
+    words = np.asarray(total, dtype=np.uint32)
     if params.modulus_bits < 32:
         shift = np.uint32(32 - params.modulus_bits)  # the low b bits moved to the top: their sign is int32's sign
-        total = np.left_shift(total, shift).view(np.int32) >> shift
-        return np.divide(total, params.scale, dtype=np.float64)
-    return np.divide(total.view(np.int32), params.scale, dtype=np.float64)
+        return np.divide(np.left_shift(words, shift).view(np.int32) >> shift, params.scale, dtype=np.float64)
+    return np.divide(words.view(np.int32), params.scale, dtype=np.float64)
 
 
 def append_weight(weighted: npt.ArrayLike, weight: int, params: SecAggParams) -> npt.NDArray[np.float64]:

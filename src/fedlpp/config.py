@@ -71,6 +71,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "eval.length_penalty": (-10, 10),
     "algorithm.server_tau": (1e-12, 1),
     "secagg.clip_range": (1e-12, 1e6),
+    "secagg.l2_bound": (1e-9, 1e6),
     "privacy.epsilon": (0, 1000),
     "privacy.noise_multiplier": (0, 1000),
     "privacy.clip_norm": (1e-6, 1e6),
@@ -241,7 +242,7 @@ class FLConfig:
     num_clients: int = 4  # N: clients holding data
     clients_per_round: int = 2  # K: clients sampled each round (without replacement)
     local_steps: int = 8  # E: optimizer steps per sampled client per round
-    weighting: str = "auto"  # a client's weight in the mean: auto (examples where the server split the data, uniform in a deployment) | examples | uniform
+    weighting: str = "auto"  # a client's weight in the mean: auto (examples where the server split the data, uniform in a deployment or a small SecAgg field) | examples | uniform
 
     def __post_init__(self) -> None:
         _choice(self.weighting, "fl.weighting", WEIGHTINGS)
@@ -313,9 +314,13 @@ class SecAggConfig:
     threshold: float = 0.6  # fraction of a client's neighbours needed to unmask it (> 0.5)
     graph: str = "complete"  # complete (SecAgg) | sparse (SecAgg+, O(log n) neighbours)
     prg: str = "aes256-ctr"  # mask expansion: aes256-ctr | chacha20 (faster on CPUs without AES instructions)
+    modulus_bits: int = 32  # b: the field Z_2^b the sum lives in, b bits a value on the wire; < 32 rotates each update into it
+    l2_bound: float = 10.0  # modulus_bits < 32: an update longer than this (L2) is scaled down to it; the field's scale fits it
 
     def __post_init__(self) -> None:
         _require(self.clip_range > 0, "secagg.clip_range", f"must be > 0, got {self.clip_range}")
+        _require(12 <= self.modulus_bits <= 32, "secagg.modulus_bits", f"must be in [12, 32], got {self.modulus_bits}")
+        _require(self.l2_bound > 0, "secagg.l2_bound", f"must be > 0, got {self.l2_bound}")
         _require(1 <= self.scale_bits <= 28, "secagg.scale_bits", f"must be in [1, 28], got {self.scale_bits}")
         _require(0.5 < self.threshold <= 1.0, "secagg.threshold", f"must be in (0.5, 1], got {self.threshold}")
         _choice(self.graph, "secagg.graph", ("complete", "sparse"))
@@ -472,8 +477,21 @@ class ExperimentConfig:
         _require(
             not (self.uplink.bits < 32 and self.secagg.enabled),
             "uplink.bits",
-            f"{self.uplink.bits}: secure aggregation sums float32-range fixed point in Z_2^32; a compressed uplink "
-            "under SecAgg is not built yet, use uplink.bits=32 with secagg.enabled",
+            f"{self.uplink.bits}: under secure aggregation the uplink is the field's size: set secagg.modulus_bits "
+            "(12 to 32) and leave uplink.bits at 32",
+        )
+        small_field = self.secagg.enabled and self.secagg.modulus_bits < 32
+        _require(
+            not (small_field and self.privacy.mode == "client_dp"),
+            "secagg.modulus_bits",
+            f"{self.secagg.modulus_bits}: client-level DP in a field of fewer than 32 bits needs integer noise "
+            "shares (the distributed discrete Gaussian), not built yet; use secagg.modulus_bits=32 with privacy.mode=client_dp",
+        )
+        _require(
+            not (small_field and self.fl.weighting == "examples"),
+            "fl.weighting",
+            f"'examples' cannot be carried in a {self.secagg.modulus_bits}-bit field (secagg.modulus_bits): every "
+            "update weighs 1 there; use fl.weighting=uniform or auto",
         )
         _require(
             not (self.uplink.bits < 32 and self.privacy.mode == "client_dp"),

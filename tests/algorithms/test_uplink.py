@@ -16,6 +16,7 @@ from fedlpp.quant.stochastic import UplinkSpec
 
 A, B = "layer.lora_A.weight", "layer.lora_B.weight"
 FOUR = UplinkSpec(4, block_size=64)
+SMALL_FIELD = ["secagg.enabled=true", "fl.clients_per_round=3", "secagg.modulus_bits=16"]
 
 
 def delta(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -69,7 +70,11 @@ def test_an_update_in_another_encoding_than_the_runs_is_refused(sent, expected, 
     ("overrides", "message"),
     [
         (["uplink.bits=3"], "uplink.bits: got 3; valid choices are 32, 8, 4, 2"),
-        (["uplink.bits=4", "secagg.enabled=true", "fl.clients_per_round=3"], "a compressed uplink under SecAgg is not built yet"),
+        (["uplink.bits=4", "secagg.enabled=true", "fl.clients_per_round=3"], "set secagg.modulus_bits \\(12 to 32\\)"),
+        ([*SMALL_FIELD, "privacy.mode=client_dp", "privacy.noise_multiplier=1"], "needs integer noise shares"),
+        ([*SMALL_FIELD, "fl.weighting=examples"], "'examples' cannot be carried in a 16-bit field"),
+        (["secagg.modulus_bits=8"], "secagg.modulus_bits: must be in \\[12, 32\\]"),
+        (["secagg.l2_bound=0"], "secagg.l2_bound: must be > 0"),
         (["uplink.bits=4", "privacy.mode=client_dp", "privacy.noise_multiplier=1"], "random rounding can push a clipped update"),
         (["uplink.block_size=0"], "uplink.block_size: must be >= 1"),
     ],

@@ -1,6 +1,9 @@
-"""A compressed uplink over the Flower apps: the same bytes and the same adapter as the local engine."""
+"""A compressed uplink over the Flower apps — plain b-bit updates, and SecAgg in a b-bit field: the same bytes and
+the same adapter as the local engine."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -52,3 +55,29 @@ def test_every_engine_sends_the_same_compressed_bytes_and_ends_with_the_same_ada
     assert [r["bytes_up"] for r in rows] == [2 * one] * 2
     float32 = len(rnd.make_update(b_only, 30, 1))
     assert one < float32 / 5, "tiny-llama's B is 1,536 values: the message's header is a third of its 2-bit form"
+
+
+SECURE = [*TINY, "algorithm.name=fedavg_lora", "fl.num_clients=3", "fl.clients_per_round=3", "fl.rounds=1", "eval.every=1"]
+SECURE += ["secagg.enabled=true", "fl.weighting=uniform"]
+
+
+def test_secagg_in_a_16_bit_field_is_the_same_on_every_engine_and_within_its_rounding_bound_of_32_bits(tmp_path):
+    small = load_config(None, [*SECURE, "secagg.modulus_bits=16"])
+    run_experiment(small, tmp_path / "local", progress=False)
+    serve_on_grid(LoopbackGrid(simulated_nodes(3)), small, tmp_path / "flower")
+    run_experiment(load_config(None, SECURE), tmp_path / "full", progress=False)
+    a, b, full = (rundir.load_checkpoint(tmp_path / name)[0] for name in ("local", "flower", "full"))
+    assert all(torch.allclose(a[n], b[n], atol=1e-7, rtol=0) for n in a), "the same integers summed on both engines"
+    [row], [flower_row], [full_row] = (rundir.read_metrics(tmp_path / name) for name in ("local", "flower", "full"))
+    assert row["bytes_up"] == flower_row["bytes_up"] and row["secagg_survivors"] == [0, 1, 2]
+
+    # The 16-bit mean differs from the 32-bit one (fixed point at 2^-20) by no more than rounding can move it.
+    rotation = build_run(small).server.secure.rotation
+    names = sorted(n for n in a if ".lora_" in n)
+    dim = sum(a[n].numel() for n in names)
+    gap = torch.cat([(a[n] - full[n]).reshape(-1) for n in names]).double().norm()
+    assert 0 < float(gap) <= rotation.rounding_bound(dim) + math.sqrt(dim) * 2.0**-20
+
+    # Every byte is counted from the messages: the only difference is each masked input, 4 bytes a value against 2.
+    values = dim + 1  # the delta and the weight coordinate
+    assert full_row["bytes_up"] - row["bytes_up"] == 3 * (4 * values - -(-values * 16 // 8))

@@ -1,5 +1,9 @@
 """Secure aggregation's two ends of a round: what a client feeds the protocol, what the server makes of the sum.
 
+In a field of fewer than 32 bits (``secagg.modulus_bits``) ``RotatedInput`` and ``RotatedMean``
+take their place: every client weighs 1 and its update is rotated, scaled and rounded into
+the field (``algorithms.rotation``).
+
 A client turns its delta into one vector, (n_k / n_max) * delta_k with its example count
 n_k appended as an exact integer coordinate (``SecureInput``), which the SecAgg protocol
 masks (``fedlpp.secagg``). The server only ever receives the protocol's sum, from which
@@ -24,9 +28,11 @@ import torch
 
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.layout import Layout, flatten, layout_of, unflatten
+from fedlpp.algorithms.rotation import Rotation
 from fedlpp.algorithms.spec import AlgorithmSpec
-from fedlpp.privacy.randomness import SystemRandomness
+from fedlpp.privacy.randomness import SystemRandomness, randomness
 from fedlpp.secagg import AggregateResult, SecAggParams, append_weight, in_range, split_weight, weight_coordinate
+from fedlpp.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +61,12 @@ class NoiseShares:
 
 @dataclass(frozen=True)
 class SecureEncoding:
-    """What both ends agree on: the protocol's parameters and the public weight bound n_max."""
+    """What both ends agree on: the protocol's parameters, the public weight bound n_max, and for a field of
+    fewer than 32 bits the rotation that fits the updates into it (``algorithms.rotation``)."""
 
     params: SecAggParams
     weight_bound: int
+    rotation: Rotation | None = None
 
 
 def client_vector(enc: SecureEncoding, delta: Mapping[str, torch.Tensor], layout: Layout, num_examples: int) -> np.ndarray | None:
@@ -94,6 +102,71 @@ class SecureInput:
         if self.noise is None:
             return client_vector(self.encoding, delta, layout, num_examples)
         return noised_client_vector(self.encoding, delta, layout, self.noise)
+
+
+@dataclass(frozen=True)
+class RotatedInput:
+    """A client's encoder in a b-bit field: its delta bounded in norm, rotated, scaled, rounded at random and wrapped
+    (``Rotation.encode``), then its weight 1. The rounding draws come from ``seed`` or, when ``secure``, the OS."""
+
+    encoding: SecureEncoding
+    seed: int
+    secure: bool
+
+    def __call__(self, delta: Mapping[str, torch.Tensor], num_examples: int, round_: int, client_id: int) -> np.ndarray:
+        rotation = _rotation_of(self.encoding)
+        layout = layout_of({n: tuple(t.shape) for n, t in delta.items()}, sorted(delta))
+        flat = flatten(delta, layout).to(torch.float64).numpy()
+        norm = float(np.linalg.norm(flat))
+        if norm > rotation.l2_bound:
+            log.warning("round %d: this update's norm %.4g is scaled down to secagg.l2_bound=%g", round_, norm, rotation.l2_bound)
+        rng = randomness(self.secure, derive_seed(self.seed, "secagg_rounding", round_, client_id))
+        return append_weight(rotation.encode(flat, round_, rng), 1, self.encoding.params)
+
+
+@dataclass(frozen=True)
+class RotatedMean:
+    """The server's combiner in a b-bit field: the mean delta from the protocol's sum of rotated integers.
+
+    SecAgg hides each input, so the server checks what it can of the sum: the weights add up to the survivors (each
+    weighs 1), and the decoded sum's norm is within what that many updates of norm secagg.l2_bound can reach (a
+    larger one means a node sent more, or the sum wrapped around the field). Either failure voids the round."""
+
+    encoding: SecureEncoding
+
+    def __call__(
+        self,
+        spec: AlgorithmSpec,
+        adapter: Mapping[str, torch.Tensor],
+        inputs: AggregateResult,
+        round_: int,
+        notes: dict[str, Any],
+    ) -> rnd.Combined:
+        rotation, survivors = _rotation_of(self.encoding), len(inputs.survivors)
+        layout = rnd.update_layout(spec, {n: tuple(t.shape) for n, t in adapter.items()}, round_)
+        integers, total_weight = split_weight(inputs.values, self.encoding.params)
+        total = rotation.decode(integers, round_)
+        norm, bound = float(np.linalg.norm(total)), rotation.sum_bound(total.size, survivors)
+        reason = None
+        if total_weight != survivors:
+            reason = f"the survivors' total weight {total_weight} is not their number {survivors}: a client sent a weight it does not have"
+        elif not norm <= bound:
+            reason = (
+                f"the decoded sum's norm {norm:.4g} is more than {survivors} updates within secagg.l2_bound="
+                f"{rotation.l2_bound:g} can reach ({bound:.4g}): a node sent more, or the sum wrapped around the field"
+            )
+        if reason is not None:
+            log.warning("round %d: secure aggregation: %s; the global adapter is unchanged", round_, reason)
+            notes["refused"] = reason
+            return rnd.Combined(None, (), {})
+        mean = (total / survivors).astype(np.float32)
+        return rnd.Combined(unflatten(torch.from_numpy(mean), layout), tuple(inputs.survivors), {})
+
+
+def _rotation_of(encoding: SecureEncoding) -> Rotation:
+    if encoding.rotation is None:
+        raise ValueError("a rotated encoding needs secagg.modulus_bits < 32")
+    return encoding.rotation
 
 
 @dataclass(frozen=True)
@@ -155,6 +228,9 @@ def _sum_bound(params: SecAggParams, survivors: int) -> float:
     """The most one coordinate of the survivors' sum can reach when every input keeps to the declared range
     (each value rounded to the fixed point's step)."""
     return survivors * (params.clip_range + 1.0 / params.scale)
+
+
+SumCombiner = rnd.Combiner[AggregateResult]  # SecureMean or RotatedMean: what the server makes of the protocol's sum
 
 
 def _topped_up(noised_sum: np.ndarray, dp: NoiseShares, survivors: int, notes: dict[str, Any]) -> np.ndarray:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from fedlpp.algorithms import round as rnd
-from fedlpp.algorithms.secure import SecureEncoding, SecureMean
+from fedlpp.algorithms.secure import SecureEncoding, SumCombiner
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.engine.secure import ACTION, finish_round, registry_text, void_round
 from fedlpp.engine.transport import Fields, MessageError, Replies, Transport, require
@@ -94,12 +94,18 @@ class SecureAggregation:
 
     spec: AlgorithmSpec
     encoding: SecureEncoding  # the protocol's parameters and the public weight bound
-    combiner: SecureMean  # the (DP-noised) mean from the protocol's sum
+    combiner: SumCombiner  # the (DP-noised, or rotated) mean from the protocol's sum
     verify_keys: Mapping[int, bytes]  # client id -> its long-term verify key (announced when it joined)
     shapes: Mapping[str, tuple[int, ...]]
 
     def train_fields(self, round_: int, clients: Sequence[int]) -> Fields:
-        return {"registry": registry_text({c: self.verify_keys[c] for c in clients}), "weight_bound": self.encoding.weight_bound}
+        fields: Fields = {
+            "registry": registry_text({c: self.verify_keys[c] for c in clients}),
+            "weight_bound": self.encoding.weight_bound,
+        }
+        if self.encoding.rotation is not None:
+            fields["rotation_seed"] = self.encoding.rotation.seed  # public: every client and the server rotate alike
+        return fields
 
     def combine(self, adapter: Mapping[str, torch.Tensor], replies: Replies, round_: int, transport: Transport) -> Proposal:
         adverts, notes = self._adverts(replies, round_)

@@ -23,7 +23,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedlpp.algorithms import round as rnd
-from fedlpp.algorithms.secure import SecureEncoding, SecureMean
+from fedlpp.algorithms.secure import SecureEncoding, SumCombiner
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.engine.transport import Fields, MessageError, require
 from fedlpp.models.lora import Adapter, copy_adapter
@@ -134,7 +134,7 @@ def secure_aggregate(
     adapter: Mapping[str, torch.Tensor],
     inputs: Mapping[int, ClientInput],
     round_: int,
-    combiner: SecureMean,
+    combiner: SumCombiner,
     parties: Parties | None = None,
 ) -> SecureOutcome:
     """Run the protocol over the clients' input vectors and apply the server step to the sum.
@@ -174,7 +174,7 @@ def finish_round(
     spec: AlgorithmSpec,
     adapter: Mapping[str, torch.Tensor],
     round_: int,
-    combiner: SecureMean,
+    combiner: SumCombiner,
     notes: dict[str, Any],
     traffic: Traffic,
     run: Parties | None = None,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,7 +21,9 @@ import numpy as np
 
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.client import LocalTraining
-from fedlpp.algorithms.secure import NoiseShares, SecureEncoding, SecureInput, SecureMean
+from fedlpp.algorithms.rotation import Rotation
+from fedlpp.algorithms.rotation import describe as rotation_text
+from fedlpp.algorithms.secure import NoiseShares, RotatedInput, RotatedMean, SecureEncoding, SecureInput, SecureMean, SumCombiner
 from fedlpp.algorithms.spec import AlgorithmSpec, get_algorithm
 from fedlpp.algorithms.steps import (
     ClientData,
@@ -225,8 +229,10 @@ def build_server(
 
 
 def uniform_weighting(cfg: ExperimentConfig, data_assigned: bool) -> bool:
-    """fl.weighting resolved: auto is uniform where the clients' counts are only what they declare."""
-    return cfg.fl.weighting == "uniform" or (cfg.fl.weighting == "auto" and not data_assigned)
+    """fl.weighting resolved: auto is uniform where the clients' counts are only what they declare, and in a
+    SecAgg field of fewer than 32 bits (which carries no counts)."""
+    small_field = cfg.secagg.enabled and cfg.secagg.modulus_bits < 32
+    return cfg.fl.weighting == "uniform" or (cfg.fl.weighting == "auto" and (not data_assigned or small_field))
 
 
 def secure_encoding(cfg: ExperimentConfig, client_sizes: Sequence[int], uniform: bool = False) -> SecureEncoding:
@@ -235,6 +241,8 @@ def secure_encoding(cfg: ExperimentConfig, client_sizes: Sequence[int], uniform:
     Under uniform weighting every input weighs 1 and the weight bound is 1, so the server checks after unmasking
     that the weights add up to exactly the number of survivors: no node can weigh more than one.
     """
+    if cfg.secagg.modulus_bits < 32:
+        return SecureEncoding(secagg_params(cfg.secagg, cfg.fl.clients_per_round), 1, rotation(cfg, rotation_seed(cfg)))
     # Each input carries its weight (the client's number of examples; 1 under client-level DP) as a
     # coordinate that must encode within clip_range * 2^scale_bits: beyond it every client drops out.
     weight = 1 if cfg.privacy.mode == "client_dp" or uniform else max(client_sizes)
@@ -250,14 +258,32 @@ def secure_encoding(cfg: ExperimentConfig, client_sizes: Sequence[int], uniform:
 
 
 def secagg_params(cfg: SecAggConfig, clients_per_round: int) -> SecAggParams:
+    """The protocol's parameters: fixed point with headroom in Z_2^32, or in a smaller field the integers the
+    rotation makes (scale 1, each within the field, the sum bounded by the rotation's scale)."""
+    if cfg.modulus_bits == 32:
+        scale, clip_range, wraps = 2.0**cfg.scale_bits, cfg.clip_range, False
+    else:
+        scale, clip_range, wraps = 1.0, float(1 << (cfg.modulus_bits - 1)), True
     return SecAggParams(
-        scale=2.0**cfg.scale_bits,
-        clip_range=cfg.clip_range,
+        scale=scale,
+        clip_range=clip_range,
         max_clients=clients_per_round,
         threshold_fraction=cfg.threshold,
         graph=cfg.graph,
         prg=cfg.prg,
+        modulus_bits=cfg.modulus_bits,
+        sum_may_wrap=wraps,
     )
+
+
+def rotation(cfg: ExperimentConfig, seed: int) -> Rotation:
+    """The small field's rotation, with the public seed of its signs (the server's, sent with each round)."""
+    return Rotation(cfg.secagg.modulus_bits, cfg.fl.clients_per_round, cfg.secagg.l2_bound, seed)
+
+
+def rotation_seed(cfg: ExperimentConfig) -> int:
+    """From the OS CSPRNG with privacy.secure_noise, else from the run's seed (reproducible)."""
+    return secrets.randbits(63) if cfg.privacy.secure_noise else derive_seed(cfg.seed, "secagg_rotation")
 
 
 # --- the round's composable steps, chosen once from the config -------------------------------
@@ -293,6 +319,8 @@ def client_recipe(
         encode = CompressedUpdateBytes(spec.uplink, cfg.seed, cfg.privacy.secure_noise)
     if encoding is not None:
         encode = SecureInput(encoding, noise_shares(cfg, sigma))
+    if encoding is not None and encoding.rotation is not None:
+        encode = RotatedInput(encoding, cfg.seed, cfg.privacy.secure_noise)
     return ClientRecipe(side.kind, side.shapes, spec, training, transforms, encode, uniform_weight)
 
 
@@ -306,6 +334,9 @@ def noise_shares(cfg: ExperimentConfig, sigma: float) -> NoiseShares | None:
 def make_aggregation(ctx: ServerContext) -> Aggregation:
     """The server's pipeline for the run: through SecAgg's protocol, or on the update bytes themselves."""
     if ctx.secure is not None:
+        if ctx.secure.rotation is not None:
+            for dim in sorted({sum(math.prod(ctx.shapes[n]) for n in ctx.spec.trained_names(ctx.shapes, r)) for r in (1, 2)}):
+                log.info(rotation_text(ctx.secure.rotation, dim))  # RoLoRA's rounds train A or B: each size once
         return SecureAggregation(ctx.spec, ctx.secure, secure_combiner(ctx), ctx.verify_keys, ctx.shapes)
     return PlainAggregation(ctx.spec, combiner_for(ctx))
 
@@ -324,10 +355,12 @@ def client_dp_mean(plan: PrivacyPlan, seed: int, declared: dict[int, int], round
     return rnd.ClientDpMean(NoisedSum(plan.clip_norm, plan.noise_multiplier, plan.expected_clients, rng), declared)
 
 
-def secure_combiner(ctx: ServerContext) -> SecureMean:
-    """SecAgg's combiner: the (DP-noised) mean from the protocol's sum."""
+def secure_combiner(ctx: ServerContext) -> SumCombiner:
+    """SecAgg's combiner: the (DP-noised) mean from the protocol's sum, or in a small field the rotated one's."""
     if ctx.secure is None:
         raise ValueError("secure_combiner needs secagg.enabled")
+    if ctx.secure.rotation is not None:
+        return RotatedMean(ctx.secure)
     return SecureMean(ctx.secure, noise_shares(ctx.cfg, ctx.sigma))
 
 

@@ -56,13 +56,17 @@ class SecAggParams:
     def _check_headroom(self) -> None:
         # |round(x * scale)| <= ceil(r * scale); n such summands must stay inside [-2^(b-1), 2^(b-1)) so the
         # signed sum decodes exactly from Z_{2^b} (one summand only when the encoder bounds the sum itself).
-        summands = 1 if self.sum_may_wrap else self.max_clients
-        worst = summands * math.ceil(self.clip_range * self.scale)
+        if self.sum_may_wrap:  # one value within the field's signed range: [-2^(b-1), 2^(b-1)] (the ends are one element)
+            _check(self.modulus_bits < MODULUS_BITS, "modulus_bits", "a sum that may wrap needs a field of fewer than 32 bits")
+            worst = math.ceil(self.clip_range * self.scale)
+            _check(worst <= 2 ** (self.modulus_bits - 1), "scale", f"ceil(clip_range * scale) = {worst} is beyond the field")
+            return
+        worst = self.max_clients * math.ceil(self.clip_range * self.scale)
         _check(
             worst < 2 ** (self.modulus_bits - 1),
             "scale",
-            f"no headroom: {'' if self.sum_may_wrap else 'max_clients * '}ceil(clip_range * scale) = {worst} must be "
-            f"< 2^{self.modulus_bits - 1}; lower scale, clip_range or max_clients",
+            f"no headroom: max_clients * ceil(clip_range * scale) = {worst} must be < 2^{self.modulus_bits - 1}; "
+            "lower scale, clip_range or max_clients",
         )
 
     def fingerprint(self) -> bytes:

@@ -1,0 +1,110 @@
+"""The small field's encoding: rotation is exact to invert, the decoded mean is within the stated rounding bound,
+nothing wraps at the chosen scale, and the server refuses a sum that honest clients could not have made."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedlpp.algorithms import rotation as rot
+from fedlpp.algorithms.secure import RotatedMean, SecureEncoding
+from fedlpp.algorithms.spec import get_algorithm
+from fedlpp.config import SecAggConfig
+from fedlpp.engine.setup import secagg_params
+from fedlpp.privacy.randomness import SeededRandomness
+from fedlpp.quant import QuantSpec
+from fedlpp.secagg import AggregateResult, append_weight
+
+D = 3000
+
+
+def field(bits: int = 16, clients: int = 5, bound: float = 1.0) -> rot.Rotation:
+    return rot.Rotation(bits, clients, bound, seed=7)
+
+
+def updates(n: int, norm: float = 1.0, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x = rng.standard_t(2, D)  # heavy-tailed, as a LoRA delta's coordinates are
+        out.append(x / np.linalg.norm(x) * norm * rng.uniform(0.3, 1.0))
+    return out
+
+
+def test_the_rotation_is_orthogonal_and_the_same_for_everyone_in_a_round():
+    r, x = field(), updates(1)[0]
+    signs = r.signs(3, D)
+    assert np.array_equal(signs, r.signs(3, D)) and not np.array_equal(signs, r.signs(4, D))
+    y = rot.rotate(x, signs)
+    assert np.linalg.norm(y) == pytest.approx(np.linalg.norm(x)) and np.allclose(rot.unrotate(y, signs), x, atol=1e-12)
+    assert np.abs(y).max() < 0.2 * np.abs(x).max(), "rotation spreads a heavy-tailed vector's mass"
+
+
+@pytest.mark.parametrize("bits", [12, 16, 24])
+def test_the_decoded_mean_is_within_sqrt_d_over_s_of_the_float_mean(bits):
+    r, xs = field(bits), updates(5)
+    total = sum(r.encode(x, 3, SeededRandomness(k)) for k, x in enumerate(xs))
+    signed = np.mod(total + r.half_field, 2 * r.half_field) - r.half_field  # what the field's sum decodes to
+    mean = r.decode(signed, 3) / 5
+    error = float(np.linalg.norm(mean - sum(xs) / 5))
+    assert error <= r.rounding_bound(D)
+    assert error > 0, "rounding at random moved something"
+
+
+def test_each_client_sends_integers_within_the_field_and_a_long_update_is_scaled_to_the_bound():
+    r = field(12, bound=1.0)
+    long = updates(1, norm=50.0)[0]
+    encoded = r.encode(long, 1, SeededRandomness(0))
+    assert np.array_equal(encoded, np.round(encoded)) and encoded.min() >= -r.half_field and encoded.max() < r.half_field
+    back = r.decode(encoded, 1)  # one client, its integers as the sum
+    assert np.linalg.norm(back) == pytest.approx(1.0, abs=r.rounding_bound(D) * 1.01)
+
+
+def test_at_the_chosen_scale_no_sum_wraps_and_at_sixteen_times_it_sums_do():
+    """Five aligned updates at the bound, 200 rounds (each its own signs): none wraps at the chosen scale; at 16x the
+    scale the bound is far above 1e-6 and wraps happen — the bound is not vacuous in the direction it must hold."""
+    r = field(12, clients=5)
+    x = updates(1, norm=1.0)[0]
+    x /= np.linalg.norm(x)
+    s = r.scale(D)
+    assert rot.overflow_probability(s, 12, 5, 1.0, D) <= rot.OVERFLOW_TARGET < rot.overflow_probability(16 * s, 12, 5, 1.0, D)
+    wraps = {1: 0, 16: 0}
+    for factor in wraps:
+        for round_ in range(200):
+            exact = rot.rotate(5 * x, r.signs(round_, D)) * s * factor
+            wraps[factor] += int(np.abs(exact).max() >= r.half_field - 5)
+    assert wraps[1] == 0 and wraps[16] > 0
+
+
+def test_a_field_too_small_for_the_clients_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match="secagg.modulus_bits=12 cannot hold the sum of 1000 updates"):
+        rot.choose_scale(12, 1000, 1.0, 10)
+
+
+def mean_of(values: np.ndarray, survivors=(0, 1, 2), bits=16):
+    cfg = SecAggConfig(modulus_bits=bits, l2_bound=1.0)
+    encoding = SecureEncoding(secagg_params(cfg, 3), 1, rot.Rotation(bits, 3, 1.0, seed=7))
+    spec = get_algorithm("fedavg_lora", QuantSpec(2))
+    adapter = {"layer.lora_A.weight": torch.zeros(10, 30), "layer.lora_B.weight": torch.zeros(30, 10)}
+    notes: dict = {}
+    out = RotatedMean(encoding)(spec, adapter, AggregateResult(np.zeros(values.size, np.uint32), values, survivors, ()), 1, notes)
+    return out, notes, encoding
+
+
+def test_the_server_refuses_a_forged_weight_or_a_sum_longer_than_the_survivors_can_make():
+    _, _, encoding = mean_of(np.zeros(601))
+    r = encoding.rotation
+    honest = [r.encode(x[:600], 1, SeededRandomness(k)) for k, x in enumerate(updates(3))]
+    total = sum(append_weight(v, 1, encoding.params) for v in honest)
+    ok, notes, _ = mean_of(total)
+    assert ok.mean_delta is not None and "refused" not in notes
+    forged = total.copy()
+    forged[-1] = 5
+    assert "total weight 5 is not their number 3" in mean_of(forged)[1]["refused"]
+    loud = total.copy()
+    loud[:-1] += rot.rotate(np.full(600, 1.0), r.signs(1, 600)) * r.scale(600)  # a node adds norm sqrt(600) ~ 24.5
+    assert "more than 3 updates within secagg.l2_bound=1 can reach" in mean_of(loud)[1]["refused"]
+    assert math.isfinite(r.sum_bound(600, 3))

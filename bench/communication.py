@@ -11,7 +11,9 @@ model's real q_proj/v_proj LoRA adapter with A from its seed and B ~ N(0, 0.01²
 depend on values, but nothing here is computed from a formula). Ratios are against
 FedAvg+LoRA in float32 ("down x": whole message; "data x": tensor bytes only, header left out
 on both sides; "up x": the uplink, float32 or ``uplink.bits`` b-bit stochastic rounding with a
-float16 scale per 64 values, whose rounding draws come from a seeded generator here). The theory column is the payload alone, w + 16/group bits per value (w=1
+float16 scale per 64 values, whose rounding draws come from a seeded generator here; and under
+SecAgg in Z_2^b (``secagg.modulus_bits``) every byte a client sends in one real protocol round
+of 3 clients, divided by 3). The theory column is the payload alone, w + 16/group bits per value (w=1
 ternary is packed 5 trits per byte, i.e. 1.6 bits: the "packed" column); the difference to the
 measured bits/value is the safetensors header (tensor index + message metadata JSON).
 """
@@ -19,6 +21,7 @@ measured bits/value is the safetensors header (tensor index + message metadata J
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -29,9 +32,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from fedlpp.algorithms.rotation import Rotation
 from fedlpp.algorithms.round import make_broadcast, make_update
+from fedlpp.algorithms.secure import RotatedInput, RotatedMean, SecureEncoding, SecureInput, SecureMean
 from fedlpp.algorithms.spec import AlgorithmSpec, get_algorithm
-from fedlpp.config import QuantConfig
+from fedlpp.config import QuantConfig, SecAggConfig
+from fedlpp.engine.secure import make_aggregator, secure_aggregate
+from fedlpp.engine.setup import secagg_params
 from fedlpp.models.backbone import load_backbone
 from fedlpp.models.lora import Adapter, adapter_shapes, attach_lora, initial_adapter
 from fedlpp.privacy.randomness import SeededRandomness
@@ -47,6 +54,8 @@ GRANULARITIES = (("block", 64), ("row", 64), ("tensor", 64))
 TARGETS = {"fedlpp": 0.075, "fedlpp_ffa": 0.04}  # downlink / FedAvg+LoRA at w=2, block 64
 UPLINK_BITS = (8, 4, 2)  # uplink.bits rows, for FedAvg+LoRA and FedLPP+FFA w=2 block 64
 UPLINK_TARGETS = {"fedavg_lora": (4, 0.15)}  # uplink / FedAvg+LoRA float32 at b=4 (issue: plain uplink compression)
+SECAGG_BITS = {32: None, 16: 0.55, 12: 0.42}  # secagg.modulus_bits -> the uplink target (x FedAvg+LoRA float32)
+SECAGG_CLIENTS = 3  # the fewest SecAgg allows: each client's share of the protocol's messages is then largest
 
 
 @dataclass(frozen=True)
@@ -211,6 +220,32 @@ def uplink_table(rows: list[Row]) -> dict[str, dict[str, object]]:
     return table
 
 
+def secagg_uplink(adapter: Adapter, up_reference: int) -> dict[str, dict[str, object]]:
+    """FedAvg+LoRA under SecAgg in Z_2^b: every byte a client sends in one real protocol round (advertisement,
+    encrypted shares, masked input, signature, revealed shares) over SECAGG_CLIENTS clients, per client."""
+    spec = get_algorithm("fedavg_lora", QuantSpec(bits=2), "mean", 1.0)
+    shapes = {n: tuple(t.shape) for n, t in adapter.items()}
+    table: dict[str, dict[str, object]] = {}
+    for bits, limit in SECAGG_BITS.items():
+        params = secagg_params(SecAggConfig(modulus_bits=bits), SECAGG_CLIENTS)
+        rotation = Rotation(bits, SECAGG_CLIENTS, SecAggConfig().l2_bound, SEED) if bits < 32 else None
+        encoding = SecureEncoding(params, 1, rotation)
+        encode = RotatedInput(encoding, SEED, False) if rotation else SecureInput(encoding)
+        combiner = RotatedMean(encoding) if rotation else SecureMean(encoding)
+        deltas = {c: client_delta(adapter, spec.trained_names(shapes, ROUND), SEED + c) for c in range(SECAGG_CLIENTS)}
+        inputs = {c: functools.partial(encode, deltas[c], 1, ROUND, c) for c in deltas}
+        outcome = secure_aggregate(make_aggregator(encoding, SECAGG_CLIENTS), spec, adapter, inputs, ROUND, combiner)
+        assert outcome.adapter is not None, outcome.notes
+        up = outcome.bytes_up / SECAGG_CLIENTS
+        key = f"fedavg_lora secagg {bits}-bit"
+        table[key] = {"up_bytes": up, "uplink_ratio": up / up_reference}
+        if limit is not None:
+            table[key].update({"limit": limit, "holds": up / up_reference <= limit})
+        verdict = "" if limit is None else f" <= {limit}x: {'HOLDS' if up / up_reference <= limit else 'FAILS'}"
+        print(f"{key:<30} up {up:>12,.0f} B {up / up_reference:.4f}x{verdict}")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="short name, e.g. smollm2-135m or tiny-llama")
@@ -232,6 +267,7 @@ def main() -> None:
     print_table(rows)
     checks = check_targets(rows)
     uplink = uplink_table(rows)
+    uplink.update(secagg_uplink(adapter, up_ref))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {

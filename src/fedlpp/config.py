@@ -26,7 +26,7 @@ from fedlpp import registry
 SERVER_RULES = ("mean", "delta")
 GRANULARITIES = ("block", "row", "tensor")
 QUANT_BITS = (1, 2, 3, 4, 8)
-UPLINK_BITS = (32, 8, 4, 2)  # uplink.bits: 32 sends the update as float32; fewer bits round it stochastically
+UPLINK_CHOICES = (32, 8, 4, 2)  # uplink.bits: 32 sends float32; fewer round it (quant.stochastic.UPLINK_BITS)
 PRIVACY_MODES = ("none", "dp_sgd", "client_dp")
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -199,7 +199,7 @@ class UplinkConfig:
     block_size: int = 64  # values per float16 scale of a compressed update
 
     def __post_init__(self) -> None:
-        _choice(self.bits, "uplink.bits", UPLINK_BITS)
+        _choice(self.bits, "uplink.bits", UPLINK_CHOICES)
         _require(self.block_size >= 1, "uplink.block_size", f"must be >= 1, got {self.block_size}")
 
 
@@ -315,17 +315,21 @@ class SecAggConfig:
     graph: str = "complete"  # complete (SecAgg) | sparse (SecAgg+, O(log n) neighbours)
     prg: str = "aes256-ctr"  # mask expansion: aes256-ctr | chacha20 (faster on CPUs without AES instructions)
     modulus_bits: int = 32  # b: the field Z_2^b the sum lives in, b bits a value on the wire; < 32 rotates each update into it
-    l2_bound: float = 10.0  # modulus_bits < 32: an update longer than this (L2) is scaled down to it; the field's scale fits it
+    l2_bound: float = 10.0  # modulus_bits < 32: a longer update (L2) is scaled down to it (client_dp: privacy.clip_norm)
 
     def __post_init__(self) -> None:
+        from fedlpp.secagg.params import MIN_MODULUS_BITS, MODULUS_BITS, PRGS  # here: it loads the cryptography stack
+
         _require(self.clip_range > 0, "secagg.clip_range", f"must be > 0, got {self.clip_range}")
-        _require(12 <= self.modulus_bits <= 32, "secagg.modulus_bits", f"must be in [12, 32], got {self.modulus_bits}")
+        _require(
+            MIN_MODULUS_BITS <= self.modulus_bits <= MODULUS_BITS,
+            "secagg.modulus_bits",
+            f"must be in [{MIN_MODULUS_BITS}, {MODULUS_BITS}], got {self.modulus_bits}",
+        )
         _require(self.l2_bound > 0, "secagg.l2_bound", f"must be > 0, got {self.l2_bound}")
         _require(1 <= self.scale_bits <= 28, "secagg.scale_bits", f"must be in [1, 28], got {self.scale_bits}")
         _require(0.5 < self.threshold <= 1.0, "secagg.threshold", f"must be in (0.5, 1], got {self.threshold}")
         _choice(self.graph, "secagg.graph", ("complete", "sparse"))
-        from fedlpp.secagg.params import PRGS  # here, not at the top: it loads the cryptography stack
-
         _choice(self.prg, "secagg.prg", PRGS)
 
 
@@ -481,12 +485,6 @@ class ExperimentConfig:
             "(12 to 32) and leave uplink.bits at 32",
         )
         small_field = self.secagg.enabled and self.secagg.modulus_bits < 32
-        _require(
-            not (small_field and self.privacy.mode == "client_dp"),
-            "secagg.modulus_bits",
-            f"{self.secagg.modulus_bits}: client-level DP in a field of fewer than 32 bits needs integer noise "
-            "shares (the distributed discrete Gaussian), not built yet; use secagg.modulus_bits=32 with privacy.mode=client_dp",
-        )
         _require(
             not (small_field and self.fl.weighting == "examples"),
             "fl.weighting",

@@ -3,14 +3,12 @@ nothing wraps at the chosen scale, and the server refuses a sum that honest clie
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 
 from fedlpp.algorithms import rotation as rot
-from fedlpp.algorithms.secure import RotatedMean, SecureEncoding
+from fedlpp.algorithms.secure import RotatedInput, RotatedMean, SecureEncoding
 from fedlpp.algorithms.spec import get_algorithm
 from fedlpp.config import SecAggConfig
 from fedlpp.engine.setup import secagg_params
@@ -71,12 +69,16 @@ def test_at_the_chosen_scale_no_sum_wraps_and_at_sixteen_times_it_sums_do():
     x /= np.linalg.norm(x)
     s = r.scale(D)
     assert rot.overflow_probability(s, 12, 5, 1.0, D) <= rot.OVERFLOW_TARGET < rot.overflow_probability(16 * s, 12, 5, 1.0, D)
-    wraps = {1: 0, 16: 0}
-    for factor in wraps:
-        for round_ in range(200):
-            exact = rot.rotate(5 * x, r.signs(round_, D)) * s * factor
-            wraps[factor] += int(np.abs(exact).max() >= r.half_field - 5)
-    assert wraps[1] == 0 and wraps[16] > 0
+    wraps, peak = 0, 0.0
+    for round_ in range(200):
+        total = sum(r.encode(x, round_, SeededRandomness(100 * round_ + k)) for k in range(5))  # five wrapped encodings
+        exact = rot.rotate(5 * x, r.signs(round_, D)) * s  # what they add up to before the field
+        peak = max(peak, float(np.abs(exact).max()))
+        wraps += int(np.abs(exact).max() + 5 >= r.half_field)
+        signed = np.mod(total + r.half_field, 2 * r.half_field) - r.half_field
+        assert np.abs(signed - exact).max() < 5, "the field's sum is the true integer sum: nothing wrapped"
+    assert wraps == 0 and peak < r.half_field / 2, "the bound is conservative: the largest value stays in half the field"
+    assert 16 * peak > r.half_field, "and at 16 times the scale sums would have wrapped"
 
 
 def test_a_field_too_small_for_the_clients_is_refused_naming_the_key():
@@ -107,4 +109,9 @@ def test_the_server_refuses_a_forged_weight_or_a_sum_longer_than_the_survivors_c
     loud = total.copy()
     loud[:-1] += rot.rotate(np.full(600, 1.0), r.signs(1, 600)) * r.scale(600)  # a node adds norm sqrt(600) ~ 24.5
     assert "more than 3 updates within secagg.l2_bound=1 can reach" in mean_of(loud)[1]["refused"]
-    assert math.isfinite(r.sum_bound(600, 3))
+
+
+def test_an_update_that_is_not_finite_drops_out_instead_of_stopping_the_run():
+    _, _, encoding = mean_of(np.zeros(601))
+    delta = {"layer.lora_A.weight": torch.full((10, 30), float("nan")), "layer.lora_B.weight": torch.zeros(30, 10)}
+    assert RotatedInput(encoding, seed=0, secure=False)(delta, 1, 1, 0) is None

@@ -71,7 +71,6 @@ def test_an_update_in_another_encoding_than_the_runs_is_refused(sent, expected, 
     [
         (["uplink.bits=3"], "uplink.bits: got 3; valid choices are 32, 8, 4, 2"),
         (["uplink.bits=4", "secagg.enabled=true", "fl.clients_per_round=3"], "set secagg.modulus_bits \\(12 to 32\\)"),
-        ([*SMALL_FIELD, "privacy.mode=client_dp", "privacy.noise_multiplier=1"], "needs integer noise shares"),
         ([*SMALL_FIELD, "fl.weighting=examples"], "'examples' cannot be carried in a 16-bit field"),
         (["secagg.modulus_bits=8"], "secagg.modulus_bits: must be in \\[12, 32\\]"),
         (["secagg.l2_bound=0"], "secagg.l2_bound: must be > 0"),
@@ -82,3 +81,20 @@ def test_an_update_in_another_encoding_than_the_runs_is_refused(sent, expected, 
 def test_combinations_not_built_are_refused_by_name(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_an_update_the_uplink_cannot_round_fails_that_client_alone():
+    """NaN (or a value beyond float16) cannot be rounded: the client fails the round with the reason, as a node's
+    error reply does, and the local engine goes on with the others (the float32 path sends it and the server refuses)."""
+    from fedlpp.algorithms.steps import CompressedUpdateBytes, UploadError
+    from fedlpp.engine.local import answer
+    from fedlpp.engine.transport import Replies
+
+    d = delta()
+    d[A][0, 0] = float("nan")
+    encode = CompressedUpdateBytes(FOUR, seed=0, secure=False)
+    with pytest.raises(UploadError, match="client 7's update cannot be sent with uplink.bits=4: .*non-finite"):
+        encode(d, 10, 1, 7)
+    replies = Replies()
+    answer(replies, 7, 1, lambda: {"update": encode(d, 10, 1, 7)})
+    assert "non-finite" in replies.failed[7] and 7 not in replies.answers

@@ -63,7 +63,7 @@ def test_a_field_too_small_or_without_headroom_is_refused_by_name():
 
 def test_a_flipped_bit_in_a_small_masked_input_moves_one_coordinate_of_the_sum_by_that_bit():
     """Masking is a one-time pad mod 2^b: a flipped bit is not detectable by the protocol (SecAgg has no integrity
-    for inputs), so the sum moves by exactly that bit's value — the check on the sum is the caller's (SecureMean)."""
+    for inputs), so the sum moves by exactly that bit's value — the check on the sum is the caller's (RotatedMean)."""
     rnd = make_round(4, dim=50, params=small(16, clients=4))
     masked = rnd.share(rnd.advertise())
     for c, message in masked.items():
@@ -75,4 +75,22 @@ def test_a_flipped_bit_in_a_small_masked_input_moves_one_coordinate_of_the_sum_b
         )
     result = rnd.unmask(rnd.sign(rnd.server.finish_masked_input()))
     diff = (result.encoded.astype(np.int64) - rnd.expected(range(4)).astype(np.int64)) % 2**16
-    assert np.count_nonzero(diff) == 1
+    assert np.count_nonzero(diff) == 1 and int(diff[-1]) in (2**8, 2**16 - 2**8)  # the last value's bit 8
+
+
+def test_values_that_wrap_at_each_client_cancel_in_the_sum_when_the_encoder_bounds_the_sum():
+    """sum_may_wrap: one value must fit the field, the sum is read modulo 2^b. Two clients' values wrapped on their
+    own (3000 -> -1096, -2500 -> 1596) add up with a third to the true 500; a true sum beyond the field wraps."""
+    params = SecAggParams(scale=1.0, clip_range=2048.0, max_clients=3, modulus_bits=12, sum_may_wrap=True)
+    rnd = make_round(3, dim=4, params=params)
+    rnd.inputs = {0: np.array([-1096.0, 2000, 2048, -2048]), 1: np.array([1596.0, 2000, 0, 0]), 2: np.array([0.0, -1900, 1, -1])}
+    result = rnd.run()
+    assert np.array_equal(result.encoded, rnd.expected(range(3)))
+    assert result.values.tolist() == [500.0, 2100.0 - 4096, -2047.0, 2047.0]
+
+
+def test_a_sum_that_may_wrap_is_only_for_a_small_field_whose_range_holds_one_value():
+    with pytest.raises(SecAggParamsError, match="fewer than 32 bits"):
+        SecAggParams(scale=1.0, clip_range=2.0**31, modulus_bits=32, sum_may_wrap=True)
+    with pytest.raises(SecAggParamsError, match="beyond the field"):
+        SecAggParams(scale=1.0, clip_range=2049.0, modulus_bits=12, sum_may_wrap=True)

@@ -20,32 +20,33 @@ The server decodes the sum (signed b-bit), divides by s and rotates back: C is o
 so the rounding error of the mean has L2 norm at most sqrt(d) / s (each of a client's d
 rounded values moves by less than 1/s).
 
-**The chance that the sum wraps** (``overflow_probability``). For K clients, X = sum x_k has
-||X|| <= K c. Coordinate i of C D X is a sum of independent zero-mean terms C_ij D_j X_j, so
-by Hoeffding's inequality P(|(C D X)_i| >= t) <= 2 exp(-t^2 / (2 sum_j C_ij^2 X_j^2))
-<= 2 exp(-t^2 d / (4 K^2 c^2)) (C_ij^2 <= 2/d). The K rounding errors of coordinate i are
-independent, zero-mean and within (-1, 1): P(|sum| >= u) <= 2 exp(-u^2 / (2K)). The integer
-sum s (C D X)_i + errors reaches 2^(b-1) only if one of the two passes its share, so with a
-union bound over the d coordinates
-    P(wrap) <= d min_u [2 exp(-(2^(b-1) - u)^2 d / (4 s^2 K^2 c^2)) + 2 exp(-u^2 / (2K))].
-``choose_scale`` takes the largest power of two s that keeps this at most OVERFLOW_TARGET per
-round; the run says at start which s, which probability, and what rounding costs.
+**The chance that the sum wraps** is bounded in ``secagg.field`` (Hoeffding's inequality on each
+rotated coordinate, on the K rounding errors and on the noise, and a union bound over the d
+coordinates); ``choose_scale`` takes the largest power of two s that keeps it at most 10^-6 per
+round, and the run says at start which s, which bound, and what rounding costs.
+
+**Distributed DP** (``noise_multiplier`` z > 0, client-level DP under SecAgg): the rounding
+is conditional (redrawn until the rounded vector's norm is within the bound the accounting
+uses, ``privacy.discrete_gaussian.rounded_norm_bound``) and each client adds
+N_Z(0, sigma_l^2) to each value, K sigma_l^2 = (z c s)^2, from the OS CSPRNG: the sum carries
+the whole noise and the server never sees a less noisy value (step 5 of the paper's
+mechanism, before the wrap).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
 
+from fedlpp.privacy import discrete_gaussian
 from fedlpp.privacy.randomness import Randomness
+from fedlpp.secagg.field import OVERFLOW_TARGET, choose_scale, overflow_probability
 from fedlpp.seeding import derive_seed
 
-OVERFLOW_TARGET = 1e-6  # the most a round's sum may wrap, by the bound above
-_SCALE_EXPONENTS = range(40, -41, -1)  # s = 2^40 ... 2^-40
+__all__ = ["OVERFLOW_TARGET", "Rotation", "choose_scale", "describe", "overflow_probability", "rotate", "unrotate"]
 
 
 @dataclass(frozen=True)
@@ -56,28 +57,46 @@ class Rotation:
     clients: int  # K: the most inputs one sum adds
     l2_bound: float  # c
     seed: int  # each round's signs derive from it (public)
+    noise_multiplier: float = 0.0  # z: distributed DP's noise on the sum, std z c per value (0: none)
 
     @property
     def half_field(self) -> int:
         return 1 << (self.bits - 1)
 
     def scale(self, dim: int) -> float:
-        return choose_scale(self.bits, self.clients, self.l2_bound, dim)
+        return choose_scale(self.bits, self.clients, self.l2_bound, dim, self.noise_multiplier)
+
+    def local_std(self, dim: int) -> float:
+        """sigma_l: one client's discrete Gaussian std in the field's integers (K of them make z c s)."""
+        return self.noise_multiplier * self.l2_bound * self.scale(dim) / math.sqrt(self.clients)
 
     def signs(self, round_: int, dim: int) -> np.ndarray:
         """D for ``round_``: +-1 per coordinate, the same at every client and at the server."""
         rng = np.random.default_rng(derive_seed(self.seed, "rotation signs", round_))
         return rng.integers(0, 2, dim).astype(np.float64) * 2.0 - 1.0
 
-    def encode(self, x: np.ndarray, round_: int, rng: Randomness) -> np.ndarray:
-        """A client's integers in [-2^(b-1), 2^(b-1)) (as float64) for its update ``x`` (float64, shape (d,))."""
+    def encode(self, x: np.ndarray, round_: int, rng: Randomness, noise: Randomness | None = None) -> np.ndarray:
+        """A client's integers in [-2^(b-1), 2^(b-1)) (as float64) for its update ``x`` (float64, shape (d,)); with
+        distributed DP its discrete Gaussian share is drawn from ``noise`` (the OS CSPRNG in a run)."""
         norm = float(np.linalg.norm(x))
         if norm > self.l2_bound:
             x = x * (self.l2_bound / norm)
         scaled = rotate(x, self.signs(round_, x.size)) * self.scale(x.size)
-        below = np.floor(scaled)
-        rounded = below + (rng.uniform(x.size) < scaled - below)
+        rounded = self._round(scaled, rng)
+        if self.noise_multiplier > 0:
+            if noise is None:
+                raise ValueError("distributed DP needs the randomness its noise is drawn from")
+            rounded += discrete_gaussian.sample(x.size, self.local_std(x.size), noise)
         return np.mod(rounded + self.half_field, 2 * self.half_field) - self.half_field
+
+    def _round(self, scaled: np.ndarray, rng: Randomness) -> np.ndarray:
+        """Unbiased randomized rounding; under DP redrawn until within the norm the accounting assumes."""
+        bound = discrete_gaussian.rounded_norm_bound(self.l2_bound * self.scale(scaled.size), scaled.size)
+        below = np.floor(scaled)
+        while True:
+            rounded = below + (rng.uniform(scaled.size) < scaled - below)
+            if self.noise_multiplier == 0 or float(np.linalg.norm(rounded)) <= bound:
+                return rounded
 
     def decode(self, total: np.ndarray, round_: int) -> np.ndarray:
         """The sum of the clients' updates from the signed integer sum of their encodings."""
@@ -95,13 +114,18 @@ class Rotation:
 def describe(rotation: Rotation, dim: int) -> str:
     """What the run says at start: the field, its scale for ``dim`` values, the wrap bound and what rounding costs
     (ValueError when no scale can hold the sum)."""
-    scale = rotation.scale(dim)
-    chance = overflow_probability(scale, rotation.bits, rotation.clients, rotation.l2_bound, dim)
+    scale, rounding = rotation.scale(dim), rotation.rounding_bound(dim)
+    chance = overflow_probability(scale, rotation.bits, rotation.clients, rotation.l2_bound, dim, rotation.noise_multiplier)
+    noise = (
+        f", each client's discrete Gaussian noise share of std {rotation.local_std(dim):.4g} included"
+        if rotation.noise_multiplier
+        else ""
+    )
     return (
         f"secure aggregation in Z_2^{rotation.bits}: {dim:,} values scaled by 2^{math.log2(scale):g} after a random "
         f"rotation; a round's sum of {rotation.clients} updates of norm <= {rotation.l2_bound:g} wraps with probability "
-        f"<= {chance:.1e} (Hoeffding and a union bound); rounding moves the mean by <= {rotation.rounding_bound(dim):.3g} "
-        f"in L2 ({rotation.rounding_bound(dim) / rotation.l2_bound:.2%} of secagg.l2_bound)"
+        f"<= {chance:.1e} (Hoeffding and a union bound{noise}); rounding moves the mean by <= {rounding:.3g} "
+        f"in L2 ({rounding / rotation.l2_bound:.2%} of its norm bound)"
     )
 
 
@@ -113,31 +137,3 @@ def rotate(x: np.ndarray, signs: np.ndarray) -> np.ndarray:
 def unrotate(y: np.ndarray, signs: np.ndarray) -> np.ndarray:
     """D^T C^T y = D C^-1 y: the inverse DCT-II, then the same signs."""
     return scipy.fft.idct(y, type=2, norm="ortho") * signs
-
-
-@functools.lru_cache(maxsize=64)
-def choose_scale(bits: int, clients: int, l2_bound: float, dim: int) -> float:
-    """The largest power of two s whose wrap probability is at most OVERFLOW_TARGET, among the scales whose
-    rounding moves an update by less than its own bound (sqrt(d) / s < c); ValueError if there is none."""
-    smallest_useful = math.sqrt(dim) / l2_bound
-    for exponent in _SCALE_EXPONENTS:
-        if 2.0**exponent < smallest_useful:
-            break
-        if overflow_probability(2.0**exponent, bits, clients, l2_bound, dim) <= OVERFLOW_TARGET:
-            return 2.0**exponent
-    raise ValueError(
-        f"secagg.modulus_bits={bits} cannot hold the sum of {clients} updates of norm up to {l2_bound:g} over "
-        f"{dim} values: at any scale that keeps the sum from wrapping, rounding would move an update by more than "
-        "its own norm; use more bits"
-    )
-
-
-def overflow_probability(scale: float, bits: int, clients: int, l2_bound: float, dim: int) -> float:
-    """The union bound (module docstring) on the chance that one round's integer sum wraps, at most 1."""
-    half = float(1 << (bits - 1))
-    spread = 4.0 * scale**2 * clients**2 * l2_bound**2 / dim  # t^2 / spread is the rotated sum's exponent
-    best = 1.0
-    for u in np.linspace(0.0, half, 257)[1:-1]:
-        tail = 2.0 * math.exp(-((half - u) ** 2) / spread) + 2.0 * math.exp(-(u**2) / (2.0 * clients))
-        best = min(best, dim * tail)
-    return best

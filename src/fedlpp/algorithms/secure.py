@@ -30,6 +30,7 @@ from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.layout import Layout, flatten, layout_of, unflatten
 from fedlpp.algorithms.rotation import Rotation
 from fedlpp.algorithms.spec import AlgorithmSpec
+from fedlpp.privacy import discrete_gaussian
 from fedlpp.privacy.randomness import SystemRandomness, randomness
 from fedlpp.secagg import AggregateResult, SecAggParams, append_weight, in_range, split_weight, weight_coordinate
 from fedlpp.seeding import derive_seed
@@ -113,15 +114,18 @@ class RotatedInput:
     seed: int
     secure: bool
 
-    def __call__(self, delta: Mapping[str, torch.Tensor], num_examples: int, round_: int, client_id: int) -> np.ndarray:
+    def __call__(self, delta: Mapping[str, torch.Tensor], num_examples: int, round_: int, client_id: int) -> np.ndarray | None:
         rotation = _rotation_of(self.encoding)
         layout = layout_of({n: tuple(t.shape) for n, t in delta.items()}, sorted(delta))
         flat = flatten(delta, layout).to(torch.float64).numpy()
         norm = float(np.linalg.norm(flat))
+        if not math.isfinite(norm):
+            return None  # NaN or inf: it drops out of the round, as an out-of-range input does
         if norm > rotation.l2_bound:
             log.warning("round %d: this update's norm %.4g is scaled down to secagg.l2_bound=%g", round_, norm, rotation.l2_bound)
         rng = randomness(self.secure, derive_seed(self.seed, "secagg_rounding", round_, client_id))
-        return append_weight(rotation.encode(flat, round_, rng), 1, self.encoding.params)
+        noise = SystemRandomness() if rotation.noise_multiplier else None  # a DP share: always the OS CSPRNG
+        return append_weight(rotation.encode(flat, round_, rng, noise), 1, self.encoding.params)
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,14 @@ class RotatedMean:
 
     SecAgg hides each input, so the server checks what it can of the sum: the weights add up to the survivors (each
     weighs 1), and the decoded sum's norm is within what that many updates of norm secagg.l2_bound can reach (a
-    larger one means a node sent more, or the sum wrapped around the field). Either failure voids the round."""
+    larger one means a node sent more). Either failure voids the round. Neither catches what stays inside the
+    bounds: one node may use the whole sum's allowance the honest ones leave, colluding nodes may trade weight
+    (0 and 2 add up like 1 and 1), and a sum that wrapped (at most 10^-6 a round, by the scale's bound) moves one
+    rotated coordinate by 2^b / s, usually far less than the allowance.
+
+    Under distributed DP the sum carries the clients' noise shares: when fewer than K survive, the server adds the
+    missing shares' discrete Gaussian itself (OS CSPRNG; the row says ``dp_noise_topped_up``), divides by the
+    public K, and allows the noise's norm in the check (z c (sqrt(d) + 8), beyond it with probability < 1e-13)."""
 
     encoding: SecureEncoding
 
@@ -145,8 +156,12 @@ class RotatedMean:
         rotation, survivors = _rotation_of(self.encoding), len(inputs.survivors)
         layout = rnd.update_layout(spec, {n: tuple(t.shape) for n, t in adapter.items()}, round_)
         integers, total_weight = split_weight(inputs.values, self.encoding.params)
+        if rotation.noise_multiplier:
+            integers = _topped_up_integers(integers, rotation, survivors, notes)
         total = rotation.decode(integers, round_)
         norm, bound = float(np.linalg.norm(total)), rotation.sum_bound(total.size, survivors)
+        if rotation.noise_multiplier:
+            bound += rotation.noise_multiplier * rotation.l2_bound * (math.sqrt(total.size) + NOISE_NORM_TAIL)
         reason = None
         if total_weight != survivors:
             reason = f"the survivors' total weight {total_weight} is not their number {survivors}: a client sent a weight it does not have"
@@ -159,8 +174,22 @@ class RotatedMean:
             log.warning("round %d: secure aggregation: %s; the global adapter is unchanged", round_, reason)
             notes["refused"] = reason
             return rnd.Combined(None, (), {})
-        mean = (total / survivors).astype(np.float32)
+        mean = (total / (rotation.clients if rotation.noise_multiplier else survivors)).astype(np.float32)
         return rnd.Combined(unflatten(torch.from_numpy(mean), layout), tuple(inputs.survivors), {})
+
+
+NOISE_NORM_TAIL = 8.0  # ||noise|| <= std (sqrt(d) + t) but with probability exp(-t^2 / 2) (Gaussian concentration)
+
+
+def _topped_up_integers(integers: np.ndarray, rotation: Rotation, survivors: int, notes: dict[str, Any]) -> np.ndarray:
+    """The integer sum with the discrete Gaussian shares of the clients that did not survive added by the server."""
+    missing = rotation.clients - survivors
+    if missing <= 0:
+        return integers
+    notes["dp_noise_topped_up"] = {"survivors": survivors, "expected": rotation.clients}
+    log.warning("secure aggregation: %d of %d clients survived; the server adds the missing noise", survivors, rotation.clients)
+    std = rotation.local_std(integers.size) * math.sqrt(missing)
+    return integers + discrete_gaussian.sample(integers.size, std, SystemRandomness())
 
 
 def _rotation_of(encoding: SecureEncoding) -> Rotation:

@@ -160,7 +160,15 @@ class CompressedUpdateBytes:
 
     def __call__(self, delta: Mapping[str, torch.Tensor], num_examples: int, round_: int, client_id: int) -> bytes:
         rng = randomness(self.secure, derive_seed(self.seed, "uplink_rounding", round_, client_id))
-        return rnd.make_update(delta, num_examples, round_, self.spec, rng)
+        try:
+            return rnd.make_update(delta, num_examples, round_, self.spec, rng)
+        except ValueError as e:  # NaN, inf or beyond float16: there is nothing to round
+            raise UploadError(f"client {client_id}'s update cannot be sent with uplink.bits={self.spec.bits}: {e}") from None
+
+
+class UploadError(ValueError):
+    """A client's update cannot be encoded for the wire (not finite, or beyond what the encoding carries): that
+    client fails the round, as a node's error reply does."""
 
 
 DeltaTransform = Callable[[Adapter], Adapter]

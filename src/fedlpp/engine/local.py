@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedlpp import rundir
-from fedlpp.algorithms.steps import ClientData, ClientRecipe, client_step
+from fedlpp.algorithms.steps import ClientData, ClientRecipe, UploadError, client_step
 from fedlpp.config import ExperimentConfig
 from fedlpp.engine.secure import SecAggClient
 from fedlpp.engine.server import LEDGER_KEY, serve
@@ -104,11 +104,11 @@ class LocalTransport:
 
 
 def answer(replies: Replies, client: int, round_: int, work: Callable[[], Fields]) -> None:
-    """A client's reply; a refusal of the protocol's (a bad message, a SecAgg check) fails that client alone, as a
-    node's error reply does. Anything else is a bug and stops the run."""
+    """A client's reply; a refusal of the protocol's (a bad message, a SecAgg check, an update the encoding cannot
+    carry) fails that client alone, as a node's error reply does. Anything else is a bug and stops the run."""
     try:
         replies.answers[client] = work()
-    except (MessageError, SecAggError) as e:
+    except (MessageError, SecAggError, UploadError) as e:
         replies.failed[client] = f"error reply: {e}"
         log.warning("round %d: client %d failed: %s", round_, client, e)
 

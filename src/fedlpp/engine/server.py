@@ -196,7 +196,7 @@ def _serve(ctx: ServerContext, transport: Transport, out: Path, resume: bool, sh
             if stopped is not None:
                 break
             outcome = run_round(ctx, steps, transport, adapter, round_, clients, show)
-            steps.accountant.commit()
+            steps.accountant.commit(outcome.row.get("secagg_survivors"))  # whose inputs the released sum holds
             adapter = outcome.adapter
             outcome.row.update(steps.accountant.row())
             rows.append(outcome.row)
@@ -310,7 +310,8 @@ def start_accountant(ctx: ServerContext, out: Path, resume: bool, rows: Sequence
     if ledger.noise_multiplier != plan.noise_multiplier:
         # fl.rounds grew: sigma stays what the run was calibrated with (the budget then stops it).
         ctx.privacy = plan = dataclasses.replace(plan, noise_multiplier=ledger.noise_multiplier)
-    replayed = LedgerAccountant.replayed(plan, [row["clients"] for row in rows])
+    charged = "secagg_survivors" if plan.distributed is not None else "clients"  # distributed DP: the sum's shares
+    replayed = LedgerAccountant.replayed(plan, [row.get(charged, row["clients"]) for row in rows])
     if replayed.ledger.histories != ledger.histories:
         unit = next(
             u

@@ -14,7 +14,7 @@ import functools
 import logging
 import math
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,11 +46,13 @@ from fedlpp.models.backbone import Backbone, load_backbone
 from fedlpp.models.lora import Adapter, PeftModel, adapter_shapes, attach_lora, initial_adapter
 from fedlpp.models.machine import Machine, resolve_device
 from fedlpp.privacy.client_dp import NoisedSum
-from fedlpp.privacy.plan import PrivacyPlan, make_plan
+from fedlpp.privacy.distributed import DistributedNoise
+from fedlpp.privacy.plan import PrivacyPlan, distributed_plan, make_plan
 from fedlpp.privacy.randomness import randomness
 from fedlpp.quant import QuantSpec
 from fedlpp.quant.stochastic import UplinkSpec
-from fedlpp.secagg import SecAggParams
+from fedlpp.secagg import SecAggParams, graph_degree
+from fedlpp.secagg.params import threshold
 from fedlpp.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -188,7 +190,7 @@ def check_privacy(cfg: ExperimentConfig, client_sizes: list[int]) -> PrivacyPlan
     if not cfg.privacy.enabled:
         return None
     plan = privacy_plan(cfg, client_sizes)
-    if cfg.secagg.enabled and plan.mode == "client_dp":
+    if cfg.secagg.enabled and plan.mode == "client_dp" and cfg.secagg.modulus_bits == 32:
         check_noise_fits_range(cfg, plan)
     return plan
 
@@ -211,12 +213,17 @@ def build_server(
     server split the data itself (local engine, simulation), so the clients' example counts are its own; in a
     deployment they are what each node declared, and fl.weighting=auto weighs every client the same."""
     uniform = uniform_weighting(cfg, data_assigned)
+    spec = algorithm_spec(cfg)
+    if plan is not None and cfg.secagg.enabled and cfg.secagg.modulus_bits < 32:
+        plan = distributed_plan(
+            cfg.privacy, distributed_noise(cfg, side.shapes, spec), participation(cfg), cfg.fl.clients_per_round
+        )
     return ServerContext(
         cfg=cfg,
         task_name=task.name,
         num_labels=task.num_labels,
         side=side,
-        spec=algorithm_spec(cfg),
+        spec=spec,
         evalset=build_evalset(task, side.backbone, cfg.model.max_length),
         decoding=Decoding.of(cfg.eval),
         a_seed=derive_seed(cfg.seed, "lora_a") % (2**31),
@@ -233,6 +240,21 @@ def uniform_weighting(cfg: ExperimentConfig, data_assigned: bool) -> bool:
     SecAgg field of fewer than 32 bits (which carries no counts)."""
     small_field = cfg.secagg.enabled and cfg.secagg.modulus_bits < 32
     return cfg.fl.weighting == "uniform" or (cfg.fl.weighting == "auto" and (not data_assigned or small_field))
+
+
+def update_sizes(shapes: Mapping[str, tuple[int, ...]], spec: AlgorithmSpec) -> tuple[int, ...]:
+    """Every number of values an update can have (RoLoRA's rounds train A or B: two sizes; the others one)."""
+    return tuple(sorted({sum(math.prod(shapes[n]) for n in spec.trained_names(shapes, r)) for r in (1, 2)}))
+
+
+def distributed_noise(cfg: ExperimentConfig, shapes: Mapping[str, tuple[int, ...]], spec: AlgorithmSpec) -> DistributedNoise:
+    """What prices a round of distributed DP: the field, the clients, the clip, every update size the rounds send,
+    and the fewest survivors the protocol can unmask (each needs its threshold of surviving neighbours)."""
+    params = secagg_params(cfg.secagg, cfg.fl.clients_per_round)
+    k = cfg.fl.clients_per_round
+    dims = update_sizes(shapes, spec)
+    fewest = min(k, threshold(params, graph_degree(params, k)) + 1)
+    return DistributedNoise(cfg.secagg.modulus_bits, k, cfg.privacy.clip_norm, dims, fewest)
 
 
 def secure_encoding(cfg: ExperimentConfig, client_sizes: Sequence[int], uniform: bool = False) -> SecureEncoding:
@@ -277,8 +299,18 @@ def secagg_params(cfg: SecAggConfig, clients_per_round: int) -> SecAggParams:
 
 
 def rotation(cfg: ExperimentConfig, seed: int) -> Rotation:
-    """The small field's rotation, with the public seed of its signs (the server's, sent with each round)."""
-    return Rotation(cfg.secagg.modulus_bits, cfg.fl.clients_per_round, cfg.secagg.l2_bound, seed)
+    """The small field's rotation, with the public seed of its signs (the server's, sent with each round); under
+    client-level DP its bound is privacy.clip_norm (and ``with_noise`` adds the round's noise multiplier)."""
+    bound = cfg.privacy.clip_norm if cfg.privacy.mode == "client_dp" else cfg.secagg.l2_bound
+    return Rotation(cfg.secagg.modulus_bits, cfg.fl.clients_per_round, bound, seed)
+
+
+def with_noise(encoding: SecureEncoding, cfg: ExperimentConfig, sigma: float) -> SecureEncoding:
+    """Under client-level DP in a small field, the encoding whose clients add shares of z = ``sigma``: the noise
+    multiplier the server sends each round (a resumed run keeps its own), so both ends pick the same scale."""
+    if encoding.rotation is None or cfg.privacy.mode != "client_dp":
+        return encoding
+    return dataclasses.replace(encoding, rotation=dataclasses.replace(encoding.rotation, noise_multiplier=sigma))
 
 
 def rotation_seed(cfg: ExperimentConfig) -> int:
@@ -314,14 +346,19 @@ def client_recipe(
             side.machine,
         )
     transforms: tuple[DeltaTransform, ...] = (ClipToNorm(cfg.privacy.clip_norm),) if mode == "client_dp" else ()
-    encode: Encoder = UpdateBytes()
-    if spec.uplink is not None:
-        encode = CompressedUpdateBytes(spec.uplink, cfg.seed, cfg.privacy.secure_noise)
-    if encoding is not None:
-        encode = SecureInput(encoding, noise_shares(cfg, sigma))
+    return ClientRecipe(side.kind, side.shapes, spec, training, transforms, encoder(cfg, spec, sigma, encoding), uniform_weight)
+
+
+def encoder(cfg: ExperimentConfig, spec: AlgorithmSpec, sigma: float, encoding: SecureEncoding | None) -> Encoder:
+    """What a client sends: SecAgg's input (in a small field rotated, with its noise share under client-level DP),
+    or update bytes (float32, or b-bit with uplink.bits)."""
     if encoding is not None and encoding.rotation is not None:
-        encode = RotatedInput(encoding, cfg.seed, cfg.privacy.secure_noise)
-    return ClientRecipe(side.kind, side.shapes, spec, training, transforms, encode, uniform_weight)
+        return RotatedInput(with_noise(encoding, cfg, sigma), cfg.seed, cfg.privacy.secure_noise)
+    if encoding is not None:
+        return SecureInput(encoding, noise_shares(cfg, sigma))
+    if spec.uplink is not None:
+        return CompressedUpdateBytes(spec.uplink, cfg.seed, cfg.privacy.secure_noise)
+    return UpdateBytes()
 
 
 def noise_shares(cfg: ExperimentConfig, sigma: float) -> NoiseShares | None:
@@ -334,9 +371,10 @@ def noise_shares(cfg: ExperimentConfig, sigma: float) -> NoiseShares | None:
 def make_aggregation(ctx: ServerContext) -> Aggregation:
     """The server's pipeline for the run: through SecAgg's protocol, or on the update bytes themselves."""
     if ctx.secure is not None:
-        if ctx.secure.rotation is not None:
-            for dim in sorted({sum(math.prod(ctx.shapes[n]) for n in ctx.spec.trained_names(ctx.shapes, r)) for r in (1, 2)}):
-                log.info(rotation_text(ctx.secure.rotation, dim))  # RoLoRA's rounds train A or B: each size once
+        field = with_noise(ctx.secure, ctx.cfg, ctx.sigma).rotation
+        if field is not None:
+            for dim in update_sizes(ctx.shapes, ctx.spec):
+                log.info(rotation_text(field, dim))
         return SecureAggregation(ctx.spec, ctx.secure, secure_combiner(ctx), ctx.verify_keys, ctx.shapes)
     return PlainAggregation(ctx.spec, combiner_for(ctx))
 
@@ -360,7 +398,7 @@ def secure_combiner(ctx: ServerContext) -> SumCombiner:
     if ctx.secure is None:
         raise ValueError("secure_combiner needs secagg.enabled")
     if ctx.secure.rotation is not None:
-        return RotatedMean(ctx.secure)
+        return RotatedMean(with_noise(ctx.secure, ctx.cfg, ctx.sigma))
     return SecureMean(ctx.secure, noise_shares(ctx.cfg, ctx.sigma))
 
 
@@ -370,13 +408,19 @@ def secure_combiner(ctx: ServerContext) -> SumCombiner:
 def privacy_plan(cfg: ExperimentConfig, client_sizes: list[int]) -> PrivacyPlan:
     """Sigma for the whole run, calibrated against the rounds each client will really join."""
     fl = cfg.fl
-    participation = dict.fromkeys(range(fl.num_clients), 0)
+    return make_plan(
+        cfg.privacy, client_sizes, cfg.train.batch_size, fl.local_steps, participation(cfg), fl.rounds, fl.clients_per_round
+    )
+
+
+def participation(cfg: ExperimentConfig) -> dict[int, int]:
+    """How many of the run's rounds each client is sampled for (K of N a round, from the seed)."""
+    fl = cfg.fl
+    count = dict.fromkeys(range(fl.num_clients), 0)
     for round_ in range(1, fl.rounds + 1):
         for c in sample_clients(cfg.seed, round_, fl.num_clients, fl.clients_per_round):
-            participation[c] += 1
-    return make_plan(
-        cfg.privacy, client_sizes, cfg.train.batch_size, fl.local_steps, participation, fl.rounds, fl.clients_per_round
-    )
+            count[c] += 1
+    return count
 
 
 # A client's noise share may reach this many standard deviations on some coordinate without

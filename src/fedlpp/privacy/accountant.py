@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fedlpp.privacy.plan import Ledger, PrivacyPlan, guarantee
@@ -28,8 +28,9 @@ class Accountant(Protocol):
         """None when the round may run with these clients; otherwise why the run stops before it."""
         ...
 
-    def commit(self) -> None:
-        """The admitted round ran: what it spent is final."""
+    def commit(self, contributors: Sequence[int] | None = None) -> None:
+        """The admitted round ran: what it spent is final (``contributors``: whose inputs the released sum holds,
+        where that is known — secure aggregation's survivors)."""
         ...
 
     def row(self) -> dict[str, Any]:
@@ -53,7 +54,7 @@ class NoPrivacy:
     def admit(self, round_: int, clients: Sequence[int]) -> str | None:
         return None
 
-    def commit(self) -> None:
+    def commit(self, contributors: Sequence[int] | None = None) -> None:
         pass
 
     def row(self) -> dict[str, Any]:
@@ -73,6 +74,7 @@ class LedgerAccountant:
     plan: PrivacyPlan
     ledger: Ledger
     pending: Ledger | None = None  # the ledger once the admitted round has run
+    admitted: list[int] = field(default_factory=list)  # the admitted round's clients
     shows_training_loss = False  # the clients' loss is computed from their data without noise
 
     @classmethod
@@ -81,14 +83,17 @@ class LedgerAccountant:
 
     @classmethod
     def replayed(cls, plan: PrivacyPlan, rounds: Sequence[Sequence[int]]) -> LedgerAccountant:
-        """The accountant after ``rounds`` (each round's clients, in order): epsilon computed, never read back."""
+        """The accountant after ``rounds`` (each round's charged clients, in order — under distributed DP its
+        survivors): epsilon computed, never read back."""
         ledger = Ledger(plan.noise_multiplier)
         for clients in rounds:
             ledger = ledger.after_round(plan, clients)
         return cls(plan, ledger)
 
     def admit(self, round_: int, clients: Sequence[int]) -> str | None:
-        spent = self.ledger.after_round(self.plan, clients)
+        self.admitted = list(clients)
+        worst = None if self.plan.distributed is None else min(len(clients), self.plan.distributed.fewest_survivors)
+        spent = self.ledger.after_round(self.plan, clients, worst)
         if spent.exceeds(self.plan):
             reason = (
                 f"privacy budget: round {round_} would raise epsilon from {self.ledger.epsilon:.4g} to {spent.epsilon:.4g}, "
@@ -99,9 +104,11 @@ class LedgerAccountant:
         self.pending = spent
         return None
 
-    def commit(self) -> None:
+    def commit(self, contributors: Sequence[int] | None = None) -> None:
         if self.pending is None:
             raise RuntimeError("commit() without an admitted round")
+        if self.plan.distributed is not None:  # charged for what happened: the survivors' shares, not the worst case
+            self.pending = self.ledger.after_round(self.plan, self.admitted if contributors is None else contributors)
         self.ledger, self.pending = self.pending, None
 
     def row(self) -> dict[str, Any]:

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fedlpp.config import PrivacyConfig
-from fedlpp.privacy.accounting import Accounting, Step, add_steps, calibrate, epsilon
+from fedlpp.privacy.accounting import Accounting, CalibrationError, Step, add_steps, calibrate, epsilon
+from fedlpp.privacy.distributed import DistributedNoise
 from fedlpp.privacy.dp_sgd import sampling_rate
 
 log = logging.getLogger(__name__)
@@ -36,15 +37,77 @@ class PrivacyPlan:
     calibrated_for: float  # the target epsilon sigma was calibrated to (0 = sigma given)
     expected_clients: float = 0.0  # client_dp: the public denominator of the noised mean
     secure_noise: bool = False
+    distributed: DistributedNoise | None = None  # client_dp under SecAgg in Z_2^b: each client adds its share
 
     def units_of_round(self, clients: Iterable[int]) -> list[str]:
-        return [RUN_UNIT] if self.mode == "client_dp" else [str(c) for c in clients]
+        if self.mode == "client_dp" and self.distributed is None:
+            return [RUN_UNIT]
+        return [str(c) for c in clients]
+
+    def step_sigma(self, noise_multiplier: float, shares: int) -> float:
+        """The noise multiplier one round's step is accounted at (distributed DP: its Gaussian equivalent)."""
+        if self.distributed is None:
+            return noise_multiplier
+        return self.distributed.round_sigma(noise_multiplier, shares)
 
     @property
     def protected_unit(self) -> str:
         if self.mode == "client_dp":
             return "each client's whole dataset (client-level DP)"
         return "each single training example of a client (sample-level DP)"
+
+
+def distributed_plan(
+    cfg: PrivacyConfig, noise: DistributedNoise, participation: Mapping[int, int], clients_per_round: int
+) -> PrivacyPlan:
+    """Client-level DP under SecAgg in Z_2^b: z calibrated (or given) against the rounds the busiest client joins,
+    each round priced by ``noise`` at sampling rate 1 (``privacy.distributed``)."""
+    accounting = Accounting(cfg.accountant, "poisson", cfg.delta)
+    rounds = max(participation.values(), default=0)
+    sigma = cfg.noise_multiplier
+    if cfg.epsilon > 0:
+        sigma = calibrate_distributed(cfg.epsilon, noise, rounds, accounting)
+        log.info(
+            "privacy: distributed noise multiplier %.4f calibrated to epsilon %g at delta %g (%s accountant)",
+            sigma,
+            cfg.epsilon,
+            cfg.delta,
+            cfg.accountant,
+        )
+    return PrivacyPlan(
+        mode="client_dp",
+        noise_multiplier=sigma,
+        clip_norm=cfg.clip_norm,
+        accounting=accounting,
+        rates={str(c): 1.0 for c in participation},
+        steps_per_round=1,
+        stop_at=cfg.stop_at,
+        calibrated_for=cfg.epsilon,
+        expected_clients=float(clients_per_round),
+        secure_noise=True,  # the shares always come from each client's OS CSPRNG
+        distributed=noise,
+    )
+
+
+def calibrate_distributed(target: float, noise: DistributedNoise, rounds: int, accounting: Accounting) -> float:
+    """The smallest z (to 0.1%) whose epsilon after ``rounds`` rounds is <= ``target`` even if every round kept only
+    the fewest survivors the protocol can unmask (fewer noise shares); with all K surviving epsilon ends lower."""
+
+    def spent(z: float) -> float:
+        try:
+            return epsilon([(noise.round_sigma(z, noise.fewest_survivors), 1.0, rounds)], accounting)
+        except ValueError as e:  # the field cannot hold this much noise
+            raise CalibrationError(f"privacy.epsilon: {target} needs more noise than {e}") from None
+
+    if rounds <= 0:
+        raise CalibrationError("privacy.epsilon: no client takes part in any round, so there is nothing to calibrate")
+    low, high = 0.0, 1.0
+    while spent(high) > target:
+        low, high = high, 2 * high
+    while high - low > 1e-3 * high:
+        mid = (low + high) / 2
+        low, high = (mid, high) if spent(mid) > target else (low, mid)
+    return high
 
 
 def make_plan(
@@ -132,12 +195,19 @@ class Ledger:
     histories: dict[str, list[Step]] = field(default_factory=dict)
     epsilons: dict[str, float] = field(default_factory=dict)
 
-    def after_round(self, plan: PrivacyPlan, clients: Sequence[int]) -> Ledger:
-        """The ledger once ``clients`` have taken this round's steps (client-level DP: the round itself)."""
+    def after_round(self, plan: PrivacyPlan, clients: Sequence[int], shares: int | None = None) -> Ledger:
+        """The ledger once ``clients`` have taken this round's steps (client-level DP: the round itself).
+
+        ``shares``: under distributed DP, how many noise shares the round's sum holds (its survivors; the budget
+        check assumes the fewest the protocol allows); each of ``clients`` is charged for it."""
         histories = dict(self.histories)
         epsilons = dict(self.epsilons)
-        for unit in plan.units_of_round(clients):
-            histories[unit] = add_steps(histories.get(unit, []), self.noise_multiplier, plan.rates[unit], plan.steps_per_round)
+        units = plan.units_of_round(clients)
+        if not units:
+            return self
+        sigma = plan.step_sigma(self.noise_multiplier, len(clients) if shares is None else shares)
+        for unit in units:
+            histories[unit] = add_steps(histories.get(unit, []), sigma, plan.rates[unit], plan.steps_per_round)
             epsilons[unit] = epsilon(histories[unit], plan.accounting)
         return Ledger(self.noise_multiplier, histories, epsilons)
 
@@ -168,13 +238,21 @@ def guarantee(plan: PrivacyPlan, ledger: Ledger) -> dict[str, object]:
         else "DP-FedAvg (clipped client deltas, Gaussian noise on the sum)"
     )
     sampling = "Poisson" if plan.accounting.sampling == "poisson" else "fixed-size (replace-one)"
+    if plan.distributed is not None:
+        mechanism = (
+            f"distributed discrete Gaussian under secure aggregation in Z_2^{plan.distributed.bits} (each client adds its "
+            "share from its OS CSPRNG; the server sees only the noised sum; Kairouz et al. 2021, Prop. 14)"
+        )
+        sampling = "no amplification by sampling claimed: each client is charged for every round it joined (replace-one)"
+    else:
+        sampling += " sampling"
     norm = "C" if plan.mode == "dp_sgd" else "S"
     statement = (
         f"{plan.protected_unit[0].upper()}{plan.protected_unit[1:]} is protected by ({eps:.3g}, {delta:g})-DP: "
         f"{mechanism}, noise multiplier {plan.noise_multiplier:.4g}, clip norm {norm}={plan.clip_norm:g}, "
-        f"{sampling} sampling, {plan.accounting.accountant.upper()} accountant."
+        f"{sampling}, {plan.accounting.accountant.upper()} accountant."
     )
-    if not plan.secure_noise:
+    if not plan.secure_noise and plan.distributed is None:
         statement += (
             " The noise was drawn from the run's seed (reproducible research mode): the guarantee holds "
             "only against parties who do not know it; privacy.secure_noise=true draws it from the OS CSPRNG."
@@ -185,7 +263,7 @@ def guarantee(plan: PrivacyPlan, ledger: Ledger) -> dict[str, object]:
         "epsilon": eps,
         "delta": delta,
         "accountant": plan.accounting.accountant,
-        "sampling": plan.accounting.sampling,
+        "sampling": "none" if plan.distributed is not None else plan.accounting.sampling,
         "noise_multiplier": plan.noise_multiplier,
         "clip_norm": plan.clip_norm,
         "calibrated_for_epsilon": plan.calibrated_for or None,

@@ -6,7 +6,7 @@ lands in [-1, 1]) and rounded at random to one of 2^b evenly spaced levels
 l_j = -1 + 2j / (2^b - 1): up with probability equal to its distance from the level
 below, in units of the gap. So E[Q(x)] = x exactly (Alistarh et al. 2017, QSGD; Suresh et
 al. 2017): the server's mean of quantized updates is the clients' mean plus zero-mean
-noise of variance at most (s / (2^b - 1))^2 / 4 per value and client.
+noise of variance at most gap^2 / 4 = (s / (2^b - 1))^2 per value and client (gap = 2 s / (2^b - 1)).
 
 Unlike the broadcast quantizer (NF-w, nearest level, deterministic: a client must not
 average broadcasts back to θ) this one is random on purpose; its codes are bit-packed by
@@ -23,7 +23,7 @@ import torch
 from fedlpp.quant.packing import pack_codes, packed_nbytes, unpack_codes
 from fedlpp.quant.quantizer import ceil_to_float16, check_representable
 
-UPLINK_BITS: tuple[int, ...] = (2, 4, 8)
+UPLINK_BITS: tuple[int, ...] = (2, 4, 8)  # the quantizer's widths (config.UPLINK_CHOICES adds 32: float32, no rounding)
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def stochastic_quantize(values: torch.Tensor, spec: UplinkSpec, draws: np.ndarra
     if draws.shape != (x.numel(),):
         raise ValueError(f"expected {x.numel()} uniform draws, got shape {draws.shape}")
     blocks = _blocks(x, spec)
-    scales = ceil_to_float16(blocks.abs().amax(dim=1) if blocks.shape[1] else torch.zeros(blocks.shape[0]))
+    scales = ceil_to_float16(blocks.abs().amax(dim=1))
     divisor = torch.where(scales == 0, torch.ones_like(scales), scales).to(torch.float64)
     position = (blocks.to(torch.float64) / divisor[:, None] + 1.0) * (spec.intervals / 2.0)  # in [0, 2^b - 1]
     position = position.reshape(-1)[: x.numel()].clamp_(0, spec.intervals)

@@ -1,0 +1,51 @@
+"""The discrete Gaussian sampler draws what it should, and the distributed-DP bound behaves as its paper says."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+from fedlpp.privacy import discrete_gaussian as dg
+from fedlpp.privacy.randomness import SeededRandomness, SystemRandomness
+
+
+def pmf(sigma: float, support: np.ndarray) -> np.ndarray:
+    wide = np.arange(-60 * math.ceil(sigma) - 60, 60 * math.ceil(sigma) + 61)
+    norm = np.exp(-(wide**2) / (2 * sigma**2)).sum()
+    return np.exp(-(support**2) / (2 * sigma**2)) / norm
+
+
+@pytest.mark.parametrize("sigma", [0.6, 1.5, 4.0])
+def test_the_draws_follow_the_discrete_gaussian(sigma):
+    draws = dg.sample(60_000, sigma, SeededRandomness(1))
+    assert draws.dtype == np.int64
+    edge = math.ceil(3 * sigma)
+    support = np.arange(-edge, edge + 1)
+    observed = np.array([np.count_nonzero(draws == k) for k in support] + [np.count_nonzero(np.abs(draws) > edge)])
+    expected = np.append(pmf(sigma, support), 1 - pmf(sigma, support).sum()) * draws.size
+    assert chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_large_sigma_has_the_continuous_variance_and_the_os_generator_works():
+    draws = dg.sample(200_000, 300.0, SystemRandomness())
+    assert abs(draws.mean()) < 5 * 300 / math.sqrt(draws.size)
+    assert draws.std() == pytest.approx(300.0, rel=0.01)
+
+
+def test_the_sum_bound_tends_to_the_gaussians_and_tau_vanishes_with_sigma():
+    assert dg.tau(0.5, 10) > 0.05 and dg.tau(3.0, 10) < 1e-30
+    # Large sigma: rho -> Delta^2 / (2 n sigma^2), the continuous Gaussian's.
+    assert dg.sum_rho(2.0 * 1000, 1000.0 / math.sqrt(4), 4, 460_800) == pytest.approx(2.0, rel=1e-9)
+    assert dg.gaussian_equivalent(2.0) == pytest.approx(0.5)
+    # Small sigma: the tau term makes it strictly worse than the continuous bound.
+    assert dg.sum_rho(2.0, 0.6, 4, 1000) > 0.5 * (2.0 / (2 * 0.6)) ** 2
+
+
+def test_rounding_keeps_a_norm_within_the_conditional_bound():
+    assert dg.rounded_norm_bound(1000.0, 100) < 1000.0 + math.sqrt(100)
+    assert dg.rounded_norm_bound(0.0, 100) == pytest.approx(min(10.0, math.sqrt(25 + math.sqrt(1.0) * 5)))
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        dg.sample(3, 0.0, SeededRandomness(0))

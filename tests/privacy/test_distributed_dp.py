@@ -1,0 +1,129 @@
+"""Distributed DP under SecAgg in a small field: priced by the discrete Gaussian's bound, which meets the central
+Gaussian's as the field grows; every round charged for the shares its sum really holds; the noise comes from the OS."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedlpp import rundir
+from fedlpp.algorithms import rotation as rot
+from fedlpp.algorithms import secure as sec
+from fedlpp.algorithms.spec import get_algorithm
+from fedlpp.config import SecAggConfig, load_config
+from fedlpp.engine.local import run_experiment
+from fedlpp.engine.setup import secagg_params
+from fedlpp.privacy.accountant import LedgerAccountant
+from fedlpp.privacy.accounting import Accounting, epsilon
+from fedlpp.privacy.distributed import DistributedNoise
+from fedlpp.privacy.plan import distributed_plan
+from fedlpp.privacy.randomness import SeededRandomness
+from fedlpp.quant import QuantSpec
+from fedlpp.secagg import AggregateResult
+
+CENTRAL = Accounting("rdp", "fixed", 1e-5, population=4)  # central client-level DP, all 4 clients every round
+RATE_ONE = Accounting("rdp", "poisson", 1e-5)
+
+
+@pytest.mark.parametrize(("bits", "within"), [(16, 0.03), (20, 1e-3), (24, 1e-4)])
+def test_epsilon_meets_the_central_gaussians_as_the_field_grows(bits, within):
+    noise = DistributedNoise(bits, 4, 1.0, (460_800,), 4)
+    for z in (0.8, 1.6):
+        central = epsilon([(z, 1.0, 10)], CENTRAL)
+        distributed = epsilon([(noise.round_sigma(z, 4), 1.0, 10)], RATE_ONE)
+        assert central <= distributed <= central * (1 + within)
+
+
+def test_a_round_with_fewer_shares_costs_more_and_calibration_covers_the_fewest():
+    noise = DistributedNoise(16, 4, 1.0, (3000,), fewest_survivors=3)
+    assert noise.round_sigma(1.0, 3) < noise.round_sigma(1.0, 4)
+    cfg = load_config(None, ["privacy.mode=client_dp", "privacy.epsilon=6", "privacy.delta=1e-3"]).privacy
+    plan = distributed_plan(cfg, noise, {0: 5, 1: 5, 2: 5, 3: 5}, 4)
+    worst = LedgerAccountant.replayed(plan, [[0, 1, 2]] * 5)  # every round lost client 3
+    assert worst.ledger.epsilon == pytest.approx(6.0, rel=0.01) and worst.ledger.epsilon <= 6.0 + 1e-9
+    none_lost = LedgerAccountant.replayed(plan, [[0, 1, 2, 3]] * 5)
+    assert none_lost.ledger.epsilon < worst.ledger.epsilon
+
+
+def test_the_accountant_charges_the_survivors_it_is_told_of():
+    noise = DistributedNoise(16, 4, 1.0, (3000,), fewest_survivors=3)
+    cfg = load_config(None, ["privacy.mode=client_dp", "privacy.noise_multiplier=1.5", "privacy.delta=1e-3"]).privacy
+    accountant = LedgerAccountant.start(distributed_plan(cfg, noise, dict.fromkeys(range(4), 3), 4))
+    assert accountant.admit(1, [0, 1, 2, 3]) is None
+    accountant.commit([0, 1, 3])  # client 2 dropped out: it is not charged, the others are at 3 shares
+    assert set(accountant.ledger.epsilons) == {"0", "1", "3"}
+    expected = epsilon([(noise.round_sigma(1.5, 3), 1.0, 1)], plan_accounting := accountant.plan.accounting)
+    assert accountant.ledger.epsilons["0"] == pytest.approx(expected) and plan_accounting.sampling == "poisson"
+
+
+def field_encoding(bits: int = 16, noise_multiplier: float = 1.0) -> sec.SecureEncoding:
+    cfg = SecAggConfig(modulus_bits=bits)
+    rotation = rot.Rotation(bits, 4, 1.0, seed=3, noise_multiplier=noise_multiplier)
+    return sec.SecureEncoding(secagg_params(cfg, 4), 1, rotation)
+
+
+def test_each_client_adds_a_discrete_gaussian_share_from_the_os(monkeypatch):
+    drawn = []
+
+    class Recording(sec.SystemRandomness):
+        def uniform(self, n):
+            drawn.append(n)
+            return super().uniform(n)
+
+    monkeypatch.setattr(sec, "SystemRandomness", Recording)
+    encoding = field_encoding()
+    delta = {"a.lora_A.weight": torch.zeros(8, 100), "a.lora_B.weight": torch.zeros(100, 8)}
+    one = sec.RotatedInput(encoding, seed=0, secure=False)(delta, 1, 1, 0)
+    two = sec.RotatedInput(encoding, seed=0, secure=False)(delta, 1, 1, 0)
+    assert drawn, "the noise share came from the OS CSPRNG"
+    assert not np.array_equal(one, two), "the same seed does not give the same noise"
+    share_std = encoding.rotation.local_std(1600)
+    assert np.std(one[:-1]) == pytest.approx(share_std, rel=0.1) and one[-1] == 1
+
+
+def test_the_server_tops_up_the_missing_shares_and_divides_by_the_expected_count():
+    encoding = field_encoding()
+    spec = get_algorithm("fedavg_lora", QuantSpec(2))
+    adapter = {"a.lora_A.weight": torch.zeros(8, 100), "a.lora_B.weight": torch.zeros(100, 8)}
+    rotation = encoding.rotation
+    shares = [rotation.encode(np.zeros(1600), 1, SeededRandomness(k), SeededRandomness(10 + k)) for k in range(3)]
+    total = np.append(np.mod(sum(shares) + rotation.half_field, 2 * rotation.half_field) - rotation.half_field, 3)
+    notes: dict = {}
+    out = sec.RotatedMean(encoding)(spec, adapter, AggregateResult(np.zeros(1601, np.uint32), total, (0, 1, 2), ()), 1, notes)
+    assert notes["dp_noise_topped_up"] == {"survivors": 3, "expected": 4} and "refused" not in notes
+    noise = torch.cat([t.reshape(-1) for t in out.mean_delta.values()]).double()
+    assert float(noise.std()) == pytest.approx(1.0 * 1.0 / 4, rel=0.1), "z c / K: the whole noise over the public count"
+
+
+@pytest.mark.integration
+def test_a_distributed_dp_run_reports_its_guarantee_and_resumes_with_the_same_ledger(tmp_path):
+    cfg = [
+        "model.name=tiny-llama",
+        "model.max_length=48",
+        "data.num_train=80",
+        "data.num_eval=3",
+        "eval.max_new_tokens=3",
+        "eval.every=3",
+        "algorithm.name=fedavg_lora",
+        "fl.num_clients=4",
+        "fl.clients_per_round=4",
+        "fl.local_steps=2",
+        "secagg.enabled=true",
+        "secagg.modulus_bits=16",
+        "secagg.threshold=1.0",
+        "privacy.mode=client_dp",
+        "privacy.noise_multiplier=2",
+        "privacy.delta=0.0625",
+        "seed=0",
+    ]
+    run_experiment(load_config(None, [*cfg, "fl.rounds=2"]), tmp_path / "run", progress=False)
+    run_experiment(rundir.resumed_config(tmp_path / "run", ["fl.rounds=3"]), tmp_path / "run", resume=True, progress=False)
+    rows = rundir.read_metrics(tmp_path / "run")
+    assert [r["secagg_survivors"] for r in rows] == [[0, 1, 2, 3]] * 3
+    assert 0 < rows[0]["epsilon"] < rows[1]["epsilon"] < rows[2]["epsilon"]
+    summary = json.loads((tmp_path / "run" / rundir.SUMMARY).read_text())["privacy"]
+    assert "distributed discrete Gaussian under secure aggregation in Z_2^16" in summary["statement"]
+    assert summary["sampling"] == "none" and summary["epsilon"] == rows[-1]["epsilon"]

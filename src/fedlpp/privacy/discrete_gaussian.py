@@ -44,7 +44,7 @@ def sample(count: int, sigma: float, rng: Randomness) -> np.ndarray:
     filled = 0
     while filled < count:
         want = count - filled
-        tries = 2 * want + 16  # about 1 / (acceptance >= 0.6) draws per value, and a few spare
+        tries = math.ceil(want / 0.6) + 16  # a try is kept with probability 0.63 to 0.76 (measured, sigma 0.7 to 1300)
         u = rng.uniform(3 * tries).reshape(3, tries)
         laplace = np.floor(-t * np.log1p(-u[0])) - np.floor(-t * np.log1p(-u[1]))
         keep = u[2] < np.exp(-((np.abs(laplace) - sigma**2 / t) ** 2) / (2 * sigma**2))

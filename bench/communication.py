@@ -13,7 +13,8 @@ FedAvg+LoRA in float32 ("down x": whole message; "data x": tensor bytes only, he
 on both sides; "up x": the uplink, float32 or ``uplink.bits`` b-bit stochastic rounding with a
 float16 scale per 64 values, whose rounding draws come from a seeded generator here; and under
 SecAgg in Z_2^b (``secagg.modulus_bits``) every byte a client sends in one real protocol round
-of 3 clients, divided by 3). The theory column is the payload alone, w + 16/group bits per value (w=1
+of 3 clients, divided by 3; distributed DP adds each client's discrete Gaussian share before
+masking, which changes no byte count). The theory column is the payload alone, w + 16/group bits per value (w=1
 ternary is packed 5 trits per byte, i.e. 1.6 bits: the "packed" column); the difference to the
 measured bits/value is the safetensors header (tensor index + message metadata JSON).
 """
@@ -55,6 +56,7 @@ TARGETS = {"fedlpp": 0.075, "fedlpp_ffa": 0.04}  # downlink / FedAvg+LoRA at w=2
 UPLINK_BITS = (8, 4, 2)  # uplink.bits rows, for FedAvg+LoRA and FedLPP+FFA w=2 block 64
 UPLINK_TARGETS = {"fedavg_lora": (4, 0.15)}  # uplink / FedAvg+LoRA float32 at b=4 (issue: plain uplink compression)
 SECAGG_BITS = {32: None, 16: 0.55, 12: 0.42}  # secagg.modulus_bits -> the uplink target (x FedAvg+LoRA float32)
+DISTRIBUTED = (16, 1.0)  # distributed DP's row: the field's bits and the noise multiplier z (clip norm 1)
 SECAGG_CLIENTS = 3  # the fewest SecAgg allows: each client's share of the protocol's messages is then largest
 
 
@@ -226,9 +228,11 @@ def secagg_uplink(adapter: Adapter, up_reference: int) -> dict[str, dict[str, ob
     spec = get_algorithm("fedavg_lora", QuantSpec(bits=2), "mean", 1.0)
     shapes = {n: tuple(t.shape) for n, t in adapter.items()}
     table: dict[str, dict[str, object]] = {}
-    for bits, limit in SECAGG_BITS.items():
+    configurations = [(bits, limit, 0.0) for bits, limit in SECAGG_BITS.items()] + [(DISTRIBUTED[0], None, DISTRIBUTED[1])]
+    for bits, limit, z in configurations:
         params = secagg_params(SecAggConfig(modulus_bits=bits), SECAGG_CLIENTS)
-        rotation = Rotation(bits, SECAGG_CLIENTS, SecAggConfig().l2_bound, SEED) if bits < 32 else None
+        bound = 1.0 if z else SecAggConfig().l2_bound  # under DP the bound is privacy.clip_norm
+        rotation = Rotation(bits, SECAGG_CLIENTS, bound, SEED, z) if bits < 32 else None
         encoding = SecureEncoding(params, 1, rotation)
         encode = RotatedInput(encoding, SEED, False) if rotation else SecureInput(encoding)
         combiner = RotatedMean(encoding) if rotation else SecureMean(encoding)
@@ -237,7 +241,7 @@ def secagg_uplink(adapter: Adapter, up_reference: int) -> dict[str, dict[str, ob
         outcome = secure_aggregate(make_aggregator(encoding, SECAGG_CLIENTS), spec, adapter, inputs, ROUND, combiner)
         assert outcome.adapter is not None, outcome.notes
         up = outcome.bytes_up / SECAGG_CLIENTS
-        key = f"fedavg_lora secagg {bits}-bit"
+        key = f"fedavg_lora {'distributed DP' if z else 'secagg'} {bits}-bit"
         table[key] = {"up_bytes": up, "uplink_ratio": up / up_reference}
         if limit is not None:
             table[key].update({"limit": limit, "holds": up / up_reference <= limit})

@@ -81,3 +81,19 @@ def test_secagg_in_a_16_bit_field_is_the_same_on_every_engine_and_within_its_rou
     # Every byte is counted from the messages: the only difference is each masked input, 4 bytes a value against 2.
     values = dim + 1  # the delta and the weight coordinate
     assert full_row["bytes_up"] - row["bytes_up"] == 3 * (4 * values - -(-values * 16 // 8))
+
+
+def test_distributed_dp_over_the_flower_apps_sends_and_accounts_as_the_local_engine(tmp_path):
+    """The noise shares are random (OS CSPRNG), so the adapters differ; the bytes, the survivors and every epsilon
+    — computed by the server from the same plan — are the local engine's."""
+    private = load_config(
+        None,
+        [*SECURE, "fl.num_clients=4", "fl.clients_per_round=4", "fl.rounds=2", "secagg.modulus_bits=16"]
+        + ["secagg.threshold=1.0", "privacy.mode=client_dp", "privacy.epsilon=10", "privacy.delta=0.0625"],
+    )
+    run_experiment(private, tmp_path / "local", progress=False)
+    serve_on_grid(LoopbackGrid(simulated_nodes(4)), private, tmp_path / "flower")
+    local, flower = rundir.read_metrics(tmp_path / "local"), rundir.read_metrics(tmp_path / "flower")
+    for key in ("bytes_up", "bytes_down", "secagg_survivors", "epsilon"):
+        assert [r[key] for r in local] == [r[key] for r in flower], key
+    assert 0 < local[-1]["epsilon"] <= 10

@@ -123,21 +123,7 @@ def run_deployment(overrides: list[str], work: Path) -> dict[str, object]:
         federation.start_superlink()
         for k in range(cfg.fl.num_clients):
             federation.start_node(k, work / f"client-{k}.jsonl", client_id=k)
-        timed(
-            [
-                *FEDLPP,
-                "deploy",
-                "run",
-                "--superlink",
-                federation.connection.superlink,
-                "--ca",
-                str(federation.ca),
-                "--config",
-                str(work / "experiment.toml"),
-                "--out",
-                str(work / "run"),
-            ]
-        )
+        timed(federation.run_command(work / "experiment.toml", work / "run"))
         total = time.perf_counter() - start
         logs = [federation.log(f"node-{k}") for k in range(cfg.fl.num_clients)]
     row: dict[str, object] = dict(figures(total, work / "run"))

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from flower_harness import LoopbackGrid, simulated_nodes
+from test_flower_engine import TINY as FLOWER_TINY
 
 from fedlpp import rundir
 from fedlpp.algorithms import round as rnd
@@ -20,22 +21,7 @@ from fedlpp.quant.stochastic import UplinkSpec
 
 pytestmark = pytest.mark.integration
 
-TINY = [
-    "model.name=tiny-llama",
-    "model.max_length=48",
-    "data.num_train=120",
-    "data.num_eval=3",
-    "fl.num_clients=4",
-    "fl.clients_per_round=2",
-    "fl.local_steps=3",
-    "train.batch_size=4",
-    "train.lr=0.02",
-    "eval.every=2",
-    "eval.max_new_tokens=3",
-    "fl.rounds=2",
-    "seed=0",
-    "flower.connect_timeout=2",
-]
+TINY = [*FLOWER_TINY, "eval.every=2", "fl.rounds=2"]
 
 
 def test_every_engine_sends_the_same_compressed_bytes_and_ends_with_the_same_adapter(tmp_path):
@@ -86,11 +72,8 @@ def test_secagg_in_a_16_bit_field_is_the_same_on_every_engine_and_within_its_rou
 def test_distributed_dp_over_the_flower_apps_sends_and_accounts_as_the_local_engine(tmp_path):
     """The noise shares are random (OS CSPRNG), so the adapters differ; the bytes, the survivors and every epsilon
     — computed by the server from the same plan — are the local engine's."""
-    private = load_config(
-        None,
-        [*SECURE, "fl.num_clients=4", "fl.clients_per_round=4", "fl.rounds=2", "secagg.modulus_bits=16"]
-        + ["secagg.threshold=1.0", "privacy.mode=client_dp", "privacy.epsilon=10", "privacy.delta=0.0625"],
-    )
+    field = ["fl.num_clients=4", "fl.clients_per_round=4", "fl.rounds=2", "secagg.modulus_bits=16", "secagg.threshold=1.0"]
+    private = load_config(None, [*SECURE, *field, "privacy.mode=client_dp", "privacy.epsilon=10", "privacy.delta=0.0625"])
     run_experiment(private, tmp_path / "local", progress=False)
     serve_on_grid(LoopbackGrid(simulated_nodes(4)), private, tmp_path / "flower")
     local, flower = rundir.read_metrics(tmp_path / "local"), rundir.read_metrics(tmp_path / "flower")

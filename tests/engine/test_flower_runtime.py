@@ -69,21 +69,7 @@ def test_warm_nodes_load_the_model_once_and_a_deployed_run_equals_the_local_engi
         rogue = federation.start_node(2, tmp_path / "client-1.jsonl", register=False)
         out, audit = tmp_path / "run", tmp_path / "audit"
         submit = subprocess.run(
-            [
-                *FEDLPP,
-                "deploy",
-                "run",
-                "--superlink",
-                federation.connection.superlink,
-                "--ca",
-                str(federation.ca),
-                "--config",
-                str(tmp_path / "experiment.toml"),
-                "--out",
-                str(out),
-                "--audit",
-                str(audit),
-            ],
+            federation.run_command(tmp_path / "experiment.toml", out, audit),
             capture_output=True,
             text=True,
             timeout=240,
@@ -268,21 +254,7 @@ def test_eight_nodes_under_secagg_plus_lose_one_mid_round_as_the_simulation_does
         federation.start_superlink()
         nodes = [federation.start_node(k, tmp_path / f"client-{k}.jsonl", client_id=k, threads=1) for k in range(8)]
         submit = subprocess.Popen(
-            [
-                *FEDLPP,
-                "deploy",
-                "run",
-                "--superlink",
-                federation.connection.superlink,
-                "--ca",
-                str(federation.ca),
-                "--config",
-                str(tmp_path / "experiment.toml"),
-                "--out",
-                str(out),
-                "--audit",
-                str(audit),
-            ],
+            federation.run_command(tmp_path / "experiment.toml", out, audit),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -57,23 +56,7 @@ def test_a_modified_node_process_cannot_move_the_secure_sum_and_the_run_goes_on(
             federation.start_node(k, tmp_path / f"client-{k}.jsonl", client_id=k, threads=1)
         federation.start_node(2, tmp_path / "client-2.jsonl", client_id=2, threads=1, launcher=[str(HOSTILE_NODE)])
         submit = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "fedlpp.cli",
-                "deploy",
-                "run",
-                "--superlink",
-                federation.connection.superlink,
-                "--ca",
-                str(federation.ca),
-                "--config",
-                str(tmp_path / "experiment.toml"),
-                "--out",
-                str(out),
-                "--audit",
-                str(audit),
-            ],
+            federation.run_command(tmp_path / "experiment.toml", out, audit),
             capture_output=True,
             text=True,
             timeout=400,

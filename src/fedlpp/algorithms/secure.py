@@ -171,9 +171,7 @@ class RotatedMean:
                 f"{rotation.l2_bound:g} can reach ({bound:.4g}): a node sent more, or the sum wrapped around the field"
             )
         if reason is not None:
-            log.warning("round %d: secure aggregation: %s; the global adapter is unchanged", round_, reason)
-            notes["refused"] = reason
-            return rnd.Combined(None, (), {})
+            return _refused(round_, reason, notes)
         mean = (total / (rotation.clients if rotation.noise_multiplier else survivors)).astype(np.float32)
         return rnd.Combined(unflatten(torch.from_numpy(mean), layout), tuple(inputs.survivors), {})
 
@@ -190,6 +188,13 @@ def _topped_up_integers(integers: np.ndarray, rotation: Rotation, survivors: int
     log.warning("secure aggregation: %d of %d clients survived; the server adds the missing noise", survivors, rotation.clients)
     std = rotation.local_std(integers.size) * math.sqrt(missing)
     return integers + discrete_gaussian.sample(integers.size, std, SystemRandomness())
+
+
+def _refused(round_: int, reason: str, notes: dict[str, Any]) -> rnd.Combined:
+    """A sum the server will not use: logged and noted with its reason; the global adapter is unchanged."""
+    log.warning("round %d: secure aggregation: %s; the global adapter is unchanged", round_, reason)
+    notes["refused"] = reason
+    return rnd.Combined(None, (), {})
 
 
 def _rotation_of(encoding: SecureEncoding) -> Rotation:
@@ -218,9 +223,7 @@ class SecureMean:
         weighted_sum, total_weight = split_weight(result.values, self.encoding.params)
         beyond = _beyond(weighted_sum, self.encoding.params, len(result.survivors))
         if beyond is not None:
-            log.warning("round %d: secure aggregation: %s; the global adapter is unchanged", round_, beyond)
-            notes["refused"] = beyond
-            return rnd.Combined(None, (), {})
+            return _refused(round_, beyond, notes)
         if self.noise is None:
             survivors = len(result.survivors)
             if not survivors <= total_weight <= survivors * self.encoding.weight_bound:
@@ -229,9 +232,7 @@ class SecureMean:
                     f"the survivors' total weight {total_weight} is outside [{survivors}, {survivors} x "
                     f"{self.encoding.weight_bound}]: a client sent a weight it does not have"
                 )
-                log.warning("round %d: secure aggregation: %s; the global adapter is unchanged", round_, reason)
-                notes["refused"] = reason
-                return rnd.Combined(None, (), {})
+                return _refused(round_, reason, notes)
             total, factor = weighted_sum, self.encoding.weight_bound / total_weight
         else:
             total, factor = _topped_up(weighted_sum, self.noise, len(result.survivors), notes), 1.0 / self.noise.denominator

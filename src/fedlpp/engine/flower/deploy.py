@@ -480,6 +480,21 @@ class LocalDeployment:
     def log(self, name: str) -> str:
         return (self.directory / f"{name}.log").read_text(errors="replace")
 
+    def run_command(self, config: Path, out: Path, audit: Path | None = None) -> list[str]:
+        """``fedlpp deploy run`` of ``config`` on this federation, as a command line."""
+        command = [
+            sys.executable,
+            *FEDLPP_MODULE,
+            "deploy",
+            "run",
+            "--superlink",
+            self.connection.superlink,
+            "--ca",
+            str(self.ca),
+        ]
+        command += ["--config", str(config), "--out", str(out)]
+        return command + (["--audit", str(audit)] if audit is not None else [])
+
     def _start(self, args: list[str], name: str, launcher: Sequence[str] = FEDLPP_MODULE) -> subprocess.Popen:
         with (self.directory / f"{name}.log").open("wb") as log:
             p = subprocess.Popen(

@@ -111,7 +111,22 @@ def test_the_server_refuses_a_forged_weight_or_a_sum_longer_than_the_survivors_c
     assert "more than 3 updates within secagg.l2_bound=1 can reach" in mean_of(loud)[1]["refused"]
 
 
-def test_an_update_that_is_not_finite_drops_out_instead_of_stopping_the_run():
+def test_an_update_that_is_not_finite_takes_part_as_zero():
+    """Neither stopping the run nor dropping out (which would tell the server something about that client's data)."""
     _, _, encoding = mean_of(np.zeros(601))
     delta = {"layer.lora_A.weight": torch.full((10, 30), float("nan")), "layer.lora_B.weight": torch.zeros(30, 10)}
-    assert RotatedInput(encoding, seed=0, secure=False)(delta, 1, 1, 0) is None
+    sent = RotatedInput(encoding, seed=0, secure=False)(delta, 1, 1, 0)
+    assert sent is not None and not sent[:-1].any() and sent[-1] == 1
+
+
+def test_conditional_rounding_keeps_the_norm_the_accounting_assumes():
+    from fedlpp.privacy.discrete_gaussian import rounded_norm_bound
+
+    r = rot.Rotation(16, 4, 1.0, seed=1, noise_multiplier=1.0)
+    x = updates(1, norm=1.0)[0]
+    x /= np.linalg.norm(x)  # at the bound, where rounding is most likely to pass it
+    s = r.scale(D)
+    bound = rounded_norm_bound(1.0 * s, D)
+    for k in range(50):
+        rounded = r._round(rot.rotate(x, r.signs(k, D)) * s, SeededRandomness(k))
+        assert np.linalg.norm(rounded) <= bound

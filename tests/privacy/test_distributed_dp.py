@@ -14,9 +14,11 @@ from fedlpp.algorithms import rotation as rot
 from fedlpp.algorithms import secure as sec
 from fedlpp.algorithms.spec import get_algorithm
 from fedlpp.config import SecAggConfig, load_config
+from fedlpp.engine import local as local_engine
 from fedlpp.engine.local import run_experiment
-from fedlpp.engine.setup import secagg_params
-from fedlpp.privacy.accountant import LedgerAccountant
+from fedlpp.engine.setup import build_run, secagg_params
+from fedlpp.engine.transport import MessageError
+from fedlpp.privacy.accountant import LEDGER_KEY, LedgerAccountant
 from fedlpp.privacy.accounting import Accounting, epsilon
 from fedlpp.privacy.distributed import DistributedNoise
 from fedlpp.privacy.plan import distributed_plan
@@ -98,32 +100,57 @@ def test_the_server_tops_up_the_missing_shares_and_divides_by_the_expected_count
     assert float(noise.std()) == pytest.approx(1.0 * 1.0 / 4, rel=0.1), "z c / K: the whole noise over the public count"
 
 
+TINY_DP = [
+    "model.name=tiny-llama",
+    "model.max_length=48",
+    "data.num_train=80",
+    "data.num_eval=3",
+    "eval.max_new_tokens=3",
+    "eval.every=3",
+    "algorithm.name=fedavg_lora",
+    "fl.num_clients=4",
+    "fl.clients_per_round=4",
+    "fl.local_steps=2",
+    "secagg.enabled=true",
+    "secagg.modulus_bits=16",
+    "privacy.delta=0.0625",
+    "seed=0",
+]
+
+
 @pytest.mark.integration
-def test_a_distributed_dp_run_reports_its_guarantee_and_resumes_with_the_same_ledger(tmp_path):
-    cfg = [
-        "model.name=tiny-llama",
-        "model.max_length=48",
-        "data.num_train=80",
-        "data.num_eval=3",
-        "eval.max_new_tokens=3",
-        "eval.every=3",
-        "algorithm.name=fedavg_lora",
-        "fl.num_clients=4",
-        "fl.clients_per_round=4",
-        "fl.local_steps=2",
-        "secagg.enabled=true",
-        "secagg.modulus_bits=16",
-        "secagg.threshold=1.0",
-        "privacy.mode=client_dp",
-        "privacy.noise_multiplier=2",
-        "privacy.delta=0.0625",
-        "seed=0",
-    ]
-    run_experiment(load_config(None, [*cfg, "fl.rounds=2"]), tmp_path / "run", progress=False)
+def test_a_distributed_dp_run_charges_its_survivors_and_resumes_with_the_same_ledger(tmp_path, monkeypatch):
+    """Client 2 fails in round 2: that round's sum holds 3 shares (the fewest 4 clients with threshold 0.6 can
+    unmask), client 2 is not charged for it and the others are at 3 shares; the resumed run replays exactly that."""
+    calls: dict[int, int] = {}
+    real_step = local_engine.client_step
+
+    def failing(model, payload, data, recipe, on_step=None):
+        calls[data.client_id] = calls.get(data.client_id, 0) + 1
+        if (data.client_id, calls[data.client_id]) == (2, 2):
+            raise MessageError("client 2 fails on purpose")
+        return real_step(model, payload, data, recipe, on_step)
+
+    monkeypatch.setattr(local_engine, "client_step", failing)
+    cfg = load_config(None, [*TINY_DP, "privacy.mode=client_dp", "privacy.noise_multiplier=2", "fl.rounds=2"])
+    assert build_run(cfg).server.privacy.distributed.fewest_survivors == 3
+    run_experiment(cfg, tmp_path / "run", progress=False)
     run_experiment(rundir.resumed_config(tmp_path / "run", ["fl.rounds=3"]), tmp_path / "run", resume=True, progress=False)
     rows = rundir.read_metrics(tmp_path / "run")
-    assert [r["secagg_survivors"] for r in rows] == [[0, 1, 2, 3]] * 3
+    assert [r["secagg_survivors"] for r in rows] == [[0, 1, 2, 3], [0, 1, 3], [0, 1, 2, 3]]
     assert 0 < rows[0]["epsilon"] < rows[1]["epsilon"] < rows[2]["epsilon"]
     summary = json.loads((tmp_path / "run" / rundir.SUMMARY).read_text())["privacy"]
     assert "distributed discrete Gaussian under secure aggregation in Z_2^16" in summary["statement"]
     assert summary["sampling"] == "none" and summary["epsilon"] == rows[-1]["epsilon"]
+    ledger = rundir.load_checkpoint_metadata(tmp_path / "run")[LEDGER_KEY]
+    histories = json.loads(ledger)["histories"]
+    assert sum(steps for _, _, steps in histories["2"]) == 2 and sum(steps for _, _, steps in histories["0"]) == 3
+
+
+@pytest.mark.integration
+def test_dp_sgd_in_a_small_field_is_sample_level_dp_not_distributed(tmp_path):
+    cfg = load_config(None, [*TINY_DP, "privacy.mode=dp_sgd", "privacy.noise_multiplier=1", "fl.rounds=1", "train.batch_size=4"])
+    run_experiment(cfg, tmp_path / "run", progress=False)
+    summary = json.loads((tmp_path / "run" / rundir.SUMMARY).read_text())["privacy"]
+    assert "DP-SGD on every client" in summary["statement"] and "distributed" not in summary["statement"]
+    assert summary["unit"].startswith("each single training example")

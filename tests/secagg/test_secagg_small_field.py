@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from secagg_harness import flip, make_round
 
-from fedlpp.secagg import SecAggError, SecAggParams, decode_sum
+from fedlpp.secagg import SecAggAbort, SecAggError, SecAggParams, decode_sum
+from fedlpp.secagg import server as server_module
 from fedlpp.secagg import wire as swire
 from fedlpp.secagg.params import SecAggParamsError
 from fedlpp.secagg.wire import HEADER_BYTES
@@ -94,3 +97,19 @@ def test_a_sum_that_may_wrap_is_only_for_a_small_field_whose_range_holds_one_val
         SecAggParams(scale=1.0, clip_range=2.0**31, modulus_bits=32, sum_may_wrap=True)
     with pytest.raises(SecAggParamsError, match="beyond the field"):
         SecAggParams(scale=1.0, clip_range=2049.0, modulus_bits=12, sum_may_wrap=True)
+
+
+def test_no_sum_of_fewer_than_min_survivors_is_unmasked_and_clients_refuse_to_sign_one(monkeypatch):
+    """Distributed DP is priced for at least min_survivors noise shares: the server aborts below it, and a client
+    shown such a view (by a server that skipped the check) refuses to sign."""
+    params = dataclasses.replace(small(16, clients=5), min_survivors=5)
+    rnd = make_round(5, dim=20, params=params)
+    routed = rnd.share(rnd.advertise())
+    with pytest.raises(SecAggAbort, match="survivors \\(secagg min_survivors\\)"):
+        rnd.mask(routed, skip=[4])
+    lenient = make_round(5, dim=20, params=params)
+    monkeypatch.setattr(server_module, "_require", lambda *args: None)  # a server that does not check
+    views = lenient.mask(lenient.share(lenient.advertise()), skip=[4])
+    monkeypatch.undo()
+    with pytest.raises(SecAggAbort, match="ConsistencyCheck"):
+        lenient.clients[0].sign_survivors(views[0])

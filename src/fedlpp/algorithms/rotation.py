@@ -28,9 +28,10 @@ round, and the run says at start which s, which bound, and what rounding costs.
 **Distributed DP** (``noise_multiplier`` z > 0, client-level DP under SecAgg): the rounding
 is conditional (redrawn until the rounded vector's norm is within the bound the accounting
 uses, ``privacy.discrete_gaussian.rounded_norm_bound``) and each client adds
-N_Z(0, sigma_l^2) to each value, K sigma_l^2 = (z c s)^2, from the OS CSPRNG: the sum carries
-the whole noise and the server never sees a less noisy value (step 5 of the paper's
-mechanism, before the wrap).
+N_Z(0, sigma_l^2) to each value, K sigma_l^2 = (z c s)^2, from the OS CSPRNG (step 5 of the
+paper's mechanism, before the wrap): a sum of m survivors carries m shares, and the server
+(honest-but-curious, trusted for sigma, K and the survivor list) sees no less noise than that;
+the accounting charges for m, and the protocol refuses sums of fewer than it was priced for.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ from fedlpp.secagg.field import OVERFLOW_TARGET, choose_scale, overflow_probabil
 from fedlpp.seeding import derive_seed
 
 __all__ = ["OVERFLOW_TARGET", "Rotation", "choose_scale", "describe", "overflow_probability", "rotate", "unrotate"]
+
+
+MAX_ROUNDING_TRIES = 100  # conditional rounding fails this often with probability <= e^-50
 
 
 @dataclass(frozen=True)
@@ -93,10 +97,11 @@ class Rotation:
         """Unbiased randomized rounding; under DP redrawn until within the norm the accounting assumes."""
         bound = discrete_gaussian.rounded_norm_bound(self.l2_bound * self.scale(scaled.size), scaled.size)
         below = np.floor(scaled)
-        while True:
+        for _ in range(MAX_ROUNDING_TRIES):  # each try succeeds with probability >= 1 - e^-1/2
             rounded = below + (rng.uniform(scaled.size) < scaled - below)
             if self.noise_multiplier == 0 or float(np.linalg.norm(rounded)) <= bound:
                 return rounded
+        raise RuntimeError(f"conditional rounding failed {MAX_ROUNDING_TRIES} times: the norm bound {bound:.6g} is wrong")
 
     def decode(self, total: np.ndarray, round_: int) -> np.ndarray:
         """The sum of the clients' updates from the signed integer sum of their encodings."""

@@ -119,8 +119,9 @@ class RotatedInput:
         layout = layout_of({n: tuple(t.shape) for n, t in delta.items()}, sorted(delta))
         flat = flatten(delta, layout).to(torch.float64).numpy()
         norm = float(np.linalg.norm(flat))
-        if not math.isfinite(norm):
-            return None  # NaN or inf: it drops out of the round, as an out-of-range input does
+        if not math.isfinite(norm):  # it still takes part (a dropout would reveal something about its data): as 0
+            log.warning("round %d: this update is not finite; client %d sends a zero update instead", round_, client_id)
+            flat, norm = np.zeros_like(flat), 0.0
         if norm > rotation.l2_bound:
             log.warning("round %d: this update's norm %.4g is scaled down to secagg.l2_bound=%g", round_, norm, rotation.l2_bound)
         rng = randomness(self.secure, derive_seed(self.seed, "secagg_rounding", round_, client_id))
@@ -141,7 +142,8 @@ class RotatedMean:
 
     Under distributed DP the sum carries the clients' noise shares: when fewer than K survive, the server adds the
     missing shares' discrete Gaussian itself (OS CSPRNG; the row says ``dp_noise_topped_up``), divides by the
-    public K, and allows the noise's norm in the check (z c (sqrt(d) + 8), beyond it with probability < 1e-13)."""
+    public K, and allows twice the noise's expected norm in the check (2 z c sqrt(d); a refused round is still
+    charged for the sum the server saw)."""
 
     encoding: SecureEncoding
 
@@ -161,7 +163,7 @@ class RotatedMean:
         total = rotation.decode(integers, round_)
         norm, bound = float(np.linalg.norm(total)), rotation.sum_bound(total.size, survivors)
         if rotation.noise_multiplier:
-            bound += rotation.noise_multiplier * rotation.l2_bound * (math.sqrt(total.size) + NOISE_NORM_TAIL)
+            bound += 2.0 * rotation.noise_multiplier * rotation.l2_bound * math.sqrt(total.size)
         reason = None
         if total_weight != survivors:
             reason = f"the survivors' total weight {total_weight} is not their number {survivors}: a client sent a weight it does not have"
@@ -174,9 +176,6 @@ class RotatedMean:
             return _refused(round_, reason, notes)
         mean = (total / (rotation.clients if rotation.noise_multiplier else survivors)).astype(np.float32)
         return rnd.Combined(unflatten(torch.from_numpy(mean), layout), tuple(inputs.survivors), {})
-
-
-NOISE_NORM_TAIL = 8.0  # ||noise|| <= std (sqrt(d) + t) but with probability exp(-t^2 / 2) (Gaussian concentration)
 
 
 def _topped_up_integers(integers: np.ndarray, rotation: Rotation, survivors: int, notes: dict[str, Any]) -> np.ndarray:

@@ -25,7 +25,7 @@ from fedlpp.algorithms.steps import ClientData, ClientRecipe, UploadError, clien
 from fedlpp.config import ExperimentConfig
 from fedlpp.engine.secure import SecAggClient
 from fedlpp.engine.server import LEDGER_KEY, serve
-from fedlpp.engine.setup import LocalRun, ServerContext, build_run, client_recipe, secagg_params
+from fedlpp.engine.setup import LocalRun, ServerContext, build_run, client_recipe, protocol_params
 from fedlpp.engine.transport import Fields, MessageError, Replies, require
 from fedlpp.models.lora import PeftModel
 from fedlpp.progress import Bar
@@ -119,7 +119,7 @@ def local_transport(run: LocalRun, on_send: OnSend | None = None) -> LocalTransp
     recipe_for = functools.lru_cache(maxsize=4)(functools.partial(_recipe, ctx))
     participant: Callable[[], Participant] = PlainUpload
     if ctx.secure is not None:
-        participant = functools.partial(SecAggClient, secagg_params(ctx.cfg.secagg, ctx.cfg.fl.clients_per_round))
+        participant = functools.partial(SecAggClient, protocol_params(ctx.cfg))
     return LocalTransport(ctx.model, [LocalClient(data, recipe_for, participant()) for data in run.clients], on_send)
 
 

@@ -214,7 +214,7 @@ def build_server(
     deployment they are what each node declared, and fl.weighting=auto weighs every client the same."""
     uniform = uniform_weighting(cfg, data_assigned)
     spec = algorithm_spec(cfg)
-    if plan is not None and cfg.secagg.enabled and cfg.secagg.modulus_bits < 32:
+    if plan is not None and distributed_dp(cfg):
         plan = distributed_plan(
             cfg.privacy, distributed_noise(cfg, side.shapes, spec), participation(cfg), cfg.fl.clients_per_round
         )
@@ -250,11 +250,9 @@ def update_sizes(shapes: Mapping[str, tuple[int, ...]], spec: AlgorithmSpec) -> 
 def distributed_noise(cfg: ExperimentConfig, shapes: Mapping[str, tuple[int, ...]], spec: AlgorithmSpec) -> DistributedNoise:
     """What prices a round of distributed DP: the field, the clients, the clip, every update size the rounds send,
     and the fewest survivors the protocol can unmask (each needs its threshold of surviving neighbours)."""
-    params = secagg_params(cfg.secagg, cfg.fl.clients_per_round)
+    params = protocol_params(cfg)
     k = cfg.fl.clients_per_round
-    dims = update_sizes(shapes, spec)
-    fewest = min(k, threshold(params, graph_degree(params, k)) + 1)
-    return DistributedNoise(cfg.secagg.modulus_bits, k, cfg.privacy.clip_norm, dims, fewest)
+    return DistributedNoise(cfg.secagg.modulus_bits, k, cfg.privacy.clip_norm, update_sizes(shapes, spec), params.min_survivors)
 
 
 def secure_encoding(cfg: ExperimentConfig, client_sizes: Sequence[int], uniform: bool = False) -> SecureEncoding:
@@ -264,7 +262,7 @@ def secure_encoding(cfg: ExperimentConfig, client_sizes: Sequence[int], uniform:
     that the weights add up to exactly the number of survivors: no node can weigh more than one.
     """
     if cfg.secagg.modulus_bits < 32:
-        return SecureEncoding(secagg_params(cfg.secagg, cfg.fl.clients_per_round), 1, rotation(cfg, rotation_seed(cfg)))
+        return SecureEncoding(protocol_params(cfg), 1, rotation(cfg, rotation_seed(cfg)))
     # Each input carries its weight (the client's number of examples; 1 under client-level DP) as a
     # coordinate that must encode within clip_range * 2^scale_bits: beyond it every client drops out.
     weight = 1 if cfg.privacy.mode == "client_dp" or uniform else max(client_sizes)
@@ -276,7 +274,26 @@ def secure_encoding(cfg: ExperimentConfig, client_sizes: Sequence[int], uniform:
             "would abort; raise secagg.clip_range or secagg.scale_bits"
         )
     # max_clients: the config requires >= 3 per round (secagg's MIN_CLIENTS)
-    return SecureEncoding(secagg_params(cfg.secagg, cfg.fl.clients_per_round), 1 if uniform else max(client_sizes))
+    return SecureEncoding(protocol_params(cfg), 1 if uniform else max(client_sizes))
+
+
+def protocol_params(cfg: ExperimentConfig) -> SecAggParams:
+    """The run's SecAgg parameters, the same at the server and every client; under distributed DP no sum may hold
+    fewer inputs (noise shares) than the accounting assumes."""
+    params = secagg_params(cfg.secagg, cfg.fl.clients_per_round)
+    if distributed_dp(cfg):
+        return dataclasses.replace(params, min_survivors=fewest_survivors(params, cfg.fl.clients_per_round))
+    return params
+
+
+def distributed_dp(cfg: ExperimentConfig) -> bool:
+    """Client-level DP under SecAgg in a small field: each client adds its own discrete Gaussian share."""
+    return cfg.privacy.mode == "client_dp" and cfg.secagg.enabled and cfg.secagg.modulus_bits < 32
+
+
+def fewest_survivors(params: SecAggParams, clients: int) -> int:
+    """The fewest inputs a round's sum can hold and still be unmasked: a survivor's threshold of neighbours, and itself."""
+    return min(clients, threshold(params, graph_degree(params, clients)) + 1)
 
 
 def secagg_params(cfg: SecAggConfig, clients_per_round: int) -> SecAggParams:
@@ -308,7 +325,7 @@ def rotation(cfg: ExperimentConfig, seed: int) -> Rotation:
 def with_noise(encoding: SecureEncoding, cfg: ExperimentConfig, sigma: float) -> SecureEncoding:
     """Under client-level DP in a small field, the encoding whose clients add shares of z = ``sigma``: the noise
     multiplier the server sends each round (a resumed run keeps its own), so both ends pick the same scale."""
-    if encoding.rotation is None or cfg.privacy.mode != "client_dp":
+    if encoding.rotation is None or not distributed_dp(cfg):
         return encoding
     return dataclasses.replace(encoding, rotation=dataclasses.replace(encoding.rotation, noise_multiplier=sigma))
 

@@ -65,9 +65,15 @@ def tau(sigma: float, clients: int) -> float:
     return 10.0 * sum(math.exp(-2 * math.pi**2 * sigma**2 * k / (k + 1)) for k in range(1, clients))
 
 
+class NoiseTooSmall(ValueError):
+    """sigma below 1/2: Proposition 14 does not apply, so no guarantee is claimed."""
+
+
 def sum_rho(sensitivity: float, sigma: float, clients: int, dim: int) -> float:
     """rho of the zCDP the sum of ``clients`` N_Z(0, sigma^2) vectors of ``dim`` values gives a change of
-    L2 norm ``sensitivity`` (integer units; Proposition 14's third bound)."""
+    L2 norm ``sensitivity`` (integer units; Proposition 14's third bound, which needs sigma >= 1/2)."""
+    if sigma < 0.5:
+        raise NoiseTooSmall(f"a discrete Gaussian share of std {sigma:.3g} is below 1/2: Proposition 14 does not apply")
     return 0.5 * (sensitivity / (math.sqrt(clients) * sigma) + tau(sigma, clients) * math.sqrt(dim)) ** 2
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fedlpp.config import PrivacyConfig
 from fedlpp.privacy.accounting import Accounting, CalibrationError, Step, add_steps, calibrate, epsilon
+from fedlpp.privacy.discrete_gaussian import NoiseTooSmall
 from fedlpp.privacy.distributed import DistributedNoise
 from fedlpp.privacy.dp_sgd import sampling_rate
 
@@ -96,6 +98,8 @@ def calibrate_distributed(target: float, noise: DistributedNoise, rounds: int, a
     def spent(z: float) -> float:
         try:
             return epsilon([(noise.round_sigma(z, noise.fewest_survivors), 1.0, rounds)], accounting)
+        except NoiseTooSmall:  # too little noise for any guarantee: more is needed
+            return math.inf
         except ValueError as e:  # the field cannot hold this much noise
             raise CalibrationError(f"privacy.epsilon: {target} needs more noise than {e}") from None
 

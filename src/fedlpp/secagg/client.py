@@ -329,7 +329,7 @@ class ClientSession:
         missing = sorted(set(self._held) - listed)
         if missing:
             raise SecAggError(SERVER_ID, f"says neither survived nor dropped for neighbour(s) {missing}")
-        threshold = self._own_threshold()
+        threshold = max(self._own_threshold(), self.params.min_survivors)  # min_survivors: what DP was priced for
         if len(view.survivors) < threshold:
             raise SecAggAbort("ConsistencyCheck", "survivors", len(view.survivors), threshold)
 

@@ -8,14 +8,15 @@ independent parts, each with a subgaussian tail:
 
 - the rotated sum s (C D X)_i, ||X|| <= K c: by Hoeffding's inequality over the signs,
   P(|.| >= t) <= 2 exp(-t^2 d / (4 s^2 K^2 c^2));
-- K rounding errors, zero-mean, each within an interval of length 1 ([p - 1, p] for a fractional
-  part p): P(|.| >= t) <= 2 exp(-2 t^2 / K);
+- K rounding errors, each in (-1, 1): their sum is below K in magnitude, always (conditional
+  rounding, which redraws until a norm bound holds, makes them neither independent nor zero-mean,
+  so no concentration is claimed for them);
 - K discrete Gaussians, each sigma_l^2-subgaussian (Canonne, Kamath and Steinke 2020):
   P(|.| >= t) <= 2 exp(-t^2 / (2 (z c s)^2)).
 
-The sum reaches 2^(b-1) only if one part passes its share t1 + t2 + t3 = 2^(b-1), so with a
-union bound over the d coordinates
-    P(wrap) <= d min_{t1+t2+t3 = 2^(b-1)} [sum of the three tails].
+The sum reaches 2^(b-1) only if the signal passes t1 or the noise t3 with t1 + t3 = 2^(b-1) - K,
+so with a union bound over the d coordinates
+    P(wrap) <= d min_{t1+t3 = 2^(b-1) - K} [the signal's tail at t1 + the noise's at t3].
 ``choose_scale`` takes the largest power of two s that keeps this at most OVERFLOW_TARGET and
 whose rounding moves an update by less than its own bound (sqrt(d) / s < c).
 """
@@ -29,7 +30,7 @@ import numpy as np
 
 OVERFLOW_TARGET = 1e-6  # the most a round's sum may wrap, by the bound above
 _SCALE_EXPONENTS = range(40, -41, -1)  # s = 2^40 ... 2^-40
-_SPLITS = np.linspace(0.0, 1.0, 129)[1:-1]  # the shares of 2^(b-1) tried for each part
+_SPLITS = np.linspace(0.0, 1.0, 1025)[1:-1]  # the noise's shares of the room tried
 
 
 @functools.lru_cache(maxsize=256)
@@ -54,20 +55,15 @@ def overflow_probability(
     scale: float, bits: int, clients: int, l2_bound: float, dim: int, noise_multiplier: float = 0.0
 ) -> float:
     """The union bound (module docstring) on the chance that one round's integer sum wraps, at most 1."""
-    half = float(1 << (bits - 1))
-    rounding = _SPLITS * half  # t2
+    room = float(1 << (bits - 1)) - clients  # what the signal and the noise may use: the rounding takes < K
+    if room <= 0:
+        return 1.0
     signal_spread = 4.0 * scale**2 * clients**2 * l2_bound**2 / dim
     if noise_multiplier == 0:
-        tails = _tail(half - rounding, signal_spread) + _tail(rounding, clients / 2.0)
-    else:
-        noise = _SPLITS[:, None] * half  # t3, against every t2
-        signal = half - rounding[None, :] - noise
-        noise_spread = 2.0 * (noise_multiplier * l2_bound * scale) ** 2
-        tails = np.where(
-            signal > 0,
-            _tail(np.maximum(signal, 0.0), signal_spread) + _tail(rounding[None, :], clients / 2.0) + _tail(noise, noise_spread),
-            np.inf,
-        )
+        return min(1.0, dim * float(_tail(np.array(room), signal_spread)))
+    noise = _SPLITS * room  # t3; the signal gets the rest
+    noise_spread = 2.0 * (noise_multiplier * l2_bound * scale) ** 2
+    tails = _tail(room - noise, signal_spread) + _tail(noise, noise_spread)
     return float(min(1.0, dim * tails.min()))
 
 

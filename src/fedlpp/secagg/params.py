@@ -30,6 +30,9 @@ class SecAggParams:
     # True: the encoder wraps each value into the field itself and bounds the sum's chance to wrap (a rotation and a
     # scale chosen for it, ``algorithms.rotated``), so only one value, not max_clients of them, must fit in 2^(b-1).
     sum_may_wrap: bool = False
+    # The fewest inputs a sum may hold: fewer and the server aborts before unmasking, and every client refuses to
+    # sign such a view (distributed DP is priced for at least this many noise shares). 0: the thresholds alone.
+    min_survivors: int = 0
 
     def __post_init__(self) -> None:
         _check(self.scale > 0 and math.isfinite(self.scale), "scale", f"must be > 0, got {self.scale}")
@@ -41,6 +44,9 @@ class SecAggParams:
         _check(self.graph in GRAPHS, "graph", f"got {self.graph!r}; valid choices are {GRAPHS}")
         _check(self.prg in PRGS, "prg", f"got {self.prg!r}; valid choices are {PRGS}")
         _check(self.degree >= 0, "degree", f"must be >= 0 (0 = 3 log2 n), got {self.degree}")
+        _check(
+            0 <= self.min_survivors <= self.max_clients, "min_survivors", f"must be in [0, max_clients], got {self.min_survivors}"
+        )
         _check(
             MIN_MODULUS_BITS <= self.modulus_bits <= MODULUS_BITS,
             "modulus_bits",

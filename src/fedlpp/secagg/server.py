@@ -174,6 +174,7 @@ class ServerSession:
         survivors = tuple(sorted(self._arrived))
         dropped = tuple(sorted(set(self._masked_from) - self._arrived))
         self._view = Survivors(survivors, dropped)
+        _require(len(survivors), self.params.min_survivors, "MaskedInputCollection", "survivors (secagg min_survivors)")
         self._check_recoverable(set(survivors), "MaskedInputCollection")
         body = wire.encode_survivors(self._view)
         return {u: self._pack(MessageType.SURVIVORS, u, body) for u in survivors}

@@ -32,7 +32,7 @@ from fedlpp.algorithms.secure import SecureEncoding
 from fedlpp.config import ExperimentConfig
 from fedlpp.engine.flower.messages import MessageError, require
 from fedlpp.engine.secure import ACTION, registry_from_text, registry_text
-from fedlpp.engine.setup import rotation, secagg_params
+from fedlpp.engine.setup import protocol_params, rotation
 from fedlpp.secagg import (
     ClientSession,
     SecAggParams,
@@ -86,7 +86,7 @@ class SecureReplies:
 def encoding_of(cfg: ExperimentConfig, fields: Mapping[str, Any]) -> SecureEncoding:
     """The protocol's parameters (from the config), the server's public weight bound n_max, and in a small field
     the rotation with the server's public seed."""
-    params = secagg_params(cfg.secagg, cfg.fl.clients_per_round)
+    params = protocol_params(cfg)
     if cfg.secagg.modulus_bits < 32:
         return SecureEncoding(params, require(fields, "weight_bound", int), rotation(cfg, require(fields, "rotation_seed", int)))
     return SecureEncoding(params, require(fields, "weight_bound", int))

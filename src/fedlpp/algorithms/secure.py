@@ -122,7 +122,7 @@ class RotatedInput:
         if not math.isfinite(norm):  # it still takes part (a dropout would reveal something about its data): as 0
             log.warning("round %d: this update is not finite; client %d sends a zero update instead", round_, client_id)
             flat, norm = np.zeros_like(flat), 0.0
-        if norm > rotation.l2_bound:
+        if norm > rotation.l2_bound * (1 + 1e-6):  # client-level DP has clipped it to the bound already (float noise aside)
             log.warning("round %d: this update's norm %.4g is scaled down to secagg.l2_bound=%g", round_, norm, rotation.l2_bound)
         rng = randomness(self.secure, derive_seed(self.seed, "secagg_rounding", round_, client_id))
         noise = SystemRandomness() if rotation.noise_multiplier else None  # a DP share: always the OS CSPRNG

@@ -484,6 +484,12 @@ class ExperimentConfig:
             f"{self.uplink.bits}: under secure aggregation the uplink is the field's size: set secagg.modulus_bits "
             "(12 to 32) and leave uplink.bits at 32",
         )
+        _require(
+            self.secagg.enabled or self.secagg.modulus_bits == 32,
+            "secagg.modulus_bits",
+            f"{self.secagg.modulus_bits} applies only with secagg.enabled=true; to compress updates without secure "
+            "aggregation use uplink.bits",
+        )
         small_field = self.secagg.enabled and self.secagg.modulus_bits < 32
         _require(
             not (small_field and self.fl.weighting == "examples"),

@@ -77,3 +77,10 @@ def test_bad_specs_and_values_are_refused():
         stochastic_quantize(torch.tensor([1.0, float("nan")]), UplinkSpec(4), np.zeros(2))
     with pytest.raises(ValueError, match="uniform draws"):
         stochastic_quantize(torch.ones(3), UplinkSpec(4), np.zeros(2))
+
+
+def test_set_padding_bits_after_the_last_value_are_refused():
+    codes, scales = stochastic_quantize(torch.ones(3), UplinkSpec(2, block_size=64), np.zeros(3))  # 6 bits of 8
+    assert dequantize_stochastic(codes, scales, UplinkSpec(2, block_size=64), 3).tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="padding bits"):
+        dequantize_stochastic(bytes([codes[0] | 0x80]), scales, UplinkSpec(2, block_size=64), 3)

@@ -85,8 +85,8 @@ def dequantize_stochastic(codes: bytes, scales: torch.Tensor, spec: UplinkSpec, 
     """The float32 vector a quantized update stands for: (-1 + 2 code / (2^b - 1)) * its block's scale.
 
     Raises:
-        ValueError: The codes or scales do not fit ``count`` values (wrong length, dtype or shape),
-            or a scale is negative or not finite.
+        ValueError: The codes or scales do not fit ``count`` values (wrong length, dtype or shape, padding
+            bits set), or a scale is negative or not finite.
     """
     blocks = spec.num_blocks(count)
     if scales.dtype != torch.float16 or tuple(scales.shape) != (blocks,):
@@ -94,6 +94,8 @@ def dequantize_stochastic(codes: bytes, scales: torch.Tensor, spec: UplinkSpec, 
     wide = scales.to(torch.float32)
     if blocks and not (bool(torch.isfinite(wide).all()) and float(wide.min()) >= 0):
         raise ValueError("scales must be finite and >= 0")
+    if count * spec.bits % 8 and codes and codes[-1] >> (count * spec.bits % 8):
+        raise ValueError("codes set padding bits after the last value")
     levels = unpack_codes(codes, spec.bits, count).to(torch.float32) * (2.0 / spec.intervals) - 1.0
     padded = torch.zeros(blocks * spec.block_size)
     padded[:count] = levels

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
 
-from fedlpp.config import ConfigError, ExperimentConfig, load_config
+from fedlpp.config import ConfigError, ExperimentConfig, flat_tree, load_config, to_tree
 from fedlpp.data.files import MAX_JSON_LINE, read_json_lines
 from fedlpp.privacy.accounting import Accounting, AccountingError, epsilon
 
 
 def _numeric_keys() -> list[tuple[str, object]]:
-    cfg = ExperimentConfig()
-    keys = [("seed", cfg.seed)]
-    for section in dataclasses.fields(cfg):
-        values = getattr(cfg, section.name)
-        if not dataclasses.is_dataclass(values):
-            continue
-        for f in dataclasses.fields(values):
-            value = getattr(values, f.name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                keys.append((f"{section.name}.{f.name}", value))
-    return keys
+    values = flat_tree(to_tree(ExperimentConfig()))
+    return [(key, value) for key, value in values.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
 
 
 @pytest.mark.parametrize(("key", "default"), _numeric_keys(), ids=[k for k, _ in _numeric_keys()])

@@ -44,7 +44,7 @@ import scipy.fft
 
 from fedlpp.privacy import discrete_gaussian
 from fedlpp.privacy.randomness import Randomness
-from fedlpp.secagg.field import OVERFLOW_TARGET, choose_scale, overflow_probability
+from fedlpp.secagg.field import OVERFLOW_TARGET, choose_scale, overflow_probability, share_std
 from fedlpp.seeding import derive_seed
 
 __all__ = ["OVERFLOW_TARGET", "Rotation", "choose_scale", "describe", "overflow_probability", "rotate", "unrotate"]
@@ -72,7 +72,7 @@ class Rotation:
 
     def local_std(self, dim: int) -> float:
         """sigma_l: one client's discrete Gaussian std in the field's integers (K of them make z c s)."""
-        return self.noise_multiplier * self.l2_bound * self.scale(dim) / math.sqrt(self.clients)
+        return share_std(self.noise_multiplier, self.l2_bound, self.scale(dim), self.clients)
 
     def signs(self, round_: int, dim: int) -> np.ndarray:
         """D for ``round_``: +-1 per coordinate, the same at every client and at the server."""

@@ -21,11 +21,10 @@ neighbours (sensitivity 2S).
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 from fedlpp.privacy.discrete_gaussian import gaussian_equivalent, rounded_norm_bound, sum_rho
-from fedlpp.secagg.field import choose_scale
+from fedlpp.secagg.field import choose_scale, share_std
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class DistributedNoise:
         return _round_sigma(self, noise_multiplier, survivors)
 
     def local_std(self, noise_multiplier: float, dim: int) -> float:
-        return noise_multiplier * self.clip_norm * self.scale(noise_multiplier, dim) / math.sqrt(self.clients)
+        return share_std(noise_multiplier, self.clip_norm, self.scale(noise_multiplier, dim), self.clients)
 
     def scale(self, noise_multiplier: float, dim: int) -> float:
         return choose_scale(self.bits, self.clients, self.clip_norm, dim, noise_multiplier)

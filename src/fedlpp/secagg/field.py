@@ -67,6 +67,11 @@ def overflow_probability(
     return float(min(1.0, dim * tails.min()))
 
 
+def share_std(noise_multiplier: float, l2_bound: float, scale: float, clients: int) -> float:
+    """sigma_l: one client's discrete Gaussian std in the field's integers, K of which make z c s on the sum."""
+    return noise_multiplier * l2_bound * scale / math.sqrt(clients)
+
+
 def _tail(t: np.ndarray, spread: float) -> np.ndarray:
     """2 exp(-t^2 / spread): a subgaussian tail."""
     return 2.0 * np.exp(-(t**2) / spread)

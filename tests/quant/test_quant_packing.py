@@ -1,9 +1,11 @@
-"""Bit packing: exact round trips, dense sizes, hand-checked layout, input validation."""
+"""Bit packing: exact round trips, dense sizes, hand-checked layout, any width from 1 to 32 bits, input validation."""
 
+import numpy as np
 import pytest
 import torch
 
 from fedlpp.quant import SUPPORTED_BITS, pack_codes, packed_nbytes, storage_bits, unpack_codes
+from fedlpp.quant.packing import pack_uints, unpack_uints
 
 COUNTS = [0, 1, 5, 7, 63, 64, 65, 1000]
 
@@ -90,3 +92,38 @@ def test_unpack_rejects_wrong_length_and_bad_trits() -> None:
         unpack_codes(b"\x00", 2, 5)
     with pytest.raises(ValueError, match="ternary"):
         unpack_codes(bytes([243]), 1, 5)
+
+
+def bit_stream_reference(values: np.ndarray, bits: int) -> bytes:
+    """The layout spelled out one bit at a time: value i's bit j is stream bit i * bits + j, LSB first in each byte."""
+    stream = np.zeros(values.size * bits, dtype=np.uint8)
+    for j in range(bits):
+        stream[j::bits] = (values >> np.uint64(j)) & np.uint64(1)
+    return np.packbits(stream, bitorder="little").tobytes()
+
+
+@pytest.mark.parametrize("bits", range(1, 33))
+def test_any_width_packs_as_the_bit_stream_and_back(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    for count in (0, 1, 7, 63, 64, 65, 1_001):  # short, whole and broken periods of 64 / gcd(bits, 64) values
+        values = rng.integers(0, 2**bits, count, dtype=np.uint64)
+        packed = pack_uints(values, bits)
+        assert packed == bit_stream_reference(values, bits)
+        assert np.array_equal(unpack_uints(packed, bits, count), values)
+
+
+def test_only_the_low_bits_of_each_value_are_packed() -> None:
+    values = np.array([0xFFFF_FFFF, 0x1234_5678], dtype=np.uint32)
+    assert np.array_equal(unpack_uints(pack_uints(values, 12), 12, 2), [0xFFF, 0x678])
+
+
+def test_unpacking_refuses_a_wrong_length_padding_bits_and_a_bad_width() -> None:
+    packed = bytearray(pack_uints(np.array([1, 2, 3], dtype=np.uint64), 12))  # 36 bits: the last byte has 4 spare
+    with pytest.raises(ValueError, match="expected 5 bytes"):
+        unpack_uints(bytes(packed[:-1]), 12, 3)
+    packed[-1] |= 0x10
+    with pytest.raises(ValueError, match="padding bits"):
+        unpack_uints(bytes(packed), 12, 3)
+    for bits in (0, 33, True):
+        with pytest.raises(ValueError, match="from 1 to 32"):
+            pack_uints(np.zeros(2, dtype=np.uint64), bits)

@@ -18,6 +18,7 @@ from enum import IntEnum
 import numpy as np
 import numpy.typing as npt
 
+from fedlpp.quant.packing import pack_uints, unpack_uints
 from fedlpp.secagg.crypto import KEY_BYTES, SIGNATURE_BYTES
 from fedlpp.secagg.errors import SecAggError, party_name
 from fedlpp.secagg.shamir import SHARE_BYTES, share_from_bytes, share_to_bytes
@@ -297,8 +298,7 @@ def encode_masked(values: npt.NDArray[np.uint32], bits: int = 32) -> memoryview 
     words = np.ascontiguousarray(values, dtype="<u4")
     if bits == 32:
         return memoryview(words).cast("B")  # type: ignore[arg-type]  # an ndarray is a buffer
-    stream = np.unpackbits(words.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")[:, :bits]
-    return np.packbits(stream.reshape(-1), bitorder="little").tobytes()
+    return pack_uints(words, bits)
 
 
 def masked_nbytes(dim: int, bits: int = 32) -> int:
@@ -314,12 +314,10 @@ def decode_masked(reader: Reader, dim: int, bits: int = 32) -> npt.NDArray[np.ui
         raise reader.error(f"masked input has {len(body)} bytes, expected {expected} ({dim} values of {bits} bits)")
     if bits == 32:
         return np.frombuffer(body, dtype="<u4")
-    stream = np.unpackbits(np.frombuffer(body, dtype=np.uint8), bitorder="little")
-    if stream[dim * bits :].any():
-        raise reader.error("masked input sets padding bits after its last value")
-    words = np.zeros((dim, 32), dtype=np.uint8)
-    words[:, :bits] = stream[: dim * bits].reshape(dim, bits)
-    return np.packbits(words, axis=1, bitorder="little").view("<u4").reshape(dim)
+    try:
+        return unpack_uints(body, bits, dim).astype(np.uint32)
+    except ValueError as error:
+        raise reader.error(f"masked input: {error}") from None
 
 
 def encode_survivors(view: Survivors) -> bytes:

@@ -29,6 +29,24 @@ def test_the_draws_follow_the_discrete_gaussian(sigma):
     assert chisquare(observed, expected).pvalue > 1e-3
 
 
+@pytest.mark.parametrize("sigma", [100.0, 128.0, 1295.27, 3.3e5])
+def test_wide_bins_with_rejection_still_give_the_discrete_gaussian(sigma):
+    """Above sigma = 128 a try draws a bin of 2^k values, a value in it, and a rejection test: the draws still follow
+    the pmf (counted in 66 bins of sigma / 8 and the two tails) and their parity is fair."""
+    draws = dg.sample(200_000, sigma, SeededRandomness(7))
+    edges = np.round(np.linspace(-4 * sigma, 4 * sigma, 65)).astype(np.int64)
+    support = np.arange(-int(5 * sigma), int(5 * sigma) + 1)
+    expected = np.bincount(np.searchsorted(edges, support, side="right"), weights=pmf(sigma, support), minlength=66)
+    observed = np.bincount(np.searchsorted(edges, draws, side="right"), minlength=66)
+    assert chisquare(observed, expected / expected.sum() * draws.size).pvalue > 1e-3
+    assert abs(np.mean(draws % 2) - 0.5) < 0.01
+
+
+def test_most_tries_are_kept():
+    tries = 100_000
+    assert dg._envelope(1295.27).draw(tries, SeededRandomness(0)).size > 0.98 * tries
+
+
 def test_large_sigma_has_the_continuous_variance_and_the_os_generator_works():
     draws = dg.sample(200_000, 300.0, SystemRandomness())
     assert abs(draws.mean()) < 5 * 300 / math.sqrt(draws.size)

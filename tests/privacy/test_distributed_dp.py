@@ -71,9 +71,9 @@ def test_each_client_adds_a_discrete_gaussian_share_from_the_os(monkeypatch):
     drawn = []
 
     class Recording(sec.SystemRandomness):
-        def uniform(self, n):
+        def words(self, n):
             drawn.append(n)
-            return super().uniform(n)
+            return super().words(n)
 
     monkeypatch.setattr(sec, "SystemRandomness", Recording)
     encoding = field_encoding()

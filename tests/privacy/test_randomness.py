@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import numpy as np
 import torch
+from scipy.stats import chisquare
 
 from fedlpp.privacy.randomness import SeededRandomness, SystemRandomness
 
@@ -13,6 +15,15 @@ def test_system_gaussian_has_the_right_moments_and_is_not_reproducible():
     assert not torch.equal(rng.normal((8,), 1.0), rng.normal((8,), 1.0))
     u = rng.uniform(100_000)
     assert u.min() >= 0 and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+    assert chisquare(np.bincount((u * 16).astype(int), minlength=16)).pvalue > 1e-3
+
+
+def test_every_system_draw_has_a_fresh_key():
+    rng = SystemRandomness()
+    first, second = rng.words(4), rng.words(4)
+    assert first.dtype == np.uint64 and not np.array_equal(first, second)
+    bits = np.unpackbits(rng.words(50_000).view(np.uint8))
+    assert abs(bits.mean() - 0.5) < 0.005
 
 
 def test_seeded_randomness_reproduces():

@@ -77,7 +77,8 @@ class Rotation:
     def signs(self, round_: int, dim: int) -> np.ndarray:
         """D for ``round_``: +-1 per coordinate, the same at every client and at the server."""
         rng = np.random.default_rng(derive_seed(self.seed, "rotation signs", round_))
-        return rng.integers(0, 2, dim).astype(np.float64) * 2.0 - 1.0
+        flips = np.unpackbits(np.frombuffer(rng.bytes(-(-dim // 8)), dtype=np.uint8), count=dim, bitorder="little")
+        return 1.0 - 2.0 * flips
 
     def encode(self, x: np.ndarray, round_: int, rng: Randomness, noise: Randomness | None = None) -> np.ndarray:
         """A client's integers in [-2^(b-1), 2^(b-1)) (as float64) for its update ``x`` (float64, shape (d,)); with
@@ -91,7 +92,8 @@ class Rotation:
             if noise is None:
                 raise ValueError("distributed DP needs the randomness its noise is drawn from")
             rounded += discrete_gaussian.sample(x.size, self.local_std(x.size), noise)
-        return np.mod(rounded + self.half_field, 2 * self.half_field) - self.half_field
+        wrapped = (rounded.astype(np.int64) + self.half_field) & (2 * self.half_field - 1)  # mod 2^b, as integers
+        return (wrapped - self.half_field).astype(np.float64)
 
     def _round(self, scaled: np.ndarray, rng: Randomness) -> np.ndarray:
         """Unbiased randomized rounding; under DP redrawn until within the norm the accounting assumes."""

@@ -19,7 +19,9 @@ adapter (rank-8 A and B matrices; 300k values = 25 modules of width 750, 1M = 50
   least any aggregation can do.
 - distributed DP (10 clients x 300k values, after the table): SecAgg in Z_2^16 with each
   client's update rotated, rounded and noised with its discrete Gaussian share
-  (``RotatedInput``), the server's ``RotatedMean``; its round time against plain's, interleaved.
+  (``RotatedInput``), the server's ``RotatedMean``; its round time against plain's and against
+  central client-level DP's (each client clips its delta, the server noises the sum from the OS
+  CSPRNG: ``round.aggregate_private``), the same job with a trusted server, all interleaved.
 
 Each party's work is timed (``secagg.Parties``). "round" is the round's wall-clock when every
 client is its own machine: the server's work plus, for each step, the slowest client. That
@@ -33,12 +35,19 @@ Memory: with glibc's default settings every large temporary array is fresh pages
 OS, and how many page faults a step takes depends on what ran before it, which made the
 plain round vary from 9 to 16 ms between identical configurations. The benchmark therefore
 asks glibc (``mallopt``) to keep freed memory (mmap threshold 32 MiB, no trimming) for both
-sides alike; ``--default-allocator`` measures without that, and the JSON records which. Each run checks that the
+sides alike; ``--default-allocator`` measures without that, and the JSON records which. Every
+party is single-threaded: torch and numpy's BLAS (a norm is a BLAS call, which on a busy
+2-core machine varied from 0.02 to 8 ms with two threads). Each run checks that the
 secure mean equals the plain one to the fixed-point resolution. Times are medians over
 ``--reps`` repetitions, plain and secagg interleaved so both see the same machine load.
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads BLAS: every party is single-threaded
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
 import contextlib
@@ -65,6 +74,8 @@ from fedlpp.config import SecAggConfig
 from fedlpp.engine.secure import SecureAggregator, make_aggregator, secure_aggregate
 from fedlpp.engine.setup import secagg_params
 from fedlpp.models.lora import Adapter
+from fedlpp.privacy.client_dp import NoisedSum, clip_delta
+from fedlpp.privacy.randomness import SystemRandomness
 from fedlpp.secagg import graph_degree
 from fedlpp.secagg.params import PRGS
 
@@ -267,31 +278,52 @@ def distributed_round(agg: SecureAggregator, adapter: Adapter, deltas: dict[int,
     return clock
 
 
+def central_dp_round(
+    adapter: Adapter, deltas: dict[int, tuple[Adapter, int]], round_: int, noised: NoisedSum
+) -> tuple[Clock, Adapter]:
+    """Central client-level DP without SecAgg: each client clips and sends its delta, the server noises the sum."""
+    clock = Clock()
+    payloads = [
+        (c, clock.client(c, lambda d=d, n=n: rnd.make_update(clip_delta(d, noised.clip_norm), n, round_)))
+        for c, (d, n) in deltas.items()
+    ]
+    clock.end_step()
+    result = clock.server(lambda: rnd.aggregate_private(SPEC, adapter, payloads, round_, noised))
+    return clock, result.adapter
+
+
 def measure_distributed(n: int, values: int, prg: str, reps: int, bits: int, noise_multiplier: float) -> dict[str, object]:
-    """Median round time of plain aggregation and of distributed DP in Z_2^bits, interleaved, and their ratio."""
+    """Median round time of plain aggregation, of central client-level DP and of distributed DP in Z_2^bits,
+    interleaved, and the ratios."""
     generator = torch.Generator().manual_seed(n * 7919 + values)  # benchmark data only
     adapter = lora_adapter(values, generator)
     deltas = client_deltas(adapter, n, generator)
     cfg = SecAggConfig(enabled=True, prg=prg, modulus_bits=bits)
     rotation = Rotation(bits, n, 1.0, seed=0, noise_multiplier=noise_multiplier)  # privacy.clip_norm = 1
     agg = make_aggregator(SecureEncoding(secagg_params(cfg, n), 1, rotation), n)
-    plain_s, private_s = [], []
+    noised = NoisedSum(1.0, noise_multiplier, n, SystemRandomness())  # the trusted server's noise, from the OS
+    samples: dict[str, list[float]] = {"plain": [], "central": [], "distributed": []}
     for rep in range(WARM_UP + reps):
         gc.collect()
         with gc_paused():
-            plain = plain_round(adapter, deltas, rep + 1)[0]
-            private = distributed_round(agg, adapter, deltas, rep + 1)
+            clocks = {
+                "plain": plain_round(adapter, deltas, rep + 1)[0],
+                "central": central_dp_round(adapter, deltas, rep + 1, noised)[0],
+                "distributed": distributed_round(agg, adapter, deltas, rep + 1),
+            }
         if rep >= WARM_UP:
-            plain_s.append(plain.round_s())
-            private_s.append(private.round_s())
-    plain_m, private_m = statistics.median(plain_s), statistics.median(private_s)
-    ratio = private_m / plain_m
+            for key, clock in clocks.items():
+                samples[key].append(clock.round_s())
+    m = {k: statistics.median(v) for k, v in samples.items()}
+    ratio = m["distributed"] / m["plain"]
     return {
         "config": f"{n} clients x {values:,} values, Z_2^{bits}, noise multiplier {noise_multiplier:g}, complete graph",
         "target": f"distributed DP round time <= {TARGET}x plain (clients in parallel, as deployed)",
-        "plain_round_s": plain_m,
-        "distributed_round_s": private_m,
+        "plain_round_s": m["plain"],
+        "central_dp_round_s": m["central"],
+        "distributed_round_s": m["distributed"],
         "ratio_round": round(ratio, 2),
+        "ratio_to_central_dp": round(m["distributed"] / m["central"], 2),
         "holds": ratio <= TARGET,
     }
 

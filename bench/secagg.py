@@ -397,6 +397,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "prg": args.prg,
         "torch_threads": 1,
+        "blas_threads": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")},
         "allocator": allocator,
         "verdict": verdict(rows),
         "distributed": distributed,

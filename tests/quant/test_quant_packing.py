@@ -127,3 +127,5 @@ def test_unpacking_refuses_a_wrong_length_padding_bits_and_a_bad_width() -> None
     for bits in (0, 33, True):
         with pytest.raises(ValueError, match="from 1 to 32"):
             pack_uints(np.zeros(2, dtype=np.uint64), bits)
+    with pytest.raises(ValueError, match="must be integers"):
+        pack_uints(np.array([1.7, 2.0]), 4)

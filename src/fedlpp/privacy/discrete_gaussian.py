@@ -1,17 +1,20 @@
 """The discrete Gaussian N_Z(0, sigma^2) and what the sum of K of them guarantees (distributed DP under SecAgg).
 
 **Sampling**: rejection from a piecewise-constant envelope, drawn by the alias method. The
-integers within 14 sigma of 0 are cut into bins of w = 2^k consecutive values (w = 1 below
-sigma = 128, so each bin is one integer and nothing is rejected; else w <= sigma / 64). A try
-picks a bin with probability proportional to w times the density at the bin's value nearest
-0 (Walker's alias method: one table lookup and one coin), a value x uniformly inside it, and
-keeps x with probability p(x) / p(nearest) >= exp(-(2 |nearest| w + w^2) / (2 sigma^2)):
-what is kept is distributed exactly as P(x) ~ exp(-x^2 / (2 sigma^2)) on the cut support,
-and more than 98% of tries are kept. The mass beyond 14 sigma is below 10^-40; the tables
-and the test are in float64 from 52-bit uniform draws (the OS CSPRNG in a run), so, like
-any float sampler, this one does not guard against floating-point side channels the way
-exact rational arithmetic (Canonne, Kamath and Steinke, NeurIPS 2020) does. Three 64-bit
-words a try: 300,000 values take about 7 MB of randomness and a dozen vector operations.
+integers from -14 sigma to 14 sigma (at least 12 sigma) are cut into bins of w = 2^k
+consecutive values (w = 1 below sigma = 128, so each bin is one integer and nothing is
+rejected; else sigma / 128 < w <= sigma / 64). A try picks a bin with probability
+proportional to w times the density at the bin's value nearest 0 (Walker's alias method: one
+table lookup and one coin), a value x uniformly inside it, and keeps x with probability
+p(x) / p(nearest) >= 0.8: what is kept is distributed exactly as P(x) ~ exp(-x^2 / (2 sigma^2))
+on the cut support (mass beyond below 10^-30), and more than 98% of tries are kept. Exactly up
+to float64: the tables carry a relative error of about 2^-52 (which moves epsilon by as much);
+the coins are 64-bit integers compared with integer thresholds, so no bin is drawn more often
+than its own share, however small (a 52-bit float coin would draw each far-tail bin with
+probability 2^-52 / n, a total-variation error that counts against delta). Being float
+arithmetic, it does not guard against floating-point side channels the way exact rational
+arithmetic (Canonne, Kamath and Steinke, NeurIPS 2020) does. Two 64-bit words a try below
+sigma = 128, three above: 300,000 values take about 5 to 7 MB of randomness.
 
 **Privacy of a sum** (Kairouz, Liu and Steinke, ICML 2021, "The Distributed Discrete Gaussian
 Mechanism for Federated Learning with Secure Aggregation", Proposition 14): if each of n
@@ -42,9 +45,9 @@ ROUNDING_BETA = math.exp(-0.5)  # conditional rounding: a try fails with probabi
 
 
 def sample(count: int, sigma: float, rng: Randomness) -> np.ndarray:
-    """``count`` independent draws of N_Z(0, sigma^2) as int64 (sigma > 0)."""
-    if not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
+    """``count`` independent draws of N_Z(0, sigma^2) as int64 (0 < sigma <= 2^48)."""
+    if not 0 < sigma <= MAX_SIGMA:
+        raise ValueError(f"sigma must be in (0, 2^48], got {sigma}")
     table = _envelope(float(sigma))
     out = np.empty(count, dtype=np.int64)
     filled = 0
@@ -55,43 +58,52 @@ def sample(count: int, sigma: float, rng: Randomness) -> np.ndarray:
     return out
 
 
-TAIL_SIGMAS = 14  # the support is cut at 14 sigma: the mass beyond is below 10^-40
+TAIL_SIGMAS = 14  # the support is cut at about 14 sigma (at least 12 sigma): the mass beyond is below 10^-30
 BINS_PER_SIGMA = 64  # bins at most sigma / 64 wide: more than 98% of tries are kept
+MAX_SIGMA = 2.0**48  # beyond, 14 sigma squared loses the float64 precision the acceptance test needs
 _ONE_AS_BITS = np.uint64(0x3FF0000000000000)  # float64 1.0: 52 random bits as its mantissa give [1, 2)
-_LOW_52 = np.uint64((1 << 52) - 1)
 
 
 class _Envelope:
-    """The alias table of the bins' envelope masses and what a try needs to place and test its value."""
+    """The alias table of the bins' envelope masses and what a try needs to place and test its value.
+
+    A try's randomness: word A's top ``index_bits`` (<= 12) bits pick a slot and its low ``width_bits`` bits the
+    value within the bin; word B, all 64 bits, is the slot's coin, compared as an integer with the slot's threshold
+    floor(keep 2^64) (so a slot is never drawn more often than its own float64 share, however small: a float coin
+    would give every slot at least 2^-52 / n); word C's top 52 bits test acceptance, whose probability is at least
+    0.8, so 52 bits leave only a relative error."""
 
     def __init__(self, sigma: float) -> None:
         self.sigma = sigma
         self.width_bits = max(0, math.floor(math.log2(sigma / BINS_PER_SIGMA))) if sigma >= 2 * BINS_PER_SIGMA else 0
         width = 1 << self.width_bits
         half = math.ceil(TAIL_SIGMAS * sigma / width)  # bins -half .. half-1; bin j holds j w .. j w + w - 1
-        self.index_bits = max(1, math.ceil(math.log2(2 * half)))  # <= 12, so a slot and its coin share one word
+        self.index_bits = max(1, math.ceil(math.log2(2 * half)))  # <= 12
         first = np.arange(-half, half) * width
-        self.nearest = np.where(first >= 0, first, first + width - 1).astype(np.float64)  # the value closest to 0
+        nearest = np.where(first >= 0, first, first + width - 1).astype(np.float64)  # the value closest to 0
         masses = np.zeros(1 << self.index_bits)  # padded to a power of two with empty bins
-        masses[: 2 * half] = np.exp(-(self.nearest**2) / (2 * sigma**2))
-        self.keep_alias_below, self.alias = _alias_table(masses / masses.sum())
+        masses[: 2 * half] = np.exp(-(nearest**2) / (2 * sigma**2))
+        keep, self.alias = _alias_table(masses / masses.sum())
+        self.keep_below = np.minimum(np.floor(keep * 2.0**64), 2.0**64 - 2048).astype(np.uint64)  # a word < it: keep
         self.first = np.zeros(masses.size, dtype=np.int64)
         self.first[: 2 * half] = first
-        self.nearest = np.pad(self.nearest, (0, masses.size - 2 * half))
+        self.nearest = np.pad(nearest, (0, masses.size - 2 * half))
 
     def draw(self, tries: int, rng: Randomness) -> np.ndarray:
         """The values kept out of ``tries`` tries."""
-        pick, offset, accept = rng.words(3 * tries).reshape(3, tries)
-        slot = (pick >> np.uint64(64 - self.index_bits)).astype(np.intp)  # the top bits; the coin, the low 52
-        coin = ((pick & _LOW_52) | _ONE_AS_BITS).view(np.float64) - 1.0
-        bin_ = np.where(coin < self.keep_alias_below[slot], slot, self.alias[slot])
-        x = self.first[bin_]
-        if self.width_bits:
-            x += (offset & np.uint64((1 << self.width_bits) - 1)).astype(np.int64)
-        near = self.nearest[bin_]
-        xf = x.astype(np.float64)
+        if not self.width_bits:  # one value a bin: its envelope is its own mass, so every try is kept
+            place, coin = rng.words(2 * tries).reshape(2, tries)
+            return self.first[self._bins(place, coin)]
+        place, coin, accept = rng.words(3 * tries).reshape(3, tries)
+        bin_ = self._bins(place, coin)
+        x = self.first[bin_] + (place & np.uint64((1 << self.width_bits) - 1)).astype(np.int64)
+        near, xf = self.nearest[bin_], x.astype(np.float64)
         keep = _unit(accept) < np.exp(-((xf - near) * (xf + near)) / (2 * self.sigma**2))
         return x[keep]
+
+    def _bins(self, place: np.ndarray, coin: np.ndarray) -> np.ndarray:
+        slot = (place >> np.uint64(64 - self.index_bits)).astype(np.intp)
+        return np.where(coin < self.keep_below[slot], slot, self.alias[slot])
 
 
 def _unit(words: np.ndarray) -> np.ndarray:

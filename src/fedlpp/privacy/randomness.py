@@ -4,11 +4,11 @@ Research runs use ``SeededRandomness`` so that ``--resume`` and a rerun reproduc
 bit for bit. ``privacy.secure_noise`` (and any noise added before secure aggregation)
 uses ``SystemRandomness``: an observer who knows the seed learns nothing about the noise.
 
-``SystemRandomness`` takes a fresh 256-bit key from the OS CSPRNG for every call and expands it
-with AES-256 in counter mode: the construction of NIST SP 800-90A's CTR_DRBG (without its
-reseeding, as no key serves more than one call) and the same expansion SecAgg's masks use. It
-is as unpredictable as the OS's own stream and about ten times faster than ``os.urandom``
-for the megabytes a distributed-DP round draws (300,000 noise values take about 12 MB).
+``SystemRandomness`` takes a fresh 256-bit key from the OS CSPRNG for every call and returns
+the AES-256-CTR keystream under it (a zero nonce is safe: no key serves twice), the expansion
+SecAgg's masks use. A distinguisher would have to break AES-256. It is several times faster
+than reading ``os.urandom`` for the megabytes a distributed-DP round draws (300,000 noise values
+take 5 to 7 MB; 7.2 MB took 1.3 ms against 13.6 ms here).
 """
 
 from __future__ import annotations

@@ -91,7 +91,8 @@ def unpack_codes(data: bytes, bits: int, count: int) -> torch.Tensor:
         uint8 tensor of shape (count,).
 
     Raises:
-        ValueError: If ``data`` has the wrong length or decodes to an invalid code.
+        ValueError: If ``data`` has the wrong length, sets a padding bit after the last code, or (ternary)
+            holds a byte that is not 5 trits.
     """
     expected = packed_nbytes(count, bits)
     if len(data) != expected:
@@ -130,6 +131,8 @@ MAX_UINT_BITS = 32
 
 def pack_uints(values: npt.NDArray[np.unsignedinteger] | npt.NDArray[np.signedinteger], bits: int) -> bytes:
     """The low ``bits`` bits (1..32) of each value, packed least-significant bit first: ceil(n bits / 8) bytes."""
+    if values.dtype.kind not in "ui":
+        raise ValueError(f"values must be integers, got {values.dtype}")
     layout = _layout_of(bits)
     count = values.size
     groups = -(-count // layout.period)
@@ -147,6 +150,7 @@ def unpack_uints(data: bytes | memoryview, bits: int, count: int) -> npt.NDArray
     """Inverse of ``pack_uints``: ``count`` values (uint64). ValueError when ``data`` is not exactly
     ceil(count bits / 8) bytes or sets a padding bit after the last value."""
     layout = _layout_of(bits)
+    data = memoryview(data).cast("B")
     expected = -(-count * bits // 8)
     if len(data) != expected:
         raise ValueError(f"expected {expected} bytes for {count} {bits}-bit values, got {len(data)}")

@@ -24,7 +24,7 @@ from fedlpp.secagg.errors import SecAggError, party_name
 from fedlpp.secagg.shamir import SHARE_BYTES, share_from_bytes, share_to_bytes
 
 MAGIC = b"FLSA"
-VERSION = 1
+VERSION = 2  # 2: a small field's rotation signs come from packed random bytes; a version-1 party rotates differently
 _HEADER = struct.Struct(">4sBBIIII")
 HEADER_BYTES = _HEADER.size  # 22
 _U32 = struct.Struct(">I")

@@ -127,6 +127,7 @@ def _unpack_trits(raw: np.ndarray, count: int) -> np.ndarray:
 
 
 MAX_UINT_BITS = 32
+_WHOLE_BYTES = {8: "<u1", 16: "<u2", 32: "<u4"}  # the same layout, read and written as little-endian integers
 
 
 def pack_uints(values: npt.NDArray[np.unsignedinteger] | npt.NDArray[np.signedinteger], bits: int) -> bytes:
@@ -135,6 +136,8 @@ def pack_uints(values: npt.NDArray[np.unsignedinteger] | npt.NDArray[np.signedin
         raise ValueError(f"values must be integers, got {values.dtype}")
     layout = _layout_of(bits)
     count = values.size
+    if bits in _WHOLE_BYTES:
+        return (values.reshape(-1).astype(np.uint64) & np.uint64((1 << bits) - 1)).astype(_WHOLE_BYTES[bits]).tobytes()
     groups = -(-count // layout.period)
     padded = np.zeros(groups * layout.period, dtype=np.uint64)
     padded[:count] = values.reshape(-1)
@@ -157,6 +160,8 @@ def unpack_uints(data: bytes | memoryview, bits: int, count: int) -> npt.NDArray
     used = count * bits % 8
     if used and data[-1] >> used:
         raise ValueError(f"the last byte sets padding bits after value {count - 1}")
+    if bits in _WHOLE_BYTES:
+        return np.frombuffer(data, dtype=_WHOLE_BYTES[bits]).astype(np.uint64)
     groups = -(-count // layout.period)
     raw = np.zeros(groups * layout.words * 8, dtype=np.uint8)
     raw[:expected] = np.frombuffer(data, dtype=np.uint8)

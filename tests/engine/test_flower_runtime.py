@@ -285,6 +285,57 @@ def test_eight_nodes_under_secagg_plus_lose_one_mid_round_as_the_simulation_does
     assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a), "the survivors' mean, up to fixed point"
 
 
+def test_distributed_dp_deployed_sends_and_accounts_as_the_in_process_grid(tmp_path):
+    """3 warm nodes on their own data, client-level DP under SecAgg in Z_2^16 (each node draws its discrete Gaussian
+    share from its own OS CSPRNG), 2 rounds: the bytes each way, the survivors and every epsilon are those of the
+    same run over the in-process grid; the adapters differ, as the noise is the nodes' own."""
+    private = [
+        *EXPERIMENT[:-2],
+        "algorithm.name=fedavg_lora",
+        "fl.num_clients=3",
+        "fl.clients_per_round=3",
+        "fl.weighting=uniform",
+        "secagg.enabled=true",
+        "secagg.modulus_bits=16",
+        "secagg.threshold=1.0",
+        "privacy.mode=client_dp",
+        "privacy.epsilon=10",
+        "privacy.delta=0.05",
+        "privacy.secure_noise=true",
+        "flower.connect_timeout=120",
+        "flower.round_timeout=60",
+    ]
+    cfg = load_config(None, private)
+    write_toml(cfg, tmp_path / "experiment.toml")
+    nodes_in_process = {}
+    for k, part in enumerate(client_partitions(cfg, load_task_data(cfg))):
+        write_examples(tmp_path / f"client-{k}.jsonl", part)
+        nodes_in_process[100 + k] = {"data-path": str(tmp_path / f"client-{k}.jsonl"), "client-id": k}
+    out = tmp_path / "run"
+    with LocalDeployment(tmp_path / "federation", nodes=3) as federation:
+        federation.start_superlink()
+        for k in range(3):
+            federation.start_node(k, tmp_path / f"client-{k}.jsonl", client_id=k, threads=1)
+        submit = subprocess.run(
+            federation.run_command(tmp_path / "experiment.toml", out, tmp_path / "audit"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    with one_torch_thread():
+        serve_on_grid(LoopbackGrid(nodes_in_process), cfg, tmp_path / "in-process", data_assigned=False)
+    deployed, in_process = rundir.read_metrics(out), rundir.read_metrics(tmp_path / "in-process")
+    for key in ("bytes_up", "bytes_down", "secagg_survivors", "epsilon"):
+        assert [r[key] for r in deployed] == [r[key] for r in in_process], key
+    assert [r["secagg_survivors"] for r in deployed] == [[0, 1, 2]] * 2
+    assert 0 < deployed[-1]["epsilon"] <= 10
+    a, b = rundir.load_checkpoint(tmp_path / "in-process")[0], rundir.load_checkpoint(out)[0]
+    assert not all(torch.equal(a[n], b[n]) for n in a), "each side's noise shares are its nodes' own"
+    summary = json.loads((out / "summary.json").read_text())
+    assert "distributed" in summary["privacy"]["statement"] and "no amplification" in summary["privacy"]["statement"]
+
+
 @contextlib.contextmanager
 def one_torch_thread():
     threads = torch.get_num_threads()

@@ -286,26 +286,26 @@ def test_eight_nodes_under_secagg_plus_lose_one_mid_round_as_the_simulation_does
 
 
 def test_distributed_dp_deployed_sends_and_accounts_as_the_in_process_grid(tmp_path):
-    """3 warm nodes on their own data, client-level DP under SecAgg in Z_2^16 (each node draws its discrete Gaussian
-    share from its own OS CSPRNG), 2 rounds: the bytes each way, the survivors and every epsilon are those of the
-    same run over the in-process grid; the adapters differ, as the noise is the nodes' own."""
-    private = [
+    """3 warm nodes on their own data, client-level DP under SecAgg in Z_2^16, one round. The bytes each way, the
+    survivors and epsilon are those of the same run over the in-process grid, and on both the adapter is the
+    noiseless run's (same training, same field, no DP) plus noise of the planned std z S / K on every value: the
+    nodes drew their discrete Gaussian shares, and the server added none (nobody dropped out)."""
+    base = [
         *EXPERIMENT[:-2],
         "algorithm.name=fedavg_lora",
+        "fl.rounds=1",
         "fl.num_clients=3",
         "fl.clients_per_round=3",
         "fl.weighting=uniform",
         "secagg.enabled=true",
         "secagg.modulus_bits=16",
         "secagg.threshold=1.0",
-        "privacy.mode=client_dp",
-        "privacy.epsilon=10",
-        "privacy.delta=0.05",
-        "privacy.secure_noise=true",
+        "secagg.l2_bound=10",
         "flower.connect_timeout=120",
         "flower.round_timeout=60",
     ]
-    cfg = load_config(None, private)
+    dp = ["privacy.mode=client_dp", "privacy.epsilon=10", "privacy.delta=0.05", "privacy.clip_norm=10"]
+    cfg = load_config(None, [*base, *dp, "privacy.secure_noise=true"])  # a deployment requires it
     write_toml(cfg, tmp_path / "experiment.toml")
     nodes_in_process = {}
     for k, part in enumerate(client_partitions(cfg, load_task_data(cfg))):
@@ -323,17 +323,23 @@ def test_distributed_dp_deployed_sends_and_accounts_as_the_in_process_grid(tmp_p
             timeout=300,
         )
     assert submit.returncode == 0, submit.stdout + submit.stderr
-    with one_torch_thread():
+    with one_torch_thread():  # as each node on this machine trains
         serve_on_grid(LoopbackGrid(nodes_in_process), cfg, tmp_path / "in-process", data_assigned=False)
-    deployed, in_process = rundir.read_metrics(out), rundir.read_metrics(tmp_path / "in-process")
+        run_experiment(load_config(None, base), tmp_path / "noiseless", progress=False)
+    [deployed], [in_process] = rundir.read_metrics(out), rundir.read_metrics(tmp_path / "in-process")
     for key in ("bytes_up", "bytes_down", "secagg_survivors", "epsilon"):
-        assert [r[key] for r in deployed] == [r[key] for r in in_process], key
-    assert [r["secagg_survivors"] for r in deployed] == [[0, 1, 2]] * 2
-    assert 0 < deployed[-1]["epsilon"] <= 10
-    a, b = rundir.load_checkpoint(tmp_path / "in-process")[0], rundir.load_checkpoint(out)[0]
-    assert not all(torch.equal(a[n], b[n]) for n in a), "each side's noise shares are its nodes' own"
-    summary = json.loads((out / "summary.json").read_text())
-    assert "distributed" in summary["privacy"]["statement"] and "no amplification" in summary["privacy"]["statement"]
+        assert deployed[key] == in_process[key], key
+    assert deployed["secagg_survivors"] == [0, 1, 2] and "dp_noise_topped_up" not in deployed
+    assert 0 < deployed["epsilon"] <= 10
+
+    privacy = json.loads((out / "summary.json").read_text())["privacy"]
+    assert "distributed" in privacy["statement"] and "no amplification" in privacy["statement"]
+    planned = privacy["noise_multiplier"] * 10 / 3  # z S / K on each value of the mean
+    noiseless = rundir.load_checkpoint(tmp_path / "noiseless")[0]
+    for run in (out, tmp_path / "in-process"):
+        adapter = rundir.load_checkpoint(run)[0]
+        noise = torch.cat([(adapter[n] - noiseless[n]).reshape(-1) for n in adapter if ".lora_" in n]).double()
+        assert float(noise.std()) == pytest.approx(planned, rel=0.05), run.name
 
 
 @contextlib.contextmanager

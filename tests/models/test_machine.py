@@ -304,6 +304,76 @@ def test_chunked_cross_entropy_equals_the_plain_one_with_its_gradient(monkeypatc
     assert float(chunked[3]) == 0.0
 
 
+def _model_head_losses(model, batch):
+    """The losses from the model's own logits (its forward computes the head over the kept positions)."""
+    logits, labels = objective.forward_logits(model, batch, "generation")
+    return objective.losses_from_logits(logits, labels, "generation")
+
+
+@pytest.mark.parametrize(
+    "machine, tolerance",
+    [(CPU, 1e-5), (Machine("cpu", gradient_checkpointing=True), 1e-5), (Machine("cpu", "bf16"), 2e-2)],
+    ids=["fp32", "checkpointing", "bf16"],  # bf16: the gradient is rounded to bf16 before, not after, its scaling
+)
+def test_the_fused_head_gives_the_losses_and_gradients_of_the_model_s_own_logits(machine, tolerance, features, monkeypatch):
+    model = lora_model(machine)
+    assert objective.plain_head(model) is not None, "tiny-llama is a LlamaForCausalLM: its head runs fused"
+    monkeypatch.setattr(objective, "CE_CHUNK", 5 * model.get_base_model().get_output_embeddings().out_features)
+    params = list(adapter_parameters(model).values())
+    for p in params:
+        p.requires_grad_(True)
+    model.train()
+    batch, weights = collate(features[:8], 0), torch.arange(1.0, 9.0)  # unequal weights: each example's gradient counts
+    with machine.autocast():
+        fused = objective.example_losses(model, batch, "generation")
+    g_fused = torch.autograd.grad((fused * weights).sum(), params)
+    with machine.autocast():
+        own = _model_head_losses(model, batch)
+    g_own = torch.autograd.grad((own * weights).sum(), params)
+    torch.testing.assert_close(fused, own, rtol=tolerance, atol=tolerance)
+    assert any(g.abs().max() > 0 for g in g_own)
+    for a, b in zip(g_fused, g_own, strict=True):  # within ``tolerance`` of each gradient's norm
+        assert float((a - b).norm()) <= tolerance * float(b.norm()), (float((a - b).norm()), float(b.norm()))
+
+
+def test_the_fused_head_projects_only_scored_positions_a_chunk_at_a_time(features, monkeypatch):
+    """Neither the [N, V] logits nor their gradient is ever whole, prompt rows are never projected, nothing is redone."""
+    model = lora_model()
+    head = model.get_base_model().get_output_embeddings()
+    monkeypatch.setattr(objective, "CE_CHUNK", 5 * head.out_features)
+    rows: list[int] = []
+    linear = F.linear
+
+    def spy(x, weight, bias=None):
+        if weight is head.weight:
+            rows.append(x.shape[0])
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(F, "linear", spy)
+    for p in adapter_parameters(model).values():
+        p.requires_grad_(True)
+    model.train()
+    batch = collate(features[:8], 0)
+    losses = objective.example_losses(model, batch, "generation")
+    scored = int((batch["labels"][:, 1:] != objective.IGNORE).sum())  # position t is scored when label t+1 is
+    assert max(rows) == 5 and sum(rows) == scored < batch["labels"].numel() / 2
+    losses.sum().backward()
+    assert sum(rows) == scored  # backward only scales the gradients the forward pass took
+
+
+def test_a_model_outside_the_plain_head_families_keeps_its_own_forward():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)).eval()
+    batch = {
+        "input_ids": torch.tensor([[1, 2, 3, 4]]),
+        "attention_mask": torch.ones(1, 4, dtype=torch.long),
+        "labels": torch.tensor([[objective.IGNORE, 2, 3, 4]]),
+    }
+    assert objective.plain_head(model) is None  # its head could be followed by steps of its own: not taken apart
+    torch.testing.assert_close(objective.example_losses(model, batch, "generation"), _model_head_losses(model, batch))
+
+
 # --- memory ---------------------------------------------------------------------------------------
 
 
@@ -348,5 +418,5 @@ def test_the_lm_head_projects_a_contiguous_slice(features):
     model.get_base_model().get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
     batch = collate(features[:4], 0)
     assert (batch["labels"][:, :4] == objective.IGNORE).all(), "the prompt carries no loss: only a slice is projected"
-    objective.example_losses(model, batch, "generation")
+    objective.forward_logits(model, batch, "generation")  # the model's own forward, as for families outside PLAIN_HEAD_MODELS
     assert seen == [True]

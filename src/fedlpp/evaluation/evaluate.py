@@ -15,7 +15,7 @@ from fedlpp.data.schema import DEFAULT_GENERATION_METRICS
 from fedlpp.evaluation.metrics import GENERATION_METRICS, accuracy
 from fedlpp.models.lora import set_adapter
 from fedlpp.models.machine import CPU, Machine, model_device
-from fedlpp.models.objective import forward_logits, losses_from_logits
+from fedlpp.models.objective import example_losses, forward_logits, losses_from_logits
 
 
 @dataclass(frozen=True)
@@ -85,11 +85,14 @@ def mean_loss(
     for chunk in _batches(evalset.features, batch_size):
         batch = collate(chunk, pad_id)
         with machine.autocast():
-            logits, labels = forward_logits(model, batch, evalset.kind)
-        total += float(losses_from_logits(logits, labels, evalset.kind).sum())
+            if evalset.kind == "classification":
+                logits, labels = forward_logits(model, batch, evalset.kind)
+                losses = losses_from_logits(logits, labels, evalset.kind)
+                predictions += logits.argmax(-1).tolist()
+            else:
+                losses = example_losses(model, batch, evalset.kind)
+        total += float(losses.sum())
         count += len(chunk)
-        if evalset.kind == "classification":
-            predictions += logits.argmax(-1).tolist()
         if on_batch is not None:
             on_batch(len(chunk))
     return total / max(count, 1), predictions

@@ -23,8 +23,83 @@ IGNORE = -100
 
 def example_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str) -> torch.Tensor:
     """[B] losses for a collated batch (input_ids, attention_mask, labels)."""
+    parts = plain_head(model) if kind == "generation" else None
+    if parts is not None:
+        return head_losses(*parts, batch)
     logits, labels = forward_logits(model, batch, kind)
     return losses_from_logits(logits, labels, kind)
+
+
+# Causal LMs whose forward is exactly ``logits = lm_head(decoder(inputs).last_hidden_state[kept])`` (transformers 5's
+# modeling code: no logit scaling or soft-capping after the head), so the head can run here instead, fused with the loss.
+PLAIN_HEAD_MODELS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+
+
+def plain_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(decoder, LM head) of a causal LM in ``PLAIN_HEAD_MODELS`` (peft-wrapped or not); None for any other."""
+    get_base_model = getattr(model, "get_base_model", None)
+    base: Any = get_base_model() if get_base_model is not None else model
+    if type(base).__name__ not in PLAIN_HEAD_MODELS:
+        return None
+    head = base.get_output_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad:
+        return None  # a 4-bit, LoRA-wrapped, biased or trained head: the model's own forward
+    return base.get_decoder(), head
+
+
+def head_losses(decoder: nn.Module, head: nn.Linear, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """[B] mean completion-token cross-entropies, the LM head fused with the loss (``HeadCrossEntropy``).
+
+    Only the hidden states of positions whose next token is scored go through the head: the prompt and
+    padding carry no loss.
+    """
+    device = head.weight.device
+    labels = batch["labels"].to(device)
+    inputs, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    hidden = decoder(input_ids=inputs, attention_mask=mask, use_cache=False)  # no key/value cache: nothing is generated
+    states = hidden.last_hidden_state
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)  # position t predicts t+1
+    scored = (targets != IGNORE).reshape(-1).nonzero().squeeze(1)
+    rows = max(1, CE_CHUNK // head.out_features)
+    scored_states = states.reshape(-1, states.shape[-1]).index_select(0, scored)
+    token_loss = HeadCrossEntropy.apply(scored_states, head.weight, targets.reshape(-1).index_select(0, scored), rows)
+    per_token = torch.zeros(targets.numel(), dtype=torch.float32, device=device).index_put((scored,), token_loss)
+    return per_token.view(targets.shape).sum(1) / (targets != IGNORE).sum(1).clamp(min=1)
+
+
+class HeadCrossEntropy(torch.autograd.Function):
+    """[N] float32 cross-entropies of ``states @ weight.T`` for ``targets`` (none of them IGNORE), computed ``rows``
+    rows at a time, each row's gradient with respect to its state taken in the same pass.
+
+    The loss of a row depends on its own state only, so its gradient is (softmax - one-hot) @ weight, known in
+    the forward pass; backward scales it by the row's incoming gradient. Neither the [N, V] logits nor their
+    gradient is ever whole (at a 128k vocabulary and 512 tokens each is 131 MB in bf16, 263 MB in fp32), and
+    nothing is recomputed: the head's two products per row are the forward and the gradient, as in autograd.
+    The frozen weight gets no gradient. Products run in the ambient autocast dtype, the softmax in float32.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+        losses = torch.empty(len(states), dtype=torch.float32, device=states.device)
+        grads = torch.empty(states.shape, dtype=torch.float32, device=states.device) if ctx.needs_input_grad[0] else None
+        for i in range(0, len(states), rows):
+            part, wanted = states[i : i + rows], targets[i : i + rows, None]
+            log_probs = F.linear(part, weight).float().log_softmax(-1)
+            losses[i : i + rows] = -log_probs.gather(1, wanted).squeeze(1)
+            if grads is not None:
+                minus_one = torch.full(wanted.shape, -1.0, device=wanted.device)
+                softmax_minus_onehot = log_probs.exp_().scatter_add_(1, wanted, minus_one)
+                grads[i : i + rows] = softmax_minus_onehot.to(weight.dtype) @ weight
+        ctx.save_for_backward(grads)
+        ctx.states_dtype = states.dtype
+        return losses
+
+    @staticmethod
+    def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        (grads,) = ctx.saved_tensors
+        if grads is None:
+            return None, None, None, None
+        return (grad_losses[:, None] * grads).to(ctx.states_dtype), None, None, None
 
 
 def forward_logits(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -312,8 +312,13 @@ def _model_head_losses(model, batch):
 
 @pytest.mark.parametrize(
     "machine, tolerance",
-    [(CPU, 1e-5), (Machine("cpu", gradient_checkpointing=True), 1e-5), (Machine("cpu", "bf16"), 2e-2)],
-    ids=["fp32", "checkpointing", "bf16"],  # bf16: the gradient is rounded to bf16 before, not after, its scaling
+    [
+        (CPU, 1e-5),
+        (Machine("cpu", gradient_checkpointing=True), 1e-5),
+        (Machine("cpu", "bf16"), 2e-2),  # the gradient is rounded to bf16 before, not after, its scaling
+        (Machine("cpu", "fp16"), 2e-2),
+    ],
+    ids=["fp32", "checkpointing", "bf16", "fp16"],
 )
 def test_the_fused_head_gives_the_losses_and_gradients_of_the_model_s_own_logits(machine, tolerance, features, monkeypatch):
     model = lora_model(machine)
@@ -324,6 +329,7 @@ def test_the_fused_head_gives_the_losses_and_gradients_of_the_model_s_own_logits
         p.requires_grad_(True)
     model.train()
     batch, weights = collate(features[:8], 0), torch.arange(1.0, 9.0)  # unequal weights: each example's gradient counts
+    batch["labels"][3] = objective.IGNORE  # an example with nothing scored: loss 0, no gradient
     with machine.autocast():
         fused = objective.example_losses(model, batch, "generation")
     g_fused = torch.autograd.grad((fused * weights).sum(), params)
@@ -331,6 +337,7 @@ def test_the_fused_head_gives_the_losses_and_gradients_of_the_model_s_own_logits
         own = _model_head_losses(model, batch)
     g_own = torch.autograd.grad((own * weights).sum(), params)
     torch.testing.assert_close(fused, own, rtol=tolerance, atol=tolerance)
+    assert float(fused[3]) == 0.0
     assert any(g.abs().max() > 0 for g in g_own)
     for a, b in zip(g_fused, g_own, strict=True):  # within ``tolerance`` of each gradient's norm
         assert float((a - b).norm()) <= tolerance * float(b.norm()), (float((a - b).norm()), float(b.norm()))
@@ -359,6 +366,60 @@ def test_the_fused_head_projects_only_scored_positions_a_chunk_at_a_time(feature
     assert max(rows) == 5 and sum(rows) == scored < batch["labels"].numel() / 2
     losses.sum().backward()
     assert sum(rows) == scored  # backward only scales the gradients the forward pass took
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_the_other_fused_families_give_their_own_losses_and_gradients(family):
+    import transformers
+
+    config = transformers.AutoConfig.for_model(
+        family,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+        sliding_window=4,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.get_output_embeddings().weight.requires_grad_(False)  # frozen, as every fedlpp backbone's
+    assert objective.plain_head(model) is not None
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 64, (3, 12), generator=generator)
+    labels[:, :5] = objective.IGNORE  # a prompt
+    labels[2, 9:] = objective.IGNORE  # padding
+    batch = {"input_ids": labels.clamp(min=0), "attention_mask": (labels != objective.IGNORE).long(), "labels": labels}
+    batch["attention_mask"][:, :5] = 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = objective.example_losses(model, batch, "generation")
+    g_fused = torch.autograd.grad(fused.sum(), params)
+    own = _model_head_losses(model, batch)
+    g_own = torch.autograd.grad(own.sum(), params)
+    torch.testing.assert_close(fused, own)
+    for a, b in zip(g_fused, g_own, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_trained_or_subclassed_head_keeps_the_model_s_own_forward():
+    from transformers import LlamaForCausalLM
+
+    model = lora_model()
+    head = model.get_base_model().get_output_embeddings()
+    head.weight.requires_grad_(True)  # a head being trained needs its own gradient, which the fused loss does not give
+    assert objective.plain_head(model) is None
+    head.weight.requires_grad_(False)
+
+    class Scaled(LlamaForCausalLM):  # a subclass may change what follows the head
+        pass
+
+    base = model.get_base_model()
+    base.__class__ = Scaled
+    assert objective.plain_head(model) is None
 
 
 def test_a_model_outside_the_plain_head_families_keeps_its_own_forward():
@@ -418,5 +479,5 @@ def test_the_lm_head_projects_a_contiguous_slice(features):
     model.get_base_model().get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
     batch = collate(features[:4], 0)
     assert (batch["labels"][:, :4] == objective.IGNORE).all(), "the prompt carries no loss: only a slice is projected"
-    objective.forward_logits(model, batch, "generation")  # the model's own forward, as for families outside PLAIN_HEAD_MODELS
+    objective.forward_logits(model, batch, "generation")  # the model's own forward, as for families not fused
     assert seen == [True]

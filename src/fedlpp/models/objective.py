@@ -7,6 +7,7 @@ or averaging these per-example values is what DP-SGD needs too (DESIGN 3.1).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from fedlpp.models.machine import model_device
@@ -30,16 +32,23 @@ def example_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: st
     return losses_from_logits(logits, labels, kind)
 
 
-# Causal LMs whose forward is exactly ``logits = lm_head(decoder(inputs).last_hidden_state[kept])`` (transformers 5's
-# modeling code: no logit scaling or soft-capping after the head), so the head can run here instead, fused with the loss.
-PLAIN_HEAD_MODELS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+@functools.cache
+def plain_head_models() -> frozenset[type]:
+    """Causal LMs whose forward is exactly ``logits = lm_head(decoder(inputs).last_hidden_state[kept])`` (transformers
+    5's modeling code: no logit scaling or soft-capping after the head), so the head can run here, fused with the loss.
+    The classes themselves, not their names or subclasses: a subclass may change its forward."""
+    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+
+    return frozenset({LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM})
 
 
 def plain_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
-    """(decoder, LM head) of a causal LM in ``PLAIN_HEAD_MODELS`` (peft-wrapped or not); None for any other."""
+    """(decoder, LM head) of a causal LM of ``plain_head_models`` (peft-wrapped or not); None for any other.
+
+    The fused loss uses the head's weight, not its module: hooks on the head do not run."""
     get_base_model = getattr(model, "get_base_model", None)
     base: Any = get_base_model() if get_base_model is not None else model
-    if type(base).__name__ not in PLAIN_HEAD_MODELS:
+    if type(base) not in plain_head_models():
         return None
     head = base.get_output_embeddings()
     if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad:
@@ -62,7 +71,9 @@ def head_losses(decoder: nn.Module, head: nn.Linear, batch: Mapping[str, torch.T
     scored = (targets != IGNORE).reshape(-1).nonzero().squeeze(1)
     rows = max(1, CE_CHUNK // head.out_features)
     scored_states = states.reshape(-1, states.shape[-1]).index_select(0, scored)
-    token_loss = HeadCrossEntropy.apply(scored_states, head.weight, targets.reshape(-1).index_select(0, scored), rows)
+    wanted = targets.reshape(-1).index_select(0, scored)
+    with_grad = torch.is_grad_enabled() and scored_states.requires_grad
+    token_loss = HeadCrossEntropy.apply(scored_states, head.weight, wanted, rows, with_grad)
     per_token = torch.zeros(targets.numel(), dtype=torch.float32, device=device).index_put((scored,), token_loss)
     return per_token.view(targets.shape).sum(1) / (targets != IGNORE).sum(1).clamp(min=1)
 
@@ -79,15 +90,17 @@ class HeadCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+    def forward(
+        ctx: Any, states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, with_grad: bool
+    ) -> torch.Tensor:
         losses = torch.empty(len(states), dtype=torch.float32, device=states.device)
-        grads = torch.empty(states.shape, dtype=torch.float32, device=states.device) if ctx.needs_input_grad[0] else None
+        grads = torch.empty(states.shape, dtype=torch.float32, device=states.device) if with_grad else None
         for i in range(0, len(states), rows):
             part, wanted = states[i : i + rows], targets[i : i + rows, None]
-            log_probs = F.linear(part, weight).float().log_softmax(-1)
+            log_probs = F.log_softmax(F.linear(part, weight), -1, dtype=torch.float32)
             losses[i : i + rows] = -log_probs.gather(1, wanted).squeeze(1)
             if grads is not None:
-                minus_one = torch.full(wanted.shape, -1.0, device=wanted.device)
+                minus_one = torch.full(wanted.shape, -1.0, dtype=log_probs.dtype, device=wanted.device)
                 softmax_minus_onehot = log_probs.exp_().scatter_add_(1, wanted, minus_one)
                 grads[i : i + rows] = softmax_minus_onehot.to(weight.dtype) @ weight
         ctx.save_for_backward(grads)
@@ -95,11 +108,12 @@ class HeadCrossEntropy(torch.autograd.Function):
         return losses
 
     @staticmethod
-    def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+    @once_differentiable  # the saved gradients are constants: a second derivative would be silently wrong
+    def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
         (grads,) = ctx.saved_tensors
         if grads is None:
-            return None, None, None, None
-        return (grad_losses[:, None] * grads).to(ctx.states_dtype), None, None, None
+            return None, None, None, None, None
+        return (grad_losses[:, None] * grads).to(ctx.states_dtype), None, None, None, None
 
 
 def forward_logits(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +158,7 @@ def losses_from_logits(logits: torch.Tensor, labels: torch.Tensor, kind: str) ->
     return (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-CE_CHUNK = 2**24  # logits per cross-entropy chunk (64 MB in float32)
+CE_CHUNK = 2**24  # logits per cross-entropy chunk (64 MB in float32; a fused chunk's transients about twice that)
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

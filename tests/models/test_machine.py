@@ -368,7 +368,7 @@ def test_the_fused_head_projects_only_scored_positions_a_chunk_at_a_time(feature
     assert sum(rows) == scored  # backward only scales the gradients the forward pass took
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2", "smollm3"])
 def test_the_other_fused_families_give_their_own_losses_and_gradients(family):
     import transformers
 
@@ -384,6 +384,9 @@ def test_the_other_fused_families_give_their_own_losses_and_gradients(family):
         max_position_embeddings=32,
         tie_word_embeddings=False,
         sliding_window=4,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()

@@ -37,9 +37,19 @@ def plain_head_models() -> frozenset[type]:
     """Causal LMs whose forward is exactly ``logits = lm_head(decoder(inputs).last_hidden_state[kept])`` (transformers
     5's modeling code: no logit scaling or soft-capping after the head), so the head can run here, fused with the loss.
     The classes themselves, not their names or subclasses: a subclass may change its forward."""
-    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+    import transformers
 
-    return frozenset({LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM})
+    names = (
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Phi3ForCausalLM",
+        "GemmaForCausalLM",  # Gemma 1 only: Gemma 2 and 3 soft-cap their logits
+        "Olmo2ForCausalLM",
+        "SmolLM3ForCausalLM",
+    )
+    return frozenset(getattr(transformers, name) for name in names)
 
 
 def plain_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:

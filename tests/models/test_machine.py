@@ -322,7 +322,7 @@ def _model_head_losses(model, batch):
 )
 def test_the_fused_head_gives_the_losses_and_gradients_of_the_model_s_own_logits(machine, tolerance, features, monkeypatch):
     model = lora_model(machine)
-    assert objective.plain_head(model) is not None, "tiny-llama is a LlamaForCausalLM: its head runs fused"
+    assert objective.fused_head(model) is not None, "tiny-llama is a LlamaForCausalLM: its head runs fused"
     monkeypatch.setattr(objective, "CE_CHUNK", 5 * model.get_base_model().get_output_embeddings().out_features)
     params = list(adapter_parameters(model).values())
     for p in params:
@@ -368,7 +368,7 @@ def test_the_fused_head_projects_only_scored_positions_a_chunk_at_a_time(feature
     assert sum(rows) == scored  # backward only scales the gradients the forward pass took
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2", "smollm3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2", "smollm3", "gemma2", "gemma3_text"])
 def test_the_other_fused_families_give_their_own_losses_and_gradients(family):
     import transformers
 
@@ -387,11 +387,13 @@ def test_the_other_fused_families_give_their_own_losses_and_gradients(family):
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
+        final_logit_softcapping=0.5,  # Gemma 2 and 3: a cap the random logits reach, so it shapes the loss
     )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     model.get_output_embeddings().weight.requires_grad_(False)  # frozen, as every fedlpp backbone's
-    assert objective.plain_head(model) is not None
+    head = objective.fused_head(model)
+    assert head is not None and head.softcap == (0.5 if family.startswith(("gemma2", "gemma3")) else None)
     generator = torch.Generator().manual_seed(1)
     labels = torch.randint(0, 64, (3, 12), generator=generator)
     labels[:, :5] = objective.IGNORE  # a prompt
@@ -414,7 +416,7 @@ def test_a_trained_or_subclassed_head_keeps_the_model_s_own_forward():
     model = lora_model()
     head = model.get_base_model().get_output_embeddings()
     head.weight.requires_grad_(True)  # a head being trained needs its own gradient, which the fused loss does not give
-    assert objective.plain_head(model) is None
+    assert objective.fused_head(model) is None
     head.weight.requires_grad_(False)
 
     class Scaled(LlamaForCausalLM):  # a subclass may change what follows the head
@@ -422,7 +424,7 @@ def test_a_trained_or_subclassed_head_keeps_the_model_s_own_forward():
 
     base = model.get_base_model()
     base.__class__ = Scaled
-    assert objective.plain_head(model) is None
+    assert objective.fused_head(model) is None
 
 
 def test_a_model_outside_the_plain_head_families_keeps_its_own_forward():
@@ -434,7 +436,7 @@ def test_a_model_outside_the_plain_head_families_keeps_its_own_forward():
         "attention_mask": torch.ones(1, 4, dtype=torch.long),
         "labels": torch.tensor([[objective.IGNORE, 2, 3, 4]]),
     }
-    assert objective.plain_head(model) is None  # its head could be followed by steps of its own: not taken apart
+    assert objective.fused_head(model) is None  # its head could be followed by steps of its own: not taken apart
     torch.testing.assert_close(objective.example_losses(model, batch, "generation"), _model_head_losses(model, batch))
 
 

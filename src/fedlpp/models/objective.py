@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,93 +26,110 @@ IGNORE = -100
 
 def example_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str) -> torch.Tensor:
     """[B] losses for a collated batch (input_ids, attention_mask, labels)."""
-    parts = plain_head(model) if kind == "generation" else None
-    if parts is not None:
-        return head_losses(*parts, batch)
+    head = fused_head(model) if kind == "generation" else None
+    if head is not None:
+        return head.losses(batch)
     logits, labels = forward_logits(model, batch, kind)
     return losses_from_logits(logits, labels, kind)
 
 
 @functools.cache
-def plain_head_models() -> frozenset[type]:
-    """Causal LMs whose forward is exactly ``logits = lm_head(decoder(inputs).last_hidden_state[kept])`` (transformers
-    5's modeling code: no logit scaling or soft-capping after the head), so the head can run here, fused with the loss.
-    The classes themselves, not their names or subclasses: a subclass may change its forward."""
+def fused_head_models() -> dict[type, bool]:
+    """Causal LMs whose forward is exactly ``logits = lm_head(decoder(inputs).last_hidden_state[kept])``, then for
+    the soft-capped ones (True) ``cap * tanh(logits / cap)`` with ``config.final_logit_softcapping`` (transformers
+    5's modeling code), so the head can run here, fused with the loss. The classes themselves, not their names or
+    subclasses: a subclass may change its forward."""
     import transformers
 
-    names = (
-        "LlamaForCausalLM",
-        "MistralForCausalLM",
-        "Qwen2ForCausalLM",
-        "Qwen3ForCausalLM",
-        "Phi3ForCausalLM",
-        "GemmaForCausalLM",  # Gemma 1 only: Gemma 2 and 3 soft-cap their logits
-        "Olmo2ForCausalLM",
-        "SmolLM3ForCausalLM",
-    )
-    return frozenset(getattr(transformers, name) for name in names)
+    plain = ("Llama", "Mistral", "Qwen2", "Qwen3", "Phi3", "Gemma", "Olmo2", "SmolLM3")
+    soft_capped = ("Gemma2", "Gemma3")
+    return {getattr(transformers, f"{name}ForCausalLM"): name in soft_capped for name in plain + soft_capped}
 
 
-def plain_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
-    """(decoder, LM head) of a causal LM of ``plain_head_models`` (peft-wrapped or not); None for any other.
+@dataclass(frozen=True)
+class FusedHead:
+    """A causal LM's decoder and frozen LM head, whose loss ``HeadCrossEntropy`` computes without whole logits."""
+
+    decoder: nn.Module
+    head: nn.Linear
+    softcap: float | None  # logits = softcap * tanh(head(h) / softcap) when set
+
+    def losses(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """[B] mean completion-token cross-entropies.
+
+        Only the hidden states of positions whose next token is scored go through the head: the prompt and
+        padding carry no loss.
+        """
+        device = self.head.weight.device
+        labels = batch["labels"].to(device)
+        inputs, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        hidden = self.decoder(input_ids=inputs, attention_mask=mask, use_cache=False)  # nothing is generated
+        states = hidden.last_hidden_state
+        targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)  # position t predicts t+1
+        scored = (targets != IGNORE).reshape(-1).nonzero().squeeze(1)
+        rows = max(1, CE_CHUNK // self.head.out_features)
+        scored_states = states.reshape(-1, states.shape[-1]).index_select(0, scored)
+        wanted = targets.reshape(-1).index_select(0, scored)
+        with_grad = torch.is_grad_enabled() and scored_states.requires_grad
+        token_loss = HeadCrossEntropy.apply(scored_states, self.head.weight, wanted, rows, with_grad, self.softcap)
+        per_token = torch.zeros(targets.numel(), dtype=torch.float32, device=device).index_put((scored,), token_loss)
+        return per_token.view(targets.shape).sum(1) / (targets != IGNORE).sum(1).clamp(min=1)
+
+
+def fused_head(model: nn.Module) -> FusedHead | None:
+    """The decoder and head of a causal LM of ``fused_head_models`` (peft-wrapped or not); None for any other.
 
     The fused loss uses the head's weight, not its module: hooks on the head do not run."""
     get_base_model = getattr(model, "get_base_model", None)
     base: Any = get_base_model() if get_base_model is not None else model
-    if type(base) not in plain_head_models():
+    soft_capped = fused_head_models().get(type(base))
+    if soft_capped is None:
         return None
     head = base.get_output_embeddings()
     if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad:
         return None  # a 4-bit, LoRA-wrapped, biased or trained head: the model's own forward
-    return base.get_decoder(), head
-
-
-def head_losses(decoder: nn.Module, head: nn.Linear, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """[B] mean completion-token cross-entropies, the LM head fused with the loss (``HeadCrossEntropy``).
-
-    Only the hidden states of positions whose next token is scored go through the head: the prompt and
-    padding carry no loss.
-    """
-    device = head.weight.device
-    labels = batch["labels"].to(device)
-    inputs, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    hidden = decoder(input_ids=inputs, attention_mask=mask, use_cache=False)  # no key/value cache: nothing is generated
-    states = hidden.last_hidden_state
-    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)  # position t predicts t+1
-    scored = (targets != IGNORE).reshape(-1).nonzero().squeeze(1)
-    rows = max(1, CE_CHUNK // head.out_features)
-    scored_states = states.reshape(-1, states.shape[-1]).index_select(0, scored)
-    wanted = targets.reshape(-1).index_select(0, scored)
-    with_grad = torch.is_grad_enabled() and scored_states.requires_grad
-    token_loss = HeadCrossEntropy.apply(scored_states, head.weight, wanted, rows, with_grad)
-    per_token = torch.zeros(targets.numel(), dtype=torch.float32, device=device).index_put((scored,), token_loss)
-    return per_token.view(targets.shape).sum(1) / (targets != IGNORE).sum(1).clamp(min=1)
+    softcap = getattr(base.config, "final_logit_softcapping", None) if soft_capped else None
+    return FusedHead(base.get_decoder(), head, float(softcap) if softcap else None)
 
 
 class HeadCrossEntropy(torch.autograd.Function):
-    """[N] float32 cross-entropies of ``states @ weight.T`` for ``targets`` (none of them IGNORE), computed ``rows``
-    rows at a time, each row's gradient with respect to its state taken in the same pass.
+    """[N] float32 cross-entropies of the logits ``states @ weight.T`` (soft-capped: ``cap * tanh(. / cap)``) for
+    ``targets`` (none of them IGNORE), computed ``rows`` rows at a time, each row's gradient with respect to its
+    state taken in the same pass.
 
-    The loss of a row depends on its own state only, so its gradient is (softmax - one-hot) @ weight, known in
-    the forward pass; backward scales it by the row's incoming gradient. Neither the [N, V] logits nor their
-    gradient is ever whole (at a 128k vocabulary and 512 tokens each is 131 MB in bf16, 263 MB in fp32), and
-    nothing is recomputed: the head's two products per row are the forward and the gradient, as in autograd.
-    The frozen weight gets no gradient. Products run in the ambient autocast dtype, the softmax in float32.
+    The loss of a row depends on its own state only, so its gradient is (softmax - one-hot) @ weight (times the
+    cap's derivative 1 - tanh^2 before the product), known in the forward pass; backward scales it by the row's
+    incoming gradient. Neither the [N, V] logits nor their gradient is ever whole (at a 128k vocabulary and 512
+    tokens each is 131 MB in bf16, 263 MB in fp32), and nothing is recomputed: the head's two products per row
+    are the forward and the gradient, as in autograd. The frozen weight gets no gradient. Products run in the
+    ambient autocast dtype, the cap and the softmax in float32.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, with_grad: bool
+        ctx: Any,
+        states: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        rows: int,
+        with_grad: bool,
+        softcap: float | None,
     ) -> torch.Tensor:
         losses = torch.empty(len(states), dtype=torch.float32, device=states.device)
         grads = torch.empty(states.shape, dtype=torch.float32, device=states.device) if with_grad else None
         for i in range(0, len(states), rows):
             part, wanted = states[i : i + rows], targets[i : i + rows, None]
-            log_probs = F.log_softmax(F.linear(part, weight), -1, dtype=torch.float32)
+            logits, capped = F.linear(part, weight), None
+            if softcap:
+                capped = torch.tanh(logits.float() / softcap)
+                logits = capped * softcap
+            log_probs = F.log_softmax(logits, -1, dtype=torch.float32)
             losses[i : i + rows] = -log_probs.gather(1, wanted).squeeze(1)
             if grads is not None:
                 minus_one = torch.full(wanted.shape, -1.0, dtype=log_probs.dtype, device=wanted.device)
                 softmax_minus_onehot = log_probs.exp_().scatter_add_(1, wanted, minus_one)
+                if capped is not None:
+                    softmax_minus_onehot.mul_(1.0 - capped.square_())
                 grads[i : i + rows] = softmax_minus_onehot.to(weight.dtype) @ weight
         ctx.save_for_backward(grads)
         ctx.states_dtype = states.dtype
@@ -119,11 +137,11 @@ class HeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable  # the saved gradients are constants: a second derivative would be silently wrong
-    def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
+    def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None, None]:
         (grads,) = ctx.saved_tensors
         if grads is None:
-            return None, None, None, None, None
-        return (grad_losses[:, None] * grads).to(ctx.states_dtype), None, None, None, None
+            return None, None, None, None, None, None
+        return (grad_losses[:, None] * grads).to(ctx.states_dtype), None, None, None, None, None
 
 
 def forward_logits(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str) -> tuple[torch.Tensor, torch.Tensor]:

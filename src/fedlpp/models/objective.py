@@ -89,7 +89,7 @@ def fused_head(model: nn.Module) -> FusedHead | None:
     if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad:
         return None  # a 4-bit, LoRA-wrapped, biased or trained head: the model's own forward
     softcap = getattr(base.config, "final_logit_softcapping", None) if soft_capped else None
-    return FusedHead(base.get_decoder(), head, float(softcap) if softcap else None)
+    return FusedHead(base.get_decoder(), head, None if softcap is None else float(softcap))
 
 
 class HeadCrossEntropy(torch.autograd.Function):
@@ -119,17 +119,18 @@ class HeadCrossEntropy(torch.autograd.Function):
         grads = torch.empty(states.shape, dtype=torch.float32, device=states.device) if with_grad else None
         for i in range(0, len(states), rows):
             part, wanted = states[i : i + rows], targets[i : i + rows, None]
-            logits, capped = F.linear(part, weight), None
-            if softcap:
-                capped = torch.tanh(logits.float() / softcap)
-                logits = capped * softcap
-            log_probs = F.log_softmax(logits, -1, dtype=torch.float32)
+            if softcap is None:
+                capped = None
+                log_probs = F.log_softmax(F.linear(part, weight), -1, dtype=torch.float32)
+            else:  # in place where it can be: four float32 [rows, V] tensors at once would be 4x the chunk
+                capped = F.linear(part, weight).float().div_(softcap).tanh_()
+                log_probs = F.log_softmax(capped * softcap, -1)
             losses[i : i + rows] = -log_probs.gather(1, wanted).squeeze(1)
             if grads is not None:
                 minus_one = torch.full(wanted.shape, -1.0, dtype=log_probs.dtype, device=wanted.device)
                 softmax_minus_onehot = log_probs.exp_().scatter_add_(1, wanted, minus_one)
-                if capped is not None:
-                    softmax_minus_onehot.mul_(1.0 - capped.square_())
+                if capped is not None:  # d(cap tanh(z / cap)) / dz = 1 - tanh^2
+                    softmax_minus_onehot.mul_(capped.square_().neg_().add_(1.0))
                 grads[i : i + rows] = softmax_minus_onehot.to(weight.dtype) @ weight
         ctx.save_for_backward(grads)
         ctx.states_dtype = states.dtype

@@ -65,7 +65,7 @@ class FusedHead:
         inputs, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         hidden = self.decoder(input_ids=inputs, attention_mask=mask, use_cache=False)  # nothing is generated
         states = hidden.last_hidden_state
-        targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)  # position t predicts t+1
+        targets = next_token_targets(labels)
         scored = (targets != IGNORE).reshape(-1).nonzero().squeeze(1)
         rows = max(1, CE_CHUNK // self.head.out_features)
         scored_states = states.reshape(-1, states.shape[-1]).index_select(0, scored)
@@ -73,7 +73,7 @@ class FusedHead:
         with_grad = torch.is_grad_enabled() and scored_states.requires_grad
         token_loss = HeadCrossEntropy.apply(scored_states, self.head.weight, wanted, rows, with_grad, self.softcap)
         per_token = torch.zeros(targets.numel(), dtype=torch.float32, device=device).index_put((scored,), token_loss)
-        return per_token.view(targets.shape).sum(1) / (targets != IGNORE).sum(1).clamp(min=1)
+        return mean_over_scored(per_token.view(targets.shape), targets)
 
 
 def fused_head(model: nn.Module) -> FusedHead | None:
@@ -180,9 +180,18 @@ def losses_from_logits(logits: torch.Tensor, labels: torch.Tensor, kind: str) ->
     """[B] losses from logits ([B, C] or [B, T, V]) and labels ([B] or [B, T])."""
     if kind == "classification":
         return F.cross_entropy(logits.float(), labels, reduction="none")  # logits [B, C]
-    # Causal LM: position t predicts token t+1; the last position predicts nothing.
-    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)  # [B, T]
+    targets = next_token_targets(labels)
     token_loss = token_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).view(targets.shape)
+    return mean_over_scored(token_loss, targets)
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] what each position of a causal LM is scored against: position t predicts token t+1, the last nothing."""
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)
+
+
+def mean_over_scored(token_loss: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[B] each sequence's mean token loss over its scored positions (0 where none is scored)."""
     mask = (targets != IGNORE).float()
     return (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 

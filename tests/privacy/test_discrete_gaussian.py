@@ -29,9 +29,9 @@ def test_the_draws_follow_the_discrete_gaussian(sigma):
     assert chisquare(observed, expected).pvalue > 1e-3
 
 
-@pytest.mark.parametrize("sigma", [100.0, 128.0, 1295.27, 3.3e5])
+@pytest.mark.parametrize("sigma", [100.0, 1295.27, 2341.0, 3.3e5])
 def test_wide_bins_with_rejection_still_give_the_discrete_gaussian(sigma):
-    """Above sigma = 128 a try draws a bin of 2^k values, a value in it, and a rejection test: the draws still follow
+    """Above sigma = 2340 a try draws a bin of 2^k values, a value in it, and a rejection test: the draws still follow
     the pmf (counted in 66 bins of sigma / 8 and the two tails) and their parity is fair."""
     draws = dg.sample(200_000, sigma, SeededRandomness(7))
     edges = np.round(np.linspace(-4 * sigma, 4 * sigma, 65)).astype(np.int64)
@@ -57,7 +57,7 @@ def sampler_pmf(sigma: float) -> tuple[np.ndarray, np.ndarray]:
     return support, np.bincount(where.ravel(), weights=mass.ravel()) / mass.sum()
 
 
-@pytest.mark.parametrize("sigma", [0.01, 0.5, 1.0, 63.9, 127.9, 128.0, 129.0, 1295.27])
+@pytest.mark.parametrize("sigma", [0.01, 0.5, 1.0, 63.9, 1295.27, 2340.0, 2341.0, 3.3e5])
 def test_the_samplers_tables_give_the_discrete_gaussian_to_float_precision(sigma):
     """Exact, not statistical: within 1e-12 in total variation, within 1e-9 relative wherever the mass is above
     1e-12, and never more often than the pmf anywhere in the tail (an over-drawn tail value costs delta)."""
@@ -86,26 +86,31 @@ class Words:
 
 
 def test_a_tries_words_pick_the_slot_the_value_and_the_acceptance_as_documented():
-    env = dg._envelope(1295.27)  # bins of 16 values, 4096 slots
+    env = dg._envelope(3.3e5)  # bins of 256 values, 2^16 slots
+    assert (env.width_bits, env.index_bits) == (8, 16)
     top = 64 - env.index_bits
     slot = int(np.argmax(env.keep_below))  # a slot that keeps itself when its coin is 0
     near_offset = int(env.nearest[slot] - env.first[slot])
     ones = 2**64 - 1
-    # Word A: slot in the top bits, offset in the low 4; word B: the coin; word C: acceptance (0 keeps anything).
+    # Word A: slot in the top bits, offset in the low 8; word B: the coin; word C: acceptance (0 keeps anything).
     assert env.draw(1, Words((slot << top) | 5, 0, 0)).tolist() == [env.first[slot] + 5]
     assert env.draw(1, Words((slot << top) | 5, ones, 0)).tolist() == [env.first[env.alias[slot]] + 5]
     # The largest acceptance draw keeps only the bin's value nearest 0, whose ratio is exactly 1.
     assert env.draw(1, Words((slot << top) | near_offset, 0, ones)).tolist() == [env.nearest[slot]]
-    far_offset = 15 - near_offset
+    far_offset = 255 - near_offset
     assert env.draw(1, Words((slot << top) | far_offset, 0, ones)).size == 0
-    small = dg._envelope(4.0)  # one value a bin: two words a try, nothing rejected
-    slot = int(np.argmax(small.keep_below))
-    assert small.draw(1, Words(slot << (64 - small.index_bits), 0)).tolist() == [small.first[slot]]
+    exact = dg._envelope(1295.27)  # up to sigma = 2340 a slot per integer: two words a value, nothing rejected
+    assert (exact.width_bits, exact.index_bits) == (0, 16)
+    slot = int(np.argmax(exact.keep_below))
+    assert exact.draw(1, Words(slot << 48, 0)).tolist() == [exact.first[slot]]
+    assert exact.draw(1, Words(slot << 48, ones)).tolist() == [exact.first[exact.alias[slot]]]
+    assert dg._envelope(2340.0).width_bits == 0 and dg._envelope(2341.0).width_bits == 1
 
 
 def test_most_tries_are_kept():
     tries = 100_000
-    assert dg._envelope(1295.27).draw(tries, SeededRandomness(0)).size > 0.98 * tries
+    assert dg._envelope(2341.0).draw(tries, SeededRandomness(0)).size > 0.98 * tries
+    assert dg._envelope(3.3e5).draw(tries, SeededRandomness(0)).size > 0.98 * tries
     with pytest.raises(ValueError, match="sigma must be in"):
         dg.sample(3, 2.0**49, SeededRandomness(0))
 

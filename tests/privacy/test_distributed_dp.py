@@ -83,7 +83,8 @@ def test_each_client_adds_a_discrete_gaussian_share_from_the_os(monkeypatch):
     assert drawn, "the noise share came from the OS CSPRNG"
     assert not np.array_equal(one, two), "the same seed does not give the same noise"
     share_std = encoding.rotation.local_std(1600)
-    assert np.std(one[:-1]) == pytest.approx(share_std, rel=0.1) and one[-1] == 1
+    assert one.dtype == np.uint16, "the field's elements in Z_2^16's words: each integer mod 2^16"
+    assert np.std(one[:-1].view(np.int16)) == pytest.approx(share_std, rel=0.1) and one[-1] == 1
 
 
 def test_the_server_tops_up_the_missing_shares_and_divides_by_the_expected_count():

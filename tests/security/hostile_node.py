@@ -25,9 +25,9 @@ FORGED_WEIGHT = 25  # round 2
 honest_masked_input = client.ClientSession.masked_input
 
 
-def encode_unchecked(values, params, client_id):  # encode's signature, without its range check
+def encode_unchecked(values, params, client_id):  # to_field's signature, without the range check
     scaled = np.rint(np.asarray(values, dtype=np.float64).reshape(-1) * params.scale)
-    return (scaled.astype(np.int64) & 0xFFFFFFFF).astype(np.uint32)
+    return (scaled.astype(np.int64) & 0xFFFFFFFF).astype(np.uint32).astype(params.word)
 
 
 def masked_input(self, routed_shares, values):
@@ -39,7 +39,7 @@ def masked_input(self, routed_shares, values):
     return honest_masked_input(self, routed_shares, values)
 
 
-client.encode = encode_unchecked
+client.to_field = encode_unchecked
 client.ClientSession.masked_input = masked_input
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from fedlpp.algorithms.rotation import Rotation
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.privacy import discrete_gaussian
 from fedlpp.privacy.randomness import SystemRandomness, randomness
-from fedlpp.secagg import AggregateResult, SecAggParams, append_weight, in_range, split_weight, weight_coordinate
+from fedlpp.secagg import AggregateResult, SecAggParams, append_weight, field_elements, in_range, split_weight, weight_coordinate
 from fedlpp.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,9 @@ class SecureInput:
 
 @dataclass(frozen=True)
 class RotatedInput:
-    """A client's encoder in a b-bit field: its delta bounded in norm, rotated, scaled, rounded at random and wrapped
-    (``Rotation.encode``), then its weight 1. The rounding draws come from ``seed`` or, when ``secure``, the OS."""
+    """A client's encoder in a b-bit field: its delta bounded in norm, rotated, scaled and rounded at random
+    (``Rotation.encode``), then its weight 1, as field elements. The rounding draws come from ``seed`` or, when
+    ``secure``, the OS."""
 
     encoding: SecureEncoding
     seed: int
@@ -126,7 +127,7 @@ class RotatedInput:
             log.warning("round %d: this update's norm %.4g is scaled down to secagg.l2_bound=%g", round_, norm, rotation.l2_bound)
         rng = randomness(self.secure, derive_seed(self.seed, "secagg_rounding", round_, client_id))
         noise = SystemRandomness() if rotation.noise_multiplier else None  # a DP share: always the OS CSPRNG
-        return append_weight(rotation.encode(flat, round_, rng, noise), 1, self.encoding.params)
+        return field_elements(rotation.encode(flat, round_, rng, noise), 1, self.encoding.params)
 
 
 @dataclass(frozen=True)

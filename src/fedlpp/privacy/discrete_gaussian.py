@@ -1,20 +1,20 @@
 """The discrete Gaussian N_Z(0, sigma^2) and what the sum of K of them guarantees (distributed DP under SecAgg).
 
-**Sampling**: rejection from a piecewise-constant envelope, drawn by the alias method. The
-integers from -14 sigma to 14 sigma (at least 12 sigma) are cut into bins of w = 2^k
-consecutive values (w = 1 below sigma = 128, so each bin is one integer and nothing is
-rejected; else sigma / 128 < w <= sigma / 64). A try picks a bin with probability
-proportional to w times the density at the bin's value nearest 0 (Walker's alias method: one
-table lookup and one coin), a value x uniformly inside it, and keeps x with probability
-p(x) / p(nearest) >= 0.8: what is kept is distributed exactly as P(x) ~ exp(-x^2 / (2 sigma^2))
-on the cut support (mass beyond below 10^-30), and more than 98% of tries are kept. Exactly up
-to float64: the tables carry a relative error of about 2^-52 (which moves epsilon by as much);
-the coins are 64-bit integers compared with integer thresholds, so no bin is drawn more often
-than its own share, however small (a 52-bit float coin would draw each far-tail bin with
-probability 2^-52 / n, a total-variation error that counts against delta). Being float
-arithmetic, it does not guard against floating-point side channels the way exact rational
-arithmetic (Canonne, Kamath and Steinke, NeurIPS 2020) does. Two 64-bit words a try below
-sigma = 128, three above: 300,000 values take about 5 to 7 MB of randomness.
+**Sampling**: the alias method over the integers from -14 sigma to 14 sigma (at least 12 sigma;
+the mass beyond is below 10^-30). Up to sigma = 2340 the table has a slot for every integer
+(at most 2^16 slots), so a draw is one table lookup and one coin, and nothing is rejected. Above,
+the integers are cut into bins of w = 2^k consecutive values (the fewest that fit 2^16 slots,
+so w < sigma / 1170): a try picks a bin with probability proportional to w times the density at
+the bin's value nearest 0, a value x uniformly inside it, and keeps x with probability
+p(x) / p(nearest) >= 0.98; what is kept is distributed exactly as P(x) ~ exp(-x^2 / (2 sigma^2))
+on the cut support. Exactly up to float64: the tables carry a relative error of about 2^-52
+(which moves epsilon by as much); the coins are 64-bit integers compared with integer
+thresholds, so no bin is drawn more often than its own share, however small (a 52-bit float
+coin would draw each far-tail bin with probability 2^-52 / n, a total-variation error that
+counts against delta). Being float arithmetic, it does not guard against floating-point side
+channels the way exact rational arithmetic (Canonne, Kamath and Steinke, NeurIPS 2020) does.
+Two 64-bit words a value up to sigma = 2340, three a try above: 300,000 values take 4.8 to 7.3
+MB of randomness.
 
 **Privacy of a sum** (Kairouz, Liu and Steinke, ICML 2021, "The Distributed Discrete Gaussian
 Mechanism for Federated Learning with Secure Aggregation", Proposition 14): if each of n
@@ -59,7 +59,7 @@ def sample(count: int, sigma: float, rng: Randomness) -> np.ndarray:
 
 
 TAIL_SIGMAS = 14  # the support is cut at about 14 sigma (at least 12 sigma): the mass beyond is below 10^-30
-BINS_PER_SIGMA = 64  # bins at most sigma / 64 wide: more than 98% of tries are kept
+MAX_INDEX_BITS = 16  # at most 2^16 slots: a slot per integer up to sigma = 2340, and more than 98% of tries kept above
 MAX_SIGMA = 2.0**48  # beyond, 14 sigma squared loses the float64 precision the acceptance test needs
 _ONE_AS_BITS = np.uint64(0x3FF0000000000000)  # float64 1.0: 52 random bits as its mantissa give [1, 2)
 
@@ -67,18 +67,18 @@ _ONE_AS_BITS = np.uint64(0x3FF0000000000000)  # float64 1.0: 52 random bits as i
 class _Envelope:
     """The alias table of the bins' envelope masses and what a try needs to place and test its value.
 
-    A try's randomness: word A's top ``index_bits`` (<= 12) bits pick a slot and its low ``width_bits`` bits the
+    A try's randomness: word A's top ``index_bits`` (<= 16) bits pick a slot and its low ``width_bits`` bits the
     value within the bin; word B, all 64 bits, is the slot's coin, compared as an integer with the slot's threshold
     floor(keep 2^64) (so a slot is never drawn more often than its own float64 share, however small: a float coin
-    would give every slot at least 2^-52 / n); word C's top 52 bits test acceptance, whose probability is at least
-    0.8, so 52 bits leave only a relative error."""
+    would give every slot at least 2^-52 / n); with bins of more than one value, word C's top 52 bits test
+    acceptance, whose probability is at least 0.98, so 52 bits leave only a relative error."""
 
     def __init__(self, sigma: float) -> None:
         self.sigma = sigma
-        self.width_bits = max(0, math.floor(math.log2(sigma / BINS_PER_SIGMA))) if sigma >= 2 * BINS_PER_SIGMA else 0
+        self.width_bits = _width_bits(sigma)
         width = 1 << self.width_bits
         half = math.ceil(TAIL_SIGMAS * sigma / width)  # bins -half .. half-1; bin j holds j w .. j w + w - 1
-        self.index_bits = max(1, math.ceil(math.log2(2 * half)))  # <= 12
+        self.index_bits = max(1, math.ceil(math.log2(2 * half)))  # <= MAX_INDEX_BITS
         first = np.arange(-half, half) * width
         nearest = np.where(first >= 0, first, first + width - 1).astype(np.float64)  # the value closest to 0
         masses = np.zeros(1 << self.index_bits)  # padded to a power of two with empty bins
@@ -88,22 +88,36 @@ class _Envelope:
         self.first = np.zeros(masses.size, dtype=np.int64)
         self.first[: 2 * half] = first
         self.nearest = np.pad(nearest, (0, masses.size - 2 * half))
+        # A try's bin by its outcome index (``_outcome_index``): slot s's own at 2 s, its alias at 2 s + 1.
+        self._bin_of = np.stack([np.arange(masses.size), self.alias], axis=1).reshape(-1)
+        self._first_of = self.first[self._bin_of]
 
     def draw(self, tries: int, rng: Randomness) -> np.ndarray:
         """The values kept out of ``tries`` tries."""
         if not self.width_bits:  # one value a bin: its envelope is its own mass, so every try is kept
             place, coin = rng.words(2 * tries).reshape(2, tries)
-            return self.first[self._bins(place, coin)]
+            return self._first_of.take(self._outcome_index(place, coin))
         place, coin, accept = rng.words(3 * tries).reshape(3, tries)
-        bin_ = self._bins(place, coin)
-        x = self.first[bin_] + (place & np.uint64((1 << self.width_bits) - 1)).astype(np.int64)
-        near, xf = self.nearest[bin_], x.astype(np.float64)
+        bin_ = self._bin_of.take(self._outcome_index(place, coin))
+        x = self.first.take(bin_) + (place & np.uint64((1 << self.width_bits) - 1)).astype(np.int64)
+        near, xf = self.nearest.take(bin_), x.astype(np.float64)
         keep = _unit(accept) < np.exp(-((xf - near) * (xf + near)) / (2 * self.sigma**2))
         return x[keep]
 
-    def _bins(self, place: np.ndarray, coin: np.ndarray) -> np.ndarray:
+    def _outcome_index(self, place: np.ndarray, coin: np.ndarray) -> np.ndarray:
+        """2 s for a try that keeps its slot s, 2 s + 1 for one that takes the slot's alias."""
         slot = (place >> np.uint64(64 - self.index_bits)).astype(np.intp)
-        return np.where(coin < self.keep_below[slot], slot, self.alias[slot])
+        index = slot << 1
+        index += coin >= self.keep_below.take(slot)
+        return index
+
+
+def _width_bits(sigma: float) -> int:
+    """log2 of the bin width: 0 while a slot for each integer of the +-14 sigma support fits 2^16 slots."""
+    bits = 0
+    while 2 * math.ceil(TAIL_SIGMAS * sigma / (1 << bits)) > 1 << MAX_INDEX_BITS:
+        bits += 1
+    return bits
 
 
 def _unit(words: np.ndarray) -> np.ndarray:

@@ -8,7 +8,15 @@ Every step is bytes in, bytes out: ``ClientSession`` for each client and round,
 from fedlpp.secagg.client import ClientSession
 from fedlpp.secagg.crypto import generate_signing_key, verify_key_bytes
 from fedlpp.secagg.errors import SERVER_ID, SecAggAbort, SecAggError, SecAggRangeError
-from fedlpp.secagg.fixedpoint import append_weight, decode_sum, encode, in_range, split_weight, weight_coordinate
+from fedlpp.secagg.fixedpoint import (
+    append_weight,
+    decode_sum,
+    encode,
+    field_elements,
+    in_range,
+    split_weight,
+    weight_coordinate,
+)
 from fedlpp.secagg.graph import NeighbourGraph, build_graph, graph_degree
 from fedlpp.secagg.local import Dropouts, InProcess, Parties, Traffic, registry_of, run_local_round
 from fedlpp.secagg.params import SecAggParams, SecAggParamsError
@@ -36,6 +44,7 @@ __all__ = [
     "build_graph",
     "decode_sum",
     "encode",
+    "field_elements",
     "generate_signing_key",
     "graph_degree",
     "in_range",

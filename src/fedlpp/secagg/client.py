@@ -41,7 +41,7 @@ from fedlpp.secagg.crypto import (
     verify,
 )
 from fedlpp.secagg.errors import SERVER_ID, SecAggAbort, SecAggError
-from fedlpp.secagg.fixedpoint import encode
+from fedlpp.secagg.fixedpoint import to_field
 from fedlpp.secagg.graph import NeighbourGraph, build_graph
 from fedlpp.secagg.masking import (
     add_pairwise,
@@ -97,7 +97,7 @@ class ClientSession:
         self._peers: dict[int, SignedKeys] = {}  # neighbours' advertised keys
         self._box_secrets: dict[int, bytes] = {}  # v -> X25519(c_sk_u, c_pk_v)
         self._mask_secrets: dict[int, bytes] = {}  # v -> X25519(s_sk_u, s_pk_v)
-        self._masks: npt.NDArray[np.uint32] | None = None  # PRG(b_u) + every neighbour's pairwise mask
+        self._masks: npt.NDArray[np.unsignedinteger] | None = None  # PRG(b_u) + every neighbour's pairwise mask
         self._held: dict[int, tuple[int, int]] = {}  # v -> (share of b_v, share of s_sk_v)
         self._view: Survivors | None = None
         self._view_signature = b""  # what this client signed in sign_survivors
@@ -143,7 +143,8 @@ class ClientSession:
 
         Args:
             routed_shares: The server's ROUTED_SHARES message.
-            values: This client's (weighted) vector, shape (dim,), each |x| <= clip_range.
+            values: This client's (weighted) vector, shape (dim,), each |x| <= clip_range; or its input as field
+                elements already (unsigned integers, ``fixedpoint.field_elements``).
 
         Returns:
             MASKED_INPUT: the 22-byte header and 4 d bytes (ceil(d b / 8) in a b-bit field).
@@ -158,10 +159,10 @@ class ClientSession:
         if np.size(values) != self.dim:
             raise ValueError(f"client {self.client_id}: got {np.size(values)} values, the session was made for {self.dim}")
         boxes = wire.decode_ciphertexts(self._unpack(routed_shares, MessageType.ROUTED_SHARES))
-        encoded = encode(values, self.params, self.client_id)  # range error before any share is used
+        encoded = to_field(values, self.params, self.client_id)  # range error before any share is used
         self._held = self._open_boxes(boxes)
         message = self._pack(MessageType.MASKED_INPUT, wire.encode_masked(self._mask(encoded), self.params.modulus_bits))
-        # The masks and the secrets behind them are not needed again: free d uint32s per client.
+        # The masks and the secrets behind them are not needed again: free d words per client.
         self._masks, self._box_secrets, self._mask_secrets = None, {}, {}
         return self._done(message)
 
@@ -403,9 +404,9 @@ class ClientSession:
         except ValueError as err:
             raise SecAggError(sender, f"share plaintext is malformed: {err}") from err
 
-    def _expand_masks(self) -> npt.NDArray[np.uint32]:
+    def _expand_masks(self) -> npt.NDArray[np.unsignedinteger]:
         """PRG(b_u) plus u's side of the mask with every neighbour: data-independent, done before the input."""
-        prg = Prg(self.dim, self.params.prg)
+        prg = Prg(self.dim, self.params.prg, self.params.word)
         total = prg.expand(self_mask_key(self._b, self.round, self.client_id)).copy()
         for v in sorted(self._peers):
             add_pairwise(total, prg.expand(self._pairwise_key(v)), self.client_id, v)
@@ -414,7 +415,7 @@ class ClientSession:
     def _pairwise_key(self, v: int) -> bytes:
         return pairwise_key(self._mask_secrets[v], self.round, self.client_id, v)
 
-    def _mask(self, encoded: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint32]:
+    def _mask(self, encoded: npt.NDArray[np.unsignedinteger]) -> npt.NDArray[np.unsignedinteger]:
         if self._masks is None:  # a restored session: expand the masks now
             self._masks = self._expand_masks()
         total = np.add(encoded, self._masks, out=encoded)  # encoded is this call's own array
@@ -422,7 +423,7 @@ class ClientSession:
         # vanished before ShareKeys could never be removed, so take them out again.
         gone = sorted(set(self._peers) - set(self._held))
         if gone:
-            prg = Prg(self.dim, self.params.prg)
+            prg = Prg(self.dim, self.params.prg, self.params.word)
             for v in gone:
                 remove_pairwise(total, prg.expand(self._pairwise_key(v)), self.client_id, v)
         return total

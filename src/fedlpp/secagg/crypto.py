@@ -8,7 +8,7 @@
   from it.
 - Share encryption: ChaCha20-Poly1305 with a random 96-bit nonce and associated data.
 - Mask expansion (the PRG of Bonawitz et al. 2017): an AES-256-CTR or ChaCha20 keystream
-  read as little-endian uint32 (``Prg``).
+  read as little-endian uint32, or uint16 in a field of at most 16 bits (``Prg``).
 - Identity: long-term Ed25519 signing keys.
 """
 
@@ -89,29 +89,32 @@ def decrypt(key: bytes, data: bytes, associated: bytes) -> bytes:
 
 
 class Prg:
-    """The PRG of Bonawitz et al. 2017: a stream cipher's keystream read as uint32 values.
+    """The PRG of Bonawitz et al. 2017: a stream cipher's keystream read as unsigned words.
 
     Encrypting zeros with a 32-byte key (used for one purpose in one round, so a zero nonce
-    is safe) gives ``length`` uniform values of Z_{2^32}. One instance serves one vector
-    length and reuses its buffers: ``expand`` returns a read-only view that the next call
-    overwrites, so a caller adds it into its total before expanding the next key.
+    is safe) gives ``length`` uniform values of Z_{2^32} (or Z_{2^16} with 16-bit words). One
+    instance serves one vector length and reuses its buffers: ``expand`` returns a read-only
+    view that the next call overwrites, so a caller adds it into its total before expanding
+    the next key.
 
     Args:
         length: Number of values d.
         cipher: "aes256-ctr" (fastest on CPUs with AES instructions) or "chacha20".
+        word: "<u4" (the default) or "<u2" (``SecAggParams.word``).
     """
 
-    def __init__(self, length: int, cipher: str) -> None:
+    def __init__(self, length: int, cipher: str, word: np.dtype | str = "<u4") -> None:
         if cipher not in _PRG_CIPHERS:
             raise ValueError(f"unknown PRG cipher {cipher!r}; valid choices are {tuple(_PRG_CIPHERS)}")
+        word = np.dtype(word)
         self._cipher = _PRG_CIPHERS[cipher]
-        self._zeros = _zeros(4 * length)
-        self._out = bytearray(4 * length + _UPDATE_INTO_SLACK)
-        self._values = np.frombuffer(self._out, dtype="<u4", count=length)
+        self._zeros = _zeros(word.itemsize * length)
+        self._out = bytearray(word.itemsize * length + _UPDATE_INTO_SLACK)
+        self._values = np.frombuffer(self._out, dtype=word, count=length)
         self._values.flags.writeable = False
 
-    def expand(self, key: bytes) -> npt.NDArray[np.uint32]:
-        """The mask of ``key``: a read-only uint32 view of shape (d,), valid until the next call."""
+    def expand(self, key: bytes) -> npt.NDArray[np.unsignedinteger]:
+        """The mask of ``key``: a read-only view of shape (d,), valid until the next call."""
         self._cipher(key).update_into(self._zeros, self._out)
         return self._values
 

@@ -16,7 +16,7 @@ import numpy.typing as npt
 from fedlpp.secagg.errors import SecAggRangeError
 from fedlpp.secagg.params import SecAggParams
 
-Encoded = npt.NDArray[np.uint32]
+Encoded = npt.NDArray[np.unsignedinteger]  # uint32, or uint16 as the protocol's words (``SecAggParams.word``)
 
 
 def check_range(values: npt.NDArray[np.floating], params: SecAggParams, client: int) -> None:
@@ -70,21 +70,45 @@ def encode(values: npt.ArrayLike, params: SecAggParams, client: int) -> Encoded:
     return scaled.astype(np.int32).view(np.uint32)
 
 
+def field_elements(integers: npt.NDArray[np.int64], weight: int, params: SecAggParams) -> Encoded:
+    """Integers already in the field's units (an encoder that bounds the sum itself, scale 1) and a last
+    coordinate ``weight``, as the protocol's input: each in the protocol's words (``params.word``), whose low b bits
+    are its residue mod 2^b.
+
+    Returns:
+        uint16 or uint32 array, shape (d + 1,).
+    """
+    out = np.empty(integers.size + 1, dtype=params.word)
+    np.copyto(out[:-1], integers, casting="unsafe")  # to a narrower unsigned type: the low bits, the value mod 2^16/2^32
+    out[-1] = weight
+    return out
+
+
+def to_field(values: npt.ArrayLike, params: SecAggParams, client: int) -> Encoded:
+    """A client's input in the protocol's words (a fresh array): an unsigned integer array is taken as field
+    elements already (``field_elements``), anything else is fixed-point encoded (``encode``)."""
+    if isinstance(values, np.ndarray) and values.dtype.kind == "u":
+        return values.reshape(-1).astype(params.word)
+    return encode(values, params, client).astype(params.word, copy=False)
+
+
 def decode_sum(total: Encoded, params: SecAggParams) -> npt.NDArray[np.float64]:
     """Decode a sum of encodings: its low b bits read as a signed b-bit integer, divided by the scale.
 
     Args:
-        total: Sum mod 2^32 of at most ``max_clients`` encodings, shape (d,).
+        total: Sum, in the protocol's words, of at most ``max_clients`` encodings, shape (d,).
         params: Protocol parameters.
 
     Returns:
         float64 array, shape (d,): the sum of the rounded inputs, exactly.
     """
-    words = np.asarray(total, dtype=np.uint32)
-    if params.modulus_bits < 32:
-        shift = np.uint32(32 - params.modulus_bits)  # the low b bits moved to the top: their sign is int32's sign
-        return np.divide(np.left_shift(words, shift).view(np.int32) >> shift, params.scale, dtype=np.float64)
-    return np.divide(words.view(np.int32), params.scale, dtype=np.float64)
+    words = np.asarray(total, dtype=params.word)
+    width = 8 * params.word.itemsize
+    signed = words.view(np.dtype(f"<i{params.word.itemsize}"))
+    if params.modulus_bits < width:
+        shift = width - params.modulus_bits  # the low b bits moved to the top: their sign is the signed word's
+        signed = np.left_shift(words, shift, dtype=params.word).view(signed.dtype) >> shift
+    return np.divide(signed, params.scale, dtype=np.float64)
 
 
 def append_weight(weighted: npt.ArrayLike, weight: int, params: SecAggParams) -> npt.NDArray[np.float64]:

@@ -1,6 +1,6 @@
 """Key derivations both sides must agree on: masks (Bonawitz et al. 2017, sec. 4) and share boxes.
 
-Masked input of client u (all mod 2^32):
+Masked input of client u (all mod 2^32, or 2^16 in a field of at most 16 bits: ``SecAggParams.word``):
     y_u = x_u + PRG(b_u) + sum_{v in N(u), v > u} PRG(s_uv) - sum_{v in N(u), v < u} PRG(s_uv)
 where s_uv = HKDF(X25519(s_sk_u, s_pk_v)) = s_vu, so pairwise masks cancel in the sum of
 any set of clients that contains both ends of every edge. Every key here is derived from
@@ -50,15 +50,15 @@ def pairwise_key(shared: bytes, round_: int, u: int, v: int) -> bytes:
     return derive_key(shared, _PAIRWISE_MASK, context(round_, min(u, v), max(u, v)))
 
 
-def add_pairwise(total: npt.NDArray[np.uint32], mask: npt.NDArray[np.uint32], u: int, v: int) -> None:
-    """Apply u's side of the (u, v) mask in place: + if v > u, - if v < u (wraps mod 2^32)."""
+def add_pairwise(total: npt.NDArray[np.unsignedinteger], mask: npt.NDArray[np.unsignedinteger], u: int, v: int) -> None:
+    """Apply u's side of the (u, v) mask in place: + if v > u, - if v < u (wraps mod the words' 2^16 or 2^32)."""
     if v > u:
         np.add(total, mask, out=total)
     else:
         np.subtract(total, mask, out=total)
 
 
-def remove_pairwise(total: npt.NDArray[np.uint32], mask: npt.NDArray[np.uint32], u: int, v: int) -> None:
+def remove_pairwise(total: npt.NDArray[np.unsignedinteger], mask: npt.NDArray[np.unsignedinteger], u: int, v: int) -> None:
     """Undo ``add_pairwise`` (the server, for survivor u and dropped neighbour v)."""
     add_pairwise(total, mask, v, u)
 

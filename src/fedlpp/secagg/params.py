@@ -6,6 +6,8 @@ import hashlib
 import math
 from dataclasses import astuple, dataclass
 
+import numpy as np
+
 GRAPHS = ("complete", "sparse")
 PRGS = ("aes256-ctr", "chacha20")
 MODULUS_BITS = 32  # by default masked values live in Z_{2^32}: 4 bytes each, 1.0x float32 (DESIGN 3.3)
@@ -58,6 +60,12 @@ class SecAggParams:
     def modulus_mask(self) -> int:
         """2^b - 1: a value of Z_{2^32} reduced into Z_{2^b} is its low b bits."""
         return (1 << self.modulus_bits) - 1
+
+    @property
+    def word(self) -> np.dtype:
+        """The unsigned integers the masks, inputs and sums are computed in: 16 bits up to a 16-bit field, else 32;
+        Z_{2^b} is their low b bits. 16-bit words halve the keystream each mask takes and the memory each step reads."""
+        return np.dtype("<u2") if self.modulus_bits <= 16 else np.dtype("<u4")
 
     def _check_headroom(self) -> None:
         # |round(x * scale)| <= ceil(r * scale); n such summands must stay inside [-2^(b-1), 2^(b-1)) so the

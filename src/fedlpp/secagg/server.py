@@ -57,7 +57,7 @@ _STEPS = ("advertise", "share_keys", "masked_input", "consistency", "unmask", "d
 class AggregateResult:
     """What the server learns: the sum over survivors, and who they were."""
 
-    encoded: npt.NDArray[np.uint32]  # (d,) sum of the fixed-point encodings mod 2^b
+    encoded: npt.NDArray[np.unsignedinteger]  # (d,) sum of the encodings mod 2^b, in the protocol's words
     values: npt.NDArray[np.float64]  # (d,) the same sum decoded: sum_u round(x_u * scale) / scale
     survivors: tuple[int, ...]  # U3: clients whose input is in the sum
     dropped: tuple[int, ...]  # clients that shared keys but whose input is not
@@ -85,7 +85,7 @@ class ServerSession:
         self._graph: NeighbourGraph | None = None
         self._boxes: dict[int, dict[int, bytes]] = {}  # U2: sender -> {recipient: box}
         self._masked_from: dict[int, tuple[int, ...]] = {}  # u -> neighbours u masked with
-        self._total = np.zeros(dim, dtype=np.uint32)  # running sum of masked inputs
+        self._total = np.zeros(dim, dtype=params.word)  # running sum of masked inputs
         self._arrived: set[int] = set()  # U3
         self._view: Survivors | None = None
         self._signatures: dict[int, bytes] = {}  # U4
@@ -162,10 +162,11 @@ class ServerSession:
     # ------------------------------------------------------------ step 2: MaskedInputCollection
 
     def receive_masked_input(self, data: bytes, origin: int | None = None) -> None:
-        """Add one client's masked vector y_u to the running sum (mod 2^32; the field Z_{2^b} is its low b bits)."""
+        """Add one client's masked vector y_u to the running sum (mod the words' 2^16 or 2^32; the field Z_{2^b} is its
+        low b bits)."""
         self._at("masked_input", data, origin)
         sender, reader = self._unpack(data, MessageType.MASKED_INPUT, origin, self._masked_from, self._arrived)
-        np.add(self._total, wire.decode_masked(reader, self.dim, self.params.modulus_bits), out=self._total)
+        np.add(self._total, wire.decode_masked(reader, self.dim, self.params.modulus_bits, self.params.word), out=self._total)
         self._arrived.add(sender)
 
     def finish_masked_input(self) -> dict[int, bytes]:
@@ -243,7 +244,7 @@ class ServerSession:
         self._close("unmask")
         assert self._view is not None
         total = self._total  # the session is finished: no copy needed
-        prg = Prg(self.dim, self.params.prg)
+        prg = Prg(self.dim, self.params.prg, self.params.word)
         for u in self._view.survivors:
             seed = self._rebuild(u, ShareKind.SELF_MASK_SEED)
             if seed_commitment(seed, self.round, u) != self._adverts[u].seed_commitment:
@@ -255,11 +256,11 @@ class ServerSession:
         survivors = set(self._view.survivors)
         for v in self._view.dropped:
             self._remove_dropped(total, prg, v, self._survivors_masked_with(v, survivors))
-        if self.params.modulus_bits < 32:
-            np.bitwise_and(total, np.uint32(self.params.modulus_mask), out=total)  # the field is the low b bits
+        if self.params.modulus_bits < 8 * total.itemsize:
+            np.bitwise_and(total, self.params.modulus_mask, out=total)  # the field is the low b bits
         return AggregateResult(total, decode_sum(total, self.params), self._view.survivors, self._view.dropped)
 
-    def _remove_dropped(self, total: npt.NDArray[np.uint32], prg: Prg, v: int, peers: list[int]) -> None:
+    def _remove_dropped(self, total: npt.NDArray[np.unsignedinteger], prg: Prg, v: int, peers: list[int]) -> None:
         """Remove the masks survivors shared with dropped client v, via its rebuilt s_sk_v."""
         if not peers:
             return

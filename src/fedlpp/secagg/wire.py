@@ -289,16 +289,18 @@ def _decode_ciphertext(reader: Reader) -> tuple[int, bytes]:
     return peer, reader.take(reader.u32("ciphertext length"), f"ciphertext of {party_name(peer)}")
 
 
-def encode_masked(values: npt.NDArray[np.uint32], bits: int = 32) -> memoryview | bytes:
-    """Body: the masked vector in Z_{2^bits}: uint32 little-endian (4 bytes per value, 1.0x float32), or for
-    bits < 32 each value's low ``bits`` bits, packed least-significant bit first (ceil(d bits / 8) bytes).
+def encode_masked(values: npt.NDArray[np.unsignedinteger], bits: int = 32) -> memoryview | bytes:
+    """Body: the masked vector in Z_{2^bits}: each value's low ``bits`` bits, packed least-significant bit first
+    (ceil(d bits / 8) bytes); at 32 and 16 bits that is plain little-endian uint32 or uint16 (4 bytes a value is
+    1.0x float32).
 
-    At 32 bits a view of ``values`` (no copy on little-endian machines): ``pack`` copies it once into the message.
+    At 32 or 16 bits, from words of that width, a view of ``values`` (no copy on little-endian machines): ``pack``
+    copies it once into the message.
     """
-    words = np.ascontiguousarray(values, dtype="<u4")
-    if bits == 32:
+    if bits in (16, 32) and values.dtype.itemsize * 8 == bits:
+        words = np.ascontiguousarray(values, dtype=f"<u{bits // 8}")
         return memoryview(words).cast("B")  # type: ignore[arg-type]  # an ndarray is a buffer
-    return pack_uints(words, bits)
+    return pack_uints(values, bits)
 
 
 def masked_nbytes(dim: int, bits: int = 32) -> int:
@@ -306,16 +308,18 @@ def masked_nbytes(dim: int, bits: int = 32) -> int:
     return -(-dim * bits // 8)
 
 
-def decode_masked(reader: Reader, dim: int, bits: int = 32) -> npt.NDArray[np.uint32]:
-    """Parse a masked vector of exactly ``dim`` values in Z_{2^bits} (at 32 bits a read-only view, no copy)."""
+def decode_masked(reader: Reader, dim: int, bits: int = 32, word: np.dtype | str = "<u4") -> npt.NDArray[np.unsignedinteger]:
+    """Parse a masked vector of exactly ``dim`` values in Z_{2^bits} as ``word``s (a read-only view, no copy, when
+    the words are ``bits`` wide)."""
     body = reader.rest()
     expected = masked_nbytes(dim, bits)
     if len(body) != expected:
         raise reader.error(f"masked input has {len(body)} bytes, expected {expected} ({dim} values of {bits} bits)")
-    if bits == 32:
-        return np.frombuffer(body, dtype="<u4")
+    word = np.dtype(word)
+    if word.itemsize * 8 == bits:
+        return np.frombuffer(body, dtype=word)
     try:
-        return unpack_uints(body, bits, dim).astype(np.uint32)
+        return unpack_uints(body, bits, dim).astype(word)
     except ValueError as error:
         raise reader.error(f"masked input: {error}") from None
 

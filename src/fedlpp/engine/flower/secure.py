@@ -121,13 +121,30 @@ def start_session(
     state[SESSION] = ConfigRecord(
         {
             "session": session.export_state(),
-            "input": vector.astype(np.float64).tobytes(),
+            "input": vector.tobytes(),
+            "input_dtype": _input_dtype(vector).str,
             "round": round_,
             "registry": registry_text,
             "params": json.dumps(dataclasses.asdict(encoding.params)),
         }
     )
     return {"message": advert}
+
+
+_INPUT_DTYPES = (np.dtype("<f8"), np.dtype("<u4"), np.dtype("<u2"))  # a fixed-point encoder's floats, or field elements
+
+
+def _input_dtype(vector: np.ndarray) -> np.dtype:
+    if vector.dtype not in _INPUT_DTYPES:
+        raise TypeError(f"a SecAgg input is float64, or field elements as uint32 or uint16, not {vector.dtype}")
+    return vector.dtype
+
+
+def _stored_dtype(name: str) -> np.dtype:
+    dtype = np.dtype(name)
+    if dtype not in _INPUT_DTYPES:
+        raise MessageError(f"this node's stored SecAgg input has dtype {name!r}, not one of {[d.str for d in _INPUT_DTYPES]}")
+    return dtype
 
 
 def next_step(state: RecordDict, fields: Mapping[str, Any]) -> bytes:
@@ -139,7 +156,7 @@ def next_step(state: RecordDict, fields: Mapping[str, Any]) -> bytes:
     params = SecAggParams(**json.loads(require(record, "params", str)))
     registry = registry_from_text(require(record, "registry", str))
     session = ClientSession.restore(require(record, "session", bytes), _identity(state), registry, params)
-    values = np.frombuffer(require(record, "input", bytes), dtype=np.float64)
+    values = np.frombuffer(require(record, "input", bytes), dtype=_stored_dtype(require(record, "input_dtype", str)))
     reply = answer_step(session, step, require(fields, "message", bytes), values)
     if step == "unmask":
         del state[SESSION]

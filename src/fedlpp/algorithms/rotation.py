@@ -8,7 +8,7 @@ with Secure Aggregation", section 4) instead:
 
 1. bounds the update's L2 norm by c (``secagg.l2_bound``): a longer update is scaled down;
 2. rotates it at random, y = C D x: D flips signs at random (public: the server sends the
-   seed), C is the orthonormal DCT-II — the paper uses a randomized Hadamard transform, whose
+   seed), C is the orthonormal DCT-IV — the paper uses a randomized Hadamard transform, whose
    length must be a power of two; padding SmolLM2-135M's 460,800 adapter values to 524,288
    would cost 14% of the uplink, and the DCT's entries are at most sqrt(2/d), which gives the
    same subgaussian bound with twice the variance (below);
@@ -151,12 +151,13 @@ def describe(rotation: Rotation, dim: int) -> str:
 
 
 def rotate(x: np.ndarray, signs: np.ndarray) -> np.ndarray:
-    """C D x: signs, then the orthonormal DCT-II, in the signs' dtype."""
-    return scipy.fft.dct(np.multiply(x, signs, dtype=signs.dtype), type=2, norm="ortho", overwrite_x=True)
+    """C D x: signs, then the orthonormal DCT-IV, in the signs' dtype."""
+    return scipy.fft.dct(np.multiply(x, signs, dtype=signs.dtype), type=4, norm="ortho", overwrite_x=True)
 
 
 def unrotate(y: np.ndarray, signs: np.ndarray) -> np.ndarray:
-    """D^T C^T y = D C^-1 y: the inverse DCT-II, then the same signs, in the signs' dtype."""
-    out = scipy.fft.idct(np.asarray(y, dtype=signs.dtype), type=2, norm="ortho")
+    """D^T C^T y = D C y: the orthonormal DCT-IV is symmetric and its own inverse (and as fast as the DCT-II, whose
+    inverse, the DCT-III, took 40% longer here), then the same signs, in the signs' dtype."""
+    out = scipy.fft.dct(np.asarray(y, dtype=signs.dtype), type=4, norm="ortho", overwrite_x=y.dtype != signs.dtype)
     out *= signs
     return out

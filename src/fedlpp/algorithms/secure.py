@@ -118,7 +118,7 @@ class RotatedInput:
     def __call__(self, delta: Mapping[str, torch.Tensor], num_examples: int, round_: int, client_id: int) -> np.ndarray | None:
         rotation = _rotation_of(self.encoding)
         layout = layout_of({n: tuple(t.shape) for n, t in delta.items()}, sorted(delta))
-        flat = flatten(delta, layout).to(torch.float64).numpy()
+        flat = flatten(delta, layout).numpy()  # float32: the rotation runs in float32 or casts it (transform_dtype)
         norm = float(np.linalg.norm(flat))
         if not math.isfinite(norm):  # it still takes part (a dropout would reveal something about its data): as 0
             log.warning("round %d: this update is not finite; client %d sends a zero update instead", round_, client_id)
@@ -175,7 +175,8 @@ class RotatedMean:
             )
         if reason is not None:
             return _refused(round_, reason, notes)
-        mean = (total / (rotation.clients if rotation.noise_multiplier else survivors)).astype(np.float32)
+        count = rotation.clients if rotation.noise_multiplier else survivors
+        mean = np.multiply(total, 1.0 / count, out=np.empty(total.size, dtype=np.float32), casting="same_kind")
         return rnd.Combined(unflatten(torch.from_numpy(mean), layout), tuple(inputs.survivors), {})
 
 

@@ -106,7 +106,10 @@ class _Envelope:
 
     def _outcome_index(self, place: np.ndarray, coin: np.ndarray) -> np.ndarray:
         """2 s for a try that keeps its slot s, 2 s + 1 for one that takes the slot's alias."""
-        slot = (place >> np.uint64(64 - self.index_bits)).astype(np.intp)
+        if self.index_bits == MAX_INDEX_BITS:  # a word's top 16 bits are its last uint16 (little-endian): one pass
+            slot = place.view("<u2")[3::4].astype(np.intp)
+        else:
+            slot = (place >> np.uint64(64 - self.index_bits)).astype(np.intp)
         index = slot << 1
         index += coin >= self.keep_below.take(slot)
         return index

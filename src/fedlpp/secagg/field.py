@@ -1,7 +1,7 @@
 """What fits in Z_2^b: the chance that a round's integer sum wraps, and the largest scale that keeps it rare.
 
 The encoder (``algorithms.rotation``) bounds each of K updates by c in L2 norm, rotates it
-with random signs D and the orthonormal DCT-II C (entries at most sqrt(2/d)), scales it by s,
+with random signs D and the orthonormal DCT-IV C (entries at most sqrt(2/d)), scales it by s,
 rounds it at random to integers and, under distributed DP, adds N_Z(0, sigma_l^2) noise to each
 value with K sigma_l^2 = (z c s)^2. A coordinate of the integer sum is then the sum of three
 independent parts, each with a subgaussian tail:

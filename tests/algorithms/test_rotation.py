@@ -132,6 +132,17 @@ def test_an_update_that_is_not_finite_takes_part_as_zero():
     assert sent is not None and not sent[:-1].any() and sent[-1] == 1
 
 
+def test_rounding_goes_up_with_probability_the_fractional_part():
+    """Unbiased: y rounds to floor(y) + 1 with probability y - floor(y), for values of either sign."""
+    r, n = field(), 200_000
+    for y in (0.3, -2.75, 7.999):
+        rounded = r._round(np.full(n, y), SeededRandomness(1))
+        assert set(np.unique(rounded)) <= {np.floor(y), np.floor(y) + 1}
+        up = np.mean(rounded == np.floor(y) + 1)
+        frac = y - np.floor(y)
+        assert abs(up - frac) < 5 * np.sqrt(frac * (1 - frac) / n)
+
+
 def test_conditional_rounding_keeps_the_norm_the_accounting_assumes():
     from fedlpp.privacy.discrete_gaussian import rounded_norm_bound
 

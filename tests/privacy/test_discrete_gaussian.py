@@ -75,14 +75,23 @@ TAIL_CUT = dg.TAIL_SIGMAS + 1
 
 
 class Words:
-    """Randomness that hands out the given words, in order."""
+    """Randomness that hands out the given words, in order, and checks that all were asked for."""
 
     def __init__(self, *words: int) -> None:
-        self.words_ = np.array(words, dtype=np.uint64)
+        self.words_ = list(words)
 
     def words(self, n: int) -> np.ndarray:
-        assert n == self.words_.size
-        return self.words_
+        assert n <= len(self.words_)
+        out, self.words_ = self.words_[:n], self.words_[n:]
+        return np.array(out, dtype="<u8")
+
+
+def drawn(env, tries: int, *words: int) -> list[int]:
+    """What ``tries`` tries give from exactly these words (each one used)."""
+    source = Words(*words)
+    out = env.draw(tries, source).tolist()
+    assert not source.words_, "every word was used"
+    return out
 
 
 def test_a_tries_words_pick_the_slot_the_value_and_the_acceptance_as_documented():
@@ -93,17 +102,21 @@ def test_a_tries_words_pick_the_slot_the_value_and_the_acceptance_as_documented(
     near_offset = int(env.nearest[slot] - env.first[slot])
     ones = 2**64 - 1
     # Word A: slot in the top bits, offset in the low 8; word B: the coin; word C: acceptance (0 keeps anything).
-    assert env.draw(1, Words((slot << top) | 5, 0, 0)).tolist() == [env.first[slot] + 5]
-    assert env.draw(1, Words((slot << top) | 5, ones, 0)).tolist() == [env.first[env.alias[slot]] + 5]
+    assert drawn(env, 1, (slot << top) | 5, 0, 0) == [env.first[slot] + 5]
+    assert drawn(env, 1, (slot << top) | 5, ones, 0) == [env.first[env.alias[slot]] + 5]
     # The largest acceptance draw keeps only the bin's value nearest 0, whose ratio is exactly 1.
-    assert env.draw(1, Words((slot << top) | near_offset, 0, ones)).tolist() == [env.nearest[slot]]
+    assert drawn(env, 1, (slot << top) | near_offset, 0, ones) == [env.nearest[slot]]
     far_offset = 255 - near_offset
-    assert env.draw(1, Words((slot << top) | far_offset, 0, ones)).size == 0
-    exact = dg._envelope(1295.27)  # up to sigma = 2340 a slot per integer: two words a value, nothing rejected
+    assert drawn(env, 1, (slot << top) | far_offset, 0, ones) == []
+    exact = dg._envelope(1295.27)  # up to sigma = 2340 a slot per integer: a coin and a 16-bit slot, nothing rejected
     assert (exact.width_bits, exact.index_bits) == (0, 16)
     slot = int(np.argmax(exact.keep_below))
-    assert exact.draw(1, Words(slot << 48, 0)).tolist() == [exact.first[slot]]
-    assert exact.draw(1, Words(slot << 48, ones)).tolist() == [exact.first[exact.alias[slot]]]
+    assert drawn(exact, 1, 0, slot) == [exact.first[slot]]
+    assert drawn(exact, 1, ones, slot) == [exact.first[exact.alias[slot]]]
+    assert drawn(exact, 2, 0, ones, slot | (slot << 16)) == [exact.first[slot], exact.first[exact.alias[slot]]]
+    small = dg._envelope(4.0)  # fewer slots: the top index_bits of each 16-bit value
+    slot = int(np.argmax(small.keep_below))
+    assert drawn(small, 1, 0, slot << (16 - small.index_bits)) == [small.first[slot]]
     assert dg._envelope(2340.0).width_bits == 0 and dg._envelope(2341.0).width_bits == 1
 
 

@@ -107,11 +107,12 @@ class Rotation:
         return integers
 
     def _round(self, scaled: np.ndarray, rng: Randomness) -> np.ndarray:
-        """Unbiased randomized rounding, floor(y + u) with u ~ U[0, 1): up with probability y - floor(y) (to float64's
-        rounding of y + u, 2^-52 |y|); under DP redrawn until within the norm the accounting assumes."""
+        """Unbiased randomized rounding, floor(y + u) with u uniform on the multiples of 2^-32 in [0, 1): up with
+        probability y - floor(y) to within 2^-32; under DP redrawn until within the norm the accounting assumes (which
+        the integers are checked against, so neither u's 32 bits nor float64's rounding of y + u can move it)."""
         bound = discrete_gaussian.rounded_norm_bound(self.l2_bound * self.scale(scaled.size), scaled.size)
         for _ in range(MAX_ROUNDING_TRIES):  # each try succeeds with probability >= 1 - e^-1/2
-            rounded = rng.uniform(scaled.size)
+            rounded = np.multiply(rng.words(-(-scaled.size // 2)).view("<u4")[: scaled.size], 2.0**-32, dtype=np.float64)
             rounded += scaled
             np.floor(rounded, out=rounded)
             if self.noise_multiplier == 0 or float(np.linalg.norm(rounded)) <= bound:

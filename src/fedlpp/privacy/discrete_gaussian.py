@@ -13,8 +13,8 @@ thresholds, so no bin is drawn more often than its own share, however small (a 5
 coin would draw each far-tail bin with probability 2^-52 / n, a total-variation error that
 counts against delta). Being float arithmetic, it does not guard against floating-point side
 channels the way exact rational arithmetic (Canonne, Kamath and Steinke, NeurIPS 2020) does.
-Two 64-bit words a value up to sigma = 2340, three a try above: 300,000 values take 4.8 to 7.3
-MB of randomness.
+Ten random bytes a value up to sigma = 2340 (a 64-bit coin, a 16-bit slot), three 64-bit words
+a try above: 300,000 values take 3.0 to 7.3 MB of randomness.
 
 **Privacy of a sum** (Kairouz, Liu and Steinke, ICML 2021, "The Distributed Discrete Gaussian
 Mechanism for Federated Learning with Secure Aggregation", Proposition 14): if each of n
@@ -67,11 +67,12 @@ _ONE_AS_BITS = np.uint64(0x3FF0000000000000)  # float64 1.0: 52 random bits as i
 class _Envelope:
     """The alias table of the bins' envelope masses and what a try needs to place and test its value.
 
-    A try's randomness: word A's top ``index_bits`` (<= 16) bits pick a slot and its low ``width_bits`` bits the
-    value within the bin; word B, all 64 bits, is the slot's coin, compared as an integer with the slot's threshold
-    floor(keep 2^64) (so a slot is never drawn more often than its own float64 share, however small: a float coin
-    would give every slot at least 2^-52 / n); with bins of more than one value, word C's top 52 bits test
-    acceptance, whose probability is at least 0.98, so 52 bits leave only a relative error."""
+    A try's randomness, one value a bin: a 64-bit word is the slot's coin, compared as an integer with the slot's
+    threshold floor(keep 2^64) (so a slot is never drawn more often than its own float64 share, however small: a
+    float coin would give every slot at least 2^-52 / n), and the top ``index_bits`` (<= 16) bits of a 16-bit value
+    (four to a word, little-endian, drawn after the coins) pick the slot. Wider bins: word A's top ``index_bits``
+    bits pick the slot and its low ``width_bits`` bits the value within the bin, word B is the coin, and word C's
+    top 52 bits test acceptance, whose probability is at least 0.98, so 52 bits leave only a relative error."""
 
     def __init__(self, sigma: float) -> None:
         self.sigma = sigma
@@ -95,21 +96,19 @@ class _Envelope:
     def draw(self, tries: int, rng: Randomness) -> np.ndarray:
         """The values kept out of ``tries`` tries."""
         if not self.width_bits:  # one value a bin: its envelope is its own mass, so every try is kept
-            place, coin = rng.words(2 * tries).reshape(2, tries)
-            return self._first_of.take(self._outcome_index(place, coin))
+            coin = rng.words(tries)
+            slot = rng.words(-(-tries // 4)).view("<u2")[:tries] >> np.uint16(16 - self.index_bits)
+            return self._first_of.take(self._outcome_index(slot, coin))
         place, coin, accept = rng.words(3 * tries).reshape(3, tries)
-        bin_ = self._bin_of.take(self._outcome_index(place, coin))
+        bin_ = self._bin_of.take(self._outcome_index(place >> np.uint64(64 - self.index_bits), coin))
         x = self.first.take(bin_) + (place & np.uint64((1 << self.width_bits) - 1)).astype(np.int64)
         near, xf = self.nearest.take(bin_), x.astype(np.float64)
         keep = _unit(accept) < np.exp(-((xf - near) * (xf + near)) / (2 * self.sigma**2))
         return x[keep]
 
-    def _outcome_index(self, place: np.ndarray, coin: np.ndarray) -> np.ndarray:
+    def _outcome_index(self, slot: np.ndarray, coin: np.ndarray) -> np.ndarray:
         """2 s for a try that keeps its slot s, 2 s + 1 for one that takes the slot's alias."""
-        if self.index_bits == MAX_INDEX_BITS:  # a word's top 16 bits are its last uint16 (little-endian): one pass
-            slot = place.view("<u2")[3::4].astype(np.intp)
-        else:
-            slot = (place >> np.uint64(64 - self.index_bits)).astype(np.intp)
+        slot = slot.astype(np.intp)
         index = slot << 1
         index += coin >= self.keep_below.take(slot)
         return index

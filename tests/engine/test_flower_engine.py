@@ -21,7 +21,7 @@ from fedlpp.config import ConfigError, load_config
 from fedlpp.data.examples_file import ExamplesFileError, read_examples, write_examples
 from fedlpp.engine.flower.messages import BLOBS, RECORD, SMALL_BYTES, content, fields_of
 from fedlpp.engine.flower.roster import FlowerRunError, assign_clients
-from fedlpp.engine.flower.server_app import serve_on_grid
+from fedlpp.engine.flower.server_app import check_deployable_privacy, serve_on_grid
 from fedlpp.engine.local import run_experiment
 from fedlpp.engine.setup import build_run, client_partitions, load_task_data, round_clients
 
@@ -424,3 +424,23 @@ def test_client_level_dp_noise_shares_under_secagg_over_flower_give_the_plain_pr
     assert any(torch.count_nonzero(a[n]) for n in a if ".lora_B." in n)
     assert all(torch.allclose(a[n], b[n], atol=1e-5, rtol=0) for n in a)
     assert rundir.read_metrics(tmp_path / "plain")[0]["epsilon"] == rundir.read_metrics(tmp_path / "secure")[0]["epsilon"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        (["privacy.mode=dp_sgd", "privacy.noise_multiplier=1"], True),
+        (["privacy.mode=client_dp", "privacy.noise_multiplier=1"], True),
+        (["privacy.mode=client_dp", "privacy.noise_multiplier=1", "secagg.enabled=true"], True),
+        (["privacy.mode=client_dp", "privacy.noise_multiplier=1", "secagg.enabled=true", "secagg.modulus_bits=16"], False),
+        (["privacy.mode=dp_sgd", "privacy.noise_multiplier=1", "privacy.secure_noise=true"], False),
+    ],
+)
+def test_a_deployment_needs_secure_noise_except_for_distributed_dp(overrides, refused):
+    """Distributed DP's noise shares always come from each node's OS CSPRNG: privacy.secure_noise adds nothing there."""
+    cfg = load_config(None, ["fl.num_clients=4", "fl.clients_per_round=4", *overrides])
+    if refused:
+        with pytest.raises(ConfigError, match="privacy.secure_noise: a deployment needs true"):
+            check_deployable_privacy(cfg)
+    else:
+        check_deployable_privacy(cfg)

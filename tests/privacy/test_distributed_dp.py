@@ -4,6 +4,7 @@ Gaussian's as the field grows; every round charged for the shares its sum really
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -146,6 +147,16 @@ def test_a_distributed_dp_run_charges_its_survivors_and_resumes_with_the_same_le
     ledger = rundir.load_checkpoint_metadata(tmp_path / "run")[LEDGER_KEY]
     histories = json.loads(ledger)["histories"]
     assert sum(steps for _, _, steps in histories["2"]) == 2 and sum(steps for _, _, steps in histories["0"]) == 3
+
+
+def test_a_target_epsilon_is_calibrated_once_for_the_distributed_mechanism(caplog):
+    """Not first for central client-level DP (another noise multiplier, in the log) and then for the field's."""
+    cfg = load_config(None, [*TINY_DP, "privacy.mode=client_dp", "privacy.epsilon=8", "fl.rounds=2"])
+    with caplog.at_level(logging.INFO, logger="fedlpp.privacy.plan"):
+        plan = build_run(cfg).server.privacy
+    calibrations = [r.getMessage() for r in caplog.records if "calibrated to epsilon" in r.getMessage()]
+    assert len(calibrations) == 1 and calibrations[0].startswith("privacy: distributed noise multiplier")
+    assert plan.distributed is not None and f"{plan.noise_multiplier:.4f}" in calibrations[0]
 
 
 @pytest.mark.integration

@@ -186,8 +186,10 @@ def build_evalset(task: TaskData, backbone: Backbone, max_length: int) -> EvalSe
 
 
 def check_privacy(cfg: ExperimentConfig, client_sizes: list[int]) -> PrivacyPlan | None:
-    """The run's privacy plan (sigma calibrated), refused before any model loads when it cannot work."""
-    if not cfg.privacy.enabled:
+    """The run's privacy plan (sigma calibrated), refused before any model loads when it cannot work. None without
+    privacy, and under distributed DP, whose price depends on the updates' sizes: ``build_server`` plans it once,
+    from the model's shapes."""
+    if not cfg.privacy.enabled or distributed_dp(cfg):
         return None
     plan = privacy_plan(cfg, client_sizes)
     if cfg.secagg.enabled and plan.mode == "client_dp" and cfg.secagg.modulus_bits == 32:
@@ -214,7 +216,7 @@ def build_server(
     deployment they are what each node declared, and fl.weighting=auto weighs every client the same."""
     uniform = uniform_weighting(cfg, data_assigned)
     spec = algorithm_spec(cfg)
-    if plan is not None and distributed_dp(cfg):
+    if distributed_dp(cfg):
         plan = distributed_plan(
             cfg.privacy, distributed_noise(cfg, side.shapes, spec), participation(cfg), cfg.fl.clients_per_round
         )

@@ -64,6 +64,7 @@ def distributed_plan(
 ) -> PrivacyPlan:
     """Client-level DP under SecAgg in Z_2^b: z calibrated (or given) against the rounds the busiest client joins,
     each round priced by ``noise`` at sampling rate 1 (``privacy.distributed``)."""
+    _warn_large_delta(cfg, len(participation))
     accounting = Accounting(cfg.accountant, "poisson", cfg.delta)
     rounds = max(participation.values(), default=0)
     sigma = cfg.noise_multiplier
@@ -125,7 +126,7 @@ def make_plan(
 ) -> PrivacyPlan:
     """Sigma and per-unit rates; ``participation`` is how many of the ``rounds`` each client joins."""
     n = len(client_sizes)
-    _warn_large_delta(cfg, client_sizes)
+    _warn_large_delta(cfg, min(client_sizes, default=0) if cfg.mode == "dp_sgd" else n)
     if cfg.mode == "dp_sgd":
         rates = {str(c): sampling_rate(batch_size, size) for c, size in enumerate(client_sizes)}
         _warn_whole_clients(batch_size, client_sizes)
@@ -161,9 +162,9 @@ def make_plan(
     )
 
 
-def _warn_large_delta(cfg: PrivacyConfig, client_sizes: Sequence[int]) -> None:
-    """delta above 1 / (the number of units a run protects) lets a mechanism reveal one of them outright: say so."""
-    units = min(client_sizes, default=0) if cfg.mode == "dp_sgd" else len(client_sizes)
+def _warn_large_delta(cfg: PrivacyConfig, units: int) -> None:
+    """delta above 1 / ``units`` (the number of units a run protects: the smallest client's examples, or the clients)
+    lets a mechanism reveal one of them outright: say so."""
     if units and cfg.delta > 1 / units:
         who = "examples of the smallest client" if cfg.mode == "dp_sgd" else "clients"
         log.warning(

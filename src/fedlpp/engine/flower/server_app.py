@@ -32,7 +32,7 @@ from fedlpp.engine.flower.audit import AuditLog, RecordingGrid
 from fedlpp.engine.flower.messages import TRAIN, content, exchange, fields_of
 from fedlpp.engine.flower.roster import FlowerRunError, Roster, query_nodes, wait_for_nodes
 from fedlpp.engine.server import serve
-from fedlpp.engine.setup import build_model, build_server, check_privacy, eval_only, load_task_data
+from fedlpp.engine.setup import build_model, build_server, check_privacy, distributed_dp, eval_only, load_task_data
 from fedlpp.engine.transport import Fields, MessageError, Replies, require
 from fedlpp.progress import Bar
 
@@ -124,6 +124,17 @@ def serve_on_grid(
     return serve(ctx, transport, out, resume, progress)
 
 
+def check_deployable_privacy(cfg: ExperimentConfig) -> None:
+    """A deployed run's DP noise must come from each party's own OS CSPRNG, not from the run's seed, which the
+    server knows: privacy.secure_noise=true. Distributed DP needs no such setting: its noise shares always come from
+    each node's OS CSPRNG, and its guarantee holds whatever the (then seeded) rounding draws are."""
+    if cfg.privacy.enabled and not cfg.privacy.secure_noise and not distributed_dp(cfg):
+        raise ConfigError(
+            "privacy.secure_noise: a deployment needs true — the clients' DP noise must come from their own "
+            "OS CSPRNG, not from the run's seed, which the server knows"
+        )
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Deployed: ``flwr run`` with run config ``config`` (experiment file), ``out``, ``resume``, ``overrides`` and ``audit``."""
@@ -135,11 +146,7 @@ def main(grid: Grid, context: Context) -> None:
     resume = bool(run_config.get("resume", False))
     overrides = str(run_config.get("overrides", "")).split()
     cfg = rundir.resumed_config(Path(out), overrides) if resume else load_config(path, overrides)
-    if cfg.privacy.enabled and not cfg.privacy.secure_noise:
-        raise ConfigError(
-            "privacy.secure_noise: a deployment needs true — the clients' DP noise must come from their own "
-            "OS CSPRNG, not from the run's seed, which the server knows"
-        )
+    check_deployable_privacy(cfg)
     if isinstance(audit, str) and audit:
         grid = RecordingGrid(grid, AuditLog(Path(audit), prefix=str(context.run_id)))  # type: ignore[assignment]
     summary = serve_on_grid(grid, cfg, Path(out), resume, data_assigned=False)  # the nodes' data is their own

@@ -43,6 +43,7 @@ from fedlpp.engine.setup import secagg_params
 from fedlpp.models.backbone import load_backbone
 from fedlpp.models.lora import Adapter, adapter_shapes, attach_lora, initial_adapter
 from fedlpp.privacy.randomness import SeededRandomness
+from fedlpp.provenance import code_version
 from fedlpp.quant import QuantSpec, storage_bits
 from fedlpp.quant.stochastic import UplinkSpec
 
@@ -290,7 +291,7 @@ def main() -> None:
         "targets": checks,
         "uplink": uplink,
     }
-    args.out.write_text(json.dumps(report, indent=2))
+    args.out.write_text(json.dumps({**report, "code": code_version()}, indent=2))
     print(f"wrote {args.out}")
 
 

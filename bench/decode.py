@@ -32,6 +32,7 @@ from fedlpp.config import load_config
 from fedlpp.data.formatting import encode_prompts
 from fedlpp.engine.setup import build_model, load_task_data
 from fedlpp.evaluation.evaluate import Decoding, generate, stop_token_ids
+from fedlpp.provenance import code_version
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "decode.json"
 TARGET = 1.0
@@ -116,7 +117,7 @@ def main() -> None:
         f"(target >= {TARGET}); identical outputs {same}/{len(prompts)}"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.write_text(json.dumps({**report, "code": code_version()}, indent=2) + "\n")
     print(f"written: {args.out}")
 
 

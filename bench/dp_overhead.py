@@ -40,6 +40,7 @@ from fedlpp.models.lora import adapter_parameters, set_adapter, set_trainable
 from fedlpp.models.objective import example_losses
 from fedlpp.privacy.dp_sgd import NoisyOptimizer, per_example_backward
 from fedlpp.privacy.randomness import SeededRandomness
+from fedlpp.provenance import code_version
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "dp_overhead.json"
 DEFAULT_SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
@@ -178,7 +179,7 @@ def main() -> None:
             f"(chunks save {r['chunking_speedup']:.2f}x)"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    args.out.write_text(json.dumps({**results, "code": code_version()}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -54,6 +54,7 @@ from fedlpp.data.examples_file import write_examples
 from fedlpp.engine.flower.deploy import LocalDeployment
 from fedlpp.engine.flower.node import ANSWERED
 from fedlpp.engine.setup import client_partitions, load_task_data
+from fedlpp.provenance import code_version
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "engines.json"
 FEDLPP = [sys.executable, "-m", "fedlpp.cli"]
@@ -242,7 +243,7 @@ def main() -> None:
         if not args.skip_memory:
             report["memory"] = memory(args, work)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    args.out.write_text(json.dumps({**report, "code": code_version()}, indent=2))
     print(f"wrote {args.out}")
 
 

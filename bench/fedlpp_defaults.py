@@ -35,6 +35,7 @@ from fedlpp.config import load_config
 from fedlpp.engine.local import run_experiment
 from fedlpp.engine.setup import build_run
 from fedlpp.evaluation.evaluate import evaluate_adapter
+from fedlpp.provenance import code_version
 from fedlpp.quant import QuantSpec
 
 ARMS = {
@@ -114,7 +115,7 @@ def main() -> int:
         proxies = proxy_gap(base, Path(tmp) / "fedavg_lora")
     result = {"setup": base, "arms": arms, "proxy_of_fedavg_adapter": proxies}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(json.dumps({**result, "code": code_version()}, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -39,6 +39,7 @@ from fedlpp.engine.server import start_round_steps
 from fedlpp.engine.setup import LocalRun, build_run
 from fedlpp.models.lora import Adapter, adapter_parameters, set_adapter, set_trainable
 from fedlpp.models.objective import example_losses
+from fedlpp.provenance import code_version
 from fedlpp.seeding import derive_seed
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "overhead.json"
@@ -178,7 +179,7 @@ def main() -> None:
         **summary,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    args.out.write_text(json.dumps({**report, "code": code_version()}, indent=2))
     print(f"wrote {args.out}")
 
 

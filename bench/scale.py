@@ -428,6 +428,8 @@ def save(out: Path, rows: list[dict[str, Any]]) -> None:
 
     import torch
 
+    from fedlpp.provenance import code_version
+
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "date": time.strftime("%Y-%m-%d"),
@@ -435,6 +437,7 @@ def save(out: Path, rows: list[dict[str, Any]]) -> None:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
+        "code": code_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "batch": BATCH,
         "length": LENGTH,

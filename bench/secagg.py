@@ -76,6 +76,7 @@ from fedlpp.engine.setup import secagg_params
 from fedlpp.models.lora import Adapter
 from fedlpp.privacy.client_dp import NoisedSum, clip_delta
 from fedlpp.privacy.randomness import SystemRandomness
+from fedlpp.provenance import code_version
 from fedlpp.secagg import graph_degree
 from fedlpp.secagg.params import PRGS
 
@@ -395,6 +396,7 @@ def main() -> None:
     print(f"distributed DP: {json.dumps(distributed)}")
     result = {
         "machine": platform.processor() or platform.machine(),
+        "code": code_version(),
         "prg": args.prg,
         "torch_threads": 1,
         "blas_threads": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")},

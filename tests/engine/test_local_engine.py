@@ -19,6 +19,7 @@ from fedlpp.config import load_config
 from fedlpp.engine.local import run_experiment
 from fedlpp.models.backbone import load_backbone
 from fedlpp.models.lora import is_lora_a
+from fedlpp.provenance import code_version
 from fedlpp.quant import QuantSpec
 
 pytestmark = pytest.mark.integration
@@ -86,7 +87,8 @@ def test_loss_falls_and_both_models_are_evaluated(runs, name):
 def test_run_directory_contract(runs, name):
     directory, _summary, _ = runs[name]
     assert load_config(directory / rundir.CONFIG).algorithm.name == name
-    assert json.loads((directory / rundir.SUMMARY).read_text())["rounds"] == 3
+    summary = json.loads((directory / rundir.SUMMARY).read_text())
+    assert summary["rounds"] == 3 and summary["code"] == code_version()
     ckpt, last = rundir.load_checkpoint(directory)
     assert last == 3
     # The saved peft adapter loads on the base model and carries the checkpointed weights.

@@ -38,6 +38,7 @@ from fedlpp.privacy.accountant import LEDGER_KEY, Accountant, LedgerAccountant, 
 from fedlpp.privacy.accounting import SIGMA_MAX
 from fedlpp.privacy.plan import Ledger, PrivacyPlan
 from fedlpp.progress import Bar, Show, open_bar, shower
+from fedlpp.provenance import code_version
 
 log = logging.getLogger(__name__)
 
@@ -396,6 +397,7 @@ def finish(
         "wall_s": round(sum(r["wall_s"] for r in rows), 3),
         **peak_memory_summary(ctx, rows),
         "adapter_dir": rundir.ADAPTER,
+        "code": code_version(),
     }
     summary.update((accountant or NoPrivacy()).summary())
     if stopped is not None:

@@ -316,6 +316,7 @@ class SecAggConfig:
     prg: str = "aes256-ctr"  # mask expansion: aes256-ctr | chacha20 (faster on CPUs without AES instructions)
     modulus_bits: int = 32  # b: the field Z_2^b the sum lives in, b bits a value on the wire; < 32 rotates each update into it
     l2_bound: float = 10.0  # modulus_bits < 32: a longer update (L2) is scaled down to it (client_dp: privacy.clip_norm)
+    min_survivors: float = 0.0  # fewest inputs in a sum, share of clients_per_round (0: the threshold's floor); DP priced for it
 
     def __post_init__(self) -> None:
         from fedlpp.secagg.params import MIN_MODULUS_BITS, MODULUS_BITS, PRGS  # here: it loads the cryptography stack
@@ -329,6 +330,11 @@ class SecAggConfig:
         _require(self.l2_bound > 0, "secagg.l2_bound", f"must be > 0, got {self.l2_bound}")
         _require(1 <= self.scale_bits <= 28, "secagg.scale_bits", f"must be in [1, 28], got {self.scale_bits}")
         _require(0.5 < self.threshold <= 1.0, "secagg.threshold", f"must be in (0.5, 1], got {self.threshold}")
+        _require(
+            0.0 <= self.min_survivors <= 1.0,
+            "secagg.min_survivors",
+            f"must be a fraction of fl.clients_per_round in [0, 1], got {self.min_survivors}",
+        )
         _choice(self.graph, "secagg.graph", ("complete", "sparse"))
         _choice(self.prg, "secagg.prg", PRGS)
 

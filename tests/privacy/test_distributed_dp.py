@@ -14,10 +14,10 @@ from fedlpp import rundir
 from fedlpp.algorithms import rotation as rot
 from fedlpp.algorithms import secure as sec
 from fedlpp.algorithms.spec import get_algorithm
-from fedlpp.config import SecAggConfig, load_config
+from fedlpp.config import ConfigError, SecAggConfig, load_config
 from fedlpp.engine import local as local_engine
 from fedlpp.engine.local import run_experiment
-from fedlpp.engine.setup import build_run, secagg_params
+from fedlpp.engine.setup import build_run, protocol_params, secagg_params
 from fedlpp.engine.transport import MessageError
 from fedlpp.privacy.accountant import LEDGER_KEY, LedgerAccountant
 from fedlpp.privacy.accounting import Accounting, epsilon
@@ -147,6 +147,23 @@ def test_a_distributed_dp_run_charges_its_survivors_and_resumes_with_the_same_le
     ledger = rundir.load_checkpoint_metadata(tmp_path / "run")[LEDGER_KEY]
     histories = json.loads(ledger)["histories"]
     assert sum(steps for _, _, steps in histories["2"]) == 2 and sum(steps for _, _, steps in histories["0"]) == 3
+
+
+def test_secagg_min_survivors_raises_the_floor_the_noise_is_priced_for():
+    """A sparse graph's threshold floor (a survivor's threshold of neighbours plus itself) is far below its clients,
+    so its noise is priced for few shares; secagg.min_survivors = 1 prices it for all K, as a complete graph at
+    threshold 1 is, and the protocol then refuses any smaller sum."""
+    k = ["fl.num_clients=128", "fl.clients_per_round=128", "privacy.mode=client_dp", "privacy.noise_multiplier=1"]
+    small_field = ["secagg.enabled=true", "secagg.modulus_bits=16", "secagg.threshold=1.0"]
+    sparse = load_config(None, [*k, *small_field, "secagg.graph=sparse"])
+    assert protocol_params(sparse).min_survivors == 22  # degree ceil(3 log2 128) = 21, all of them, and itself
+    everyone = load_config(None, [*k, *small_field, "secagg.graph=sparse", "secagg.min_survivors=1"])
+    complete = load_config(None, [*k, *small_field])
+    assert protocol_params(everyone).min_survivors == protocol_params(complete).min_survivors == 128
+    assert protocol_params(load_config(None, [*k, "secagg.enabled=true", "secagg.min_survivors=0.5"])).min_survivors == 64
+    assert protocol_params(load_config(None, [*k, "secagg.enabled=true"])).min_survivors == 0
+    with pytest.raises(ConfigError, match="secagg.min_survivors: must be a fraction"):
+        load_config(None, [*k, "secagg.enabled=true", "secagg.min_survivors=2"])
 
 
 def test_a_target_epsilon_is_calibrated_once_for_the_distributed_mechanism(caplog):

@@ -280,12 +280,15 @@ def secure_encoding(cfg: ExperimentConfig, client_sizes: Sequence[int], uniform:
 
 
 def protocol_params(cfg: ExperimentConfig) -> SecAggParams:
-    """The run's SecAgg parameters, the same at the server and every client; under distributed DP no sum may hold
-    fewer inputs (noise shares) than the accounting assumes."""
-    params = secagg_params(cfg.secagg, cfg.fl.clients_per_round)
+    """The run's SecAgg parameters, the same at the server and every client: no sum may hold fewer inputs than
+    secagg.min_survivors asks, and under distributed DP than the accounting assumes (at least the threshold's
+    floor: a sparse graph's is far below its clients)."""
+    k = cfg.fl.clients_per_round
+    params = secagg_params(cfg.secagg, k)
+    floor = math.ceil(cfg.secagg.min_survivors * k - 1e-9)
     if distributed_dp(cfg):
-        return dataclasses.replace(params, min_survivors=fewest_survivors(params, cfg.fl.clients_per_round))
-    return params
+        floor = max(floor, fewest_survivors(params, k))
+    return dataclasses.replace(params, min_survivors=floor) if floor else params
 
 
 def distributed_dp(cfg: ExperimentConfig) -> bool:

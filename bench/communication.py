@@ -252,6 +252,7 @@ def secagg_uplink(adapter: Adapter, up_reference: int) -> dict[str, dict[str, ob
 
 
 def main() -> None:
+    code_version()  # the commit as the benchmark starts, not as it ends
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="short name, e.g. smollm2-135m or tiny-llama")
     parser.add_argument("--r", type=int, default=8)

@@ -62,6 +62,7 @@ def token_count(tokenizer: Any, outputs: list[str]) -> int:
 
 
 def main() -> None:
+    code_version()  # the commit as the benchmark starts, not as it ends
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="", help="an E2E folder (default: the built-in weather task)")

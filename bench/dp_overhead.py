@@ -141,6 +141,7 @@ def measure(run: LocalRun, batch_size: int, steps: int, reps: int) -> dict[str, 
 
 
 def main() -> None:
+    code_version()  # the commit as the benchmark starts, not as it ends
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2-135m,minilm-l6")
     parser.add_argument("--algorithm", default="fedavg_lora", help="fedavg_lora (A and B trained) or ffa_lora (B only)")

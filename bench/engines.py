@@ -197,6 +197,7 @@ def simulation_memory(overrides: list[str], out: Path) -> dict[str, float]:
 
 
 def main() -> None:
+    code_version()  # the commit as the benchmark starts, not as it ends
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--rounds", type=int, default=4)

@@ -101,6 +101,7 @@ def fmt(m: dict) -> str:
 
 
 def main() -> int:
+    code_version()  # the commit as the benchmark starts, not as it ends
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="folder with trainset.csv and devset.csv (E2E)")
     parser.add_argument("--rounds", type=int, default=8)

@@ -130,6 +130,7 @@ def summarise(times: dict[str, list[float]]) -> dict[str, Any]:
 
 
 def main() -> None:
+    code_version()  # the commit as the benchmark starts, not as it ends
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="short name, e.g. smollm2-135m or tiny-llama")
     parser.add_argument("--algorithm", default="fedlpp")

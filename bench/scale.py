@@ -370,6 +370,9 @@ def _row_cells(r: dict[str, Any]) -> list[str]:
 
 
 def main() -> None:
+    from fedlpp.provenance import code_version
+
+    code_version()  # the commit as the benchmark starts, not as it ends
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="SmolLM2-135M only (<= 5 min on 2 cores)")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="default: smollm2-135m smollm2-360m llama-3.2-1b")

@@ -374,6 +374,7 @@ def keep_freed_memory() -> str:
 
 
 def main() -> None:
+    code_version()  # the commit as the benchmark starts, not as it ends
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only 10 clients x 300k values")
     parser.add_argument("--prg", default="aes256-ctr", choices=PRGS)

@@ -20,11 +20,20 @@ def git(where: Path, *args: str) -> str:
 
 @needs_git
 def test_a_run_from_this_checkout_records_its_commit():
-    code = provenance.code_version()
-    here = Path(provenance.__file__).parent
-    assert code["commit"] == git(here, "rev-parse", "HEAD") and len(code["commit"]) == 40
-    assert code["modified"] == (git(here, "status", "--porcelain", "--untracked-files=no") != "")
+    here = Path(provenance.__file__)
+    code = provenance.read_code_version(here)
+    root = Path(git(here.parent, "rev-parse", "--show-toplevel"))
+    assert code["commit"] == git(root, "rev-parse", "HEAD") and len(code["commit"]) == 40
+    assert code["modified"] == (git(root, "status", "--porcelain", "--", "src", "bench") != "")
     assert code["fedlpp"] != "unknown"
+    assert provenance.code_version()["commit"] is not None  # the cached value a run records
+
+
+def test_modified_is_unknown_when_git_cannot_tell(monkeypatch):
+    real = provenance._git
+    monkeypatch.setattr(provenance, "_git", lambda where, *args: None if args[0] == "status" else real(where, *args))
+    code = provenance.read_code_version(Path(provenance.__file__))
+    assert code["modified"] is None
 
 
 @needs_git

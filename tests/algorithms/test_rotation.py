@@ -132,6 +132,30 @@ def test_an_update_that_is_not_finite_takes_part_as_zero():
     assert sent is not None and not sent[:-1].any() and sent[-1] == 1
 
 
+@pytest.mark.parametrize("noise_multiplier", [0.0, 1.0])
+def test_the_servers_float32_decode_moves_the_sum_by_far_less_than_rounding_does(noise_multiplier):
+    """At the largest field whose server decodes in float32 here, the decoded sum of five clients' encodings (with
+    their noise shares) is within 1% of rounding's bound on the sum, K sqrt(d) / s, of the float64 decode."""
+    last = max(b for b in range(14, 32) if rot.Rotation(b, 5, 1.0, 7, noise_multiplier).transform_dtype(D, 5) == np.float32)
+    r = rot.Rotation(last, 5, 1.0, 7, noise_multiplier)
+    assert rot.Rotation(last + 1, 5, 1.0, 7, noise_multiplier).transform_dtype(D, 5) == np.float64
+    noise = [SeededRandomness(20 + k) for k in range(5)] if noise_multiplier else [None] * 5
+    total = sum(r.encode(x, 2, SeededRandomness(k), noise[k]) for k, x in enumerate(updates(5)))
+    decoded = r.decode(total.astype(np.float64), 2)
+    assert decoded.dtype == np.float32
+    exact = rot.unrotate(total / r.scale(D), r.signs(2, D, np.float64))
+    assert np.linalg.norm(decoded - exact) < 0.01 * 5 * np.sqrt(D) / r.scale(D)
+
+
+def test_a_huge_finite_update_is_scaled_to_the_bound_not_taken_as_not_finite():
+    """float32's sum of squares overflows beyond a norm of 1.8e19: the norm is then taken in float64."""
+    r = field(16, bound=1.0)
+    huge = np.full(D, 1e19, dtype=np.float32)
+    assert rot.l2_norm(huge) == pytest.approx(1e19 * np.sqrt(D), rel=1e-6)
+    back = r.decode(r.encode(huge, 1, SeededRandomness(0)).astype(np.float64), 1)
+    assert np.linalg.norm(back) == pytest.approx(1.0, abs=r.rounding_bound(D) * 1.01)
+
+
 def test_rounding_goes_up_with_probability_the_fractional_part():
     """Unbiased: y rounds to floor(y) + 1 with probability y - floor(y), for values of either sign."""
     r, n = field(), 200_000

@@ -315,6 +315,28 @@ def test_a_node_refuses_a_second_secure_session_for_a_round_it_joined():
         secure.start_session(state, cfg, encoding, fields, 0, np.zeros(5))
 
 
+def test_a_node_keeps_its_secure_input_with_its_dtype_between_steps():
+    """A small field's input is field elements (uint16 up to 16 bits): stored and restored as they are, never read
+    back as float64; a stored dtype the node does not know is refused by name."""
+    from flwr.app import RecordDict
+
+    from fedlpp.engine.flower import secure
+    from fedlpp.engine.flower.messages import MessageError
+    from fedlpp.engine.setup import secure_encoding
+
+    cfg = tiny(*SECURE, "secagg.modulus_bits=16")
+    state, encoding = RecordDict(), secure_encoding(cfg, [10, 10, 10, 10])
+    fields = {"registry": secure.registry_text({0: secure.verify_key(state)}), "round": 3}
+    elements = np.array([65535, 1, 7], dtype=np.uint16)
+    secure.start_session(state, cfg, encoding, fields, 0, elements)
+    record = state.config_records[secure.SESSION]
+    restored = np.frombuffer(record["input"], dtype=secure._stored_dtype(record["input_dtype"]))
+    assert restored.dtype == np.uint16 and restored.tolist() == [65535, 1, 7]
+    for name in ("<f4", "not a dtype"):
+        with pytest.raises(MessageError, match="stored SecAgg input has dtype"):
+            secure._stored_dtype(name)
+
+
 def test_below_the_threshold_a_secure_round_aborts_loudly_and_keeps_the_adapter(tmp_path):
     nodes = simulated_nodes(4)
     grid = LoopbackGrid(nodes, vanish_at=dict.fromkeys(list(nodes)[:2], "masked_input"))

@@ -88,6 +88,17 @@ def test_each_client_adds_a_discrete_gaussian_share_from_the_os(monkeypatch):
     assert np.std(one[:-1].view(np.int16)) == pytest.approx(share_std, rel=0.1) and one[-1] == 1
 
 
+def test_under_distributed_dp_the_rounding_draws_come_from_the_os_too(monkeypatch):
+    """Seeded, how often conditional rounding retried would follow from the data and a seed the server knows."""
+    asked = []
+    real = sec.randomness
+    monkeypatch.setattr(sec, "randomness", lambda secure, seed: asked.append(secure) or real(secure, seed))
+    delta = {"a.lora_A.weight": torch.zeros(8, 100), "a.lora_B.weight": torch.zeros(100, 8)}
+    sec.RotatedInput(field_encoding(), seed=0, secure=False)(delta, 1, 1, 0)
+    sec.RotatedInput(field_encoding(noise_multiplier=0.0), seed=0, secure=False)(delta, 1, 1, 0)
+    assert asked == [True, False], "distributed DP: the OS; a small field without DP: the run's seed (reproducible)"
+
+
 def test_the_server_tops_up_the_missing_shares_and_divides_by_the_expected_count():
     encoding = field_encoding()
     spec = get_algorithm("fedavg_lora", QuantSpec(2))

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from secagg_harness import flip, make_round
 
-from fedlpp.secagg import SecAggAbort, SecAggError, SecAggParams, decode_sum
+from fedlpp.secagg import SecAggAbort, SecAggError, SecAggParams, SecAggRangeError, decode_sum, field_elements
 from fedlpp.secagg import server as server_module
 from fedlpp.secagg import wire as swire
+from fedlpp.secagg.fixedpoint import to_field
 from fedlpp.secagg.params import SecAggParamsError
 from fedlpp.secagg.wire import HEADER_BYTES
 
@@ -113,3 +114,21 @@ def test_no_sum_of_fewer_than_min_survivors_is_unmasked_and_clients_refuse_to_si
     monkeypatch.undo()
     with pytest.raises(SecAggAbort, match="ConsistencyCheck"):
         lenient.clients[0].sign_survivors(views[0])
+
+
+def test_field_elements_are_taken_as_they_are_only_where_the_encoder_bounds_the_sum():
+    """In a field of at most 16 bits the words are uint16: uint32 elements keep their residue mod 2^16 and uint16
+    ones pass; uint16 elements cannot carry a 20-bit field's values, and a fixed-point session range-checks any
+    array as numbers (an unsigned one is not trusted as field elements there)."""
+    wraps16 = SecAggParams(scale=1.0, clip_range=2.0**15, max_clients=3, modulus_bits=16, sum_may_wrap=True)
+    assert wraps16.word == np.dtype("<u2")
+    elements = field_elements(np.array([-1, 70000, 5]), 1, wraps16)
+    assert elements.dtype == np.uint16 and elements.tolist() == [65535, 70000 % 65536, 5, 1]
+    assert to_field(np.array([65535, 70000], dtype=np.uint32), wraps16, 0).tolist() == [65535, 70000 % 65536]
+    wraps20 = SecAggParams(scale=1.0, clip_range=2.0**19, max_clients=3, modulus_bits=20, sum_may_wrap=True)
+    with pytest.raises(ValueError, match="uint16 field elements cannot carry Z_2\\^20"):
+        to_field(np.array([1, 2], dtype=np.uint16), wraps20, 4)
+    with pytest.raises(SecAggRangeError):
+        to_field(np.array([3], dtype=np.uint32), small(16), 0)  # 3 > clip_range 1: refused, not taken as an element
+    with pytest.raises(TypeError, match="field elements are integers"):
+        field_elements(np.array([0.5]), 1, wraps16)

@@ -75,26 +75,37 @@ class Rotation:
         """sigma_l: one client's discrete Gaussian std in the field's integers (K of them make z c s)."""
         return share_std(self.noise_multiplier, self.l2_bound, self.scale(dim), self.clients)
 
-    def signs(self, round_: int, dim: int) -> np.ndarray:
-        """D for ``round_``: +-1 per coordinate (in ``transform_dtype``), the same at every client and at the server."""
+    def signs(self, round_: int, dim: int, dtype: type[np.floating] | None = None) -> np.ndarray:
+        """D for ``round_``: +-1 per coordinate (in ``dtype``, by default a client's ``transform_dtype``), the same at
+        every client and at the server."""
         rng = np.random.default_rng(derive_seed(self.seed, "rotation signs", round_))
         flips = np.unpackbits(np.frombuffer(rng.bytes(-(-dim // 8)), dtype=np.uint8), count=dim, bitorder="little")
-        signs = np.multiply(flips, -2, dtype=self.transform_dtype(dim))
+        signs = np.multiply(flips, -2, dtype=dtype or self.transform_dtype(dim))
         signs += 1
         return signs
 
-    def transform_dtype(self, dim: int) -> type[np.floating]:
-        """float32 where the rotation's float32 error moves an update by at most 1% of what rounding may move it, else
-        float64. A DCT's error in L2 is about 2^-24 log2(d) of its input's norm (c s: Higham, "Accuracy and Stability
-        of Numerical Algorithms", ch. 24), rounding's at most sqrt(d): at d = 460,800, 10 clients and z = 1, up to b = 26."""
-        float32_error = 2.0**-24 * math.log2(max(dim, 2)) * self.l2_bound * self.scale(dim)
-        return np.float32 if float32_error <= FLOAT32_ROOM * math.sqrt(dim) else np.float64
+    def transform_dtype(self, dim: int, sum_of: int = 0) -> type[np.floating]:
+        """float32 where the rotation's float32 error is at most 1% of what rounding may move what it transforms, else
+        float64. A DCT's error in L2 grows as log2(d) times its input's norm (Higham, "Accuracy and Stability of
+        Numerical Algorithms", ch. 24); 2^-24 log2(d) times the norm is taken for it (3 to 6 times the error measured
+        here). A client transforms one update of norm at most c s, which rounding moves by at most sqrt(d); the server
+        (``sum_of`` = K) a sum of K of them with distributed DP's noise (allowed 2 z c s sqrt(d)), which rounding
+        moves by at most K sqrt(d). At d = 460,800, c = 1 and 10 clients: float32 up to b = 21 at both ends without
+        noise; with z = 1 (a smaller scale), up to b = 26 at a client and b = 19 at the server."""
+        scale = self.scale(dim)
+        if sum_of:
+            noise = 2.0 * self.noise_multiplier * self.l2_bound * scale * math.sqrt(dim)
+            norm, rounding = sum_of * (self.l2_bound * scale + math.sqrt(dim)) + noise, sum_of * math.sqrt(dim)
+        else:
+            norm, rounding = self.l2_bound * scale, math.sqrt(dim)
+        float32_error = 2.0**-24 * math.log2(max(dim, 2)) * norm
+        return np.float32 if float32_error <= FLOAT32_ROOM * rounding else np.float64
 
     def encode(self, x: np.ndarray, round_: int, rng: Randomness, noise: Randomness | None = None) -> np.ndarray:
-        """A client's integers (int64) for its update ``x`` (float64, shape (d,)): rotated, scaled, rounded at random
-        and, with distributed DP, given its discrete Gaussian share drawn from ``noise`` (the OS CSPRNG in a run).
-        The field takes them mod 2^b (``secagg.field_elements``): a client's own wrap cancels in the sum."""
-        norm = float(np.linalg.norm(x))
+        """A client's integers (int64) for its update ``x`` (float32 or float64, shape (d,)): rotated, scaled, rounded
+        at random and, with distributed DP, given its discrete Gaussian share drawn from ``noise`` (the OS CSPRNG in a
+        run). The field takes them mod 2^b (``secagg.field_elements``): a client's own wrap cancels in the sum."""
+        norm = l2_norm(x)
         if norm > self.l2_bound:
             x = x * (self.l2_bound / norm)
         scaled = rotate(x, self.signs(round_, x.size))  # in transform_dtype
@@ -121,7 +132,7 @@ class Rotation:
 
     def decode(self, total: np.ndarray, round_: int) -> np.ndarray:
         """The sum of the clients' updates from the signed integer sum of their encodings."""
-        signs = self.signs(round_, total.size)
+        signs = self.signs(round_, total.size, self.transform_dtype(total.size, sum_of=self.clients))
         return unrotate(np.multiply(total, 1.0 / self.scale(total.size), dtype=signs.dtype), signs)
 
     def rounding_bound(self, dim: int) -> float:
@@ -149,6 +160,15 @@ def describe(rotation: Rotation, dim: int) -> str:
         f"<= {chance:.1e} (Hoeffding and a union bound{noise}); rounding moves the mean by <= {rounding:.3g} "
         f"in L2 ({rounding / rotation.l2_bound:.2%} of its norm bound)"
     )
+
+
+def l2_norm(x: np.ndarray) -> float:
+    """x's L2 norm, in float64 where float32's sum of squares overflows (a finite update of norm beyond 1.8e19)."""
+    with np.errstate(over="ignore"):  # an overflow is caught below
+        norm = float(np.linalg.norm(x))
+    if not math.isfinite(norm) and x.dtype != np.float64:
+        norm = float(np.linalg.norm(x.astype(np.float64)))
+    return norm
 
 
 def rotate(x: np.ndarray, signs: np.ndarray) -> np.ndarray:

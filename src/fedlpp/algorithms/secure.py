@@ -28,7 +28,7 @@ import torch
 
 from fedlpp.algorithms import round as rnd
 from fedlpp.algorithms.layout import Layout, flatten, layout_of, unflatten
-from fedlpp.algorithms.rotation import Rotation
+from fedlpp.algorithms.rotation import Rotation, l2_norm
 from fedlpp.algorithms.spec import AlgorithmSpec
 from fedlpp.privacy import discrete_gaussian
 from fedlpp.privacy.randomness import SystemRandomness, randomness
@@ -109,7 +109,7 @@ class SecureInput:
 class RotatedInput:
     """A client's encoder in a b-bit field: its delta bounded in norm, rotated, scaled and rounded at random
     (``Rotation.encode``), then its weight 1, as field elements. The rounding draws come from ``seed`` or, when
-    ``secure``, the OS."""
+    ``secure`` or under distributed DP, the OS."""
 
     encoding: SecureEncoding
     seed: int
@@ -119,13 +119,16 @@ class RotatedInput:
         rotation = _rotation_of(self.encoding)
         layout = layout_of({n: tuple(t.shape) for n, t in delta.items()}, sorted(delta))
         flat = flatten(delta, layout).numpy()  # float32: the rotation runs in float32 or casts it (transform_dtype)
-        norm = float(np.linalg.norm(flat))
+        norm = l2_norm(flat)
         if not math.isfinite(norm):  # it still takes part (a dropout would reveal something about its data): as 0
             log.warning("round %d: this update is not finite; client %d sends a zero update instead", round_, client_id)
             flat, norm = np.zeros_like(flat), 0.0
         if norm > rotation.l2_bound * (1 + 1e-6):  # client-level DP has clipped it to the bound already (float noise aside)
             log.warning("round %d: this update's norm %.4g is scaled down to secagg.l2_bound=%g", round_, norm, rotation.l2_bound)
-        rng = randomness(self.secure, derive_seed(self.seed, "secagg_rounding", round_, client_id))
+        # Under distributed DP the rounding draws come from the OS too: seeded, how often conditional rounding retried
+        # would be a function of the data that a party knowing the seed could time.
+        secure = self.secure or rotation.noise_multiplier > 0
+        rng = randomness(secure, derive_seed(self.seed, "secagg_rounding", round_, client_id))
         noise = SystemRandomness() if rotation.noise_multiplier else None  # a DP share: always the OS CSPRNG
         return field_elements(rotation.encode(flat, round_, rng, noise), 1, self.encoding.params)
 

@@ -49,6 +49,7 @@ from fedlpp.privacy.client_dp import NoisedSum
 from fedlpp.privacy.distributed import DistributedNoise
 from fedlpp.privacy.plan import PrivacyPlan, distributed_plan, make_plan
 from fedlpp.privacy.randomness import randomness
+from fedlpp.provenance import code_version
 from fedlpp.quant import QuantSpec
 from fedlpp.quant.stochastic import UplinkSpec
 from fedlpp.secagg import SecAggParams, graph_degree
@@ -188,7 +189,8 @@ def build_evalset(task: TaskData, backbone: Backbone, max_length: int) -> EvalSe
 def check_privacy(cfg: ExperimentConfig, client_sizes: list[int]) -> PrivacyPlan | None:
     """The run's privacy plan (sigma calibrated), refused before any model loads when it cannot work. None without
     privacy, and under distributed DP, whose price depends on the updates' sizes: ``build_server`` plans it once,
-    from the model's shapes."""
+    from the model's shapes, so its calibration errors come after the model load (and, deployed, after the nodes
+    have joined)."""
     if not cfg.privacy.enabled or distributed_dp(cfg):
         return None
     plan = privacy_plan(cfg, client_sizes)
@@ -214,6 +216,7 @@ def build_server(
     """The server's side of a run; ``task`` supplies only its name and evaluation examples. ``data_assigned``: the
     server split the data itself (local engine, simulation), so the clients' example counts are its own; in a
     deployment they are what each node declared, and fl.weighting=auto weighs every client the same."""
+    code_version()  # the commit the run starts with, which summary.json records
     uniform = uniform_weighting(cfg, data_assigned)
     spec = algorithm_spec(cfg)
     if distributed_dp(cfg):

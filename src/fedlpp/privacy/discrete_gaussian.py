@@ -52,7 +52,8 @@ def sample(count: int, sigma: float, rng: Randomness) -> np.ndarray:
     out = np.empty(count, dtype=np.int64)
     filled = 0
     while filled < count:
-        kept = table.draw(math.ceil((count - filled) * 1.02) + 16, rng)[: count - filled]
+        left = count - filled
+        kept = table.draw(left if not table.width_bits else math.ceil(left * 1.02) + 16, rng)[:left]  # one-value bins keep all
         out[filled : filled + kept.size] = kept
         filled += kept.size
     return out

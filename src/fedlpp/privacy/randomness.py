@@ -8,7 +8,7 @@ uses ``SystemRandomness``: an observer who knows the seed learns nothing about t
 the AES-256-CTR keystream under it (a zero nonce is safe: no key serves twice), the expansion
 SecAgg's masks use. A distinguisher would have to break AES-256. It is several times faster
 than reading ``os.urandom`` for the megabytes a distributed-DP round draws (300,000 noise values
-take 4.8 to 7.3 MB; 7.2 MB took 1.3 ms against 13.6 ms here).
+take 3.0 to 7.3 MB; 7.2 MB took 1.3 ms against 13.6 ms here).
 """
 
 from __future__ import annotations

@@ -78,6 +78,8 @@ def field_elements(integers: npt.NDArray[np.int64], weight: int, params: SecAggP
     Returns:
         uint16 or uint32 array, shape (d + 1,).
     """
+    if integers.dtype.kind not in "iu":
+        raise TypeError(f"field elements are integers, not {integers.dtype}")
     out = np.empty(integers.size + 1, dtype=params.word)
     np.copyto(out[:-1], integers, casting="unsafe")  # to a narrower unsigned type: the low bits, the value mod 2^16/2^32
     out[-1] = weight
@@ -85,9 +87,16 @@ def field_elements(integers: npt.NDArray[np.int64], weight: int, params: SecAggP
 
 
 def to_field(values: npt.ArrayLike, params: SecAggParams, client: int) -> Encoded:
-    """A client's input in the protocol's words (a fresh array): an unsigned integer array is taken as field
-    elements already (``field_elements``), anything else is fixed-point encoded (``encode``)."""
-    if isinstance(values, np.ndarray) and values.dtype.kind == "u":
+    """A client's input in the protocol's words (a fresh array): where the encoder bounds the sum itself
+    (``params.sum_may_wrap``), an unsigned integer array is taken as field elements already (``field_elements``);
+    anything else is fixed-point encoded (``encode``, with its range check).
+
+    Raises:
+        ValueError: Field elements narrower than the protocol's words (they would not carry Z_2^b's residues).
+    """
+    if params.sum_may_wrap and isinstance(values, np.ndarray) and values.dtype.kind == "u":
+        if values.dtype.itemsize < params.word.itemsize:
+            raise ValueError(f"client {client}: {values.dtype} field elements cannot carry Z_2^{params.modulus_bits}")
         return values.reshape(-1).astype(params.word)
     return encode(values, params, client).astype(params.word, copy=False)
 

@@ -24,7 +24,9 @@ from fedlpp.secagg.errors import SecAggError, party_name
 from fedlpp.secagg.shamir import SHARE_BYTES, share_from_bytes, share_to_bytes
 
 MAGIC = b"FLSA"
-VERSION = 2  # 2: a small field's rotation signs come from packed random bytes; a version-1 party rotates differently
+# 2: a small field's rotation signs come from packed random bytes; 3: the rotation is the DCT-IV and a field of at
+# most 16 bits reads its masks as 16-bit words. A party of another version would mask or rotate differently.
+VERSION = 3
 _HEADER = struct.Struct(">4sBBIIII")
 HEADER_BYTES = _HEADER.size  # 22
 _U32 = struct.Struct(">I")

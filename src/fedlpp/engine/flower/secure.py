@@ -141,8 +141,11 @@ def _input_dtype(vector: np.ndarray) -> np.dtype:
 
 
 def _stored_dtype(name: str) -> np.dtype:
-    dtype = np.dtype(name)
-    if dtype not in _INPUT_DTYPES:
+    try:
+        dtype = np.dtype(name)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype not in _INPUT_DTYPES:  # None first: numpy compares it equal to float64
         raise MessageError(f"this node's stored SecAgg input has dtype {name!r}, not one of {[d.str for d in _INPUT_DTYPES]}")
     return dtype
 

@@ -126,8 +126,9 @@ def serve_on_grid(
 
 def check_deployable_privacy(cfg: ExperimentConfig) -> None:
     """A deployed run's DP noise must come from each party's own OS CSPRNG, not from the run's seed, which the
-    server knows: privacy.secure_noise=true. Distributed DP needs no such setting: its noise shares always come from
-    each node's OS CSPRNG, and its guarantee holds whatever the (then seeded) rounding draws are."""
+    server knows: privacy.secure_noise=true. Distributed DP needs no such setting: its noise shares and its rounding
+    draws always come from each node's OS CSPRNG (its rotation signs are public by design, and it claims no
+    amplification by sampling)."""
     if cfg.privacy.enabled and not cfg.privacy.secure_noise and not distributed_dp(cfg):
         raise ConfigError(
             "privacy.secure_noise: a deployment needs true — the clients' DP noise must come from their own "

@@ -316,7 +316,7 @@ class SecAggConfig:
     prg: str = "aes256-ctr"  # mask expansion: aes256-ctr | chacha20 (faster on CPUs without AES instructions)
     modulus_bits: int = 32  # b: the field Z_2^b the sum lives in, b bits a value on the wire; < 32 rotates each update into it
     l2_bound: float = 10.0  # modulus_bits < 32: a longer update (L2) is scaled down to it (client_dp: privacy.clip_norm)
-    min_survivors: float = 0.0  # fewest inputs in a sum, share of clients_per_round (0: the threshold's floor); DP priced for it
+    min_survivors: float = 0.0  # fewest inputs in a sum, share of clients_per_round (0: the threshold's floor); DP counts it
 
     def __post_init__(self) -> None:
         from fedlpp.secagg.params import MIN_MODULUS_BITS, MODULUS_BITS, PRGS  # here: it loads the cryptography stack
@@ -495,6 +495,11 @@ class ExperimentConfig:
             "secagg.modulus_bits",
             f"{self.secagg.modulus_bits} applies only with secagg.enabled=true; to compress updates without secure "
             "aggregation use uplink.bits",
+        )
+        _require(
+            self.secagg.enabled or self.secagg.min_survivors == 0,
+            "secagg.min_survivors",
+            f"{self.secagg.min_survivors} applies only with secagg.enabled=true (without it no sum is masked)",
         )
         small_field = self.secagg.enabled and self.secagg.modulus_bits < 32
         _require(

@@ -2,11 +2,13 @@
 
 summary.json and every benchmark's JSON carry ``code_version()``, so a figure can be traced to
 the code that measured it. It is read once per process, when a run or a benchmark starts
-(``build_server``, each benchmark's ``main``), so a commit made while a long run goes on is not
-credited with it. The commit is read only when this very file is tracked by the checkout git
+(``run_experiment``, ``run_simulated``, ``serve_on_grid``, each benchmark's ``main``), so a commit
+made while a long run goes on is not credited with it; a resumed run's summary names the code of
+the process that finished it. The commit is read only when this very file is tracked by the checkout git
 finds (an installed copy inside someone else's repository is not that repository's commit);
-``modified`` says whether the checkout's ``src/`` or ``bench/`` differed from it (uncommitted or
-untracked files), and is None when git could not tell.
+``modified`` says whether the project's ``src/`` or ``bench/`` (the folder two above this file,
+which may sit inside a larger repository) differed from it (uncommitted or untracked files), and is
+None when git could not tell.
 """
 
 from __future__ import annotations
@@ -32,10 +34,8 @@ def read_code_version(source: Path) -> dict[str, Any]:
     commit = checkout_commit(source)
     modified = None
     if commit is not None:
-        root = _git(source.resolve().parent, "rev-parse", "--show-toplevel")
-        status = (
-            None if root is None else _git(Path(root), "status", "--porcelain", "--untracked-files=normal", "--", *_CODE_PATHS)
-        )
+        project = source.resolve().parents[2]  # <project>/src/fedlpp/provenance.py; the paths are relative to it
+        status = _git(project, "status", "--porcelain", "--untracked-files=normal", "--", *_CODE_PATHS)
         modified = None if status is None else status != ""
     return {"fedlpp": _version(), "commit": commit, "modified": modified}
 

@@ -138,7 +138,10 @@ def test_the_servers_float32_decode_moves_the_sum_by_far_less_than_rounding_does
     their noise shares) is within 1% of rounding's bound on the sum, K sqrt(d) / s, of the float64 decode."""
     last = max(b for b in range(14, 32) if rot.Rotation(b, 5, 1.0, 7, noise_multiplier).transform_dtype(D, 5) == np.float32)
     r = rot.Rotation(last, 5, 1.0, 7, noise_multiplier)
-    assert rot.Rotation(last + 1, 5, 1.0, 7, noise_multiplier).transform_dtype(D, 5) == np.float64
+    beyond = rot.Rotation(last + 1, 5, 1.0, 7, noise_multiplier)
+    assert beyond.transform_dtype(D, 5) == np.float64 and beyond.decode(np.zeros(D), 2).dtype == np.float64
+    if noise_multiplier:  # the noised sum needs float64 at fields where one client's update still takes float32
+        assert beyond.transform_dtype(D) == np.float32
     noise = [SeededRandomness(20 + k) for k in range(5)] if noise_multiplier else [None] * 5
     total = sum(r.encode(x, 2, SeededRandomness(k), noise[k]) for k, x in enumerate(updates(5)))
     decoded = r.decode(total.astype(np.float64), 2)

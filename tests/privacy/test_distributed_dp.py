@@ -175,6 +175,8 @@ def test_secagg_min_survivors_raises_the_floor_the_noise_is_priced_for():
     assert protocol_params(load_config(None, [*k, "secagg.enabled=true"])).min_survivors == 0
     with pytest.raises(ConfigError, match="secagg.min_survivors: must be a fraction"):
         load_config(None, [*k, "secagg.enabled=true", "secagg.min_survivors=2"])
+    with pytest.raises(ConfigError, match="secagg.min_survivors: 0.5 applies only with secagg.enabled=true"):
+        load_config(None, [*k, "secagg.min_survivors=0.5"])
 
 
 def test_a_target_epsilon_is_calibrated_once_for_the_distributed_mechanism(caplog):

@@ -122,11 +122,25 @@ def test_a_second_reply_to_one_message_is_refused_and_the_first_counts(caplog):
 
 def test_a_node_adding_a_client_level_noise_share_needs_the_round_to_have_the_clients_the_share_is_sized_for():
     dp = ["algorithm.name=fedavg_lora", "privacy.mode=client_dp", "privacy.noise_multiplier=1", "secagg.enabled=true"]
-    cfg = load_config(None, [*dp, "fl.num_clients=10", "fl.clients_per_round=10", "secagg.clip_range=10"])
+    every = ["fl.num_clients=10", "fl.clients_per_round=10", "secagg.clip_range=10", "secagg.min_survivors=1"]
+    cfg = load_config(None, [*dp, *every])
     policy = NodePolicy.of({"min-noise-multiplier": 1.0})
     policy.check(cfg, 1.0, participants=10)
     with pytest.raises(MessageError, match="sized for fl.clients_per_round=10 clients but the round's registry lists 3"):
         policy.check(cfg, 1.0, participants=3)
+
+
+@pytest.mark.parametrize("field", [[], ["secagg.modulus_bits=16"]])
+def test_a_node_counts_only_the_noise_shares_a_sum_is_sure_to_hold(field):
+    """At threshold 0.6 of 9 neighbours a sum may hold 7 of 10 shares (the server's top-up is not the node's noise):
+    sigma 1 then carries 1 x sqrt(7/10) = 0.84; a node that requires 1 refuses, unless every share must count."""
+    dp = ["algorithm.name=fedavg_lora", "privacy.mode=client_dp", "privacy.noise_multiplier=1", "secagg.enabled=true"]
+    k = ["fl.num_clients=10", "fl.clients_per_round=10", "secagg.clip_range=10", *field]
+    policy = NodePolicy.of({"min-noise-multiplier": 1.0})
+    with pytest.raises(MessageError, match="as few as 7 of its 10 noise shares .* would then be 0.8367"):
+        policy.check(load_config(None, [*dp, *k]), 1.0, participants=10)
+    policy.check(load_config(None, [*dp, *k]), 1.2, participants=10)  # 1.2 x sqrt(0.7) = 1.004
+    policy.check(load_config(None, [*dp, *k, "secagg.min_survivors=1"]), 1.0, participants=10)
 
 
 @pytest.mark.integration

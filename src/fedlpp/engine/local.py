@@ -29,6 +29,7 @@ from fedlpp.engine.setup import LocalRun, ServerContext, build_run, client_recip
 from fedlpp.engine.transport import Fields, MessageError, Replies, require
 from fedlpp.models.lora import PeftModel
 from fedlpp.progress import Bar
+from fedlpp.provenance import code_version
 from fedlpp.secagg import SecAggError
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ def run_experiment(
     cfg: ExperimentConfig, out: Path, resume: bool = False, progress: bool = True, on_send: OnSend | None = None
 ) -> dict[str, Any]:
     """Run (or continue) an experiment into ``out`` with the local engine and return its summary."""
+    code_version()  # the commit this process starts with, which summary.json records
     if not resume:
         rundir.check_new(out)
     run = build_run(cfg)  # data and model errors surface before anything is written

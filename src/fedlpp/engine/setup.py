@@ -49,7 +49,6 @@ from fedlpp.privacy.client_dp import NoisedSum
 from fedlpp.privacy.distributed import DistributedNoise
 from fedlpp.privacy.plan import PrivacyPlan, distributed_plan, make_plan
 from fedlpp.privacy.randomness import randomness
-from fedlpp.provenance import code_version
 from fedlpp.quant import QuantSpec
 from fedlpp.quant.stochastic import UplinkSpec
 from fedlpp.secagg import SecAggParams, graph_degree
@@ -216,7 +215,6 @@ def build_server(
     """The server's side of a run; ``task`` supplies only its name and evaluation examples. ``data_assigned``: the
     server split the data itself (local engine, simulation), so the clients' example counts are its own; in a
     deployment they are what each node declared, and fl.weighting=auto weighs every client the same."""
-    code_version()  # the commit the run starts with, which summary.json records
     uniform = uniform_weighting(cfg, data_assigned)
     spec = algorithm_spec(cfg)
     if distributed_dp(cfg):
@@ -297,6 +295,13 @@ def protocol_params(cfg: ExperimentConfig) -> SecAggParams:
 def distributed_dp(cfg: ExperimentConfig) -> bool:
     """Client-level DP under SecAgg in a small field: each client adds its own discrete Gaussian share."""
     return cfg.privacy.mode == "client_dp" and cfg.secagg.enabled and cfg.secagg.modulus_bits < 32
+
+
+def fewest_noise_shares(cfg: ExperimentConfig) -> int:
+    """Under client-level DP with SecAgg, the fewest clients' noise shares a round's sum may hold: the protocol's
+    floor (secagg.min_survivors, or a survivor's threshold of neighbours plus itself)."""
+    params = protocol_params(cfg)
+    return max(params.min_survivors, fewest_survivors(params, cfg.fl.clients_per_round))
 
 
 def fewest_survivors(params: SecAggParams, clients: int) -> int:

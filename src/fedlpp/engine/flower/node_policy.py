@@ -15,12 +15,14 @@ past the limit — whatever batch size, local steps or number of rounds the serv
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, RecordDict
 
 from fedlpp.config import ExperimentConfig
+from fedlpp.engine.setup import fewest_noise_shares
 from fedlpp.engine.transport import MessageError
 from fedlpp.privacy.accounting import Accounting, add_steps, epsilon
 from fedlpp.privacy.dp_sgd import sampling_rate
@@ -91,9 +93,24 @@ class NodePolicy:
                     f"each noise share is sized for fl.clients_per_round={expected} clients but the round's registry lists "
                     f"{participants}: together they would add less noise than sigma={sigma:g} asks"
                 )
+            if mode == "client_dp":
+                self._check_fewest_shares(cfg, sigma)
         if self.max_clip > 0 and (cfg.privacy.mode == "none" or cfg.privacy.clip_norm > self.max_clip):
             clip = "no clipping" if cfg.privacy.mode == "none" else f"clip norm {cfg.privacy.clip_norm:g}"
             raise MessageError(f"the round asks for {clip}, above this node's maximum {MAX_CLIP}={self.max_clip:g}")
+
+    def _check_fewest_shares(self, cfg: ExperimentConfig, sigma: float) -> None:
+        """The protocol may unmask a sum of fewer shares than the round's K (dropouts), and the server's top-up is
+        not this node's noise: refuse a round whose fewest shares would carry less than this node's minimum."""
+        k = cfg.fl.clients_per_round
+        fewest = fewest_noise_shares(cfg)
+        effective = sigma * math.sqrt(fewest / k)
+        if effective < self.min_noise:
+            raise MessageError(
+                f"a sum of this round may hold as few as {fewest} of its {k} noise shares (the SecAgg threshold's floor, "
+                f"or secagg.min_survivors): its noise multiplier would then be {effective:.4g}, below this node's "
+                f"minimum {MIN_NOISE}={self.min_noise:g}; secagg.min_survivors=1 makes every share count"
+            )
 
 
 def _number(node_config: Mapping[str, object], key: str) -> float:

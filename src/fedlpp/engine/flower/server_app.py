@@ -35,6 +35,7 @@ from fedlpp.engine.server import serve
 from fedlpp.engine.setup import build_model, build_server, check_privacy, distributed_dp, eval_only, load_task_data
 from fedlpp.engine.transport import Fields, MessageError, Replies, require
 from fedlpp.progress import Bar
+from fedlpp.provenance import code_version
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def serve_on_grid(
     ``data_assigned``: the clients' data is the partition the server cut (simulation); a deployment's nodes bring
     their own, and their example counts are only what they declare (fl.weighting=auto then weighs them the same).
     """
+    code_version()  # the commit this process starts with (before waiting for nodes), which summary.json records
     if not resume:
         rundir.check_new(out)
     task = eval_only(load_task_data(cfg))  # before waiting for nodes: a bad data path fails at once

@@ -23,6 +23,7 @@ from fedlpp.config import ConfigError, ExperimentConfig
 from fedlpp.engine.flower import client_app
 from fedlpp.engine.flower.audit import RecordingGrid
 from fedlpp.engine.flower.server_app import serve_on_grid
+from fedlpp.provenance import code_version
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def run_simulated(
     num_cpus: int | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) an experiment into ``out`` on Flower's simulation runtime; its summary."""
+    code_version()  # the commit this process starts with, which summary.json records
     num_gpus = cuda_gpus_for(cfg.flower.client_gpus)  # before Ray starts
     check_client_device(cfg)
     quiet_flower()

@@ -88,6 +88,7 @@ SHAPES: dict[str, dict[str, Any] | None] = {
     },
 }
 BACKBONES = (("fp32", "none"), ("bf16", "none"), ("bf16", "nf4"))  # (train.precision, model.quantize)
+BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "nf4": 0.6}  # nf4: 4-bit linears, their scales, bf16 embeddings
 
 
 # --- a backbone of a real shape, written once --------------------------------------------------
@@ -281,9 +282,39 @@ def cells_for(args: argparse.Namespace) -> list[dict[str, Any]]:
     return cells
 
 
+def parameter_count(shape: str) -> int | None:
+    """The weights of a random-checkpoint shape, counted on the meta device (no memory); None for the shipped model."""
+    if SHAPES[shape] is None:
+        return None
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape]))
+    return sum(p.numel() for p in model.parameters())  # a tied head is counted once
+
+
+def too_big_for_this_machine(cell: dict[str, Any]) -> str | None:
+    """Why a CPU cell is not run: its weights alone would take 90% of the memory available now (the kernel would kill
+    it, or the machine's other work, part way). None when it fits, and on a GPU (an out-of-memory error is caught)."""
+    count = parameter_count(cell["shape"])
+    if cell["device"] != "cpu" or count is None:
+        return None
+    import psutil
+
+    need = count * BYTES_PER_WEIGHT[cell.get("quantize", "none") if cell.get("quantize") == "nf4" else cell["precision"]]
+    available = psutil.virtual_memory().available
+    if need < 0.9 * available:
+        return None
+    return f"not run: its weights alone take {need / 2**30:.1f} GiB; {available / 2**30:.1f} GiB of memory is available"
+
+
 def measure(cell: dict[str, Any], repeats: int) -> dict[str, Any]:
     """Run one cell ``repeats`` times, each in a fresh process (its peak RSS is its own): the medians, and every run's
     peak and step time (a CPU process's peak varies by a few hundred MB between identical runs)."""
+    reason = too_big_for_this_machine(cell)
+    if reason is not None:
+        return {**cell, "skipped": reason}
     ensure_checkpoint(cell["shape"])
     runs = []
     for _ in range(repeats):
@@ -311,14 +342,12 @@ def ratios(rows: list[dict[str, Any]]) -> None:
     base = {
         (r["shape"], r["device"], r.get("run")): r
         for r in rows
-        if r["kind"] == "fedlpp" and r["precision"] == "fp32" and not r["checkpointing"] and "error" not in r
+        if r["kind"] == "fedlpp" and r["precision"] == "fp32" and not r["checkpointing"] and _measured(r)
     }
-    plain = {
-        (r["shape"], r["precision"], r["device"], r.get("run")): r for r in rows if r["kind"] == "plain" and "error" not in r
-    }
+    plain = {(r["shape"], r["precision"], r["device"], r.get("run")): r for r in rows if r["kind"] == "plain" and _measured(r)}
     for r in rows:
         ref = base.get((r["shape"], r["device"], r.get("run")))
-        if "error" in r or ref is None:
+        if not _measured(r) or ref is None:
             continue
         r["peak_vs_fp32"] = round(r["peak_bytes"] / ref["peak_bytes"], 3)
         twin = plain.get((r["shape"], r["precision"], r["device"], r.get("run")))
@@ -329,6 +358,10 @@ def ratios(rows: list[dict[str, Any]]) -> None:
         )
         if goal is not None and r["kind"] == "fedlpp":
             r["goal_peak_vs_fp32"], r["goal_met"] = goal, r["peak_vs_fp32"] <= goal
+
+
+def _measured(row: dict[str, Any]) -> bool:
+    return "error" not in row and "skipped" not in row
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -347,8 +380,9 @@ def _row_cells(r: dict[str, Any]) -> list[str]:
     else:
         backbone = r["precision"] if r["quantize"] == "none" else f"{r['quantize']} ({r['precision']} compute)"
         checkpointing = "on" if r["checkpointing"] else "off"
-    if "error" in r:
-        return [r["shape"], backbone, checkpointing, f"error: {r['error'][:80]}", "", "", "", "", "", ""]
+    if not _measured(r):
+        why = f"error: {r['error'][:80]}" if "error" in r else r["skipped"]
+        return [r["shape"], backbone, checkpointing, why, "", "", "", "", "", ""]
     vs_fp32 = f"{r['peak_vs_fp32']:.3f}x" if "peak_vs_fp32" in r else "-"
     runs = r.get("peak_bytes_runs", [])
     spread = f" ({min(runs) / 2**30:.2f}-{max(runs) / 2**30:.2f})" if len(runs) > 1 else ""
@@ -406,7 +440,7 @@ def main() -> None:
     cells = cells_for(args)
     for i, cell in enumerate(cells, 1):
         key = cell_key(cell)
-        if key in done and "error" not in done[key]:
+        if key in done and "error" not in done[key] and "skipped" not in done[key]:
             rows.append(done[key])
             continue
         print(f"[{i}/{len(cells)}] {key} ...", file=sys.stderr, flush=True)
@@ -414,7 +448,11 @@ def main() -> None:
         rows.append({**measure(cell, args.repeats), "run": run})
         print(
             f"    {time.perf_counter() - t:.0f} s: "
-            + (rows[-1].get("error") or f"peak {rows[-1]['peak_bytes'] / 2**30:.2f} GiB, {rows[-1]['s_per_step']:.2f} s/step"),
+            + (
+                rows[-1].get("error")
+                or rows[-1].get("skipped")
+                or f"peak {rows[-1]['peak_bytes'] / 2**30:.2f} GiB, {rows[-1]['s_per_step']:.2f} s/step"
+            ),
             file=sys.stderr,
             flush=True,
         )

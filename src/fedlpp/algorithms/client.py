@@ -22,7 +22,7 @@ from torch import nn
 
 from fedlpp.algorithms.fedprox import ProximalTerm
 from fedlpp.data import collate, length_chunks
-from fedlpp.models.lora import Adapter, adapter_parameters, get_adapter, set_adapter, set_trainable
+from fedlpp.models.lora import Adapter, adapter_parameters, get_adapter, inputs_as_computed, set_adapter, set_trainable
 from fedlpp.models.machine import CPU, Machine
 from fedlpp.models.objective import example_losses
 
@@ -118,9 +118,10 @@ class PlainSteps:
             raise ValueError("an empty batch has no gradient without DP-SGD's noise")
         size, total = len(batch["input_ids"]), 0.0
         for chunk in length_chunks(batch):  # the gradient of the batch's mean loss, a chunk at a time
-            with self.machine.autocast():
-                loss = example_losses(model, chunk, kind).sum() / size
-            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            with inputs_as_computed(model, self.machine):  # also while backward recomputes checkpointed blocks
+                with self.machine.autocast():
+                    loss = example_losses(model, chunk, kind).sum() / size
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             total += float(loss.detach())
         if self.penalty is not None:  # not part of the reported loss: that stays the data's
             term = self.penalty(params)

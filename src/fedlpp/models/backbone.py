@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import sys
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -203,10 +205,16 @@ NOT_QUANTIZED = ("lm_head", "classifier", "score")
 
 
 def _load_kwargs(machine: Machine) -> dict[str, Any]:
-    """from_pretrained's arguments for the machine: dtype, and the 4-bit config for nf4 (QLoRA's settings)."""
+    """from_pretrained's arguments for the machine: dtype, and the 4-bit config for nf4 (QLoRA's settings).
+
+    Hub kernels are off: transformers 5 would otherwise fetch layers (RMSNorm, rotary, activations) from the
+    Hugging Face Hub for a CUDA model, a download nobody asked for, and swap every such layer's forward again
+    at each train()/eval() (which would undo ``recompute_norms``). The model's own PyTorch code runs everywhere.
+    """
     if machine.quantize == "none":
         on_cpu = machine.torch_device.type == "cpu"  # elsewhere: loaded straight onto the device, no CPU copy
-        return {"dtype": machine.dtype} if on_cpu else {"dtype": machine.dtype, "device_map": {"": machine.device}}
+        placed = {} if on_cpu else {"device_map": {"": machine.device}}
+        return {"dtype": machine.dtype, "use_kernels": False, **placed}
     require_bitsandbytes()  # before transformers imports it: no kernel fetch from the Hub (DESIGN 5.1)
     from transformers import BitsAndBytesConfig
 
@@ -220,7 +228,7 @@ def _load_kwargs(machine: Machine) -> dict[str, Any]:
     )
     # Embeddings, norms and the LM head stay unquantized in the compute dtype (not upcast to fp32 as
     # peft's prepare_model_for_kbit_training would: +1 GB at a 128k vocabulary).
-    return {"dtype": machine.dtype, "quantization_config": nf4, "device_map": {"": machine.device}}
+    return {"dtype": machine.dtype, "quantization_config": nf4, "device_map": {"": machine.device}, "use_kernels": False}
 
 
 def _placed(model: PreTrainedModel, kind: str, num_labels: int, machine: Machine) -> PreTrainedModel:
@@ -312,10 +320,31 @@ def load_backbone(name: str, kind: str, num_labels: int = 0, pooling: str = "aut
         model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_contexts}
         )
+    if machine.dtype != torch.float32:
+        recompute_norms(model)
     _ensure_pad(tokenizer)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return Backbone(model, tokenizer, name, default_lora_targets(model), machine)
+
+
+def recompute_norms(model: PreTrainedModel) -> None:
+    """Each RMSNorm of a bf16 or fp16 model keeps only its input for backward and recomputes the rest there.
+
+    A norm upcasts its input to float32 to normalise it, and autograd keeps that float32 copy: twice the
+    input's bytes, for every norm (128 MiB of the 660 MiB a Llama-3.2-1B-shaped bf16 step of 4 x 128 tokens
+    keeps). Checkpointed, a norm keeps its bf16 input, and backward recomputes a few elementwise passes. The
+    values are the same; in float32 the kept input is the norm's own input, so nothing is done there.
+    """
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = functools.partial(_recomputed, module.forward)
+
+
+def _recomputed(forward: Callable[..., torch.Tensor], hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if not (torch.is_grad_enabled() and hidden_states.requires_grad):
+        return forward(hidden_states, *args, **kwargs)
+    return checkpoint(forward, hidden_states, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
 
 def contiguous_head_input(model: PreTrainedModel) -> None:

@@ -102,7 +102,8 @@ class HeadCrossEntropy(torch.autograd.Function):
     incoming gradient. Neither the [N, V] logits nor their gradient is ever whole (at a 128k vocabulary and 512
     tokens each is 131 MB in bf16, 263 MB in fp32), and nothing is recomputed: the head's two products per row
     are the forward and the gradient, as in autograd. The frozen weight gets no gradient. Products run in the
-    ambient autocast dtype, the cap and the softmax in float32.
+    ambient autocast dtype, the cap and the softmax in float32, in place on one float32 [rows, V] buffer (a
+    second one under a soft-cap), so a chunk's transients are that buffer and, in bf16, the product's own copy.
     """
 
     @staticmethod
@@ -118,20 +119,10 @@ class HeadCrossEntropy(torch.autograd.Function):
         losses = torch.empty(len(states), dtype=torch.float32, device=states.device)
         grads = torch.empty(states.shape, dtype=torch.float32, device=states.device) if with_grad else None
         for i in range(0, len(states), rows):
-            part, wanted = states[i : i + rows], targets[i : i + rows, None]
-            if softcap is None:
-                capped = None
-                log_probs = F.log_softmax(F.linear(part, weight), -1, dtype=torch.float32)
-            else:  # in place where it can be: four float32 [rows, V] tensors at once would be 4x the chunk
-                capped = F.linear(part, weight).float().div_(softcap).tanh_()
-                log_probs = F.log_softmax(capped * softcap, -1)
-            losses[i : i + rows] = -log_probs.gather(1, wanted).squeeze(1)
-            if grads is not None:
-                minus_one = torch.full(wanted.shape, -1.0, dtype=log_probs.dtype, device=wanted.device)
-                softmax_minus_onehot = log_probs.exp_().scatter_add_(1, wanted, minus_one)
-                if capped is not None:  # d(cap tanh(z / cap)) / dz = 1 - tanh^2
-                    softmax_minus_onehot.mul_(capped.square_().neg_().add_(1.0))
-                grads[i : i + rows] = softmax_minus_onehot.to(weight.dtype) @ weight
+            loss, grad = _head_rows(states[i : i + rows], weight, targets[i : i + rows, None], softcap, with_grad)
+            losses[i : i + rows] = loss
+            if grads is not None and grad is not None:
+                grads[i : i + rows] = grad
         ctx.save_for_backward(grads)
         ctx.states_dtype = states.dtype
         return losses
@@ -143,6 +134,30 @@ class HeadCrossEntropy(torch.autograd.Function):
         if grads is None:
             return None, None, None, None, None, None
         return (grad_losses[:, None] * grads).to(ctx.states_dtype), None, None, None, None, None
+
+
+def _head_rows(
+    part: torch.Tensor, weight: torch.Tensor, wanted: torch.Tensor, softcap: float | None, with_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk of ``HeadCrossEntropy``: the rows' losses and, with ``with_grad``, their gradients with respect to
+    ``part``. The log-softmax is z - max - log(sum(exp(z - max))), taken in place; its buffers die on return."""
+    logits = F.linear(part, weight).float()  # in bf16 the product's own copy is freed here
+    capped = None
+    if softcap is not None:
+        capped = logits.div_(softcap).tanh_()
+        logits = capped * softcap
+    logits.sub_(logits.amax(1, keepdim=True))
+    picked = logits.gather(1, wanted).squeeze(1)
+    probs = logits.exp_()
+    total = probs.sum(1)
+    losses = total.log() - picked
+    if not with_grad:
+        return losses, None
+    minus_one = torch.full(wanted.shape, -1.0, dtype=probs.dtype, device=wanted.device)
+    softmax_minus_onehot = probs.div_(total[:, None]).scatter_add_(1, wanted, minus_one)
+    if capped is not None:  # d(cap tanh(z / cap)) / dz = 1 - tanh^2
+        softmax_minus_onehot.mul_(capped.square_().neg_().add_(1.0))
+    return losses, softmax_minus_onehot.to(weight.dtype) @ weight
 
 
 def forward_logits(model: nn.Module, batch: Mapping[str, torch.Tensor], kind: str) -> tuple[torch.Tensor, torch.Tensor]:

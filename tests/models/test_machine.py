@@ -5,6 +5,8 @@ Everything here runs on the CPU with the tiny backbones; tests/gpu has the CUDA 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import subprocess
 import sys
@@ -13,14 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fedlpp.algorithms import client
 from fedlpp.algorithms.client import LocalTraining, PlainSteps, ScaledOptimizer, shuffled_batches, train_client
 from fedlpp.config import ConfigError, load_config
 from fedlpp.data import collate, encode_for_generation
 from fedlpp.data.weather import make_weather
 from fedlpp.evaluation.evaluate import mean_loss
-from fedlpp.models import objective
+from fedlpp.models import backbone, objective
 from fedlpp.models.backbone import load_backbone
-from fedlpp.models.lora import adapter_parameters, attach_lora, get_adapter, set_adapter
+from fedlpp.models.lora import adapter_parameters, attach_lora, get_adapter, inputs_as_computed, set_adapter
 from fedlpp.models.machine import (
     CPU,
     Machine,
@@ -285,6 +288,73 @@ def test_dp_sgd_learns_on_a_half_precision_or_4bit_base(machine, features):
     result = steps(lora_model(machine), features, machine, rule)
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in result.delta.values())
     assert any(t.abs().max() > 0 for t in result.delta.values())
+
+
+# --- what a half-precision step keeps for backward ------------------------------------------------
+
+
+def kept_for_backward(model, batch, machine: Machine) -> list[torch.Tensor]:
+    """Every tensor autograd keeps from one training forward (a checkpointed block's own are not kept)."""
+    kept: list[torch.Tensor] = []
+
+    def pack(tensor):
+        kept.append(tensor)
+        return tensor
+
+    with inputs_as_computed(model, machine), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), machine.autocast():
+        objective.example_losses(model, batch, "generation").sum()
+    return kept
+
+
+def test_a_bf16_step_keeps_no_float32_copy_of_the_hidden_states(features):
+    """A norm upcasts its input to normalise it; checkpointed, it keeps the bf16 input and not that copy."""
+    machine = Machine("cpu", "bf16")
+    model = lora_model(machine)
+    model.train()  # as training does: the norms' recompute must survive the mode switch
+    batch = collate(features[:4], 0)
+    grid = batch["input_ids"].numel() * model.get_base_model().config.hidden_size  # one value per token and feature
+    kept = kept_for_backward(model, batch, machine)
+    assert kept, "the forward kept nothing: it was not a training forward"
+    wide = [t for t in kept if t.dtype == torch.float32 and t.numel() >= grid]
+    assert wide == [], f"float32 copies of the hidden states kept for backward: {[tuple(t.shape) for t in wide]}"
+
+
+def test_a_bf16_lora_layer_keeps_its_input_not_a_copy(features):
+    """q_proj and v_proj read one normalised input; their LoRA A products keep that one tensor for backward."""
+    machine = Machine("cpu", "bf16")
+    model = lora_model(machine)
+    layers = model.get_base_model().config.num_hidden_layers
+    batch = collate(features[:4], 0)
+    rows = (batch["input_ids"].numel(), model.get_base_model().config.hidden_size)  # a linear's input, token by token
+    kept = kept_for_backward(model, batch, machine)
+    inputs = {t.untyped_storage().data_ptr() for t in kept if t.dtype == torch.bfloat16 and tuple(t.shape) == rows}
+    assert len(inputs) == layers, f"{len(inputs)} kept copies of the LoRA layers' inputs for {layers} layers"
+
+
+@pytest.mark.parametrize(
+    "machine", [Machine("cpu", "bf16"), Machine("cpu", "bf16", gradient_checkpointing=True)], ids=["bf16", "bf16+ckpt"]
+)
+def test_what_a_bf16_step_keeps_does_not_change_the_step(machine, features, monkeypatch):
+    """Recomputed norms and uncast LoRA inputs compute the same values: the step is bit for bit the same."""
+    saving = steps(lora_model(machine), features, machine)
+    monkeypatch.setattr(backbone, "recompute_norms", lambda model: None)
+    monkeypatch.setattr(client, "inputs_as_computed", lambda model, machine: contextlib.nullcontext())
+    plain = steps(lora_model(machine), features, machine)
+    for name in plain.delta:
+        assert torch.equal(saving.delta[name], plain.delta[name]), name
+    assert saving.losses == plain.losses
+
+
+def test_a_local_checkpoint_loads_without_hub_kernels(tmp_path):
+    """transformers 5 would swap layers for Hub kernels (fetched on CUDA) and swap them again at train()/eval()."""
+    model, tokenizer = backbone._tiny_llama("generation", 0)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_backbone(str(tmp_path), "generation", machine=Machine("cpu", "bf16")).model
+    assert not loaded.use_kernels
+    loaded.train()
+    norm = loaded.model.layers[0].post_attention_layernorm
+    assert isinstance(norm.forward, functools.partial), "train() put the norm's own forward back: no recompute"
 
 
 # --- the loss at a large vocabulary ---------------------------------------------------------------

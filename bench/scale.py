@@ -88,7 +88,7 @@ SHAPES: dict[str, dict[str, Any] | None] = {
     },
 }
 BACKBONES = (("fp32", "none"), ("bf16", "none"), ("bf16", "nf4"))  # (train.precision, model.quantize)
-BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "nf4": 0.6}  # nf4: 4-bit linears, their scales, bf16 embeddings
+BYTES_PER_WEIGHT = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "nf4": 0.55}  # nf4: a 4-bit linear weight and its scales
 
 
 # --- a backbone of a real shape, written once --------------------------------------------------
@@ -206,7 +206,7 @@ def run_plain(shape: str, precision: str, steps: int, device: str) -> dict[str, 
     machine = Machine(resolve_device(device), precision)
     machine.reset_peak_memory()
     path = str(smollm2_dir()) if SHAPES[shape] is None else model_name(shape)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=machine.dtype).to(machine.torch_device)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=machine.dtype, use_kernels=False).to(machine.torch_device)
     model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules=list(TARGETS)))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
     loaded, rss_loaded = time.perf_counter() - t0, peak_rss_bytes()
@@ -282,31 +282,47 @@ def cells_for(args: argparse.Namespace) -> list[dict[str, Any]]:
     return cells
 
 
-def parameter_count(shape: str) -> int | None:
-    """The weights of a random-checkpoint shape, counted on the meta device (no memory); None for the shipped model."""
+def parameter_counts(shape: str) -> tuple[int, int] | None:
+    """A random-checkpoint shape's weights, counted on the meta device (no memory): (embeddings and LM head, the
+    rest). None for the shipped model."""
     if SHAPES[shape] is None:
         return None
     import torch
+    from torch import nn
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape]))
-    return sum(p.numel() for p in model.parameters())  # a tied head is counted once
+    kept_whole = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    kept_whole |= {id(p) for p in model.lm_head.parameters()}
+    every = {id(p): p.numel() for p in model.parameters()}  # a tied head is counted once
+    whole = sum(n for i, n in every.items() if i in kept_whole)
+    return whole, sum(every.values()) - whole
 
 
 def too_big_for_this_machine(cell: dict[str, Any]) -> str | None:
-    """Why a CPU cell is not run: its weights alone would take 90% of the memory available now (the kernel would kill
-    it, or the machine's other work, part way). None when it fits, and on a GPU (an out-of-memory error is caught)."""
-    count = parameter_count(cell["shape"])
-    if cell["device"] != "cpu" or count is None:
+    """Why a CPU cell is not run: its weights alone, or the bf16 checkpoint still to be written for it, would take
+    90% of the memory available now (the kernel would kill it, or the machine's other work, part way). None when
+    it fits, and on a GPU (an out-of-memory error there is caught and reported)."""
+    if cell["device"] != "cpu":
+        return None
+    counts = parameter_counts(cell["shape"])
+    if counts is None:
         return None
     import psutil
 
-    need = count * BYTES_PER_WEIGHT[cell.get("quantize", "none") if cell.get("quantize") == "nf4" else cell["precision"]]
+    whole, rest = counts
+    if cell.get("quantize") == "nf4":  # embeddings and the LM head stay in the compute dtype
+        need = whole * BYTES_PER_WEIGHT[cell["precision"]] + rest * BYTES_PER_WEIGHT["nf4"]
+    else:
+        need = (whole + rest) * BYTES_PER_WEIGHT[cell["precision"]]
+    what = "its weights alone take"
+    if not checkpoint_dir(cell["shape"]).exists() and (whole + rest) * BYTES_PER_WEIGHT["bf16"] > need:
+        need, what = (whole + rest) * BYTES_PER_WEIGHT["bf16"], "writing its bf16 checkpoint takes"
     available = psutil.virtual_memory().available
     if need < 0.9 * available:
         return None
-    return f"not run: its weights alone take {need / 2**30:.1f} GiB; {available / 2**30:.1f} GiB of memory is available"
+    return f"not run: {what} {need / 2**30:.1f} GiB; {available / 2**30:.1f} GiB of memory is available"
 
 
 def measure(cell: dict[str, Any], repeats: int) -> dict[str, Any]:

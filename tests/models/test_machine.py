@@ -310,7 +310,6 @@ def test_a_bf16_step_keeps_no_float32_copy_of_the_hidden_states(features):
     """A norm upcasts its input to normalise it; checkpointed, it keeps the bf16 input and not that copy."""
     machine = Machine("cpu", "bf16")
     model = lora_model(machine)
-    model.train()  # as training does: the norms' recompute must survive the mode switch
     batch = collate(features[:4], 0)
     grid = batch["input_ids"].numel() * model.get_base_model().config.hidden_size  # one value per token and feature
     kept = kept_for_backward(model, batch, machine)
@@ -345,8 +344,23 @@ def test_what_a_bf16_step_keeps_does_not_change_the_step(machine, features, monk
     assert saving.losses == plain.losses
 
 
-def test_a_local_checkpoint_loads_without_hub_kernels(tmp_path):
+def test_lora_dropout_keeps_peft_s_float32_input(features):
+    """Dropout on a bf16 input would scale by a rounded 1 / (1 - p): with dropout peft casts to float32 first."""
+    machine = Machine("cpu", "bf16")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = attach_lora(load_backbone("tiny-llama", "generation", machine=machine), "generation", r=4, alpha=8, dropout=0.1)
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    with inputs_as_computed(model, machine):
+        assert layer.cast_input_dtype_enabled
+    with inputs_as_computed(lora_model(machine), machine):
+        pass  # without dropout the cast is off inside (the tests above) and back on after
+    assert layer.cast_input_dtype_enabled
+
+
+def test_a_local_checkpoint_loads_without_hub_kernels(tmp_path, monkeypatch):
     """transformers 5 would swap layers for Hub kernels (fetched on CUDA) and swap them again at train()/eval()."""
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)  # "NO" there would switch them off without fedlpp
     model, tokenizer = backbone._tiny_llama("generation", 0)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)

@@ -332,9 +332,10 @@ def recompute_norms(model: PreTrainedModel) -> None:
     """Each RMSNorm of a bf16 or fp16 model keeps only its input for backward and recomputes the rest there.
 
     A norm upcasts its input to float32 to normalise it, and autograd keeps that float32 copy: twice the
-    input's bytes, for every norm (128 MiB of the 660 MiB a Llama-3.2-1B-shaped bf16 step of 4 x 128 tokens
-    keeps). Checkpointed, a norm keeps its bf16 input, and backward recomputes a few elementwise passes. The
-    values are the same; in float32 the kept input is the norm's own input, so nothing is done there.
+    input's bytes (128 MiB of the 660 MiB a Llama-3.2-1B-shaped bf16 step of 4 x 128 tokens kept). Checkpointed,
+    a norm whose input needs a gradient keeps that bf16 input (64 MiB there), and backward recomputes a few
+    elementwise passes: the same values. In float32 the kept tensor is the input itself: nothing is done. Gated
+    norms (``*RMSNormGated``, two inputs) are left alone.
     """
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm"):

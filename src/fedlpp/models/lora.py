@@ -70,10 +70,21 @@ def inputs_as_computed(model: nn.Module, machine: Machine) -> contextlib.Abstrac
 
     peft casts the input to A's float32 first, and autocast casts that back for the product: the same values,
     but each LoRA layer then keeps its own copy of the input for backward where the input itself would do
-    (q_proj and v_proj share one: 32 MiB of copies in a Llama-3.2-1B-shaped bf16 step of 4 x 128 tokens). A
-    no-op in fp32. DP-SGD does not use it: its per-example gradients keep peft's float32 inputs.
+    (q_proj and v_proj share one: 32 MiB of copies in a Llama-3.2-1B-shaped bf16 step of 4 x 128 tokens). Only
+    without LoRA dropout: peft drops out after its cast, and dropout on the bf16 input would scale by a rounded
+    1 / (1 - p). A no-op in fp32. DP-SGD does not use it: its per-example gradients keep peft's float32 inputs.
     """
-    return disable_input_dtype_casting(model, active=machine.dtype != torch.float32)
+    active = machine.dtype != torch.float32 and not _lora_dropout(model)
+    return disable_input_dtype_casting(model, active=active)
+
+
+def _lora_dropout(model: nn.Module) -> bool:
+    """Whether any LoRA layer drops out its input (peft puts an Identity where lora_dropout is 0)."""
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, nn.ModuleDict) and any(not isinstance(d, nn.Identity) for d in dropouts.values()):
+            return True
+    return False
 
 
 def keep_adapter_float32(model: nn.Module) -> None:

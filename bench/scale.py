@@ -456,7 +456,7 @@ def main() -> None:
     cells = cells_for(args)
     for i, cell in enumerate(cells, 1):
         key = cell_key(cell)
-        if key in done and "error" not in done[key] and "skipped" not in done[key]:
+        if key in done and _measured(done[key]):
             rows.append(done[key])
             continue
         print(f"[{i}/{len(cells)}] {key} ...", file=sys.stderr, flush=True)

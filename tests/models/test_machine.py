@@ -40,10 +40,12 @@ OPTS = LocalTraining(lr=1e-2, weight_decay=0.0, max_grad_norm=0.0)
 NO_CUDA = not torch.cuda.is_available()
 
 
-def lora_model(machine: Machine = CPU):
+def lora_model(machine: Machine = CPU, dropout: float = 0.0):
     with torch.random.fork_rng():
         torch.manual_seed(0)  # peft draws A from the global generator: the same start every time
-        return attach_lora(load_backbone("tiny-llama", "generation", machine=machine), "generation", r=4, alpha=8, dropout=0.0)
+        return attach_lora(
+            load_backbone("tiny-llama", "generation", machine=machine), "generation", r=4, alpha=8, dropout=dropout
+        )
 
 
 @pytest.fixture(scope="module")
@@ -347,9 +349,7 @@ def test_what_a_bf16_step_keeps_does_not_change_the_step(machine, features, monk
 def test_lora_dropout_keeps_peft_s_float32_input(features):
     """Dropout on a bf16 input would scale by a rounded 1 / (1 - p): with dropout peft casts to float32 first."""
     machine = Machine("cpu", "bf16")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = attach_lora(load_backbone("tiny-llama", "generation", machine=machine), "generation", r=4, alpha=8, dropout=0.1)
+    model = lora_model(machine, dropout=0.1)
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
     with inputs_as_computed(model, machine):
         assert layer.cast_input_dtype_enabled

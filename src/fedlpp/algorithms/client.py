@@ -117,12 +117,12 @@ class PlainSteps:
         if batch is None:
             raise ValueError("an empty batch has no gradient without DP-SGD's noise")
         size, total = len(batch["input_ids"]), 0.0
-        for chunk in length_chunks(batch):  # the gradient of the batch's mean loss, a chunk at a time
-            with inputs_as_computed(model, self.machine):  # also while backward recomputes checkpointed blocks
+        with inputs_as_computed(model, self.machine):  # also while backward recomputes checkpointed blocks
+            for chunk in length_chunks(batch):  # the gradient of the batch's mean loss, a chunk at a time
                 with self.machine.autocast():
                     loss = example_losses(model, chunk, kind).sum() / size
                 (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-            total += float(loss.detach())
+                total += float(loss.detach())
         if self.penalty is not None:  # not part of the reported loss: that stays the data's
             term = self.penalty(params)
             (term if self.scaler is None else self.scaler.scale(term)).backward()

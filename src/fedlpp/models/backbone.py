@@ -211,10 +211,10 @@ def _load_kwargs(machine: Machine) -> dict[str, Any]:
     Hugging Face Hub for a CUDA model, a download nobody asked for, and swap every such layer's forward again
     at each train()/eval() (which would undo ``recompute_norms``). The model's own PyTorch code runs everywhere.
     """
+    common: dict[str, Any] = {"dtype": machine.dtype, "use_kernels": False}
     if machine.quantize == "none":
         on_cpu = machine.torch_device.type == "cpu"  # elsewhere: loaded straight onto the device, no CPU copy
-        placed = {} if on_cpu else {"device_map": {"": machine.device}}
-        return {"dtype": machine.dtype, "use_kernels": False, **placed}
+        return common if on_cpu else {**common, "device_map": {"": machine.device}}
     require_bitsandbytes()  # before transformers imports it: no kernel fetch from the Hub (DESIGN 5.1)
     from transformers import BitsAndBytesConfig
 
@@ -228,7 +228,7 @@ def _load_kwargs(machine: Machine) -> dict[str, Any]:
     )
     # Embeddings, norms and the LM head stay unquantized in the compute dtype (not upcast to fp32 as
     # peft's prepare_model_for_kbit_training would: +1 GB at a 128k vocabulary).
-    return {"dtype": machine.dtype, "quantization_config": nf4, "device_map": {"": machine.device}, "use_kernels": False}
+    return {**common, "quantization_config": nf4, "device_map": {"": machine.device}}
 
 
 def _placed(model: PreTrainedModel, kind: str, num_labels: int, machine: Machine) -> PreTrainedModel:

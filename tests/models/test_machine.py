@@ -212,8 +212,10 @@ def test_training_after_an_evaluation_is_unaffected_on_a_4bit_base(features):
         assert torch.equal(before.delta[name], after.delta[name]), name
 
 
-def test_bitsandbytes_is_imported_without_fetching_a_kernel():
-    """A fresh process where `kernels` records every fetch: fedlpp's imports (peft imports bitsandbytes) make none."""
+def test_bitsandbytes_is_imported_only_for_a_4bit_backbone_and_never_fetches_a_kernel():
+    """A fresh process where `kernels` records every fetch. A LoRA on a full-precision backbone leaves bitsandbytes
+    unimported (peft would import it, and torch's compiler with it); a 4-bit one imports it without a fetch, and
+    peft wraps its 4-bit layers."""
     script = (
         "import sys\n"
         "import kernels\n"
@@ -222,12 +224,22 @@ def test_bitsandbytes_is_imported_without_fetching_a_kernel():
         "    calls.append(args)\n"
         "    raise RuntimeError('no network')\n"
         "kernels.get_kernel = get_kernel\n"
-        "import fedlpp.engine.setup, fedlpp.engine.flower.client_app, peft, bitsandbytes\n"
-        "assert 'bitsandbytes' in sys.modules\n"
+        "import fedlpp.engine.setup, fedlpp.engine.flower.client_app\n"
+        "from fedlpp.models.backbone import load_backbone\n"
+        "from fedlpp.models.lora import attach_lora\n"
+        "from fedlpp.models.machine import Machine\n"
+        "attach_lora(load_backbone('tiny-llama', 'generation'), 'generation', r=4, alpha=8, dropout=0.0)\n"
+        "print('imported after fp32', 'bitsandbytes' in sys.modules)\n"
+        "nf4 = load_backbone('tiny-llama', 'generation', machine=Machine('cpu', 'bf16', 'nf4'))\n"
+        "model = attach_lora(nf4, 'generation', r=4, alpha=8, dropout=0.0)\n"
+        "q = model.get_base_model().model.layers[0].self_attn.q_proj\n"
+        "print('lora layer', type(q).__module__, type(q.base_layer).__name__)\n"
         "print('fetches', len(calls))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "imported after fp32 False" in out.stdout
+    assert "lora layer peft.tuners.lora.bnb Linear4bit" in out.stdout
     assert "fetches 0" in out.stdout
     with silent_kernel_fetch(), pytest.raises(ImportError):
         importlib.import_module("kernels")

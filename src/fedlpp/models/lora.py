@@ -9,27 +9,47 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, TaskType, get_peft_model
+from peft.helpers import disable_input_dtype_casting
+from peft.tuners.lora import model as peft_lora_model
 from torch import nn
 
+from fedlpp.models.backbone import Backbone
 from fedlpp.models.machine import Machine, import_bitsandbytes
-
-import_bitsandbytes()  # peft imports bitsandbytes, which would try the Hugging Face Hub for a CPU kernel (DESIGN 5.1)
-
-from peft import LoraConfig as PeftLoraConfig  # noqa: E402
-from peft import PeftModel, TaskType, get_peft_model  # noqa: E402
-from peft.helpers import disable_input_dtype_casting  # noqa: E402
-
-from fedlpp.models.backbone import Backbone  # noqa: E402
 
 __all__ = ["Adapter", "PeftModel", "attach_lora", "get_adapter", "set_adapter"]
 
 Adapter = dict[str, torch.Tensor]
 
 _PREFIX = "base_model.model."
+
+
+def bitsandbytes_imported() -> bool:
+    """Whether a layer of this process can be a bitsandbytes one: only once bitsandbytes is imported."""
+    return sys.modules.get("bitsandbytes") is not None
+
+
+def _peft_checks_only_imported_bitsandbytes() -> None:
+    """peft looks for bitsandbytes' 4- and 8-bit layer types whenever bitsandbytes is installed, importing it, and
+    bitsandbytes then imports torch's compiler (~120 MiB of memory and ~1 s in every process) and tries the Hugging
+    Face Hub for a CPU kernel (DESIGN 5.1). No layer can be of those types before bitsandbytes is imported, and a
+    4-bit backbone imports it first, without the Hub (``machine.require_bitsandbytes``): so peft's LoRA looks for
+    them exactly when it is imported. With a peft that checks elsewhere, bitsandbytes is imported now instead."""
+    checks = ("is_bnb_available", "is_bnb_4bit_available")
+    if not all(callable(getattr(peft_lora_model, name, None)) for name in checks):
+        import_bitsandbytes()
+        return
+    for name in checks:
+        setattr(peft_lora_model, name, bitsandbytes_imported)
+
+
+_peft_checks_only_imported_bitsandbytes()
 
 
 def canonical_name(param_name: str) -> str:

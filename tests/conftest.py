@@ -10,4 +10,4 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from fedlpp.models.machine import import_bitsandbytes
 
-import_bitsandbytes()  # first, as fedlpp does: a test that imports peft directly must not try the Hub either
+import_bitsandbytes()  # first, without the Hub: a test that uses peft or bitsandbytes directly must not try it either

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import json
 import subprocess
 import sys
 
@@ -381,6 +382,20 @@ def test_a_local_checkpoint_loads_without_hub_kernels(tmp_path, monkeypatch):
     loaded.train()
     norm = loaded.model.layers[0].post_attention_layernorm
     assert isinstance(norm.forward, functools.partial), "train() put the norm's own forward back: no recompute"
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_a_checkpoint_saved_quantized_is_refused_before_its_weights_load(tmp_path, monkeypatch, quantize):
+    """Its own 4-bit layers would load whatever model.quantize says, past fedlpp's CPU repack guard."""
+    model, tokenizer = backbone._tiny_llama("generation", 0)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(backbone, "_read_tensor_by_tensor", None)  # reading a weight would fail differently
+    with pytest.raises(ConfigError, match=r"model.name: .* is saved already quantized \(bitsandbytes\).*model.quantize=nf4"):
+        load_backbone(str(tmp_path), "generation", machine=Machine("cpu", "bf16", quantize))
 
 
 # --- the loss at a large vocabulary ---------------------------------------------------------------

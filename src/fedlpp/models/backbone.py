@@ -33,8 +33,9 @@ from transformers import (
 from transformers.models.auto.auto_factory import _get_model_class
 
 from fedlpp import registry
+from fedlpp.config import ConfigError
 from fedlpp.models import shipped
-from fedlpp.models.machine import CPU, Machine, checkpoint_contexts, require_bitsandbytes
+from fedlpp.models.machine import CPU, Machine, checkpoint_contexts, require_bitsandbytes, silent_kernel_fetch
 from fedlpp.models.pooling import declared_pooling, use_mean_pooling
 
 log = logging.getLogger(__name__)
@@ -117,15 +118,30 @@ def _load_weights(path: str, kind: str, num_labels: int, machine: Machine) -> Pr
     # The classification head is new; its initial values come from the caller's seed.
     head: dict[str, Any] = {"num_labels": num_labels} if kind == "classification" else {}
     files = _local_safetensors(path)
-    with _large_allocations_returned():
+    config = AutoConfig.from_pretrained(path, **head)
+    _refuse_saved_quantized(path, config)
+    with _large_allocations_returned(), silent_kernel_fetch():  # whatever imports bitsandbytes: never the Hub
         if not files:
-            return auto.from_pretrained(path, **head, **_load_kwargs(machine))
-        config = AutoConfig.from_pretrained(path, **head)
+            return auto.from_pretrained(path, config=config, **_load_kwargs(machine))
         with _read_tensor_by_tensor(files) as state_dict:
             model = _get_model_class(config, auto._model_mapping).from_pretrained(
                 None, config=config, state_dict=state_dict, **_load_kwargs(machine)
             )
         return _as_if_loaded_from(model, path)
+
+
+def _refuse_saved_quantized(path: str, config: Any) -> None:
+    """A checkpoint saved already quantized (bitsandbytes, GPTQ, AWQ, ...) would load its own quantized layers
+    whatever ``model.quantize`` says, outside what fedlpp checks (on the CPU a 4-bit one would meet the repack
+    of DESIGN 5.1); refused before any weight is read."""
+    saved = getattr(config, "quantization_config", None)
+    if saved is None:
+        return
+    method = saved.get("quant_method") if isinstance(saved, dict) else getattr(saved, "quant_method", None)
+    raise ConfigError(
+        f"model.name: {path} is saved already quantized ({method or 'quantization_config in its config'}); fedlpp "
+        "quantizes a full-precision checkpoint itself: name the unquantized model, with model.quantize=nf4 for 4 bits"
+    )
 
 
 def _as_if_loaded_from(model: PreTrainedModel, path: str) -> PreTrainedModel:

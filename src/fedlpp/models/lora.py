@@ -21,7 +21,7 @@ from peft.tuners.lora import model as peft_lora_model
 from torch import nn
 
 from fedlpp.models.backbone import Backbone
-from fedlpp.models.machine import Machine, import_bitsandbytes
+from fedlpp.models.machine import Machine, import_bitsandbytes, require_bitsandbytes, silent_kernel_fetch
 
 __all__ = ["Adapter", "PeftModel", "attach_lora", "get_adapter", "set_adapter"]
 
@@ -37,10 +37,11 @@ def bitsandbytes_imported() -> bool:
 
 def _peft_checks_only_imported_bitsandbytes() -> None:
     """peft looks for bitsandbytes' 4- and 8-bit layer types whenever bitsandbytes is installed, importing it, and
-    bitsandbytes then imports torch's compiler (~120 MiB of memory and ~1 s in every process) and tries the Hugging
-    Face Hub for a CPU kernel (DESIGN 5.1). No layer can be of those types before bitsandbytes is imported, and a
-    4-bit backbone imports it first, without the Hub (``machine.require_bitsandbytes``): so peft's LoRA looks for
-    them exactly when it is imported. With a peft that checks elsewhere, bitsandbytes is imported now instead."""
+    bitsandbytes then imports torch's compiler (~1 s and, at the Llama-3.2-1B shape, 45-85 MiB of a step's peak
+    RSS, one run each) and tries the Hugging Face Hub for a CPU kernel (DESIGN 5.1). No layer can be of those types
+    before bitsandbytes is imported, and a 4-bit backbone imports it first, without the Hub
+    (``machine.require_bitsandbytes``): so peft's LoRA looks for them exactly when it is imported. With a peft that
+    checks elsewhere, bitsandbytes is imported now instead (``attach_lora`` keeps any import of it silent)."""
     checks = ("is_bnb_available", "is_bnb_4bit_available")
     if not all(callable(getattr(peft_lora_model, name, None)) for name in checks):
         import_bitsandbytes()
@@ -79,7 +80,10 @@ def attach_lora(backbone: Backbone, kind: str, r: int, alpha: float, dropout: fl
         target_modules=targets,
         bias="none",
     )
-    model = get_peft_model(backbone.model, config)
+    if backbone.machine.quantize != "none":
+        require_bitsandbytes()  # imported (it is, by loading): peft then finds the 4-bit layers
+    with silent_kernel_fetch():  # should a peft import bitsandbytes itself: never the Hub
+        model = get_peft_model(backbone.model, config)
     keep_adapter_float32(model)
     model.eval()
     return model

@@ -210,7 +210,7 @@ def silent_kernel_fetch() -> Iterator[None]:
 def import_bitsandbytes() -> Any:
     """bitsandbytes, imported once without touching the network (None where it is not installed).
 
-    Call it before anything imports peft or transformers' bitsandbytes integration: they import it too.
+    Call it before a 4-bit model is loaded: transformers' bitsandbytes integration and peft's LoRA import it too.
     """
     if "bitsandbytes" in sys.modules:
         return sys.modules["bitsandbytes"]

@@ -37,7 +37,7 @@ def bitsandbytes_imported() -> bool:
 
 def _peft_checks_only_imported_bitsandbytes() -> None:
     """peft looks for bitsandbytes' 4- and 8-bit layer types whenever bitsandbytes is installed, importing it, and
-    bitsandbytes then imports torch's compiler (~1 s and, at the Llama-3.2-1B shape, 45-85 MiB of a step's peak
+    bitsandbytes then imports torch's compiler (~1 s and, at the Llama-3.2-1B shape, 48-95 MiB of a step's peak
     RSS, one run each) and tries the Hugging Face Hub for a CPU kernel (DESIGN 5.1). No layer can be of those types
     before bitsandbytes is imported, and a 4-bit backbone imports it first, without the Hub
     (``machine.require_bitsandbytes``): so peft's LoRA looks for them exactly when it is imported. With a peft that

@@ -186,7 +186,8 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def silent_kernel_fetch() -> Iterator[None]:
-    """Import bitsandbytes without its attempt to fetch a CPU kernel from the Hugging Face Hub (DESIGN 5.1).
+    """Whatever imports bitsandbytes inside (fedlpp, transformers while loading, peft while wrapping) does so
+    without its attempt to fetch a CPU kernel from the Hugging Face Hub (DESIGN 5.1).
 
     On import it calls ``kernels.get_kernel``, a download; with ``kernels`` unimportable it falls back
     to plain PyTorch and logs a warning, which we silence. Nothing is downloaded at run time.

@@ -384,6 +384,19 @@ def test_a_local_checkpoint_loads_without_hub_kernels(tmp_path, monkeypatch):
     assert isinstance(norm.forward, functools.partial), "train() put the norm's own forward back: no recompute"
 
 
+def test_a_folder_of_pytorch_weights_loads_through_transformers_in_the_machine_s_dtype(tmp_path):
+    """No safetensors file: transformers reads pytorch_model.bin itself, with the config fedlpp read first."""
+    model, tokenizer = backbone._tiny_llama("generation", 0)
+    model.config.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    loaded = load_backbone(str(tmp_path), "generation", machine=Machine("cpu", "bf16")).model
+    assert not loaded.use_kernels
+    for name, weight in model.state_dict().items():
+        assert loaded.state_dict()[name].dtype == torch.bfloat16, name
+        assert torch.equal(loaded.state_dict()[name], weight.to(torch.bfloat16)), name
+
+
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
 def test_a_checkpoint_saved_quantized_is_refused_before_its_weights_load(tmp_path, monkeypatch, quantize):
     """Its own 4-bit layers would load whatever model.quantize says, past fedlpp's CPU repack guard."""

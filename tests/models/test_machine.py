@@ -392,9 +392,10 @@ def test_a_folder_of_pytorch_weights_loads_through_transformers_in_the_machine_s
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     loaded = load_backbone(str(tmp_path), "generation", machine=Machine("cpu", "bf16")).model
     assert not loaded.use_kernels
+    loaded_weights = loaded.state_dict()
     for name, weight in model.state_dict().items():
-        assert loaded.state_dict()[name].dtype == torch.bfloat16, name
-        assert torch.equal(loaded.state_dict()[name], weight.to(torch.bfloat16)), name
+        assert loaded_weights[name].dtype == torch.bfloat16, name
+        assert torch.equal(loaded_weights[name], weight.to(torch.bfloat16)), name
 
 
 @pytest.mark.parametrize("quantize", ["none", "nf4"])

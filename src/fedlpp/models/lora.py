@@ -21,7 +21,7 @@ from peft.tuners.lora import model as peft_lora_model
 from torch import nn
 
 from fedlpp.models.backbone import Backbone
-from fedlpp.models.machine import Machine, import_bitsandbytes, require_bitsandbytes, silent_kernel_fetch
+from fedlpp.models.machine import Machine, silent_kernel_fetch
 
 __all__ = ["Adapter", "PeftModel", "attach_lora", "get_adapter", "set_adapter"]
 
@@ -40,14 +40,11 @@ def _peft_checks_only_imported_bitsandbytes() -> None:
     bitsandbytes then imports torch's compiler (~1 s and, at the Llama-3.2-1B shape, 48-95 MiB of a step's peak
     RSS, one run each) and tries the Hugging Face Hub for a CPU kernel (DESIGN 5.1). No layer can be of those types
     before bitsandbytes is imported, and a 4-bit backbone imports it first, without the Hub
-    (``machine.require_bitsandbytes``): so peft's LoRA looks for them exactly when it is imported. With a peft that
-    checks elsewhere, bitsandbytes is imported now instead (``attach_lora`` keeps any import of it silent)."""
-    checks = ("is_bnb_available", "is_bnb_4bit_available")
-    if not all(callable(getattr(peft_lora_model, name, None)) for name in checks):
-        import_bitsandbytes()
-        return
-    for name in checks:
-        setattr(peft_lora_model, name, bitsandbytes_imported)
+    (``machine.require_bitsandbytes``): so peft's LoRA looks for them exactly when it is imported. A peft that
+    checks elsewhere imports bitsandbytes itself, inside ``attach_lora``'s ``silent_kernel_fetch``."""
+    for name in ("is_bnb_available", "is_bnb_4bit_available"):
+        if callable(getattr(peft_lora_model, name, None)):
+            setattr(peft_lora_model, name, bitsandbytes_imported)
 
 
 _peft_checks_only_imported_bitsandbytes()
@@ -80,8 +77,6 @@ def attach_lora(backbone: Backbone, kind: str, r: int, alpha: float, dropout: fl
         target_modules=targets,
         bias="none",
     )
-    if backbone.machine.quantize != "none":
-        require_bitsandbytes()  # imported (it is, by loading): peft then finds the 4-bit layers
     with silent_kernel_fetch():  # should a peft import bitsandbytes itself: never the Hub
         model = get_peft_model(backbone.model, config)
     keep_adapter_float32(model)

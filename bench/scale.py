@@ -105,8 +105,9 @@ def model_name(shape: str) -> str:
     return shape if SHAPES[shape] is None else str(checkpoint_dir(shape))
 
 
-def build_checkpoint(shape: str) -> None:
-    """A random-weight model of ``shape`` as one bf16 safetensors file, with SmolLM2's tokenizer."""
+def build_checkpoint(shape: str, device: str = "cpu") -> None:
+    """A random-weight model of ``shape`` as one bf16 safetensors file, with SmolLM2's tokenizer; its random values
+    drawn on ``device`` (on a GPU in a second, where a 7B model takes a minute on the CPU)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -121,18 +122,19 @@ def build_checkpoint(shape: str) -> None:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     tmp = target.with_name(target.name + ".partial")
     model.save_pretrained(tmp, max_shard_size="1000GB")  # one file, as Llama-3.2-1B ships
     tokenizer.save_pretrained(tmp)
     tmp.rename(target)
 
 
-def ensure_checkpoint(shape: str) -> None:
+def ensure_checkpoint(shape: str, device: str) -> None:
     if SHAPES[shape] is None or checkpoint_dir(shape).exists():
         return
     print(f"writing a random {shape} checkpoint (once) ...", file=sys.stderr, flush=True)
-    subprocess.run([sys.executable, __file__, "--build", shape], check=True)
+    subprocess.run([sys.executable, __file__, "--build", shape, "--device", device], check=True)
 
 
 # --- one cell, in its own process ---------------------------------------------------------------
@@ -149,12 +151,20 @@ def random_batches(vocab: int, steps: int, pad_id: int) -> Iterator[dict[str, An
         yield collate([{"input_ids": r, "labels": r} for r in rows], pad_id)
 
 
-def timed(batches: Iterator[Any], stamps: list[float]) -> Iterator[Any]:
-    """The batches, noting the time each is asked for: the gaps are the steps."""
+def timed(batches: Iterator[Any], stamps: list[float], device: str) -> Iterator[Any]:
+    """The batches, noting the time each is asked for: the gaps are the steps (on CUDA once the GPU has finished
+    the step before: kernels run after the Python that launched them)."""
+    import torch
+
+    def now() -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     for batch in batches:
-        stamps.append(time.perf_counter())
+        stamps.append(now())
         yield batch
-    stamps.append(time.perf_counter())
+    stamps.append(now())
 
 
 def run_cell(shape: str, precision: str, quantize: str, checkpointing: bool, steps: int, device: str) -> dict[str, Any]:
@@ -176,6 +186,7 @@ def run_cell(shape: str, precision: str, quantize: str, checkpointing: bool, ste
     batches = timed(
         random_batches(min(backbone.model.config.vocab_size, len(backbone.tokenizer)), steps, backbone.tokenizer.pad_token_id),
         stamps,
+        machine.device,
     )
     result = train_client(
         model,
@@ -213,7 +224,7 @@ def run_plain(shape: str, precision: str, steps: int, device: str) -> dict[str, 
     stamps: list[float] = []
     losses = []
     model.train()
-    for batch in timed(random_batches(base.config.vocab_size, steps, 0), stamps):
+    for batch in timed(random_batches(base.config.vocab_size, steps, 0), stamps, machine.device):
         batch = {k: v.to(machine.torch_device) for k, v in batch.items()}
         with machine.autocast():
             loss = model(**batch).loss
@@ -259,6 +270,7 @@ def cell_key(cell: dict[str, Any]) -> str:
 
 
 def cells_for(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every shape's cells, the plain loop's right after the first shape's (a run cut short still has them)."""
     cells = []
     for shape in args.shapes:
         for precision, quantize in BACKBONES:
@@ -274,11 +286,11 @@ def cells_for(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "device": args.device,
                     }
                 )
-    if args.plain:
-        for precision in ("fp32", "bf16"):
-            cells.append(
-                {"kind": "plain", "shape": args.shapes[0], "precision": precision, "steps": args.steps, "device": args.device}
-            )
+        if args.plain and shape == args.shapes[0]:
+            for precision in ("fp32", "bf16"):
+                cells.append(
+                    {"kind": "plain", "shape": shape, "precision": precision, "steps": args.steps, "device": args.device}
+                )
     return cells
 
 
@@ -331,7 +343,7 @@ def measure(cell: dict[str, Any], repeats: int) -> dict[str, Any]:
     reason = too_big_for_this_machine(cell)
     if reason is not None:
         return {**cell, "skipped": reason}
-    ensure_checkpoint(cell["shape"])
+    ensure_checkpoint(cell["shape"], cell["device"])
     runs = []
     for _ in range(repeats):
         proc = subprocess.run([sys.executable, __file__, "--cell", json.dumps(cell)], capture_output=True, text=True)
@@ -436,7 +448,7 @@ def main() -> None:
     parser.add_argument("--build", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build:
-        build_checkpoint(args.build)
+        build_checkpoint(args.build, args.device)
         return
     if args.cell:
         cell = json.loads(args.cell)

@@ -118,8 +118,28 @@ def test_invalid_resources_are_refused_naming_the_key(override, message):
 
 def test_clients_on_a_gpu_that_ray_does_not_count_are_refused(given, tmp_path, monkeypatch):
     torch_sees_gpus(monkeypatch, 2)
-    with pytest.raises(ConfigError, match="flower.client_gpus: train.device='auto' puts every virtual client on cuda:0"):
-        run_simulated(flower(), tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match="flower.client_gpus: train.device='cuda' puts every virtual client on cuda:0"):
+        run_simulated(flower("train.device=cuda"), tmp_path / "run", progress=False)
     with pytest.raises(ConfigError, match="inside a Ray actor the GPU Ray gave it is cuda:0"):
         run_simulated(flower("flower.client_gpus=0.5", "train.device=cuda:1"), tmp_path / "run", progress=False)
     assert given == {}, "Flower was never called"
+
+
+def test_the_default_device_runs_the_clients_on_the_cpu_where_ray_gives_them_no_gpu(given, tmp_path, monkeypatch, caplog):
+    """train.device=auto on a machine with GPUs: with flower.client_gpus=0 the default config still runs, its clients on
+    the CPU (Ray counts no GPU for them), and the log says how to put them on GPUs."""
+    torch_sees_gpus(monkeypatch, 1)
+    with pytest.raises(RuntimeError, match="ended without finishing"), caplog.at_level("WARNING"):
+        run_simulated(flower(), tmp_path / "run", progress=False)
+    assert given["backend_config"]["client_resources"]["num_gpus"] == 0.0
+    assert "the virtual clients run on the CPU" in caplog.text and "flower.client_gpus" in caplog.text
+    assert simulation.simulated_device(flower()).train.device == "cpu"
+    assert simulation.simulated_device(flower("flower.client_gpus=0.5")).train.device == "auto", "Ray gives each a GPU"
+    assert simulation.simulated_device(flower("train.device=cpu")).train.device == "cpu"
+
+
+def test_the_default_device_is_left_alone_where_there_is_no_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA GPU here")
+    cfg = flower()
+    assert simulation.simulated_device(cfg) is cfg

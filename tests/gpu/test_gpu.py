@@ -39,7 +39,11 @@ TINY = [
     "eval.max_new_tokens=3",
     "seed=0",
 ]
-FEDAVG = ["algorithm.name=fedavg_lora"]  # no quantized broadcast: a float difference cannot flip a 2-bit code
+# No quantized broadcast (a float difference cannot flip a 2-bit code), and SGD: Adam's first step moves each weight by
+# about lr times the sign of its gradient, so a gradient near zero that rounds to another sign on the GPU would move
+# one weight by 2 lr; SGD's step differs from the CPU's only as much as the gradients do.
+FEDAVG = ["algorithm.name=fedavg_lora", "train.optimizer=sgd", "train.lr=0.5"]
+CUDA_PEAK_CEILING = 2**28  # tiny-llama's step allocates a few MB on the GPU; a process's RSS (torch imported) is far above
 NF4 = ["train.device=cuda", "model.quantize=nf4", "train.precision=bf16", "train.gradient_checkpointing=true"]
 DP_SGD = ["privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0", "train.batch_size=8"]
 
@@ -69,9 +73,16 @@ def assert_finished(out, summary, rounds: int = 2) -> None:
 
 
 def assert_on_cuda(summary) -> None:
+    """The run's clients ran on the GPU, and the peak it reports is the GPU's allocation, not the process's RSS."""
     assert summary["machine"]["device"] == "cuda:0"
-    assert summary["client_peak_memory_bytes"] > 0
-    assert "torch.cuda.max_memory_allocated" in summary["client_peak_memory"]
+    peak = summary["client_peak_memory_bytes"]
+    assert 0 < peak < CUDA_PEAK_CEILING, f"{peak} bytes: not torch.cuda.max_memory_allocated of a tiny model's step"
+
+
+def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest ||a - b|| / ||a|| over the adapter's tensors (a round-off difference is ~1e-6)."""
+    assert set(a) == set(b)
+    return max(((a[n] - b[n]).norm() / a[n].norm()).item() for n in a if a[n].norm() > 0)
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +106,8 @@ def test_a_cuda_run_sends_the_same_bytes_and_ends_near_the_cpu_runs_adapter(feda
     assert_on_cuda(cuda_summary)
     assert cpu_summary["machine"]["device"] == "cpu"
     assert cuda_summary["bytes_per_client_per_round"] == cpu_summary["bytes_per_client_per_round"]
-    a, b = adapter(cpu_out), adapter(cuda_out)
-    assert set(a) == set(b)
-    worst = max((a[n] - b[n]).abs().max().item() for n in a)
-    assert worst <= 1e-3, f"largest difference from the CPU run's adapter: {worst}"
+    worst = relative_difference(adapter(cpu_out), adapter(cuda_out))
+    assert worst <= 1e-3, f"largest relative difference from the CPU run's adapter: {worst}"
 
 
 def test_bf16_on_cuda(tmp_path_factory):
@@ -153,6 +162,7 @@ def _private_network() -> list[str] | None:
 
 def test_two_simulated_clients_share_one_gpu(fedavg_cuda, tmp_path):
     """`fedlpp run --engine flower` (run_simulated) with flower.client_gpus=0.5: Ray places both clients' actors on the one GPU."""
+    pytest.importorskip("ray", reason="ray is not installed here (bench/gpu_bundle.py leaves it out): no Flower simulation")
     prefix = _private_network()
     if prefix is None:
         pytest.skip("no private network namespace here (unshare -rn): Ray would listen beyond 127.0.0.1")
@@ -171,6 +181,5 @@ def test_two_simulated_clients_share_one_gpu(fedavg_cuda, tmp_path):
     rows = rundir.read_metrics(out)
     assert all(r["clients"] == [0, 1] for r in rows)
     local_out, _ = fedavg_cuda
-    a, b = adapter(local_out), adapter(out)
-    worst = max((a[n] - b[n]).abs().max().item() for n in a)
-    assert worst <= 1e-3, f"largest difference from the local engine's cuda run: {worst}"
+    worst = relative_difference(adapter(local_out), adapter(out))
+    assert worst <= 1e-3, f"largest relative difference from the local engine's cuda run: {worst}"

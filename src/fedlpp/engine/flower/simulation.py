@@ -9,6 +9,7 @@ with one thread each).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -84,6 +85,20 @@ def cuda_gpus_for(client_gpus: float) -> int | None:
     return count
 
 
+def simulated_device(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``train.device=auto`` in the simulation: a GPU only for clients Ray gives one (``flower.client_gpus``), so the
+    default config runs on a machine with GPUs too, its clients on the CPU, saying so. An explicit device is kept."""
+    from fedlpp.models.machine import resolve_device
+
+    if cfg.train.device != "auto" or cfg.flower.client_gpus > 0 or not resolve_device("auto").startswith("cuda"):
+        return cfg
+    log.warning(
+        "train.device=auto: the virtual clients run on the CPU, since flower.client_gpus=0 gives them no GPU; "
+        "set flower.client_gpus (0.5: two clients share a GPU) to train them on GPUs"
+    )
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu"))
+
+
 def check_client_device(cfg: ExperimentConfig) -> None:
     """Virtual clients on a GPU only through Ray's GPU accounting, where each actor's own GPU is cuda:0."""
     from fedlpp.models.machine import resolve_device
@@ -113,6 +128,7 @@ def run_simulated(
     """Run (or continue) an experiment into ``out`` on Flower's simulation runtime; its summary."""
     code_version()  # the commit this process starts with, which summary.json records
     num_gpus = cuda_gpus_for(cfg.flower.client_gpus)  # before Ray starts
+    cfg = simulated_device(cfg)
     check_client_device(cfg)
     quiet_flower()
     result: dict[str, Any] = {}

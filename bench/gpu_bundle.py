@@ -120,12 +120,14 @@ def size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def checkout_size() -> int:
-    """What travels with the bundle: the files git tracks, and those it neither tracks nor ignores."""
+def checkout_size(building: Path) -> int:
+    """What travels with the bundle: the files git tracks, and those it neither tracks nor ignores (but the bundle
+    being built)."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True
     ).stdout
-    return sum((ROOT / name).stat().st_size for name in listed.decode().split("\0") if name and (ROOT / name).is_file())
+    files = [ROOT / name for name in listed.decode().split("\0") if name]
+    return sum(f.stat().st_size for f in files if f.is_file() and not f.resolve().is_relative_to(building.resolve()))
 
 
 def main() -> None:
@@ -139,7 +141,7 @@ def main() -> None:
         download_wheels(tmp / "wheels", args.python_version)
         copy_bitsandbytes(tmp / "site")
         copy_tokenizer(tmp / "cache")
-        total, tree = size(tmp), checkout_size()
+        total, tree = size(tmp), checkout_size(tmp)
         if total + tree > LIMIT:
             raise SystemExit(
                 f"gpu_bundle: {total / 2**20:.1f} MiB, and the checkout {tree / 2**20:.1f} MiB: over the "

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import importlib
 import json
+import re
 import subprocess
 import sys
 
@@ -410,6 +411,16 @@ def test_a_checkpoint_saved_quantized_is_refused_before_its_weights_load(tmp_pat
     monkeypatch.setattr(backbone, "_read_tensor_by_tensor", None)  # reading a weight would fail differently
     with pytest.raises(ConfigError, match=r"model.name: .* is saved already quantized \(bitsandbytes\).*model.quantize=nf4"):
         load_backbone(str(tmp_path), "generation", machine=Machine("cpu", "bf16", quantize))
+
+
+@pytest.mark.parametrize("base", ["meta-llama/Llama-3.2-1B", None])
+def test_an_adapter_folder_as_the_model_is_refused_naming_its_base(tmp_path, base):
+    """A run's adapter/ (peft's format) given as model.name: the error says which base model to name instead."""
+    settings = {"peft_type": "LORA", "r": 8} | ({"base_model_name_or_path": base} if base else {})
+    (tmp_path / "adapter_config.json").write_text(json.dumps(settings))
+    expected = re.escape(base) if base else "base_model_name_or_path in adapter_config.json"
+    with pytest.raises(ConfigError, match=rf"model.name: .* is a LoRA adapter .*name its base model \({expected}\)"):
+        load_backbone(str(tmp_path), "generation")
 
 
 # --- the loss at a large vocabulary ---------------------------------------------------------------

@@ -6,10 +6,11 @@ Ray is never started here: ``run_simulation`` is replaced by a stand-in that rec
 from __future__ import annotations
 
 import pytest
+import tomli_w
 import torch
 
-from fedlpp.config import ConfigError, load_config
-from fedlpp.engine.flower import simulation
+from fedlpp.config import ConfigError, load_config, to_tree
+from fedlpp.engine.flower import client_app, simulation
 from fedlpp.engine.flower.simulation import backend_config, run_simulated
 
 
@@ -126,20 +127,24 @@ def test_clients_on_a_gpu_that_ray_does_not_count_are_refused(given, tmp_path, m
 
 
 def test_the_default_device_runs_the_clients_on_the_cpu_where_ray_gives_them_no_gpu(given, tmp_path, monkeypatch, caplog):
-    """train.device=auto on a machine with GPUs: with flower.client_gpus=0 the default config still runs, its clients on
-    the CPU (Ray counts no GPU for them), and the log says how to put them on GPUs."""
+    """train.device=auto on a machine with GPUs: with flower.client_gpus=0 the default config still runs (it was
+    refused), the log says how to put the clients on GPUs, and each simulated client applies the config on the CPU."""
     torch_sees_gpus(monkeypatch, 1)
     with pytest.raises(RuntimeError, match="ended without finishing"), caplog.at_level("WARNING"):
         run_simulated(flower(), tmp_path / "run", progress=False)
     assert given["backend_config"]["client_resources"]["num_gpus"] == 0.0
     assert "the virtual clients run on the CPU" in caplog.text and "flower.client_gpus" in caplog.text
-    assert simulation.simulated_device(flower()).train.device == "cpu"
-    assert simulation.simulated_device(flower("flower.client_gpus=0.5")).train.device == "auto", "Ray gives each a GPU"
-    assert simulation.simulated_device(flower("train.device=cpu")).train.device == "cpu"
 
 
-def test_the_default_device_is_left_alone_where_there_is_no_gpu():
-    if torch.cuda.is_available():
-        pytest.skip("torch sees a CUDA GPU here")
-    cfg = flower()
-    assert simulation.simulated_device(cfg) is cfg
+def node_applies(overrides: list[str], node_config: dict) -> str:
+    """The train.device a node applies to the config the server sends it."""
+    sent = {"config": tomli_w.dumps(to_tree(flower(*overrides)))}
+    return client_app.config_of(sent, node_config).train.device
+
+
+def test_a_simulated_client_without_a_gpu_applies_the_config_on_the_cpu():
+    simulated, deployed = {client_app.PARTITION_ID: 0}, {client_app.DATA_PATH: "data.jsonl"}
+    assert node_applies([], simulated) == "cpu", "Ray gave it no GPU"
+    assert node_applies(["flower.client_gpus=0.5"], simulated) == "auto", "Ray gave it one: cuda:0 inside its actor"
+    assert node_applies([], deployed) == "auto", "a deployed node picks its own machine's device"
+    assert node_applies(["train.device=cpu"], simulated) == "cpu"

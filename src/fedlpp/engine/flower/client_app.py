@@ -10,6 +10,7 @@ the most recent few are kept, so memory does not grow with the number of clients
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -85,8 +86,14 @@ class DataSource:
         return simulated_partitions(cfg)[self.client_id]
 
 
-def config_of(fields: Mapping[str, object]) -> ExperimentConfig:
-    return build_config(tomllib.loads(require(fields, "config", str)))
+def config_of(fields: Mapping[str, object], node_config: Mapping[str, object]) -> ExperimentConfig:
+    """The run's config as this node applies it: a simulated client that Ray gives no GPU (flower.client_gpus=0)
+    runs on the CPU under train.device=auto; a deployed node's auto picks its own machine's device."""
+    cfg = build_config(tomllib.loads(require(fields, "config", str)))
+    simulated = PARTITION_ID in node_config and DATA_PATH not in node_config
+    if simulated and cfg.train.device == "auto" and cfg.flower.client_gpus == 0:
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu"))
+    return cfg
 
 
 @functools.lru_cache(maxsize=2)
@@ -161,7 +168,7 @@ def check_own_privacy(source: DataSource, cfg: ExperimentConfig) -> None:
 @app.query()
 def query(message: Message, context: Context) -> Message:
     """Who this node is: its client id (or -1), how many examples it holds (and its SecAgg verify key)."""
-    cfg = config_of(fields_of(message))
+    cfg = config_of(fields_of(message), context.node_config)
     source = DataSource.of(context.node_config)
     check_own_privacy(source, cfg)
     answer = {
@@ -180,7 +187,7 @@ def prepare(message: Message, context: Context) -> None:
     kind, num_labels = fields.get("kind"), fields.get("num_labels")
     if not isinstance(kind, str) or not kind or not isinstance(num_labels, int):
         return  # a server that does not name the task: the first train message builds them
-    cfg, source = config_of(fields), DataSource.of(context.node_config)
+    cfg, source = config_of(fields, context.node_config), DataSource.of(context.node_config)
     if source.client_id == UNASSIGNED:  # the server gives it an id: the data is tokenised for that id at round 1
         model_side(cfg, kind, num_labels)
     else:
@@ -216,7 +223,7 @@ def warm_up_training(side: ModelSide, data: ClientData, cfg: ExperimentConfig) -
 def train(message: Message, context: Context) -> Message:
     """One round: the broadcast in, this client's update out (``client_step``); under SecAgg its advertisement."""
     fields = fields_of(message)
-    cfg = config_of(fields)
+    cfg = config_of(fields, context.node_config)
     kind, num_labels = require(fields, "kind", str), require(fields, "num_labels", int)
     client_id, sigma = require(fields, "client_id", int), require(fields, "sigma", float)
     source = DataSource.of(context.node_config)

@@ -9,7 +9,6 @@ with one thread each).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -85,18 +84,16 @@ def cuda_gpus_for(client_gpus: float) -> int | None:
     return count
 
 
-def simulated_device(cfg: ExperimentConfig) -> ExperimentConfig:
-    """``train.device=auto`` in the simulation: a GPU only for clients Ray gives one (``flower.client_gpus``), so the
-    default config runs on a machine with GPUs too, its clients on the CPU, saying so. An explicit device is kept."""
+def warn_of_clients_on_the_cpu(cfg: ExperimentConfig) -> None:
+    """``train.device=auto`` on a machine with GPUs and flower.client_gpus=0: Ray gives the clients no GPU, so each runs
+    on the CPU (``client_app.config_of``); the run goes on, and the log says how to put them on GPUs."""
     from fedlpp.models.machine import resolve_device
 
-    if cfg.train.device != "auto" or cfg.flower.client_gpus > 0 or not resolve_device("auto").startswith("cuda"):
-        return cfg
-    log.warning(
-        "train.device=auto: the virtual clients run on the CPU, since flower.client_gpus=0 gives them no GPU; "
-        "set flower.client_gpus (0.5: two clients share a GPU) to train them on GPUs"
-    )
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu"))
+    if cfg.train.device == "auto" and cfg.flower.client_gpus == 0 and resolve_device("auto").startswith("cuda"):
+        log.warning(
+            "train.device=auto: the virtual clients run on the CPU, since flower.client_gpus=0 gives them no GPU; "
+            "set flower.client_gpus (0.5: two clients share a GPU) to train them on GPUs"
+        )
 
 
 def check_client_device(cfg: ExperimentConfig) -> None:
@@ -104,7 +101,7 @@ def check_client_device(cfg: ExperimentConfig) -> None:
     from fedlpp.models.machine import resolve_device
 
     device = resolve_device(cfg.train.device)
-    if device.startswith("cuda") and cfg.flower.client_gpus == 0:
+    if cfg.train.device != "auto" and device.startswith("cuda") and cfg.flower.client_gpus == 0:
         raise ConfigError(
             f"flower.client_gpus: train.device={cfg.train.device!r} puts every virtual client on {device}, "
             "but Ray would not count them and would start one per core there; set flower.client_gpus "
@@ -128,8 +125,8 @@ def run_simulated(
     """Run (or continue) an experiment into ``out`` on Flower's simulation runtime; its summary."""
     code_version()  # the commit this process starts with, which summary.json records
     num_gpus = cuda_gpus_for(cfg.flower.client_gpus)  # before Ray starts
-    cfg = simulated_device(cfg)
     check_client_device(cfg)
+    warn_of_clients_on_the_cpu(cfg)
     quiet_flower()
     result: dict[str, Any] = {}
     server = ServerApp()

@@ -71,6 +71,7 @@ WHEELS = (
     "gguf",
     "nltk",
     "sacrebleu",
+    "regex",  # transformers 5.25 takes it at >= 2025.10.22
 )
 SDISTS = ("rouge-score",)  # no wheel on the index: built here (pure Python)
 BITSANDBYTES_LIBRARIES = ("libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so", "libbitsandbytes_cuda132.so")

@@ -111,9 +111,11 @@ def build_checkpoint(shape: str, device: str = "cpu") -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from fedlpp.models.machine import resolve_device
     from fedlpp.models.shipped import smollm2_tokenizer_dir
 
     target = checkpoint_dir(shape)
+    device = resolve_device(device)  # auto: where the cells will run
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir()))
     config = LlamaConfig(
         **SHAPES[shape],

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check, meant for a CUDA machine: about 6 to 8 minutes, and never more than GPU_CHECK_BUDGET seconds (540) in all,
-# so that a command limit of 10 minutes still gets the summary:
+# GPU check, meant for a CUDA machine: about 6 to 8 minutes; its steps share GPU_CHECK_BUDGET seconds (540, the summary's
+# 30 included; a step cut at its cap takes up to 5 s more to stop), so that a command limit of 10 minutes gets the summary:
 #   0. with a bundle (.gpu/, written by `bench/gpu_bundle.py` where pip works): its wheels are installed into a folder
 #      put first on PYTHONPATH, over the machine's own Python and its CUDA torch (for a machine with no network);
 #      then the versions of what fedlpp needs are printed (a failed import stops here);
@@ -27,9 +27,13 @@ DIR="${OUT:-bench/results/gpu}"
 BUDGET="${GPU_CHECK_BUDGET:-540}"
 PYTEST_S="${GPU_CHECK_PYTEST_TIMEOUT:-180}"
 SUMMARY_S=30  # kept back for step 4
+for setting in "$BUDGET" "$PYTEST_S"; do
+    [[ "$setting" =~ ^[0-9]+$ ]] || { echo "gpu_check: GPU_CHECK_BUDGET and GPU_CHECK_PYTEST_TIMEOUT are whole seconds, got '$setting'" >&2; exit 64; }
+done
 mkdir -p "$DIR"
+rm -f "$DIR"/{gpu_check.json,pytest-gpu.log,scale-gpu.json,scale-gpu.log,bundle-install.log}  # nothing from an earlier run
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-install_rc=-1 preflight_rc=-1 check_rc=-1 pytest_rc=-1 scale_rc=-1  # -1: not run
+install_rc=-1 preflight_rc=-1 check_rc=-1 pytest_rc=-1 scale_rc=-1 pytest_cap=0  # -1: not run
 
 left() { echo $((BUDGET - SUMMARY_S - SECONDS)); }  # seconds left for the steps (SECONDS: since the script started)
 capped() { local cap=$1 have; have=$(left); [ "$have" -lt "$cap" ] && cap=$have; [ "$cap" -lt 1 ] && cap=1; echo "$cap"; }
@@ -37,10 +41,11 @@ capped() { local cap=$1 have; have=$(left); [ "$have" -lt "$cap" ] && cap=$have;
 summary() {  # step 4, from whatever ran; with torch when it imports, else the exit statuses alone
     local json_rc=0
     GPU_CHECK_DIR="$DIR" INSTALL_RC="$install_rc" PREFLIGHT_RC="$preflight_rc" CHECK_RC="$check_rc" \
-    PYTEST_RC="$pytest_rc" SCALE_RC="$scale_rc" DEVICE="$DEVICE" PYTEST_CAP="$PYTEST_S" BUDGET="$BUDGET" \
+    PYTEST_RC="$pytest_rc" SCALE_RC="$scale_rc" DEVICE="$DEVICE" PYTEST_CAP="$pytest_cap" BUDGET="$BUDGET" \
     timeout -k 5 "$SUMMARY_S" "$PY" - <<'EOF' || json_rc=$?
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -55,13 +60,14 @@ from fedlpp.models.machine import import_bitsandbytes
 out = Path(os.environ["GPU_CHECK_DIR"])
 log = out / "pytest-gpu.log"
 lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.exists() else []
+finished = bool(lines) and re.search(r"\d+ (passed|failed|skipped|error).* in [\d.]+s", lines[-1]) is not None
 scale = out / "scale-gpu.json"
 rc = {name: int(os.environ[key]) for name, key in (("bundle_install", "INSTALL_RC"), ("imports", "PREFLIGHT_RC"),
       ("cuda_available", "CHECK_RC"), ("pytest_gpu", "PYTEST_RC"), ("scale", "SCALE_RC"))}
 summary = {
     "steps": {name: {"exit": code} for name, code in rc.items()},  # -1: not run (no bundle; on the CPU, no CUDA check)
     "pytest_exit": rc["pytest_gpu"],
-    "pytest_summary": lines[-1] if lines else None,
+    "pytest_summary": lines[-1] if finished else None,  # None: pytest did not run or was cut
     "pytest_cap_s": int(os.environ["PYTEST_CAP"]),
     "budget_s": int(os.environ["BUDGET"]),
     "device": os.environ["DEVICE"],
@@ -96,7 +102,8 @@ if [ -d "$BUNDLE/wheels" ]; then
     install_rc=0
     timeout -k 5 "$(capped 90)" "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
         --target "$SITE" "$BUNDLE"/wheels/*.whl >"$DIR/bundle-install.log" 2>&1 || install_rc=$?
-    if ! { cp -r "$BUNDLE"/site/. "$SITE"/ && cp -r "$BUNDLE"/cache/. "$CACHE"/; } && [ "$install_rc" -eq 0 ]; then
+    if ! { cp -r "$BUNDLE"/site/. "$SITE"/ && cp -r "$BUNDLE"/cache/. "$CACHE"/; } 2>>"$DIR/bundle-install.log" \
+        && [ "$install_rc" -eq 0 ]; then
         install_rc=1
     fi
     tail -n 20 "$DIR/bundle-install.log"
@@ -107,7 +114,7 @@ if [ -d "$BUNDLE/wheels" ]; then
         exit 1
     fi
 else
-    PY="${PYTHON:-.venv/bin/python}"
+    PY="${PYTHON:-.venv/bin/python}"  # the random checkpoints stay in $FEDLPP_CACHE/scale (~/.cache/fedlpp), reused later
 fi
 preflight_rc=0
 timeout -k 5 "$(capped 60)" "$PY" -c 'import sys, torch, transformers, peft, flwr, opacus
@@ -124,19 +131,23 @@ fi
 # 1. A CUDA GPU that torch sees.
 if [ "$DEVICE" != cpu ]; then
     check_rc=0
-    timeout -k 5 "$(capped 45)" "$PY" -c 'import torch; assert torch.cuda.is_available()' || check_rc=$?
-    if [ "$check_rc" -ne 0 ]; then
-        echo "gpu_check: $PY's torch sees no CUDA GPU (exit $check_rc); on a machine with a GPU, use a Python whose" \
+    timeout -k 5 "$(capped 45)" "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)' || check_rc=$?
+    if [ "$check_rc" -eq 3 ]; then
+        echo "gpu_check: $PY's torch sees no CUDA GPU; on a machine with a GPU, use a Python whose" \
              "torch is a CUDA build (see this script's first lines)" >&2
         exit 2
+    elif [ "$check_rc" -ne 0 ]; then  # a CUDA start that hung or crashed: said in the summary
+        echo "gpu_check: asking torch for CUDA failed (exit $check_rc)" >&2
+        summary
+        exit 1
     fi
 fi
 
 # 2. The gpu tests.
-cap=$(capped "$PYTEST_S")
-echo "gpu_check: pytest -m gpu tests/gpu (cap ${cap}s) -> $DIR/pytest-gpu.log"
+pytest_cap=$(capped "$PYTEST_S")
+echo "gpu_check: pytest -m gpu tests/gpu (cap ${pytest_cap}s) -> $DIR/pytest-gpu.log"
 pytest_rc=0
-timeout -k 5 "$cap" "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider -rs >"$DIR/pytest-gpu.log" 2>&1 || pytest_rc=$?
+timeout -k 5 "$pytest_cap" "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider -rs >"$DIR/pytest-gpu.log" 2>&1 || pytest_rc=$?
 tail -n 40 "$DIR/pytest-gpu.log"
 echo "gpu_check: pytest exit $pytest_rc"
 
@@ -145,7 +156,7 @@ cap=$(capped "$BUDGET")
 echo "gpu_check: bench/scale.py --device $DEVICE --shapes $SHAPES (cap ${cap}s) -> $DIR/scale-gpu.json"
 scale_rc=0
 # shellcheck disable=SC2086  # the shapes are words
-timeout -k 5 "$cap" "$PY" bench/scale.py --device "$DEVICE" --shapes $SHAPES --steps 4 \
+timeout -k 5 "$cap" "$PY" bench/scale.py --device "$DEVICE" --shapes $SHAPES --steps 4 --fresh \
     --out "$DIR/scale-gpu.json" >"$DIR/scale-gpu.log" 2>&1 || scale_rc=$?
 tail -n 30 "$DIR/scale-gpu.log"
 echo "gpu_check: scale.py exit $scale_rc"

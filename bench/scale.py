@@ -515,7 +515,9 @@ def save(out: Path, rows: list[dict[str, Any]]) -> None:
         "lora_r": RANK,
         "targets": list(TARGETS),
     }
-    out.write_text(json.dumps({"meta": meta, "cells": rows}, indent=1))
+    partial = out.with_name(out.name + ".partial")  # a run cut while writing keeps the last whole file
+    partial.write_text(json.dumps({"meta": meta, "cells": rows}, indent=1))
+    partial.replace(out)
 
 
 if __name__ == "__main__":

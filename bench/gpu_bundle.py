@@ -153,9 +153,9 @@ def main() -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    wheels = sorted(p.name for p in (out / "wheels").iterdir())
+    wheels = len(list((out / "wheels").iterdir()))
     print(
-        f"gpu_bundle: {out} holds {total / 2**20:.1f} MiB ({len(wheels)} wheels, bitsandbytes, the SmolLM2 tokenizer); "
+        f"gpu_bundle: {out} holds {total / 2**20:.1f} MiB ({wheels} wheels, bitsandbytes, the SmolLM2 tokenizer); "
         f"with the checkout {(total + tree) / 2**20:.1f} MiB"
     )
     print("gpu_bundle: copy it with the checkout to the GPU machine and run bash bench/gpu_check.sh there (it finds .gpu/)")

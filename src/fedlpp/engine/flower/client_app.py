@@ -86,12 +86,17 @@ class DataSource:
         return simulated_partitions(cfg)[self.client_id]
 
 
+def simulated_clients_on_the_cpu(cfg: ExperimentConfig) -> bool:
+    """train.device=auto with flower.client_gpus=0: Ray gives a simulated client no GPU, so it runs on the CPU."""
+    return cfg.train.device == "auto" and cfg.flower.client_gpus == 0
+
+
 def config_of(fields: Mapping[str, object], node_config: Mapping[str, object]) -> ExperimentConfig:
-    """The run's config as this node applies it: a simulated client that Ray gives no GPU (flower.client_gpus=0)
-    runs on the CPU under train.device=auto; a deployed node's auto picks its own machine's device."""
+    """The run's config as this node applies it: a simulated client that Ray gives no GPU runs on the CPU
+    (``simulated_clients_on_the_cpu``); a deployed node's auto picks its own machine's device."""
     cfg = build_config(tomllib.loads(require(fields, "config", str)))
     simulated = PARTITION_ID in node_config and DATA_PATH not in node_config
-    if simulated and cfg.train.device == "auto" and cfg.flower.client_gpus == 0:
+    if simulated and simulated_clients_on_the_cpu(cfg):
         return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu"))
     return cfg
 

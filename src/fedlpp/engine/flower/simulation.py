@@ -89,7 +89,7 @@ def warn_of_clients_on_the_cpu(cfg: ExperimentConfig) -> None:
     on the CPU (``client_app.config_of``); the run goes on, and the log says how to put them on GPUs."""
     from fedlpp.models.machine import resolve_device
 
-    if cfg.train.device == "auto" and cfg.flower.client_gpus == 0 and resolve_device("auto").startswith("cuda"):
+    if client_app.simulated_clients_on_the_cpu(cfg) and resolve_device("auto").startswith("cuda"):
         log.warning(
             "train.device=auto: the virtual clients run on the CPU, since flower.client_gpus=0 gives them no GPU; "
             "set flower.client_gpus (0.5: two clients share a GPU) to train them on GPUs"

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import select
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -14,7 +18,7 @@ from fedlpp.data.jsonl import load_jsonl
 from fedlpp.data.schema import Example
 from fedlpp.engine.flower import pinned
 from fedlpp.engine.flower.messages import REPLY_POLL
-from fedlpp.engine.flower.node import APP_DIR, NodeError, check_app, fedlpp_app, task_poll_seconds
+from fedlpp.engine.flower.node import APP_DIR, NodeError, check_app, fedlpp_app, secret_pipe, task_poll_seconds
 
 
 def test_the_installed_flower_still_holds_the_waits_fedlpp_shortens():
@@ -102,6 +106,21 @@ def test_a_warm_node_runs_only_fedlpps_own_app():
         check_app(expected.fab_id, expected.version, _fab(evil), expected)
     with pytest.raises(NodeError, match="cannot be read"):
         check_app(expected.fab_id, expected.version, b"not a zip", expected)
+
+
+def test_the_supernode_reads_its_secret_through_a_pipe_with_flowers_own_loader():
+    """No file holds the node's secret (a killed node left one in a temporary folder); a child reads it once."""
+    secret = os.urandom(32)
+    read = (
+        "import sys; from flwr.supercore.auth import load_superexec_auth_secret as load; "
+        "sys.stdout.buffer.write(load(sys.argv[1]))"
+    )
+    with secret_pipe(secret) as (path, fd):
+        child = subprocess.run([sys.executable, "-c", read, path], pass_fds=(fd,), capture_output=True, timeout=60)
+    assert child.returncode == 0, child.stderr.decode(errors="replace")
+    assert child.stdout == secret
+    with pytest.raises(ValueError, match="one pipe write"), secret_pipe(bytes(select.PIPE_BUF + 1)):
+        pass
 
 
 def test_partition_files_use_the_fields_data_task_jsonl_reads(tmp_path):

@@ -18,7 +18,8 @@ message, a run whose app does not name itself fedlpp's (publisher, name, version
 components): a label check that catches a wrong submission, not an attacker, who can copy
 the label. Only this worker may claim the SuperNode's tasks: the SuperNode is started with a
 per-node secret (Flower's SuperExec authentication), so another local process cannot take
-its messages and read its state (SecAgg keys, the input vector).
+its messages and read its state (SecAgg keys, the input vector). The secret reaches the
+SuperNode through a pipe (:func:`secret_pipe`), so no file ever holds it.
 
 :class:`NodeProcess` is the supervisor around both: it validates the node's files before the
 SuperNode starts, says in its own output why the SuperNode stopped (a key the SuperLink does
@@ -29,19 +30,20 @@ SuperNode when it stops (Ctrl-C, SIGTERM, an error), so no Flower process outliv
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import logging
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import tomllib
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -357,11 +359,9 @@ class NodeProcess:
         logging.getLogger().setLevel(logging.WARNING)  # httpx would log every poll of the SuperNode
         logging.getLogger("fedlpp").setLevel(logging.INFO)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
-        with tempfile.TemporaryDirectory(prefix="fedlpp-node-") as private:  # 0700: the node's secret lives here
-            secret = os.urandom(32)
-            secret_file = Path(private) / "superexec-secret"
-            secret_file.write_bytes(secret)
-            try:
+        secret = os.urandom(32)
+        try:
+            with secret_pipe(secret) as (secret_path, secret_fd):
                 self.supernode = subprocess.Popen(
                     [
                         sys.executable,
@@ -369,27 +369,28 @@ class NodeProcess:
                         "fedlpp.engine.flower.supernode",
                         *self.supernode_args,
                         "--superexec-auth-secret-file",
-                        str(secret_file),
+                        secret_path,
                     ],
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     env=self.env,
+                    pass_fds=(secret_fd,),
                     preexec_fn=_die_with_parent,
                 )
-                self._relay_thread = threading.Thread(target=self._relay, args=(self.supernode.stdout,), daemon=True)
-                self._relay_thread.start()
-                worker = Worker(self.runtime_address, task_poll_seconds(self.env), secret)
-                try:
-                    return self._loop(worker)
-                finally:
-                    worker.close()
-            except KeyboardInterrupt:
-                print("fedlpp node: stopping", flush=True)
-                return 0
+            self._relay_thread = threading.Thread(target=self._relay, args=(self.supernode.stdout,), daemon=True)
+            self._relay_thread.start()
+            worker = Worker(self.runtime_address, task_poll_seconds(self.env), secret)
+            try:
+                return self._loop(worker)
             finally:
-                for s, handler in previous.items():  # a second signal must not cut the SuperNode's stop short
-                    signal.signal(s, handler)
-                self._stop_supernode()
+                worker.close()
+        except KeyboardInterrupt:
+            print("fedlpp node: stopping", flush=True)
+            return 0
+        finally:
+            for s, handler in previous.items():  # a second signal must not cut the SuperNode's stop short
+                signal.signal(s, handler)
+            self._stop_supernode()
 
     def _loop(self, worker: Worker) -> int:
         import httpx
@@ -453,6 +454,29 @@ class NodeProcess:
         except subprocess.TimeoutExpired:
             self.supernode.kill()
             self.supernode.wait(timeout=grace)
+
+
+@contextlib.contextmanager
+def secret_pipe(secret: bytes) -> Iterator[tuple[str, int]]:
+    """A path a child process reads ``secret`` from once, and the descriptor to pass it (``pass_fds``).
+
+    The secret goes through a pipe (``/dev/fd/N``, Linux and macOS), never a file: nothing of it
+    is left on disk, also when the node is killed. The SuperNode reads its
+    ``--superexec-auth-secret-file`` once, at its start. Leaving the block closes this process's
+    end; the child keeps its own copy of the descriptor.
+    """
+    if len(secret) > select.PIPE_BUF:
+        raise ValueError(f"a secret of {len(secret)} bytes does not fit one pipe write ({select.PIPE_BUF})")
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, secret)
+        os.close(write_end)
+        write_end = -1
+        yield f"/dev/fd/{read_end}", read_end
+    finally:
+        os.close(read_end)
+        if write_end != -1:
+            os.close(write_end)
 
 
 def _die_with_parent() -> None:

@@ -112,6 +112,34 @@ def test_a_run_on_a_missing_gpu_is_refused_before_any_model_loads(tmp_path, monk
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("capability", "precision", "warned"), [((7, 5), "bf16", True), ((8, 0), "bf16", False), ((7, 0), "fp16", False)]
+)
+def test_bf16_on_a_gpu_without_native_bf16_is_warned_about_naming_the_card(monkeypatch, caplog, capability, precision, warned):
+    """A T4 or V100 runs bf16 emulated, many times slower: the user hears it, with the card and what to use instead."""
+    from fedlpp.engine import setup
+
+    class Loaded(Exception):
+        pass
+
+    def no_model(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(setup, "machine_of", lambda cfg: Machine("cuda:0", precision))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Tesla T4")
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(setup, "load_backbone", no_model)
+    with caplog.at_level("WARNING", logger="fedlpp"), pytest.raises(Loaded):
+        setup.build_model(load_config(None, ["model.name=tiny-llama"]), "generation", 0)
+    said = [r.getMessage() for r in caplog.records if "native bf16" in r.getMessage()]
+    if warned:
+        assert len(said) == 1 and said[0].startswith("train.precision=bf16 on Tesla T4 (compute capability 7.5): ")
+        assert "train.precision=fp16 is its native half precision" in said[0]
+    else:
+        assert said == []
+
+
 # --- precision: the base in its dtype, the adapter float32 --------------------------------------
 
 

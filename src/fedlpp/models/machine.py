@@ -59,6 +59,19 @@ def resolve_device(name: str) -> str:
     return f"cuda:{index}"
 
 
+def emulated_bf16(machine: Machine) -> str | None:
+    """The GPU, named, where ``machine`` asks for bf16 compute that the card lacks natively (CUDA compute
+    capability below 8.0: T4, V100), so that torch emulates it, slowly; None wherever bf16 is native or
+    not asked for. fp16 is such a card's own half precision."""
+    if machine.precision != "bf16" or machine.torch_device.type != "cuda" or torch.version.hip:
+        return None
+    index = machine.torch_device.index or 0
+    major, minor = torch.cuda.get_device_capability(index)
+    if major >= 8:
+        return None
+    return f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor})"
+
+
 def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 

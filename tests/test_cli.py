@@ -165,6 +165,49 @@ def test_a_bad_model_name_or_data_path_is_refused_before_anything_is_printed_or_
     assert "model.name: no such folder: ./no-such-model" in capsys.readouterr().err
 
 
+def test_what_is_no_model_or_no_device_here_is_refused_before_the_run_directory_is_printed(tmp_path: Path, capsys):
+    import torch
+
+    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "configs").mkdir()
+    cases = [
+        ([f"model.name={tmp_path / 'notes.txt'}"], "is a file; name the model's folder"),
+        ([f"model.name={tmp_path / 'configs'}"], "has no config.json, so it is no model checkpoint"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["train.device=cuda"], "train.device: 'cuda' was asked for but torch sees no CUDA GPU"))
+    for overrides, message in cases:
+        assert main(["run", *overrides, "--out", str(tmp_path / "r"), "--quiet"]) == 2, overrides
+        out, err = capsys.readouterr()
+        assert "run directory" not in out and message in err, err
+        assert not (tmp_path / "r").exists()
+
+
+def test_a_relative_model_folder_missing_where_a_command_runs_says_where_it_looked(tmp_path: Path, monkeypatch):
+    """A run's config keeps ./my-model as given: eval, attack or --resume started elsewhere must say why it is not found."""
+    from fedlpp.models.source import check_model_name
+
+    (tmp_path / "my-model").mkdir()
+    (tmp_path / "my-model" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    check_model_name("./my-model")
+    monkeypatch.chdir(tmp_path / "my-model")
+    with pytest.raises(FileNotFoundError, match=rf"no such folder: \./my-model \(.*here {tmp_path / 'my-model'};.*started in"):
+        check_model_name("./my-model")
+
+
+def test_a_local_model_folder_names_the_default_run_directory_by_its_own_name(tmp_path: Path):
+    from fedlpp.cli.main import default_out
+    from fedlpp.config import load_config
+
+    (tmp_path / "my-model").mkdir()
+    out = default_out(load_config(None, [f"model.name={tmp_path / 'my-model'}"]))
+    assert out.parent == Path("runs") and out.name.startswith("fedlpp-my-model-")
+    assert default_out(load_config(None, ["model.name=meta-llama/Llama-3.2-1B"])).name.startswith(
+        "fedlpp-meta-llama_Llama-3.2-1B-"
+    )
+
+
 def test_eval_attack_and_report_on_a_folder_without_a_run_say_no_run_here(tmp_path: Path, capsys):
     for command in (["eval", str(tmp_path)], ["attack", str(tmp_path)], ["report", str(tmp_path)]):
         assert main(command) == 2, command

@@ -154,6 +154,19 @@ def test_runs_go_seed_by_seed_and_only_runs_the_points_asked_for(tmp_path):
     assert len(json.loads((out / SWEEP_JSON).read_text())["runs"]) == 3  # every finished point is tabulated
 
 
+def test_an_only_that_picks_no_point_is_refused_naming_the_points_and_nothing_is_written(tmp_path, capsys):
+    from fedlpp.cli import main
+
+    path = _write(tmp_path, SWEEP)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=r"--only 'ZZZ' matches none of the sweep's points: 'LoRA / none seed 0', "):
+        run_sweep(load_sweep(path, []), out, _fake_run([]), echo=lambda _: None, only=["FFA / none", "ZZZ"])
+    assert main(["sweep", str(path), "--out", str(out), "--only", "ZZZ"]) == 2
+    said = capsys.readouterr()
+    assert "runs into" not in said.out and "--only 'ZZZ' matches none" in said.err
+    assert not out.exists()
+
+
 def test_every_run_is_attacked_once_and_the_attack_table_shows_the_share_taken(tmp_path):
     sweep = load_sweep(_write(tmp_path, ATTACKED), ["fl.num_clients=4"])
     assert sweep.attack is not None and (sweep.attack.client, sweep.attack.collude, sweep.attack.steps) == ("last", 2, (3,))

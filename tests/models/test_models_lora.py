@@ -117,7 +117,7 @@ def test_mean_pooling_needs_an_encoder_with_a_pooler():
 
 
 def test_unknown_model_name_is_a_clear_error():
-    with pytest.raises(ValueError, match="neither a short name"):
+    with pytest.raises(ValueError, match="model.name: 'no-such-model' is not a short name"):
         load_backbone("no-such-model", "generation")
     with pytest.raises(ValueError, match="for generation tasks"):
         load_backbone("tiny-llama", "classification", 2)

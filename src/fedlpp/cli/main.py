@@ -139,32 +139,31 @@ def resolve_resume(directory: Path, config: Path | None, overrides: list[str]) -
 
 
 def default_out(cfg: ExperimentConfig) -> Path:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.algorithm.name}-{cfg.model.name.replace('/', '_')}-{stamp}"
-
-
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
-
-
-def check_names_and_paths(cfg: ExperimentConfig) -> None:
-    """What can be checked before anything loads: the model is a short name, a folder here or a hub id, and the data
-    files named exist (a run would otherwise find out only after loading the model). A bad name is a configuration
-    error (exit 2), a missing file or folder an error (exit 1)."""
+    """runs/<algorithm>-<model>-<time>, where a local model folder is named by its own name, not its path."""
     from fedlpp import registry
 
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = cfg.model.name
-    if name not in registry.MODELS and not Path(name).exists():
-        if name.startswith((".", "/", "~")):
-            raise FileNotFoundError(f"model.name: no such folder: {name}")
-        if not HUB_ID.fullmatch(name):
-            raise ConfigError(
-                f"model.name: {name!r} is not a short name ({', '.join(registry.MODELS.names())}), "
-                "a folder here, nor a Hugging Face model id (owner/name)"
-            )
+    model = Path(name).resolve().name if name not in registry.MODELS and Path(name).is_dir() else name.replace("/", "_")
+    return Path("runs") / f"{cfg.algorithm.name}-{model}-{stamp}"
+
+
+def check_before_start(cfg: ExperimentConfig) -> None:
+    """What can be checked before anything is printed or loaded: the model is a short name, a checkpoint folder here or
+    a hub id; the data files named exist; the device is one torch sees (a run would otherwise find out only after
+    loading the model). A bad name or device is a configuration error (exit 2), a missing file or folder an error
+    (exit 1)."""
+    from fedlpp import registry
+    from fedlpp.models.source import check_model_name
+
+    check_model_name(cfg.model.name)
     local = registry.TASKS.get(cfg.data.task).traits.get("local_files", False)  # a plugin's task may read data.path otherwise
     for key, value in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
         if local and value and not Path(value).exists():
             raise FileNotFoundError(f"{key}: no such file or folder: {value}")
+    from fedlpp.models.machine import resolve_device
+
+    resolve_device(cfg.train.device)
 
 
 def quiet_libraries() -> None:
@@ -184,7 +183,7 @@ def command_run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         out, resume = args.out or default_out(cfg), False
-    check_names_and_paths(cfg)  # before anything is printed or loaded
+    check_before_start(cfg)
     print(f"run directory: {out}", flush=True)
     quiet_libraries()
     from fedlpp.evaluation.report import format_summary
@@ -255,9 +254,10 @@ def command_report(args: argparse.Namespace) -> int:
 
 
 def command_sweep(args: argparse.Namespace) -> int:
-    from fedlpp.experiments.sweep import SWEEP_MD, load_sweep, run_sweep
+    from fedlpp.experiments.sweep import SWEEP_MD, check_only, load_sweep, run_sweep
 
     sweep = load_sweep(args.config, args.overrides)  # every point's config is validated before the first run
+    check_only(sweep, args.only)
     out = args.out or Path("runs") / f"sweep-{args.config.stem}"
     print(f"{len(sweep.points)} runs into {out}")
     quiet_libraries()

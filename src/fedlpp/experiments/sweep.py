@@ -179,6 +179,7 @@ def run_sweep(
     these texts; every finished point is still tabulated, with the attack report it holds, so that
     two sweeps on disjoint ``only`` sets can share one output folder.
     """
+    check_only(sweep, only)
     for point in sweep.points:  # before anything runs: a changed sweep file must not mix with old runs
         check_same_config(point, out / point.directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,6 +206,14 @@ def run_sweep(
         records.append(record)
         _write(out, sweep, records)
     return records
+
+
+def check_only(sweep: Sweep, only: Sequence[str]) -> None:
+    """Each ``--only`` text must pick at least one point: one that picks none is a typo, and would run nothing."""
+    for text in only:
+        if not any(text in point.name for point in sweep.points):
+            names = ", ".join(repr(point.name) for point in sweep.points)
+            raise ConfigError(f"--only {text!r} matches none of the sweep's points: {names}")
 
 
 def _attacked(

@@ -37,6 +37,7 @@ from fedlpp.config import ConfigError
 from fedlpp.models import shipped
 from fedlpp.models.machine import CPU, Machine, checkpoint_contexts, require_bitsandbytes, silent_kernel_fetch
 from fedlpp.models.pooling import declared_pooling, use_mean_pooling
+from fedlpp.models.source import check_model_name
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,6 @@ def _require_kind(name: str, kind: str, supported: str) -> None:
 
 
 def _pretrained(path: str, kind: str, num_labels: int, machine: Machine = CPU) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    _refuse_adapter_folder(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return _load_weights(path, kind, num_labels, machine), tokenizer
 
@@ -129,23 +129,6 @@ def _load_weights(path: str, kind: str, num_labels: int, machine: Machine) -> Pr
                 None, config=config, state_dict=state_dict, **_load_kwargs(machine)
             )
         return _as_if_loaded_from(model, path)
-
-
-def _refuse_adapter_folder(path: str) -> None:
-    """A folder that holds a LoRA adapter but no model (a run's adapter/, peft's save_pretrained) names its base model;
-    fedlpp loads the base by model.name and trains its own adapter on it."""
-    folder = Path(path)
-    if not (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
-        return
-    try:
-        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        base = None
-    raise ConfigError(
-        f"model.name: {path} is a LoRA adapter (adapter_config.json, no config.json), not a model: name its base model "
-        f"({base or 'base_model_name_or_path in adapter_config.json'}) in model.name; to evaluate a run's adapter, "
-        "use fedlpp eval RUN_DIR"
-    )
 
 
 def _refuse_saved_quantized(path: str, config: Any) -> None:
@@ -331,14 +314,10 @@ def load_backbone(name: str, kind: str, num_labels: int = 0, pooling: str = "aut
     """
     if kind not in KINDS:
         raise ValueError(f"task kind {kind!r}: valid kinds are {', '.join(KINDS)}")
+    check_model_name(name)
     if name in registry.MODELS:
         model, tokenizer = registry.MODELS.get(name).load()(kind, num_labels, machine)
     else:
-        if not Path(name).exists() and "/" not in name:
-            raise ValueError(
-                f"model.name={name!r} is neither a short name ({', '.join(registry.MODELS.names())}), "
-                "a local path, nor a Hugging Face id (owner/name)"
-            )
         model, tokenizer = _pretrained(name, kind, num_labels, machine)
     if kind == "classification" and _resolved_pooling(name, pooling) == "mean":
         use_mean_pooling(model)

@@ -48,7 +48,8 @@ def resolve_device(name: str) -> str:
     if not torch.cuda.is_available():
         raise ConfigError(
             f"train.device: {name!r} was asked for but torch sees no CUDA GPU (this torch is "
-            f"{torch.__version__}: a CPU build has no CUDA; the README says how to install a CUDA one); "
+            f"{torch.__version__}: a CPU build has no CUDA; docs/scale.md, 'Installing a CUDA torch', says how to "
+            "install one); "
             "use train.device=auto or cpu"
         )
     if index >= torch.cuda.device_count():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -91,7 +92,9 @@ def test_the_same_run_and_arguments_give_the_same_figures(run, capsys):
     first = (out / "attack-client-1.json").read_text()
     captured = capsys.readouterr()
     assert "value taken" in captured.out
-    assert "attack: fine-tuning Q(theta) for 6 steps" in captured.err and "attack: scoring keep (examples): 0/" in captured.err
+    assert "attack: fine-tuning Q(theta) for 6 steps" in captured.err
+    bar = re.search(r"attack: scoring keep \((\d+) records: loss, then generation\): 0/(\d+)", captured.err)
+    assert bar is not None and int(bar[2]) == 2 * int(bar[1]) > 0, captured.err
     again = attack.run_attack(out, 1, [2, 6], collude=2)
     assert json.loads(first) == json.loads(json.dumps(again))
     assert set(again["scores"]) == {"theta", "proxy", "keep", "finetune-2", "finetune-6", "alone", "collude-2"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,9 @@ def test_progress_redirected_to_a_log_is_plain_lines(tmp_path: Path, capsys):
     err = captured.err
     assert "\x1b[" not in err and "\r" not in err
     assert "round 1 client steps: 0/" in err and "rounds: 1/2" in err and "rounds: 2/2 (" in err
-    assert "round 2 evaluation, global then proxy (examples): 0/" in err.split("rounds: 1/2")[-1]
+    bar = re.search(r"round 2 evaluation, global then proxy \((\d+) records: loss, then generation\): 0/(\d+)", err)
+    assert bar is not None, err
+    assert int(bar[2]) == 2 * 2 * int(bar[1]) > 0, "each record's loss and generation, for global and proxy"
 
 
 def test_eval_scores_the_saved_adapter_and_its_proxy_and_writes_predictions(tmp_path: Path, capsys):

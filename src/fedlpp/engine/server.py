@@ -32,7 +32,7 @@ from fedlpp.config import MIN_NOISE
 from fedlpp.engine.aggregation import Aggregation, Proposal
 from fedlpp.engine.setup import ServerContext, client_selection, make_aggregation
 from fedlpp.engine.transport import Replies, Transport
-from fedlpp.evaluation.evaluate import evaluate_adapter, evaluation_work
+from fedlpp.evaluation.evaluate import evaluate_adapter, evaluation_unit, evaluation_work
 from fedlpp.models.lora import Adapter, save_peft_adapter
 from fedlpp.privacy.accountant import LEDGER_KEY, Accountant, LedgerAccountant, NoPrivacy
 from fedlpp.privacy.accounting import SIGMA_MAX
@@ -137,7 +137,7 @@ def evaluate_round(
     with (
         contextlib.nullcontext()
         if show is None
-        else show(total, f"{desc}{'' if same else ', global then proxy'} (examples)") as bar
+        else show(total, f"{desc}{'' if same else ', global then proxy'} ({evaluation_unit(ctx.evalset)})") as bar
     ):
         on_batch = bar.update if bar is not None else None
         machine = ctx.side.machine

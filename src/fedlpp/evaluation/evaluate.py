@@ -72,6 +72,12 @@ def evaluation_work(evalset: EvalSet) -> int:
     return len(evalset.features) + len(evalset.prompts)
 
 
+def evaluation_unit(evalset: EvalSet) -> str:
+    """What a bar of ``evaluation_work`` counts, for its label: each record once per pass."""
+    records = len(evalset.features)
+    return f"{records} records: loss, then generation" if evalset.prompts else f"{records} records"
+
+
 def _batches(items: Sequence, size: int) -> list[Sequence]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 

@@ -37,7 +37,7 @@ from fedlpp.algorithms.factors import trained_names
 from fedlpp.algorithms.fedavg_lora import weighted_mean
 from fedlpp.config import ExperimentConfig, to_tree
 from fedlpp.engine.setup import LocalRun, build_run, client_recipe
-from fedlpp.evaluation.evaluate import evaluate_adapter, evaluation_work
+from fedlpp.evaluation.evaluate import evaluate_adapter, evaluation_unit, evaluation_work
 from fedlpp.models.lora import Adapter, initial_adapter
 from fedlpp.progress import open_bar
 from fedlpp.seeding import derive_seed
@@ -246,7 +246,12 @@ def score(
         proxy, _ = rnd.read_broadcast(rundir.load_broadcast(out, rundir.FINAL_BROADCAST), ctx.shapes)
         held = {"theta": theta, "proxy": proxy, **held}
     for name, adapter in held.items():
-        with open_bar(evaluation_work(ctx.evalset), f"attack: scoring {name} (examples)", enabled=progress, nested=True) as bar:
+        with open_bar(
+            evaluation_work(ctx.evalset),
+            f"attack: scoring {name} ({evaluation_unit(ctx.evalset)})",
+            enabled=progress,
+            nested=True,
+        ) as bar:
             scores[name] = evaluate_adapter(ctx.model, adapter, ctx.evalset, tok, ctx.decoding, bar.update, ctx.side.machine)
     if alone is not None:
         scores["alone"] = dict(alone)

@@ -19,7 +19,7 @@ from fedlpp import rundir
 from fedlpp.algorithms import round as rnd
 from fedlpp.config import ConfigError, changed_keys, flat_tree, to_tree
 from fedlpp.engine.setup import algorithm_spec, build_evalset, build_model, load_task_data
-from fedlpp.evaluation.evaluate import Decoding, Scored, evaluation_work, score_adapter
+from fedlpp.evaluation.evaluate import Decoding, Scored, evaluation_unit, evaluation_work, score_adapter
 from fedlpp.evaluation.scoring import official_metrics
 from fedlpp.progress import open_bar
 
@@ -62,7 +62,7 @@ def evaluate_run(out: Path, overrides: Sequence[str], progress: bool = True, spl
         adapters = {"global": theta, "proxy": rnd.proxy_point(algorithm_spec(cfg), theta)}
         scored: dict[str, Scored] = {}
         for name, adapter in adapters.items():
-            with open_bar(evaluation_work(evalset), f"{name} (examples)", enabled=progress, nested=True) as bar:
+            with open_bar(evaluation_work(evalset), f"{name} ({evaluation_unit(evalset)})", enabled=progress, nested=True) as bar:
                 scored[name] = score_adapter(
                     side.model, adapter, evalset, side.backbone.tokenizer, decoding, bar.update, side.machine
                 )

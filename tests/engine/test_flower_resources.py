@@ -5,6 +5,9 @@ Ray is never started here: ``run_simulation`` is replaced by a stand-in that rec
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import tomli_w
 import torch
@@ -148,3 +151,11 @@ def test_a_simulated_client_without_a_gpu_applies_the_config_on_the_cpu():
     assert node_applies(["flower.client_gpus=0.5"], simulated) == "auto", "Ray gave it one: cuda:0 inside its actor"
     assert node_applies([], deployed) == "auto", "a deployed node picks its own machine's device"
     assert node_applies(["train.device=cpu"], simulated) == "cpu"
+
+
+def test_importing_the_flower_engine_announces_nothing_on_a_console_at_info():
+    """Flower's state store imports alembic, which logs each of its plugins at INFO: seven lines in every run."""
+    code = "import logging; logging.basicConfig(level=logging.INFO); import fedlpp.engine.flower.simulation"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "alembic" not in done.stderr

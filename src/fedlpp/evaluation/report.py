@@ -253,7 +253,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     g, p = summary["global"], summary["proxy"]
     names = list(g)
     lines = [
-        f"{summary['algorithm']} on {summary['task']} with {summary['model']}: {summary['rounds']} rounds, "
+        f"{summary['algorithm']} on {summary['task']} with {summary['model']}: {summary['rounds']} "
+        f"round{'' if summary['rounds'] == 1 else 's'}, "
         f"{summary['wall_s']:.0f} s",
         "",
         f"{'metric (round ' + str(summary['final_round']) + ')':<22}{'global':>12}{'proxy':>12}{'gap':>10}",

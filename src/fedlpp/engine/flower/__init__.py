@@ -7,11 +7,13 @@ test certificates and keys and starts validated SuperNodes for a real deployment
 
 Flower's telemetry, update check and runtime dependency installation are switched off
 here, before ``flwr`` is first imported (telemetry reads its variable at import time), and
-in the environment of every process fedlpp starts.
+in the environment of every process fedlpp starts. So are alembic's announcements of its
+plugins, which Flower's state store imports, at INFO, with flwr itself.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 FLOWER_ENV = {
@@ -20,3 +22,4 @@ FLOWER_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }
 os.environ.update(FLOWER_ENV)
+logging.getLogger("alembic").setLevel(logging.WARNING)

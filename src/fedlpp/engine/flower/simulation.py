@@ -37,7 +37,6 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 def quiet_flower() -> None:
     """Flower's own console handler shows its warnings; its debug records stay out of ours."""
     logging.getLogger("flwr").propagate = False
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's in-memory state announces its schema plugins
     logging.getLogger("flwr").addFilter(lambda record: "run_simulation` function is deprecated" not in record.getMessage())
 
 

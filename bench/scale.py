@@ -446,7 +446,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="default: bench/results/scale.json (--quick: scale-quick.json)")
     parser.add_argument("--fresh", action="store_true", help="measure every cell again")
     parser.add_argument("--repeats", type=int, default=1, help="fresh processes per cell: medians and every run are reported")
-    parser.add_argument("--cell", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--cell",
+        metavar="JSON",
+        help="measure one cell in this process and print its row: kind (fedlpp | plain), shape, precision, quantize, "
+        "checkpointing, steps, device (the bench runs each cell so, in a fresh process)",
+    )
     parser.add_argument("--build", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build:

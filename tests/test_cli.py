@@ -197,6 +197,11 @@ def test_a_relative_model_folder_missing_where_a_command_runs_says_where_it_look
     monkeypatch.chdir(tmp_path / "my-model")
     with pytest.raises(FileNotFoundError, match=rf"no such folder: \./my-model \(.*here {tmp_path / 'my-model'};.*started in"):
         check_model_name("./my-model")
+    with pytest.raises(FileNotFoundError) as absolute:
+        check_model_name(str(tmp_path / "gone"))
+    assert str(absolute.value) == f"model.name: no such folder: {tmp_path / 'gone'}", "no word on relative paths"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    check_model_name("~/my-model")  # ~ is the user's home, as the data loaders read it
 
 
 def test_a_local_model_folder_names_the_default_run_directory_by_its_own_name(tmp_path: Path):

@@ -159,12 +159,25 @@ def test_an_only_that_picks_no_point_is_refused_naming_the_points_and_nothing_is
 
     path = _write(tmp_path, SWEEP)
     out = tmp_path / "out"
-    with pytest.raises(ConfigError, match=r"--only 'ZZZ' matches none of the sweep's points: 'LoRA / none seed 0', "):
-        run_sweep(load_sweep(path, []), out, _fake_run([]), echo=lambda _: None, only=["FFA / none", "ZZZ"])
+    with pytest.raises(ConfigError, match=r"--only 'ZZZ', 'YYY' match none of the sweep's points: 'LoRA / none seed 0', "):
+        run_sweep(load_sweep(path, []), out, _fake_run([]), echo=lambda _: None, only=["ZZZ", "YYY"])
     assert main(["sweep", str(path), "--out", str(out), "--only", "ZZZ"]) == 2
     said = capsys.readouterr()
     assert "runs into" not in said.out and "--only 'ZZZ' matches none" in said.err
     assert not out.exists()
+
+
+def test_an_only_text_of_another_sweep_beside_one_of_this_sweep_runs_this_sweeps_points(tmp_path):
+    """One set of --only texts for two sweeps sharing a folder: each runs its own points."""
+    calls = []
+    run_sweep(
+        load_sweep(_write(tmp_path, SWEEP), []),
+        tmp_path / "out",
+        _fake_run(calls),
+        echo=lambda _: None,
+        only=["FFA / none seed 0", "other sweep"],
+    )
+    assert calls == [("ffa_lora", "none", 0)]
 
 
 def test_every_run_is_attacked_once_and_the_attack_table_shows_the_share_taken(tmp_path):

@@ -144,7 +144,8 @@ def default_out(cfg: ExperimentConfig) -> Path:
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = cfg.model.name
-    model = Path(name).resolve().name if name not in registry.MODELS and Path(name).is_dir() else name.replace("/", "_")
+    local = name not in registry.MODELS and Path(name).expanduser().is_dir()
+    model = Path(os.path.abspath(Path(name).expanduser())).name if local else name.replace("/", "_")
     return Path("runs") / f"{cfg.algorithm.name}-{model}-{stamp}"
 
 
@@ -159,7 +160,7 @@ def check_before_start(cfg: ExperimentConfig) -> None:
     check_model_name(cfg.model.name)
     local = registry.TASKS.get(cfg.data.task).traits.get("local_files", False)  # a plugin's task may read data.path otherwise
     for key, value in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
-        if local and value and not Path(value).exists():
+        if local and value and not Path(value).expanduser().exists():  # the loaders expand ~ too
             raise FileNotFoundError(f"{key}: no such file or folder: {value}")
     from fedlpp.models.machine import resolve_device
 
@@ -257,7 +258,8 @@ def command_sweep(args: argparse.Namespace) -> int:
     from fedlpp.experiments.sweep import SWEEP_MD, check_only, load_sweep, run_sweep
 
     sweep = load_sweep(args.config, args.overrides)  # every point's config is validated before the first run
-    check_only(sweep, args.only)
+    for text in check_only(sweep, args.only):
+        print(f"fedlpp sweep: --only {text!r} matches none of this sweep's points", file=sys.stderr)
     out = args.out or Path("runs") / f"sweep-{args.config.stem}"
     print(f"{len(sweep.points)} runs into {out}")
     quiet_libraries()

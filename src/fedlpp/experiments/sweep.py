@@ -208,12 +208,15 @@ def run_sweep(
     return records
 
 
-def check_only(sweep: Sweep, only: Sequence[str]) -> None:
-    """Each ``--only`` text must pick at least one point: one that picks none is a typo, and would run nothing."""
-    for text in only:
-        if not any(text in point.name for point in sweep.points):
-            names = ", ".join(repr(point.name) for point in sweep.points)
-            raise ConfigError(f"--only {text!r} matches none of the sweep's points: {names}")
+def check_only(sweep: Sweep, only: Sequence[str]) -> list[str]:
+    """The ``--only`` texts that pick no point of this sweep (a script may pass one set to two sweeps that share a
+    folder); refused when together they pick none, which would run nothing (a typo)."""
+    unmatched = [text for text in only if not any(text in point.name for point in sweep.points)]
+    if only and len(unmatched) == len(only):
+        names = ", ".join(repr(point.name) for point in sweep.points)
+        texts = ", ".join(repr(text) for text in only)
+        raise ConfigError(f"--only {texts} {'matches' if len(only) == 1 else 'match'} none of the sweep's points: {names}")
+    return unmatched
 
 
 def _attacked(

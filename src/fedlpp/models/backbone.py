@@ -37,7 +37,7 @@ from fedlpp.config import ConfigError
 from fedlpp.models import shipped
 from fedlpp.models.machine import CPU, Machine, checkpoint_contexts, require_bitsandbytes, silent_kernel_fetch
 from fedlpp.models.pooling import declared_pooling, use_mean_pooling
-from fedlpp.models.source import check_model_name
+from fedlpp.models.source import check_model_name, local_path
 
 log = logging.getLogger(__name__)
 
@@ -317,8 +317,10 @@ def load_backbone(name: str, kind: str, num_labels: int = 0, pooling: str = "aut
     check_model_name(name)
     if name in registry.MODELS:
         model, tokenizer = registry.MODELS.get(name).load()(kind, num_labels, machine)
+    elif local_path(name).exists():
+        model, tokenizer = _pretrained(str(local_path(name)), kind, num_labels, machine)
     else:
-        model, tokenizer = _pretrained(name, kind, num_labels, machine)
+        model, tokenizer = _pretrained(name, kind, num_labels, machine)  # a Hugging Face id
     if kind == "classification" and _resolved_pooling(name, pooling) == "mean":
         use_mean_pooling(model)
     model.requires_grad_(False)

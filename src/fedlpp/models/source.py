@@ -26,21 +26,28 @@ def check_model_name(name: str) -> None:
     (ConfigError)."""
     if name in registry.MODELS:
         return
-    path = Path(name)
+    path = local_path(name)
     if path.exists():
         check_model_folder(path)
         return
     if name.startswith(PATH_PREFIXES):
-        raise FileNotFoundError(
-            f"model.name: no such folder: {name} (a relative path is read from the directory fedlpp runs in, "
-            f"here {os.getcwd()}; a run's config keeps it as given, so run eval, attack and --resume from the "
-            "directory the run started in)"
+        where = (
+            ""
+            if path.is_absolute()
+            else f" (a relative path is read from the directory fedlpp runs in, here {os.getcwd()}; a run's config "
+            "keeps it as given, so run eval, attack and --resume from the directory the run started in)"
         )
+        raise FileNotFoundError(f"model.name: no such folder: {name}{where}")
     if not HUB_ID.fullmatch(name):
         raise ConfigError(
             f"model.name: {name!r} is not a short name ({', '.join(registry.MODELS.names())}), "
             "a folder here, nor a Hugging Face model id (owner/name)"
         )
+
+
+def local_path(name: str) -> Path:
+    """``model.name`` as a local path, ``~`` expanded (TOML and a shell's key=value leave it as typed)."""
+    return Path(name).expanduser()
 
 
 def check_model_folder(path: Path) -> None:

@@ -167,6 +167,19 @@ def test_an_only_that_picks_no_point_is_refused_naming_the_points_and_nothing_is
     assert not out.exists()
 
 
+def test_a_missing_model_folder_in_a_sweep_is_refused_naming_the_point_before_anything_is_written(tmp_path, capsys):
+    from fedlpp.cli import main
+
+    out = tmp_path / "out"
+    assert main(["sweep", str(_write(tmp_path, SWEEP)), f"model.name={tmp_path / 'gone'}", "--out", str(out)]) == 1
+    said = capsys.readouterr()
+    assert (
+        "runs into" not in said.out
+        and f"sweep point LoRA / none seed 0: model.name: no such folder: {tmp_path / 'gone'}" in said.err
+    )
+    assert not out.exists()
+
+
 def test_an_only_text_of_another_sweep_beside_one_of_this_sweep_runs_this_sweeps_points(tmp_path):
     """One set of --only texts for two sweeps sharing a folder: each runs its own points."""
     calls = []

@@ -260,6 +260,11 @@ def command_sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.config, args.overrides)  # every point's config is validated before the first run
     for text in check_only(sweep, args.only):
         print(f"fedlpp sweep: --only {text!r} matches none of this sweep's points", file=sys.stderr)
+    for point in sweep.points:  # a missing model folder or data file, or a device this machine lacks: before any run
+        try:
+            check_before_start(point.config)
+        except (ConfigError, FileNotFoundError) as e:
+            raise type(e)(f"sweep point {point.name}: {e}") from None
     out = args.out or Path("runs") / f"sweep-{args.config.stem}"
     print(f"{len(sweep.points)} runs into {out}")
     quiet_libraries()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,12 @@ def run_simulated(
         seen = RecordingGrid(grid, on_message) if on_message is not None else grid
         result["summary"] = serve_on_grid(seen, cfg, out, resume, progress)  # type: ignore[arg-type]
 
+    if progress:  # Ray takes seconds to start before the first round shows
+        print(
+            f"starting Flower's simulation runtime (Ray) for {cfg.fl.num_clients} virtual clients ...",
+            file=sys.stderr,
+            flush=True,
+        )
     run_simulation(
         server,
         client_app.app,

@@ -141,11 +141,13 @@ def resolve_resume(directory: Path, config: Path | None, overrides: list[str]) -
 def default_out(cfg: ExperimentConfig) -> Path:
     """runs/<algorithm>-<model>-<time>, where a local model folder is named by its own name, not its path."""
     from fedlpp import registry
+    from fedlpp.models.source import local_path
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = cfg.model.name
-    local = name not in registry.MODELS and Path(name).expanduser().is_dir()
-    model = Path(os.path.abspath(Path(name).expanduser())).name if local else name.replace("/", "_")
+    folder = local_path(name)
+    local = name not in registry.MODELS and folder.is_dir()
+    model = Path(os.path.abspath(folder)).name if local else name.replace("/", "_")
     return Path("runs") / f"{cfg.algorithm.name}-{model}-{stamp}"
 
 

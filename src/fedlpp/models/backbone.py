@@ -317,8 +317,8 @@ def load_backbone(name: str, kind: str, num_labels: int = 0, pooling: str = "aut
     check_model_name(name)
     if name in registry.MODELS:
         model, tokenizer = registry.MODELS.get(name).load()(kind, num_labels, machine)
-    elif local_path(name).exists():
-        model, tokenizer = _pretrained(str(local_path(name)), kind, num_labels, machine)
+    elif (folder := local_path(name)).exists():
+        model, tokenizer = _pretrained(str(folder), kind, num_labels, machine)
     else:
         model, tokenizer = _pretrained(name, kind, num_labels, machine)  # a Hugging Face id
     if kind == "classification" and _resolved_pooling(name, pooling) == "mean":

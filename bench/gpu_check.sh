@@ -4,13 +4,14 @@
 #   0. with a bundle (.gpu/, written by `bench/gpu_bundle.py` where pip works): its wheels are installed into a folder
 #      put first on PYTHONPATH, over the machine's own Python and its CUDA torch (for a machine with no network);
 #      then the versions of what fedlpp needs are printed (a failed import stops here);
-#   1. torch must see a CUDA GPU, else exit 2 (nothing else runs);
+#   1. torch must see a CUDA GPU, else exit 2 (nothing else runs but the summary);
 #   2. the `gpu` tests: pytest -q -m gpu tests/gpu  (tiny-llama on cuda: fp32 vs CPU, bf16, nf4 + checkpointing,
 #      DP-SGD epsilon, the exported adapter on CPU, two Flower clients on one GPU, which needs ray), ~1-3 min;
 #   3. bench/scale.py on cuda with the time left: the llama-3.2-1b and llama-2-7b shapes (random weights, written on
 #      the GPU into a temporary cache), 4 steps a cell, the plain peft loop right after the first shape (scale.py
 #      writes each cell as it finishes: a cut run keeps the cells it measured);
-#   4. gpu_check.json: each step's exit status (124: timed out), the pytest summary, the GPU, the main versions.
+#   4. gpu_check.json: each step's exit status (124: timed out), the pytest summary, the scale cells measured and
+#      failed (scale.py exits 1 when any failed), the GPU, the main versions.
 # Output goes to $OUT when set (a lent machine sets it to a folder whose contents come back), else bench/results/gpu.
 # Python: $PYTHON, else python3 with a bundle, else .venv/bin/python (which then needs a CUDA build of torch 2.13.0:
 # `.venv/bin/python -m pip install torch==2.13.0 --index-url URL`, URL being PyTorch's own CUDA wheel index).
@@ -62,6 +63,8 @@ log = out / "pytest-gpu.log"
 lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.exists() else []
 finished = bool(lines) and re.search(r"\d+ (passed|failed|skipped|error).* in [\d.]+s", lines[-1]) is not None
 scale = out / "scale-gpu.json"
+cells = json.loads(scale.read_text())["cells"] if scale.exists() else []
+failed = [{k: c.get(k) for k in ("kind", "shape", "precision", "quantize", "checkpointing", "error")} for c in cells if "error" in c]
 rc = {name: int(os.environ[key]) for name, key in (("bundle_install", "INSTALL_RC"), ("imports", "PREFLIGHT_RC"),
       ("cuda_available", "CHECK_RC"), ("pytest_gpu", "PYTEST_RC"), ("scale", "SCALE_RC"))}
 summary = {
@@ -77,6 +80,8 @@ summary = {
                  "opacus": opacus.__version__, "bitsandbytes": getattr(import_bitsandbytes(), "__version__", None)},
     "scale_json": str(scale),
     "scale_json_exists": scale.exists(),
+    "scale_cells": {"measured": sum("peak_bytes" in c for c in cells), "failed": len(failed), "skipped": sum("skipped" in c for c in cells)},
+    "scale_failed_cells": failed,  # each with the error its process ended with
     "timed_out": [name for name, code in rc.items() if code in (124, 137)],
 }
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -135,6 +140,7 @@ if [ "$DEVICE" != cpu ]; then
     if [ "$check_rc" -eq 3 ]; then
         echo "gpu_check: $PY's torch sees no CUDA GPU; on a machine with a GPU, use a Python whose" \
              "torch is a CUDA build (see this script's first lines)" >&2
+        summary
         exit 2
     elif [ "$check_rc" -ne 0 ]; then  # a CUDA start that hung or crashed: said in the summary
         echo "gpu_check: asking torch for CUDA failed (exit $check_rc)" >&2

@@ -498,6 +498,9 @@ def main() -> None:
     save(out, rows)
     print(table(rows))
     print(f"\nwrote {out}")
+    failed = [cell_key(r) for r in rows if "error" in r]
+    if failed:  # the table shows them; a script (bench/gpu_check.sh) must not read a run without figures as a pass
+        sys.exit(f"{len(failed)} of {len(rows)} cells failed: {', '.join(failed)}")
 
 
 def save(out: Path, rows: list[dict[str, Any]]) -> None:

@@ -5,6 +5,7 @@ Ray is never started here: ``run_simulation`` is replaced by a stand-in that rec
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -162,3 +163,23 @@ def test_importing_the_flower_engine_announces_nothing_on_a_console_at_info():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "alembic" not in done.stderr
+
+
+@pytest.mark.parametrize(("given_gpus", "visible"), [([], ""), (["0"], "0")])
+def test_ray_shows_a_simulated_client_only_the_gpus_it_gave_it(monkeypatch, given_gpus, visible):
+    """With flower.client_gpus=0 an actor must see no GPU: torch or bitsandbytes in it would otherwise open a CUDA
+    context on GPU 0, outside what Ray counts. Ray's own step that sets an actor's CUDA_VISIBLE_DEVICES, under the
+    setting the simulation module makes."""
+    import ray
+    from ray._private import utils as ray_utils
+
+    assert os.environ[simulation.RAY_HIDES_GPUS[0]] == simulation.RAY_HIDES_GPUS[1]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # the machine's GPUs, as the driver sees them
+
+    class Context:
+        def get_accelerator_ids(self):
+            return {"GPU": given_gpus}
+
+    monkeypatch.setattr(ray, "get_runtime_context", Context)
+    ray_utils.set_visible_accelerator_ids()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == visible

@@ -22,6 +22,7 @@ from fedlpp.algorithms.client import LocalTraining, PlainSteps, ScaledOptimizer,
 from fedlpp.config import ConfigError, load_config
 from fedlpp.data import collate, encode_for_generation
 from fedlpp.data.weather import make_weather
+from fedlpp.engine.setup import build_model
 from fedlpp.evaluation.evaluate import mean_loss
 from fedlpp.models import backbone, objective
 from fedlpp.models.backbone import load_backbone
@@ -126,6 +127,7 @@ def test_bf16_on_a_gpu_without_native_bf16_is_warned_about_naming_the_card(monke
         raise Loaded
 
     monkeypatch.setattr(setup, "machine_of", lambda cfg: Machine("cuda:0", precision))
+    monkeypatch.setattr(Machine, "reset_peak_memory", lambda self: None)  # no CUDA here to start
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Tesla T4")
     monkeypatch.setattr(torch.version, "hip", None)
@@ -620,6 +622,16 @@ def test_peak_memory_is_the_peak_since_the_reset():
     after = machine.peak_memory()
     assert during["kind"] == after["kind"] == "process_peak_rss"
     assert during["bytes"] - after["bytes"] >= 200 * 2**20
+
+
+@pytest.mark.skipif(rss_high_water_mark() is None, reason="no /proc: only the process's lifetime peak is known")
+def test_the_model_load_peak_is_the_loads_own_not_an_earlier_peak_of_the_process():
+    """summary.json's model_load_peak_memory_bytes: what loading took, also in a process that peaked before (a sweep)."""
+    block = torch.ones(2**27)  # 512 MiB touched, then returned (a block this large is a mapping of its own)
+    del block
+    earlier_peak = rss_high_water_mark()
+    side = build_model(load_config(None, ["model.name=tiny-llama"]), "generation", 0)
+    assert side.load_peak_memory < earlier_peak - 256 * 2**20
 
 
 @pytest.mark.parametrize("machine", [Machine("cpu", "bf16"), Machine("cpu", "bf16", "nf4")], ids=["bf16", "nf4"])

@@ -66,7 +66,7 @@ class ModelSide:
     model: PeftModel
     kind: str  # generation | classification
     shapes: dict[str, tuple[int, ...]]
-    load_peak_memory: int = 0  # bytes: this process's peak up to the end of the model's loading (CUDA: its peak allocation)
+    load_peak_memory: int = 0  # bytes: this process's peak while it loaded the model (CUDA: its peak allocation)
 
     @property
     def pad_id(self) -> int:
@@ -157,6 +157,7 @@ def machine_of(cfg: ExperimentConfig) -> Machine:
 
 def build_model(cfg: ExperimentConfig, kind: str, num_labels: int) -> ModelSide:
     machine = machine_of(cfg)
+    machine.reset_peak_memory()  # the load's own peak, also in a process that loaded a model before (a sweep, a test)
     if gpu := emulated_bf16(machine):
         log.warning(
             "train.precision=bf16 on %s: this GPU has no native bf16, so torch emulates it and steps are slow; "

@@ -112,6 +112,7 @@ class Machine:
     def reset_peak_memory(self) -> None:
         """Start measuring a new peak (of CUDA's allocations, or of the process's RSS where Linux can reset it)."""
         if self.torch_device.type == "cuda":
+            torch.cuda.init()  # CUDA starts lazily; resetting its allocator's stats before that raises "did you call init?"
             torch.cuda.reset_peak_memory_stats(self.torch_device)
         else:
             reset_peak_rss()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,16 +30,20 @@ from fedlpp.provenance import code_version
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"  # Ray's node address (some of Ray's processes still listen on all interfaces: README)
-# flower.client_gpus = 0: Ray leaves CUDA_VISIBLE_DEVICES alone, so an actor sees this machine's GPUs as the driver does.
-# flower.client_gpus > 0: Ray gives each actor its GPU through CUDA_VISIBLE_DEVICES (two actors at 0.5 get the same one),
-# so `cuda:0` inside an actor is the GPU Ray gave it.
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+# Ray sets each actor's CUDA_VISIBLE_DEVICES to the GPUs it gave it: with flower.client_gpus > 0 `cuda:0` inside an
+# actor is its GPU (two actors at 0.5 get the same one); with 0 the actor sees none (empty), so nothing in it (torch,
+# bitsandbytes' import) opens a CUDA context on a GPU Ray does not count. Ray says it will stop doing the latter; set here.
+RAY_HIDES_GPUS = ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")
+os.environ.setdefault(*RAY_HIDES_GPUS)
 
 
 def quiet_flower() -> None:
     """Flower's own console handler shows its warnings; its debug records stay out of ours."""
     logging.getLogger("flwr").propagate = False
     logging.getLogger("flwr").addFilter(lambda record: "run_simulation` function is deprecated" not in record.getMessage())
+    warnings.filterwarnings(
+        "ignore", message="Tip: In future versions of Ray, Ray will no longer override", category=FutureWarning
+    )
 
 
 def backend_config(

@@ -624,6 +624,23 @@ def test_peak_memory_is_the_peak_since_the_reset():
     assert during["bytes"] - after["bytes"] >= 200 * 2**20
 
 
+@pytest.mark.parametrize(
+    ("device", "precision", "warned"), [("cpu", "fp16", True), ("cpu", "bf16", False), ("cpu", "fp32", False)]
+)
+def test_fp16_on_the_cpu_is_warned_about(caplog, device, precision, warned):
+    """fp16 on a CPU without fp16 matrix units: a SmolLM2-135M step took 31x fp32's time here, bf16's 0.66x."""
+    from fedlpp.engine.setup import warn_of_slow_precision
+
+    with caplog.at_level("WARNING", logger="fedlpp"):
+        warn_of_slow_precision(Machine(device, precision))
+    said = [r.getMessage() for r in caplog.records if "fp16 matmuls" in r.getMessage()]
+    if warned:
+        assert len(said) == 1 and said[0].startswith("train.precision=fp16 on the CPU: ")
+        assert "train.precision=bf16 is the CPU's half precision" in said[0]
+    else:
+        assert said == []
+
+
 @pytest.mark.skipif(rss_high_water_mark() is None, reason="no /proc: only the process's lifetime peak is known")
 def test_the_model_load_peak_is_the_loads_own_not_an_earlier_peak_of_the_process():
     """summary.json's model_load_peak_memory_bytes: what loading took, also in a process that peaked before (a sweep)."""

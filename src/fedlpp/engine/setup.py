@@ -44,7 +44,7 @@ from fedlpp.engine.aggregation import Aggregation, CombinerFor, PlainAggregation
 from fedlpp.evaluation.evaluate import Decoding, EvalSet
 from fedlpp.models.backbone import Backbone, load_backbone
 from fedlpp.models.lora import Adapter, PeftModel, adapter_shapes, attach_lora, initial_adapter
-from fedlpp.models.machine import Machine, emulated_bf16, resolve_device
+from fedlpp.models.machine import Machine, emulated_bf16, fp16_on_cpu, resolve_device
 from fedlpp.privacy.client_dp import NoisedSum
 from fedlpp.privacy.distributed import DistributedNoise
 from fedlpp.privacy.plan import PrivacyPlan, distributed_plan, make_plan
@@ -157,16 +157,26 @@ def machine_of(cfg: ExperimentConfig) -> Machine:
 
 def build_model(cfg: ExperimentConfig, kind: str, num_labels: int) -> ModelSide:
     machine = machine_of(cfg)
+    warn_of_slow_precision(machine)
     machine.reset_peak_memory()  # the load's own peak, also in a process that loaded a model before (a sweep, a test)
+    backbone = load_backbone(cfg.model.name, kind, num_labels, cfg.model.pooling, machine)
+    model = attach_lora(backbone, kind, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    return ModelSide(backbone, model, kind, adapter_shapes(model), machine.peak_memory()["bytes"])
+
+
+def warn_of_slow_precision(machine: Machine) -> None:
+    """A half precision this device runs many times slower than its other one: the run goes on, the log says so."""
     if gpu := emulated_bf16(machine):
         log.warning(
             "train.precision=bf16 on %s: this GPU has no native bf16, so torch emulates it and steps are slow; "
             "train.precision=fp16 is its native half precision (with DP-SGD, which refuses fp16: fp32)",
             gpu,
         )
-    backbone = load_backbone(cfg.model.name, kind, num_labels, cfg.model.pooling, machine)
-    model = attach_lora(backbone, kind, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
-    return ModelSide(backbone, model, kind, adapter_shapes(model), machine.peak_memory()["bytes"])
+    if fp16_on_cpu(machine):
+        log.warning(
+            "train.precision=fp16 on the CPU: torch's fp16 matmuls there are many times slower than fp32's on most "
+            "CPUs; train.precision=bf16 is the CPU's half precision (docs/scale.md)"
+        )
 
 
 def client_data(side: ModelSide, examples: Sequence[Example], client_id: int, max_length: int) -> ClientData:

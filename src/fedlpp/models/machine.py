@@ -73,6 +73,12 @@ def emulated_bf16(machine: Machine) -> str | None:
     return f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor})"
 
 
+def fp16_on_cpu(machine: Machine) -> bool:
+    """fp16 asked of the CPU, where torch's fp16 matmuls are many times slower than fp32's on most CPUs (those
+    without fp16 matrix units): a SmolLM2-135M step took 31x fp32's here, bf16's 0.66x (docs/scale.md)."""
+    return machine.precision == "fp16" and machine.torch_device.type == "cpu"
+
+
 def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 

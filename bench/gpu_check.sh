@@ -6,7 +6,7 @@
 #      then the versions of what fedlpp needs are printed (a failed import stops here);
 #   1. torch must see a CUDA GPU, else exit 2 (nothing else runs but the summary);
 #   2. the `gpu` tests: pytest -q -m gpu tests/gpu  (tiny-llama on cuda: fp32 vs CPU, bf16, nf4 + checkpointing,
-#      DP-SGD epsilon, the exported adapter on CPU, two Flower clients on one GPU, which needs ray), ~1-3 min;
+#      DP-SGD epsilon, the exported adapter on CPU, two Flower clients on one GPU, which needs ray), ~1-3 min, capped at 240 s;
 #   3. bench/scale.py on cuda with the time left: the llama-3.2-1b and llama-2-7b shapes (random weights, written on
 #      the GPU into a temporary cache), 4 steps a cell, the plain peft loop right after the first shape (scale.py
 #      writes each cell as it finishes: a cut run keeps the cells it measured);
@@ -26,7 +26,7 @@ DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 SHAPES="${GPU_CHECK_SHAPES:-llama-3.2-1b llama-2-7b}"
 DIR="${OUT:-bench/results/gpu}"
 BUDGET="${GPU_CHECK_BUDGET:-540}"
-PYTEST_S="${GPU_CHECK_PYTEST_TIMEOUT:-180}"
+PYTEST_S="${GPU_CHECK_PYTEST_TIMEOUT:-240}"
 SUMMARY_S=30  # kept back for step 4
 for setting in "$BUDGET" "$PYTEST_S"; do
     [[ "$setting" =~ ^[0-9]+$ ]] || { echo "gpu_check: GPU_CHECK_BUDGET and GPU_CHECK_PYTEST_TIMEOUT are whole seconds, got '$setting'" >&2; exit 64; }

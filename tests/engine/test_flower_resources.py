@@ -138,6 +138,16 @@ def test_the_default_device_runs_the_clients_on_the_cpu_where_ray_gives_them_no_
         run_simulated(flower(), tmp_path / "run", progress=False)
     assert given["backend_config"]["client_resources"]["num_gpus"] == 0.0
     assert "the virtual clients run on the CPU" in caplog.text and "flower.client_gpus" in caplog.text
+    assert "fp16" not in caplog.text
+
+
+def test_fp16_clients_put_on_the_cpu_by_ray_are_warned_about(given, tmp_path, monkeypatch, caplog):
+    """The clients' own fp16 warning stays in their Ray actors (log_to_driver is off): the driver says it."""
+    torch_sees_gpus(monkeypatch, 1)
+    with pytest.raises(RuntimeError, match="ended without finishing"), caplog.at_level("WARNING"):
+        run_simulated(flower("train.precision=fp16"), tmp_path / "run", progress=False)
+    assert "the virtual clients run on the CPU" in caplog.text
+    assert "train.precision=fp16 on the CPU is many times slower than fp32" in caplog.text
 
 
 def node_applies(overrides: list[str], node_config: dict) -> str:
@@ -171,7 +181,9 @@ def test_ray_shows_a_simulated_client_only_the_gpus_it_gave_it(monkeypatch, give
     context on GPU 0, outside what Ray counts. Ray's own step that sets an actor's CUDA_VISIBLE_DEVICES, under the
     setting the simulation module makes."""
     import ray
+    from ray._private import accelerators
     from ray._private import utils as ray_utils
+    from ray._private.accelerators import NvidiaGPUAcceleratorManager
 
     assert os.environ[simulation.RAY_HIDES_GPUS[0]] == simulation.RAY_HIDES_GPUS[1]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # the machine's GPUs, as the driver sees them
@@ -181,5 +193,6 @@ def test_ray_shows_a_simulated_client_only_the_gpus_it_gave_it(monkeypatch, give
             return {"GPU": given_gpus}
 
     monkeypatch.setattr(ray, "get_runtime_context", Context)
+    monkeypatch.setattr(accelerators, "get_accelerator_manager_for_resource", lambda name: NvidiaGPUAcceleratorManager)
     ray_utils.set_visible_accelerator_ids()
     assert os.environ["CUDA_VISIBLE_DEVICES"] == visible

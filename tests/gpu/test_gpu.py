@@ -211,7 +211,7 @@ def test_two_simulated_clients_share_one_gpu(fedavg_cuda, tmp_path):
         [*prefix, sys.executable, "-m", "fedlpp.cli", "run", "--engine", "flower", *overrides, "--out", str(out), "--quiet"],
         capture_output=True,
         text=True,
-        timeout=150,  # inside gpu_check.sh's pytest cap (180 s): a hung Ray fails this test, not the whole step
+        timeout=90,  # well inside gpu_check.sh's pytest cap: a hung Ray fails this test, not the whole step
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     summary = json.loads((out / rundir.SUMMARY).read_text())

@@ -66,7 +66,8 @@ class ModelSide:
     model: PeftModel
     kind: str  # generation | classification
     shapes: dict[str, tuple[int, ...]]
-    load_peak_memory: int = 0  # bytes: this process's peak while it loaded the model (CUDA: its peak allocation)
+    load_peak_memory: int = 0  # bytes: this process's peak while it loaded the model (CUDA: its peak allocation; without
+    # Linux's /proc/self/clear_refs, e.g. on macOS: the process's peak so far)
 
     @property
     def pad_id(self) -> int:
@@ -175,7 +176,7 @@ def warn_of_slow_precision(machine: Machine) -> None:
     if fp16_on_cpu(machine):
         log.warning(
             "train.precision=fp16 on the CPU: torch's fp16 matmuls there are many times slower than fp32's on most "
-            "CPUs; train.precision=bf16 is the CPU's half precision (docs/scale.md)"
+            "CPUs; train.precision=bf16 is fast on CPUs with bf16 instructions (AVX512-BF16, AMX) (docs/scale.md)"
         )
 
 

@@ -97,7 +97,8 @@ def warn_of_clients_on_the_cpu(cfg: ExperimentConfig) -> None:
     if client_app.simulated_clients_on_the_cpu(cfg) and resolve_device("auto").startswith("cuda"):
         log.warning(
             "train.device=auto: the virtual clients run on the CPU, since flower.client_gpus=0 gives them no GPU; "
-            "set flower.client_gpus (0.5: two clients share a GPU) to train them on GPUs"
+            "set flower.client_gpus (0.5: two clients share a GPU) to train them on GPUs%s",
+            " (train.precision=fp16 on the CPU is many times slower than fp32)" if cfg.train.precision == "fp16" else "",
         )
 
 

@@ -157,6 +157,7 @@ def check_before_start(cfg: ExperimentConfig) -> None:
     loading the model). A bad name or device is a configuration error (exit 2), a missing file or folder an error
     (exit 1)."""
     from fedlpp import registry
+    from fedlpp.models.machine import resolve_device
     from fedlpp.models.source import check_model_name
 
     check_model_name(cfg.model.name)
@@ -164,8 +165,6 @@ def check_before_start(cfg: ExperimentConfig) -> None:
     for key, value in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
         if local and value and not Path(value).expanduser().exists():  # the loaders expand ~ too
             raise FileNotFoundError(f"{key}: no such file or folder: {value}")
-    from fedlpp.models.machine import resolve_device
-
     resolve_device(cfg.train.device)
 
 

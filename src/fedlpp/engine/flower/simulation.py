@@ -92,13 +92,14 @@ def cuda_gpus_for(client_gpus: float) -> int | None:
 def warn_of_clients_on_the_cpu(cfg: ExperimentConfig) -> None:
     """``train.device=auto`` on a machine with GPUs and flower.client_gpus=0: Ray gives the clients no GPU, so each runs
     on the CPU (``client_app.config_of``); the run goes on, and the log says how to put them on GPUs."""
-    from fedlpp.models.machine import resolve_device
+    from fedlpp.models.machine import Machine, fp16_on_cpu, resolve_device
 
     if client_app.simulated_clients_on_the_cpu(cfg) and resolve_device("auto").startswith("cuda"):
+        slow = fp16_on_cpu(Machine("cpu", cfg.train.precision))  # the clients' own warning stays in their actors
         log.warning(
             "train.device=auto: the virtual clients run on the CPU, since flower.client_gpus=0 gives them no GPU; "
             "set flower.client_gpus (0.5: two clients share a GPU) to train them on GPUs%s",
-            " (train.precision=fp16 on the CPU is many times slower than fp32)" if cfg.train.precision == "fp16" else "",
+            " (train.precision=fp16 on the CPU is many times slower than fp32)" if slow else "",
         )
 
 
